@@ -1,1 +1,541 @@
-//! Helpers for integration tests.
+//! Helpers for Switchboard's integration tests and benchmarks.
+//!
+//! Everything here starts REAL services (a Consul dev agent, an etcd member, containers on the
+//! local Docker engine, the project's own binaries) on free loopback ports, and stops them on
+//! drop, so a failing test leaves nothing behind. Containers carry the label
+//! `switchboard.test=1` and a `sbtest-` name prefix; [`remove_stale_containers`] removes any a
+//! crashed run left.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The local test image (see `scripts/test-images.sh`): busybox with sh, httpd, nc, hostname.
+pub const TEST_IMAGE: &str = "switchboard-test/busybox:latest";
+/// Label every test container carries.
+pub const TEST_LABEL: &str = "switchboard.test=1";
+
+/// A TCP port that was free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+/// This is how tests wait: a bounded poll with a deadline, never a bare sleep.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The workspace's target directory (honours `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    }
+}
+
+/// Path of one of the project's binaries (`registrator`, `confd`), built by `cargo build`
+/// before the tests run (the test command does it). Prefers a debug build.
+pub fn bin(name: &str) -> PathBuf {
+    for profile in ["debug", "release"] {
+        let p = target_dir().join(profile).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("binary {name} not built: run `cargo build --workspace` first");
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn find_program(name: &str, extra: &[&str]) -> PathBuf {
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    for dir in extra {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} not found on PATH: run scripts/setup first");
+}
+
+/// A child process killed on drop, its stdout and stderr captured in a log file.
+pub struct Process {
+    child: Option<Child>,
+    name: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts `program` with `args` and extra environment, logging to a temp file.
+    pub fn spawn(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("output.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Process {
+            child: Some(child),
+            name: program.file_name().unwrap().to_string_lossy().into_owned(),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// Waits for the process to exit, up to `timeout`; panics with its output otherwise.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not exit within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until the output contains `needle`.
+    pub async fn wait_output(&self, needle: &str, timeout: Duration) {
+        let what = format!("{} to print {needle:?}", self.name);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.output().contains(needle) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; output:\n{}", self.output());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A Consul dev agent on free loopback ports. Dev mode keeps nothing on disk, so a restart
+/// forgets every registration: exactly the outage registrator must recover from.
+pub struct Consul {
+    /// HTTP API port.
+    pub port: u16,
+    ports: [u16; 4],
+    proc: Option<Process>,
+}
+
+impl Consul {
+    /// Starts an agent and waits until its API answers with a leader elected.
+    pub async fn start() -> Consul {
+        let mut c = Consul {
+            port: free_port(),
+            ports: [free_port(), free_port(), free_port(), free_port()],
+            proc: None,
+        };
+        c.launch().await;
+        c
+    }
+
+    async fn launch(&mut self) {
+        let bin = find_program("consul", &["/usr/local/bin", "/opt/switchboard/bin"]);
+        let [dns, serf_lan, serf_wan, server] = self.ports.map(|p| p.to_string());
+        let http = self.port.to_string();
+        let args = [
+            "agent",
+            "-dev",
+            "-bind",
+            "127.0.0.1",
+            "-client",
+            "127.0.0.1",
+            "-http-port",
+            &http,
+            "-dns-port",
+            &dns,
+            "-serf-lan-port",
+            &serf_lan,
+            "-serf-wan-port",
+            &serf_wan,
+            "-server-port",
+            &server,
+            "-grpc-port",
+            "-1",
+            "-node",
+            "sbtest",
+            "-hcl",
+            "enable_script_checks = true",
+        ];
+        self.proc = Some(Process::spawn(&bin, &args, &[]));
+        let url = format!("{}/v1/status/leader", self.http());
+        let client = reqwest::Client::new();
+        wait_for("consul leader", Duration::from_secs(30), || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let r = client.get(&url).send().await.ok()?;
+                let body = r.text().await.ok()?;
+                (body.len() > 2).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn http(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `consul://127.0.0.1:<port>`.
+    pub fn uri(&self) -> String {
+        format!("consul://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the agent (`kill -9`).
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Starts it again on the same ports, empty (dev mode).
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.launch().await;
+    }
+
+    /// GET a JSON document from the API (panics on transport errors).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        reqwest::get(format!("{}{path}", self.http()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// IDs of the services registered with the agent.
+    pub async fn agent_service_ids(&self) -> Vec<String> {
+        let v = self.get_json("/v1/agent/services").await;
+        let mut ids: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// One etcd member on free loopback ports, with its own data directory (kept across
+/// [`Etcd::restart`], so data survives like a real restart).
+pub struct Etcd {
+    /// Client port.
+    pub port: u16,
+    peer_port: u16,
+    data: tempfile::TempDir,
+    proc: Option<Process>,
+}
+
+impl Etcd {
+    /// Starts a member and waits until it answers.
+    pub async fn start() -> Etcd {
+        let mut e = Etcd {
+            port: free_port(),
+            peer_port: free_port(),
+            data: tempfile::tempdir().unwrap(),
+            proc: None,
+        };
+        e.launch().await;
+        e
+    }
+
+    async fn launch(&mut self) {
+        let bin = find_program("etcd", &["/usr/bin", "/opt/switchboard/bin"]);
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let data = self.data.path().join("member");
+        let args = [
+            "--name",
+            "sbtest",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("sbtest={peer}"),
+        ];
+        self.proc = Some(Process::spawn(
+            &bin,
+            &args,
+            &[("ETCD_UNSUPPORTED_ARCH", "")],
+        ));
+        let url = format!("{client}/v3/kv/range");
+        let http = reqwest::Client::new();
+        wait_for("etcd to answer", Duration::from_secs(30), || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let r = http
+                    .post(&url)
+                    .body(r#"{"key":"AA=="}"#)
+                    .send()
+                    .await
+                    .ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn http(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `etcd://127.0.0.1:<port>/<prefix>`.
+    pub fn uri(&self, prefix: &str) -> String {
+        format!("etcd://127.0.0.1:{}/{prefix}", self.port)
+    }
+
+    /// Stops the member (`kill -9`).
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Starts it again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.launch().await;
+    }
+
+    /// Every key and (UTF-8) value under `prefix`, through the JSON gateway.
+    pub async fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        let body = serde_json::json!({"key": b64.encode(prefix), "range_end": b64.encode(end)});
+        let v: serde_json::Value = reqwest::Client::new()
+            .post(format!("{}/v3/kv/range", self.http()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for kv in v["kvs"].as_array().cloned().unwrap_or_default() {
+            let k = b64.decode(kv["key"].as_str().unwrap()).unwrap();
+            let val = b64
+                .decode(kv["value"].as_str().unwrap_or_default())
+                .unwrap();
+            out.push((
+                String::from_utf8(k).unwrap(),
+                String::from_utf8(val).unwrap(),
+            ));
+        }
+        out
+    }
+}
+
+/// Runs the docker CLI; panics with its stderr on failure. Returns trimmed stdout.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
+    if !out.status.success() {
+        panic!(
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Makes sure the test image exists (builds it with `scripts/test-images.sh`).
+pub fn ensure_test_image() {
+    let ok = Command::new("docker")
+        .args(["image", "inspect", TEST_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        let st = Command::new("bash")
+            .arg(workspace_root().join("scripts/test-images.sh"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "scripts/test-images.sh failed");
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique container name with the test prefix: `sbtest-<tag>-<pid>-<n>`.
+pub fn unique_name(tag: &str) -> String {
+    format!(
+        "sbtest-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A container removed (`docker rm -f`) on drop.
+pub struct Container {
+    /// Full container ID.
+    pub id: String,
+    /// Name (without the leading `/`).
+    pub name: String,
+}
+
+impl Container {
+    /// `docker run -d --name <unique> --label switchboard.test=1 <args...>`. `args` holds the
+    /// options, the image and the command, as for `docker run`.
+    pub fn run(tag: &str, args: &[&str]) -> Container {
+        ensure_test_image();
+        let name = unique_name(tag);
+        let mut full = vec!["run", "-d", "--name", &name, "--label", TEST_LABEL];
+        full.extend_from_slice(args);
+        let id = docker(&full);
+        Container { id, name }
+    }
+
+    /// Published host port of `container_port` (e.g. `"80/tcp"`).
+    pub fn host_port(&self, container_port: &str) -> u16 {
+        let out = docker(&["port", &self.id, container_port]);
+        let first = out.lines().next().unwrap_or_default();
+        first.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// The container's IP on the default bridge.
+    pub fn ip(&self) -> String {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &self.id,
+        ])
+    }
+
+    /// `docker stop -t <secs>`.
+    pub fn stop(&self, secs: u32) {
+        docker(&["stop", "-t", &secs.to_string(), &self.id]);
+    }
+
+    /// `docker start`.
+    pub fn start(&self) {
+        docker(&["start", &self.id]);
+    }
+
+    /// `docker restart -t 1`.
+    pub fn restart(&self) {
+        docker(&["restart", "-t", "1", &self.id]);
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", "-v", &self.id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Removes every container a previous (crashed) test run left behind.
+pub fn remove_stale_containers() {
+    let ids = docker(&["ps", "-aq", "--filter", "label=switchboard.test=1"]);
+    for id in ids.lines().filter(|l| !l.is_empty()) {
+        let _ = Command::new("docker").args(["rm", "-f", "-v", id]).status();
+    }
+}
+
+/// This host's name, as registrator puts it in service IDs.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    assert_eq!(rc, 0);
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

@@ -80,7 +80,12 @@ impl EtcdClient {
     }
 
     /// `POST /v3/kv/put`, optionally attached to `lease`. Returns the new revision.
-    pub async fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<i64, StoreError> {
+    pub async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<i64>,
+    ) -> Result<i64, StoreError> {
         todo!("{key} {value:?} {lease:?}")
     }
 
