@@ -9,7 +9,6 @@ mod consul;
 mod etcd;
 
 pub use consul::{ConsulClient, HealthEntry};
-// (ttl_check_id, etcd_dir and EtcdValue are defined below.)
 pub use etcd::{EtcdClient, KeyValue, RangeResult, WatchBatch, WatchEvent, WatchStream};
 
 use crate::{RegistryUri, Service};
