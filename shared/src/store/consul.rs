@@ -140,7 +140,7 @@ impl ConsulClient {
     pub async fn agent_deregister(&self, id: &str) -> Result<(), StoreError> {
         let path = format!("/v1/agent/service/deregister/{}", encode_segment(id));
         let reply = self.send(Method::PUT, &path, None, None).await?;
-        if is_unknown(&reply, "Unknown service") {
+        if is_unknown(&reply, &["Unknown service"]) {
             return Ok(());
         }
         self.ok(reply).map(|_| ())
@@ -160,7 +160,8 @@ impl ConsulClient {
     pub async fn agent_check_pass(&self, check_id: &str) -> Result<(), StoreError> {
         let path = format!("/v1/agent/check/pass/{}", encode_segment(check_id));
         let reply = self.send(Method::PUT, &path, None, None).await?;
-        if is_unknown(&reply, "Unknown check") {
+        // Consul 1.8 looks the ID up among TTL checks only, hence its second phrasing.
+        if is_unknown(&reply, &["Unknown check", "does not have associated TTL"]) {
             return Err(StoreError::Expired {
                 what: format!("Consul check {check_id:?}"),
             });
@@ -338,12 +339,13 @@ fn blocking_query(flag: &str, index: u64, wait: Duration) -> (String, Duration) 
     (query, timeout)
 }
 
-/// Did the agent say it does not know the service or check? Consul 1.8 answers 500 with
-/// `Unknown service ...` / `Unknown check ...`; later versions answer 404.
-fn is_unknown(reply: &Reply, phrase: &str) -> bool {
+/// Did the agent say it does not know the service or check? Consul 1.8 answers 500 with one
+/// of `phrases` in the body; later versions answer 404.
+fn is_unknown(reply: &Reply, phrases: &[&str]) -> bool {
+    let body = String::from_utf8_lossy(&reply.body);
     reply.status == StatusCode::NOT_FOUND
         || (reply.status == StatusCode::INTERNAL_SERVER_ERROR
-            && String::from_utf8_lossy(&reply.body).contains(phrase))
+            && phrases.iter().any(|p| body.contains(p)))
 }
 
 /// An error and its sources on one line, so a log line stays a line.
