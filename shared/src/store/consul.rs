@@ -320,7 +320,10 @@ impl ConsulClient {
 
 /// Query string and request timeout of a (possibly) blocking query. Consul adds up to wait/16
 /// of jitter to the wait, so the timeout leaves room for that plus a margin for the answer.
+/// A zero wait would make Consul block for its 5-minute default, past our timeout, so the
+/// wait is at least one second.
 fn blocking_query(flag: &str, index: u64, wait: Duration) -> (String, Duration) {
+    let wait = wait.max(Duration::from_secs(1));
     let mut params: Vec<String> = Vec::new();
     if !flag.is_empty() {
         params.push(flag.to_string());
@@ -797,6 +800,13 @@ mod tests {
             "?passing&index=7&wait=32s"
         );
         assert_eq!(blocking_query("", 0, wait).0, "");
+        assert_eq!(
+            blocking_query("", 3, Duration::ZERO),
+            (
+                "?index=3&wait=1s".to_string(),
+                Duration::from_micros(6_062_500)
+            )
+        );
     }
 
     #[test]
