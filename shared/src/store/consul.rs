@@ -5,7 +5,7 @@
 //! payloads and read answers. Payload building and answer decoding are pure functions so they
 //! can be unit-tested without an agent.
 
-use super::{ttl_check_id, StoreError};
+use super::{one_line, ttl_check_id, StoreError};
 use crate::{consul_duration, Check, CheckKind, Endpoint, Service};
 use base64::Engine;
 use reqwest::header::HeaderValue;
@@ -349,22 +349,6 @@ fn is_unknown(reply: &Reply, phrases: &[&str]) -> bool {
     reply.status == StatusCode::NOT_FOUND
         || (reply.status == StatusCode::INTERNAL_SERVER_ERROR
             && phrases.iter().any(|p| body.contains(p)))
-}
-
-/// An error and its sources on one line, so a log line stays a line.
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let msg = s.to_string();
-        // reqwest and hyper often repeat their source in their own message.
-        if !text.contains(&msg) {
-            text.push_str(": ");
-            text.push_str(&msg);
-        }
-        source = s.source();
-    }
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Percent-encodes one path segment: everything outside RFC 3986's unreserved characters.
