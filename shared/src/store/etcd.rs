@@ -5,7 +5,7 @@
 //! strings, zero-valued fields are left out, and streaming calls (`watch`, `keepalive`) answer
 //! with one JSON object per line, each wrapped in `{"result": ...}`.
 
-use super::StoreError;
+use super::{one_line, StoreError};
 use crate::Endpoint;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -440,22 +440,6 @@ fn decode_err(what: &str, reason: impl std::fmt::Display) -> StoreError {
         what: what.to_string(),
         reason: reason.to_string(),
     }
-}
-
-/// An error and its causes on one line: reqwest's own message ("error sending request") says
-/// little; the cause (connection refused, timed out) is what an operator needs.
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let msg = s.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        src = s.source();
-    }
-    first_line(&out)
 }
 
 /// The first line of `text`, trimmed and cut to a readable length.
