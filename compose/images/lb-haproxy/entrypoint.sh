@@ -1,0 +1,22 @@
+#!/bin/sh
+# Renders haproxy.cfg once from the registry, starts HAProxy (master-worker) on it, then runs
+# confd as the main process to keep it current: `docker stop` stops confd, and the container
+# (HAProxy with it). Arguments are passed to confd. STATS_USER and STATS_PASSWORD protect
+# the statistics page; they reach the template as vars (never through a shell or the file).
+set -eu
+: "${STATS_USER:?set STATS_USER for the HAProxy statistics page}"
+: "${STATS_PASSWORD:?set STATS_PASSWORD for the HAProxy statistics page}"
+set -- --config /etc/confd/confd.yaml --var "stats_user=$STATS_USER" \
+  --var "stats_password=$STATS_PASSWORD" "$@"
+# The registry may still be starting (compose starts everything at once): retry a few times.
+tries=0
+until confd "$@" --once; do
+  tries=$((tries + 1))
+  if [ "$tries" -ge 10 ]; then
+    echo "lb: no config rendered after $tries attempts" >&2
+    exit 1
+  fi
+  sleep 2
+done
+haproxy -W -D -p /run/haproxy.pid -f /etc/haproxy/haproxy.cfg
+exec confd "$@"

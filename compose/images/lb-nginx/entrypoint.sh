@@ -1,0 +1,18 @@
+#!/bin/sh
+# Renders nginx.conf once from the registry, starts nginx on it, then runs confd as the main
+# process to keep it current: `docker stop` stops confd, and the container (nginx with it).
+# Arguments are passed to confd.
+set -eu
+set -- --config /etc/confd/confd.yaml "$@"
+# The registry may still be starting (compose starts everything at once): retry a few times.
+tries=0
+until confd "$@" --once; do
+  tries=$((tries + 1))
+  if [ "$tries" -ge 10 ]; then
+    echo "lb: no config rendered after $tries attempts" >&2
+    exit 1
+  fi
+  sleep 2
+done
+nginx
+exec confd "$@"

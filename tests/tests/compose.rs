@@ -1,0 +1,362 @@
+//! End-to-end: the reference compose stacks (`compose/*.yml`) on the real Docker engine, with
+//! the images `scripts/images` builds (the test command builds them first; without them these
+//! tests say so and return).
+//!
+//! Each stack runs under its own project name with free host ports, and is taken down by a
+//! drop guard whatever happens. The two stacks never run at the same time: each has its own
+//! registrator, and registrator registers every container of the engine, so a second stack's
+//! web instances would show up (unreachable, on another network) in the first one's proxy.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use switchboard_tests::*;
+
+/// One stack at a time (see the module docs).
+static ONE_STACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long the stack gets to start: images start, Consul elects itself, registrator
+/// registers, confd renders and the proxy starts.
+const START: Duration = Duration::from_secs(90);
+/// The promise the reference stack makes: scaling shows through the proxy within 5 s.
+const CONVERGE: Duration = Duration::from_secs(5);
+/// Requests per sample: enough for round-robin over three backends to reach each of them.
+const SAMPLE: usize = 9;
+
+/// A compose project, taken down (`down -v`) on drop.
+struct Stack {
+    project: String,
+    file: PathBuf,
+    env: Vec<(&'static str, String)>,
+    up: bool,
+}
+
+impl Stack {
+    /// `docker-compose -p <unique> -f compose/<file> up -d`, if the images exist.
+    fn up(
+        tag: &str,
+        file: &str,
+        images: &[&str],
+        env: Vec<(&'static str, String)>,
+    ) -> Option<Stack> {
+        let missing: Vec<&str> = images
+            .iter()
+            .copied()
+            .filter(|i| !image_exists(i))
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "SKIPPED: images {missing:?} not built; run scripts/images (scripts/test does)"
+            );
+            return None;
+        }
+        let mut stack = Stack {
+            project: format!("sbtest{}{tag}", std::process::id()),
+            file: workspace_root().join("compose").join(file),
+            env,
+            up: true,
+        };
+        stack.compose(&["up", "-d"]);
+        Some(stack)
+    }
+
+    /// Runs docker-compose on this project; panics with its output on failure.
+    fn compose(&mut self, args: &[&str]) -> Output {
+        let out = self.command(args).output().expect("docker-compose");
+        if !out.status.success() {
+            panic!(
+                "docker-compose {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        out
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker-compose");
+        cmd.arg("-p")
+            .arg(&self.project)
+            .arg("-f")
+            .arg(&self.file)
+            .args(args);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// `down -v`, then checks that nothing of the project is left: no container, no network.
+    fn down(&mut self) {
+        self.compose(&["down", "-v", "--remove-orphans", "-t", "5"]);
+        self.up = false;
+        let label = format!("label=com.docker.compose.project={}", self.project);
+        assert_eq!(
+            docker(&["ps", "-aq", "--filter", &label]),
+            "",
+            "containers left"
+        );
+        assert_eq!(
+            docker(&["network", "ls", "-q", "--filter", &label]),
+            "",
+            "networks left"
+        );
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if !self.up {
+            return;
+        }
+        if std::thread::panicking() {
+            if let Ok(out) = self
+                .command(&["logs", "--no-color", "--tail", "40"])
+                .output()
+            {
+                eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        let _ = self
+            .command(&["down", "-v", "--remove-orphans", "-t", "5"])
+            .output();
+    }
+}
+
+fn image_exists(image: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", image])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// A client that opens a new connection per request, so a reloaded proxy's new workers answer.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+}
+
+/// One round of [`SAMPLE`] requests through the proxy: the distinct demo-app answers
+/// ("Hello from <hostname> (<ip>)") and how many requests got something else or nothing.
+async fn sample(http: &reqwest::Client, url: &str) -> (BTreeSet<String>, usize) {
+    let mut seen = BTreeSet::new();
+    let mut failed = 0;
+    for _ in 0..SAMPLE {
+        let body = match http.get(url).send().await {
+            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+            _ => String::new(),
+        };
+        let body = body.trim();
+        if body.starts_with("Hello from ") {
+            seen.insert(body.to_string());
+        } else {
+            failed += 1;
+        }
+    }
+    (seen, failed)
+}
+
+/// Polls until a sample shows exactly `n` distinct backends and no failed request, within
+/// `timeout`; returns them.
+async fn backends_converge(url: &str, n: usize, timeout: Duration) -> BTreeSet<String> {
+    let http = client();
+    let started = Instant::now();
+    let last = std::sync::Mutex::new((BTreeSet::new(), 0));
+    let what = format!("{n} distinct backends answering through {url}");
+    let found = tokio::time::timeout(
+        timeout,
+        wait_for(&what, timeout + Duration::from_secs(1), || {
+            let (http, last) = (&http, &last);
+            async move {
+                let (seen, failed) = sample(http, url).await;
+                let done = seen.len() == n && failed == 0;
+                *last.lock().unwrap() = (seen.clone(), failed);
+                done.then_some(seen)
+            }
+        }),
+    )
+    .await;
+    match found {
+        Ok(seen) => {
+            eprintln!("{n} backend(s) after {:?}: {seen:?}", started.elapsed());
+            seen
+        }
+        Err(_) => panic!(
+            "no {what} within {timeout:?}; last sample: {:?}",
+            last.lock().unwrap()
+        ),
+    }
+}
+
+/// Instances of service `http` in Consul's catalog.
+async fn consul_http_instances(consul: &str) -> Option<Vec<serde_json::Value>> {
+    let v: serde_json::Value = reqwest::get(format!("{consul}/v1/catalog/service/http"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v.as_array().cloned()
+}
+
+/// Keys under `/services/http/` in etcd, through the v3 JSON gateway.
+async fn etcd_http_keys(etcd: &str) -> Option<Vec<String>> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = serde_json::json!({
+        "key": b64.encode("/services/http/"),
+        "range_end": b64.encode("/services/http0"),
+        "keys_only": true,
+    });
+    let v: serde_json::Value = reqwest::Client::new()
+        .post(format!("{etcd}/v3/kv/range"))
+        .json(&body)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+    kvs.iter()
+        .map(|kv| {
+            let k = b64.decode(kv["key"].as_str()?).ok()?;
+            String::from_utf8(k).ok()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn consul_nginx_stack_scales_up_and_down() {
+    let _one = ONE_STACK.lock().await;
+    let (lb_port, consul_port) = (free_port(), free_port());
+    let Some(mut stack) = Stack::up(
+        "consul",
+        "docker-compose.yml",
+        &[
+            "switchboard/consul",
+            "switchboard/registrator",
+            "switchboard/lb-nginx",
+            "switchboard/demo-web",
+        ],
+        vec![
+            ("LB_PORT", lb_port.to_string()),
+            ("CONSUL_PORT", consul_port.to_string()),
+        ],
+    ) else {
+        return;
+    };
+    let url = format!("http://127.0.0.1:{lb_port}/");
+    let consul = format!("http://127.0.0.1:{consul_port}");
+
+    // One backend answers through nginx, registered as `http` with tag `backend`.
+    backends_converge(&url, 1, START).await;
+    let instances = wait_for("one http instance in Consul", CONVERGE, || async {
+        consul_http_instances(&consul)
+            .await
+            .filter(|v| v.len() == 1)
+    })
+    .await;
+    assert_eq!(instances[0]["ServiceTags"], serde_json::json!(["backend"]));
+    assert_eq!(
+        instances[0]["ServicePort"], 80,
+        "-internal registers port 80"
+    );
+
+    stack.compose(&["scale", "web=3"]);
+    backends_converge(&url, 3, CONVERGE).await;
+    wait_for("three http instances in Consul", CONVERGE, || async {
+        consul_http_instances(&consul)
+            .await
+            .filter(|v| v.len() == 3)
+    })
+    .await;
+
+    stack.compose(&["scale", "web=1"]);
+    backends_converge(&url, 1, CONVERGE).await;
+    wait_for("one http instance in Consul", CONVERGE, || async {
+        consul_http_instances(&consul)
+            .await
+            .filter(|v| v.len() == 1)
+    })
+    .await;
+
+    stack.down();
+}
+
+#[tokio::test]
+async fn etcd_haproxy_stack_scales_up_and_down() {
+    let _one = ONE_STACK.lock().await;
+    let (lb_port, stats_port, etcd_port) = (free_port(), free_port(), free_port());
+    let password = format!("pw-{}", std::process::id());
+    let Some(mut stack) = Stack::up(
+        "etcd",
+        "docker-compose.etcd-haproxy.yml",
+        &[
+            "switchboard/etcd",
+            "switchboard/registrator",
+            "switchboard/lb-haproxy",
+            "switchboard/demo-web",
+        ],
+        vec![
+            ("LB_PORT", lb_port.to_string()),
+            ("STATS_PORT", stats_port.to_string()),
+            ("ETCD_PORT", etcd_port.to_string()),
+            ("STATS_USER", "admin".to_string()),
+            ("STATS_PASSWORD", password.clone()),
+        ],
+    ) else {
+        return;
+    };
+    let url = format!("http://127.0.0.1:{lb_port}/");
+    let etcd = format!("http://127.0.0.1:{etcd_port}");
+
+    backends_converge(&url, 1, START).await;
+    wait_for("one http key in etcd", CONVERGE, || async {
+        etcd_http_keys(&etcd).await.filter(|k| k.len() == 1)
+    })
+    .await;
+
+    // The statistics page wants the user and password from the environment.
+    let stats = format!("http://127.0.0.1:{stats_port}/");
+    let http = client();
+    let anonymous = http.get(&stats).send().await.unwrap().status();
+    assert_eq!(anonymous, 401, "stats page without credentials");
+    let wrong = http
+        .get(&stats)
+        .basic_auth("admin", Some("wrong"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(wrong, 401, "stats page with a wrong password");
+    let ok = http
+        .get(&stats)
+        .basic_auth("admin", Some(&password))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200, "stats page with the password");
+
+    stack.compose(&["scale", "web=3"]);
+    backends_converge(&url, 3, CONVERGE).await;
+    wait_for("three http keys in etcd", CONVERGE, || async {
+        etcd_http_keys(&etcd).await.filter(|k| k.len() == 3)
+    })
+    .await;
+
+    stack.compose(&["scale", "web=1"]);
+    backends_converge(&url, 1, CONVERGE).await;
+    wait_for("one http key in etcd", CONVERGE, || async {
+        etcd_http_keys(&etcd).await.filter(|k| k.len() == 1)
+    })
+    .await;
+
+    stack.down();
+}
