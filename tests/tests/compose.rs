@@ -324,7 +324,7 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
     .await;
 
     // The statistics page wants the user and password from the environment.
-    let stats = format!("http://127.0.0.1:{stats_port}/");
+    let stats = format!("http://127.0.0.1:{stats_port}/stats");
     let http = client();
     let anonymous = http.get(&stats).send().await.unwrap().status();
     assert_eq!(anonymous, 401, "stats page without credentials");

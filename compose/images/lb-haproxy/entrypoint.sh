@@ -2,10 +2,12 @@
 # Renders haproxy.cfg once from the registry, starts HAProxy (master-worker) on it, then runs
 # confd as the main process to keep it current: `docker stop` stops confd, and the container
 # (HAProxy with it). Arguments are passed to confd. STATS_USER and STATS_PASSWORD protect
-# the statistics page; they reach the template as vars (never through a shell or the file).
+# the statistics page; they reach the template as confd vars, which it quotes for HAProxy.
 set -eu
 : "${STATS_USER:?set STATS_USER for the HAProxy statistics page}"
 : "${STATS_PASSWORD:?set STATS_PASSWORD for the HAProxy statistics page}"
+# A pid file left by a previous run of this container would point at some other process.
+rm -f /run/haproxy.pid
 set -- --config /etc/confd/confd.yaml --var "stats_user=$STATS_USER" \
   --var "stats_password=$STATS_PASSWORD" "$@"
 # The registry may still be starting (compose starts everything at once): retry a few times.
@@ -18,5 +20,7 @@ until confd "$@" --once; do
   fi
   sleep 2
 done
-haproxy -W -D -p /run/haproxy.pid -f /etc/haproxy/haproxy.cfg
+# Start HAProxy (the first render usually did, through the reload command; not when the
+# rendered file was already in place, e.g. after `docker restart`).
+/usr/local/bin/lb-reload
 exec confd "$@"

@@ -3,6 +3,8 @@
 # process to keep it current: `docker stop` stops confd, and the container (nginx with it).
 # Arguments are passed to confd.
 set -eu
+# A pid file left by a previous run of this container would point at some other process.
+rm -f /run/nginx.pid
 set -- --config /etc/confd/confd.yaml "$@"
 # The registry may still be starting (compose starts everything at once): retry a few times.
 tries=0
@@ -14,5 +16,7 @@ until confd "$@" --once; do
   fi
   sleep 2
 done
-nginx
+# Start nginx (the first render usually did, through the reload command; not when the
+# rendered file was already in place, e.g. after `docker restart`).
+/usr/local/bin/lb-reload
 exec confd "$@"
