@@ -612,12 +612,13 @@ mod tests {
         };
         let t =
             |id: &str, name: &str, addr: &str| (id.to_string(), name.to_string(), addr.to_string());
-        let cases: Vec<(
-            &str,
+        type Case = (
+            &'static str,
             ContainerInfo,
             DeriveOptions,
             Vec<(String, String, String)>,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (
                 "published, host address",
                 web(),
