@@ -193,7 +193,6 @@ async fn go_style_flags_and_internal() {
 #[tokio::test]
 async fn names_ports_udp_and_ignore() {
     let consul = Consul::start().await;
-    let _reg = registrator(&consul.uri(), &[], &[]);
     let multi = web("reg-multi", &["-p", "81", "-e", "SERVICE_81_NAME=special"]);
     let udp = Container::run("reg-udp", &["-p", "53/udp", TEST_IMAGE, "sleep", "600"]);
     let ignored = web("reg-ignored", &["-l", "SERVICE_IGNORE=yes"]);
@@ -202,6 +201,9 @@ async fn names_ports_udp_and_ignore() {
         "reg-portignored",
         &["-p", "81", "-e", "SERVICE_81_IGNORE=1"],
     );
+    // Started after the containers: nothing is registered before the first listing is fully
+    // inspected, so once anything is there, every container above has been judged.
+    let _reg = registrator(&consul.uri(), &[], &[]);
 
     let s80 = wait_consul(&consul, &id_of(&multi, "80")).await;
     assert_eq!(s80["Service"], "busybox-80");
@@ -216,8 +218,6 @@ async fn names_ports_udp_and_ignore() {
     wait_consul(&consul, &id_of(&not_ignored, "80")).await;
     let kept = wait_consul(&consul, &id_of(&port_ignored, "80")).await;
     assert_eq!(kept["Service"], "busybox-80");
-    // Everything above was registered after the ignored containers started (same engine
-    // event order, and the registrator inspects each in turn), and nothing of them is there.
     let ids = consul.agent_service_ids().await;
     assert!(!ids.iter().any(|i| i.contains(&ignored.name)), "{ids:?}");
     assert!(!ids.contains(&id_of(&port_ignored, "81")), "{ids:?}");
@@ -536,4 +536,36 @@ async fn docker_healthcheck_gates_registration() {
     wait_consul(&consul, &id).await;
     docker(&["exec", &c.id, "busybox", "rm", "/tmp/ok"]);
     wait_consul_gone(&consul, &id).await;
+}
+
+#[tokio::test]
+async fn deregister_on_success_keeps_crashed_containers_until_removed() {
+    let consul = Consul::start().await;
+    let _reg = registrator(&consul.uri(), &["-deregister", "on-success"], &[]);
+    let crashed = web("reg-onsuccess-crash", &[]);
+    let clean = Container::run(
+        "reg-onsuccess-clean",
+        &[
+            "-p",
+            "80",
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while true; do sleep 1; done",
+        ],
+    );
+    let crashed_id = id_of(&crashed, "80");
+    let clean_id = id_of(&clean, "80");
+    wait_consul(&consul, &crashed_id).await;
+    wait_consul(&consul, &clean_id).await;
+    docker(&["kill", &crashed.id]); // exit status 137
+    clean.stop(5); // exit status 0 via the trap
+    wait_consul_gone(&consul, &clean_id).await;
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.ExitCode}}", &crashed.id]),
+        "137"
+    );
+    assert!(consul_service(&consul, &crashed_id).await.is_some());
+    drop(crashed);
+    wait_consul_gone(&consul, &crashed_id).await;
 }
