@@ -569,3 +569,27 @@ async fn deregister_on_success_keeps_crashed_containers_until_removed() {
     drop(crashed);
     wait_consul_gone(&consul, &crashed_id).await;
 }
+
+#[tokio::test]
+async fn unreachable_store_fails_after_retry_attempts() {
+    let port = free_port(); // nothing listens there
+    let uri = format!("consul://127.0.0.1:{port}");
+    let mut reg = Process::spawn(
+        &bin("registrator"),
+        &["-retry-attempts", "2", "-retry-interval", "100", &uri],
+        &[],
+    );
+    let st = reg.wait_exit(WAIT).await;
+    assert_eq!(st.code(), Some(1), "{}", reg.output());
+    let out = reg.output();
+    let last = out
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(last.starts_with("registrator: "), "{out}");
+    assert!(last.contains(&format!("127.0.0.1:{port}")), "{out}");
+    assert!(last.contains("after 3 attempt(s)"), "{out}");
+    assert_eq!(out.matches("not reachable yet").count(), 2, "{out}");
+}
