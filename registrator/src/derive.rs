@@ -74,7 +74,7 @@ pub struct Warning {
     pub expected: String,
 }
 
-/// The outcome of [`derive`].
+/// The outcome of [`derive()`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Derived {
     /// Services to register, in port order.
