@@ -1,16 +1,41 @@
 //! Consul's HTTP API: agent service registration, KV, catalog and health (blocking queries).
+//!
+//! Every request goes through [`ConsulClient::send`], which builds the URL, adds the token and
+//! turns transport failures into [`StoreError::Unreachable`]; the public methods only shape
+//! payloads and read answers. Payload building and answer decoding are pure functions so they
+//! can be unit-tested without an agent.
 
-use super::StoreError;
-use crate::{Endpoint, Service};
+use super::{one_line, ttl_check_id, StoreError};
+use crate::{consul_duration, Check, CheckKind, Endpoint, Service};
+use base64::Engine;
+use reqwest::header::HeaderValue;
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+/// How long to wait for a TCP connection: the agent is normally local, so a slow connect means
+/// it is down or overloaded and the caller's retry loop should take over.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Timeout of a non-blocking request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval of a service check that does not set one (gliderlabs sends the same).
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Consul reaps critical services at most about once a minute; asking for less is pointless.
+const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
+/// Consul's limits on service metadata (`structs.ValidateServiceMetadata`).
+const META_MAX_PAIRS: usize = 64;
+const META_MAX_KEY_LEN: usize = 128;
+const META_MAX_VALUE_LEN: usize = 512;
 
 /// A client of one Consul agent.
 #[derive(Debug, Clone)]
 pub struct ConsulClient {
     http: reqwest::Client,
     base: String,
-    token: Option<String>,
+    /// Marked sensitive, so `Debug` (and thus logs) never show it.
+    token: Option<HeaderValue>,
 }
 
 /// One instance of a service as `/v1/health/service/<name>` reports it.
@@ -24,10 +49,68 @@ pub struct HealthEntry {
     pub status: String,
 }
 
+/// An HTTP answer, whatever its status.
+struct Reply {
+    /// Method and path, for error messages.
+    what: String,
+    status: StatusCode,
+    /// `X-Consul-Index`, when present and numeric.
+    index: Option<u64>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    /// The first line of the body (trimmed, bounded), as error messages carry it.
+    fn first_line(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let line = text.lines().next().unwrap_or_default().trim();
+        line.chars().take(200).collect()
+    }
+
+    /// Decodes the JSON body.
+    fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, StoreError> {
+        serde_json::from_slice(&self.body).map_err(|e| StoreError::Decode {
+            what: format!("answer to {}", self.what),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The index a blocking query resumes from; Consul always sends it on these endpoints.
+    fn consul_index(&self) -> Result<u64, StoreError> {
+        self.index.ok_or_else(|| StoreError::Decode {
+            what: format!("answer to {}", self.what),
+            reason: "missing or invalid X-Consul-Index header".into(),
+        })
+    }
+}
+
 impl ConsulClient {
     /// A client of the agent at `endpoint`, sending `token` as `X-Consul-Token` when set.
+    ///
+    /// A token that cannot be an HTTP header value (control characters) is dropped with a
+    /// warning: the agent then answers 403, which names the problem better than a panic here.
     pub fn new(endpoint: &Endpoint, token: Option<String>) -> Self {
-        todo!("{endpoint:?} {token:?}")
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            // Only fails when a TLS backend cannot initialise; none is compiled in.
+            .expect("building the HTTP client");
+        let token = token.and_then(|t| match HeaderValue::from_str(&t) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                Some(v)
+            }
+            Err(_) => {
+                tracing::warn!("Consul token is not a valid HTTP header value; not sending it");
+                None
+            }
+        });
+        ConsulClient {
+            http,
+            base: endpoint.base_url(),
+            token,
+        }
     }
 
     /// The agent's base URL.
@@ -37,60 +120,128 @@ impl ConsulClient {
 
     /// `GET /v1/agent/self`: does the agent answer?
     pub async fn agent_self(&self) -> Result<(), StoreError> {
-        todo!()
+        let reply = self.send(Method::GET, "/v1/agent/self", None, None).await?;
+        self.ok(reply).map(|_| ())
     }
 
     /// `PUT /v1/agent/service/register` with the service and its checks.
+    ///
+    /// Metadata Consul would reject is dropped (with a warning) rather than failing the whole
+    /// registration: container labels are untrusted and one bad key must not hide a service.
     pub async fn agent_register(&self, svc: &Service) -> Result<(), StoreError> {
-        todo!("{svc:?}")
+        let body = serde_json::to_vec(&register_payload(svc)).expect("JSON of a Value");
+        let reply = self
+            .send(Method::PUT, "/v1/agent/service/register", None, Some(body))
+            .await?;
+        self.ok(reply).map(|_| ())
     }
 
     /// `PUT /v1/agent/service/deregister/<id>`; an unknown ID is not an error.
     pub async fn agent_deregister(&self, id: &str) -> Result<(), StoreError> {
-        todo!("{id}")
+        let path = format!("/v1/agent/service/deregister/{}", encode_segment(id));
+        let reply = self.send(Method::PUT, &path, None, None).await?;
+        if is_unknown(&reply, &["Unknown service"]) {
+            return Ok(());
+        }
+        self.ok(reply).map(|_| ())
     }
 
-    /// `GET /v1/agent/services`.
+    /// `GET /v1/agent/services`, sorted by ID.
     pub async fn agent_services(&self) -> Result<Vec<Service>, StoreError> {
-        todo!()
+        let reply = self
+            .send(Method::GET, "/v1/agent/services", None, None)
+            .await?;
+        let reply = self.ok(reply)?;
+        let map: BTreeMap<String, ApiService> = reply.json()?;
+        Ok(map.into_values().map(|s| s.into_service("")).collect())
     }
 
     /// `PUT /v1/agent/check/pass/<check_id>`; an unknown check is [`StoreError::Expired`].
     pub async fn agent_check_pass(&self, check_id: &str) -> Result<(), StoreError> {
-        todo!("{check_id}")
+        let path = format!("/v1/agent/check/pass/{}", encode_segment(check_id));
+        let reply = self.send(Method::PUT, &path, None, None).await?;
+        // Consul 1.8 looks the ID up among TTL checks only, hence its second phrasing.
+        if is_unknown(&reply, &["Unknown check", "does not have associated TTL"]) {
+            return Err(StoreError::Expired {
+                what: format!("Consul check {check_id:?}"),
+            });
+        }
+        self.ok(reply).map(|_| ())
     }
 
     /// `PUT /v1/kv/<key>`.
     pub async fn kv_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        todo!("{key} {value:?}")
+        let path = format!("/v1/kv/{}", encode_key(key));
+        let reply = self
+            .send(Method::PUT, &path, None, Some(value.to_vec()))
+            .await?;
+        self.ok(reply).map(|_| ())
     }
 
     /// `DELETE /v1/kv/<key>`.
     pub async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
-        todo!("{key}")
+        let path = format!("/v1/kv/{}", encode_key(key));
+        let reply = self.send(Method::DELETE, &path, None, None).await?;
+        self.ok(reply).map(|_| ())
     }
 
     /// `GET /v1/kv/<prefix>?recurse` as a blocking query: keys and values under `prefix`, and
     /// the index to pass next time. `index` 0 returns at once.
+    ///
+    /// Cancel-safe (a read). As for every blocking query here, Consul's rules apply to the
+    /// returned index: if it goes backwards, start again from 0.
     pub async fn kv_list(
         &self,
         prefix: &str,
         index: u64,
         wait: Duration,
     ) -> Result<(BTreeMap<String, Vec<u8>>, u64), StoreError> {
-        todo!("{prefix} {index} {wait:?}")
+        let path = format!("/v1/kv/{}", encode_key(prefix));
+        let reply = self
+            .send(Method::GET, &path, Some(("recurse", index, wait)), None)
+            .await?;
+        // 404 means "no key under this prefix", and still carries the index to block on.
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok((BTreeMap::new(), reply.consul_index()?));
+        }
+        let reply = self.ok(reply)?;
+        let entries: Vec<ApiKv> = reply.json()?;
+        let kvs = decode_kvs(entries).map_err(|reason| StoreError::Decode {
+            what: format!("answer to {}", reply.what),
+            reason,
+        })?;
+        Ok((kvs, reply.consul_index()?))
     }
 
     /// `GET /v1/catalog/services` as a blocking query: service names with their tags.
+    ///
+    /// Cancel-safe (a read).
     pub async fn catalog_services(
         &self,
         index: u64,
         wait: Duration,
     ) -> Result<(BTreeMap<String, Vec<String>>, u64), StoreError> {
-        todo!("{index} {wait:?}")
+        let reply = self
+            .send(
+                Method::GET,
+                "/v1/catalog/services",
+                Some(("", index, wait)),
+                None,
+            )
+            .await?;
+        let reply = self.ok(reply)?;
+        let map: BTreeMap<String, Option<Vec<String>>> = reply.json()?;
+        let map = map
+            .into_iter()
+            .map(|(name, tags)| (name, tags.unwrap_or_default()))
+            .collect();
+        Ok((map, reply.consul_index()?))
     }
 
     /// `GET /v1/health/service/<name>` as a blocking query, optionally `?passing`.
+    /// Entries are sorted by service ID.
+    ///
+    /// Cancel-safe (a read).
     pub async fn health_service(
         &self,
         name: &str,
@@ -98,6 +249,604 @@ impl ConsulClient {
         index: u64,
         wait: Duration,
     ) -> Result<(Vec<HealthEntry>, u64), StoreError> {
-        todo!("{name} {passing_only} {index} {wait:?}")
+        let path = format!("/v1/health/service/{}", encode_segment(name));
+        let flag = if passing_only { "passing" } else { "" };
+        let reply = self
+            .send(Method::GET, &path, Some((flag, index, wait)), None)
+            .await?;
+        let reply = self.ok(reply)?;
+        let entries: Vec<ApiHealthEntry> = reply.json()?;
+        let mut out: Vec<HealthEntry> = entries.into_iter().map(HealthEntry::from).collect();
+        out.sort_by(|a, b| a.service.id.cmp(&b.service.id));
+        Ok((out, reply.consul_index()?))
+    }
+
+    /// The one place requests are made. `query` is `(flag, index, wait)`: an optional bare flag
+    /// (`recurse`, `passing`) and the blocking-query parameters, sent only when `index` > 0.
+    /// Any HTTP answer is returned as a [`Reply`]; only transport failures are errors here.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: Option<(&str, u64, Duration)>,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, StoreError> {
+        let what = format!("{method} {path}");
+        let (query, timeout) = match query {
+            Some((flag, index, wait)) => blocking_query(flag, index, wait),
+            None => (String::new(), REQUEST_TIMEOUT),
+        };
+        let url = format!("{}{path}{query}", self.base);
+        let mut req = self.http.request(method, url).timeout(timeout);
+        if let Some(token) = &self.token {
+            req = req.header("X-Consul-Token", token.clone());
+        }
+        if let Some(body) = body {
+            req = req.body(body);
+        }
+        let unreachable = |e: reqwest::Error| StoreError::Unreachable {
+            endpoint: self.base.clone(),
+            reason: format!("{what}: {}", one_line(&e.without_url())),
+        };
+        let resp = req.send().await.map_err(unreachable)?;
+        let status = resp.status();
+        let index = resp
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = resp.bytes().await.map_err(unreachable)?.to_vec();
+        Ok(Reply {
+            what,
+            status,
+            index,
+            body,
+        })
+    }
+
+    /// Passes a 2xx reply through; anything else becomes [`StoreError::Status`].
+    fn ok(&self, reply: Reply) -> Result<Reply, StoreError> {
+        if reply.status.is_success() {
+            return Ok(reply);
+        }
+        Err(StoreError::Status {
+            endpoint: self.base.clone(),
+            body: reply.first_line(),
+            what: reply.what,
+            status: reply.status.as_u16(),
+        })
+    }
+}
+
+/// Query string and request timeout of a (possibly) blocking query. Consul adds up to wait/16
+/// of jitter to the wait, so the timeout leaves room for that plus a margin for the answer.
+/// A zero wait would make Consul block for its 5-minute default, past our timeout, so the
+/// wait is at least one second.
+fn blocking_query(flag: &str, index: u64, wait: Duration) -> (String, Duration) {
+    let wait = wait.max(Duration::from_secs(1));
+    let mut params: Vec<String> = Vec::new();
+    if !flag.is_empty() {
+        params.push(flag.to_string());
+    }
+    let mut timeout = REQUEST_TIMEOUT;
+    if index > 0 {
+        params.push(format!("index={index}"));
+        params.push(format!("wait={}", consul_duration(wait)));
+        timeout = wait + wait / 16 + Duration::from_secs(5);
+    }
+    let query = if params.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", params.join("&"))
+    };
+    (query, timeout)
+}
+
+/// Did the agent say it does not know the service or check? Consul 1.8 answers 500 with one
+/// of `phrases` in the body; later versions answer 404.
+fn is_unknown(reply: &Reply, phrases: &[&str]) -> bool {
+    let body = String::from_utf8_lossy(&reply.body);
+    reply.status == StatusCode::NOT_FOUND
+        || (reply.status == StatusCode::INTERNAL_SERVER_ERROR
+            && phrases.iter().any(|p| body.contains(p)))
+}
+
+/// Percent-encodes one path segment: everything outside RFC 3986's unreserved characters.
+/// Service IDs and names come from container labels, so `/`, `?`, `#` and `..` must not change
+/// which endpoint a request reaches.
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    // A bare `.` or `..` segment would be normalised away by URL handling on either side.
+    match out.as_str() {
+        "." => "%2E".into(),
+        ".." => "%2E%2E".into(),
+        _ => out,
+    }
+}
+
+/// Percent-encodes a KV key, keeping its `/` separators.
+fn encode_key(key: &str) -> String {
+    key.split('/')
+        .map(encode_segment)
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The body of `PUT /v1/agent/service/register` for `svc`.
+fn register_payload(svc: &Service) -> Value {
+    let mut checks = Vec::new();
+    if let Some(check) = &svc.check {
+        checks.push(check_json(check));
+    }
+    if let Some(ttl) = svc.ttl {
+        checks.push(json!({
+            "CheckID": ttl_check_id(&svc.id),
+            "Name": "registrator TTL",
+            "TTL": consul_duration(ttl),
+            "Status": "passing",
+            "DeregisterCriticalServiceAfter": consul_duration(MIN_DEREGISTER_AFTER.max(ttl * 3)),
+        }));
+    }
+    json!({
+        "ID": svc.id,
+        "Name": svc.name,
+        "Address": svc.address,
+        "Port": svc.port,
+        "Tags": svc.tags,
+        "Meta": filter_meta(&svc.id, &svc.meta),
+        "Checks": checks,
+    })
+}
+
+/// One entry of `Checks` for a `SERVICE_CHECK_*` check.
+fn check_json(check: &Check) -> Value {
+    let mut c = Map::new();
+    let mut periodic = true;
+    match &check.kind {
+        CheckKind::Http(url) => {
+            c.insert("HTTP".into(), url.as_str().into());
+        }
+        CheckKind::Https(url) => {
+            c.insert("HTTP".into(), url.as_str().into());
+            c.insert("TLSSkipVerify".into(), false.into());
+        }
+        CheckKind::Tcp(addr) => {
+            c.insert("TCP".into(), addr.as_str().into());
+        }
+        CheckKind::Ttl(ttl) => {
+            c.insert("TTL".into(), consul_duration(*ttl).into());
+            periodic = false;
+        }
+        // `Args` is an argv the agent executes directly; never `Script`, which is a shell line.
+        CheckKind::Script(argv) => {
+            c.insert("Args".into(), json!(argv));
+        }
+    }
+    if periodic {
+        let interval = check.interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
+        c.insert("Interval".into(), consul_duration(interval).into());
+        if let Some(t) = check.timeout {
+            c.insert("Timeout".into(), consul_duration(t).into());
+        }
+    }
+    if let Some(status) = &check.initial_status {
+        c.insert("Status".into(), status.as_str().into());
+    }
+    if let Some(after) = check.deregister_after {
+        c.insert(
+            "DeregisterCriticalServiceAfter".into(),
+            consul_duration(after).into(),
+        );
+    }
+    Value::Object(c)
+}
+
+/// The metadata Consul will accept: each bad pair, and pairs beyond the 64th, are dropped with
+/// a warning naming the service and key.
+fn filter_meta(service_id: &str, meta: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut kept = BTreeMap::new();
+    for (key, value) in meta {
+        let problem = match meta_problem(key, value) {
+            Some(p) => Some(p),
+            None if kept.len() >= META_MAX_PAIRS => Some("more than 64 metadata pairs"),
+            None => None,
+        };
+        match problem {
+            Some(p) => tracing::warn!(
+                service = service_id,
+                key = key.as_str(),
+                "dropping Consul service metadata: {p}"
+            ),
+            None => {
+                kept.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    kept
+}
+
+/// Why Consul would reject this metadata pair, if it would.
+fn meta_problem(key: &str, value: &str) -> Option<&'static str> {
+    if key.is_empty() {
+        Some("empty key")
+    } else if key.len() > META_MAX_KEY_LEN {
+        Some("key longer than 128 characters")
+    } else if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        Some("key has characters outside [A-Za-z0-9_-]")
+    } else if key.starts_with("consul-") {
+        Some("key prefix consul- is reserved")
+    } else if value.len() > META_MAX_VALUE_LEN {
+        Some("value longer than 512 characters")
+    } else {
+        None
+    }
+}
+
+/// `passing`, `warning` or `critical`: the worst of the statuses given (none is passing).
+fn aggregate_status<'a>(statuses: impl IntoIterator<Item = &'a str>) -> &'static str {
+    let mut worst = "passing";
+    for s in statuses {
+        match s {
+            "critical" => return "critical",
+            "warning" => worst = "warning",
+            _ => {}
+        }
+    }
+    worst
+}
+
+/// Base64 values of a recursive KV read, decoded. A `null` value is an empty one.
+fn decode_kvs(entries: Vec<ApiKv>) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    entries
+        .into_iter()
+        .map(|e| {
+            let value = match e.value {
+                None => Vec::new(),
+                Some(v) => b64
+                    .decode(v)
+                    .map_err(|err| format!("value of {:?}: {err}", e.key))?,
+            };
+            Ok((e.key, value))
+        })
+        .collect()
+}
+
+/// A service as the agent and health endpoints describe it.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ApiService {
+    #[serde(rename = "ID")]
+    id: String,
+    service: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    port: u16,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    meta: Option<BTreeMap<String, String>>,
+}
+
+impl ApiService {
+    /// Into the service model; an empty address means "the node's", as Consul clients read it.
+    fn into_service(self, node_address: &str) -> Service {
+        Service {
+            id: self.id,
+            name: self.service,
+            address: if self.address.is_empty() {
+                node_address.to_string()
+            } else {
+                self.address
+            },
+            port: self.port,
+            tags: self.tags.unwrap_or_default(),
+            meta: self.meta.unwrap_or_default(),
+            check: None,
+            ttl: None,
+        }
+    }
+}
+
+/// One entry of `/v1/kv/<prefix>?recurse`.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ApiKv {
+    key: String,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+/// One entry of `/v1/health/service/<name>`.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ApiHealthEntry {
+    node: ApiNode,
+    service: ApiService,
+    #[serde(default)]
+    checks: Option<Vec<ApiCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ApiNode {
+    node: String,
+    #[serde(default)]
+    address: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ApiCheck {
+    status: String,
+}
+
+impl From<ApiHealthEntry> for HealthEntry {
+    fn from(e: ApiHealthEntry) -> Self {
+        let checks = e.checks.unwrap_or_default();
+        let status = aggregate_status(checks.iter().map(|c| c.status.as_str()));
+        HealthEntry {
+            service: e.service.into_service(&e.node.address),
+            node: e.node.node,
+            status: status.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> Service {
+        Service {
+            id: "host:web:80".into(),
+            name: "web".into(),
+            address: "10.0.0.2".into(),
+            port: 8080,
+            tags: vec!["a".into()],
+            meta: [("version".to_string(), "1".to_string())].into(),
+            check: None,
+            ttl: None,
+        }
+    }
+
+    fn check(kind: CheckKind) -> Check {
+        Check {
+            kind,
+            interval: None,
+            timeout: None,
+            initial_status: None,
+            deregister_after: None,
+        }
+    }
+
+    #[test]
+    fn payload_without_checks() {
+        assert_eq!(
+            register_payload(&svc()),
+            json!({
+                "ID": "host:web:80", "Name": "web", "Address": "10.0.0.2", "Port": 8080,
+                "Tags": ["a"], "Meta": {"version": "1"}, "Checks": [],
+            })
+        );
+    }
+
+    #[test]
+    fn payload_with_check_and_ttl() {
+        let mut s = svc();
+        s.check = Some(Check {
+            interval: Some(Duration::from_secs(5)),
+            timeout: Some(Duration::from_millis(1500)),
+            initial_status: Some("critical".into()),
+            deregister_after: Some(Duration::from_secs(90)),
+            ..check(CheckKind::Http("http://10.0.0.2:8080/health".into()))
+        });
+        s.ttl = Some(Duration::from_secs(30));
+        let p = register_payload(&s);
+        assert_eq!(
+            p["Checks"],
+            json!([
+                {"HTTP": "http://10.0.0.2:8080/health", "Interval": "5s", "Timeout": "1500ms",
+                 "Status": "critical", "DeregisterCriticalServiceAfter": "90s"},
+                {"CheckID": "service:host:web:80:ttl", "Name": "registrator TTL", "TTL": "30s",
+                 "Status": "passing", "DeregisterCriticalServiceAfter": "90s"},
+            ])
+        );
+    }
+
+    #[test]
+    fn ttl_check_reaps_no_sooner_than_a_minute() {
+        let mut s = svc();
+        s.ttl = Some(Duration::from_secs(2));
+        let p = register_payload(&s);
+        assert_eq!(p["Checks"][0]["DeregisterCriticalServiceAfter"], "60s");
+        assert_eq!(p["Checks"][0]["TTL"], "2s");
+    }
+
+    #[test]
+    fn check_kinds() {
+        let table = [
+            (
+                CheckKind::Https("https://h/".into()),
+                json!({"HTTP": "https://h/", "TLSSkipVerify": false, "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Tcp("10.0.0.2:80".into()),
+                json!({"TCP": "10.0.0.2:80", "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Ttl(Duration::from_secs(15)),
+                json!({"TTL": "15s"}),
+            ),
+            (
+                CheckKind::Script(vec!["/bin/check".into(), "a; rm -rf /".into()]),
+                json!({"Args": ["/bin/check", "a; rm -rf /"], "Interval": "10s"}),
+            ),
+        ];
+        for (kind, want) in table {
+            assert_eq!(check_json(&check(kind.clone())), want, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn meta_rules() {
+        let long_key = "k".repeat(129);
+        let table: [(&str, &str, bool); 9] = [
+            ("version", "1", true),
+            ("a-b_C9", "x", true),
+            ("a b", "x", false),
+            ("x;y", "x", false),
+            ("", "x", false),
+            ("consul-x", "x", false),
+            ("k\u{e9}", "x", false),
+            (&long_key, "x", false),
+            ("big", &"v".repeat(513), false),
+        ];
+        for (key, value, ok) in table {
+            assert_eq!(meta_problem(key, value).is_none(), ok, "{key:?}");
+        }
+        assert!(meta_problem(&"k".repeat(128), &"v".repeat(512)).is_none());
+    }
+
+    #[test]
+    fn meta_filter_drops_bad_pairs_and_caps_count() {
+        let mut meta: BTreeMap<String, String> = (0..70)
+            .map(|i| (format!("k{i:02}"), "v".to_string()))
+            .collect();
+        meta.insert("a b".into(), "v".into());
+        let kept = filter_meta("id", &meta);
+        assert_eq!(kept.len(), 64);
+        assert!(!kept.contains_key("a b"));
+        assert!(kept.contains_key("k00") && kept.contains_key("k63"));
+        assert!(!kept.contains_key("k64"));
+    }
+
+    #[test]
+    fn status_aggregation() {
+        let table: [(&[&str], &str); 5] = [
+            (&[], "passing"),
+            (&["passing", "passing"], "passing"),
+            (&["passing", "warning"], "warning"),
+            (&["warning", "critical", "passing"], "critical"),
+            (&["maintenance"], "passing"),
+        ];
+        for (statuses, want) in table {
+            assert_eq!(
+                aggregate_status(statuses.iter().copied()),
+                want,
+                "{statuses:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn url_encoding() {
+        let table = [
+            ("host:web:80", "host%3Aweb%3A80"),
+            ("a/b?c#d", "a%2Fb%3Fc%23d"),
+            ("..", "%2E%2E"),
+            (".", "%2E"),
+            ("ok-._~", "ok-._~"),
+            ("\u{e9} %", "%C3%A9%20%25"),
+        ];
+        for (raw, want) in table {
+            assert_eq!(encode_segment(raw), want, "{raw:?}");
+        }
+        assert_eq!(encode_key("services/web/h:c:80"), "services/web/h%3Ac%3A80");
+        assert_eq!(encode_key(""), "");
+        assert_eq!(encode_key("services/"), "services/");
+    }
+
+    #[test]
+    fn blocking_query_params() {
+        let wait = Duration::from_secs(32);
+        assert_eq!(
+            blocking_query("recurse", 0, wait),
+            ("?recurse".to_string(), REQUEST_TIMEOUT)
+        );
+        assert_eq!(
+            blocking_query("", 7, wait),
+            ("?index=7&wait=32s".to_string(), Duration::from_secs(39))
+        );
+        assert_eq!(
+            blocking_query("passing", 7, wait).0,
+            "?passing&index=7&wait=32s"
+        );
+        assert_eq!(blocking_query("", 0, wait).0, "");
+        assert_eq!(
+            blocking_query("", 3, Duration::ZERO),
+            (
+                "?index=3&wait=1s".to_string(),
+                Duration::from_micros(6_062_500)
+            )
+        );
+    }
+
+    #[test]
+    fn health_entry_decoding() {
+        let body = json!([{
+            "Node": {"Node": "n1", "Address": "192.168.1.5"},
+            "Service": {"ID": "h:web:80", "Service": "web", "Address": "", "Port": 80,
+                        "Tags": null, "Meta": null},
+            "Checks": [{"Status": "passing"}, {"Status": "warning"}],
+        }]);
+        let entries: Vec<ApiHealthEntry> = serde_json::from_value(body).unwrap();
+        let e = HealthEntry::from(entries.into_iter().next().unwrap());
+        assert_eq!(e.node, "n1");
+        assert_eq!(e.status, "warning");
+        assert_eq!(e.service.address, "192.168.1.5");
+        assert_eq!(e.service.port, 80);
+        assert!(e.service.tags.is_empty());
+    }
+
+    #[test]
+    fn kv_decoding() {
+        let entries = vec![
+            ApiKv {
+                key: "p/a".into(),
+                value: Some("MS4yLjMuNDo4MA==".into()),
+            },
+            ApiKv {
+                key: "p/".into(),
+                value: None,
+            },
+        ];
+        let kvs = decode_kvs(entries).unwrap();
+        assert_eq!(kvs["p/a"], b"1.2.3.4:80");
+        assert_eq!(kvs["p/"], b"");
+        let bad = vec![ApiKv {
+            key: "k".into(),
+            value: Some("***".into()),
+        }];
+        assert!(decode_kvs(bad).unwrap_err().contains("\"k\""));
+    }
+
+    #[test]
+    fn one_line_flattens() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let e = E("outer\nline", Some(Box::new(E("inner", None))));
+        assert_eq!(one_line(&e), "outer line: inner");
     }
 }

@@ -1,16 +1,44 @@
 //! etcd v3 through its JSON gateway (`/v3/kv/*`, `/v3/lease/*`, `/v3/watch`), with failover
 //! between members. Keys and values are base64 on the wire; this module hides that.
+//!
+//! The gateway is grpc-gateway: int64 fields (revisions, lease IDs, TTLs) arrive as JSON
+//! strings, zero-valued fields are left out, and streaming calls (`watch`, `keepalive`) answer
+//! with one JSON object per line, each wrapped in `{"result": ...}`.
 
-use super::StoreError;
+use super::{one_line, StoreError};
 use crate::Endpoint;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// How long to wait for a TCP connection before trying the next member.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Total time for one unary request (response body included).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keepalive probes on watch connections: a watch has no total timeout, so a silently dead
+/// peer must be noticed by TCP itself.
+const WATCH_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// A client of an etcd cluster: requests go to the current member and move to the next one
 /// when it does not answer.
+///
+/// Clones share the "current member" index, so once one task fails over, the others follow.
 #[derive(Debug, Clone)]
 pub struct EtcdClient {
+    /// For unary calls: connect and total timeouts.
     http: reqwest::Client,
+    /// For watches: connect timeout only, the response streams for as long as it lives.
+    watch_http: reqwest::Client,
     endpoints: Vec<Endpoint>,
+    /// Index into `endpoints` of the member requests go to first.
+    current: Arc<AtomicUsize>,
 }
 
 /// One key and its value.
@@ -54,29 +82,90 @@ pub enum WatchEvent {
 pub struct WatchBatch {
     /// Header revision of the response.
     pub revision: i64,
-    /// The changes, in order.
+    /// The changes, in order. Empty for a progress notification, whose `revision` still tells
+    /// the caller how far the store has got.
     pub events: Vec<WatchEvent>,
 }
 
 /// A running watch (one streamed HTTP response).
 pub struct WatchStream {
-    _private: (),
+    /// Chunks of the response body as they arrive.
+    body: BoxStream<'static, reqwest::Result<Vec<u8>>>,
+    /// Bytes received but not yet returned as a batch: may hold a partial line.
+    buf: Vec<u8>,
+    /// The body has ended (what is left in `buf` is the last line, if any).
+    ended: bool,
+    /// Member serving the watch, for errors.
+    endpoint: String,
+    /// Start revision asked for, for [`StoreError::Compacted`].
+    requested: i64,
+}
+
+impl std::fmt::Debug for WatchStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchStream")
+            .field("endpoint", &self.endpoint)
+            .field("requested", &self.requested)
+            .field("buffered", &self.buf.len())
+            .field("ended", &self.ended)
+            .finish()
+    }
 }
 
 impl WatchStream {
     /// The next batch of events. `Ok(None)` when the stream ended (reconnect and resume from
-    /// the last revision + 1); [`StoreError::Compacted`] when the start revision is gone.
+    /// the last revision + 1); [`StoreError::Compacted`] when the start revision is gone;
+    /// [`StoreError::Unreachable`] when the connection broke mid-stream.
     ///
-    /// Cancel-safe: a batch is only consumed from the buffer once it is returned.
+    /// Cancel-safe: a batch is only consumed from the buffer once it is returned, and bytes
+    /// read from the connection go into the buffer before the next await.
     pub async fn next(&mut self) -> Result<Option<WatchBatch>, StoreError> {
-        todo!()
+        loop {
+            // Decoding is synchronous: between taking a line and returning its batch there is
+            // no await, so a dropped `next()` never loses one.
+            while let Some(line) = take_line(&mut self.buf, self.ended) {
+                if let Some(batch) = decode_watch_line(&line, self.requested, &self.endpoint)? {
+                    return Ok(Some(batch));
+                }
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    self.ended = true;
+                    self.buf.clear();
+                    return Err(StoreError::Unreachable {
+                        endpoint: self.endpoint.clone(),
+                        reason: one_line(&e),
+                    });
+                }
+                None => self.ended = true,
+            }
+        }
     }
 }
 
 impl EtcdClient {
     /// A client trying `endpoints` in order.
     pub fn new(endpoints: Vec<Endpoint>) -> Self {
-        todo!("{endpoints:?}")
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .expect("HTTP client");
+        let watch_http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_keepalive(WATCH_TCP_KEEPALIVE)
+            .build()
+            .expect("HTTP client");
+        EtcdClient {
+            http,
+            watch_http,
+            endpoints,
+            current: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// `POST /v3/kv/put`, optionally attached to `lease`. Returns the new revision.
@@ -86,40 +175,596 @@ impl EtcdClient {
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<i64, StoreError> {
-        todo!("{key} {value:?} {lease:?}")
+        let mut body = json!({"key": B64.encode(key), "value": B64.encode(value)});
+        if let Some(id) = lease {
+            body["lease"] = json!(id);
+        }
+        let resp: HeaderOnly = self.post("/v3/kv/put", &body).await?;
+        Ok(resp.header.revision)
     }
 
-    /// `POST /v3/kv/deleterange` of one key.
+    /// `POST /v3/kv/deleterange` of one key. Deleting a missing key is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        todo!("{key}")
+        let body = json!({"key": B64.encode(key)});
+        let _: HeaderOnly = self.post("/v3/kv/deleterange", &body).await?;
+        Ok(())
     }
 
-    /// `POST /v3/kv/range` of every key starting with `prefix`.
+    /// `POST /v3/kv/range` of every key starting with `prefix` (all keys for `""`).
     pub async fn range_prefix(&self, prefix: &str) -> Result<RangeResult, StoreError> {
-        todo!("{prefix}")
+        let (key, end) = prefix_range(prefix.as_bytes());
+        let body = json!({"key": B64.encode(key), "range_end": B64.encode(end)});
+        let resp: WireRange = self.post("/v3/kv/range", &body).await?;
+        resp.into_result()
     }
 
-    /// `POST /v3/lease/grant`: a new lease with this TTL. Returns its ID.
+    /// `POST /v3/lease/grant`: a new lease with this TTL (rounded up to whole seconds, at
+    /// least one). Returns its ID.
     pub async fn lease_grant(&self, ttl: Duration) -> Result<i64, StoreError> {
-        todo!("{ttl:?}")
+        let body = json!({"TTL": ttl_secs(ttl)});
+        let resp: WireLease = self.post("/v3/lease/grant", &body).await?;
+        if resp.id == 0 {
+            return Err(decode_err("etcd lease grant", "no lease ID in the answer"));
+        }
+        Ok(resp.id)
     }
 
     /// `POST /v3/lease/keepalive`: renews the lease; [`StoreError::Expired`] if it is gone.
     pub async fn lease_keepalive(&self, id: i64) -> Result<(), StoreError> {
-        todo!("{id}")
+        // A streaming call on the gateway: `post` reads only the first line of the answer.
+        let resp: WireKeepalive = self.post("/v3/lease/keepalive", &json!({"ID": id})).await?;
+        match resp.result {
+            Some(r) if r.ttl > 0 => Ok(()),
+            // The gateway answers a lease it does not know with the ID and no TTL.
+            _ => Err(StoreError::Expired {
+                what: format!("etcd lease {id}"),
+            }),
+        }
     }
 
     /// `POST /v3/lease/revoke`: drops the lease and every key attached to it.
     pub async fn lease_revoke(&self, id: i64) -> Result<(), StoreError> {
-        todo!("{id}")
+        let _: HeaderOnly = self.post("/v3/lease/revoke", &json!({"ID": id})).await?;
+        Ok(())
     }
 
     /// `POST /v3/watch` on every key starting with `prefix`, from `start_revision` (0: now).
+    ///
+    /// Progress notifications are asked for, so an idle watch still reports the store's
+    /// revision now and then (as batches without events).
     pub async fn watch_prefix(
         &self,
         prefix: &str,
         start_revision: i64,
     ) -> Result<WatchStream, StoreError> {
-        todo!("{prefix} {start_revision}")
+        let (key, end) = prefix_range(prefix.as_bytes());
+        let body = json!({"create_request": {
+            "key": B64.encode(key),
+            "range_end": B64.encode(end),
+            "start_revision": start_revision,
+            "progress_notify": true,
+        }});
+        let (endpoint, resp) = self.send(&self.watch_http, "/v3/watch", &body).await?;
+        Ok(WatchStream {
+            body: resp
+                .bytes_stream()
+                .map(|chunk| chunk.map(|b| b.to_vec()))
+                .boxed(),
+            buf: Vec::new(),
+            ended: false,
+            endpoint,
+            requested: start_revision,
+        })
+    }
+
+    /// A unary call: sends with failover, then decodes the first JSON object of the answer.
+    /// Reading stops at the first newline so streaming endpoints (keepalive) work too.
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, StoreError> {
+        let (endpoint, mut resp) = self.send(&self.http, path, body).await?;
+        let mut buf = Vec::new();
+        while !buf.contains(&b'\n') {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(StoreError::Unreachable {
+                        endpoint,
+                        reason: one_line(&e),
+                    })
+                }
+            }
+        }
+        let first = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+        serde_json::from_slice(first).map_err(|e| decode_err(&format!("etcd {path} answer"), e))
+    }
+
+    /// Sends `POST <path>` to the current member, moving on to the next one on a transport
+    /// error; each member is tried at most once. A non-2xx answer is [`StoreError::Status`]
+    /// (the member is up, so failing over would not help). Returns the member's base URL and
+    /// the response with its body unread.
+    async fn send(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(String, reqwest::Response), StoreError> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return Err(StoreError::Unreachable {
+                endpoint: "etcd".into(),
+                reason: "no endpoints configured".into(),
+            });
+        }
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let base = self.endpoints[idx].base_url();
+            match client.post(format!("{base}{path}")).json(body).send().await {
+                Ok(resp) if resp.status().is_success() => return Ok((base, resp)),
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let text = resp.text().await.unwrap_or_default();
+                    return Err(StoreError::Status {
+                        endpoint: base,
+                        what: format!("POST {path}"),
+                        status,
+                        body: first_line(&text),
+                    });
+                }
+                Err(e) => {
+                    let reason = one_line(&e);
+                    tracing::warn!(endpoint = %base, %reason, "etcd member unreachable, trying the next");
+                    // Only move the shared index if no other task has already moved it.
+                    let _ = self.current.compare_exchange(
+                        idx,
+                        (idx + 1) % n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    last = Some((base, reason));
+                }
+            }
+        }
+        let (endpoint, reason) = last.expect("at least one endpoint tried");
+        Err(StoreError::Unreachable { endpoint, reason })
+    }
+}
+
+/// The `[key, range_end)` pair covering every key that starts with `prefix`: `range_end` is
+/// the prefix with its last byte incremented, dropping trailing `0xff` bytes that cannot be.
+/// `"\0"` as `range_end` means "no upper bound" to etcd: used for an empty prefix (then `key`
+/// is `"\0"` too, i.e. all keys) and for a prefix made only of `0xff` bytes.
+fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    if prefix.is_empty() {
+        return (vec![0], vec![0]);
+    }
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return (prefix.to_vec(), end);
+        }
+    }
+    (prefix.to_vec(), vec![0])
+}
+
+/// A lease TTL in whole seconds, rounded up, at least 1 (etcd's unit; 0 would be invalid).
+fn ttl_secs(ttl: Duration) -> u64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// Removes and returns the first complete line of `buf` (without its `\n`), skipping blank
+/// ones. With `eof`, a final unterminated line counts as complete.
+fn take_line(buf: &mut Vec<u8>, eof: bool) -> Option<Vec<u8>> {
+    loop {
+        let line = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let mut line: Vec<u8> = buf.drain(..=i).collect();
+                line.pop();
+                line
+            }
+            None if eof && !buf.is_empty() => std::mem::take(buf),
+            None => return None,
+        };
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            return Some(line);
+        }
+    }
+}
+
+/// One line of a watch stream: `Ok(None)` for lines that carry nothing for the caller (the
+/// `created` acknowledgement), a batch for events or progress, an error for a cancellation.
+fn decode_watch_line(
+    line: &[u8],
+    requested: i64,
+    endpoint: &str,
+) -> Result<Option<WatchBatch>, StoreError> {
+    let msg: WireWatchLine =
+        serde_json::from_slice(line).map_err(|e| decode_err("etcd watch message", e))?;
+    if let Some(err) = msg.error {
+        return Err(StoreError::Status {
+            endpoint: endpoint.to_string(),
+            what: "POST /v3/watch".into(),
+            status: err.http_code.unwrap_or(500),
+            body: first_line(&err.message),
+        });
+    }
+    let Some(r) = msg.result else {
+        return Err(decode_err("etcd watch message", "neither result nor error"));
+    };
+    if r.canceled {
+        if r.compact_revision > 0 {
+            return Err(StoreError::Compacted {
+                requested,
+                compact_revision: r.compact_revision,
+            });
+        }
+        return Err(StoreError::Status {
+            endpoint: endpoint.to_string(),
+            what: "POST /v3/watch".into(),
+            status: 200,
+            body: format!("watch canceled: {}", first_line(&r.cancel_reason)),
+        });
+    }
+    if r.created && r.events.is_empty() {
+        return Ok(None);
+    }
+    let events = r
+        .events
+        .into_iter()
+        .map(|ev| {
+            let kv = ev.kv.decode()?;
+            Ok(match ev.kind.as_deref() {
+                Some("DELETE") => WatchEvent::Delete {
+                    key: kv.key,
+                    mod_revision: kv.mod_revision,
+                },
+                _ => WatchEvent::Put(kv),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Some(WatchBatch {
+        revision: r.header.revision,
+        events,
+    }))
+}
+
+fn decode_err(what: &str, reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Decode {
+        what: what.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The first line of `text`, trimmed and cut to a readable length.
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default().trim();
+    match line.char_indices().nth(300) {
+        Some((i, _)) => format!("{}...", &line[..i]),
+        None => line.to_string(),
+    }
+}
+
+/// An int64 as the gateway sends it: a JSON string, or a number from other encoders.
+fn int64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        Num(i64),
+        Str(String),
+    }
+    match Int::deserialize(d)? {
+        Int::Num(n) => Ok(n),
+        Int::Str(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WireHeader {
+    #[serde(default, deserialize_with = "int64")]
+    revision: i64,
+}
+
+/// Answers where only the header matters (put, deleterange, revoke).
+#[derive(Debug, Deserialize)]
+struct HeaderOnly {
+    #[serde(default)]
+    header: WireHeader,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WireKv {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    value: String,
+    #[serde(default, deserialize_with = "int64")]
+    mod_revision: i64,
+    #[serde(default, deserialize_with = "int64")]
+    lease: i64,
+}
+
+impl WireKv {
+    fn decode(self) -> Result<KeyValue, StoreError> {
+        let key = B64
+            .decode(&self.key)
+            .map_err(|e| decode_err("etcd key (base64)", e))?;
+        let value = B64
+            .decode(&self.value)
+            .map_err(|e| decode_err("etcd value (base64)", e))?;
+        Ok(KeyValue {
+            key: String::from_utf8_lossy(&key).into_owned(),
+            value,
+            mod_revision: self.mod_revision,
+            lease: self.lease,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WireRange {
+    #[serde(default)]
+    header: WireHeader,
+    #[serde(default)]
+    kvs: Vec<WireKv>,
+}
+
+impl WireRange {
+    fn into_result(self) -> Result<RangeResult, StoreError> {
+        Ok(RangeResult {
+            kvs: self
+                .kvs
+                .into_iter()
+                .map(WireKv::decode)
+                .collect::<Result<_, _>>()?,
+            revision: self.header.revision,
+        })
+    }
+}
+
+/// A lease grant answer, or the `result` of a keepalive one.
+#[derive(Debug, Deserialize)]
+struct WireLease {
+    #[serde(rename = "ID", default, deserialize_with = "int64")]
+    id: i64,
+    #[serde(rename = "TTL", default, deserialize_with = "int64")]
+    ttl: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireKeepalive {
+    #[serde(default)]
+    result: Option<WireLease>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireWatchLine {
+    #[serde(default)]
+    result: Option<WireWatch>,
+    #[serde(default)]
+    error: Option<WireStreamError>,
+}
+
+/// An error grpc-gateway puts into a stream after it has started (the status is already 200).
+#[derive(Debug, Deserialize)]
+struct WireStreamError {
+    #[serde(default)]
+    http_code: Option<u16>,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireWatch {
+    #[serde(default)]
+    header: WireHeader,
+    #[serde(default)]
+    created: bool,
+    #[serde(default)]
+    canceled: bool,
+    #[serde(default, deserialize_with = "int64")]
+    compact_revision: i64,
+    #[serde(default)]
+    cancel_reason: String,
+    #[serde(default)]
+    events: Vec<WireEvent>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireEvent {
+    /// `"DELETE"`, or absent for a put (the zero value of the enum is left out).
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    kv: WireKv,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ranges() {
+        let cases: [(&[u8], &[u8], &[u8]); 6] = [
+            (b"/services/", b"/services/", b"/services0"),
+            (b"a", b"a", b"b"),
+            (b"", b"\0", b"\0"),
+            (b"a\xff", b"a\xff", b"b"),
+            (b"a\xfe\xff\xff", b"a\xfe\xff\xff", b"a\xff"),
+            (b"\xff\xff", b"\xff\xff", b"\0"),
+        ];
+        for (prefix, key, end) in cases {
+            assert_eq!(
+                prefix_range(prefix),
+                (key.to_vec(), end.to_vec()),
+                "{prefix:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ttl_rounding() {
+        let cases = [
+            (Duration::ZERO, 1),
+            (Duration::from_millis(1), 1),
+            (Duration::from_secs(1), 1),
+            (Duration::from_millis(1500), 2),
+            (Duration::from_secs(30), 30),
+        ];
+        for (ttl, want) in cases {
+            assert_eq!(ttl_secs(ttl), want, "{ttl:?}");
+        }
+    }
+
+    #[test]
+    fn decodes_range_with_string_and_number_int64s() {
+        let text = r#"{"header":{"cluster_id":"1","revision":"42","raft_term":"2"},
+            "kvs":[{"key":"L2EvYg==","create_revision":"2","mod_revision":"7","version":"1",
+                    "value":"MQ==","lease":"7587849128391"},
+                   {"key":"L2Ev/w==","mod_revision":9}],"count":"2"}"#;
+        let r: WireRange = serde_json::from_str(text).unwrap();
+        let r = r.into_result().unwrap();
+        assert_eq!(r.revision, 42);
+        assert_eq!(
+            r.kvs,
+            vec![
+                KeyValue {
+                    key: "/a/b".into(),
+                    value: b"1".to_vec(),
+                    mod_revision: 7,
+                    lease: 7587849128391,
+                },
+                KeyValue {
+                    key: "/a/\u{fffd}".into(),
+                    value: vec![],
+                    mod_revision: 9,
+                    lease: 0,
+                },
+            ]
+        );
+        // An empty range leaves `kvs` out altogether.
+        let r: WireRange = serde_json::from_str(r#"{"header":{"revision":"3"}}"#).unwrap();
+        assert_eq!(r.into_result().unwrap().kvs, vec![]);
+        // Bad base64 and bad int64 strings are decode errors, not panics.
+        let r: WireRange = serde_json::from_str(r#"{"kvs":[{"key":"!!"}]}"#).unwrap();
+        assert!(matches!(r.into_result(), Err(StoreError::Decode { .. })));
+        assert!(serde_json::from_str::<WireRange>(r#"{"header":{"revision":"x"}}"#).is_err());
+    }
+
+    #[test]
+    fn decodes_leases() {
+        let g: WireLease =
+            serde_json::from_str(r#"{"header":{},"ID":"4111120247185638149","TTL":"5"}"#).unwrap();
+        assert_eq!((g.id, g.ttl), (4111120247185638149, 5));
+        let alive: WireKeepalive =
+            serde_json::from_str(r#"{"result":{"ID":"7","TTL":"5"}}"#).unwrap();
+        assert_eq!(alive.result.unwrap().ttl, 5);
+        // A revoked lease: the ID comes back, the TTL is left out.
+        let gone: WireKeepalive = serde_json::from_str(r#"{"result":{"ID":"7"}}"#).unwrap();
+        assert_eq!(gone.result.unwrap().ttl, 0);
+    }
+
+    fn watch(line: &str) -> Result<Option<WatchBatch>, StoreError> {
+        decode_watch_line(line.as_bytes(), 5, "http://e:1")
+    }
+
+    #[test]
+    fn decodes_watch_messages() {
+        assert_eq!(
+            watch(r#"{"result":{"header":{"revision":"2"},"created":true}}"#).unwrap(),
+            None
+        );
+        let b = watch(
+            r#"{"result":{"header":{"revision":"7"},"events":[
+                {"kv":{"key":"L2EvYg==","mod_revision":"6","value":"MQ=="}},
+                {"type":"DELETE","kv":{"key":"L2EvYg==","mod_revision":"7"}}]}}"#
+                .replace('\n', "")
+                .as_str(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            b,
+            WatchBatch {
+                revision: 7,
+                events: vec![
+                    WatchEvent::Put(KeyValue {
+                        key: "/a/b".into(),
+                        value: b"1".to_vec(),
+                        mod_revision: 6,
+                        lease: 0
+                    }),
+                    WatchEvent::Delete {
+                        key: "/a/b".into(),
+                        mod_revision: 7
+                    },
+                ]
+            }
+        );
+        // Progress notification: a revision, no events.
+        assert_eq!(
+            watch(r#"{"result":{"header":{"revision":"9"}}}"#).unwrap(),
+            Some(WatchBatch {
+                revision: 9,
+                events: vec![]
+            })
+        );
+        match watch(r#"{"result":{"header":{},"canceled":true,"compact_revision":"4"}}"#) {
+            Err(StoreError::Compacted {
+                requested: 5,
+                compact_revision: 4,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        match watch(r#"{"result":{"canceled":true,"cancel_reason":"gone"}}"#) {
+            Err(StoreError::Status { body, .. }) => assert!(body.contains("gone"), "{body}"),
+            other => panic!("{other:?}"),
+        }
+        match watch(r#"{"error":{"grpc_code":14,"http_code":503,"message":"no leader"}}"#) {
+            Err(StoreError::Status {
+                status: 503, body, ..
+            }) => assert_eq!(body, "no leader"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(watch("{not json"), Err(StoreError::Decode { .. })));
+        assert!(matches!(watch("{}"), Err(StoreError::Decode { .. })));
+    }
+
+    #[test]
+    fn splits_lines_across_chunks() {
+        let stream = b"{\"a\":1}\n\n{\"b\":\n2}\n{\"c\":3}";
+        for chunk_len in 1..stream.len() {
+            let mut buf = Vec::new();
+            let mut lines = Vec::new();
+            for chunk in stream.chunks(chunk_len) {
+                buf.extend_from_slice(chunk);
+                while let Some(l) = take_line(&mut buf, false) {
+                    lines.push(String::from_utf8(l).unwrap());
+                }
+            }
+            while let Some(l) = take_line(&mut buf, true) {
+                lines.push(String::from_utf8(l).unwrap());
+            }
+            assert_eq!(
+                lines,
+                ["{\"a\":1}", "{\"b\":", "2}", "{\"c\":3}"],
+                "chunk length {chunk_len}"
+            );
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn first_line_cuts() {
+        assert_eq!(first_line("  a\nb"), "a");
+        assert_eq!(first_line(""), "");
+        let long = "x".repeat(400);
+        assert_eq!(first_line(&long).len(), 303);
     }
 }

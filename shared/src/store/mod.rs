@@ -246,6 +246,24 @@ impl Store {
     }
 }
 
+/// An error and its causes on one line, so a log line stays a line: reqwest's own message
+/// ("error sending request") says little; the cause (connection refused, timed out) is what an
+/// operator needs. reqwest and hyper often repeat their source in their own message, so
+/// repeats are skipped.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let msg = s.to_string();
+        if !text.contains(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        source = s.source();
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// ID of the TTL check the registrator attaches to a Consul service when run with `-ttl`.
 pub fn ttl_check_id(service_id: &str) -> String {
     format!("service:{service_id}:ttl")

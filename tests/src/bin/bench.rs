@@ -1,0 +1,349 @@
+//! Switchboard benchmark: real Docker engine, real Consul and etcd, the real registrator.
+//!
+//! For each store and each N (default 1, 50, 200) it starts N containers with a published port
+//! and reports, from each container's Docker `start` event to its registration being visible in
+//! the store: median, p99 and max; plus the registrator's peak RSS (VmHWM). A table is printed;
+//! nothing is asserted (speed targets are read from this table, never from timed tests).
+//!
+//! Run: `cargo build --release -p registrator && cargo run --release -p switchboard-tests --bin bench`
+//! Options: `--counts 1,50,200`, `--stores consul,etcd`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use switchboard::store::{EtcdClient, WatchEvent};
+use switchboard::{Endpoint, RegistryUri};
+use switchboard_tests::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Which {
+    Consul,
+    Etcd,
+}
+
+struct Row {
+    store: &'static str,
+    n: usize,
+    median: Duration,
+    p99: Duration,
+    max: Duration,
+    rss_kib: u64,
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+/// Container name -> time (ns since epoch) of its `start` event, filled by `docker events`.
+fn watch_start_events(run: &str) -> (tokio::process::Child, Arc<Mutex<HashMap<String, u128>>>) {
+    let starts = Arc::new(Mutex::new(HashMap::new()));
+    let mut child = tokio::process::Command::new("docker")
+        .args([
+            "events",
+            // Replays from now even if the subscription lands after the first start.
+            "--since",
+            &(now_ns() / 1_000_000_000 - 1).to_string(),
+            "--filter",
+            "type=container",
+            "--filter",
+            "event=start",
+            "--filter",
+            &format!("label=switchboard.bench={run}"),
+            "--format",
+            "{{.Actor.Attributes.name}} {{.TimeNano}}",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("docker events");
+    let out = child.stdout.take().unwrap();
+    let s2 = starts.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(out).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some((name, ns)) = line.split_once(' ') {
+                if let Ok(ns) = ns.parse::<u128>() {
+                    s2.lock().unwrap().insert(name.to_string(), ns);
+                }
+            }
+        }
+    });
+    (child, starts)
+}
+
+/// Service ID -> time (ns since epoch) it was first seen in the store.
+type Seen = Arc<Mutex<HashMap<String, u128>>>;
+
+fn watch_consul(http: String, service: String) -> Seen {
+    let seen: Seen = Arc::default();
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut index = 0u64;
+        loop {
+            let url = format!("{http}/v1/catalog/service/{service}?index={index}&wait=30s");
+            let Ok(resp) = client.get(&url).send().await else {
+                continue;
+            };
+            let t = now_ns();
+            index = resp
+                .headers()
+                .get("X-Consul-Index")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let v: serde_json::Value = resp.json().await.unwrap_or_default();
+            let mut seen = s2.lock().unwrap();
+            for e in v.as_array().cloned().unwrap_or_default() {
+                if let Some(id) = e["ServiceID"].as_str() {
+                    seen.entry(id.to_string()).or_insert(t);
+                }
+            }
+        }
+    });
+    seen
+}
+
+async fn watch_etcd(port: u16, prefix: String) -> Seen {
+    let seen: Seen = Arc::default();
+    let client = EtcdClient::new(vec![Endpoint {
+        host: "127.0.0.1".into(),
+        port,
+        tls: false,
+    }]);
+    let mut stream = client.watch_prefix(&prefix, 0).await.expect("etcd watch");
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(batch)) = stream.next().await {
+            let t = now_ns();
+            let mut seen = s2.lock().unwrap();
+            for ev in batch.events {
+                if let WatchEvent::Put(kv) = ev {
+                    if let Some(id) = kv.key.rsplit('/').next() {
+                        seen.entry(id.to_string()).or_insert(t);
+                    }
+                }
+            }
+        }
+    });
+    seen
+}
+
+async fn docker_cmd(args: Vec<String>) -> String {
+    let out = tokio::process::Command::new("docker")
+        .args(&args)
+        .output()
+        .await
+        .expect("docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+async fn run_one(which: Which, n: usize, host: &str) -> Row {
+    let run = format!("{}-{n}-{}", std::process::id(), now_ns() % 1_000_000);
+    let service = format!("bench{n}");
+    let mut _consul = None;
+    let mut _etcd = None;
+    let (uri, seen) = match which {
+        Which::Consul => {
+            let c = Consul::start().await;
+            let uri = c.uri();
+            let seen = watch_consul(c.http(), service.clone());
+            _consul = Some(c);
+            (uri, seen)
+        }
+        Which::Etcd => {
+            let e = Etcd::start().await;
+            let uri = e.uri("bench");
+            let seen = watch_etcd(e.port, "/bench/".into()).await;
+            _etcd = Some(e);
+            (uri, seen)
+        }
+    };
+    RegistryUri::parse(&uri).expect("uri");
+    let mut reg = Process::spawn(
+        &bin("registrator"),
+        &["-ip", "127.0.0.1", &uri],
+        &[("RUST_LOG", "warn")],
+    );
+    let (_events, starts) = watch_start_events(&run);
+
+    let names: Vec<String> = (0..n).map(|i| format!("sbtest-bench-{run}-{i}")).collect();
+    let mut tasks = Vec::new();
+    for chunk in names.chunks(n.div_ceil(8).max(1)) {
+        let chunk = chunk.to_vec();
+        let run = run.clone();
+        let service = service.clone();
+        tasks.push(tokio::spawn(async move {
+            for name in chunk {
+                docker_cmd(
+                    [
+                        "run",
+                        "-d",
+                        "--name",
+                        &name,
+                        "--label",
+                        TEST_LABEL,
+                        "--label",
+                        &format!("switchboard.bench={run}"),
+                        "-e",
+                        &format!("SERVICE_NAME={service}"),
+                        "-p",
+                        "80",
+                        TEST_IMAGE,
+                        "sleep",
+                        "3600",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                )
+                .await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ids: BTreeMap<String, String> = names
+        .iter()
+        .map(|name| (format!("{host}:{name}:80"), name.clone()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let all = {
+            let seen = seen.lock().unwrap();
+            ids.keys().all(|id| seen.contains_key(id))
+        };
+        if all || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss_kib = peak_rss_kib(reg.pid());
+    let mut lat: Vec<Duration> = {
+        let seen = seen.lock().unwrap();
+        let starts = starts.lock().unwrap();
+        ids.iter()
+            .filter_map(|(id, name)| {
+                let s = starts.get(name)?;
+                let v = seen.get(id)?;
+                Some(Duration::from_nanos(v.saturating_sub(*s) as u64))
+            })
+            .collect()
+    };
+    if lat.len() < n {
+        eprintln!(
+            "warning: {} of {n} registrations not measured on {}",
+            n - lat.len(),
+            if which == Which::Consul {
+                "consul"
+            } else {
+                "etcd"
+            }
+        );
+    }
+    lat.sort();
+    let mut rm = vec!["rm".to_string(), "-f".to_string()];
+    rm.extend(names.iter().cloned());
+    docker_cmd(rm).await;
+    reg.signal(libc::SIGTERM);
+    let _ = reg.wait_exit(Duration::from_secs(60)).await;
+    Row {
+        store: if which == Which::Consul {
+            "consul"
+        } else {
+            "etcd"
+        },
+        n,
+        median: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        max: lat.last().copied().unwrap_or_default(),
+        rss_kib,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let mut counts = vec![1usize, 50, 200];
+    let mut stores = vec![Which::Consul, Which::Etcd];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--counts" => {
+                counts = args
+                    .next()
+                    .expect("--counts N,N")
+                    .split(',')
+                    .map(|s| s.parse().expect("--counts takes numbers"))
+                    .collect()
+            }
+            "--stores" => {
+                stores = args
+                    .next()
+                    .expect("--stores consul,etcd")
+                    .split(',')
+                    .map(|s| match s {
+                        "consul" => Which::Consul,
+                        "etcd" => Which::Etcd,
+                        other => panic!("unknown store {other:?}: expected consul or etcd"),
+                    })
+                    .collect()
+            }
+            other => panic!("unknown argument {other:?}: expected --counts or --stores"),
+        }
+    }
+    ensure_test_image();
+    remove_stale_containers();
+    let host = hostname();
+    let mut rows = Vec::new();
+    for &which in &stores {
+        for &n in &counts {
+            rows.push(run_one(which, n, &host).await);
+        }
+    }
+    println!("\nstart event -> registration visible in the store");
+    println!("| store  | containers | median ms | p99 ms | max ms | registrator peak RSS |");
+    println!("|--------|-----------:|----------:|-------:|-------:|---------------------:|");
+    for r in rows {
+        println!(
+            "| {:<6} | {:>10} | {:>9} | {:>6} | {:>6} | {:>16.1} MiB |",
+            r.store,
+            r.n,
+            ms(r.median),
+            ms(r.p99),
+            ms(r.max),
+            r.rss_kib as f64 / 1024.0
+        );
+    }
+}
