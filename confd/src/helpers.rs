@@ -56,7 +56,11 @@ impl HelperDef for FnHelper {
 
 /// Registers every helper on `hb`.
 pub fn register(hb: &mut Handlebars) {
-    let table: [(&str, HelperFn, bool); 17] = [
+    let table: [(&str, HelperFn, bool); 21] = [
+        ("concat", concat, false),
+        ("required", required, true),
+        ("first_meta", first_meta, false),
+        ("safe_path", safe_path, false),
         ("sort_by", sort_by, false),
         ("filter_tag", filter_tag, false),
         ("group_by", group_by, false),
@@ -184,6 +188,52 @@ fn default(args: &[Arg]) -> Result<Value, String> {
         .flatten()
         .cloned()
         .unwrap_or(Value::Null))
+}
+
+/// `concat A B ...`: the arguments as text, joined without separator.
+fn concat(args: &[Arg]) -> Result<Value, String> {
+    Ok(Value::String(args.iter().flatten().map(|v| text(v)).collect()))
+}
+
+/// `required VALUE MESSAGE`: VALUE, or a render error saying MESSAGE when it is missing, null
+/// or empty. How a template refuses to render a section whose settings are absent.
+fn required(args: &[Arg]) -> Result<Value, String> {
+    match args.first().copied().flatten() {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(v) => return Ok(v.clone()),
+    }
+    let msg = args.get(1).copied().flatten().map(text);
+    Err(msg.unwrap_or_else(|| "a required value is missing".into()))
+}
+
+/// `first_meta INSTANCES KEY`: the first non-empty meta KEY among the instances, or null.
+fn first_meta(args: &[Arg]) -> Result<Value, String> {
+    let key = text(arg(args, 1, "meta key")?);
+    Ok(array(args, 0)?
+        .iter()
+        .filter_map(|i| i.get("meta")?.get(&key)?.as_str())
+        .find(|v| !v.is_empty())
+        .map(|v| Value::String(v.to_string()))
+        .unwrap_or(Value::Null))
+}
+
+/// `safe_path VALUE`: an URL path safe as one config word: starts with `/`, and every byte
+/// outside `[A-Za-z0-9/_.~%?=&-]` is percent-encoded.
+fn safe_path(args: &[Arg]) -> Result<Value, String> {
+    let v = text(arg(args, 0, "path")?);
+    let mut out = String::new();
+    if !v.starts_with('/') {
+        out.push('/');
+    }
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"/_.~%?=&-".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(Value::String(out))
 }
 
 /// `json VALUE`: VALUE as compact JSON.
@@ -366,6 +416,12 @@ mod tests {
             ("{{lookup (find_service services \"nope\" \"backend\") \"name\"}}", "api"),
             ("{{#if (find_service services \"empty\" \"x\")}}y{{else}}n{{/if}}", "n"),
             ("{{nginx_name v}}", "val"),
+            ("{{concat v \":\" num}}", "val:80"),
+            ("{{required v \"m\"}}", "val"),
+            ("{{default (first_meta i \"zone\") \"/\"}}", "z1"),
+            ("{{default (first_meta i \"nope\") \"/\"}}", "/"),
+            ("{{safe_path \"health check#x\"}}", "/health%20check%23x"),
+            ("{{safe_path \"/ok?a=1\"}}", "/ok?a=1"),
             ("{{nginx_string \"a\\\"b\"}}", "\"a\\\"b\""),
         ];
         for (t, want) in cases {
@@ -427,6 +483,14 @@ mod tests {
         );
         let e = render("{{addr c}}", data).unwrap_err();
         assert!(e.contains("not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn required_refuses_with_its_message() {
+        for data in [json!({}), json!({"u": ""}), json!({"u": null})] {
+            let e = render("{{required u \"stats_user must be set\"}}", data).unwrap_err();
+            assert!(e.contains("stats_user must be set"), "{e}");
+        }
     }
 
     #[test]
