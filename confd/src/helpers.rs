@@ -192,7 +192,9 @@ fn default(args: &[Arg]) -> Result<Value, String> {
 
 /// `concat A B ...`: the arguments as text, joined without separator.
 fn concat(args: &[Arg]) -> Result<Value, String> {
-    Ok(Value::String(args.iter().flatten().map(|v| text(v)).collect()))
+    Ok(Value::String(
+        args.iter().flatten().map(|v| text(v)).collect(),
+    ))
 }
 
 /// `required VALUE MESSAGE`: VALUE, or a render error saying MESSAGE when it is missing, null

@@ -39,7 +39,12 @@ pub struct Quiescence {
     first: Option<Instant>,
     last: Option<Instant>,
     now_due: bool,
+    edited: Option<Instant>,
 }
+
+/// A template file being written shows up as several events (truncate, write, close); wait
+/// this long after the last one so a half-written file is never rendered.
+pub const EDIT_SETTLE: Duration = Duration::from_millis(100);
 
 impl Quiescence {
     /// A store change arrived at `t`.
@@ -53,13 +58,24 @@ impl Quiescence {
         self.now_due = true;
     }
 
+    /// The template file changed at `t`: render once it has settled, whatever the window.
+    pub fn edit(&mut self, t: Instant) {
+        self.edited = Some(t + EDIT_SETTLE);
+    }
+
     /// When this template becomes due, if anything is pending.
     pub fn due_at(&self, w: Wait) -> Option<Instant> {
         if self.now_due {
             return Some(Instant::now());
         }
-        let (first, last) = (self.first?, self.last?);
-        Some((last + w.min).min(first + w.max))
+        let window = match (self.first, self.last) {
+            (Some(first), Some(last)) => Some((last + w.min).min(first + w.max)),
+            _ => None,
+        };
+        match (window, self.edited) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Whether it is due at `t`.
@@ -162,7 +178,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
             }
             Some(i) = tpl_rx.recv() => {
                 tracing::info!(template = %cfg.templates[i].src.display(), "template file changed");
-                pending[i].force();
+                pending[i].edit(Instant::now());
             }
             _ = sleep_until(next), if next.is_some() => {}
         }
@@ -352,6 +368,12 @@ mod tests {
         assert_eq!(q.due_at(w), None);
         q.force();
         assert!(q.is_due(w, t0));
+        q.clear();
+        // Template edits settle briefly, each event pushing the render back.
+        q.edit(t0);
+        q.edit(ms(50));
+        assert!(!q.is_due(w, ms(120)));
+        assert!(q.is_due(w, ms(150)));
     }
 
     fn cfg(_dir: &Path, templates: Vec<TemplateConfig>) -> Config {

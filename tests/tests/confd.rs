@@ -200,6 +200,11 @@ impl Proxies {
 
     /// A confd config rendering both shipped templates with checks and reloads.
     fn config(&self, backend: &str) -> PathBuf {
+        self.config_with(backend, &templates_dir().join("nginx.conf.hbs"))
+    }
+
+    /// Like [`Proxies::config`] with another nginx template source.
+    fn config_with(&self, backend: &str, nginx_src: &Path) -> PathBuf {
         let (d, nginx_pid, ha_pid) = (
             self.dir.path().display(),
             self.s("nginx.pid"),
@@ -219,7 +224,7 @@ vars:
   temp_dir: {d}
   default_service: http
 templates:
-  - src: {tpl}/nginx.conf.hbs
+  - src: {nginx_src}
     dest: {nginx_conf}
     check: "nginx -t -q -e {d}/nginx-check.log -c {{{{staged}}}}"
     reload: "test -f {nginx_pid} || exit 0; nginx -e {d}/nginx-ctl.log -c {nginx_conf} -s reload"
@@ -230,6 +235,7 @@ templates:
 "#,
             np = self.nginx_port,
             tpl = templates_dir().display(),
+            nginx_src = nginx_src.display(),
         );
         // The HAProxy template reads the stats settings too.
         let cfg = cfg.replace(
@@ -328,6 +334,55 @@ async fn consul_nginx_and_haproxy_route_to_exactly_the_live_set() {
     assert!(out.contains("reloaded"), "{out}");
     assert!(!out.contains("ERROR"), "{out}");
     assert!(read(&px.p("haproxy.cfg")).contains("server b3 127.0.0.1:"));
+}
+
+/// A template edit that nginx refuses: the check fails, the error names the template with
+/// nginx's complaint, nginx.conf stays as it was and nginx keeps serving; fixing the template
+/// on disk applies at once.
+#[tokio::test]
+async fn failed_nginx_check_keeps_config_and_proxy_serving() {
+    let etcd = Etcd::start().await;
+    let uri = etcd.uri("services");
+    let b1 = Backend::start("n1").await;
+    store(&uri).register(&b1.service("http")).await.unwrap();
+    let px = Proxies::new();
+    let src = px.p("nginx.conf.hbs");
+    let shipped = read(&templates_dir().join("nginx.conf.hbs"));
+    write(&src, &shipped);
+    let cfg = px.config_with(&uri, &src);
+    let p = confd(&["--config", cfg.to_str().unwrap()]);
+    wait_file(&p, "nginx.conf rendered", &px.p("nginx.conf"), |t| {
+        t.contains("svc_http")
+    })
+    .await;
+    let _nginx = px.start_nginx();
+    wait_routes("nginx serving", px.nginx_port, None, &["n1"]).await;
+    let good = read(&px.p("nginx.conf"));
+
+    write(
+        &src,
+        &shipped.replace(
+            "worker_processes 1;",
+            "worker_processes 1;\nbogus_directive on;",
+        ),
+    );
+    p.wait_output("check failed", WAIT).await;
+    let out = p.output();
+    let line = out.lines().find(|l| l.contains("check failed")).unwrap();
+    assert!(line.contains("nginx.conf.hbs"), "{line}");
+    assert!(line.contains("bogus_directive"), "{line}");
+    assert_eq!(read(&px.p("nginx.conf")), good);
+    wait_routes("nginx still serving", px.nginx_port, None, &["n1"]).await;
+
+    write(
+        &src,
+        &shipped.replace("worker_processes 1;", "worker_processes 2;"),
+    );
+    wait_file(&p, "fixed template applied", &px.p("nginx.conf"), |t| {
+        t.contains("worker_processes 2;")
+    })
+    .await;
+    wait_routes("nginx serving after the fix", px.nginx_port, None, &["n1"]).await;
 }
 
 /// HAProxy from etcd: routing follows the instances; Host routing for the vhost; the stats
@@ -604,6 +659,12 @@ async fn burst_of_registrations_coalesces() {
         r.unwrap();
     }
     wait_file(&p, "all 51 rendered", &dest, |t| t.lines().count() == 51).await;
+    // The reload runs just after the rename: wait for the one following the last render.
+    // Nothing changes after all 51 are in, so no later render can add to the count.
+    wait_file(&p, "reload after the burst", &renders, |t| {
+        t.lines().count() >= 2
+    })
+    .await;
     let n = read(&renders).lines().count() - 1;
     assert!(
         (1..=4).contains(&n),
