@@ -873,3 +873,143 @@ async fn consul_long_polls_stay_bounded() {
         .unwrap();
     assert!(max <= 8, "{max} long polls open:\n{out}");
 }
+
+/// A reload that fails after the swap puts the previous file back and reloads again; the
+/// daemon keeps running and applies the next good change.
+#[tokio::test]
+async fn failed_reload_restores_the_previous_file() {
+    let etcd = Etcd::start().await;
+    let uri = etcd.uri("services");
+    let st = store(&uri);
+    st.register(&service("good1", "web", "127.0.0.1", 1))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = dir.path().join("t.hbs");
+    write(&tpl, "{{#each service.web}}{{id}}\n{{/each}}");
+    let dest = dir.path().join("out.txt");
+    let log = dir.path().join("reloads.log");
+    // The "proxy" refuses any config naming `bad`, after the file was swapped in.
+    let reload = format!(
+        "if grep -q bad {d}; then echo refused >> {l}; echo cannot load bad >&2; exit 1; fi; echo ok >> {l}",
+        d = dest.display(),
+        l = log.display()
+    );
+    let p = confd(&[
+        "--backend",
+        &uri,
+        "--wait",
+        "50ms:200ms",
+        "--template",
+        &format!("{}:{}:{reload}", tpl.display(), dest.display()),
+    ]);
+    wait_file(&p, "first render and reload", &log, |t| t == "ok\n").await;
+    let bad = service("bad", "web", "127.0.0.1", 2);
+    st.register(&bad).await.unwrap();
+    // Refused, restored, reloaded again with the previous file.
+    wait_file(&p, "rollback reload", &log, |t| t == "ok\nrefused\nok\n").await;
+    assert_eq!(read(&dest), "good1\n");
+    let out = p.output();
+    let line = out.lines().find(|l| l.contains("reload failed")).unwrap();
+    assert!(
+        line.contains("t.hbs") && line.contains("cannot load bad"),
+        "{line}"
+    );
+    st.deregister(&bad).await.unwrap();
+    st.register(&service("good2", "web", "127.0.0.1", 3))
+        .await
+        .unwrap();
+    wait_file(&p, "next good change", &dest, |t| t == "good1\ngood2\n").await;
+}
+
+/// Consul: by default only instances whose checks pass are rendered; `include_unhealthy`
+/// renders the others too, with their health. Consul KV (`consulkv://`) renders as well.
+#[tokio::test]
+async fn consul_health_filter_and_consulkv() {
+    let consul = Consul::start().await;
+    let st = store(&consul.uri());
+    st.register(&service("up", "web", "127.0.0.1", 1))
+        .await
+        .unwrap();
+    let mut down = service("down", "web", "127.0.0.1", 2);
+    down.check = Some(switchboard::Check {
+        kind: switchboard::CheckKind::Ttl(Duration::from_secs(60)),
+        interval: None,
+        timeout: None,
+        initial_status: Some("critical".into()),
+        deregister_after: None,
+    });
+    st.register(&down).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = dir.path().join("t.hbs");
+    write(
+        &tpl,
+        "{{#each service.web}}{{id}}:{{health}}:{{node}}\n{{/each}}",
+    );
+    let dest = dir.path().join("out.txt");
+    let spec = format!("{}:{}", tpl.display(), dest.display());
+    let (ok, out) = confd_once(&["--backend", &consul.uri(), "--template", &spec, "--once"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(read(&dest), "up:passing:sbtest\n");
+
+    let cfg = dir.path().join("c.yaml");
+    write(
+        &cfg,
+        &format!(
+            "backend: {}\ninclude_unhealthy: true\ntemplates:\n  - src: {}\n    dest: {}\n",
+            consul.uri(),
+            tpl.display(),
+            dest.display()
+        ),
+    );
+    let (ok, out) = confd_once(&["--config", cfg.to_str().unwrap(), "--once"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(read(&dest), "down:critical:sbtest\nup:passing:sbtest\n");
+
+    let kv_uri = format!("consulkv://127.0.0.1:{}/svc", consul.port);
+    store(&kv_uri)
+        .register(&service("k1", "web", "10.0.0.9", 8080))
+        .await
+        .unwrap();
+    write(&tpl, "{{#each service.web}}{{id}}={{addr this}}\n{{/each}}");
+    let (ok, out) = confd_once(&["--backend", &kv_uri, "--template", &spec, "--once"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(read(&dest), "k1=10.0.0.9:8080\n");
+}
+
+/// While the store is down nothing is rendered: the last good file stays.
+#[tokio::test]
+async fn outage_keeps_the_last_good_file() {
+    let mut etcd = Etcd::start().await;
+    let uri = etcd.uri("services");
+    let st = store(&uri);
+    st.register(&service("a", "web", "127.0.0.1", 1))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = dir.path().join("t.hbs");
+    write(&tpl, "{{#each service.web}}{{id}}\n{{/each}}");
+    let dest = dir.path().join("out.txt");
+    let p = confd(&[
+        "--backend",
+        &uri,
+        "--wait",
+        "50ms:200ms",
+        "--template",
+        &format!("{}:{}", tpl.display(), dest.display()),
+    ]);
+    wait_file(&p, "first render", &dest, |t| t == "a\n").await;
+    etcd.stop();
+    p.wait_output("etcd watch", WAIT).await;
+    // A template edit during the outage renders from the last good snapshot, not from nothing.
+    write(&tpl, "{{#each service.web}}[{{id}}]\n{{/each}}");
+    wait_file(&p, "edit applied during the outage", &dest, |t| {
+        t == "[a]\n"
+    })
+    .await;
+    etcd.restart().await;
+    st.register(&service("b", "web", "127.0.0.1", 2))
+        .await
+        .unwrap();
+    wait_file(&p, "change after the outage", &dest, |t| t == "[a]\n[b]\n").await;
+}
