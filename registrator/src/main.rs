@@ -1,1 +1,73 @@
-fn main() {}
+//! The `registrator` binary: arguments, logging and signals; the work is `registrator::run`.
+
+use std::io::IsTerminal;
+use switchboard::Shutdown;
+use tokio::signal::unix::{signal, SignalKind};
+
+fn main() {
+    let hostname = match registrator::hostname() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("registrator: cannot read this host's name: {e}");
+            std::process::exit(1);
+        }
+    };
+    let config = match registrator::parse(std::env::args(), &hostname) {
+        Ok(c) => c,
+        Err(exit) => {
+            if exit.code == 0 {
+                println!("{}", exit.message.trim_end());
+            } else {
+                eprintln!("registrator: {}", exit.message);
+            }
+            std::process::exit(exit.code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("registrator: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = Shutdown::new();
+        install_signal_handlers(shutdown.clone())?;
+        registrator::run(config, shutdown).await
+    });
+    if let Err(e) = result {
+        eprintln!("registrator: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown (deregister, exit 0); a second one exits at
+/// once, for when the store does not answer and the drain is not worth waiting for.
+fn install_signal_handlers(shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if n == 0 {
+                tracing::info!("signal received; deregistering and exiting");
+                shutdown.cancel();
+            } else {
+                tracing::warn!("second signal; exiting without waiting");
+                std::process::exit(1);
+            }
+        }
+    });
+    Ok(())
+}

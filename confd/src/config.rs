@@ -1,0 +1,643 @@
+//! confd's configuration: the YAML file, merged with command-line flags and environment.
+//!
+//! Everything that can be wrong with a value is checked while deserialising, so serde_yaml
+//! attaches the line and column and a bad file is refused with `file:line:column: what was
+//! expected` on one line. Unknown keys are refused too (`deny_unknown_fields`): a misspelt
+//! option silently ignored would be worse than a refusal at start.
+
+use crate::command::CommandSpec;
+use crate::duration;
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use switchboard::RegistryUri;
+
+/// Quiescence window: render once changes have stopped for `min`, but never later than `max`
+/// after the first change of a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// Quiet time required after the last change.
+    pub min: Duration,
+    /// Upper bound on the delay after the first change.
+    pub max: Duration,
+}
+
+impl Default for Wait {
+    fn default() -> Self {
+        Wait {
+            min: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Written by hand so `max < min` is reported at the later of the two keys (a check after
+/// the whole mapping was read would carry no location).
+impl<'de> Deserialize<'de> for Wait {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Wait, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Wait;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping like { min: 500ms, max: 5s }")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Wait, A::Error> {
+                use serde::de::Error;
+                #[derive(Deserialize)]
+                struct Text(#[serde(with = "duration::serde_text")] Duration);
+                let (mut min, mut max) = (None, None);
+                while let Some(k) = m.next_key::<String>()? {
+                    let v = match k.as_str() {
+                        "min" | "max" => m.next_value::<Text>()?.0,
+                        other => {
+                            return Err(A::Error::unknown_field(other, &["min", "max"]));
+                        }
+                    };
+                    if k == "min" {
+                        min = Some(v)
+                    } else {
+                        max = Some(v)
+                    }
+                    if let (Some(a), Some(b)) = (min, max) {
+                        if b < a {
+                            return Err(A::Error::custom(format!(
+                                "wait max ({b:?}) is shorter than min ({a:?}): expected max >= min"
+                            )));
+                        }
+                    }
+                }
+                let min = min.ok_or_else(|| A::Error::missing_field("min"))?;
+                Wait::new(min, max).map_err(A::Error::custom)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl Wait {
+    /// `min` and an optional `max` (default: 4 × `min`, as consul-template does).
+    pub fn new(min: Duration, max: Option<Duration>) -> Result<Wait, String> {
+        let max = max.unwrap_or(min * 4);
+        if max < min {
+            return Err(format!(
+                "wait max ({max:?}) is shorter than min ({min:?}): expected max >= min"
+            ));
+        }
+        Ok(Wait { min, max })
+    }
+
+    /// Parses `MIN:MAX` or `MIN` as `--wait` takes it.
+    pub fn parse_flag(s: &str) -> Result<Wait, String> {
+        match s.split_once(':') {
+            Some((a, b)) => Wait::new(duration::parse(a)?, Some(duration::parse(b)?)),
+            None => Wait::new(duration::parse(s)?, None),
+        }
+    }
+}
+
+/// File permission bits for a destination, written `"0644"` (or `644`, read as octal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode(pub u32);
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Num(u64),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Text(s) => s,
+            // YAML reads `0644` or `644` as a decimal number; its digits are what was meant.
+            Raw::Num(n) => n.to_string(),
+        };
+        let digits = text.trim_start_matches("0o");
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if m <= 0o7777 && !digits.is_empty() => Ok(Mode(m)),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid mode {text:?}: expected octal permission bits like \"0644\""
+            ))),
+        }
+    }
+}
+
+/// A backend URI, parsed while deserialising so a bad one is reported with its location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Backend(RegistryUri);
+
+impl<'de> Deserialize<'de> for Backend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Backend, D::Error> {
+        let s = String::deserialize(d)?;
+        RegistryUri::parse(&s)
+            .map(Backend)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// One template: where it comes from, where it goes, and how to validate and apply it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// Handlebars source file (relative paths are relative to the working directory).
+    pub src: PathBuf,
+    /// Destination file, replaced atomically.
+    pub dest: PathBuf,
+    /// Run on the staged file before it replaces `dest`; non-zero exit refuses the change.
+    #[serde(default)]
+    pub check: Option<CommandSpec>,
+    /// Run after `dest` was replaced; templates sharing one run it once per pass.
+    #[serde(default)]
+    pub reload: Option<CommandSpec>,
+    /// Permission bits for `dest`; by default those of the file being replaced (or 0644).
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// Quiescence window for this template (default: the top-level `wait`).
+    #[serde(default)]
+    pub wait: Option<Wait>,
+    /// Outage guard: do not render while the snapshot holds fewer instances in total.
+    #[serde(default)]
+    pub min_instances: usize,
+    /// Time limit for the check and reload commands.
+    #[serde(default = "default_command_timeout", with = "duration::serde_text")]
+    pub command_timeout: Duration,
+}
+
+impl TemplateConfig {
+    /// A template from `--template SRC:DEST[:COMMAND]`; COMMAND (which may contain `:`) is the
+    /// reload command, run through `sh -c`.
+    pub fn parse_flag(s: &str) -> Result<TemplateConfig, String> {
+        let mut parts = s.splitn(3, ':');
+        let src = parts.next().unwrap_or_default();
+        let dest = parts.next().unwrap_or_default();
+        if src.is_empty() || dest.is_empty() {
+            return Err(format!(
+                "invalid --template {s:?}: expected SRC:DEST[:COMMAND]"
+            ));
+        }
+        let reload = parts
+            .next()
+            .filter(|c| !c.trim().is_empty())
+            .map(|c| CommandSpec::Shell(c.to_string()));
+        Ok(TemplateConfig {
+            src: src.into(),
+            dest: dest.into(),
+            check: None,
+            reload,
+            mode: None,
+            wait: None,
+            min_instances: 0,
+            command_timeout: default_command_timeout(),
+        })
+    }
+}
+
+fn default_poll_wait() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_long_polls() -> usize {
+    64
+}
+fn default_once_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_ignore_services() -> Vec<String> {
+    vec!["consul".to_string()]
+}
+
+/// The config file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    backend: Option<Backend>,
+    #[serde(default)]
+    wait: Option<Wait>,
+    #[serde(default)]
+    include_unhealthy: bool,
+    #[serde(default)]
+    kv_prefixes: Vec<String>,
+    #[serde(default)]
+    vars: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    templates: Vec<TemplateConfig>,
+    #[serde(default = "default_poll_wait", with = "duration::serde_text")]
+    poll_wait: Duration,
+    #[serde(default = "default_max_long_polls")]
+    max_long_polls: usize,
+    #[serde(default = "default_ignore_services")]
+    ignore_services: Vec<String>,
+    #[serde(default = "default_once_timeout", with = "duration::serde_text")]
+    once_timeout: Duration,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("empty config")
+    }
+}
+
+/// A config file that cannot be used: one line, `file:line:column: what was expected`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The file is not valid YAML or not a valid config.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+    /// The merged configuration is incomplete (e.g. no backend anywhere).
+    #[error("{0}")]
+    Incomplete(String),
+}
+
+/// Command-line and environment inputs merged over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--backend`.
+    pub backend: Option<String>,
+    /// `--template`, appended to the file's templates.
+    pub templates: Vec<String>,
+    /// `--wait`.
+    pub wait: Option<String>,
+    /// `--var KEY=VALUE`, over the file's vars.
+    pub vars: Vec<String>,
+    /// `CONSUL_HTTP_ADDR`.
+    pub consul_http_addr: Option<String>,
+    /// `ETCDCTL_ENDPOINTS`.
+    pub etcdctl_endpoints: Option<String>,
+}
+
+/// The complete, validated configuration a run uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where services are read from.
+    pub backend: RegistryUri,
+    /// Default quiescence window.
+    pub wait: Wait,
+    /// Also render instances whose checks do not pass (Consul).
+    pub include_unhealthy: bool,
+    /// KV prefixes exposed to templates as `kv`.
+    pub kv_prefixes: Vec<String>,
+    /// Template variables (`vars`).
+    pub vars: BTreeMap<String, serde_json::Value>,
+    /// The templates, each with its own wait resolved.
+    pub templates: Vec<TemplateConfig>,
+    /// Longest wait of one Consul blocking query.
+    pub poll_wait: Duration,
+    /// Most long polls open at once against Consul (see the Consul source).
+    pub max_long_polls: usize,
+    /// Services never shown to templates (default: Consul's own `consul`).
+    pub ignore_services: Vec<String>,
+    /// `--once`: how long to wait for the first healthy snapshot.
+    pub once_timeout: Duration,
+}
+
+impl Config {
+    /// Reads the file (if any) and merges flags and environment over it.
+    pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
+        let file = match &o.config {
+            Some(p) => parse_file(p)?,
+            None => FileConfig::default(),
+        };
+        merge(file, o)
+    }
+}
+
+fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    parse_text(&text, &path.display().to_string())
+}
+
+fn parse_text(text: &str, path: &str) -> Result<FileConfig, ConfigError> {
+    // An empty file is an empty mapping, not an error.
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml::from_str(text).map_err(|e| {
+        let message = strip_location(&e.to_string()).replace('\n', " ");
+        let (index, line, column) = e
+            .location()
+            .map(|l| (l.index(), l.line(), l.column()))
+            .unwrap_or((0, 1, 1));
+        let (line, column) = refine_location(text, index, &message).unwrap_or((line, column));
+        ConfigError::Invalid {
+            path: path.to_string(),
+            line,
+            column,
+            message,
+        }
+    })
+}
+
+/// serde_yaml places errors raised by our own validation (bad URI, duration, mode) at the
+/// start of the enclosing mapping. Those messages quote the offending value, so point at the
+/// first occurrence of that value after the reported position instead.
+fn refine_location(text: &str, from: usize, message: &str) -> Option<(usize, usize)> {
+    let start = message.find('"')? + 1;
+    let len = message[start..].find('"')?;
+    let value = &message[start..start + len];
+    if value.is_empty() || value.contains('\\') {
+        return None;
+    }
+    let at = from.min(text.len());
+    let pos = at + text.get(at..)?.find(value)?;
+    let line = text[..pos].matches('\n').count() + 1;
+    let line_start = text[..pos].rfind('\n').map_or(0, |i| i + 1);
+    Some((line, text[line_start..pos].chars().count() + 1))
+}
+
+/// serde_yaml (and libyaml, mid-message) writes ` at line N column M`; the location is
+/// already in front, so every such mark is removed.
+fn strip_location(msg: &str) -> String {
+    let mut out = msg.to_string();
+    let mut from = 0;
+    while let Some(i) = out[from..].find(" at line ").map(|i| i + from) {
+        let tail = &out[i + " at line ".len()..];
+        let digits = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let n1 = digits(tail);
+        let rest = &tail[n1..];
+        match rest.strip_prefix(" column ") {
+            Some(r) if n1 > 0 && digits(r) > 0 => {
+                let end = i + " at line ".len() + n1 + " column ".len() + digits(r);
+                out.replace_range(i..end, "");
+                from = i;
+            }
+            _ => from = i + 1,
+        }
+    }
+    out
+}
+
+fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
+    let incomplete = ConfigError::Incomplete;
+    let backend = match &o.backend {
+        Some(b) => RegistryUri::parse(b).map_err(|e| incomplete(e.to_string()))?,
+        None => match file.backend {
+            Some(Backend(b)) => b,
+            None => backend_from_env(o).map_err(incomplete)?,
+        },
+    };
+    let wait = match &o.wait {
+        Some(w) => Wait::parse_flag(w).map_err(|e| incomplete(format!("--wait: {e}")))?,
+        None => file.wait.unwrap_or_default(),
+    };
+    let mut templates = file.templates;
+    for t in &o.templates {
+        templates.push(TemplateConfig::parse_flag(t).map_err(incomplete)?);
+    }
+    if templates.is_empty() {
+        return Err(incomplete(
+            "no templates: expected `templates:` in the config file or --template SRC:DEST[:COMMAND]"
+                .into(),
+        ));
+    }
+    for t in &mut templates {
+        t.wait.get_or_insert(wait);
+    }
+    let mut vars = file.vars;
+    for v in &o.vars {
+        let (k, val) = v
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| incomplete(format!("invalid --var {v:?}: expected KEY=VALUE")))?;
+        vars.insert(k.to_string(), serde_json::Value::String(val.to_string()));
+    }
+    Ok(Config {
+        backend,
+        wait,
+        include_unhealthy: file.include_unhealthy,
+        kv_prefixes: file.kv_prefixes,
+        vars,
+        templates,
+        poll_wait: file.poll_wait,
+        max_long_polls: file.max_long_polls.max(2),
+        ignore_services: file.ignore_services,
+        once_timeout: file.once_timeout,
+    })
+}
+
+/// No backend given: `CONSUL_HTTP_ADDR` (Consul agent services), then `ETCDCTL_ENDPOINTS`.
+fn backend_from_env(o: &Overrides) -> Result<RegistryUri, String> {
+    let strip = |s: &str| {
+        s.trim()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string()
+    };
+    if let Some(addr) = o.consul_http_addr.as_deref().filter(|s| !s.is_empty()) {
+        let uri = format!("consul://{}", strip(addr));
+        return RegistryUri::parse(&uri).map_err(|e| format!("CONSUL_HTTP_ADDR: {e}"));
+    }
+    if let Some(eps) = o.etcdctl_endpoints.as_deref().filter(|s| !s.is_empty()) {
+        let hosts: Vec<String> = eps.split(',').map(strip).collect();
+        let uri = format!("etcd://{}", hosts.join(","));
+        return RegistryUri::parse(&uri).map_err(|e| format!("ETCDCTL_ENDPOINTS: {e}"));
+    }
+    Err("no backend: expected `backend:` in the config file, --backend URI, CONSUL_HTTP_ADDR or ETCDCTL_ENDPOINTS".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overrides() -> Overrides {
+        Overrides {
+            backend: Some("consul://127.0.0.1:8500".into()),
+            ..Default::default()
+        }
+    }
+
+    const FULL: &str = r#"
+backend: consul://127.0.0.1:8500
+wait: { min: 500ms, max: 5s }
+include_unhealthy: true
+kv_prefixes: [ "config/" ]
+vars: { stats_user: admin, listen: 8080 }
+templates:
+  - src: templates/nginx.conf.hbs
+    dest: /etc/nginx/nginx.conf
+    check: "nginx -t -c {{staged}}"
+    reload: ["nginx", "-s", "reload"]
+    mode: "0640"
+    wait: { min: 200ms, max: 2s }
+    min_instances: 1
+    command_timeout: 10s
+  - src: a.hbs
+    dest: b
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let f = parse_text(FULL, "c.yaml").unwrap();
+        let c = merge(
+            f,
+            &Overrides {
+                vars: vec!["extra=1".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(matches!(c.backend, RegistryUri::Consul { .. }));
+        assert_eq!(c.wait.max, Duration::from_secs(5));
+        assert!(c.include_unhealthy);
+        assert_eq!(c.vars["listen"], serde_json::json!(8080));
+        assert_eq!(c.vars["extra"], serde_json::json!("1"));
+        let t = &c.templates[0];
+        assert_eq!(
+            t.check,
+            Some(CommandSpec::Shell("nginx -t -c {{staged}}".into()))
+        );
+        assert_eq!(
+            t.reload,
+            Some(CommandSpec::Argv(vec![
+                "nginx".into(),
+                "-s".into(),
+                "reload".into()
+            ]))
+        );
+        assert_eq!(t.mode, Some(Mode(0o640)));
+        assert_eq!(t.wait.unwrap().min, Duration::from_millis(200));
+        assert_eq!(t.command_timeout, Duration::from_secs(10));
+        // The second template inherits the default wait.
+        assert_eq!(c.templates[1].wait, Some(c.wait));
+        assert_eq!(c.ignore_services, vec!["consul".to_string()]);
+    }
+
+    #[test]
+    fn bad_files_name_line_column_and_expectation() {
+        let cases = [
+            (
+                "templates:\n  - src: a\n    dset: b\n",
+                3,
+                5,
+                "unknown field `dset`",
+            ),
+            ("wait: { min: 5 seconds }\n", 1, 14, "expected e.g. 500ms"),
+            ("wait: { min: 5s, max: 1s }\n", 1, 7, "expected max >= min"),
+            ("backend: zk://h:1\n", 1, 10, "unknown scheme"),
+            (
+                "templates:\n  - src: a\n    dest: b\n    mode: \"9z\"\n",
+                4,
+                12,
+                "expected octal",
+            ),
+            ("templates: [\n", 2, 1, ""),
+            ("vars: 3\n", 1, 7, "expected a map"),
+        ];
+        for (text, line, col, want) in cases {
+            let e = parse_text(text, "c.yaml").unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("c.yaml:{line}:{col}: ")),
+                "{text:?}: {e}"
+            );
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+            assert!(!e.contains(" at line "), "{e}");
+        }
+    }
+
+    #[test]
+    fn flags_merge_over_the_file() {
+        let f = parse_text(FULL, "c.yaml").unwrap();
+        let o = Overrides {
+            backend: Some("etcd://h1:2379,h2:2379/services".into()),
+            templates: vec!["x.hbs:/tmp/x.conf:nginx -s reload; echo a:b".into()],
+            wait: Some("1s:3s".into()),
+            ..Default::default()
+        };
+        let c = merge(f, &o).unwrap();
+        assert!(matches!(c.backend, RegistryUri::Etcd { .. }));
+        assert_eq!(
+            c.wait,
+            Wait::new(Duration::from_secs(1), Some(Duration::from_secs(3))).unwrap()
+        );
+        let t = c.templates.last().unwrap();
+        assert_eq!(t.dest, PathBuf::from("/tmp/x.conf"));
+        assert_eq!(
+            t.reload,
+            Some(CommandSpec::Shell("nginx -s reload; echo a:b".into()))
+        );
+        assert_eq!(t.wait, Some(c.wait));
+    }
+
+    #[test]
+    fn backend_falls_back_to_environment() {
+        let base = Overrides {
+            templates: vec!["a:b".into()],
+            ..Default::default()
+        };
+        let cases = [
+            (Some("http://10.0.0.1:8501"), None, "consul", "10.0.0.1"),
+            (
+                Some("consul:8500"),
+                Some("http://e:2379"),
+                "consul",
+                "consul",
+            ),
+            (None, Some("http://e1:2379,http://e2:2380"), "etcd", "e1"),
+        ];
+        for (consul, etcd, kind, host) in cases {
+            let o = Overrides {
+                consul_http_addr: consul.map(String::from),
+                etcdctl_endpoints: etcd.map(String::from),
+                ..base.clone()
+            };
+            let c = merge(FileConfig::default(), &o).unwrap();
+            let got = match &c.backend {
+                RegistryUri::Consul { .. } => "consul",
+                RegistryUri::Etcd { endpoints, .. } => {
+                    assert_eq!(endpoints.len(), 2);
+                    "etcd"
+                }
+                RegistryUri::ConsulKv { .. } => "consulkv",
+            };
+            assert_eq!(got, kind);
+            assert_eq!(c.backend.primary().host, host);
+        }
+        let e = merge(FileConfig::default(), &base).unwrap_err().to_string();
+        assert!(e.contains("no backend"), "{e}");
+    }
+
+    #[test]
+    fn flag_errors() {
+        assert!(Wait::parse_flag("2s").unwrap().max == Duration::from_secs(8));
+        assert!(Wait::parse_flag("5s:1s").is_err());
+        assert!(TemplateConfig::parse_flag("onlysrc").is_err());
+        let o = Overrides {
+            vars: vec!["novalue".into()],
+            templates: vec!["a:b".into()],
+            ..overrides()
+        };
+        assert!(merge(FileConfig::default(), &o).is_err());
+        let o = Overrides { ..overrides() };
+        assert!(merge(FileConfig::default(), &o)
+            .unwrap_err()
+            .to_string()
+            .contains("no templates"));
+    }
+}

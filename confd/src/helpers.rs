@@ -1,0 +1,505 @@
+//! Template helpers: data shaping (`sort_by`, `filter_tag`, `group_by`, `join`, `default`,
+//! `json`, `eq`, `find_service`, `vhost`, `addr`) and the config-safe output helpers.
+//!
+//! Registry values come from container labels, i.e. from whoever can start a container, so
+//! the output helpers make injection impossible rather than "escaped well enough":
+//! `nginx_name`/`haproxy_name` map any value onto `[A-Za-z0-9_.-]` (with a hash suffix when
+//! something had to change, so two different hostile names never collide), and
+//! `nginx_string`/`haproxy_string` emit one double-quoted word with quotes and backslashes
+//! escaped and `$` (variable expansion) and control characters removed.
+
+use handlebars::{
+    Context, Handlebars, Helper, HelperDef, RenderContext, RenderError, RenderErrorReason,
+    ScopedJson,
+};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+/// A helper argument: `None` when the template referred to a key that does not exist.
+type Arg<'a> = Option<&'a Value>;
+
+/// A helper's body: its arguments in, a value or a reason out.
+type HelperFn = fn(&[Arg]) -> Result<Value, String>;
+
+/// A value-returning helper written as a plain function of its arguments.
+struct FnHelper {
+    f: HelperFn,
+    /// Whether a missing argument is legitimate input (`default`) rather than an error.
+    allow_missing: bool,
+}
+
+impl HelperDef for FnHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        let mut args = Vec::new();
+        for p in h.params() {
+            if p.is_value_missing() {
+                if !self.allow_missing {
+                    let what = p.relative_path().cloned().unwrap_or_else(|| "?".into());
+                    return Err(RenderErrorReason::MissingVariable(Some(what)).into());
+                }
+                args.push(None);
+            } else {
+                args.push(Some(p.value()));
+            }
+        }
+        (self.f)(&args)
+            .map(ScopedJson::Derived)
+            .map_err(|e| RenderErrorReason::Other(format!("helper {}: {e}", h.name())).into())
+    }
+}
+
+/// Registers every helper on `hb`.
+pub fn register(hb: &mut Handlebars) {
+    let table: [(&str, HelperFn, bool); 21] = [
+        ("concat", concat, false),
+        ("required", required, true),
+        ("first_meta", first_meta, false),
+        ("safe_path", safe_path, false),
+        ("sort_by", sort_by, false),
+        ("filter_tag", filter_tag, false),
+        ("group_by", group_by, false),
+        ("join", join, false),
+        ("default", default, true),
+        ("json", to_json, false),
+        ("eq", eq, false),
+        ("find_service", find_service, true),
+        ("vhost", vhost, false),
+        ("addr", addr, false),
+        ("nginx_name", name, false),
+        ("haproxy_name", name, false),
+        ("nginx_string", nginx_string, false),
+        ("nginx_escape", nginx_string, false),
+        ("haproxy_string", haproxy_string, false),
+        ("haproxy_escape", haproxy_string, false),
+        ("safe_name", name, false),
+    ];
+    for (n, f, allow_missing) in table {
+        hb.register_helper(n, Box::new(FnHelper { f, allow_missing }));
+    }
+}
+
+fn arg<'a>(args: &[Arg<'a>], i: usize, what: &str) -> Result<&'a Value, String> {
+    args.get(i)
+        .copied()
+        .flatten()
+        .ok_or_else(|| format!("argument {} ({what}) is required", i + 1))
+}
+
+fn array<'a>(args: &[Arg<'a>], i: usize) -> Result<&'a Vec<Value>, String> {
+    let v = arg(args, i, "a list")?;
+    v.as_array()
+        .ok_or_else(|| format!("argument {} must be a list, got {}", i + 1, kind(v)))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A value as text: strings as they are, other scalars in JSON form, null as empty.
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// Follows a dotted path (`meta.zone`) into an object.
+fn field<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.')
+        .filter(|p| !p.is_empty())
+        .try_fold(v, |cur, p| cur.get(p))
+}
+
+/// Orders numbers numerically, then everything else by its text.
+fn cmp_values(a: Option<&Value>, b: Option<&Value>) -> std::cmp::Ordering {
+    match (a.and_then(Value::as_f64), b.and_then(Value::as_f64)) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        _ => a.map(text).cmp(&b.map(text)),
+    }
+}
+
+/// `sort_by LIST [FIELD]`: the list sorted (stably) by a dotted field path, or by the values.
+fn sort_by(args: &[Arg]) -> Result<Value, String> {
+    let mut items = array(args, 0)?.clone();
+    let path = args.get(1).copied().flatten().map(text).unwrap_or_default();
+    items.sort_by(|a, b| cmp_values(field(a, &path), field(b, &path)));
+    Ok(Value::Array(items))
+}
+
+/// `filter_tag INSTANCES TAG`: the instances (or services) whose `tags` contain TAG.
+fn filter_tag(args: &[Arg]) -> Result<Value, String> {
+    let tag = text(arg(args, 1, "tag")?);
+    Ok(Value::Array(
+        array(args, 0)?
+            .iter()
+            .filter(|i| {
+                i.get("tags")
+                    .and_then(Value::as_array)
+                    .is_some_and(|t| t.iter().any(|x| x.as_str() == Some(&tag)))
+            })
+            .cloned()
+            .collect(),
+    ))
+}
+
+/// `group_by LIST FIELD`: an object from each distinct field value (text; missing: "") to the
+/// items having it, e.g. `group_by instances "meta.zone"`.
+fn group_by(args: &[Arg]) -> Result<Value, String> {
+    let path = text(arg(args, 1, "field")?);
+    let mut groups: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for i in array(args, 0)? {
+        let key = field(i, &path).map(text).unwrap_or_default();
+        groups.entry(key).or_default().push(i.clone());
+    }
+    Ok(json!(groups))
+}
+
+/// `join LIST SEP`: the items as text joined with SEP (default `,`).
+fn join(args: &[Arg]) -> Result<Value, String> {
+    let sep = args.get(1).copied().flatten().map(text);
+    let parts: Vec<String> = array(args, 0)?.iter().map(text).collect();
+    Ok(Value::String(parts.join(sep.as_deref().unwrap_or(","))))
+}
+
+/// `default VALUE FALLBACK`: VALUE unless it is missing, null or empty text.
+fn default(args: &[Arg]) -> Result<Value, String> {
+    match args.first().copied().flatten() {
+        Some(Value::Null) | None => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(v) => return Ok(v.clone()),
+    }
+    Ok(args
+        .get(1)
+        .copied()
+        .flatten()
+        .cloned()
+        .unwrap_or(Value::Null))
+}
+
+/// `concat A B ...`: the arguments as text, joined without separator.
+fn concat(args: &[Arg]) -> Result<Value, String> {
+    Ok(Value::String(
+        args.iter().flatten().map(|v| text(v)).collect(),
+    ))
+}
+
+/// `required VALUE MESSAGE`: VALUE, or a render error saying MESSAGE when it is missing, null
+/// or empty. How a template refuses to render a section whose settings are absent.
+fn required(args: &[Arg]) -> Result<Value, String> {
+    match args.first().copied().flatten() {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(v) => return Ok(v.clone()),
+    }
+    let msg = args.get(1).copied().flatten().map(text);
+    Err(msg.unwrap_or_else(|| "a required value is missing".into()))
+}
+
+/// `first_meta INSTANCES KEY`: the first non-empty meta KEY among the instances, or null.
+fn first_meta(args: &[Arg]) -> Result<Value, String> {
+    let key = text(arg(args, 1, "meta key")?);
+    Ok(array(args, 0)?
+        .iter()
+        .filter_map(|i| i.get("meta")?.get(&key)?.as_str())
+        .find(|v| !v.is_empty())
+        .map(|v| Value::String(v.to_string()))
+        .unwrap_or(Value::Null))
+}
+
+/// `safe_path VALUE`: an URL path safe as one config word: starts with `/`, and every byte
+/// outside `[A-Za-z0-9/_.~%?=&-]` is percent-encoded.
+fn safe_path(args: &[Arg]) -> Result<Value, String> {
+    let v = text(arg(args, 0, "path")?);
+    let mut out = String::new();
+    if !v.starts_with('/') {
+        out.push('/');
+    }
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"/_.~%?=&-".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(Value::String(out))
+}
+
+/// `json VALUE`: VALUE as compact JSON.
+fn to_json(args: &[Arg]) -> Result<Value, String> {
+    Ok(Value::String(arg(args, 0, "value")?.to_string()))
+}
+
+/// `eq A B`: equality of two values (numbers and their text compare equal).
+fn eq(args: &[Arg]) -> Result<Value, String> {
+    let a = arg(args, 0, "left")?;
+    let b = arg(args, 1, "right")?;
+    Ok(Value::Bool(a == b || text(a) == text(b)))
+}
+
+/// `find_service SERVICES NAME TAG`: the service called NAME if it has instances, else the
+/// first (by name) with tag TAG, else null. How the default upstream/backend is chosen.
+fn find_service(args: &[Arg]) -> Result<Value, String> {
+    let Some(Value::Array(services)) = args.first().copied().flatten() else {
+        return Err("argument 1 must be the `services` list".into());
+    };
+    let has_instances = |s: &&Value| {
+        s.get("instances")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    };
+    let name = args.get(1).copied().flatten().map(text).unwrap_or_default();
+    let tag = args.get(2).copied().flatten().map(text).unwrap_or_default();
+    let by_name = services
+        .iter()
+        .filter(has_instances)
+        .find(|s| !name.is_empty() && s.get("name").map(text) == Some(name.clone()));
+    let by_tag = || {
+        services.iter().filter(has_instances).find(|s| {
+            !tag.is_empty()
+                && s.get("tags")
+                    .and_then(Value::as_array)
+                    .is_some_and(|t| t.iter().any(|x| x.as_str() == Some(&tag)))
+        })
+    };
+    Ok(by_name.or_else(by_tag).cloned().unwrap_or(Value::Null))
+}
+
+/// `vhost INSTANCE`: the instance's validated virtual host (meta `vhost`, or `hostname` +
+/// `.` + `domain`), or empty.
+fn vhost(args: &[Arg]) -> Result<Value, String> {
+    let i = arg(args, 0, "instance")?;
+    let meta: BTreeMap<String, String> = i
+        .get("meta")
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    let inst = crate::model::Instance {
+        id: String::new(),
+        name: String::new(),
+        address: String::new(),
+        port: 0,
+        tags: vec![],
+        meta,
+        node: String::new(),
+        health: String::new(),
+    };
+    Ok(Value::String(inst.vhost().unwrap_or_default()))
+}
+
+/// `addr INSTANCE`: `address:port` (`[v6]:port`), refusing anything that is not an IP
+/// address or DNS name with a numeric port.
+fn addr(args: &[Arg]) -> Result<Value, String> {
+    let i = arg(args, 0, "instance")?;
+    let address = i.get("address").map(text).unwrap_or_default();
+    let port = i
+        .get("port")
+        .and_then(Value::as_u64)
+        .filter(|p| (1..=65535).contains(p))
+        .ok_or_else(|| format!("instance has no valid port: {i}"))?;
+    if !crate::model::is_address(&address) {
+        return Err(format!("{address:?} is not an IP address or DNS name"));
+    }
+    Ok(Value::String(if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }))
+}
+
+/// `nginx_name` / `haproxy_name`: see [`safe_token`].
+fn name(args: &[Arg]) -> Result<Value, String> {
+    Ok(Value::String(safe_token(&text(arg(args, 0, "value")?))))
+}
+
+/// Maps any text onto `[A-Za-z0-9_.-]+`: other characters become `_`, and when anything had to
+/// change a short hash of the original is appended so distinct inputs stay distinct.
+pub fn safe_token(s: &str) -> String {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if !s.is_empty() && s.chars().all(ok) {
+        return s.to_string();
+    }
+    let mapped: String = s.chars().map(|c| if ok(c) { c } else { '_' }).collect();
+    format!("{mapped}-{:08x}", fnv1a(s.as_bytes()) as u32)
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf29ce484222325, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// One double-quoted word: `\` and `"` escaped, `$` and control characters dropped.
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '\\' | '"' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '$' => {}
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `nginx_string VALUE`: a safe nginx string argument (nginx unescapes `\"` and `\\` inside
+/// double quotes; `$` would start a variable, so it is dropped).
+fn nginx_string(args: &[Arg]) -> Result<Value, String> {
+    Ok(Value::String(quoted(&text(arg(args, 0, "value")?))))
+}
+
+/// `haproxy_string VALUE`: a safe HAProxy word (inside double quotes HAProxy unescapes `\"`
+/// and `\\` and would expand `$VAR`, so `$` is dropped).
+fn haproxy_string(args: &[Arg]) -> Result<Value, String> {
+    Ok(Value::String(quoted(&text(arg(args, 0, "value")?))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb() -> Handlebars<'static> {
+        let mut h = Handlebars::new();
+        h.set_strict_mode(true);
+        h.register_escape_fn(handlebars::no_escape);
+        register(&mut h);
+        h
+    }
+
+    fn render(t: &str, data: Value) -> Result<String, String> {
+        hb().render_template(t, &data).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn helpers_table() {
+        let insts = json!([
+            {"id": "b", "port": 10, "tags": ["x"], "meta": {"zone": "z1"}},
+            {"id": "a", "port": 9, "tags": ["y", "x"], "meta": {"zone": "z2"}},
+            {"id": "c", "port": 100, "tags": [], "meta": {}},
+        ]);
+        let data = json!({"i": insts, "s": "", "n": null, "v": "val", "num": 80,
+        "services": [
+            {"name": "api", "tags": ["backend"], "instances": [{"id": "1"}]},
+            {"name": "http", "tags": ["backend"], "instances": [{"id": "2"}]},
+            {"name": "empty", "tags": ["x"], "instances": []},
+        ]});
+        let cases = [
+            ("{{#each (sort_by i \"port\")}}{{id}}{{/each}}", "abc"),
+            ("{{#each (sort_by i \"id\")}}{{id}}{{/each}}", "abc"),
+            ("{{#each (filter_tag i \"x\")}}{{id}}{{/each}}", "ba"),
+            (
+                "{{#each (group_by i \"meta.zone\")}}[{{@key}}:{{#each this}}{{id}}{{/each}}]{{/each}}",
+                "[:c][z1:b][z2:a]",
+            ),
+            ("{{join (sort_by (filter_tag i \"x\") \"id\") \"-\"}}", "{\"id\":\"a\",\"meta\":{\"zone\":\"z2\"},\"port\":9,\"tags\":[\"y\",\"x\"]}-{\"id\":\"b\",\"meta\":{\"zone\":\"z1\"},\"port\":10,\"tags\":[\"x\"]}"),
+            ("{{join i.1.tags \", \"}}", "y, x"),
+            ("{{default s \"d\"}}|{{default n \"d\"}}|{{default missing \"d\"}}|{{default v \"d\"}}", "d|d|d|val"),
+            ("{{json i.2.meta}}", "{}"),
+            ("{{#if (eq num \"80\")}}y{{else}}n{{/if}}{{#if (eq v \"x\")}}y{{else}}n{{/if}}", "yn"),
+            ("{{lookup (find_service services \"http\" \"backend\") \"name\"}}", "http"),
+            ("{{lookup (find_service services \"nope\" \"backend\") \"name\"}}", "api"),
+            ("{{#if (find_service services \"empty\" \"x\")}}y{{else}}n{{/if}}", "n"),
+            ("{{nginx_name v}}", "val"),
+            ("{{concat v \":\" num}}", "val:80"),
+            ("{{required v \"m\"}}", "val"),
+            ("{{default (first_meta i \"zone\") \"/\"}}", "z1"),
+            ("{{default (first_meta i \"nope\") \"/\"}}", "/"),
+            ("{{safe_path \"health check#x\"}}", "/health%20check%23x"),
+            ("{{safe_path \"/ok?a=1\"}}", "/ok?a=1"),
+            ("{{nginx_string \"a\\\"b\"}}", "\"a\\\"b\""),
+        ];
+        for (t, want) in cases {
+            assert_eq!(render(t, data.clone()).unwrap(), want, "{t}");
+        }
+    }
+
+    #[test]
+    fn safe_tokens_cannot_inject_and_do_not_collide() {
+        let hostile = "a; } server { listen 81; }";
+        let t = safe_token(hostile);
+        assert!(
+            t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)),
+            "{t}"
+        );
+        assert!(!t.contains(' '));
+        assert_ne!(safe_token("a b"), safe_token("a_b"));
+        assert_eq!(safe_token("a_b"), "a_b");
+        assert_eq!(safe_token("web-1.local"), "web-1.local");
+        assert!(safe_token("").starts_with("-"));
+    }
+
+    #[test]
+    fn quoted_strings_cannot_escape() {
+        let cases = [
+            ("plain", "\"plain\""),
+            (
+                "a\"; } server { listen 81; } \"",
+                "\"a\\\"; } server { listen 81; } \\\"\"",
+            ),
+            ("back\\slash", "\"back\\\\slash\""),
+            ("$host\nnext", "\"hostnext\""),
+        ];
+        for (input, want) in cases {
+            let out = render(
+                "{{nginx_string v}}|{{haproxy_string v}}",
+                json!({"v": input}),
+            )
+            .unwrap();
+            assert_eq!(out, format!("{want}|{want}"), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn addr_and_vhost() {
+        let data = json!({
+            "a": {"address": "10.0.0.1", "port": 80, "meta": {"hostname": "2048", "domain": "local.com"}},
+            "b": {"address": "fd00::1", "port": 8080, "meta": {"vhost": "x y"}},
+            "c": {"address": "1.2.3.4; }", "port": 80, "meta": {}},
+        });
+        assert_eq!(
+            render("{{addr a}} {{vhost a}}", data.clone()).unwrap(),
+            "10.0.0.1:80 2048.local.com"
+        );
+        assert_eq!(
+            render("{{addr b}}[{{vhost b}}]", data.clone()).unwrap(),
+            "[fd00::1]:8080[]"
+        );
+        let e = render("{{addr c}}", data).unwrap_err();
+        assert!(e.contains("not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn required_refuses_with_its_message() {
+        for data in [json!({}), json!({"u": ""}), json!({"u": null})] {
+            let e = render("{{required u \"stats_user must be set\"}}", data).unwrap_err();
+            assert!(e.contains("stats_user must be set"), "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        let e = render("{{nginx_name inst.nmae}}", json!({"inst": {"name": "x"}})).unwrap_err();
+        assert!(e.contains("inst.nmae"), "{e}");
+        let e = render("{{servces}}", json!({"services": []})).unwrap_err();
+        assert!(e.contains("servces"), "{e}");
+    }
+}

@@ -1,0 +1,21 @@
+//! confd: renders proxy configs from Consul or etcd through Handlebars templates, validates
+//! them, swaps them in atomically and reloads the proxy.
+//!
+//! The pipeline, one module per stage: [`config`] (YAML + flags) → [`source`] (store watchers
+//! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`render`] with
+//! [`helpers`] → [`writer`] (stage, swap, restore) → [`command`] (check and reload with
+//! timeouts). [`watch`] re-renders when a template file changes.
+
+pub mod command;
+pub mod config;
+pub mod duration;
+pub mod helpers;
+pub mod model;
+pub mod render;
+pub mod runner;
+pub mod source;
+pub mod watch;
+pub mod writer;
+
+pub use config::{Config, ConfigError, Overrides};
+pub use runner::{run, RunOptions};

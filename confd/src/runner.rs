@@ -1,0 +1,502 @@
+//! The render loop: when to render (quiescence), and one pass of render → stage → check →
+//! swap → reload, with rollback.
+//!
+//! A pass takes the templates that are due. Each is rendered, compared with its destination,
+//! staged and checked; only then is it renamed into place. Templates that share a reload
+//! command are grouped so the command runs once per pass. If a reload fails, every file of
+//! its group is put back as it was and the reload runs again, so the proxy keeps serving the
+//! previous config. Any failure is one error line naming the template and the reason; the
+//! template is tried again on the next change (snapshot or template edit). Nothing here ever
+//! ends the daemon.
+
+use crate::command::{self, CommandSpec};
+use crate::config::{Config, TemplateConfig, Wait};
+use crate::model::{template_data, Snapshot};
+use crate::render::Renderer;
+use crate::source;
+use crate::watch::watch_templates;
+use crate::writer;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard::Shutdown;
+use tokio::time::Instant;
+
+/// How a run behaves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Render every template once (after the first healthy snapshot) and return.
+    pub once: bool,
+    /// Print a unified diff per changed template to stdout; write and run nothing. Implies
+    /// `once`.
+    pub dry_run: bool,
+}
+
+/// Pending-change bookkeeping for one template (pure, so it is unit-tested).
+#[derive(Debug, Clone, Default)]
+pub struct Quiescence {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    now_due: bool,
+    edited: Option<Instant>,
+}
+
+/// A template file being written shows up as several events (truncate, write, close); wait
+/// this long after the last one so a half-written file is never rendered.
+pub const EDIT_SETTLE: Duration = Duration::from_millis(100);
+
+impl Quiescence {
+    /// A store change arrived at `t`.
+    pub fn change(&mut self, t: Instant) {
+        self.first.get_or_insert(t);
+        self.last = Some(t);
+    }
+
+    /// Render at the next pass regardless of the window (first snapshot, template edit).
+    pub fn force(&mut self) {
+        self.now_due = true;
+    }
+
+    /// The template file changed at `t`: render once it has settled, whatever the window.
+    pub fn edit(&mut self, t: Instant) {
+        self.edited = Some(t + EDIT_SETTLE);
+    }
+
+    /// When this template becomes due, if anything is pending.
+    pub fn due_at(&self, w: Wait) -> Option<Instant> {
+        if self.now_due {
+            return Some(Instant::now());
+        }
+        let window = match (self.first, self.last) {
+            (Some(first), Some(last)) => Some((last + w.min).min(first + w.max)),
+            _ => None,
+        };
+        match (window, self.edited) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether it is due at `t`.
+    pub fn is_due(&self, w: Wait, t: Instant) -> bool {
+        self.now_due || self.due_at(w).is_some_and(|d| d <= t)
+    }
+
+    /// Forget what was pending (a pass took it).
+    pub fn clear(&mut self) {
+        *self = Quiescence::default();
+    }
+}
+
+/// Outcome of one template in a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Destination already had this content.
+    Unchanged,
+    /// Written (and reloaded, if configured).
+    Updated,
+    /// Dry run: a diff was printed.
+    WouldChange,
+    /// Not applied; the reason was logged.
+    Failed(String),
+}
+
+/// Runs confd until `shutdown` (or, with `once`/`dry_run`, until every template was rendered
+/// once). Returns whether every template succeeded (always `true` for a daemon that was shut
+/// down).
+pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::Result<bool> {
+    let once = opts.once || opts.dry_run;
+    let src_shutdown = shutdown.child_token();
+    let _stop_sources = src_shutdown.clone().drop_guard();
+    let mut source = source::spawn(&cfg, src_shutdown);
+    let mut renderer = Renderer::default();
+
+    if once {
+        let wait = source.snapshots.wait_for(Option::is_some);
+        let snap = tokio::select! {
+            r = tokio::time::timeout(cfg.once_timeout, wait) => match r {
+                Ok(Ok(s)) => s.clone().expect("waited for Some"),
+                Ok(Err(_)) => anyhow::bail!("the source stopped before its first snapshot"),
+                Err(_) => anyhow::bail!(
+                    "no healthy snapshot from {:?} within {:?}",
+                    cfg.backend.primary().base_url(),
+                    cfg.once_timeout
+                ),
+            },
+            _ = shutdown.cancelled() => return Ok(true),
+        };
+        let all: Vec<usize> = (0..cfg.templates.len()).collect();
+        let outcomes = pass(&cfg, &mut renderer, &snap, &all, opts.dry_run).await;
+        return Ok(outcomes.iter().all(|o| !matches!(o, Outcome::Failed(_))));
+    }
+
+    let (tpl_tx, mut tpl_rx) = tokio::sync::mpsc::unbounded_channel();
+    let _watcher = match watch_templates(
+        &cfg.templates
+            .iter()
+            .map(|t| t.src.clone())
+            .collect::<Vec<_>>(),
+        tpl_tx,
+    ) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch template files; edits apply on the next change");
+            None
+        }
+    };
+    let waits: Vec<Wait> = cfg
+        .templates
+        .iter()
+        .map(|t| t.wait.unwrap_or(cfg.wait))
+        .collect();
+    let mut pending = vec![Quiescence::default(); cfg.templates.len()];
+    let mut snap: Option<Arc<Snapshot>> = None;
+    tracing::info!(
+        backend = %cfg.backend.primary().base_url(),
+        templates = cfg.templates.len(),
+        "confd running"
+    );
+    loop {
+        let next = pending
+            .iter()
+            .zip(&waits)
+            .filter_map(|(p, w)| p.due_at(*w))
+            .min();
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(true),
+            r = source.snapshots.changed() => {
+                if r.is_err() {
+                    anyhow::bail!("the source stopped");
+                }
+                let first = snap.is_none();
+                snap = source.snapshots.borrow_and_update().clone();
+                let now = Instant::now();
+                for p in &mut pending {
+                    if first { p.force() } else { p.change(now) }
+                }
+            }
+            Some(i) = tpl_rx.recv() => {
+                tracing::info!(template = %cfg.templates[i].src.display(), "template file changed");
+                pending[i].edit(Instant::now());
+            }
+            _ = sleep_until(next), if next.is_some() => {}
+        }
+        let Some(s) = &snap else { continue };
+        let now = Instant::now();
+        let due: Vec<usize> = (0..pending.len())
+            .filter(|&i| pending[i].is_due(waits[i], now))
+            .collect();
+        if due.is_empty() {
+            continue;
+        }
+        for &i in &due {
+            pending[i].clear();
+        }
+        pass(&cfg, &mut renderer, s, &due, false).await;
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn label(t: &TemplateConfig) -> String {
+    format!("{} -> {}", t.src.display(), t.dest.display())
+}
+
+/// A destination replaced in this pass, with what to put back if its reload fails.
+struct Swapped {
+    idx: usize,
+    previous: Option<Vec<u8>>,
+}
+
+/// Renders, checks, swaps and reloads the templates `due` against `snap`.
+pub async fn pass(
+    cfg: &Config,
+    renderer: &mut Renderer,
+    snap: &Snapshot,
+    due: &[usize],
+    dry_run: bool,
+) -> Vec<Outcome> {
+    let data = template_data(snap, &cfg.vars);
+    let mut outcomes = vec![Outcome::Unchanged; cfg.templates.len()];
+    let mut groups: BTreeMap<CommandSpec, (Duration, Vec<Swapped>)> = BTreeMap::new();
+    for &i in due {
+        let t = &cfg.templates[i];
+        match apply_one(t, renderer, snap, &data, dry_run).await {
+            Ok(Applied::Swapped(previous)) => {
+                outcomes[i] = Outcome::Updated;
+                if let Some(r) = &t.reload {
+                    let g = groups
+                        .entry(r.clone())
+                        .or_insert((t.command_timeout, Vec::new()));
+                    g.0 = g.0.max(t.command_timeout);
+                    g.1.push(Swapped { idx: i, previous });
+                }
+            }
+            Ok(Applied::Unchanged) => {
+                tracing::debug!(template = %label(t), "unchanged");
+            }
+            Ok(Applied::WouldChange) => outcomes[i] = Outcome::WouldChange,
+            Err(reason) => {
+                tracing::error!(template = %label(t), reason = %reason, "template not applied; previous file kept");
+                outcomes[i] = Outcome::Failed(reason);
+            }
+        }
+    }
+    for (cmd, (timeout, swapped)) in groups {
+        let names: Vec<String> = swapped
+            .iter()
+            .map(|s| label(&cfg.templates[s.idx]))
+            .collect();
+        match command::run(&cmd, None, timeout).await {
+            Ok(out) => {
+                tracing::info!(reload = %cmd, templates = ?names, output = %out, "reloaded");
+            }
+            Err(e) => {
+                let reason = format!("reload failed: {e}");
+                tracing::error!(
+                    templates = ?names,
+                    reason = %reason,
+                    "reload failed; restoring the previous files and reloading again"
+                );
+                for s in &swapped {
+                    let t = &cfg.templates[s.idx];
+                    if let Err(e) =
+                        writer::restore(&t.dest, s.previous.as_deref(), t.mode.map(|m| m.0))
+                    {
+                        tracing::error!(template = %label(t), error = %e, "cannot restore the previous file");
+                    }
+                    outcomes[s.idx] = Outcome::Failed(reason.clone());
+                }
+                match command::run(&cmd, None, timeout).await {
+                    Ok(_) => tracing::info!(reload = %cmd, "reloaded with the previous files"),
+                    Err(e) => {
+                        tracing::error!(reload = %cmd, error = %e, "reload with the previous files failed too")
+                    }
+                }
+            }
+        }
+    }
+    outcomes
+}
+
+enum Applied {
+    Unchanged,
+    WouldChange,
+    /// Renamed into place; holds the previous content (`None`: there was no file).
+    Swapped(Option<Vec<u8>>),
+}
+
+/// Render → compare → stage → check → swap for one template. The error is the reason, one
+/// line, including the check command's output.
+async fn apply_one(
+    t: &TemplateConfig,
+    renderer: &mut Renderer,
+    snap: &Snapshot,
+    data: &serde_json::Value,
+    dry_run: bool,
+) -> Result<Applied, String> {
+    let total = snap.total_instances();
+    if total < t.min_instances {
+        return Err(format!(
+            "snapshot has {total} instances, fewer than min_instances {}: not rendering (outage guard)",
+            t.min_instances
+        ));
+    }
+    let source = std::fs::read_to_string(&t.src)
+        .map_err(|e| format!("cannot read template {}: {e}", t.src.display()))?;
+    let name = t.src.display().to_string();
+    let content = renderer.render(&name, &source, data)?;
+    let current = writer::read_current(&t.dest)
+        .map_err(|e| format!("cannot read {}: {e}", t.dest.display()))?;
+    if !writer::changed(current.as_deref(), content.as_bytes()) {
+        return Ok(Applied::Unchanged);
+    }
+    if dry_run {
+        let d = writer::diff(&t.dest, current.as_deref(), content.as_bytes());
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(d.as_bytes());
+        let _ = out.flush();
+        return Ok(Applied::WouldChange);
+    }
+    let staged = writer::stage(&t.dest, content.as_bytes(), t.mode.map(|m| m.0))
+        .map_err(|e| format!("cannot stage beside {}: {e}", t.dest.display()))?;
+    if let Some(check) = &t.check {
+        command::run(check, Some(staged.path()), t.command_timeout)
+            .await
+            .map_err(|e| format!("check failed: {e}"))?;
+    }
+    staged
+        .commit()
+        .map_err(|e| format!("cannot replace {}: {e}", t.dest.display()))?;
+    tracing::info!(template = %label(t), bytes = content.len(), "rendered and replaced");
+    Ok(Applied::Swapped(current))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::inst;
+    use std::path::Path;
+
+    fn wait(min: u64, max: u64) -> Wait {
+        Wait::new(Duration::from_millis(min), Some(Duration::from_millis(max))).unwrap()
+    }
+
+    #[test]
+    fn quiescence_waits_for_quiet_but_not_past_max() {
+        let w = wait(100, 300);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut q = Quiescence::default();
+        assert_eq!(q.due_at(w), None);
+        q.change(t0);
+        assert!(!q.is_due(w, ms(50)));
+        assert!(q.is_due(w, ms(100)));
+        // Changes every 80ms keep pushing min, until max from the first change.
+        for n in [80, 160, 240] {
+            q.change(ms(n));
+        }
+        assert!(!q.is_due(w, ms(299)));
+        assert!(q.is_due(w, ms(300)));
+        q.clear();
+        assert_eq!(q.due_at(w), None);
+        q.force();
+        assert!(q.is_due(w, t0));
+        q.clear();
+        // Template edits settle briefly, each event pushing the render back.
+        q.edit(t0);
+        q.edit(ms(50));
+        assert!(!q.is_due(w, ms(120)));
+        assert!(q.is_due(w, ms(150)));
+    }
+
+    fn cfg(_dir: &Path, templates: Vec<TemplateConfig>) -> Config {
+        Config {
+            backend: switchboard::RegistryUri::parse("consul://127.0.0.1:1").unwrap(),
+            wait: Wait::default(),
+            include_unhealthy: false,
+            kv_prefixes: vec![],
+            vars: Default::default(),
+            templates,
+            poll_wait: Duration::from_secs(1),
+            max_long_polls: 64,
+            ignore_services: vec![],
+            once_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn tpl(dir: &Path, name: &str, body: &str, reload: Option<&str>) -> TemplateConfig {
+        let src = dir.join(format!("{name}.hbs"));
+        std::fs::write(&src, body).unwrap();
+        let mut t =
+            TemplateConfig::parse_flag(&format!("{}:{}", src.display(), dir.join(name).display()))
+                .unwrap();
+        t.reload = reload.map(|r| CommandSpec::Shell(r.into()));
+        t
+    }
+
+    fn snap(n: usize) -> Snapshot {
+        Snapshot::build(
+            (0..n).map(|i| inst("web", &format!("i{i}"), "10.0.0.1", 80 + i as u16)),
+            Default::default(),
+            &[],
+        )
+    }
+
+    #[tokio::test]
+    async fn shared_reload_runs_once_and_unchanged_files_are_left_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("reloads");
+        let reload = format!("echo x >> {}", log.display());
+        let body = "{{#each service.web}}{{port}} {{/each}}";
+        let c = cfg(
+            d.path(),
+            vec![
+                tpl(d.path(), "a", body, Some(&reload)),
+                tpl(d.path(), "b", body, Some(&reload)),
+            ],
+        );
+        let mut r = Renderer::default();
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], false).await;
+        assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "80 81 "
+        );
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], false).await;
+        assert_eq!(o, vec![Outcome::Unchanged, Outcome::Unchanged]);
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn failures_keep_the_previous_file() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ok = tpl(
+            d.path(),
+            "a",
+            "{{#each service.web}}{{port}} {{/each}}",
+            None,
+        );
+        let c = cfg(d.path(), vec![ok.clone()]);
+        let mut r = Renderer::default();
+        pass(&c, &mut r, &snap(1), &[0], false).await;
+        let dest = d.path().join("a");
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
+
+        // Failing check.
+        ok.check = Some(CommandSpec::Shell("echo nope >&2; false".into()));
+        let c = cfg(d.path(), vec![ok.clone()]);
+        let o = pass(&c, &mut r, &snap(2), &[0], false).await;
+        assert!(
+            matches!(&o[0], Outcome::Failed(m) if m.contains("check failed") && m.contains("nope")),
+            "{o:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
+
+        // Failing reload: file restored.
+        ok.check = None;
+        ok.reload = Some(CommandSpec::Shell("false".into()));
+        let c = cfg(d.path(), vec![ok.clone()]);
+        let o = pass(&c, &mut r, &snap(2), &[0], false).await;
+        assert!(
+            matches!(&o[0], Outcome::Failed(m) if m.contains("reload failed")),
+            "{o:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
+
+        // Render error names the key.
+        std::fs::write(&ok.src, "{{servce.web}}").unwrap();
+        ok.reload = None;
+        let c = cfg(d.path(), vec![ok.clone()]);
+        let o = pass(&c, &mut r, &snap(2), &[0], false).await;
+        assert!(
+            matches!(&o[0], Outcome::Failed(m) if m.contains("servce")),
+            "{o:?}"
+        );
+
+        // Outage guard.
+        std::fs::write(&ok.src, "{{#each service.web}}{{port}} {{/each}}").unwrap();
+        ok.min_instances = 3;
+        let c = cfg(d.path(), vec![ok.clone()]);
+        let o = pass(&c, &mut r, &snap(2), &[0], false).await;
+        assert!(
+            matches!(&o[0], Outcome::Failed(m) if m.contains("min_instances")),
+            "{o:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
+
+        // Dry run writes nothing.
+        ok.min_instances = 0;
+        let c = cfg(d.path(), vec![ok]);
+        let o = pass(&c, &mut r, &snap(2), &[0], true).await;
+        assert_eq!(o[0], Outcome::WouldChange);
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
+    }
+}

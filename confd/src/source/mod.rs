@@ -1,0 +1,152 @@
+//! Sources: keep a [`Snapshot`] of the store current and publish it.
+//!
+//! Each backend runs its own watchers ([`consul`] for agent services and Consul KV, [`etcd`])
+//! and publishes through a [`Publisher`]: a `tokio::sync::watch` of the latest snapshot plus a
+//! "store healthy" flag. The one invariant every source keeps: a snapshot is published only
+//! when every watcher has answered since its last error. During an outage nothing is
+//! published, so an empty or partial view never replaces a good config.
+
+pub mod consul;
+pub mod etcd;
+
+use crate::config::Config;
+use crate::model::Snapshot;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use switchboard::{RegistryUri, Shutdown};
+use tokio::sync::watch;
+
+/// What the runner reads: the latest healthy snapshot and the store's health.
+#[derive(Clone)]
+pub struct SourceHandle {
+    /// Latest snapshot from a healthy source (`None` until the first).
+    pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// Whether every watcher answered since its last error.
+    pub healthy: watch::Receiver<bool>,
+    /// Long polls (blocking queries, watches) open right now.
+    pub long_polls: Arc<AtomicUsize>,
+}
+
+/// The sending half: sources publish through it.
+#[derive(Clone)]
+pub struct Publisher {
+    snap: Arc<watch::Sender<Option<Arc<Snapshot>>>>,
+    healthy: Arc<watch::Sender<bool>>,
+    long_polls: Arc<AtomicUsize>,
+}
+
+impl Publisher {
+    /// A publisher and the handle reading from it.
+    pub fn new() -> (Publisher, SourceHandle) {
+        let (snap, snap_rx) = watch::channel(None);
+        let (healthy, healthy_rx) = watch::channel(false);
+        let long_polls = Arc::new(AtomicUsize::new(0));
+        (
+            Publisher {
+                snap: Arc::new(snap),
+                healthy: Arc::new(healthy),
+                long_polls: long_polls.clone(),
+            },
+            SourceHandle {
+                snapshots: snap_rx,
+                healthy: healthy_rx,
+                long_polls,
+            },
+        )
+    }
+
+    /// Publishes a complete snapshot from a healthy source; unchanged snapshots wake nobody.
+    pub fn publish(&self, s: Snapshot) {
+        self.healthy
+            .send_if_modified(|h| !std::mem::replace(h, true));
+        let (services, instances) = (s.services.len(), s.total_instances());
+        let changed = self.snap.send_if_modified(|cur| {
+            if cur.as_deref() == Some(&s) {
+                false
+            } else {
+                *cur = Some(Arc::new(s));
+                true
+            }
+        });
+        if changed {
+            tracing::info!(
+                services,
+                instances,
+                long_polls = self.long_polls.load(Ordering::Relaxed),
+                "snapshot updated"
+            );
+        }
+    }
+
+    /// Marks the source unhealthy: nothing is published until it recovers.
+    pub fn unhealthy(&self, why: &str) {
+        // Debug only: pollers log their own errors; this also fires briefly while a new
+        // service's first answer is pending, which is normal.
+        if self
+            .healthy
+            .send_if_modified(|h| std::mem::replace(h, false))
+        {
+            tracing::debug!(
+                reason = why,
+                "source not in sync: keeping the last good snapshot"
+            );
+        }
+    }
+
+    /// Counts one long poll for as long as the guard lives.
+    pub fn long_poll(&self) -> LongPollGuard {
+        self.long_polls.fetch_add(1, Ordering::Relaxed);
+        LongPollGuard(self.long_polls.clone())
+    }
+}
+
+/// Decrements the open long-poll count on drop (also when the poll is cancelled).
+pub struct LongPollGuard(Arc<AtomicUsize>);
+
+impl Drop for LongPollGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Starts the source the backend URI names; it runs until `shutdown`.
+pub fn spawn(cfg: &Config, shutdown: Shutdown) -> SourceHandle {
+    let (publisher, handle) = Publisher::new();
+    let token = std::env::var("CONSUL_HTTP_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    match &cfg.backend {
+        RegistryUri::Consul { endpoint } => {
+            let client = switchboard::store::ConsulClient::new(endpoint, token.clone());
+            tokio::spawn(consul::run(
+                consul::Mode::Agent,
+                client,
+                consul::Options::from_config(cfg, token),
+                publisher,
+                shutdown,
+            ));
+        }
+        RegistryUri::ConsulKv { endpoint, prefix } => {
+            let client = switchboard::store::ConsulClient::new(endpoint, token.clone());
+            tokio::spawn(consul::run(
+                consul::Mode::Kv(prefix.clone()),
+                client,
+                consul::Options::from_config(cfg, token),
+                publisher,
+                shutdown,
+            ));
+        }
+        RegistryUri::Etcd { endpoints, prefix } => {
+            let client = switchboard::store::EtcdClient::new(endpoints.clone());
+            tokio::spawn(etcd::run(
+                client,
+                prefix.clone(),
+                cfg.kv_prefixes.clone(),
+                cfg.ignore_services.clone(),
+                publisher,
+                shutdown,
+            ));
+        }
+    }
+    handle
+}

@@ -1,0 +1,397 @@
+//! The command line: gliderlabs/registrator's flags, Go style included.
+//!
+//! gliderlabs parses its flags with Go's `flag` package, so deployments write `-ip 1.2.3.4`,
+//! `-ip=1.2.3.4`, `-internal` or `-internal=true`. clap wants `--ip`; [`normalise`] rewrites
+//! the Go forms first, so existing command lines keep working unchanged. A bool flag never
+//! takes the next argument as its value (only `=value`): the registry URI follows the flags.
+
+use crate::config::{Config, Deregister};
+use clap::Parser;
+use std::time::Duration;
+use switchboard::RegistryUri;
+
+/// Flags that are switches: `-x` or `-x=<bool>`, never a separate value.
+const BOOL_FLAGS: &[&str] = &[
+    "internal",
+    "explicit",
+    "cleanup",
+    "version",
+    "keep-on-exit",
+    "help",
+];
+
+/// Flags that take a value, as `-x value` or `-x=value`.
+const VALUE_FLAGS: &[&str] = &[
+    "ip",
+    "tags",
+    "ttl",
+    "ttl-refresh",
+    "resync",
+    "deregister",
+    "retry-attempts",
+    "retry-interval",
+    "useIpFromLabel",
+    "verify-interval",
+];
+
+const URI_EXPECTED: &str =
+    "expected consul://host:port, consulkv://host:port/prefix or etcd://host:port[,host:port...]/prefix";
+
+/// Registers published Docker container ports as services in Consul or etcd.
+///
+/// A drop-in for gliderlabs/registrator: the same flags (Go-style `-flag` works), the same
+/// `SERVICE_*` environment variables and labels.
+#[derive(Debug, Parser)]
+#[command(
+    name = "registrator",
+    disable_version_flag = true,
+    args_override_self = true,
+    override_usage = "registrator [options] <registry URI>"
+)]
+struct Cli {
+    /// IP address to register published ports with (default: the port's host binding, else
+    /// this host's primary address).
+    #[arg(long, value_name = "ADDR")]
+    ip: Option<String>,
+    /// Register exposed ports with the container's own IP and port instead of published ports.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_parser = parse_go_bool, value_name = "BOOL")]
+    internal: bool,
+    /// Only register containers that set SERVICE_NAME (or SERVICE_<port>_NAME).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_parser = parse_go_bool, value_name = "BOOL")]
+    explicit: bool,
+    /// Comma-separated tags appended to every service.
+    #[arg(long, value_name = "TAGS", default_value = "")]
+    tags: String,
+    /// TTL of registrations in seconds; 0 disables TTLs.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    ttl: u64,
+    /// How often to refresh TTL registrations, in seconds (0 with -ttl: half the TTL).
+    #[arg(long = "ttl-refresh", value_name = "SECS", default_value_t = 0)]
+    ttl_refresh: u64,
+    /// Re-list every container this often, in seconds; 0 disables it.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    resync: u64,
+    /// When to deregister a stopped container's services: always or on-success.
+    #[arg(long, value_name = "MODE", default_value = "always")]
+    deregister: String,
+    /// Extra attempts to reach the store at start; -1 retries forever.
+    #[arg(
+        long = "retry-attempts",
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    retry_attempts: i64,
+    /// Wait between those attempts, in milliseconds.
+    #[arg(long = "retry-interval", value_name = "MS", default_value_t = 2000)]
+    retry_interval: u64,
+    /// Remove this host's registrations that no running container backs.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_parser = parse_go_bool, value_name = "BOOL")]
+    cleanup: bool,
+    /// Take each service's address from this container label (a CIDR suffix is dropped).
+    #[arg(long = "useIpFromLabel", value_name = "LABEL")]
+    use_ip_from_label: Option<String>,
+    /// Print the version and exit.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          default_value = "false", value_parser = parse_go_bool, value_name = "BOOL")]
+    version: bool,
+    /// Leave registrations in place on SIGTERM/SIGINT (not in gliderlabs).
+    #[arg(long = "keep-on-exit", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", value_parser = parse_go_bool,
+          value_name = "BOOL")]
+    keep_on_exit: bool,
+    /// How often to list the store and restore registrations it lost, in seconds.
+    #[arg(
+        long = "verify-interval",
+        value_name = "SECS",
+        default_value_t = 5.0,
+        hide = true
+    )]
+    verify_interval: f64,
+    /// Registry URI: consul://host:port, consulkv://host:port/prefix or etcd://host:port/prefix.
+    #[arg(value_name = "URI")]
+    uri: Vec<String>,
+}
+
+/// Why the command line does not lead to a run: help or version (exit 0, stdout) or a bad
+/// argument (exit 2, one line on stderr).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliExit {
+    /// Process exit status.
+    pub code: i32,
+    /// What to print: stdout for status 0, stderr otherwise.
+    pub message: String,
+}
+
+impl CliExit {
+    fn usage(message: String) -> CliExit {
+        CliExit { code: 2, message }
+    }
+}
+
+/// Go's `strconv.ParseBool`, which `flag` uses for `-x=value`.
+fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err("expected true or false".to_string()),
+    }
+}
+
+/// Rewrites Go-style flags into clap's: `-ip x` -> `--ip=x`, `-internal` -> `--internal`,
+/// `-ttl-refresh=10` -> `--ttl-refresh=10`. A value flag always swallows the next argument
+/// (so `-retry-attempts -1` works); anything that is not a known flag is left alone for clap
+/// to judge. `argv[0]` is kept.
+pub fn normalise<I: IntoIterator<Item = String>>(argv: I) -> Vec<String> {
+    let mut it = argv.into_iter();
+    let mut out: Vec<String> = it.next().into_iter().collect();
+    while let Some(arg) = it.next() {
+        if arg == "--" {
+            out.push(arg);
+            out.extend(it.by_ref());
+            break;
+        }
+        let body = match arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) {
+            Some(b) if !b.is_empty() => b,
+            _ => {
+                out.push(arg);
+                continue;
+            }
+        };
+        let (name, value) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (body, None),
+        };
+        if BOOL_FLAGS.contains(&name) {
+            out.push(format!("--{body}"));
+        } else if VALUE_FLAGS.contains(&name) {
+            match value {
+                Some(_) => out.push(format!("--{body}")),
+                None => match it.next() {
+                    Some(v) => out.push(format!("--{name}={v}")),
+                    // Let clap report the missing value.
+                    None => out.push(format!("--{name}")),
+                },
+            }
+        } else if name.len() > 1 && !name.starts_with(|c: char| c.is_ascii_digit()) {
+            // Unknown long flag: spelled `--` so clap names it whole in its error.
+            out.push(format!("--{body}"));
+        } else {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+/// Parses `argv` (program name first) into a [`Config`].
+pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<Config, CliExit> {
+    let cli = match Cli::try_parse_from(normalise(argv)) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                return Err(CliExit {
+                    code: 0,
+                    message: e.to_string(),
+                });
+            }
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            return Err(CliExit::usage(format!("{first} (see --help)")));
+        }
+    };
+    if cli.version {
+        return Err(CliExit {
+            code: 0,
+            message: format!("registrator {}", env!("CARGO_PKG_VERSION")),
+        });
+    }
+    let uri = match cli.uri.as_slice() {
+        [] => {
+            return Err(CliExit::usage(format!(
+                "missing registry URI: {URI_EXPECTED}"
+            )))
+        }
+        [one] => RegistryUri::parse(one).map_err(|e| CliExit::usage(e.to_string()))?,
+        [_, extra @ ..] => {
+            return Err(CliExit::usage(format!(
+                "unexpected argument {:?} after the registry URI: flags go before it",
+                extra[0]
+            )))
+        }
+    };
+    let deregister = match cli.deregister.as_str() {
+        "always" => Deregister::Always,
+        "on-success" => Deregister::OnSuccess,
+        other => {
+            return Err(CliExit::usage(format!(
+                "invalid value {other:?} for -deregister: expected always or on-success"
+            )))
+        }
+    };
+    if let Some(ip) = &cli.ip {
+        if ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(CliExit::usage(format!(
+                "invalid value {ip:?} for -ip: expected an IP address"
+            )));
+        }
+    }
+    let ttl = (cli.ttl > 0).then(|| Duration::from_secs(cli.ttl));
+    let ttl_refresh = match (cli.ttl, cli.ttl_refresh) {
+        (0, 0) => Duration::ZERO,
+        (0, _) => return Err(CliExit::usage("-ttl-refresh needs -ttl".into())),
+        (t, 0) => Duration::from_millis(t * 500).max(Duration::from_secs(1)),
+        (t, r) if r >= t => {
+            return Err(CliExit::usage(format!(
+                "invalid value {r} for -ttl-refresh: expected less than -ttl ({t})"
+            )))
+        }
+        (_, r) => Duration::from_secs(r),
+    };
+    let retry_attempts = match cli.retry_attempts {
+        -1 => None,
+        n if n >= 0 => Some(u32::try_from(n).unwrap_or(u32::MAX)),
+        n => {
+            return Err(CliExit::usage(format!(
+                "invalid value {n} for -retry-attempts: expected -1 (forever) or a count >= 0"
+            )))
+        }
+    };
+    if !(cli.verify_interval.is_finite() && cli.verify_interval > 0.0) {
+        return Err(CliExit::usage(format!(
+            "invalid value {} for --verify-interval: expected seconds > 0",
+            cli.verify_interval
+        )));
+    }
+    Ok(Config {
+        uri,
+        ip: cli.ip,
+        internal: cli.internal,
+        explicit: cli.explicit,
+        tags: split_tags(&cli.tags),
+        ttl,
+        ttl_refresh,
+        resync: (cli.resync > 0).then(|| Duration::from_secs(cli.resync)),
+        deregister,
+        retry_attempts,
+        retry_interval: Duration::from_millis(cli.retry_interval),
+        cleanup: cli.cleanup,
+        use_ip_from_label: cli.use_ip_from_label.filter(|l| !l.is_empty()),
+        keep_on_exit: cli.keep_on_exit,
+        verify_interval: Duration::from_secs_f64(cli.verify_interval),
+        hostname: hostname.to_string(),
+    })
+}
+
+/// `a, b,,c` -> `[a, b, c]`.
+pub fn split_tags(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        std::iter::once("registrator")
+            .chain(s.split_whitespace())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn normalises_go_style_flags() {
+        let cases = [
+            ("-ip 1.2.3.4 consul://h", "--ip=1.2.3.4 consul://h"),
+            ("-ip=1.2.3.4 consul://h", "--ip=1.2.3.4 consul://h"),
+            ("--ip 1.2.3.4 consul://h", "--ip=1.2.3.4 consul://h"),
+            ("-internal consul://h", "--internal consul://h"),
+            ("-internal=true consul://h", "--internal=true consul://h"),
+            ("-internal=false consul://h", "--internal=false consul://h"),
+            ("-ttl-refresh 10 -ttl 20 x", "--ttl-refresh=10 --ttl=20 x"),
+            ("-useIpFromLabel lbl x", "--useIpFromLabel=lbl x"),
+            ("-retry-attempts -1 x", "--retry-attempts=-1 x"),
+            ("-cleanup -explicit x", "--cleanup --explicit x"),
+            ("-version", "--version"),
+            ("-h", "-h"),
+            ("-bogus x", "--bogus x"),
+            ("-1 x", "-1 x"),
+            ("x -- -ip", "x -- -ip"),
+            ("-ip", "--ip"),
+            ("- x", "- x"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalise(argv(input))[1..].join(" "), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn parses_gliderlabs_command_lines() {
+        let c = parse(
+            argv("-ip=127.0.0.1 -internal -tags a,b -ttl 30 -resync 60 consul://h:8500"),
+            "host",
+        )
+        .unwrap();
+        assert_eq!(c.ip.as_deref(), Some("127.0.0.1"));
+        assert!(c.internal && !c.explicit && !c.cleanup && !c.keep_on_exit);
+        assert_eq!(c.tags, vec!["a", "b"]);
+        assert_eq!(c.ttl, Some(Duration::from_secs(30)));
+        assert_eq!(c.ttl_refresh, Duration::from_secs(15));
+        assert_eq!(c.resync, Some(Duration::from_secs(60)));
+        assert_eq!(c.retry_attempts, Some(0));
+        assert_eq!(c.retry_interval, Duration::from_millis(2000));
+        assert_eq!(c.deregister, Deregister::Always);
+        assert_eq!(c.hostname, "host");
+
+        let c = parse(
+            argv("-internal=false -deregister on-success -retry-attempts -1 -cleanup=1 etcd://h/p"),
+            "host",
+        )
+        .unwrap();
+        assert!(!c.internal && c.cleanup);
+        assert_eq!(c.deregister, Deregister::OnSuccess);
+        assert_eq!(c.retry_attempts, None);
+        assert_eq!(c.ttl, None);
+    }
+
+    #[test]
+    fn rejects_bad_arguments_in_one_line() {
+        let cases = [
+            ("foo://x", "foo://x"),
+            ("consul://", "consul://"),
+            ("consul://h:99999", "consul://h:99999"),
+            ("", "missing registry URI"),
+            ("-ttl abc consul://h", "abc"),
+            ("-deregister never consul://h", "never"),
+            ("-internal=maybe consul://h", "maybe"),
+            ("-ip nope consul://h", "nope"),
+            ("-ttl 10 -ttl-refresh 10 consul://h", "-ttl-refresh"),
+            ("-ttl-refresh 10 consul://h", "-ttl-refresh"),
+            ("-bogus consul://h", "-bogus"),
+            ("consul://h extra", "extra"),
+            ("-retry-attempts -2 consul://h", "-2"),
+        ];
+        for (input, want) in cases {
+            let e = parse(argv(input), "h").unwrap_err();
+            assert_eq!(e.code, 2, "{input}");
+            assert!(e.message.contains(want), "{input}: {}", e.message);
+            assert!(!e.message.contains('\n'), "{input}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn help_and_version_exit_zero() {
+        for input in ["-help", "--help", "-h", "-version"] {
+            let e = parse(argv(input), "h").unwrap_err();
+            assert_eq!(e.code, 0, "{input}");
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! The registrator's settings, as `run` takes them (parsed from the command line by `cli`).
+
+use std::time::Duration;
+use switchboard::RegistryUri;
+
+/// When a stopped container's services are removed (`-deregister`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deregister {
+    /// Whenever the container stops (gliderlabs default).
+    Always,
+    /// Only when it exited with status 0; a crashed container stays registered until it is
+    /// removed, so a supervisor restarting it does not cause churn.
+    OnSuccess,
+}
+
+/// Everything `run` needs to know.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where services are registered.
+    pub uri: RegistryUri,
+    /// `-ip`: address to register published ports with, instead of the host's own.
+    pub ip: Option<String>,
+    /// `-internal`: register exposed ports with the container's own IP.
+    pub internal: bool,
+    /// `-explicit`: only containers naming their service (`SERVICE_NAME`).
+    pub explicit: bool,
+    /// `-tags`: appended to every service's tags.
+    pub tags: Vec<String>,
+    /// `-ttl`: registrations expire unless refreshed within this time.
+    pub ttl: Option<Duration>,
+    /// `-ttl-refresh`: how often TTL registrations are refreshed.
+    pub ttl_refresh: Duration,
+    /// `-resync`: re-list every container this often.
+    pub resync: Option<Duration>,
+    /// `-deregister`.
+    pub deregister: Deregister,
+    /// `-retry-attempts`: how often to try reaching the store at start (`None`: forever).
+    pub retry_attempts: Option<u32>,
+    /// `-retry-interval`: the wait between those attempts.
+    pub retry_interval: Duration,
+    /// `-cleanup`: remove this host's registrations that no running container backs.
+    pub cleanup: bool,
+    /// `-useIpFromLabel`: take the service address from this container label.
+    pub use_ip_from_label: Option<String>,
+    /// `--keep-on-exit`: leave registrations in place on SIGTERM.
+    pub keep_on_exit: bool,
+    /// How often the store is listed to find lost registrations (and stale ones with cleanup).
+    pub verify_interval: Duration,
+    /// This host's name: the first part of every service ID, and the prefix `-cleanup` owns.
+    pub hostname: String,
+}

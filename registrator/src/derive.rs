@@ -1,0 +1,929 @@
+//! Which services a container provides: gliderlabs/registrator's rules, as a pure function.
+//!
+//! [`derive`] maps what `docker inspect` says about a running container (reduced to
+//! [`ContainerInfo`], so tests need no Docker) plus the registrator's flags to the services to
+//! register, and to warnings about `SERVICE_*` values it had to drop. A malformed value never
+//! stops a container from being registered: only the malformed part is left out.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+use switchboard::{Check, CheckKind, Service};
+
+/// One port a container exposes, with the host bindings Docker published for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPort {
+    /// Port inside the container.
+    pub port: u16,
+    /// `tcp`, `udp` or `sctp`.
+    pub proto: String,
+    /// `(host_ip, host_port)` bindings; empty when the port is only exposed.
+    pub bindings: Vec<(String, u16)>,
+}
+
+/// The parts of a container's inspect data that decide its services.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// Full container ID.
+    pub id: String,
+    /// Name without Docker's leading `/`.
+    pub name: String,
+    /// `Config.Image` as the container was created with (`registry/path/name:tag@digest`).
+    pub image: String,
+    /// `Config.Env`, `KEY=value` strings.
+    pub env: Vec<String>,
+    /// `Config.Labels`.
+    pub labels: BTreeMap<String, String>,
+    /// Exposed ports, sorted by port then protocol.
+    pub ports: Vec<ContainerPort>,
+    /// The container's IP address on its (first) network, if it has one.
+    pub ip: Option<String>,
+    /// `HostConfig.NetworkMode == "host"`: exposed ports are the host's ports.
+    pub host_network: bool,
+}
+
+/// The flags and host facts derivation depends on.
+#[derive(Debug, Clone, Default)]
+pub struct DeriveOptions {
+    /// First part of default service IDs.
+    pub hostname: String,
+    /// This host's address, resolved once at start.
+    pub host_ip: String,
+    /// `-ip`.
+    pub ip: Option<String>,
+    /// `-internal`.
+    pub internal: bool,
+    /// `-explicit`.
+    pub explicit: bool,
+    /// `-tags`.
+    pub tags: Vec<String>,
+    /// `-ttl`.
+    pub ttl: Option<Duration>,
+    /// `-useIpFromLabel`.
+    pub use_ip_from_label: Option<String>,
+}
+
+/// A `SERVICE_*` value (or label) that was dropped, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Warning {
+    /// The variable or label as the container spells it (`SERVICE_CHECK_INTERVAL`).
+    pub key: String,
+    /// Its value.
+    pub value: String,
+    /// What would have been accepted.
+    pub expected: String,
+}
+
+/// The outcome of [`derive()`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Derived {
+    /// Services to register, in port order.
+    pub services: Vec<Service>,
+    /// Dropped values, each key once.
+    pub warnings: Vec<Warning>,
+}
+
+/// Keys with a meaning of their own; every other `SERVICE_<KEY>` becomes metadata.
+const KNOWN_KEYS: &[&str] = &[
+    "name",
+    "id",
+    "tags",
+    "ignore",
+    "check_http",
+    "check_https",
+    "check_tcp",
+    "check_ttl",
+    "check_script",
+    "check_interval",
+    "check_timeout",
+    "check_initial_status",
+    "check_deregister_after",
+];
+
+/// A `SERVICE_*` value with the key it came from (for warnings).
+#[derive(Debug, Clone)]
+struct MetaValue {
+    source: String,
+    value: String,
+}
+
+/// `SERVICE_*` values from env and labels, general and per port.
+#[derive(Debug, Default)]
+struct Metadata {
+    general: BTreeMap<String, MetaValue>,
+    per_port: BTreeMap<u16, BTreeMap<String, MetaValue>>,
+}
+
+/// Collects `SERVICE_*` env entries then labels (labels win), noting malformed port keys.
+fn collect_metadata(info: &ContainerInfo, warnings: &mut Vec<Warning>) -> Metadata {
+    let mut md = Metadata::default();
+    let env = info.env.iter().filter_map(|e| e.split_once('='));
+    let labels = info.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    for (key, value) in env.chain(labels) {
+        let Some(rest) = key.strip_prefix("SERVICE_") else {
+            continue;
+        };
+        if rest.is_empty() {
+            continue;
+        }
+        let entry = MetaValue {
+            source: key.to_string(),
+            value: value.to_string(),
+        };
+        let (first, after) = rest.split_once('_').unwrap_or((rest, ""));
+        if !first.is_empty() && first.bytes().all(|b| b.is_ascii_digit()) {
+            match first.parse::<u16>() {
+                Ok(port) if port > 0 && !after.is_empty() => {
+                    md.per_port
+                        .entry(port)
+                        .or_default()
+                        .insert(after.to_ascii_lowercase(), entry);
+                }
+                _ => warnings.push(Warning {
+                    key: key.to_string(),
+                    value: value.to_string(),
+                    expected: "SERVICE_<port>_<KEY> with a port from 1 to 65535".into(),
+                }),
+            }
+        } else {
+            md.general.insert(rest.to_ascii_lowercase(), entry);
+        }
+    }
+    md
+}
+
+/// The default service name: the image's last path segment without tag or digest
+/// (`reg:5000/team/web:1.2@sha256:...` -> `web`).
+pub fn image_basename(image: &str) -> String {
+    let no_digest = image.split('@').next().unwrap_or(image);
+    let last = no_digest.rsplit('/').next().unwrap_or(no_digest);
+    last.split(':').next().unwrap_or(last).to_string()
+}
+
+/// Parses a duration the way gliderlabs users write them: Go syntax (`10s`, `1m30s`, `500ms`,
+/// `1.5h`) or a bare integer meaning seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let num: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += num * factor;
+    }
+    (total.is_finite() && total < 1e12).then(|| Duration::from_secs_f64(total))
+}
+
+/// IGNORE semantics: any value ignores, except `false`, `0` and empty.
+fn truthy(v: &str) -> bool {
+    let v = v.trim();
+    !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false"))
+}
+
+/// A name or ID usable as a store key segment: no `/`, whitespace or control characters.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+}
+
+const NAME_EXPECTED: &str = "a non-empty name without '/', whitespace or control characters";
+
+/// Consul's rules for metadata keys and values (it rejects the whole registration otherwise).
+fn valid_meta(key: &str, value: &str) -> Result<(), &'static str> {
+    if key.len() > 128
+        || key.starts_with("consul-")
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(
+            "a key of letters, digits, '_' and '-' (at most 128, not starting with consul-)",
+        );
+    }
+    if value.len() > 512 {
+        return Err("a value of at most 512 bytes");
+    }
+    Ok(())
+}
+
+fn url_host(addr: &str) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_string()
+    }
+}
+
+/// One port that becomes a service: the container port and where clients reach it.
+struct Candidate<'a> {
+    exposed: &'a ContainerPort,
+    address: String,
+    port: u16,
+}
+
+/// Where each service port is reached, per gliderlabs: host network -> exposed ports on the
+/// host address; `-internal` -> exposed ports on the container IP; otherwise published ports
+/// on `-ip`, else the binding's own IP, else the host address.
+fn candidates<'a>(info: &'a ContainerInfo, opts: &DeriveOptions) -> Vec<Candidate<'a>> {
+    let host_addr = || opts.ip.clone().unwrap_or_else(|| opts.host_ip.clone());
+    let mut out = Vec::new();
+    for p in &info.ports {
+        if info.host_network {
+            out.push(Candidate {
+                exposed: p,
+                address: host_addr(),
+                port: p.port,
+            });
+        } else if opts.internal {
+            out.push(Candidate {
+                exposed: p,
+                address: info.ip.clone().unwrap_or_else(host_addr),
+                port: p.port,
+            });
+        } else {
+            // `-p 80` publishes on 0.0.0.0 and :: with the same port: take one, IPv4 first.
+            let binding = p
+                .bindings
+                .iter()
+                .find(|(ip, _)| !ip.contains(':'))
+                .or_else(|| p.bindings.first());
+            if let Some((bind_ip, host_port)) = binding {
+                let address = match &opts.ip {
+                    Some(ip) => ip.clone(),
+                    None if !matches!(bind_ip.as_str(), "" | "0.0.0.0" | "::") => bind_ip.clone(),
+                    None => opts.host_ip.clone(),
+                };
+                out.push(Candidate {
+                    exposed: p,
+                    address,
+                    port: *host_port,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The services `info` provides under `opts`, and the values that had to be dropped.
+pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
+    let mut warnings = Vec::new();
+    let md = collect_metadata(info, &mut warnings);
+    let label_ip = opts.use_ip_from_label.as_ref().and_then(|label| {
+        let raw = info.labels.get(label)?;
+        let ip = raw.rsplit_once('/').map_or(raw.as_str(), |(ip, _)| ip);
+        match ip.parse::<IpAddr>() {
+            Ok(_) => Some(ip.to_string()),
+            Err(_) => {
+                warnings.push(Warning {
+                    key: label.clone(),
+                    value: raw.clone(),
+                    expected: "an IP address, optionally with a /prefix length".into(),
+                });
+                None
+            }
+        }
+    });
+    let cands = candidates(info, opts);
+    let group = cands.len() > 1;
+    let default_name = image_basename(&info.image);
+    let mut services = Vec::new();
+    for c in cands {
+        let empty = BTreeMap::new();
+        let port_md = md.per_port.get(&c.exposed.port).unwrap_or(&empty);
+        let get = |k: &str| port_md.get(k).or_else(|| md.general.get(k));
+        if get("ignore").is_some_and(|v| truthy(&v.value)) {
+            continue;
+        }
+        let address = label_ip.clone().unwrap_or(c.address);
+        let mut ctx = Ctx {
+            warnings: &mut warnings,
+        };
+        let named = get("name").and_then(|v| ctx.check(v, valid_name(&v.value), NAME_EXPECTED));
+        if opts.explicit && named.is_none() {
+            continue;
+        }
+        let mut name = named.map_or_else(|| default_name.clone(), |v| v.value.clone());
+        if group && !port_md.contains_key("name") {
+            name = format!("{name}-{}", c.exposed.port);
+        }
+        let id = match get("id").and_then(|v| ctx.check(v, valid_name(&v.value), NAME_EXPECTED)) {
+            Some(v) => v.value.clone(),
+            None => {
+                let mut id = format!("{}:{}:{}", opts.hostname, info.name, c.exposed.port);
+                if c.exposed.proto == "udp" {
+                    id.push_str(":udp");
+                }
+                id
+            }
+        };
+        let mut tags: Vec<String> = Vec::new();
+        if let Some(v) = get("tags") {
+            for t in crate::cli::split_tags(&v.value) {
+                if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    ctx.warn(
+                        v,
+                        "comma-separated tags without whitespace or control characters",
+                    );
+                } else if !tags.contains(&t) {
+                    tags.push(t);
+                }
+            }
+        }
+        for t in &opts.tags {
+            if !tags.contains(t) {
+                tags.push(t.clone());
+            }
+        }
+        let check = derive_check(&get, &address, c.port, &mut ctx);
+        let mut meta = BTreeMap::new();
+        let keys: BTreeMap<&String, &MetaValue> = md.general.iter().chain(port_md.iter()).collect();
+        for (k, v) in keys {
+            if KNOWN_KEYS.contains(&k.as_str()) {
+                continue;
+            }
+            match valid_meta(k, &v.value) {
+                Ok(()) => {
+                    meta.insert(k.clone(), v.value.clone());
+                }
+                Err(expected) => ctx.warn(v, expected),
+            }
+        }
+        services.push(Service {
+            id,
+            name,
+            address,
+            port: c.port,
+            tags,
+            meta,
+            check,
+            ttl: opts.ttl,
+        });
+    }
+    warnings.sort();
+    warnings.dedup_by(|a, b| a.key == b.key);
+    Derived { services, warnings }
+}
+
+/// Collects warnings while deriving one service.
+struct Ctx<'w> {
+    warnings: &'w mut Vec<Warning>,
+}
+
+impl Ctx<'_> {
+    fn warn(&mut self, v: &MetaValue, expected: &str) {
+        self.warnings.push(Warning {
+            key: v.source.clone(),
+            value: v.value.clone(),
+            expected: expected.to_string(),
+        });
+    }
+
+    /// `Some(v)` when `ok`, else a warning and `None`.
+    fn check<'v>(&mut self, v: &'v MetaValue, ok: bool, expected: &str) -> Option<&'v MetaValue> {
+        if ok {
+            Some(v)
+        } else {
+            self.warn(v, expected);
+            None
+        }
+    }
+
+    fn duration(&mut self, v: Option<&MetaValue>, must_be_positive: bool) -> Option<Duration> {
+        let v = v?;
+        match parse_duration(&v.value) {
+            Some(d) if !must_be_positive || !d.is_zero() => Some(d),
+            _ => {
+                self.warn(
+                    v,
+                    "a duration such as 10s, 1m30s or 500ms (a bare number means seconds)",
+                );
+                None
+            }
+        }
+    }
+}
+
+const PATH_EXPECTED: &str = "a URL path such as /health (no whitespace or control characters)";
+
+/// `SERVICE_CHECK_*`: at most one check, the first kind set in the order HTTP, HTTPS, script,
+/// TTL, TCP (gliderlabs' precedence).
+fn derive_check<'m>(
+    get: &dyn Fn(&str) -> Option<&'m MetaValue>,
+    address: &str,
+    port: u16,
+    ctx: &mut Ctx,
+) -> Option<Check> {
+    let path_ok = |p: &str| !p.chars().any(|c| c.is_whitespace() || c.is_control());
+    let url = |scheme: &str, path: &str| {
+        let sep = if path.starts_with('/') { "" } else { "/" };
+        format!("{scheme}://{}:{port}{sep}{path}", url_host(address))
+    };
+    let mut kind = None;
+    if let Some(v) = get("check_http").filter(|v| !v.value.is_empty()) {
+        if ctx.check(v, path_ok(&v.value), PATH_EXPECTED).is_some() {
+            kind = Some(CheckKind::Http(url("http", &v.value)));
+        }
+    }
+    if kind.is_none() {
+        if let Some(v) = get("check_https").filter(|v| !v.value.is_empty()) {
+            if ctx.check(v, path_ok(&v.value), PATH_EXPECTED).is_some() {
+                kind = Some(CheckKind::Https(url("https", &v.value)));
+            }
+        }
+    }
+    if kind.is_none() {
+        if let Some(v) = get("check_script") {
+            let port = port.to_string();
+            let argv: Vec<String> = v
+                .value
+                .split_whitespace()
+                .map(|a| {
+                    a.replace("$SERVICE_IP", address)
+                        .replace("$SERVICE_PORT", &port)
+                })
+                .collect();
+            if !argv.is_empty() {
+                kind = Some(CheckKind::Script(argv));
+            }
+        }
+    }
+    if kind.is_none() {
+        if let Some(d) = ctx.duration(get("check_ttl"), true) {
+            kind = Some(CheckKind::Ttl(d));
+        }
+    }
+    if kind.is_none() && get("check_tcp").is_some_and(|v| truthy(&v.value)) {
+        kind = Some(CheckKind::Tcp(format!("{}:{port}", url_host(address))));
+    }
+    let kind = kind?;
+    let initial_status = get("check_initial_status").and_then(|v| {
+        let ok = matches!(v.value.as_str(), "passing" | "warning" | "critical");
+        ctx.check(v, ok, "passing, warning or critical")
+            .map(|v| v.value.clone())
+    });
+    Some(Check {
+        kind,
+        interval: ctx.duration(get("check_interval"), true),
+        timeout: ctx.duration(get("check_timeout"), true),
+        initial_status,
+        deregister_after: ctx.duration(get("check_deregister_after"), true),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(port: u16, proto: &str, bindings: &[(&str, u16)]) -> ContainerPort {
+        ContainerPort {
+            port,
+            proto: proto.into(),
+            bindings: bindings.iter().map(|(i, p)| (i.to_string(), *p)).collect(),
+        }
+    }
+
+    fn web() -> ContainerInfo {
+        ContainerInfo {
+            id: "abc".into(),
+            name: "web1".into(),
+            image: "reg.example:5000/team/web:1.2".into(),
+            env: vec!["PATH=/bin".into()],
+            labels: BTreeMap::new(),
+            ports: vec![port(80, "tcp", &[("0.0.0.0", 32768), ("::", 32768)])],
+            ip: Some("172.17.0.5".into()),
+            host_network: false,
+        }
+    }
+
+    fn opts() -> DeriveOptions {
+        DeriveOptions {
+            hostname: "host".into(),
+            host_ip: "192.0.2.2".into(),
+            ..Default::default()
+        }
+    }
+
+    fn with_env(mut c: ContainerInfo, env: &[&str]) -> ContainerInfo {
+        c.env.extend(env.iter().map(|s| s.to_string()));
+        c
+    }
+
+    fn with_labels(mut c: ContainerInfo, labels: &[(&str, &str)]) -> ContainerInfo {
+        c.labels
+            .extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        c
+    }
+
+    /// `(id, name, addr)` of each derived service.
+    fn summary(d: &Derived) -> Vec<(String, String, String)> {
+        d.services
+            .iter()
+            .map(|s| (s.id.clone(), s.name.clone(), s.addr()))
+            .collect()
+    }
+
+    #[test]
+    fn image_basenames() {
+        let cases = [
+            ("web", "web"),
+            ("web:1.2", "web"),
+            ("team/web", "web"),
+            ("a.b:5000/x/web:1.2@sha256:0123", "web"),
+            ("a.b:5000/web", "web"),
+            ("web@sha256:0123", "web"),
+        ];
+        for (image, want) in cases {
+            assert_eq!(image_basename(image), want, "{image}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        let cases = [
+            ("10", Some(10_000)),
+            ("10s", Some(10_000)),
+            ("1m30s", Some(90_000)),
+            ("500ms", Some(500)),
+            ("1.5s", Some(1_500)),
+            ("1h", Some(3_600_000)),
+            ("0", Some(0)),
+            ("abc", None),
+            ("", None),
+            ("10x", None),
+            ("-5s", None),
+            ("s", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                parse_duration(input).map(|d| d.as_millis() as u64),
+                want,
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn addresses_ids_and_names() {
+        let mut host_net = web();
+        host_net.host_network = true;
+        host_net.ports = vec![port(8080, "tcp", &[])];
+        let mut bound = web();
+        bound.ports = vec![port(80, "tcp", &[("10.1.1.1", 8000)])];
+        let mut multi = web();
+        multi.ports = vec![
+            port(80, "tcp", &[("0.0.0.0", 8000)]),
+            port(443, "tcp", &[("0.0.0.0", 8443)]),
+            port(9000, "tcp", &[]),
+        ];
+        let mut udp = web();
+        udp.ports = vec![port(53, "udp", &[("0.0.0.0", 5353)])];
+        let internal = DeriveOptions {
+            internal: true,
+            ip: Some("127.0.0.1".into()),
+            ..opts()
+        };
+        let with_ip = DeriveOptions {
+            ip: Some("127.0.0.1".into()),
+            ..opts()
+        };
+        let t =
+            |id: &str, name: &str, addr: &str| (id.to_string(), name.to_string(), addr.to_string());
+        type Case = (
+            &'static str,
+            ContainerInfo,
+            DeriveOptions,
+            Vec<(String, String, String)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "published, host address",
+                web(),
+                opts(),
+                vec![t("host:web1:80", "web", "192.0.2.2:32768")],
+            ),
+            (
+                "-ip wins",
+                web(),
+                with_ip.clone(),
+                vec![t("host:web1:80", "web", "127.0.0.1:32768")],
+            ),
+            (
+                "binding ip",
+                bound,
+                opts(),
+                vec![t("host:web1:80", "web", "10.1.1.1:8000")],
+            ),
+            (
+                "-internal",
+                web(),
+                internal.clone(),
+                vec![t("host:web1:80", "web", "172.17.0.5:80")],
+            ),
+            (
+                "host network",
+                host_net,
+                opts(),
+                vec![t("host:web1:8080", "web", "192.0.2.2:8080")],
+            ),
+            (
+                "several ports: suffixes, unpublished skipped",
+                multi.clone(),
+                opts(),
+                vec![
+                    t("host:web1:80", "web-80", "192.0.2.2:8000"),
+                    t("host:web1:443", "web-443", "192.0.2.2:8443"),
+                ],
+            ),
+            (
+                "several ports -internal",
+                multi.clone(),
+                internal,
+                vec![
+                    t("host:web1:80", "web-80", "172.17.0.5:80"),
+                    t("host:web1:443", "web-443", "172.17.0.5:443"),
+                    t("host:web1:9000", "web-9000", "172.17.0.5:9000"),
+                ],
+            ),
+            (
+                "port-specific name has no suffix, general name does",
+                with_env(
+                    multi.clone(),
+                    &["SERVICE_NAME=app", "SERVICE_443_NAME=secure"],
+                ),
+                opts(),
+                vec![
+                    t("host:web1:80", "app-80", "192.0.2.2:8000"),
+                    t("host:web1:443", "secure", "192.0.2.2:8443"),
+                ],
+            ),
+            (
+                "udp",
+                udp,
+                opts(),
+                vec![t("host:web1:53:udp", "web", "192.0.2.2:5353")],
+            ),
+            (
+                "SERVICE_ID and NAME, label wins over env",
+                with_labels(
+                    with_env(web(), &["SERVICE_NAME=envname", "SERVICE_ID=x1"]),
+                    &[("SERVICE_NAME", "lbl")],
+                ),
+                opts(),
+                vec![t("x1", "lbl", "192.0.2.2:32768")],
+            ),
+            (
+                "ignore",
+                with_env(web(), &["SERVICE_IGNORE=1"]),
+                opts(),
+                vec![],
+            ),
+            (
+                "ignore=yes",
+                with_labels(web(), &[("SERVICE_IGNORE", "yes")]),
+                opts(),
+                vec![],
+            ),
+            (
+                "ignore=false registers",
+                with_env(web(), &["SERVICE_IGNORE=false"]),
+                opts(),
+                vec![t("host:web1:80", "web", "192.0.2.2:32768")],
+            ),
+            (
+                "ignore=0 registers",
+                with_env(web(), &["SERVICE_IGNORE=0"]),
+                opts(),
+                vec![t("host:web1:80", "web", "192.0.2.2:32768")],
+            ),
+            (
+                "port-specific ignore",
+                with_env(multi.clone(), &["SERVICE_80_IGNORE=true"]),
+                opts(),
+                vec![t("host:web1:443", "web-443", "192.0.2.2:8443")],
+            ),
+            (
+                "explicit without name",
+                web(),
+                DeriveOptions {
+                    explicit: true,
+                    ..opts()
+                },
+                vec![],
+            ),
+            (
+                "explicit with name",
+                with_env(web(), &["SERVICE_NAME=n"]),
+                DeriveOptions {
+                    explicit: true,
+                    ..opts()
+                },
+                vec![t("host:web1:80", "n", "192.0.2.2:32768")],
+            ),
+            (
+                "explicit with port name only registers that port",
+                with_env(multi, &["SERVICE_443_NAME=s"]),
+                DeriveOptions {
+                    explicit: true,
+                    ..opts()
+                },
+                vec![t("host:web1:443", "s", "192.0.2.2:8443")],
+            ),
+            (
+                "useIpFromLabel strips the prefix length",
+                with_labels(web(), &[("ip", "10.9.9.9/24")]),
+                DeriveOptions {
+                    use_ip_from_label: Some("ip".into()),
+                    ..opts()
+                },
+                vec![t("host:web1:80", "web", "10.9.9.9:32768")],
+            ),
+            (
+                "useIpFromLabel missing label",
+                web(),
+                DeriveOptions {
+                    use_ip_from_label: Some("ip".into()),
+                    ..with_ip
+                },
+                vec![t("host:web1:80", "web", "127.0.0.1:32768")],
+            ),
+        ];
+        for (what, info, o, want) in cases {
+            assert_eq!(summary(&derive(&info, &o)), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn tags_meta_and_ttl() {
+        let info = with_labels(
+            with_env(
+                web(),
+                &[
+                    "SERVICE_TAGS=a,b",
+                    "SERVICE_REGION=eu",
+                    "SERVICE_80_ZONE=z1",
+                    "SERVICE_Mixed_Case=v",
+                ],
+            ),
+            &[("SERVICE_TAGS", "b, c"), ("other", "x")],
+        );
+        let o = DeriveOptions {
+            tags: vec!["c".into(), "d".into()],
+            ttl: Some(Duration::from_secs(30)),
+            ..opts()
+        };
+        let d = derive(&info, &o);
+        let s = &d.services[0];
+        assert_eq!(s.tags, vec!["b", "c", "d"]);
+        let meta: Vec<_> = s.meta.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(meta, vec!["mixed_case=v", "region=eu", "zone=z1"]);
+        assert_eq!(s.ttl, Some(Duration::from_secs(30)));
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+    }
+
+    #[test]
+    fn checks() {
+        let http = |path: &str| CheckKind::Http(format!("http://192.0.2.2:32768{path}"));
+        let cases: Vec<(&[&str], Option<CheckKind>)> = vec![
+            (&[], None),
+            (&["SERVICE_CHECK_HTTP=/health"], Some(http("/health"))),
+            (&["SERVICE_CHECK_HTTP=health"], Some(http("/health"))),
+            (&["SERVICE_80_CHECK_HTTP=/p"], Some(http("/p"))),
+            (
+                &["SERVICE_CHECK_HTTPS=/s"],
+                Some(CheckKind::Https("https://192.0.2.2:32768/s".into())),
+            ),
+            (
+                &["SERVICE_CHECK_TCP=true"],
+                Some(CheckKind::Tcp("192.0.2.2:32768".into())),
+            ),
+            (&["SERVICE_CHECK_TCP=false"], None),
+            (
+                &["SERVICE_CHECK_TTL=30s"],
+                Some(CheckKind::Ttl(Duration::from_secs(30))),
+            ),
+            (
+                &["SERVICE_CHECK_SCRIPT=check.sh  $SERVICE_IP:$SERVICE_PORT ;rm -rf"],
+                Some(CheckKind::Script(vec![
+                    "check.sh".into(),
+                    "192.0.2.2:32768".into(),
+                    ";rm".into(),
+                    "-rf".into(),
+                ])),
+            ),
+            (
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_TCP=1"],
+                Some(http("/h")),
+            ),
+            (&["SERVICE_CHECK_INTERVAL=5s"], None),
+        ];
+        for (env, want) in cases {
+            let d = derive(&with_env(web(), env), &opts());
+            assert_eq!(
+                d.services[0].check.as_ref().map(|c| c.kind.clone()),
+                want,
+                "{env:?}"
+            );
+        }
+        let d = derive(
+            &with_env(
+                web(),
+                &[
+                    "SERVICE_CHECK_HTTP=/h",
+                    "SERVICE_CHECK_INTERVAL=1m30s",
+                    "SERVICE_CHECK_TIMEOUT=2",
+                    "SERVICE_CHECK_INITIAL_STATUS=passing",
+                    "SERVICE_CHECK_DEREGISTER_AFTER=10m",
+                ],
+            ),
+            &opts(),
+        );
+        let c = d.services[0].check.clone().unwrap();
+        assert_eq!(c.interval, Some(Duration::from_secs(90)));
+        assert_eq!(c.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(c.initial_status.as_deref(), Some("passing"));
+        assert_eq!(c.deregister_after, Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn malformed_values_warn_and_still_register() {
+        let cases: Vec<(&[&str], &str, &str)> = vec![
+            (
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_INTERVAL=abc"],
+                "SERVICE_CHECK_INTERVAL",
+                "duration",
+            ),
+            (
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_TIMEOUT=-1"],
+                "SERVICE_CHECK_TIMEOUT",
+                "duration",
+            ),
+            (
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_INITIAL_STATUS=ok"],
+                "SERVICE_CHECK_INITIAL_STATUS",
+                "passing",
+            ),
+            (&["SERVICE_CHECK_TTL=soon"], "SERVICE_CHECK_TTL", "duration"),
+            (&["SERVICE_99999_NAME=x"], "SERVICE_99999_NAME", "port"),
+            (&["SERVICE_0_NAME=x"], "SERVICE_0_NAME", "port"),
+            (&["SERVICE_NAME=a/b"], "SERVICE_NAME", "'/'"),
+            (&["SERVICE_ID=has space"], "SERVICE_ID", "whitespace"),
+            (&["SERVICE_CHECK_HTTP=/a b"], "SERVICE_CHECK_HTTP", "path"),
+            (&["SERVICE_FOO.BAR=1"], "SERVICE_FOO.BAR", "key"),
+            (&["SERVICE_TAGS=ok,bad\u{7}"], "SERVICE_TAGS", "tags"),
+        ];
+        for (env, key, expected) in cases {
+            let d = derive(&with_env(web(), env), &opts());
+            assert_eq!(d.services.len(), 1, "{env:?}");
+            assert_eq!(d.services[0].id, "host:web1:80", "{env:?}");
+            assert_eq!(d.services[0].name, "web", "{env:?}");
+            assert_eq!(d.warnings.len(), 1, "{env:?}: {:?}", d.warnings);
+            assert_eq!(d.warnings[0].key, key, "{env:?}");
+            assert!(
+                d.warnings[0].expected.contains(expected),
+                "{env:?}: {:?}",
+                d.warnings
+            );
+        }
+        // The check survives without the bad interval.
+        let d = derive(
+            &with_env(
+                web(),
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_INTERVAL=abc"],
+            ),
+            &opts(),
+        );
+        let c = d.services[0].check.clone().unwrap();
+        assert_eq!(c.interval, None);
+        // A general bad key warns once even with several ports.
+        let mut multi = with_env(
+            web(),
+            &["SERVICE_CHECK_TCP=1", "SERVICE_CHECK_INTERVAL=abc"],
+        );
+        multi.ports.push(port(81, "tcp", &[("0.0.0.0", 1)]));
+        assert_eq!(derive(&multi, &opts()).warnings.len(), 1);
+    }
+}

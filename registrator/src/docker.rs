@@ -1,0 +1,618 @@
+//! Watches the Docker engine and publishes the complete set of services its containers provide.
+//!
+//! Level-triggered: an event only marks a container for re-inspection, and the inspection
+//! decides (running? healthy? gone?). At most one inspection per container is in flight; an
+//! event meanwhile bumps the container's generation and triggers another inspection when the
+//! first returns, and [`Tracker`] only applies a result newer than the last applied one. So a
+//! late `die` never removes a container that has since restarted.
+//!
+//! The event subscription starts from a timestamp taken before listing containers (Docker
+//! replays events since then), so nothing that happens between the listing and the
+//! subscription is missed. When the stream ends or fails, it reconnects with backoff and
+//! re-lists everything, re-inspecting every known container too, so containers removed while
+//! the engine was unreachable are dropped.
+
+use crate::config::Deregister;
+use crate::derive::{derive, ContainerInfo, ContainerPort, DeriveOptions};
+use crate::sync::{Desired, ServiceSet};
+use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
+use bollard::query_parameters::{EventsOptions, ListContainersOptions};
+use bollard::Docker;
+use futures_util::StreamExt;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use switchboard::{Backoff, Service, Shutdown};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, info, warn};
+
+/// How many inspections run at once (a host with hundreds of containers at start).
+const INSPECT_CONCURRENCY: usize = 16;
+/// How soon a failed inspection (engine hiccup, not a 404) is tried again.
+const INSPECT_RETRY: Duration = Duration::from_secs(2);
+/// Container events that can change what a container serves.
+const EVENTS: &[&str] = &[
+    "start",
+    "restart",
+    "die",
+    "stop",
+    "kill",
+    "destroy",
+    "pause",
+    "unpause",
+    "rename",
+    "update",
+    "health_status",
+];
+
+/// Per-container inspection bookkeeping: which generation was asked for, which is in flight,
+/// which was applied last.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    entries: HashMap<String, Track>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Track {
+    requested: u64,
+    inflight: Option<u64>,
+    applied: u64,
+}
+
+impl Tracker {
+    /// Something happened to `id`: returns the generation to inspect now, or `None` when an
+    /// inspection is already running (another follows it).
+    pub fn mark(&mut self, id: &str) -> Option<u64> {
+        let t = self.entries.entry(id.to_string()).or_default();
+        t.requested += 1;
+        if t.inflight.is_some() {
+            return None;
+        }
+        t.inflight = Some(t.requested);
+        t.inflight
+    }
+
+    /// The inspection of generation `gen` returned. Returns whether its result may be applied
+    /// (it is newer than the last applied one and `ok`), and the next generation to inspect
+    /// if the container was marked meanwhile.
+    pub fn finish(&mut self, id: &str, gen: u64, ok: bool) -> (bool, Option<u64>) {
+        let Some(t) = self.entries.get_mut(id) else {
+            return (false, None);
+        };
+        if t.inflight == Some(gen) {
+            t.inflight = None;
+        }
+        let apply = ok && gen > t.applied;
+        if apply {
+            t.applied = gen;
+        }
+        let next = if t.inflight.is_none() && t.requested > gen {
+            t.inflight = Some(t.requested);
+            t.inflight
+        } else {
+            None
+        };
+        (apply, next)
+    }
+
+    /// Drops the bookkeeping of a container that is gone, unless work on it is pending.
+    pub fn forget(&mut self, id: &str) {
+        if let Some(t) = self.entries.get(id) {
+            if t.inflight.is_none() && t.requested <= t.applied {
+                self.entries.remove(id);
+            }
+        }
+    }
+
+    /// Every container we know of.
+    pub fn ids(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+}
+
+/// What a container's state means for its services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Register what it provides.
+    Serve,
+    /// Remove its services.
+    Withdraw,
+    /// Leave its services as they are (`-deregister on-success` after a failure).
+    Keep,
+}
+
+/// The parts of `State` that decide [`Decision`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunState {
+    /// Running and not restarting.
+    pub running: bool,
+    /// Frozen by `docker pause`: it answers nobody, so it is withdrawn.
+    pub paused: bool,
+    /// The Docker HEALTHCHECK status, if the container has one.
+    pub health: Option<String>,
+    /// Exit status of the last run.
+    pub exit_code: i64,
+}
+
+/// Whether a container in `state` should be registered.
+pub fn decide(state: &RunState, mode: Deregister) -> Decision {
+    if state.running && !state.paused {
+        match state.health.as_deref() {
+            None | Some("healthy") => Decision::Serve,
+            Some(_) => Decision::Withdraw,
+        }
+    } else if !state.running && mode == Deregister::OnSuccess && state.exit_code != 0 {
+        Decision::Keep
+    } else {
+        Decision::Withdraw
+    }
+}
+
+/// `80/tcp` -> `(80, "tcp")`; a bare number is TCP.
+fn parse_port_key(key: &str) -> Option<(u16, String)> {
+    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    Some((port.parse().ok()?, proto.to_ascii_lowercase()))
+}
+
+/// Reduces bollard's inspect response to what derivation and [`decide`] need.
+pub fn extract(resp: ContainerInspectResponse) -> (ContainerInfo, RunState) {
+    let config = resp.config.unwrap_or_default();
+    let net = resp.network_settings.unwrap_or_default();
+    let mut ports: BTreeMap<(u16, String), Vec<(String, u16)>> = BTreeMap::new();
+    for key in config.exposed_ports.unwrap_or_default() {
+        if let Some(k) = parse_port_key(&key) {
+            ports.entry(k).or_default();
+        }
+    }
+    for (key, bindings) in net.ports.unwrap_or_default() {
+        let Some(k) = parse_port_key(&key) else {
+            continue;
+        };
+        let entry = ports.entry(k).or_default();
+        for b in bindings.unwrap_or_default() {
+            if let Some(hp) = b.host_port.and_then(|p| p.parse::<u16>().ok()) {
+                entry.push((b.host_ip.unwrap_or_default(), hp));
+            }
+        }
+    }
+    let networks: BTreeMap<String, _> = net.networks.unwrap_or_default().into_iter().collect();
+    let ip = networks
+        .values()
+        .filter_map(|n| n.ip_address.clone())
+        .find(|ip| !ip.is_empty());
+    let host_network = resp
+        .host_config
+        .and_then(|h| h.network_mode)
+        .is_some_and(|m| m == "host");
+    let state = resp.state.unwrap_or_default();
+    let health = state
+        .health
+        .and_then(|h| h.status)
+        .filter(|s| !matches!(s, HealthStatusEnum::EMPTY | HealthStatusEnum::NONE))
+        .map(|s| s.to_string());
+    let restarting = state.restarting.unwrap_or(false);
+    let run = RunState {
+        running: state.running.unwrap_or(false) && !restarting,
+        paused: state.paused.unwrap_or(false),
+        health,
+        exit_code: state.exit_code.unwrap_or(0),
+    };
+    let info = ContainerInfo {
+        id: resp.id.unwrap_or_default(),
+        name: resp
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        image: config.image.unwrap_or_default(),
+        env: config.env.unwrap_or_default(),
+        labels: config.labels.unwrap_or_default().into_iter().collect(),
+        ports: ports
+            .into_iter()
+            .map(|((port, proto), bindings)| ContainerPort {
+                port,
+                proto,
+                bindings,
+            })
+            .collect(),
+        ip,
+        host_network,
+    };
+    (info, run)
+}
+
+/// The answer to one inspection.
+enum Outcome {
+    Found(Box<(ContainerInfo, RunState)>),
+    Gone,
+    Failed(String),
+}
+
+/// The Docker side: events and inspections in, desired service sets out.
+pub struct Watcher {
+    docker: Docker,
+    opts: DeriveOptions,
+    deregister: Deregister,
+    resync: Option<Duration>,
+    tx: watch::Sender<Desired>,
+    tracker: Tracker,
+    /// Services per container ID.
+    services: HashMap<String, Vec<Service>>,
+    /// `(container, key)` pairs already warned about.
+    warned: HashSet<(String, String)>,
+    /// Containers whose failed inspection is retried.
+    retry: HashSet<String>,
+    /// Containers of the first listing not inspected yet; nothing is published until empty.
+    initial: Option<HashSet<String>>,
+    /// The first listing happened.
+    listed: bool,
+    /// The first listing was inspected completely: the desired set is whole.
+    ready: bool,
+    sem: Arc<Semaphore>,
+    results_tx: mpsc::UnboundedSender<(String, u64, Outcome)>,
+    results_rx: mpsc::UnboundedReceiver<(String, u64, Outcome)>,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Watcher {
+    /// A watcher publishing into `tx`.
+    pub fn new(
+        docker: Docker,
+        opts: DeriveOptions,
+        deregister: Deregister,
+        resync: Option<Duration>,
+        tx: watch::Sender<Desired>,
+    ) -> Self {
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        Watcher {
+            docker,
+            opts,
+            deregister,
+            resync,
+            tx,
+            tracker: Tracker::default(),
+            services: HashMap::new(),
+            warned: HashSet::new(),
+            retry: HashSet::new(),
+            initial: None,
+            listed: false,
+            ready: false,
+            sem: Arc::new(Semaphore::new(INSPECT_CONCURRENCY)),
+            results_tx,
+            results_rx,
+        }
+    }
+
+    /// Runs until `shutdown`, reconnecting to the engine whenever its event stream stops.
+    pub async fn run(mut self, shutdown: Shutdown) {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+        // A second of overlap: replayed events only cause harmless re-inspections.
+        let mut since = unix_now() - 1;
+        let mut first = true;
+        let mut down = false;
+        let mut resync_tick =
+            tokio::time::interval(self.resync.unwrap_or(Duration::from_secs(86_400)));
+        resync_tick.tick().await;
+        let mut retry_tick = tokio::time::interval(INSPECT_RETRY);
+        loop {
+            let filters = HashMap::from([
+                ("type".to_string(), vec!["container".to_string()]),
+                (
+                    "event".to_string(),
+                    EVENTS.iter().map(|e| e.to_string()).collect(),
+                ),
+            ]);
+            let mut events = self.docker.events(Some(EventsOptions {
+                since: Some(since.to_string()),
+                until: None,
+                filters: Some(filters),
+            }));
+            let listed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.list_and_mark() => r,
+            };
+            match listed {
+                Ok(n) => {
+                    if down {
+                        info!("docker engine reachable again; resynced {n} running containers");
+                    } else if first {
+                        info!("watching docker: {n} running containers");
+                    }
+                    first = false;
+                    backoff.reset();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            ev = events.next() => match ev {
+                                Some(Ok(msg)) => {
+                                    since = msg.time.unwrap_or(since).max(since);
+                                    if let Some(id) = msg.actor.and_then(|a| a.id) {
+                                        debug!("docker event {} {id}", msg.action.unwrap_or_default());
+                                        self.mark(&id);
+                                    }
+                                }
+                                Some(Err(e)) => {
+                                    warn!("docker event stream failed: {e}; reconnecting");
+                                    down = true;
+                                    break;
+                                }
+                                None => {
+                                    warn!("docker event stream ended; reconnecting");
+                                    down = true;
+                                    break;
+                                }
+                            },
+                            Some((id, gen, outcome)) = self.results_rx.recv() => {
+                                self.apply(&id, gen, outcome);
+                            }
+                            _ = resync_tick.tick(), if self.resync.is_some() => {
+                                debug!("periodic resync");
+                                if let Err(e) = self.list_and_mark().await {
+                                    warn!("resync failed: {e}");
+                                }
+                            }
+                            _ = retry_tick.tick(), if !self.retry.is_empty() => {
+                                for id in std::mem::take(&mut self.retry) {
+                                    self.mark(&id);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !down {
+                        warn!("cannot list docker containers: {e}; retrying");
+                    }
+                    down = true;
+                }
+            }
+            drop(events);
+            // Keep applying inspections that were in flight while waiting to reconnect.
+            let wait = backoff.next_delay();
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    Some((id, gen, outcome)) = self.results_rx.recv() => self.apply(&id, gen, outcome),
+                }
+            }
+        }
+    }
+
+    /// Lists running containers and marks them and every container we know for inspection.
+    async fn list_and_mark(&mut self) -> Result<usize, bollard::errors::Error> {
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                ..Default::default()
+            }))
+            .await?;
+        let mut ids: HashSet<String> = list.into_iter().filter_map(|c| c.id).collect();
+        let n = ids.len();
+        if !self.listed {
+            self.listed = true;
+            if ids.is_empty() {
+                self.ready = true;
+                self.publish();
+            } else {
+                self.initial = Some(ids.clone());
+            }
+        }
+        ids.extend(self.tracker.ids().cloned());
+        ids.extend(self.services.keys().cloned());
+        for id in ids {
+            self.mark(&id);
+        }
+        Ok(n)
+    }
+
+    /// Schedules an inspection of `id` (or a follow-up one if one is running).
+    fn mark(&mut self, id: &str) {
+        if let Some(gen) = self.tracker.mark(id) {
+            self.spawn_inspect(id.to_string(), gen);
+        }
+    }
+
+    fn spawn_inspect(&self, id: String, gen: u64) {
+        let docker = self.docker.clone();
+        let sem = self.sem.clone();
+        let tx = self.results_tx.clone();
+        tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let outcome = match docker.inspect_container(&id, None).await {
+                Ok(resp) => Outcome::Found(Box::new(extract(resp))),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Outcome::Gone,
+                Err(e) => Outcome::Failed(e.to_string()),
+            };
+            let _ = tx.send((id, gen, outcome));
+        });
+    }
+
+    /// Applies one inspection result, then publishes the desired set if it changed.
+    fn apply(&mut self, id: &str, gen: u64, outcome: Outcome) {
+        let ok = !matches!(outcome, Outcome::Failed(_));
+        let (apply, next) = self.tracker.finish(id, gen, ok);
+        if let Some(g) = next {
+            self.spawn_inspect(id.to_string(), g);
+        }
+        if apply {
+            match outcome {
+                Outcome::Gone => self.remove(id),
+                Outcome::Found(found) => {
+                    let (info, state) = *found;
+                    match decide(&state, self.deregister) {
+                        Decision::Serve => {
+                            let d = derive(&info, &self.opts);
+                            for w in d.warnings {
+                                if self.warned.insert((id.to_string(), w.key.clone())) {
+                                    warn!(
+                                        "container {}: ignoring {}={:?}: expected {}",
+                                        info.name, w.key, w.value, w.expected
+                                    );
+                                }
+                            }
+                            if d.services.is_empty() {
+                                self.services.remove(id);
+                            } else {
+                                self.services.insert(id.to_string(), d.services);
+                            }
+                        }
+                        Decision::Withdraw => {
+                            self.services.remove(id);
+                        }
+                        Decision::Keep => {}
+                    }
+                }
+                Outcome::Failed(_) => {}
+            }
+        } else if let Outcome::Failed(e) = &outcome {
+            debug!("inspecting {id} failed: {e}; will retry");
+            self.retry.insert(id.to_string());
+        }
+        if let Some(pending) = &mut self.initial {
+            pending.remove(id);
+            if pending.is_empty() {
+                self.initial = None;
+                self.ready = true;
+            }
+        }
+        if self.ready {
+            self.publish();
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.services.remove(id);
+        self.warned.retain(|(c, _)| c != id);
+        self.tracker.forget(id);
+    }
+
+    /// Sends the desired set if it differs from the last one sent.
+    fn publish(&self) {
+        let set: ServiceSet = self
+            .services
+            .values()
+            .flatten()
+            .map(|s| (s.id.clone(), s.clone()))
+            .collect();
+        self.tx.send_if_modified(|cur| {
+            if cur.as_deref() == Some(&set) {
+                false
+            } else {
+                *cur = Some(Arc::new(set));
+                true
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_orders_inspections() {
+        let mut t = Tracker::default();
+        // start -> inspect gen 1; die arrives while it runs -> no second inspection yet.
+        assert_eq!(t.mark("c"), Some(1));
+        assert_eq!(t.mark("c"), None);
+        assert_eq!(t.mark("c"), None);
+        // gen 1 returns: applied, and one follow-up for the latest generation.
+        assert_eq!(t.finish("c", 1, true), (true, Some(3)));
+        // A stale duplicate of gen 1 can never be applied after it.
+        assert_eq!(t.finish("c", 1, true), (false, None));
+        assert_eq!(t.finish("c", 3, true), (true, None));
+        // A failed inspection is not applied and not retried here (the caller re-marks).
+        assert_eq!(t.mark("c"), Some(4));
+        assert_eq!(t.finish("c", 4, false), (false, None));
+        assert_eq!(t.mark("c"), Some(5));
+        assert_eq!(t.finish("c", 5, true), (true, None));
+        t.forget("c");
+        assert_eq!(t.ids().count(), 0);
+        // Forgetting keeps containers with pending work.
+        assert_eq!(t.mark("d"), Some(1));
+        t.forget("d");
+        assert_eq!(t.ids().count(), 1);
+        assert_eq!(t.finish("unknown", 1, true), (false, None));
+    }
+
+    #[test]
+    fn decisions() {
+        use Decision::*;
+        use Deregister::*;
+        let st = |running, paused, health: Option<&str>, exit_code| RunState {
+            running,
+            paused,
+            health: health.map(String::from),
+            exit_code,
+        };
+        let cases = [
+            (st(true, false, None, 0), Always, Serve),
+            (st(true, false, Some("healthy"), 0), Always, Serve),
+            (st(true, false, Some("starting"), 0), Always, Withdraw),
+            (st(true, false, Some("unhealthy"), 0), Always, Withdraw),
+            (st(true, true, None, 0), Always, Withdraw),
+            (st(false, false, None, 0), Always, Withdraw),
+            (st(false, false, None, 137), Always, Withdraw),
+            (st(false, false, None, 0), OnSuccess, Withdraw),
+            (st(false, false, None, 1), OnSuccess, Keep),
+            (st(true, false, None, 1), OnSuccess, Serve),
+        ];
+        for (state, mode, want) in cases {
+            assert_eq!(decide(&state, mode), want, "{state:?} {mode:?}");
+        }
+    }
+
+    #[test]
+    fn extracts_inspect_data() {
+        let json = serde_json::json!({
+            "Id": "abc",
+            "Name": "/web1",
+            "Config": {
+                "Image": "team/web:1",
+                "Env": ["SERVICE_NAME=x"],
+                "Labels": {"l": "v"},
+                "ExposedPorts": {"80/tcp": {}, "53/udp": {}, "9000/tcp": {}}
+            },
+            "State": {"Running": true, "Paused": false, "Restarting": false, "ExitCode": 0,
+                      "Health": {"Status": "starting"}},
+            "HostConfig": {"NetworkMode": "default"},
+            "NetworkSettings": {
+                "Ports": {
+                    "80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "32768"},
+                               {"HostIp": "::", "HostPort": "32768"}],
+                    "53/udp": [{"HostIp": "0.0.0.0", "HostPort": "32769"}],
+                    "9000/tcp": null
+                },
+                "Networks": {"bridge": {"IPAddress": "172.17.0.3"}}
+            }
+        });
+        let resp: ContainerInspectResponse = serde_json::from_value(json).unwrap();
+        let (info, state) = extract(resp);
+        assert_eq!(info.name, "web1");
+        assert_eq!(info.image, "team/web:1");
+        assert_eq!(info.ip.as_deref(), Some("172.17.0.3"));
+        assert!(!info.host_network);
+        let ports: Vec<_> = info
+            .ports
+            .iter()
+            .map(|p| (p.port, p.proto.as_str(), p.bindings.len()))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![(53, "udp", 1), (80, "tcp", 2), (9000, "tcp", 0)]
+        );
+        assert_eq!(state.health.as_deref(), Some("starting"));
+        assert!(state.running);
+    }
+}

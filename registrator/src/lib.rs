@@ -1,0 +1,138 @@
+//! registrator: registers published Docker container ports as services in Consul or etcd,
+//! a drop-in for gliderlabs/registrator.
+//!
+//! The moving parts, one module each:
+//! - `cli`: the command line (Go-style flags included) -> [`Config`].
+//! - `derive`: container -> services, gliderlabs' rules, pure.
+//! - `docker`: events and inspections -> the desired service set.
+//! - `sync`: desired set -> store writes, with verification, cleanup, TTLs and outages.
+//! - `host`: this host's name and address.
+
+mod cli;
+mod config;
+mod derive;
+mod docker;
+mod host;
+mod sync;
+
+pub use cli::{normalise, parse, CliExit};
+pub use config::{Config, Deregister};
+pub use derive::{derive, ContainerInfo, ContainerPort, DeriveOptions, Derived, Warning};
+pub use host::{hostname, primary_address};
+
+use anyhow::{bail, Context};
+use std::time::Duration;
+use switchboard::{Shutdown, Store};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Runs the registrator until `shutdown` fires, then deregisters what it registered (unless
+/// `keep_on_exit`) and returns. Fails when the store or the Docker engine cannot be reached
+/// at start.
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let host_ip = match &config.ip {
+        Some(ip) => ip.clone(),
+        None => {
+            match host::primary_address() {
+                Some(ip) => ip.to_string(),
+                None => {
+                    warn!("cannot find a non-loopback address for this host; using 127.0.0.1 (set -ip)");
+                    "127.0.0.1".to_string()
+                }
+            }
+        }
+    };
+    info!(
+        "registrator {} starting: store {}, hostname {}, host address {host_ip}",
+        env!("CARGO_PKG_VERSION"),
+        config.uri.primary(),
+        config.hostname
+    );
+    let store = Store::new(&config.uri);
+    if !connect_store(&store, &config, &shutdown).await? {
+        return Ok(());
+    }
+    let docker = bollard::Docker::connect_with_defaults()
+        .context("cannot set up the Docker client (check DOCKER_HOST)")?
+        .negotiate_version()
+        .await
+        .context("cannot reach the Docker engine (check DOCKER_HOST and the socket)")?;
+
+    let (tx, rx) = watch::channel(None);
+    let opts = DeriveOptions {
+        hostname: config.hostname.clone(),
+        host_ip,
+        ip: config.ip.clone(),
+        internal: config.internal,
+        explicit: config.explicit,
+        tags: config.tags.clone(),
+        ttl: config.ttl,
+        use_ip_from_label: config.use_ip_from_label.clone(),
+    };
+    let watcher = docker::Watcher::new(docker, opts, config.deregister, config.resync, tx);
+    let syncer = sync::Syncer::new(
+        store,
+        sync::SyncOptions {
+            host_prefix: format!("{}:", config.hostname),
+            cleanup: config.cleanup,
+            keep_on_exit: config.keep_on_exit,
+            verify_interval: config.verify_interval,
+            ttl_refresh: config.ttl.map(|_| config.ttl_refresh),
+        },
+    );
+    // The watcher stops with the syncer's token too, but the syncer drains before returning.
+    let stop = shutdown.child_token();
+    let mut watch_task = tokio::spawn(watcher.run(stop.clone()));
+    let mut sync_task = tokio::spawn(syncer.run(rx, stop.clone()));
+    tokio::select! {
+        r = &mut watch_task => {
+            // It only returns on shutdown; anything else is a bug (a panic): drain and fail.
+            stop.cancel();
+            let _ = sync_task.await;
+            if !shutdown.is_cancelled() {
+                bail!("docker watcher stopped unexpectedly: {r:?}");
+            }
+        }
+        r = &mut sync_task => {
+            stop.cancel();
+            let _ = watch_task.await;
+            if let Err(e) = r {
+                bail!("store syncer failed: {e}");
+            }
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Pings the store, retrying per `-retry-attempts`/`-retry-interval`. Returns `Ok(false)` when
+/// shutdown came first.
+async fn connect_store(
+    store: &Store,
+    config: &Config,
+    shutdown: &Shutdown,
+) -> anyhow::Result<bool> {
+    let mut attempt: u32 = 0;
+    loop {
+        let err = match store.ping().await {
+            Ok(()) => return Ok(true),
+            Err(e) => e,
+        };
+        if config.retry_attempts.is_some_and(|max| attempt >= max) {
+            return Err(err).with_context(|| {
+                format!(
+                    "cannot reach the {} store at {} after {} attempt(s) (see -retry-attempts)",
+                    store.kind(),
+                    config.uri.primary(),
+                    attempt + 1
+                )
+            });
+        }
+        attempt += 1;
+        warn!("{} store not reachable yet ({err}); retrying", store.kind());
+        tokio::select! {
+            _ = tokio::time::sleep(config.retry_interval.max(Duration::from_millis(1))) => {}
+            _ = shutdown.cancelled() => return Ok(false),
+        }
+    }
+}
