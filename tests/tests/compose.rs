@@ -194,6 +194,21 @@ async fn backends_converge(url: &str, n: usize, timeout: Duration) -> BTreeSet<S
     }
 }
 
+/// `docker-compose scale web=<n>`, then waits until exactly `n` backends answer through the
+/// proxy, within [`CONVERGE`] of the command's return: the part Switchboard controls
+/// (registration, render, reload). docker-compose's own run time (a second or two, more on a
+/// loaded machine) is printed, not asserted.
+async fn scale(stack: &mut Stack, url: &str, n: usize) {
+    let started = Instant::now();
+    stack.compose(&["scale", &format!("web={n}")]);
+    let returned = started.elapsed();
+    backends_converge(url, n, CONVERGE).await;
+    eprintln!(
+        "scale web={n}: command took {returned:?}; {n} backend(s) answer {:?} after it started",
+        started.elapsed()
+    );
+}
+
 /// Instances of service `http` in Consul's catalog.
 async fn consul_http_instances(consul: &str) -> Option<Vec<serde_json::Value>> {
     let v: serde_json::Value = reqwest::get(format!("{consul}/v1/catalog/service/http"))
@@ -269,8 +284,7 @@ async fn consul_nginx_stack_scales_up_and_down() {
         "-internal registers port 80"
     );
 
-    stack.compose(&["scale", "web=3"]);
-    backends_converge(&url, 3, CONVERGE).await;
+    scale(&mut stack, &url, 3).await;
     wait_for("three http instances in Consul", CONVERGE, || async {
         consul_http_instances(&consul)
             .await
@@ -278,8 +292,7 @@ async fn consul_nginx_stack_scales_up_and_down() {
     })
     .await;
 
-    stack.compose(&["scale", "web=1"]);
-    backends_converge(&url, 1, CONVERGE).await;
+    scale(&mut stack, &url, 1).await;
     wait_for("one http instance in Consul", CONVERGE, || async {
         consul_http_instances(&consul)
             .await
@@ -344,15 +357,30 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
         .unwrap();
     assert_eq!(ok.status(), 200, "stats page with the password");
 
-    stack.compose(&["scale", "web=3"]);
-    backends_converge(&url, 3, CONVERGE).await;
+    scale(&mut stack, &url, 3).await;
     wait_for("three http keys in etcd", CONVERGE, || async {
         etcd_http_keys(&etcd).await.filter(|k| k.len() == 3)
     })
     .await;
+    // The new instances are listed on the statistics page too (server names carry the
+    // container names, `<project>_web_<n>`).
+    wait_for("three web servers on the stats page", CONVERGE, || async {
+        let page = http
+            .get(&stats)
+            .basic_auth("admin", Some(&password))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (1..=3)
+            .all(|n| page.contains(&format!("_web_{n}")))
+            .then_some(())
+    })
+    .await;
 
-    stack.compose(&["scale", "web=1"]);
-    backends_converge(&url, 1, CONVERGE).await;
+    scale(&mut stack, &url, 1).await;
     wait_for("one http key in etcd", CONVERGE, || async {
         etcd_http_keys(&etcd).await.filter(|k| k.len() == 1)
     })
