@@ -34,6 +34,21 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// An instance of a registered service, on `node` (empty outside Consul agent services)
+    /// with aggregate check status `health`.
+    pub fn from_service(s: switchboard::Service, node: String, health: String) -> Instance {
+        Instance {
+            id: s.id,
+            name: s.name,
+            address: s.address,
+            port: s.port,
+            tags: s.tags,
+            meta: s.meta,
+            node,
+            health,
+        }
+    }
+
     /// The virtual host this instance serves: meta `vhost`, or meta `hostname` + `.` + meta
     /// `domain`; `None` when absent or not a valid DNS name.
     pub fn vhost(&self) -> Option<String> {

@@ -359,36 +359,13 @@ impl Aggregator {
 }
 
 fn health_instance(h: HealthEntry) -> Instance {
-    Instance {
-        id: h.service.id,
-        name: h.service.name,
-        address: h.service.address,
-        port: h.service.port,
-        tags: h.service.tags,
-        meta: h.service.meta,
-        node: h.node,
-        health: h.status,
-    }
+    Instance::from_service(h.service, h.node, h.status)
 }
 
 /// `<name>/<id>` = `ip:port` (Consul KV layout) as an instance.
 fn kv_instance(rel_key: &str, value: &[u8]) -> Option<Instance> {
-    let (name, id) = rel_key.split_once('/')?;
-    let text = std::str::from_utf8(value).ok()?.trim();
-    let (host, port) = text.rsplit_once(':')?;
-    Some(Instance {
-        id: id.to_string(),
-        name: name.to_string(),
-        address: host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-        port: port.parse().ok()?,
-        tags: vec![],
-        meta: BTreeMap::new(),
-        node: String::new(),
-        health: "passing".into(),
-    })
+    switchboard::store::consulkv_entry(rel_key, value)
+        .map(|s| Instance::from_service(s, String::new(), "passing".into()))
 }
 
 /// Runs one blocking-query loop until `shutdown`, reporting each answer (and each error) as

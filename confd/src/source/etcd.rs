@@ -77,16 +77,11 @@ fn instance(dir: &str, key: &str, value: &[u8]) -> Option<Instance> {
         return None;
     }
     match serde_json::from_slice::<EtcdValue>(value) {
-        Ok(v) => Some(Instance {
-            id: v.id,
-            name: v.name,
-            address: v.address,
-            port: v.port,
-            tags: v.tags,
-            meta: v.meta,
-            node: String::new(),
-            health: "passing".into(),
-        }),
+        Ok(v) => Some(Instance::from_service(
+            v.into(),
+            String::new(),
+            "passing".into(),
+        )),
         Err(e) => {
             tracing::debug!(key, error = %e, "skipping etcd key that is not a service");
             None

@@ -198,7 +198,7 @@ impl Store {
                 };
                 let (kvs, _) = client.kv_list(&dir, 0, Duration::ZERO).await?;
                 kvs.into_iter()
-                    .filter_map(|(k, v)| parse_consulkv_entry(&k[dir.len()..], &v))
+                    .filter_map(|(k, v)| consulkv_entry(&k[dir.len()..], &v))
                     .collect()
             }
             Store::Etcd { client, prefix, .. } => {
@@ -278,10 +278,12 @@ fn consulkv_key(prefix: &str, svc: &Service) -> String {
     }
 }
 
-/// `<name>/<id>` = `ip:port` back into a service (the parts a KV entry holds).
-fn parse_consulkv_entry(rel_key: &str, value: &[u8]) -> Option<Service> {
+/// A Consul KV entry in registrator's layout, `<name>/<id>` (relative to the prefix) =
+/// `ip:port`, back into a service (only the parts a KV entry holds). `None` when the entry does
+/// not have that shape.
+pub fn consulkv_entry(rel_key: &str, value: &[u8]) -> Option<Service> {
     let (name, id) = rel_key.split_once('/')?;
-    let text = std::str::from_utf8(value).ok()?;
+    let text = std::str::from_utf8(value).ok()?.trim();
     let (host, port) = text.rsplit_once(':')?;
     Some(Service {
         id: id.to_string(),
@@ -388,9 +390,9 @@ mod tests {
     #[test]
     fn consulkv_entry_round_trip() {
         let s = svc();
-        let back = parse_consulkv_entry("web/host:web:80", s.addr().as_bytes()).unwrap();
+        let back = consulkv_entry("web/host:web:80", s.addr().as_bytes()).unwrap();
         assert_eq!(back, s);
-        assert!(parse_consulkv_entry("noslash", b"1.2.3.4:80").is_none());
-        assert!(parse_consulkv_entry("web/x", b"garbage").is_none());
+        assert!(consulkv_entry("noslash", b"1.2.3.4:80").is_none());
+        assert!(consulkv_entry("web/x", b"garbage").is_none());
     }
 }
