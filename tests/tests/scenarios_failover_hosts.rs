@@ -29,11 +29,14 @@ fn service_name(tag: &str) -> String {
     format!("{tag}{}", std::process::id())
 }
 
+/// Port 8000 published on loopback, on a port the engine picks.
+const PUBLISH_ANY: &str = "127.0.0.1::8000";
+
 /// `docker run` arguments for one app instance (publish on loopback, name the service).
-fn app_args(service: &str, extra: &[&str]) -> Vec<String> {
+fn app_args(service: &str, publish: &str, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         "-p",
-        "127.0.0.1::8000",
+        publish,
         "--stop-timeout",
         "2",
         "-e",
@@ -53,7 +56,7 @@ fn hello(container_id: &str) -> String {
 }
 
 fn run_app(tag: &str, service: &str, extra: &[&str]) -> Container {
-    let args = app_args(service, extra);
+    let args = app_args(service, PUBLISH_ANY, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Container::run(tag, &args)
 }
@@ -507,6 +510,27 @@ impl Drop for Engine {
     }
 }
 
+/// Both engines pick published ports from the same range (32768 up, sequentially) and cannot
+/// see each other's: the second engine's would sooner or later take a port the default
+/// engine hands out next. Its containers therefore publish explicit ports below that range.
+fn engine_b_args(service: &str, extra: &[&str]) -> Vec<String> {
+    let publish = format!("127.0.0.1:{}:8000", port_below_ephemeral_range());
+    app_args(service, &publish, extra)
+}
+
+/// A free loopback port in 20000..30000, outside the kernel's and Docker's ephemeral range.
+fn port_below_ephemeral_range() -> u16 {
+    let seed = std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    (0..10_000u64)
+        .map(|i| 20_000 + ((seed + i * 97) % 10_000) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 20000..30000")
+}
+
 /// Two engines, one registrator each (distinct `--hostname` identities, `-cleanup`, TTL 3 s),
 /// one Consul, one proxy. Both hosts' instances answer; `kill -9` of one host's registrator
 /// takes its instances out once their TTL lapses, and losing that engine altogether takes
@@ -547,9 +571,8 @@ async fn scenario5_several_hosts_survive_losing_one() {
     ];
     let a1 = run_app("hosts-a", &service, &check);
     let a2 = run_app("hosts-a", &service, &check);
-    let b_args = app_args(&service, &check);
-    let (b1, _) = engine_b.run("hosts-b", &b_args);
-    let (b2, _) = engine_b.run("hosts-b", &b_args);
+    let (b1, _) = engine_b.run("hosts-b", &engine_b_args(&service, &check));
+    let (b2, _) = engine_b.run("hosts-b", &engine_b_args(&service, &check));
     let on_a = set(&[&hello(&a1.id), &hello(&a2.id)]);
     let all: BTreeSet<String> = on_a
         .iter()
