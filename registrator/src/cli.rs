@@ -32,6 +32,7 @@ const VALUE_FLAGS: &[&str] = &[
     "retry-interval",
     "useIpFromLabel",
     "verify-interval",
+    "hostname",
 ];
 
 const URI_EXPECTED: &str =
@@ -94,6 +95,11 @@ struct Cli {
     /// Take each service's address from this container label (a CIDR suffix is dropped).
     #[arg(long = "useIpFromLabel", value_name = "LABEL")]
     use_ip_from_label: Option<String>,
+    /// Host identity: the first part of every service ID and the scope of `-cleanup` (not in
+    /// gliderlabs; default: this host's name). Lets several registrators share one machine,
+    /// e.g. one per Docker engine, without removing each other's services.
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
     /// Print the version and exit.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
           default_value = "false", value_parser = parse_go_bool, value_name = "BOOL")]
@@ -267,6 +273,15 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
             cli.verify_interval
         )));
     }
+    let hostname = match cli.hostname {
+        None => hostname.to_string(),
+        Some(h) if valid_host_identity(&h) => h,
+        Some(h) => {
+            return Err(CliExit::usage(format!(
+                "invalid value {h:?} for -hostname: expected a name without ':', '/' or spaces"
+            )))
+        }
+    };
     Ok(Config {
         uri,
         ip: cli.ip,
@@ -283,8 +298,14 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         use_ip_from_label: cli.use_ip_from_label.filter(|l| !l.is_empty()),
         keep_on_exit: cli.keep_on_exit,
         verify_interval: Duration::from_secs_f64(cli.verify_interval),
-        hostname: hostname.to_string(),
+        hostname,
     })
+}
+
+/// A host identity must stay the first field of `<hostname>:<container>:<port>` IDs and a
+/// clean key segment in etcd, so `-cleanup`'s prefix match cannot reach another host's IDs.
+fn valid_host_identity(h: &str) -> bool {
+    !h.is_empty() && !h.contains([':', '/']) && !h.chars().any(char::is_whitespace)
 }
 
 /// `a, b,,c` -> `[a, b, c]`.
@@ -384,6 +405,28 @@ mod tests {
             assert_eq!(e.code, 2, "{input}");
             assert!(e.message.contains(want), "{input}: {}", e.message);
             assert!(!e.message.contains('\n'), "{input}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn hostname_flag_overrides_the_host_identity() {
+        let cases = [
+            ("consul://h", Ok("host")),
+            ("-hostname engine-b consul://h", Ok("engine-b")),
+            ("--hostname=engine-b consul://h", Ok("engine-b")),
+            ("-hostname a:b consul://h", Err("a:b")),
+            ("-hostname a/b consul://h", Err("a/b")),
+            ("-hostname= consul://h", Err("-hostname")),
+        ];
+        for (input, want) in cases {
+            match (parse(argv(input), "host"), want) {
+                (Ok(c), Ok(h)) => assert_eq!(c.hostname, h, "{input}"),
+                (Err(e), Err(needle)) => {
+                    assert_eq!(e.code, 2, "{input}");
+                    assert!(e.message.contains(needle), "{input}: {}", e.message);
+                }
+                (got, _) => panic!("{input}: unexpected {got:?}"),
+            }
         }
     }
 

@@ -1,0 +1,623 @@
+//! Scenarios 4 (failover) and 5 (several hosts), end to end: the real Docker engine (and a
+//! second `dockerd` this file starts itself), a Consul dev agent, the `registrator` and
+//! `confd` binaries as users run them (`cargo build -p registrator -p confd` first) and a
+//! real HAProxy on free loopback ports. Recipes: `docs/scenario-4-failover.md` and
+//! `docs/scenario-5-several-hosts.md`.
+//!
+//! Other tests share the default engine, and our registrators register every container on
+//! it; each test therefore names its service uniquely and the proxy serves only that one.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use switchboard_tests::*;
+
+/// Upper bound for any single wait.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The app: `Hello from <hostname>` on port 8000. `sh` stays PID 1 with a TERM trap so
+/// `docker stop` ends it at once, as a real app would (busybox httpd as PID 1 ignores TERM
+/// and would make every stop wait for the kill timeout).
+const APP: &str = "mkdir -p /www; echo \"Hello from $(hostname)\" > /www/index.html; \
+                   trap 'exit 0' TERM; httpd -f -p 8000 -h /www & wait";
+
+/// A service name no other test's container carries: our registrators see the whole engine.
+fn service_name(tag: &str) -> String {
+    format!("{tag}{}", std::process::id())
+}
+
+/// Port 8000 published on loopback, on a port the engine picks.
+const PUBLISH_ANY: &str = "127.0.0.1::8000";
+
+/// `docker run` arguments for one app instance (publish on loopback, name the service).
+fn app_args(service: &str, publish: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-p",
+        publish,
+        "--stop-timeout",
+        "2",
+        "-e",
+        &format!("SERVICE_NAME={service}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend([TEST_IMAGE, "sh", "-c", APP].map(String::from));
+    args
+}
+
+/// What an instance answers: its hostname is the first 12 characters of its container ID.
+fn hello(container_id: &str) -> String {
+    format!("Hello from {}\n", &container_id[..12])
+}
+
+fn run_app(tag: &str, service: &str, extra: &[&str]) -> Container {
+    let args = app_args(service, PUBLISH_ANY, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Container::run(tag, &args)
+}
+
+/// A registrator on the default engine (or another one through `DOCKER_HOST`), registering
+/// published ports with 127.0.0.1: published ports answer on loopback.
+fn registrator(uri: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+    let mut full = vec!["-ip", "127.0.0.1"];
+    full.extend_from_slice(args);
+    full.push(uri);
+    Process::spawn(&bin("registrator"), &full, env)
+}
+
+/// confd rendering the shipped HAProxy template for one service, plus HAProxy itself.
+struct Proxy {
+    dir: tempfile::TempDir,
+    port: u16,
+    confd: Process,
+    haproxy: Option<Process>,
+}
+
+impl Proxy {
+    /// Starts confd; HAProxy starts once the first config with a server is rendered.
+    async fn start(consul: &Consul, service: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let d = dir.path().display().to_string();
+        let cfg = format!(
+            r#"
+backend: {uri}
+wait: {{ min: 100ms, max: 1s }}
+vars:
+  listen: {port}
+  bind_address: 127.0.0.1
+  pid: {d}/haproxy.pid
+  default_service: {service}
+  check_path: /
+  check_expect: Hello
+templates:
+  - src: {tpl}/haproxy.cfg.hbs
+    dest: {d}/haproxy.cfg
+    check: ["haproxy", "-c", "-q", "-f"]
+    reload: "test -f {d}/haproxy.pid || exit 0; kill -USR2 $(cat {d}/haproxy.pid)"
+"#,
+            uri = consul.uri(),
+            tpl = workspace_root().join("templates").display(),
+        );
+        let cfg_path = dir.path().join("confd.yaml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let confd = Process::spawn(
+            &bin("confd"),
+            &["--config", cfg_path.to_str().unwrap()],
+            &[("RUST_LOG", "info")],
+        );
+        let mut px = Proxy {
+            dir,
+            port,
+            confd,
+            haproxy: None,
+        };
+        let cfg = px.cfg_path();
+        let deadline = Instant::now() + WAIT;
+        while !px.config().contains("    server ") {
+            assert!(
+                Instant::now() < deadline,
+                "no server rendered; confd output:\n{}",
+                px.confd.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pid = px.dir.path().join("haproxy.pid");
+        px.haproxy = Some(Process::spawn(
+            Path::new("haproxy"),
+            &[
+                "-W",
+                "-f",
+                cfg.to_str().unwrap(),
+                "-p",
+                pid.to_str().unwrap(),
+            ],
+            &[],
+        ));
+        px
+    }
+
+    fn cfg_path(&self) -> PathBuf {
+        self.dir.path().join("haproxy.cfg")
+    }
+
+    /// The rendered haproxy.cfg.
+    fn config(&self) -> String {
+        std::fs::read_to_string(self.cfg_path()).unwrap_or_default()
+    }
+
+    /// Waits until requests through the proxy reach exactly `want` (bodies); returns how
+    /// long that took.
+    async fn wait_routes(&self, what: &str, want: &BTreeSet<String>) -> Duration {
+        let start = Instant::now();
+        let mut last = BTreeSet::new();
+        while start.elapsed() < WAIT {
+            last = answers(self.port, want.len() * 4 + 2).await;
+            if &last == want {
+                return start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "{what}: wanted {want:?}, last saw {last:?}\nhaproxy.cfg:\n{}\nconfd output:\n{}",
+            self.config(),
+            self.confd.output()
+        );
+    }
+
+    /// Waits until the rendered config no longer names `needle` (a host identity or a
+    /// container name), i.e. confd took those servers out; returns how long that took.
+    async fn wait_gone(&self, what: &str, needle: &str) -> Duration {
+        let start = Instant::now();
+        while self.config().contains(needle) {
+            assert!(
+                start.elapsed() < WAIT,
+                "{what}: {needle} still in haproxy.cfg:\n{}\nconfd output:\n{}",
+                self.config(),
+                self.confd.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        start.elapsed()
+    }
+}
+
+fn client() -> reqwest::Client {
+    // A fresh connection per request, as separate clients would make.
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap()
+}
+
+/// One GET through the proxy: the body, or why it failed.
+async fn get(http: &reqwest::Client, port: u16) -> Result<String, String> {
+    let r = http
+        .get(format!("http://127.0.0.1:{port}/"))
+        .send()
+        .await
+        .map_err(|e| format!("transport: {e}"))?;
+    let status = r.status();
+    let body = r.text().await.map_err(|e| format!("body: {e}"))?;
+    if status.is_success() && body.starts_with("Hello from ") {
+        Ok(body)
+    } else {
+        Err(format!("status {status}: {body:?}"))
+    }
+}
+
+/// The set of bodies (or errors) `n` requests got.
+async fn answers(port: u16, n: usize) -> BTreeSet<String> {
+    let http = client();
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        seen.insert(get(&http, port).await.unwrap_or_else(|e| e));
+    }
+    seen
+}
+
+/// A client calling every 100 ms in the background, at most `n` times or until stopped:
+/// the witness that the service stays up while something fails.
+struct Caller {
+    sent: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Result<String, String>>>,
+}
+
+impl Caller {
+    fn start(port: u16, n: usize) -> Caller {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (counter, stopped) = (sent.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let http = client();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut out = Vec::with_capacity(n);
+            while out.len() < n && !stopped.load(Ordering::SeqCst) {
+                tick.tick().await;
+                out.push(get(&http, port).await);
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            out
+        });
+        Caller { sent, stop, task }
+    }
+
+    /// Lets `k` more calls through, then stops the client (it must still be calling then).
+    async fn stop_after(&self, k: usize) {
+        let now = self.sent.load(Ordering::SeqCst);
+        assert!(
+            !self.task.is_finished(),
+            "the client ran out of calls too early"
+        );
+        self.wait_sent(now + k).await;
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until `k` requests have been answered (or failed), so the fault lands mid-run.
+    async fn wait_sent(&self, k: usize) {
+        wait_for("the client to get going", WAIT, || async {
+            (self.sent.load(Ordering::SeqCst) >= k).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits for the run to end; prints and returns the failures.
+    async fn finish(self, what: &str) -> (Vec<Result<String, String>>, Vec<String>) {
+        let results = self.task.await.unwrap();
+        let failures: Vec<String> = results.iter().filter_map(|r| r.clone().err()).collect();
+        println!(
+            "{what}: {} requests, {} failed {:?}",
+            results.len(),
+            failures.len(),
+            failures
+        );
+        (results, failures)
+    }
+}
+
+fn set(items: &[&String]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 4: failover
+// ---------------------------------------------------------------------------------------
+
+/// A second instance joins within seconds; `docker stop` of one loses no request of a
+/// client calling every 100 ms (HAProxy retries on another server until the stopped one is
+/// out), and then only the other answers.
+// Multi-threaded: the background client must keep calling while the test body blocks on the
+// docker CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario4_failover_loses_no_request() {
+    let consul = Consul::start().await;
+    let service = service_name("failover");
+    let reg = registrator(&consul.uri(), &[], &[]);
+    let a = run_app("failover-a", &service, &[]);
+    let hello_a = hello(&a.id);
+    let px = Proxy::start(&consul, &service).await;
+    let cfg = px.config();
+    assert!(cfg.contains("option httpchk GET /"), "{cfg}");
+    assert!(cfg.contains("http-check expect string \"Hello\""), "{cfg}");
+    assert!(
+        cfg.contains("retry-on conn-failure empty-response"),
+        "{cfg}"
+    );
+    px.wait_routes("first instance", &set(&[&hello_a])).await;
+
+    let started = Instant::now();
+    let b = run_app("failover-b", &service, &[]);
+    let hello_b = hello(&b.id);
+    px.wait_routes("both instances", &set(&[&hello_a, &hello_b]))
+        .await;
+    let joined = started.elapsed();
+    println!("second instance answering {joined:?} after docker run");
+    assert!(joined < Duration::from_secs(10), "took {joined:?}");
+
+    let caller = Caller::start(px.port, 60);
+    caller.wait_sent(10).await;
+    a.stop(10);
+    let took = px.wait_gone("the stopped instance", &a.name).await;
+    println!("stopped instance left the proxy {took:?} after docker stop returned");
+    let (results, failures) = caller.finish("docker stop during 60 calls").await;
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    // The last second of calls all went to the survivor.
+    for r in &results[results.len() - 10..] {
+        assert_eq!(r.as_deref(), Ok(hello_b.as_str()));
+    }
+    px.wait_routes("only the other", &set(&[&hello_b])).await;
+    reg.wait_output(
+        &format!("deregistered {}:{}:8000", hostname(), a.name),
+        WAIT,
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 5: several hosts
+// ---------------------------------------------------------------------------------------
+
+/// A second Docker engine on this machine: its own socket, data and exec roots, pid file and
+/// bridge (`br-sbtest`, no iptables: the userland proxy publishes ports on loopback). Drop
+/// removes its containers, stops it, unmounts and deletes its directories and the bridge.
+struct Engine {
+    dir: PathBuf,
+    sock: String,
+    proc: Option<Process>,
+    /// Set by [`Engine::kill`]: cleanup must restart dockerd to stop the orphans.
+    killed: bool,
+}
+
+const BRIDGE: &str = "br-sbtest";
+/// The bridge's gateway and subnet (unused elsewhere on these machines).
+const BRIDGE_CIDR: &str = "10.213.57.1/24";
+
+fn run_cmd(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Engine {
+    fn start() -> Engine {
+        // A bridge a crashed run left would make `ip link add` fail.
+        let _ = run_cmd("ip", &["link", "del", BRIDGE]);
+        run_cmd("ip", &["link", "add", BRIDGE, "type", "bridge"]).unwrap();
+        // From here on Drop cleans up, whatever fails next.
+        let dir = PathBuf::from(format!("/tmp/sbtest-engine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut e = Engine {
+            sock: format!("unix://{}/docker.sock", dir.display()),
+            dir,
+            proc: None,
+            killed: false,
+        };
+        run_cmd("ip", &["addr", "add", BRIDGE_CIDR, "dev", BRIDGE]).unwrap();
+        run_cmd("ip", &["link", "set", BRIDGE, "up"]).unwrap();
+        // The machine's /etc/docker/daemon.json sets data-root; an empty file of our own
+        // keeps it from clashing with --data-root.
+        std::fs::write(e.dir.join("daemon.json"), "{}").unwrap();
+        e.launch().unwrap();
+        let mut save = Command::new("docker")
+            .args(["save", TEST_IMAGE])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let load = Command::new("docker")
+            .args(["-H", &e.sock, "load", "-q"])
+            .stdin(save.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        assert!(save.wait().unwrap().success(), "docker save failed");
+        assert!(
+            load.status.success(),
+            "docker load into the second engine: {}",
+            String::from_utf8_lossy(&load.stderr)
+        );
+        e
+    }
+
+    /// Starts dockerd on this engine's directories and waits until it answers (a blocking
+    /// bounded poll: nothing else runs while an engine starts).
+    fn launch(&mut self) -> Result<(), String> {
+        let d = self.dir.display().to_string();
+        let args = [
+            "--config-file",
+            &format!("{d}/daemon.json"),
+            "--host",
+            &self.sock,
+            "--data-root",
+            &format!("{d}/data"),
+            "--exec-root",
+            &format!("{d}/exec"),
+            "--pidfile",
+            &format!("{d}/docker.pid"),
+            "--bridge",
+            BRIDGE,
+            "--iptables=false",
+        ];
+        self.proc = Some(Process::spawn(Path::new("dockerd"), &args, &[]));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.docker(&["info", "-f", "{{.ID}}"]).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "second dockerd did not answer; output:\n{}",
+                    self.proc.as_ref().unwrap().output()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    fn docker(&self, args: &[&str]) -> Result<String, String> {
+        let mut full = vec!["-H", &self.sock];
+        full.extend_from_slice(args);
+        run_cmd("docker", &full)
+    }
+
+    /// `docker run -d` on this engine; returns the container ID. Names are unique across
+    /// both engines, as the service IDs `<host>:<container>:<port>` need.
+    fn run(&self, tag: &str, args: &[String]) -> (String, String) {
+        let name = unique_name(tag);
+        let mut full = vec!["run", "-d", "--name", &name, "--label", TEST_LABEL];
+        full.extend(args.iter().map(String::as_str));
+        let id = self.docker(&full).unwrap();
+        (id, name)
+    }
+
+    /// The host is lost: `kill -9` dockerd. Its containerd and port proxies die with it
+    /// (the containers' processes live on under their shims until cleanup).
+    fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+        self.killed = true;
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // After a kill, restarting dockerd on the same roots stops the orphaned containers.
+        if self.killed {
+            let _ = self.launch();
+        }
+        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
+            for id in ids.lines().filter(|l| !l.is_empty()) {
+                let _ = self.docker(&["rm", "-f", "-v", id]);
+            }
+        }
+        if let Some(p) = self.proc.as_mut() {
+            p.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.dir.join("docker.pid").exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        self.proc = None;
+        // dockerd leaves its data root bind-mounted on itself; unmount everything under our
+        // directory, deepest first, before deleting it.
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| Path::new(m).starts_with(&self.dir))
+            .collect();
+        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in ours {
+            let _ = run_cmd("umount", &["-l", m]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = run_cmd("ip", &["link", "del", BRIDGE]);
+    }
+}
+
+/// Both engines pick published ports from the same range (32768 up, sequentially) and cannot
+/// see each other's: the second engine's would sooner or later take a port the default
+/// engine hands out next. Its containers therefore publish explicit ports below that range.
+fn engine_b_args(service: &str, extra: &[&str]) -> Vec<String> {
+    let publish = format!("127.0.0.1:{}:8000", port_below_ephemeral_range());
+    app_args(service, &publish, extra)
+}
+
+/// A free loopback port in 20000..30000, outside the kernel's and Docker's ephemeral range.
+fn port_below_ephemeral_range() -> u16 {
+    let seed = std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    (0..10_000u64)
+        .map(|i| 20_000 + ((seed + i * 97) % 10_000) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 20000..30000")
+}
+
+/// Two engines, one registrator each (distinct `--hostname` identities, `-cleanup`, TTL 3 s),
+/// one Consul, one proxy. Both hosts' instances answer; `kill -9` of one host's registrator
+/// takes its instances out once their TTL lapses, and losing that engine altogether takes
+/// them out through their failing HTTP checks, while the other host serves throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario5_several_hosts_survive_losing_one() {
+    let mut engine_b = Engine::start();
+    let consul = Consul::start().await;
+    let service = service_name("hosts");
+    let host_a = format!("sbtest-host-a-{}", std::process::id());
+    let host_b = format!("sbtest-host-b-{}", std::process::id());
+    let reg_args = |host: &str| -> Vec<String> {
+        [
+            "-ttl",
+            "3",
+            "-ttl-refresh",
+            "1",
+            "-cleanup",
+            "-hostname",
+            host,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let args_a = reg_args(&host_a);
+    let args_a: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let args_b = reg_args(&host_b);
+    let args_b: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    let env_b = [("DOCKER_HOST", engine_b.sock.as_str())];
+    let _reg_a = registrator(&consul.uri(), &args_a, &[]);
+    let mut reg_b = registrator(&consul.uri(), &args_b, &env_b);
+
+    let check = [
+        "-e",
+        "SERVICE_CHECK_HTTP=/",
+        "-e",
+        "SERVICE_CHECK_INTERVAL=1s",
+    ];
+    let a1 = run_app("hosts-a", &service, &check);
+    let a2 = run_app("hosts-a", &service, &check);
+    let (b1, _) = engine_b.run("hosts-b", &engine_b_args(&service, &check));
+    let (b2, _) = engine_b.run("hosts-b", &engine_b_args(&service, &check));
+    let on_a = set(&[&hello(&a1.id), &hello(&a2.id)]);
+    let all: BTreeSet<String> = on_a
+        .iter()
+        .cloned()
+        .chain([hello(&b1), hello(&b2)])
+        .collect();
+
+    let px = Proxy::start(&consul, &service).await;
+    px.wait_routes("instances on both hosts", &all).await;
+    let cfg = px.config();
+    assert!(cfg.contains(&host_a) && cfg.contains(&host_b), "{cfg}");
+
+    // (a) host B's registrator dies: its registrations stay but their TTL check lapses.
+    let caller = Caller::start(px.port, 600);
+    caller.wait_sent(5).await;
+    reg_b.kill9();
+    let took = px.wait_gone("host B after its TTL lapsed", &host_b).await;
+    println!("host B's instances left the proxy {took:?} after its registrator was killed");
+    px.wait_routes("host A only", &on_a).await;
+    caller.stop_after(10).await;
+    let (_, failures) = caller.finish("registrator kill -9 on host B").await;
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    let health = consul
+        .get_json(&format!("/v1/health/service/{service}"))
+        .await;
+    let critical_ttl = health
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["Service"]["ID"].as_str().unwrap().starts_with(&host_b))
+        .flat_map(|e| e["Checks"].as_array().unwrap().clone())
+        .filter(|c| c["Name"] == "registrator TTL" && c["Status"] == "critical")
+        .count();
+    assert_eq!(critical_ttl, 2, "{health:#}");
+
+    // (b) host B comes back under a new registrator, then its engine dies.
+    let _reg_b = registrator(&consul.uri(), &args_b, &env_b);
+    px.wait_routes("host B back", &all).await;
+    let caller = Caller::start(px.port, 600);
+    caller.wait_sent(5).await;
+    engine_b.kill();
+    let took = px.wait_gone("host B after its engine died", &host_b).await;
+    println!("host B's instances left the proxy {took:?} after its dockerd was killed");
+    px.wait_routes("host A only", &on_a).await;
+    caller.stop_after(10).await;
+    let (_, failures) = caller.finish("dockerd kill -9 on host B").await;
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+}
