@@ -524,6 +524,11 @@ async fn scenario_3_internal_routing_health_checks_and_sticky_sessions() {
         "critical b is not routed:\n{}",
         router.cfg()
     );
+    // The file is replaced just before HAProxy reloads: wait for the reload to take effect.
+    wait_for("the client reaches a", WAIT, || async {
+        client.get(None).filter(|r| r.body == short_id(&a))
+    })
+    .await;
     assert_eq!(client.bodies(3, None), vec![short_id(&a); 3]);
     docker(&["exec", &b.id, "sh", "-c", "echo ok > /www/health"]);
     let entered = time_until("b in the proxy after its first passing probe", || {
