@@ -1,27 +1,19 @@
-//! Switchboard benchmark: real Docker engine, real Consul and etcd, the real registrator.
+//! Registrator suite: Docker `start` event -> registration visible in the store.
 //!
 //! For each store and each N (default 1, 50, 200) it starts N containers with a published port
 //! and reports, from each container's Docker `start` event to its registration being visible in
-//! the store: median, p99 and max; plus the registrator's peak RSS (VmHWM). A table is printed;
-//! nothing is asserted (speed targets are read from this table, never from timed tests).
-//!
-//! Run: `cargo build --release -p registrator && cargo run --release -p switchboard-tests --bin bench`
-//! Options: `--counts 1,50,200`, `--stores consul,etcd`.
+//! the store: median, p99 and max; plus the registrator's peak RSS (VmHWM).
 
+use crate::common::{mib, ms, now_ns, peak_rss_kib, percentile, release_bin};
+use crate::Which;
 use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use switchboard::store::{EtcdClient, WatchEvent};
 use switchboard::{Endpoint, RegistryUri};
 use switchboard_tests::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-#[derive(Clone, Copy, PartialEq)]
-enum Which {
-    Consul,
-    Etcd,
-}
 
 struct Row {
     store: &'static str,
@@ -30,30 +22,6 @@ struct Row {
     p99: Duration,
     max: Duration,
     rss_kib: u64,
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
 }
 
 /// Container name -> time (ns since epoch) of its `start` event, filled by `docker events`.
@@ -188,7 +156,7 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
     };
     RegistryUri::parse(&uri).expect("uri");
     let mut reg = Process::spawn(
-        &bin("registrator"),
+        &release_bin("registrator"),
         &["-ip", "127.0.0.1", &uri],
         &[("RUST_LOG", "warn")],
     );
@@ -262,11 +230,7 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
         eprintln!(
             "warning: {} of {n} registrations not measured on {}",
             n - lat.len(),
-            if which == Which::Consul {
-                "consul"
-            } else {
-                "etcd"
-            }
+            which.name()
         );
     }
     lat.sort();
@@ -276,11 +240,7 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
     reg.signal(libc::SIGTERM);
     let _ = reg.wait_exit(Duration::from_secs(60)).await;
     Row {
-        store: if which == Which::Consul {
-            "consul"
-        } else {
-            "etcd"
-        },
+        store: which.name(),
         n,
         median: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
@@ -289,61 +249,29 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
     }
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1000.0)
-}
-
-#[tokio::main]
-async fn main() {
-    let mut counts = vec![1usize, 50, 200];
-    let mut stores = vec![Which::Consul, Which::Etcd];
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--counts" => {
-                counts = args
-                    .next()
-                    .expect("--counts N,N")
-                    .split(',')
-                    .map(|s| s.parse().expect("--counts takes numbers"))
-                    .collect()
-            }
-            "--stores" => {
-                stores = args
-                    .next()
-                    .expect("--stores consul,etcd")
-                    .split(',')
-                    .map(|s| match s {
-                        "consul" => Which::Consul,
-                        "etcd" => Which::Etcd,
-                        other => panic!("unknown store {other:?}: expected consul or etcd"),
-                    })
-                    .collect()
-            }
-            other => panic!("unknown argument {other:?}: expected --counts or --stores"),
-        }
-    }
+/// Runs the suite for every store and count and prints its table.
+pub async fn run(counts: &[usize], stores: &[Which]) {
     ensure_test_image();
     remove_stale_containers();
     let host = hostname();
     let mut rows = Vec::new();
-    for &which in &stores {
-        for &n in &counts {
+    for &which in stores {
+        for &n in counts {
             rows.push(run_one(which, n, &host).await);
         }
     }
-    println!("\nstart event -> registration visible in the store");
+    println!("\n### registrator: Docker start event -> registration visible in the store\n");
     println!("| store  | containers | median ms | p99 ms | max ms | registrator peak RSS |");
     println!("|--------|-----------:|----------:|-------:|-------:|---------------------:|");
     for r in rows {
         println!(
-            "| {:<6} | {:>10} | {:>9} | {:>6} | {:>6} | {:>16.1} MiB |",
+            "| {:<6} | {:>10} | {:>9} | {:>6} | {:>6} | {:>16} MiB |",
             r.store,
             r.n,
             ms(r.median),
             ms(r.p99),
             ms(r.max),
-            r.rss_kib as f64 / 1024.0
+            mib(r.rss_kib)
         );
     }
 }
