@@ -52,13 +52,22 @@ struct Args {
 }
 
 fn numbers(flag: &str, v: Option<String>) -> Vec<usize> {
-    v.unwrap_or_else(|| panic!("{flag} N,N,..."))
+    v.unwrap_or_else(|| usage(&format!("{flag} needs a value: N,N,...")))
         .split(',')
         .map(|s| {
             s.parse()
-                .unwrap_or_else(|_| panic!("{flag} takes numbers, got {s:?}"))
+                .unwrap_or_else(|_| usage(&format!("{flag} takes numbers, got {s:?}")))
         })
         .collect()
+}
+
+const USAGE: &str = "usage: bench [--suite registrator|confd|all] [--stores consul,etcd] \
+[--counts N,..] [--render-counts N,..] [--rss-counts N,..] [--samples N] [--burst N]";
+
+/// Bad arguments: one line naming the input and what was expected, exit status 2.
+fn usage(msg: &str) -> ! {
+    eprintln!("bench: {msg}\n{USAGE}");
+    std::process::exit(2);
 }
 
 fn parse_args() -> Args {
@@ -79,17 +88,21 @@ fn parse_args() -> Args {
                 Some("registrator") => (a.registrator, a.confd) = (true, false),
                 Some("confd") => (a.registrator, a.confd) = (false, true),
                 Some("all") => (a.registrator, a.confd) = (true, true),
-                other => panic!("--suite {other:?}: expected registrator, confd or all"),
+                other => usage(&format!(
+                    "--suite {other:?}: expected registrator, confd or all"
+                )),
             },
             "--stores" => {
                 a.stores = args
                     .next()
-                    .expect("--stores consul,etcd")
+                    .unwrap_or_else(|| usage("--stores needs a value: consul,etcd"))
                     .split(',')
                     .map(|s| match s {
                         "consul" => Which::Consul,
                         "etcd" => Which::Etcd,
-                        other => panic!("unknown store {other:?}: expected consul or etcd"),
+                        other => {
+                            usage(&format!("unknown store {other:?}: expected consul or etcd"))
+                        }
                     })
                     .collect()
             }
@@ -98,10 +111,11 @@ fn parse_args() -> Args {
             "--rss-counts" => a.rss_counts = numbers("--rss-counts", args.next()),
             "--samples" => a.samples = numbers("--samples", args.next())[0],
             "--burst" => a.burst = numbers("--burst", args.next())[0],
-            other => panic!(
-                "unknown argument {other:?}: expected --suite, --stores, --counts, \
-                 --render-counts, --samples, --burst or --rss-counts"
-            ),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => usage(&format!("unknown argument {other:?}")),
         }
     }
     a

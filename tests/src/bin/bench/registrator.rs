@@ -252,7 +252,6 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
 /// Runs the suite for every store and count and prints its table.
 pub async fn run(counts: &[usize], stores: &[Which]) {
     ensure_test_image();
-    remove_stale_containers();
     let host = hostname();
     let mut rows = Vec::new();
     for &which in stores {
