@@ -7,11 +7,14 @@
 use crate::helpers;
 use handlebars::{Handlebars, RenderErrorReason};
 use serde_json::Value;
+use std::collections::HashMap;
 
-/// A registry with confd's settings and helpers. Cheap to keep; templates are registered per
-/// render so an edited file is always read fresh.
+/// A registry with confd's settings and helpers. Callers pass the template source read fresh
+/// from disk on every render (so an edit is always seen); it is parsed again only when it
+/// differs from the source last parsed under that name, since parsing dominated small renders.
 pub struct Renderer {
     hb: Handlebars<'static>,
+    parsed: HashMap<String, String>,
 }
 
 impl Default for Renderer {
@@ -20,7 +23,10 @@ impl Default for Renderer {
         hb.set_strict_mode(true);
         hb.register_escape_fn(handlebars::no_escape);
         helpers::register(&mut hb);
-        Renderer { hb }
+        Renderer {
+            hb,
+            parsed: HashMap::new(),
+        }
     }
 }
 
@@ -28,9 +34,15 @@ impl Renderer {
     /// Renders `source` (named `name` in errors) with `data`. The error is one line: where
     /// (template, line, column) and why (e.g. ``missing key or misspelt field `servces` ``).
     pub fn render(&mut self, name: &str, source: &str, data: &Value) -> Result<String, String> {
-        self.hb
-            .register_template_string(name, source)
-            .map_err(|e| one_line(&format!("{name}: template syntax error: {e}")))?;
+        if self.parsed.get(name).map(String::as_str) != Some(source) {
+            // Forget the old parse first: a syntax error must never leave it in use.
+            self.parsed.remove(name);
+            self.hb.unregister_template(name);
+            self.hb
+                .register_template_string(name, source)
+                .map_err(|e| one_line(&format!("{name}: template syntax error: {e}")))?;
+            self.parsed.insert(name.to_string(), source.to_string());
+        }
         let out = self.hb.render(name, data).map_err(|e| {
             let reason = match e.reason() {
                 RenderErrorReason::MissingVariable(Some(p)) => {
@@ -44,7 +56,6 @@ impl Renderer {
                 _ => format!("{name}: {reason}"),
             }
         });
-        self.hb.unregister_template(name);
         out.map_err(|e| one_line(&e))
     }
 }
@@ -61,6 +72,18 @@ fn one_line(s: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn reparses_only_changed_sources_and_never_keeps_a_broken_one() {
+        let mut r = Renderer::default();
+        let d = json!({"v": 1});
+        assert_eq!(r.render("t", "a{{v}}", &d).unwrap(), "a1");
+        assert_eq!(r.render("t", "a{{v}}", &d).unwrap(), "a1");
+        assert_eq!(r.render("t", "b{{v}}", &d).unwrap(), "b1");
+        assert!(r.render("t", "c{{#if}}", &d).is_err());
+        assert!(r.render("t", "c{{#if}}", &d).is_err());
+        assert_eq!(r.render("t", "c{{v}}", &d).unwrap(), "c1");
+    }
 
     #[test]
     fn renders_without_html_escaping() {
