@@ -456,7 +456,11 @@ templates:
     wait_routes("haproxy, h1 removed", px.haproxy_port, None, &["h2"]).await;
 
     let stats = format!("http://127.0.0.1:{}/stats", px.stats_port);
-    let http = reqwest::Client::new();
+    // No pooled connections: a reload still finishing may close an idle keep-alive one.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let anon = http.get(&stats).send().await.unwrap();
     assert_eq!(anon.status(), 401);
     let page = http
