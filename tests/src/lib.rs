@@ -539,3 +539,100 @@ pub fn hostname() -> String {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
+
+/// confd rendering the shipped HAProxy template (`templates/haproxy.cfg.hbs`) from a store into
+/// a temp dir, and a real HAProxy (master-worker, reloaded by confd with SIGUSR2) serving the
+/// result on a free port. Both stop on drop.
+pub struct HaproxyConfd {
+    /// Holds `confd.yaml`, `haproxy.cfg` and `haproxy.pid`.
+    pub dir: tempfile::TempDir,
+    /// HAProxy's listen port.
+    pub port: u16,
+    /// The confd process (its output explains a failed wait).
+    pub confd: Process,
+    _haproxy: Process,
+}
+
+impl HaproxyConfd {
+    /// Starts confd on `backend_uri`. `settings` are extra top-level YAML lines (e.g. the
+    /// quiescence `wait`), `vars` extra template vars (`listen`, `bind_address` and `pid` are
+    /// set here). HAProxy starts once the rendered file satisfies `ready`; this returns when
+    /// it accepts connections.
+    pub async fn start(
+        backend_uri: &str,
+        bind: &str,
+        settings: &str,
+        vars: &[(&str, String)],
+        ready: impl Fn(&str) -> bool,
+    ) -> HaproxyConfd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let port = free_port();
+        let mut var_lines =
+            format!("  listen: {port}\n  bind_address: {bind}\n  pid: {d}/haproxy.pid\n");
+        for (k, v) in vars {
+            var_lines.push_str(&format!("  {k}: {v}\n"));
+        }
+        let cfg = format!(
+            r#"backend: {backend_uri}
+{settings}
+vars:
+{var_lines}templates:
+  - src: {tpl}
+    dest: {d}/haproxy.cfg
+    check: ["haproxy", "-c", "-q", "-f"]
+    reload: "test -f {d}/haproxy.pid || exit 0; kill -USR2 $(cat {d}/haproxy.pid)"
+"#,
+            tpl = workspace_root().join("templates/haproxy.cfg.hbs").display(),
+        );
+        let cfg_path = dir.path().join("confd.yaml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let confd = Process::spawn(
+            &bin("confd"),
+            &["--config", cfg_path.to_str().unwrap()],
+            &[("RUST_LOG", "info")],
+        );
+        let rendered = dir.path().join("haproxy.cfg");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&rendered).is_ok_and(|t| ready(&t)) {
+            assert!(
+                Instant::now() < deadline,
+                "haproxy.cfg not ready; confd output:\n{}",
+                confd.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let haproxy = Process::spawn(
+            Path::new("haproxy"),
+            &[
+                "-W",
+                "-f",
+                rendered.to_str().unwrap(),
+                "-p",
+                &format!("{d}/haproxy.pid"),
+            ],
+            &[],
+        );
+        let addr = format!("{bind}:{port}");
+        wait_for("HAProxy listening", Duration::from_secs(30), || async {
+            std::net::TcpStream::connect(&addr).ok().map(|_| ())
+        })
+        .await;
+        HaproxyConfd {
+            dir,
+            port,
+            confd,
+            _haproxy: haproxy,
+        }
+    }
+
+    /// Path of the rendered `haproxy.cfg`.
+    pub fn cfg_path(&self) -> PathBuf {
+        self.dir.path().join("haproxy.cfg")
+    }
+
+    /// The rendered `haproxy.cfg` (empty before the first render).
+    pub fn cfg(&self) -> String {
+        std::fs::read_to_string(self.cfg_path()).unwrap_or_default()
+    }
+}

@@ -71,84 +71,35 @@ fn registrator(uri: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
 }
 
 /// confd rendering the shipped HAProxy template for one service, plus HAProxy itself.
-struct Proxy {
-    dir: tempfile::TempDir,
-    port: u16,
-    confd: Process,
-    haproxy: Option<Process>,
-}
+struct Proxy(HaproxyConfd);
 
 impl Proxy {
     /// Starts confd; HAProxy starts once the first config with a server is rendered.
     async fn start(consul: &Consul, service: &str) -> Proxy {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let d = dir.path().display().to_string();
-        let cfg = format!(
-            r#"
-backend: {uri}
-wait: {{ min: 100ms, max: 1s }}
-vars:
-  listen: {port}
-  bind_address: 127.0.0.1
-  pid: {d}/haproxy.pid
-  default_service: {service}
-  check_path: /
-  check_expect: Hello
-templates:
-  - src: {tpl}/haproxy.cfg.hbs
-    dest: {d}/haproxy.cfg
-    check: ["haproxy", "-c", "-q", "-f"]
-    reload: "test -f {d}/haproxy.pid || exit 0; kill -USR2 $(cat {d}/haproxy.pid)"
-"#,
-            uri = consul.uri(),
-            tpl = workspace_root().join("templates").display(),
-        );
-        let cfg_path = dir.path().join("confd.yaml");
-        std::fs::write(&cfg_path, cfg).unwrap();
-        let confd = Process::spawn(
-            &bin("confd"),
-            &["--config", cfg_path.to_str().unwrap()],
-            &[("RUST_LOG", "info")],
-        );
-        let mut px = Proxy {
-            dir,
-            port,
-            confd,
-            haproxy: None,
-        };
-        let cfg = px.cfg_path();
-        let deadline = Instant::now() + WAIT;
-        while !px.config().contains("    server ") {
-            assert!(
-                Instant::now() < deadline,
-                "no server rendered; confd output:\n{}",
-                px.confd.output()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let pid = px.dir.path().join("haproxy.pid");
-        px.haproxy = Some(Process::spawn(
-            Path::new("haproxy"),
-            &[
-                "-W",
-                "-f",
-                cfg.to_str().unwrap(),
-                "-p",
-                pid.to_str().unwrap(),
-            ],
-            &[],
-        ));
-        px
+        let vars = [
+            ("default_service", service.to_string()),
+            ("check_path", "/".to_string()),
+            ("check_expect", "Hello".to_string()),
+        ];
+        Proxy(
+            HaproxyConfd::start(
+                &consul.uri(),
+                "127.0.0.1",
+                "wait: { min: 100ms, max: 1s }",
+                &vars,
+                |cfg| cfg.contains("    server "),
+            )
+            .await,
+        )
     }
 
-    fn cfg_path(&self) -> PathBuf {
-        self.dir.path().join("haproxy.cfg")
+    fn port(&self) -> u16 {
+        self.0.port
     }
 
     /// The rendered haproxy.cfg.
     fn config(&self) -> String {
-        std::fs::read_to_string(self.cfg_path()).unwrap_or_default()
+        self.0.cfg()
     }
 
     /// Waits until requests through the proxy reach exactly `want` (bodies); returns how
@@ -157,7 +108,7 @@ templates:
         let start = Instant::now();
         let mut last = BTreeSet::new();
         while start.elapsed() < WAIT {
-            last = answers(self.port, want.len() * 4 + 2).await;
+            last = answers(self.port(), want.len() * 4 + 2).await;
             if &last == want {
                 return start.elapsed();
             }
@@ -166,7 +117,7 @@ templates:
         panic!(
             "{what}: wanted {want:?}, last saw {last:?}\nhaproxy.cfg:\n{}\nconfd output:\n{}",
             self.config(),
-            self.confd.output()
+            self.0.confd.output()
         );
     }
 
@@ -179,7 +130,7 @@ templates:
                 start.elapsed() < WAIT,
                 "{what}: {needle} still in haproxy.cfg:\n{}\nconfd output:\n{}",
                 self.config(),
-                self.confd.output()
+                self.0.confd.output()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -321,7 +272,7 @@ async fn scenario4_failover_loses_no_request() {
     println!("second instance answering {joined:?} after docker run");
     assert!(joined < Duration::from_secs(10), "took {joined:?}");
 
-    let caller = Caller::start(px.port, 60);
+    let caller = Caller::start(px.port(), 60);
     caller.wait_sent(10).await;
     a.stop(10);
     let took = px.wait_gone("the stopped instance", &a.name).await;
@@ -586,7 +537,7 @@ async fn scenario5_several_hosts_survive_losing_one() {
     assert!(cfg.contains(&host_a) && cfg.contains(&host_b), "{cfg}");
 
     // (a) host B's registrator dies: its registrations stay but their TTL check lapses.
-    let caller = Caller::start(px.port, 600);
+    let caller = Caller::start(px.port(), 600);
     caller.wait_sent(5).await;
     reg_b.kill9();
     let took = px.wait_gone("host B after its TTL lapsed", &host_b).await;
@@ -611,7 +562,7 @@ async fn scenario5_several_hosts_survive_losing_one() {
     // (b) host B comes back under a new registrator, then its engine dies.
     let _reg_b = registrator(&consul.uri(), &args_b, &env_b);
     px.wait_routes("host B back", &all).await;
-    let caller = Caller::start(px.port, 600);
+    let caller = Caller::start(px.port(), 600);
     caller.wait_sent(5).await;
     engine_b.kill();
     let took = px.wait_gone("host B after its engine died", &host_b).await;

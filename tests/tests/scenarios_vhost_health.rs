@@ -10,7 +10,6 @@
 //! HAProxy server names.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use switchboard_tests::*;
@@ -63,83 +62,22 @@ fn short_id(c: &Container) -> String {
 }
 
 /// confd + HAProxy: the confd config owns HAProxy's listen address, port, pid file and stats.
-struct Router {
-    dir: tempfile::TempDir,
-    port: u16,
-    confd: Process,
-    _haproxy: Process,
-}
+struct Router(HaproxyConfd);
 
 impl Router {
     /// Starts confd on `consul` with the shipped HAProxy template and `extra_vars`, waits for
     /// the first render, then starts HAProxy on it.
     async fn start(consul: &Consul, bind: &str, extra_vars: &[(&str, String)]) -> Router {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let port = free_port();
-        let mut vars =
-            format!("  listen: {port}\n  bind_address: {bind}\n  pid: {d}/haproxy.pid\n");
-        for (k, v) in extra_vars {
-            vars.push_str(&format!("  {k}: {v}\n"));
-        }
-        let cfg = format!(
-            r#"backend: {uri}
-wait: {{ min: 100ms, max: {max}ms }}
-poll_wait: 5s
-vars:
-{vars}templates:
-  - src: {tpl}
-    dest: {d}/haproxy.cfg
-    check: ["haproxy", "-c", "-q", "-f", "{{{{staged}}}}"]
-    reload: "test -f {d}/haproxy.pid || exit 0; kill -USR2 $(cat {d}/haproxy.pid)"
-"#,
-            uri = consul.uri(),
-            max = QUIESCENCE_MAX.as_millis(),
-            tpl = workspace_root().join("templates/haproxy.cfg.hbs").display(),
+        let settings = format!(
+            "wait: {{ min: 100ms, max: {}ms }}\npoll_wait: 5s",
+            QUIESCENCE_MAX.as_millis()
         );
-        let cfg_path = dir.path().join("confd.yaml");
-        std::fs::write(&cfg_path, cfg).unwrap();
-        let confd = Process::spawn(
-            &bin("confd"),
-            &["--config", cfg_path.to_str().unwrap()],
-            &[("RUST_LOG", "info")],
-        );
-        let rendered = dir.path().join("haproxy.cfg");
-        wait_for("first haproxy.cfg", WAIT, || async {
-            rendered.exists().then_some(())
-        })
-        .await;
-        let haproxy = Process::spawn(
-            Path::new("haproxy"),
-            &[
-                "-W",
-                "-f",
-                rendered.to_str().unwrap(),
-                "-p",
-                &format!("{d}/haproxy.pid"),
-            ],
-            &[],
-        );
-        let addr = format!("{bind}:{port}");
-        wait_for("HAProxy listening", WAIT, || async {
-            std::net::TcpStream::connect(&addr).ok().map(|_| ())
-        })
-        .await;
-        Router {
-            dir,
-            port,
-            confd,
-            _haproxy: haproxy,
-        }
-    }
-
-    fn cfg_path(&self) -> PathBuf {
-        self.dir.path().join("haproxy.cfg")
+        Router(HaproxyConfd::start(&consul.uri(), bind, &settings, extra_vars, |_| true).await)
     }
 
     /// The rendered haproxy.cfg.
     fn cfg(&self) -> String {
-        std::fs::read_to_string(self.cfg_path()).unwrap_or_default()
+        self.0.cfg()
     }
 
     /// Whether the rendered config has a server for container `c`.
@@ -305,7 +243,7 @@ async fn scenario_2_virtual_hosts_behind_haproxy_with_protected_stats() {
     let mut apps: Vec<Container> = (0..5).map(|_| app_2048()).collect();
     let live: Vec<&Container> = apps.iter().collect();
     wait_stats_exactly(stats_port, &live, "five instances").await;
-    wait_routes_exactly(router.port, VHOST, &live, "Host: 2048.local.com, five").await;
+    wait_routes_exactly(router.0.port, VHOST, &live, "Host: 2048.local.com, five").await;
     let cfg = router.cfg();
     assert!(
         cfg.contains(&format!("-i {VHOST}\n")),
@@ -313,7 +251,7 @@ async fn scenario_2_virtual_hosts_behind_haproxy_with_protected_stats() {
     );
     // Another name reaches nothing: no service is the default here.
     assert_eq!(
-        answers(router.port, "other.local.com", 2).await,
+        answers(router.0.port, "other.local.com", 2).await,
         BTreeSet::from(["status 503".to_string()])
     );
 
@@ -328,7 +266,7 @@ async fn scenario_2_virtual_hosts_behind_haproxy_with_protected_stats() {
     apps.push(app_2048());
     let live: Vec<&Container> = apps.iter().collect();
     wait_stats_exactly(stats_port, &live, "seven instances").await;
-    wait_routes_exactly(router.port, VHOST, &live, "Host: 2048.local.com, seven").await;
+    wait_routes_exactly(router.0.port, VHOST, &live, "Host: 2048.local.com, seven").await;
 
     // Stop three: four listed, only those four answer.
     let t0 = Instant::now();
@@ -341,9 +279,9 @@ async fn scenario_2_virtual_hosts_behind_haproxy_with_protected_stats() {
         "scenario 2: three stopped instances left the stats page {:?} after the first docker stop",
         t0.elapsed()
     );
-    wait_routes_exactly(router.port, VHOST, &live, "Host: 2048.local.com, four").await;
+    wait_routes_exactly(router.0.port, VHOST, &live, "Host: 2048.local.com, four").await;
 
-    let out = router.confd.output();
+    let out = router.0.confd.output();
     assert!(!out.contains("ERROR"), "confd output:\n{out}");
 }
 
@@ -502,7 +440,7 @@ async fn scenario_3_internal_routing_health_checks_and_sticky_sessions() {
                 "600",
             ],
         ),
-        url: format!("http://{REST_VHOST}:{}/", router.port),
+        url: format!("http://{REST_VHOST}:{}/", router.0.port),
     };
 
     // Initial delay: an instance starts critical and takes no traffic until its first probe
@@ -628,6 +566,6 @@ async fn scenario_3_internal_routing_health_checks_and_sticky_sessions() {
         vec![short_id(other); 4]
     );
 
-    let out = router.confd.output();
+    let out = router.0.confd.output();
     assert!(!out.contains("ERROR"), "confd output:\n{out}");
 }
