@@ -27,9 +27,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
-/// This is how tests wait: a bounded poll with a deadline, never a bare sleep.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+/// Polls `f` every `every` until it returns `Some`, or returns `None` once `timeout` has
+/// passed. The benchmarks use it with a fine `every` so pacing does not dominate what they
+/// measure; tests use [`wait_for`].
+pub async fn poll<T, F, Fut>(timeout: Duration, every: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -37,12 +38,25 @@ where
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
-            return v;
+            return Some(v);
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+/// This is how tests wait: a bounded poll with a deadline, never a bare sleep.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match poll(timeout, Duration::from_millis(100), f).await {
+        Some(v) => v,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
     }
 }
 

@@ -1,8 +1,7 @@
 //! What every suite shares: clocks, percentiles, peak RSS, binary lookup, table formatting.
 
-use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Wall clock in ns since the epoch: the unit `date +%s%N` and `docker events` speak, so
 /// timestamps taken by other processes compare with ours.
@@ -98,26 +97,6 @@ pub fn release_bin(name: &str) -> PathBuf {
     }
     eprintln!("warning: no release build of {name}; measuring the debug build");
     switchboard_tests::bin(name)
-}
-
-/// Polls `f` every `every` until it returns `Some`, or returns `None` at `timeout`. Finer than
-/// the harness's `wait_for` (100 ms) so a benchmark's pacing does not dominate what it measures
-/// (latencies themselves are taken from timestamps, not from when the poll noticed).
-pub async fn poll<T, F, Fut>(timeout: Duration, every: Duration, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(every).await;
-    }
 }
 
 #[cfg(test)]

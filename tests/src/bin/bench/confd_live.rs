@@ -14,13 +14,13 @@
 //! - RSS: register N instances with the shipped nginx and HAProxy templates rendered as well;
 //!   peak RSS (VmHWM) of the daemon.
 
-use crate::common::{cpu_time, mib, ms, now_ns, peak_rss_kib, poll, release_bin, Summary};
+use crate::common::{cpu_time, mib, ms, now_ns, peak_rss_kib, release_bin, Summary};
 use crate::{workload, Which};
 use std::path::PathBuf;
 use std::time::Duration;
 use switchboard::store::Store;
 use switchboard::RegistryUri;
-use switchboard_tests::{Consul, Etcd, Process};
+use switchboard_tests::{poll, Consul, Etcd, Process};
 
 /// The minimum quiescence window confd accepts (`min: 0s`, `max: 0s`): render on every
 /// snapshot. `None` below means confd's default window.

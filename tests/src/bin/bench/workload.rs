@@ -49,17 +49,7 @@ pub fn service(i: usize, n: usize) -> Service {
 
 /// The same instance as confd's model holds it (what the etcd source builds from a value).
 pub fn instance(i: usize, n: usize) -> confd::model::Instance {
-    let s = service(i, n);
-    confd::model::Instance {
-        id: s.id,
-        name: s.name,
-        address: s.address,
-        port: s.port,
-        tags: s.tags,
-        meta: s.meta,
-        node: String::new(),
-        health: "passing".into(),
-    }
+    confd::model::Instance::from_service(service(i, n), String::new(), "passing".into())
 }
 
 #[cfg(test)]
