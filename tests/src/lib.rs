@@ -6,6 +6,9 @@
 //! `switchboard.test=1` and a `sbtest-` name prefix; [`remove_stale_containers`] removes any a
 //! crashed run left.
 
+pub mod cluster;
+pub mod load;
+
 use std::future::Future;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -89,7 +92,8 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn find_program(name: &str, extra: &[&str]) -> PathBuf {
+/// A program on `PATH`, or in one of `extra`; panics naming it when it is nowhere.
+pub(crate) fn find_program(name: &str, extra: &[&str]) -> PathBuf {
     if let Some(paths) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&paths) {
             let p = dir.join(name);
