@@ -7,6 +7,7 @@
 
 use crate::command::CommandSpec;
 use crate::duration;
+use crate::live::LiveConfig;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -166,6 +167,9 @@ pub struct TemplateConfig {
     /// Time limit for the check and reload commands.
     #[serde(default = "default_command_timeout", with = "duration::serde_text")]
     pub command_timeout: Duration,
+    /// Apply membership-only changes to the running proxy instead of reloading it.
+    #[serde(default)]
+    pub live: Option<LiveConfig>,
 }
 
 impl TemplateConfig {
@@ -193,6 +197,7 @@ impl TemplateConfig {
             wait: None,
             min_instances: 0,
             command_timeout: default_command_timeout(),
+            live: None,
         })
     }
 }

@@ -11,6 +11,7 @@
 
 use crate::command::{self, CommandSpec};
 use crate::config::{Config, TemplateConfig, Wait};
+use crate::live::{Live, Summary};
 use crate::model::{template_data, Snapshot};
 use crate::render::Renderer;
 use crate::source;
@@ -102,6 +103,8 @@ pub enum Outcome {
     Unchanged,
     /// Written (and reloaded, if configured).
     Updated,
+    /// Written, and applied to the running proxy through its live channel: no reload.
+    Live(Summary),
     /// Dry run: a diff was printed.
     WouldChange,
     /// Not applied; the reason was logged. Tried again on the next change.
@@ -114,6 +117,39 @@ pub enum Outcome {
 /// How long a template whose reload failed waits before it is tried again, at first and at
 /// most (doubling in between).
 const RELOAD_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// What a run keeps from one pass to the next besides the renderer: each template's live
+/// channel (it remembers servers still draining) and the counts the `reloaded` and `applied at
+/// runtime` log lines carry, so the log tells how often the proxy was reloaded and how often it
+/// was changed in place.
+#[derive(Debug, Default)]
+pub struct Channels {
+    live: Vec<Option<Live>>,
+    reloads: u64,
+    runtime_updates: u64,
+}
+
+impl Channels {
+    /// The live channels of `cfg`'s templates; their background work stops with `shutdown`.
+    pub fn new(cfg: &Config, shutdown: &Shutdown) -> Channels {
+        Channels {
+            live: cfg
+                .templates
+                .iter()
+                .map(|t| {
+                    t.live
+                        .as_ref()
+                        .map(|l| Live::new(l, shutdown.child_token()))
+                })
+                .collect(),
+            ..Channels::default()
+        }
+    }
+
+    fn live(&self, i: usize) -> Option<&Live> {
+        self.live.get(i).and_then(Option::as_ref)
+    }
+}
 
 /// Runs confd until `shutdown` (or, with `once`/`dry_run`, until every template was rendered
 /// once). Returns whether every template succeeded (always `true` for a daemon that was shut
@@ -141,7 +177,18 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
         };
         let all: Vec<usize> = (0..cfg.templates.len()).collect();
         let mut owed = BTreeSet::new();
-        let outcomes = pass(&cfg, &mut renderer, &snap, &all, &mut owed, opts.dry_run).await;
+        // No live channels: a run that exits at once could not finish a drain.
+        let mut channels = Channels::default();
+        let outcomes = pass(
+            &cfg,
+            &mut renderer,
+            &snap,
+            &all,
+            &mut owed,
+            opts.dry_run,
+            &mut channels,
+        )
+        .await;
         return Ok(outcomes
             .iter()
             .all(|o| !matches!(o, Outcome::Failed(_) | Outcome::ReloadFailed(_))));
@@ -171,6 +218,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
     // Templates whose file on disk is newer than what the proxy has loaded: its reload failed
     // and there was nothing to put back. Their reload runs again at every pass until it works.
     let mut owed: BTreeSet<usize> = BTreeSet::new();
+    let mut channels = Channels::new(&cfg, &shutdown);
     let mut snap: Option<Arc<Snapshot>> = None;
     tracing::info!(
         backend = %cfg.backend.primary().base_url(),
@@ -220,7 +268,16 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
         for &i in &due {
             pending[i].clear();
         }
-        let outcomes = pass(&cfg, &mut renderer, s, &due, &mut owed, false).await;
+        let outcomes = pass(
+            &cfg,
+            &mut renderer,
+            s,
+            &due,
+            &mut owed,
+            false,
+            &mut channels,
+        )
+        .await;
         for (i, o) in outcomes.iter().enumerate() {
             match o {
                 Outcome::ReloadFailed(_) => {
@@ -232,7 +289,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
                     );
                     pending[i].retry(Instant::now() + delay);
                 }
-                Outcome::Updated => retries[i].reset(),
+                Outcome::Updated | Outcome::Live(_) => retries[i].reset(),
                 Outcome::Unchanged if due.contains(&i) => retries[i].reset(),
                 _ => {}
             }
@@ -267,7 +324,8 @@ struct Reloading {
     undo: Undo,
 }
 
-/// Renders, checks, swaps and reloads the templates `due` against `snap`.
+/// Renders, checks, swaps and reloads the templates `due` against `snap`, or applies them
+/// through their live channel in `ch` when only membership changed.
 ///
 /// `owed` holds the templates whose file is in place but not yet loaded by their proxy (a
 /// reload failed with nothing to restore): their reload runs in this pass whether or not
@@ -279,6 +337,7 @@ pub async fn pass(
     due: &[usize],
     owed: &mut BTreeSet<usize>,
     dry_run: bool,
+    ch: &mut Channels,
 ) -> Vec<Outcome> {
     let data = template_data(snap, &cfg.vars);
     let mut outcomes = vec![Outcome::Unchanged; cfg.templates.len()];
@@ -295,11 +354,23 @@ pub async fn pass(
     };
     for &i in due {
         let t = &cfg.templates[i];
-        match apply_one(t, renderer, snap, &data, dry_run).await {
+        // A file its proxy has not loaded yet is no base for a runtime change.
+        let live = if owed.contains(&i) { None } else { ch.live(i) };
+        match apply_one(t, renderer, snap, &data, dry_run, live).await {
             Ok(Applied::Swapped(previous)) => {
                 outcomes[i] = Outcome::Updated;
                 owed.remove(&i);
                 join(i, previous.map_or(Undo::Keep, Undo::Restore));
+            }
+            Ok(Applied::Live(summary)) => {
+                ch.runtime_updates += 1;
+                tracing::info!(
+                    template = %label(t),
+                    reloads = ch.reloads,
+                    runtime_updates = ch.runtime_updates,
+                    "applied at runtime: {summary}, no reload"
+                );
+                outcomes[i] = Outcome::Live(summary);
             }
             Ok(Applied::Unchanged) => {
                 tracing::debug!(template = %label(t), "unchanged");
@@ -323,7 +394,16 @@ pub async fn pass(
             .collect();
         match command::run(&cmd, None, timeout).await {
             Ok(out) => {
-                tracing::info!(reload = %cmd, templates = ?names, output = %out, "reloaded");
+                ch.reloads += 1;
+                tracing::info!(
+                    reload = %cmd,
+                    templates = ?names,
+                    reloads = ch.reloads,
+                    runtime_updates = ch.runtime_updates,
+                    output = %out,
+                    "reloaded"
+                );
+                after_reload(cfg, ch, &reloading).await;
                 for r in &reloading {
                     if owed.remove(&r.idx) {
                         outcomes[r.idx] = Outcome::Updated;
@@ -362,7 +442,10 @@ pub async fn pass(
                 }
                 if restored {
                     match command::run(&cmd, None, timeout).await {
-                        Ok(_) => tracing::info!(reload = %cmd, "reloaded with the previous files"),
+                        Ok(_) => {
+                            tracing::info!(reload = %cmd, "reloaded with the previous files");
+                            after_reload(cfg, ch, &reloading).await;
+                        }
                         Err(e) => {
                             tracing::error!(reload = %cmd, error = %e, "reload with the previous files failed too")
                         }
@@ -374,21 +457,35 @@ pub async fn pass(
     outcomes
 }
 
+/// Lets the live channels of reloaded templates catch up with the reloaded proxy.
+async fn after_reload(cfg: &Config, ch: &Channels, reloaded: &[Reloading]) {
+    for r in reloaded {
+        if let Some(live) = ch.live(r.idx) {
+            let now = std::fs::read_to_string(&cfg.templates[r.idx].dest).unwrap_or_default();
+            live.after_reload(&now).await;
+        }
+    }
+}
+
 enum Applied {
     Unchanged,
     WouldChange,
+    /// Renamed into place and applied through the live channel (no reload).
+    Live(Summary),
     /// Renamed into place; holds the previous content (`None`: there was no file).
     Swapped(Option<Vec<u8>>),
 }
 
-/// Render → compare → stage → check → swap for one template. The error is the reason, one
-/// line, including the check command's output.
+/// Render → compare → stage → check → swap for one template, then the live channel when the
+/// change is membership only. The error is the reason, one line, including the check
+/// command's output.
 async fn apply_one(
     t: &TemplateConfig,
     renderer: &mut Renderer,
     snap: &Snapshot,
     data: &serde_json::Value,
     dry_run: bool,
+    live: Option<&Live>,
 ) -> Result<Applied, String> {
     let total = snap.total_instances();
     if total < t.min_instances {
@@ -420,10 +517,23 @@ async fn apply_one(
             .await
             .map_err(|e| format!("check failed: {e}"))?;
     }
+    let plan = match (live, current.as_deref()) {
+        (Some(l), Some(old)) => l.plan(&String::from_utf8_lossy(old), &content),
+        _ => None,
+    };
     staged
         .commit()
         .map_err(|e| format!("cannot replace {}: {e}", t.dest.display()))?;
     tracing::info!(template = %label(t), bytes = content.len(), "rendered and replaced");
+    if let (Some(live), Some(plan)) = (live, plan) {
+        match live.apply(plan).await {
+            Ok(summary) => return Ok(Applied::Live(summary)),
+            // The file is in place already: the reload below makes the proxy match it.
+            Err(e) => {
+                tracing::warn!(template = %label(t), error = %e, "runtime update failed; reloading instead")
+            }
+        }
+    }
     Ok(Applied::Swapped(current))
 }
 
@@ -520,14 +630,32 @@ mod tests {
             ],
         );
         let mut r = Renderer::default();
-        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(2),
+            &[0, 1],
+            &mut BTreeSet::new(),
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
         assert_eq!(
             std::fs::read_to_string(d.path().join("a")).unwrap(),
             "80 81 "
         );
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
-        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(2),
+            &[0, 1],
+            &mut BTreeSet::new(),
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert_eq!(o, vec![Outcome::Unchanged, Outcome::Unchanged]);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
@@ -556,7 +684,16 @@ mod tests {
         );
         let mut r = Renderer::default();
         let mut owed = BTreeSet::new();
-        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(1),
+            &[0],
+            &mut owed,
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert!(
             matches!(&o[0], Outcome::ReloadFailed(m) if m.contains("not running")),
             "{o:?}"
@@ -564,16 +701,43 @@ mod tests {
         assert_eq!(std::fs::read_to_string(d.path().join("a")).unwrap(), "80 ");
         assert_eq!(owed, BTreeSet::from([0]));
         // Still down: nothing changes, the reload is tried again and still owed.
-        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(1),
+            &[0],
+            &mut owed,
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert!(matches!(&o[0], Outcome::ReloadFailed(_)), "{o:?}");
         assert!(!log.exists());
         // The proxy is up: an unchanged file is reloaded, once, even when not due.
         std::fs::write(&up, "").unwrap();
-        let o = pass(&c, &mut r, &snap(1), &[], &mut owed, false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(1),
+            &[],
+            &mut owed,
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert_eq!(o[0], Outcome::Updated);
         assert!(owed.is_empty());
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
-        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(1),
+            &[0],
+            &mut owed,
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert_eq!(o[0], Outcome::Unchanged);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
@@ -589,14 +753,32 @@ mod tests {
         );
         let c = cfg(d.path(), vec![ok.clone()]);
         let mut r = Renderer::default();
-        pass(&c, &mut r, &snap(1), &[0], &mut BTreeSet::new(), false).await;
+        pass(
+            &c,
+            &mut r,
+            &snap(1),
+            &[0],
+            &mut BTreeSet::new(),
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         let dest = d.path().join("a");
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
 
         // Failing check.
         ok.check = Some(CommandSpec::Shell("echo nope >&2; false".into()));
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(2),
+            &[0],
+            &mut BTreeSet::new(),
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.contains("check failed") && m.contains("nope")),
             "{o:?}"
@@ -607,7 +789,16 @@ mod tests {
         ok.check = None;
         ok.reload = Some(CommandSpec::Shell("false".into()));
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(2),
+            &[0],
+            &mut BTreeSet::new(),
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert!(
             matches!(&o[0], Outcome::ReloadFailed(m) if m.contains("reload failed")),
             "{o:?}"
@@ -618,7 +809,16 @@ mod tests {
         std::fs::write(&ok.src, "{{servce.web}}").unwrap();
         ok.reload = None;
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(2),
+            &[0],
+            &mut BTreeSet::new(),
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.contains("servce")),
             "{o:?}"
@@ -628,7 +828,16 @@ mod tests {
         std::fs::write(&ok.src, "{{#each service.web}}{{port}} {{/each}}").unwrap();
         ok.min_instances = 3;
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(2),
+            &[0],
+            &mut BTreeSet::new(),
+            false,
+            &mut Channels::default(),
+        )
+        .await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.contains("min_instances")),
             "{o:?}"
@@ -638,7 +847,16 @@ mod tests {
         // Dry run writes nothing.
         ok.min_instances = 0;
         let c = cfg(d.path(), vec![ok]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), true).await;
+        let o = pass(
+            &c,
+            &mut r,
+            &snap(2),
+            &[0],
+            &mut BTreeSet::new(),
+            true,
+            &mut Channels::default(),
+        )
+        .await;
         assert_eq!(o[0], Outcome::WouldChange);
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
     }
