@@ -494,6 +494,7 @@ templates:
     command_timeout: 10s
   - src: a.hbs
     dest: b
+    live: { haproxy_socket: /run/haproxy/admin.sock, drain_timeout: 10s }
 "#;
 
     #[test]
@@ -530,6 +531,15 @@ templates:
         assert_eq!(t.command_timeout, Duration::from_secs(10));
         // The second template inherits the default wait.
         assert_eq!(c.templates[1].wait, Some(c.wait));
+        assert_eq!(t.live, None);
+        let live = c.templates[1].live.as_ref().unwrap();
+        assert_eq!(
+            live.channel,
+            crate::live::ChannelConfig::Haproxy {
+                socket: "/run/haproxy/admin.sock".into()
+            }
+        );
+        assert_eq!(live.drain_timeout, Duration::from_secs(10));
         assert_eq!(c.ignore_services, vec!["consul".to_string()]);
     }
 
@@ -553,6 +563,18 @@ templates:
             ),
             ("templates: [\n", 2, 1, ""),
             ("vars: 3\n", 1, 7, "expected a map"),
+            (
+                "templates:\n  - src: a\n    dest: b\n    live: { haproxy_socket: \"ipv4@0.0.0.0:9999\" }\n",
+                4,
+                30,
+                "expected the path of a unix socket",
+            ),
+            (
+                "templates:\n  - src: a\n    dest: b\n    live: { socket: /a }\n",
+                4,
+                13,
+                "unknown field `socket`",
+            ),
         ];
         for (text, line, col, want) in cases {
             let e = parse_text(text, "c.yaml").unwrap_err().to_string();

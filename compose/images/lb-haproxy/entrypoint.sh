@@ -8,6 +8,8 @@ set -eu
 : "${STATS_PASSWORD:?set STATS_PASSWORD for the HAProxy statistics page}"
 # A pid file left by a previous run of this container would point at some other process.
 rm -f /run/haproxy.pid
+# The admin socket's directory (confd.yaml: vars.stats_socket and live.haproxy_socket).
+mkdir -p /run/haproxy
 set -- --config /etc/confd/confd.yaml --var "stats_user=$STATS_USER" \
   --var "stats_password=$STATS_PASSWORD" "$@"
 # The registry may still be starting (compose starts everything at once): retry a few times.

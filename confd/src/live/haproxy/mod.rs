@@ -19,7 +19,7 @@
 //!   2.6): a command sent then would land in a process about to exit. [`Haproxy::after_reload`]
 //!   waits until a new worker answers.
 
-mod cli;
+pub mod cli;
 pub mod diff;
 
 use crate::live::{LiveError, Summary};
