@@ -649,6 +649,10 @@ async fn open_connections_survive_and_drained_requests_finish() {
     }
     stack.wait_running_equals_file("svc_web").await;
 
+    eprintln!(
+        "open connections: a 10 s stream kept all 40 lines across +s1 +s2 -s2; 4 slow requests finished ({on_s1} on the drained s1); s2 taken back while draining; {} runtime updates, 0 reloads",
+        stack.counter("runtime_updates")
+    );
     assert_eq!(
         stack.counter("reloads"),
         reloads,
@@ -731,4 +735,53 @@ async fn structural_change_reloads_then_runtime_updates_resume() {
     assert_eq!(tally.failed, 0, "failed requests: {:?}", tally.errors);
     stack.wait_running_equals_file("vhost_api.local").await;
     stack.assert_file_is_a_fresh_render().await;
+}
+
+/// `drain_timeout` bounds a removal: a request longer than it does not keep a removed
+/// server alive; the server is cut off and deleted once the timeout has passed.
+#[tokio::test]
+async fn drain_timeout_bounds_a_removal() {
+    let etcd = Etcd::start().await;
+    let uri = etcd.uri("services");
+    let st = store(&uri);
+    let b = backends(["t0", "t1"]).await;
+    st.register(&b[0].service("web")).await.unwrap();
+    st.register(&b[1].service("web")).await.unwrap();
+    let stack = Stack::start(&uri, false, "1s", "t1").await;
+    wait_routes("t0 and t1", stack.port, None, &["t0", "t1"]).await;
+
+    let url = format!("http://127.0.0.1:{}/slow?ms=15000", stack.port);
+    let reqs: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(reqwest::get(url.clone())))
+        .collect();
+    wait_for("a slow request on t1", WAIT, || async {
+        (b[1].in_flight() > 0).then_some(())
+    })
+    .await;
+    let removed = Instant::now();
+    st.deregister(&b[1].service("web")).await.unwrap();
+    wait_for("t1 gone from the file", WAIT, || async {
+        (!std::fs::read_to_string(stack.cfg_path())
+            .unwrap()
+            .contains("server t1 "))
+        .then_some(())
+    })
+    .await;
+    let (running, _) = stack.servers("svc_web").await;
+    assert!(running.contains("t1"), "t1 drains first: {running:?}");
+    stack.wait_running_equals_file("svc_web").await;
+    let took = removed.elapsed();
+    eprintln!("drain_timeout 1s, a 15 s request in flight: t1 deleted after {took:?}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "waited for the timeout: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "did not wait for the request: {took:?}"
+    );
+    stack.wait_log("timed_out=true").await;
+    for r in reqs {
+        r.abort();
+    }
 }
