@@ -13,10 +13,11 @@ use confd::live::haproxy::cli::Cli;
 use confd::live::haproxy::diff;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use switchboard::{RegistryUri, Service, Store};
+use switchboard_tests::load::{Load, LoadSpec};
 use switchboard_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -185,10 +186,11 @@ vars:
 templates:
   - src: {tpl}
     dest: {d}/haproxy.cfg
-{check}    reload: "test -f {d}/haproxy.pid || exit 0; kill -USR2 $(cat {d}/haproxy.pid)"
+{check}    reload: {reload:?}
     live: {{ haproxy_socket: {sock}, drain_timeout: {drain_timeout} }}
 "#,
             tpl = workspace_root().join("templates/haproxy.cfg.hbs").display(),
+            reload = signal_reload(&dir.path().join("haproxy.pid"), "USR2"),
             check = if fast {
                 ""
             } else {
@@ -220,6 +222,7 @@ templates:
             ],
             &[],
         );
+        wait_pid_file(&dir.path().join("haproxy.pid"), WAIT).await;
         let cli = Cli::new(Path::new(&sock));
         let s = Stack {
             dir,
@@ -228,9 +231,14 @@ templates:
             confd,
             _haproxy: haproxy,
         };
-        // confd's first reload ran before HAProxy existed; it waits for the first worker.
+        // confd's first reload failed (no HAProxy yet) and is retried until it reaches it;
+        // then confd waits for the worker that reload starts.
         s.wait_log("new HAProxy worker answers").await;
         s
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
     }
 
     fn cfg_path(&self) -> PathBuf {
@@ -363,86 +371,6 @@ async fn wait_routes(what: &str, port: u16, host: Option<&str>, want: &[&str]) {
     );
 }
 
-/// What the load generator saw.
-#[derive(Debug, Default)]
-struct Tally {
-    ok: u64,
-    failed: u64,
-    /// The first few failures, for the assertion message.
-    errors: Vec<String>,
-    /// Answers per backend name.
-    by_backend: BTreeMap<String, u64>,
-}
-
-/// `clients` concurrent keep-alive clients sending GET / through `port` until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Tally>>,
-    started: Instant,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..clients)
-            .map(|_| {
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let http = reqwest::Client::builder()
-                        .timeout(Duration::from_secs(5))
-                        .build()
-                        .unwrap();
-                    let url = format!("http://127.0.0.1:{port}/");
-                    let mut t = Tally::default();
-                    while !stop.load(Ordering::SeqCst) {
-                        let failure = match http.get(&url).send().await {
-                            Ok(r) if r.status().is_success() => match r.text().await {
-                                Ok(body) => {
-                                    *t.by_backend.entry(body).or_default() += 1;
-                                    None
-                                }
-                                Err(e) => Some(format!("body: {e}")),
-                            },
-                            Ok(r) => Some(format!("status {}", r.status())),
-                            Err(e) => Some(format!("{e:?}")),
-                        };
-                        match failure {
-                            None => t.ok += 1,
-                            Some(e) => {
-                                t.failed += 1;
-                                if t.errors.len() < 5 {
-                                    t.errors.push(e);
-                                }
-                            }
-                        }
-                    }
-                    t
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            tasks,
-            started: Instant::now(),
-        }
-    }
-
-    async fn finish(self) -> (Tally, Duration) {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut all = Tally::default();
-        for t in self.tasks {
-            let t = t.await.unwrap();
-            all.ok += t.ok;
-            all.failed += t.failed;
-            all.errors.extend(t.errors);
-            for (k, v) in t.by_backend {
-                *all.by_backend.entry(k).or_default() += v;
-            }
-        }
-        (all, self.started.elapsed())
-    }
-}
-
 fn store(uri: &str) -> Store {
     Store::new(&RegistryUri::parse(uri).unwrap())
 }
@@ -451,11 +379,12 @@ fn store(uri: &str) -> Store {
 // Tests
 // ---------------------------------------------------------------------------------------
 
-/// Scale 1 → 3 → 1, twice, under load: every change is applied at runtime, HAProxy is never
+/// Scale 1 → 3 → 1, five times, under load: every change is applied at runtime, HAProxy is never
 /// reloaded, no request fails, traffic reaches exactly the registered set, removed servers
 /// are deleted from the running process, and the file equals a fresh render.
 #[tokio::test]
 async fn scale_under_load_without_a_reload() {
+    const ROUNDS: u64 = 5;
     let consul = Consul::start().await;
     let st = store(&consul.uri());
     let b: Vec<Backend> = backends(["b0", "b1", "b2"]).await;
@@ -464,8 +393,8 @@ async fn scale_under_load_without_a_reload() {
     wait_routes("b0 alone", stack.port, None, &["b0"]).await;
     let (reloads, worker) = (stack.counter("reloads"), stack.worker().await);
 
-    let load = Load::start(stack.port, 8);
-    for round in 0..2 {
+    let load = Load::start(LoadSpec::get(&stack.url(), 8));
+    for round in 0..ROUNDS {
         st.register(&b[1].service("web")).await.unwrap();
         st.register(&b[2].service("web")).await.unwrap();
         wait_routes(
@@ -475,6 +404,7 @@ async fn scale_under_load_without_a_reload() {
             &["b0", "b1", "b2"],
         )
         .await;
+        load.wait_flowing(300, WAIT).await;
         st.deregister(&b[1].service("web")).await.unwrap();
         st.deregister(&b[2].service("web")).await.unwrap();
         wait_routes(
@@ -485,21 +415,20 @@ async fn scale_under_load_without_a_reload() {
         )
         .await;
         stack.wait_running_equals_file("svc_web").await;
+        load.wait_flowing(300, WAIT).await;
     }
-    let (tally, took) = load.finish().await;
+    let report = load.stop().await;
 
     eprintln!(
-        "scale 1->3->1 x2 under 8 clients: {} requests, {} failed, {} reloads, {} runtime updates, {:.1} s, per backend {:?}",
-        tally.ok + tally.failed,
-        tally.failed,
+        "scale 1->3->1 x{ROUNDS} under 8 clients: {}; {} reloads, {} runtime updates, per backend {:?}",
+        report.summary(),
         stack.counter("reloads") - reloads,
         stack.counter("runtime_updates"),
-        took.as_secs_f64(),
-        tally.by_backend
+        report.by_body
     );
-    assert_eq!(tally.failed, 0, "failed requests: {:?}", tally.errors);
-    assert!(tally.ok > 100, "the load ran: {tally:?}");
-    let names: BTreeSet<&str> = tally.by_backend.keys().map(String::as_str).collect();
+    assert_eq!(report.failed, 0, "{}", report.summary());
+    assert!(report.requests > 100, "the load ran: {}", report.summary());
+    let names: BTreeSet<&str> = report.by_body.keys().map(String::as_str).collect();
     assert_eq!(names, BTreeSet::from(["b0", "b1", "b2"]));
     assert_eq!(
         stack.counter("reloads"),
@@ -513,7 +442,7 @@ async fn scale_under_load_without_a_reload() {
         "HAProxy's worker was replaced: a reload"
     );
     assert!(
-        stack.counter("runtime_updates") >= 4,
+        stack.counter("runtime_updates") >= 2 * ROUNDS,
         "{}",
         stack.confd.output()
     );
@@ -685,7 +614,7 @@ async fn structural_change_reloads_then_runtime_updates_resume() {
     wait_routes("w0", stack.port, None, &["w0"]).await;
     let (reloads, worker) = (stack.counter("reloads"), stack.worker().await);
 
-    let load = Load::start(stack.port, 8);
+    let load = Load::start(LoadSpec::get(&stack.url(), 8));
     let api = |i: usize| {
         let mut s = b[i].service("api");
         s.meta.insert("vhost".into(), "api.local".into());
@@ -725,14 +654,14 @@ async fn structural_change_reloads_then_runtime_updates_resume() {
         worker,
         "a new worker after the reload"
     );
-    let (tally, took) = load.finish().await;
+    // Keep the load on while the old worker finishes and leaves.
+    load.wait_flowing(2000, WAIT).await;
+    let report = load.stop().await;
     eprintln!(
-        "structural change under 8 clients: {} requests, {} failed, 1 reload, {:.1} s",
-        tally.ok + tally.failed,
-        tally.failed,
-        took.as_secs_f64()
+        "structural change under 8 clients: {}; 1 reload",
+        report.summary()
     );
-    assert_eq!(tally.failed, 0, "failed requests: {:?}", tally.errors);
+    assert_eq!(report.failed, 0, "{}", report.summary());
     stack.wait_running_equals_file("vhost_api.local").await;
     stack.assert_file_is_a_fresh_render().await;
 }
@@ -768,7 +697,11 @@ async fn drain_timeout_bounds_a_removal() {
     })
     .await;
     let (running, _) = stack.servers("svc_web").await;
-    assert!(running.contains("t1"), "t1 drains first: {running:?}");
+    assert!(
+        running.contains("t1"),
+        "t1 drains first: {running:?}\n{}",
+        stack.confd.output()
+    );
     stack.wait_running_equals_file("svc_web").await;
     let took = removed.elapsed();
     eprintln!("drain_timeout 1s, a 15 s request in flight: t1 deleted after {took:?}");

@@ -45,6 +45,10 @@ const DELETE_ATTEMPTS: u32 = 20;
 const RELOAD_SETTLE: Duration = Duration::from_secs(10);
 /// How often the socket is asked for its worker while waiting after a reload.
 const RELOAD_POLL: Duration = Duration::from_millis(50);
+/// How long a worker that may predate the reload (it started less than a second or two
+/// before it) is watched for a successor before it is taken as the new one. Reloads of
+/// ordinary configs hand over well within this (125 to 300 ms measured).
+const CANDIDATE_WATCH: Duration = Duration::from_secs(1);
 
 /// Membership changes for one HAProxy, through its admin socket.
 #[derive(Debug)]
@@ -163,15 +167,28 @@ impl Haproxy {
         for (_, d) in st.draining.drain() {
             d.cancel.cancel();
         }
-        let previous = st.worker.take();
+        let mut previous = st.worker.take();
+        // With no worker known from before (no runtime update and no reload yet since confd
+        // started), the first to answer is a candidate, watched for a moment.
+        let mut candidate: Option<(u32, Instant)> = None;
         let start = Instant::now();
         loop {
             if let Ok(i) = self.cli.info().await {
-                // Without a known previous worker, a new one is one that started after the
-                // reload began (uptime is counted in whole seconds, hence the slack).
-                let fresh = match previous {
-                    Some(p) => i.pid != p,
-                    None => i.uptime_secs <= start.elapsed().as_secs() + 1,
+                if previous.is_none() && candidate.is_none() {
+                    // Uptime counts whole seconds, hence the slack.
+                    if i.uptime_secs > start.elapsed().as_secs() + 1 {
+                        // It ran before this reload: the old worker. Wait for its successor.
+                        previous = Some(i.pid);
+                    } else {
+                        // The new worker, or one started just before the reload (HAProxy
+                        // itself starting): if another takes over soon, that one is new.
+                        candidate = Some((i.pid, Instant::now()));
+                    }
+                }
+                let fresh = match (previous, candidate) {
+                    (Some(p), _) => i.pid != p,
+                    (None, Some((c, since))) => i.pid != c || since.elapsed() >= CANDIDATE_WATCH,
+                    (None, None) => false,
                 };
                 if fresh && !i.stopping {
                     tracing::debug!(socket = %self.cli.socket().display(), pid = i.pid, waited = ?start.elapsed(), "new HAProxy worker answers");
@@ -179,7 +196,10 @@ impl Haproxy {
                     return;
                 }
             }
-            if start.elapsed() >= RELOAD_SETTLE || self.shutdown.is_cancelled() {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            if start.elapsed() >= RELOAD_SETTLE {
                 tracing::warn!(
                     socket = %self.cli.socket().display(),
                     "no new HAProxy worker answered within {RELOAD_SETTLE:?} of the reload; the next runtime update checks the running state first"
