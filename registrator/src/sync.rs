@@ -443,12 +443,12 @@ impl Syncer {
                 svc.addr()
             );
         }
-        if !a.adopted.is_empty() {
-            info!(
-                "adopted {} registrations already in the store",
-                a.adopted.len()
-            );
-        }
+        // One line at every start, so an operator sees the handover from the last registrator.
+        info!(
+            "adopted {} registrations already in the store; {} to write",
+            a.adopted.len(),
+            desired.len() - a.adopted.len()
+        );
         for svc in a.adopted {
             debug!("adopted {} {} {}", svc.id, svc.name, svc.addr());
             self.applied.insert(svc.id.clone(), svc);
