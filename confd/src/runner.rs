@@ -5,7 +5,9 @@
 //! staged and checked; only then is it renamed into place. Templates that share a reload
 //! command are grouped so the command runs once per pass. If a reload fails, every file of
 //! its group is put back as it was and the reload runs again, so the proxy keeps serving the
-//! previous config. Any failure is one error line naming the template and the reason; the
+//! previous config. A template with a live channel whose change is membership-only (see
+//! [`crate::live`]) is committed and applied to the running proxy instead of reloaded; if that
+//! fails it joins the reloads. Any failure is one error line naming the template and the reason; the
 //! template is tried again on the next change (snapshot or template edit). Nothing here ever
 //! ends the daemon.
 
@@ -96,6 +98,8 @@ pub enum Outcome {
     Unchanged,
     /// Written (and reloaded, if configured).
     Updated,
+    /// Written and applied to the running proxy through its live channel, without a reload.
+    Live,
     /// Dry run: a diff was printed.
     WouldChange,
     /// Not applied; the reason was logged.
@@ -212,6 +216,8 @@ fn label(t: &TemplateConfig) -> String {
 struct Swapped {
     idx: usize,
     previous: Option<Vec<u8>>,
+    /// The new content, for the live channel's `after_reload`.
+    content: String,
 }
 
 /// Renders, checks, swaps and reloads the templates `due` against `snap`.
@@ -228,16 +234,21 @@ pub async fn pass(
     for &i in due {
         let t = &cfg.templates[i];
         match apply_one(t, renderer, snap, &data, dry_run).await {
-            Ok(Applied::Swapped(previous)) => {
+            Ok(Applied::Swapped { previous, content }) => {
                 outcomes[i] = Outcome::Updated;
                 if let Some(r) = &t.reload {
                     let g = groups
                         .entry(r.clone())
                         .or_insert((t.command_timeout, Vec::new()));
                     g.0 = g.0.max(t.command_timeout);
-                    g.1.push(Swapped { idx: i, previous });
+                    g.1.push(Swapped {
+                        idx: i,
+                        previous,
+                        content,
+                    });
                 }
             }
+            Ok(Applied::Live) => outcomes[i] = Outcome::Live,
             Ok(Applied::Unchanged) => {
                 tracing::debug!(template = %label(t), "unchanged");
             }
@@ -256,6 +267,11 @@ pub async fn pass(
         match command::run(&cmd, None, timeout).await {
             Ok(out) => {
                 tracing::info!(reload = %cmd, templates = ?names, output = %out, "reloaded");
+                for s in &swapped {
+                    if let Some(live) = &cfg.templates[s.idx].live {
+                        live.after_reload(&s.content).await;
+                    }
+                }
             }
             Err(e) => {
                 let reason = format!("reload failed: {e}");
@@ -274,7 +290,16 @@ pub async fn pass(
                     outcomes[s.idx] = Outcome::Failed(reason.clone());
                 }
                 match command::run(&cmd, None, timeout).await {
-                    Ok(_) => tracing::info!(reload = %cmd, "reloaded with the previous files"),
+                    Ok(_) => {
+                        tracing::info!(reload = %cmd, "reloaded with the previous files");
+                        for s in &swapped {
+                            let t = &cfg.templates[s.idx];
+                            let previous = s.previous.as_deref().map(std::str::from_utf8);
+                            if let (Some(live), Some(Ok(previous))) = (&t.live, previous) {
+                                live.after_reload(previous).await;
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::error!(reload = %cmd, error = %e, "reload with the previous files failed too")
                     }
@@ -288,12 +313,19 @@ pub async fn pass(
 enum Applied {
     Unchanged,
     WouldChange,
-    /// Renamed into place; holds the previous content (`None`: there was no file).
-    Swapped(Option<Vec<u8>>),
+    /// Renamed into place, to be reloaded.
+    Swapped {
+        /// The previous content (`None`: there was no file).
+        previous: Option<Vec<u8>>,
+        /// The new content.
+        content: String,
+    },
+    /// Renamed into place and applied through the template's live channel: no reload.
+    Live,
 }
 
-/// Render → compare → stage → check → swap for one template. The error is the reason, one
-/// line, including the check command's output.
+/// Render → compare → stage → check → swap (→ live update) for one template. The error is the
+/// reason, one line, including the check command's output.
 async fn apply_one(
     t: &TemplateConfig,
     renderer: &mut Renderer,
@@ -331,11 +363,38 @@ async fn apply_one(
             .await
             .map_err(|e| format!("check failed: {e}"))?;
     }
+    // Decided on the checked file before it is committed: membership-only changes skip the
+    // reload. The file is committed either way, so the proxy's next start or reload agrees.
+    let live = t.live.as_ref().and_then(|live| {
+        let old = std::str::from_utf8(current.as_deref()?).ok()?;
+        Some((live, live.plan(old, &content)?))
+    });
     staged
         .commit()
         .map_err(|e| format!("cannot replace {}: {e}", t.dest.display()))?;
+    if let Some((live, plan)) = live {
+        match live.apply(plan).await {
+            Ok(s) => {
+                tracing::info!(
+                    template = %label(t),
+                    bytes = content.len(),
+                    changed = ?s.changed,
+                    pools = s.pools,
+                    peers = s.peers,
+                    "rendered and replaced; applied live, no reload"
+                );
+                return Ok(Applied::Live);
+            }
+            Err(e) => {
+                tracing::warn!(template = %label(t), error = %e, "live update failed; reloading instead");
+            }
+        }
+    }
     tracing::info!(template = %label(t), bytes = content.len(), "rendered and replaced");
-    Ok(Applied::Swapped(current))
+    Ok(Applied::Swapped {
+        previous: current,
+        content,
+    })
 }
 
 #[cfg(test)]
