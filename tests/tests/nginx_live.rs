@@ -175,13 +175,14 @@ impl Drop for Nginx {
 
 /// confd rendering the shipped nginx template (with or without `lua_peers`) into a temp dir,
 /// and nginx serving it on 127.0.0.1.
+/// Fields drop in order: nginx and confd stop before their directory goes.
 struct Lb {
-    dir: tempfile::TempDir,
+    nginx: Nginx,
+    confd: Process,
     port: u16,
     backend_uri: String,
     lua: bool,
-    confd: Process,
-    nginx: Nginx,
+    dir: tempfile::TempDir,
 }
 
 impl Lb {
@@ -209,10 +210,15 @@ impl Lb {
         }
         let nginx = Nginx::start(&conf, dir.path());
         let addr = format!("127.0.0.1:{port}");
-        wait_for("nginx listening", WAIT, || async {
+        let up = poll(WAIT, Duration::from_millis(100), || async {
             std::net::TcpStream::connect(&addr).ok().map(|_| ())
         })
         .await;
+        assert!(
+            up.is_some(),
+            "nginx not listening on {addr}; its log:\n{}",
+            read(&dir.path().join("nginx-start.log"))
+        );
         let lb = Lb {
             dir,
             port,
@@ -781,6 +787,46 @@ async fn the_peers_endpoint_is_unix_only_and_refuses_malformed_updates() {
     wait_routes("a good update applies", &lb, "127.0.0.1", &["b1"]).await;
     let errors = read(&lb.dir.path().join("nginx-error.log"));
     assert!(!errors.contains("balancer_by_lua"), "{errors}");
+}
+
+/// A peer that refuses connections, pushed through the live channel, costs no request: the
+/// Lua balancer retries another peer (`proxy_next_upstream error`) and then avoids it.
+#[tokio::test]
+async fn a_dead_peer_is_retried_on_another_under_load() {
+    let etcd = Etcd::start().await;
+    let uri = etcd.uri("services");
+    let st = store(&uri);
+    let b1 = Backend::start("b1").await;
+    st.register(&b1.service("http")).await.unwrap();
+    let lb = Lb::start(&uri, true, "svc_http").await;
+    wait_routes("one instance", &lb, "127.0.0.1", &["b1"]).await;
+    let workers = lb.nginx.settled_workers().await;
+    let lives = lb.lives();
+
+    let load = Load::start(lb.port);
+    // Registered, but nothing listens on its port.
+    let dead_port = free_port();
+    let mut dead = b1.service("http");
+    dead.id = "dead".into();
+    dead.port = dead_port;
+    st.register(&dead).await.unwrap();
+    wait_for("the dead peer pushed live", WAIT, || async {
+        (lb.lives() > lives).then_some(())
+    })
+    .await;
+    let errors = lb.dir.path().join("nginx-error.log");
+    let refused = format!("127.0.0.1:{dead_port}");
+    wait_for("nginx to try the dead peer", WAIT, || async {
+        read(&errors).contains(&refused).then_some(())
+    })
+    .await;
+    wait_routes("only the live one answers", &lb, "127.0.0.1", &["b1"]).await;
+    let load = load.finish().await;
+
+    assert_eq!(load.failed, 0, "failed requests: {:?}", load.errors);
+    assert!(load.ok > 0, "{load:?}");
+    assert_eq!(children(lb.nginx.master()), workers, "nginx reloaded");
+    assert!(lb.conf().contains(&refused), "{}", lb.conf());
 }
 
 /// Measurement, not a check: the same 1 -> 3 -> 1 scaling under the same load without the Lua

@@ -82,6 +82,14 @@ pub enum LiveError {
         /// The time limit.
         after: Duration,
     },
+    /// The update was not sent: it holds something the proxy's side would refuse.
+    #[error("{endpoint}: not sent: {reason}")]
+    Invalid {
+        /// The endpoint.
+        endpoint: String,
+        /// What is wrong, naming the pool or peer.
+        reason: String,
+    },
     /// The proxy answered but did not accept the update.
     #[error("{endpoint} refused the update: {reason}")]
     Refused {

@@ -138,7 +138,10 @@ impl NginxLua {
     /// socket, bounded by `timeout`.
     async fn post(&self, table: &PeerTable) -> Result<(), LiveError> {
         let endpoint = self.socket.display().to_string();
-        let body = encode(table);
+        let body = encode(table).map_err(|reason| LiveError::Invalid {
+            endpoint: endpoint.clone(),
+            reason,
+        })?;
         let exchange = async {
             let unreachable = |e: std::io::Error| LiveError::Unreachable {
                 endpoint: endpoint.clone(),
@@ -176,11 +179,23 @@ impl NginxLua {
     }
 }
 
-/// The update body for `table`. Names are `[A-Za-z0-9_.-]` (the parser only accepts such
-/// upstream names) and peers are IP socket addresses, so nothing here needs escaping.
-pub fn encode(table: &PeerTable) -> String {
+/// The update body for `table`, refusing what the Lua side would: a name outside
+/// `[A-Za-z0-9_.-]` (what `nginx_name` gives and the parser accepts; also what keeps the
+/// line format unambiguous), an IPv6 scope, port 0. Peers are IP socket addresses by type.
+pub fn encode(table: &PeerTable) -> Result<String, String> {
     let mut out = format!("{HEADER}\n");
     for (name, peers) in table {
+        let name_ok = !name.is_empty()
+            && name.len() <= 256
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !name_ok {
+            return Err(format!("invalid upstream name {name:?}"));
+        }
+        if let Some(p) = peers.iter().find(|p| !pushable(p)) {
+            return Err(format!("upstream {name}: invalid peer {p}"));
+        }
         out.push_str(name);
         for p in peers {
             out.push(' ');
@@ -188,7 +203,13 @@ pub fn encode(table: &PeerTable) -> String {
         }
         out.push('\n');
     }
-    out
+    Ok(out)
+}
+
+/// Whether the Lua side takes `p` (`set_current_peer` gets the address text as nginx parses
+/// it: no IPv6 zone, a real port).
+fn pushable(p: &SocketAddr) -> bool {
+    p.port() != 0 && !matches!(p, SocketAddr::V6(v6) if v6.scope_id() != 0)
 }
 
 /// `Ok` for a `200` answer, else the status line and the first line of the body.
@@ -335,7 +356,7 @@ fn server_peers(lines: &[&str]) -> Option<Vec<SocketAddr>> {
             continue;
         }
         let peer: SocketAddr = addr.parse().ok()?;
-        if matches!(peer, SocketAddr::V6(v6) if v6.scope_id() != 0) || peer.port() == 0 {
+        if !pushable(&peer) {
             return None;
         }
         peers.push(peer);
@@ -462,14 +483,25 @@ mod tests {
         let t = p.table();
         assert_eq!(t.len(), 1, "{t:?}");
         assert_eq!(t["a"], addrs(&["10.0.0.1:80"]));
-        assert_eq!(encode(&t), "switchboard-peers 1\na 10.0.0.1:80\n");
+        assert_eq!(encode(&t).unwrap(), "switchboard-peers 1\na 10.0.0.1:80\n");
         let mut t2 = t.clone();
         t2.insert("v6".into(), addrs(&["[::1]:81"]));
         t2.insert("empty".into(), vec![]);
         assert_eq!(
-            encode(&t2),
+            encode(&t2).unwrap(),
             "switchboard-peers 1\na 10.0.0.1:80\nempty\nv6 [::1]:81\n"
         );
+        // What the Lua side would refuse is never sent.
+        for (name, peer) in [
+            ("a b", "10.0.0.1:80"),
+            ("a\nb", "10.0.0.1:80"),
+            ("", "10.0.0.1:80"),
+            ("ok", "10.0.0.1:0"),
+            ("ok", "[fe80::1%2]:80"),
+        ] {
+            let t = PeerTable::from([(name.to_string(), addrs(&[peer]))]);
+            assert!(encode(&t).is_err(), "{name:?} {peer}");
+        }
     }
 
     #[test]
