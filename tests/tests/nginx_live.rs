@@ -571,23 +571,37 @@ fn tcp_listen_addrs(pids: &BTreeSet<u32>) -> BTreeSet<String> {
 }
 
 /// Scales `http` 1 -> 3 -> 1 `cycles` times under keep-alive load; returns what the load saw.
+/// Without Lua every step is a reload, and the next step waits for the old worker to be gone:
+/// until then it still accepts connections with the old config and would pass a route check.
 async fn scale_under_load(lb: &Lb, st: &Store, b: &[Backend; 3], cycles: usize) -> LoadStats {
     let load = Load::start(lb.port);
+    let mut workers = lb.nginx.settled_workers().await;
     for i in 0..cycles {
-        for x in &b[1..] {
-            st.register(&x.service("http")).await.unwrap();
+        for (what, up, want) in [
+            ("three", true, &["b1", "b2", "b3"][..]),
+            ("one", false, &["b1"][..]),
+        ] {
+            let reloads = lb.reloads();
+            for x in &b[1..] {
+                if up {
+                    st.register(&x.service("http")).await.unwrap();
+                } else {
+                    st.deregister(&x.service("http")).await.unwrap();
+                }
+            }
+            if !lb.lua {
+                wait_for("confd's reload", WAIT, || async {
+                    (lb.reloads() > reloads).then_some(())
+                })
+                .await;
+                workers = wait_for("the old nginx worker gone", WAIT, || async {
+                    let w = children(lb.nginx.master());
+                    (w.len() == 1 && w != workers).then_some(w)
+                })
+                .await;
+            }
+            wait_routes(&format!("cycle {i}: {what}"), lb, "127.0.0.1", want).await;
         }
-        wait_routes(
-            &format!("cycle {i}: three"),
-            lb,
-            "127.0.0.1",
-            &["b1", "b2", "b3"],
-        )
-        .await;
-        for x in &b[1..] {
-            st.deregister(&x.service("http")).await.unwrap();
-        }
-        wait_routes(&format!("cycle {i}: one"), lb, "127.0.0.1", &["b1"]).await;
     }
     load.finish().await
 }
