@@ -843,6 +843,41 @@ async fn a_dead_peer_is_retried_on_another_under_load() {
     assert!(lb.conf().contains(&refused), "{}", lb.conf());
 }
 
+/// When the peers endpoint cannot be reached, confd reloads instead: the change still lands.
+#[tokio::test]
+async fn a_failed_push_falls_back_to_a_reload() {
+    let consul = Consul::start().await;
+    let st = store(&consul.uri());
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    st.register(&b1.service("http")).await.unwrap();
+    let lb = Lb::start(&consul.uri(), true, "svc_http").await;
+    wait_routes("one instance", &lb, "127.0.0.1", &["b1"]).await;
+    let before = lb.nginx.settled_workers().await;
+    let (reloads, lives) = (lb.reloads(), lb.lives());
+
+    // nginx keeps its listening socket; only the path confd connects to is gone.
+    std::fs::remove_file(lb.socket()).unwrap();
+    st.register(&b2.service("http")).await.unwrap();
+    wait_for("confd's fallback reload", WAIT, || async {
+        (lb.reloads() > reloads).then_some(())
+    })
+    .await;
+    wait_for("new nginx workers", WAIT, || async {
+        let w = children(lb.nginx.master());
+        (w.len() == 1 && w != before).then_some(())
+    })
+    .await;
+    wait_routes("two instances", &lb, "127.0.0.1", &["b1", "b2"]).await;
+    let out = lb.confd.output();
+    assert!(
+        out.contains("live update failed; reloading instead"),
+        "{out}"
+    );
+    assert!(out.contains("peers.sock"), "{out}");
+    assert_eq!(lb.lives(), lives, "{out}");
+}
+
 /// Measurement, not a check: the same 1 -> 3 -> 1 scaling under the same load without the Lua
 /// balancer, so every change is a reload. Prints the failed requests (the README quotes it).
 #[tokio::test]
