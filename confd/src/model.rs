@@ -115,6 +115,27 @@ impl Snapshot {
     pub fn total_instances(&self) -> usize {
         self.services.values().map(Vec::len).sum()
     }
+
+    /// Whether going from `old` to `self` takes an endpoint away: an instance of `old` is
+    /// gone, or now has another address or port. Such a change is applied without waiting for
+    /// quiescence: the instance is usually being drained, and each moment it stays in the
+    /// proxy sends it requests it may no longer answer. Additions may wait and coalesce.
+    pub fn withdraws_from(&self, old: &Snapshot) -> bool {
+        old.services.iter().any(|(name, was)| {
+            let now = self
+                .services
+                .get(name)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            was.iter().any(|o| {
+                // Both lists are sorted by ID (see `build`).
+                match now.binary_search_by(|n| n.id.cmp(&o.id)) {
+                    Ok(k) => now[k].address != o.address || now[k].port != o.port,
+                    Err(_) => true,
+                }
+            })
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -230,6 +251,56 @@ pub(crate) mod tests {
             node: "n1".into(),
             health: "passing".into(),
         }
+    }
+
+    #[test]
+    fn withdrawals_are_told_from_additions() {
+        let snap = |v: &[(&str, &str, &str, u16)]| {
+            Snapshot::build(
+                v.iter().map(|(n, id, a, p)| inst(n, id, a, *p)),
+                BTreeMap::new(),
+                &[],
+            )
+        };
+        let base = snap(&[("web", "a", "10.0.0.1", 80), ("web", "b", "10.0.0.2", 80)]);
+        let cases = [
+            (
+                "same",
+                snap(&[("web", "a", "10.0.0.1", 80), ("web", "b", "10.0.0.2", 80)]),
+                false,
+            ),
+            (
+                "added",
+                snap(&[
+                    ("web", "a", "10.0.0.1", 80),
+                    ("web", "b", "10.0.0.2", 80),
+                    ("web", "c", "10.0.0.3", 80),
+                    ("api", "x", "10.0.0.4", 80),
+                ]),
+                false,
+            ),
+            ("removed", snap(&[("web", "a", "10.0.0.1", 80)]), true),
+            ("service gone", snap(&[]), true),
+            (
+                "moved",
+                snap(&[("web", "a", "10.0.0.1", 80), ("web", "b", "10.0.0.9", 80)]),
+                true,
+            ),
+            (
+                "port",
+                snap(&[("web", "a", "10.0.0.1", 80), ("web", "b", "10.0.0.2", 81)]),
+                true,
+            ),
+            (
+                "renamed",
+                snap(&[("web", "a", "10.0.0.1", 80), ("api", "b", "10.0.0.2", 80)]),
+                true,
+            ),
+        ];
+        for (what, new, want) in cases {
+            assert_eq!(new.withdraws_from(&base), want, "{what}");
+        }
+        assert!(!base.withdraws_from(&Snapshot::default()));
     }
 
     #[test]

@@ -18,11 +18,11 @@ use crate::render::Renderer;
 use crate::source;
 use crate::watch::watch_templates;
 use crate::writer;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
-use switchboard::Shutdown;
+use switchboard::{Backoff, Shutdown};
 use tokio::time::Instant;
 
 /// How a run behaves.
@@ -42,6 +42,7 @@ pub struct Quiescence {
     last: Option<Instant>,
     now_due: bool,
     edited: Option<Instant>,
+    retry: Option<Instant>,
 }
 
 /// A template file being written shows up as several events (truncate, write, close); wait
@@ -65,6 +66,11 @@ impl Quiescence {
         self.edited = Some(t + EDIT_SETTLE);
     }
 
+    /// A failed reload is to be tried again at `t` (whatever the window).
+    pub fn retry(&mut self, t: Instant) {
+        self.retry = Some(t);
+    }
+
     /// When this template becomes due, if anything is pending.
     pub fn due_at(&self, w: Wait) -> Option<Instant> {
         if self.now_due {
@@ -74,10 +80,10 @@ impl Quiescence {
             (Some(first), Some(last)) => Some((last + w.min).min(first + w.max)),
             _ => None,
         };
-        match (window, self.edited) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [window, self.edited, self.retry]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Whether it is due at `t`.
@@ -102,9 +108,16 @@ pub enum Outcome {
     Live,
     /// Dry run: a diff was printed.
     WouldChange,
-    /// Not applied; the reason was logged.
+    /// Not applied; the reason was logged. Tried again on the next change.
     Failed(String),
+    /// Its reload failed; the reason was logged. Tried again after a backoff, since the cause
+    /// (the proxy not running yet, restarting, or its PID file not written yet) often passes.
+    ReloadFailed(String),
 }
+
+/// How long a template whose reload failed waits before it is tried again, at first and at
+/// most (doubling in between).
+const RELOAD_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
 /// Runs confd until `shutdown` (or, with `once`/`dry_run`, until every template was rendered
 /// once). Returns whether every template succeeded (always `true` for a daemon that was shut
@@ -131,8 +144,11 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
             _ = shutdown.cancelled() => return Ok(true),
         };
         let all: Vec<usize> = (0..cfg.templates.len()).collect();
-        let outcomes = pass(&cfg, &mut renderer, &snap, &all, opts.dry_run).await;
-        return Ok(outcomes.iter().all(|o| !matches!(o, Outcome::Failed(_))));
+        let mut owed = BTreeSet::new();
+        let outcomes = pass(&cfg, &mut renderer, &snap, &all, &mut owed, opts.dry_run).await;
+        return Ok(outcomes
+            .iter()
+            .all(|o| !matches!(o, Outcome::Failed(_) | Outcome::ReloadFailed(_))));
     }
 
     let (tpl_tx, mut tpl_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -155,6 +171,10 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
         .map(|t| t.wait.unwrap_or(cfg.wait))
         .collect();
     let mut pending = vec![Quiescence::default(); cfg.templates.len()];
+    let mut retries = vec![Backoff::new(RELOAD_RETRY.0, RELOAD_RETRY.1); cfg.templates.len()];
+    // Templates whose file on disk is newer than what the proxy has loaded: its reload failed
+    // and there was nothing to put back. Their reload runs again at every pass until it works.
+    let mut owed: BTreeSet<usize> = BTreeSet::new();
     let mut snap: Option<Arc<Snapshot>> = None;
     tracing::info!(
         backend = %cfg.backend.primary().base_url(),
@@ -173,11 +193,18 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
                 if r.is_err() {
                     anyhow::bail!("the source stopped");
                 }
-                let first = snap.is_none();
-                snap = source.snapshots.borrow_and_update().clone();
+                let new = source.snapshots.borrow_and_update().clone();
+                // The first snapshot and any withdrawal render at once; only additions and
+                // other changes wait for quiescence.
+                let urgent = match (&snap, &new) {
+                    (None, _) => true,
+                    (Some(old), Some(new)) => new.withdraws_from(old),
+                    (Some(_), None) => false,
+                };
+                snap = new;
                 let now = Instant::now();
                 for p in &mut pending {
-                    if first { p.force() } else { p.change(now) }
+                    if urgent { p.force() } else { p.change(now) }
                 }
             }
             Some(i) = tpl_rx.recv() => {
@@ -197,7 +224,23 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
         for &i in &due {
             pending[i].clear();
         }
-        pass(&cfg, &mut renderer, s, &due, false).await;
+        let outcomes = pass(&cfg, &mut renderer, s, &due, &mut owed, false).await;
+        for (i, o) in outcomes.iter().enumerate() {
+            match o {
+                Outcome::ReloadFailed(_) => {
+                    let delay = retries[i].next_delay();
+                    tracing::warn!(
+                        template = %label(&cfg.templates[i]),
+                        attempt = retries[i].attempts(),
+                        "reload failed; trying again in {delay:?}"
+                    );
+                    pending[i].retry(Instant::now() + delay);
+                }
+                Outcome::Updated | Outcome::Live => retries[i].reset(),
+                Outcome::Unchanged if due.contains(&i) => retries[i].reset(),
+                _ => {}
+            }
+        }
     }
 }
 
@@ -212,96 +255,126 @@ fn label(t: &TemplateConfig) -> String {
     format!("{} -> {}", t.src.display(), t.dest.display())
 }
 
-/// A destination replaced in this pass, with what to put back if its reload fails.
-struct Swapped {
+/// What a failed reload does to a file this pass put in place (or found owed).
+enum Undo {
+    /// Put this previous content back: the proxy keeps serving the config it had.
+    Restore(Vec<u8>),
+    /// Keep the file: there was none before (the first render), or it is already the one
+    /// owed a reload. Removing it would leave a proxy that is still starting with no config
+    /// at all; the file passed its check, so it stays and its reload is retried.
+    Keep,
+}
+
+/// A template whose reload runs in this pass.
+struct Reloading {
     idx: usize,
-    previous: Option<Vec<u8>>,
-    /// The new content, for the live channel's `after_reload`.
-    content: String,
+    undo: Undo,
 }
 
 /// Renders, checks, swaps and reloads the templates `due` against `snap`.
+///
+/// `owed` holds the templates whose file is in place but not yet loaded by their proxy (a
+/// reload failed with nothing to restore): their reload runs in this pass whether or not
+/// they are due or changed, and they leave `owed` once it succeeds.
 pub async fn pass(
     cfg: &Config,
     renderer: &mut Renderer,
     snap: &Snapshot,
     due: &[usize],
+    owed: &mut BTreeSet<usize>,
     dry_run: bool,
 ) -> Vec<Outcome> {
     let data = template_data(snap, &cfg.vars);
     let mut outcomes = vec![Outcome::Unchanged; cfg.templates.len()];
-    let mut groups: BTreeMap<CommandSpec, (Duration, Vec<Swapped>)> = BTreeMap::new();
+    let mut groups: BTreeMap<CommandSpec, (Duration, Vec<Reloading>)> = BTreeMap::new();
+    let mut join = |i: usize, undo: Undo| {
+        let t = &cfg.templates[i];
+        if let Some(r) = &t.reload {
+            let g = groups
+                .entry(r.clone())
+                .or_insert((t.command_timeout, Vec::new()));
+            g.0 = g.0.max(t.command_timeout);
+            g.1.push(Reloading { idx: i, undo });
+        }
+    };
     for &i in due {
         let t = &cfg.templates[i];
         match apply_one(t, renderer, snap, &data, dry_run).await {
-            Ok(Applied::Swapped { previous, content }) => {
+            Ok(Applied::Swapped(previous)) => {
                 outcomes[i] = Outcome::Updated;
-                if let Some(r) = &t.reload {
-                    let g = groups
-                        .entry(r.clone())
-                        .or_insert((t.command_timeout, Vec::new()));
-                    g.0 = g.0.max(t.command_timeout);
-                    g.1.push(Swapped {
-                        idx: i,
-                        previous,
-                        content,
-                    });
-                }
+                owed.remove(&i);
+                join(i, previous.map_or(Undo::Keep, Undo::Restore));
             }
-            Ok(Applied::Live) => outcomes[i] = Outcome::Live,
             Ok(Applied::Unchanged) => {
                 tracing::debug!(template = %label(t), "unchanged");
             }
             Ok(Applied::WouldChange) => outcomes[i] = Outcome::WouldChange,
+            Ok(Applied::Live) => outcomes[i] = Outcome::Live,
             Err(reason) => {
                 tracing::error!(template = %label(t), reason = %reason, "template not applied; previous file kept");
                 outcomes[i] = Outcome::Failed(reason);
             }
         }
     }
-    for (cmd, (timeout, swapped)) in groups {
-        let names: Vec<String> = swapped
+    if !dry_run {
+        for &i in owed.iter() {
+            join(i, Undo::Keep);
+        }
+    }
+    for (cmd, (timeout, reloading)) in groups {
+        let names: Vec<String> = reloading
             .iter()
-            .map(|s| label(&cfg.templates[s.idx]))
+            .map(|r| label(&cfg.templates[r.idx]))
             .collect();
         match command::run(&cmd, None, timeout).await {
             Ok(out) => {
                 tracing::info!(reload = %cmd, templates = ?names, output = %out, "reloaded");
-                for s in &swapped {
-                    if let Some(live) = &cfg.templates[s.idx].live {
-                        live.after_reload(&s.content).await;
+                for r in &reloading {
+                    if owed.remove(&r.idx) {
+                        outcomes[r.idx] = Outcome::Updated;
                     }
                 }
+                after_reload(cfg, &reloading).await;
             }
             Err(e) => {
                 let reason = format!("reload failed: {e}");
-                tracing::error!(
-                    templates = ?names,
-                    reason = %reason,
-                    "reload failed; restoring the previous files and reloading again"
-                );
-                for s in &swapped {
-                    let t = &cfg.templates[s.idx];
-                    if let Err(e) =
-                        writer::restore(&t.dest, s.previous.as_deref(), t.mode.map(|m| m.0))
-                    {
-                        tracing::error!(template = %label(t), error = %e, "cannot restore the previous file");
-                    }
-                    outcomes[s.idx] = Outcome::Failed(reason.clone());
-                }
-                match command::run(&cmd, None, timeout).await {
-                    Ok(_) => {
-                        tracing::info!(reload = %cmd, "reloaded with the previous files");
-                        for s in &swapped {
-                            let t = &cfg.templates[s.idx];
-                            let previous = s.previous.as_deref().map(std::str::from_utf8);
-                            if let (Some(live), Some(Ok(previous))) = (&t.live, previous) {
-                                live.after_reload(previous).await;
+                let mut restored = false;
+                for r in &reloading {
+                    let t = &cfg.templates[r.idx];
+                    outcomes[r.idx] = Outcome::ReloadFailed(reason.clone());
+                    match &r.undo {
+                        Undo::Restore(previous) => {
+                            tracing::error!(
+                                template = %label(t),
+                                reason = %reason,
+                                "reload failed; restoring the previous file"
+                            );
+                            if let Err(e) =
+                                writer::restore(&t.dest, Some(previous), t.mode.map(|m| m.0))
+                            {
+                                tracing::error!(template = %label(t), error = %e, "cannot restore the previous file");
                             }
+                            restored = true;
+                        }
+                        Undo::Keep => {
+                            tracing::warn!(
+                                template = %label(t),
+                                reason = %reason,
+                                "reload failed; keeping the new file, as there is no previous one to put back (is the proxy running yet?)"
+                            );
+                            owed.insert(r.idx);
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(reload = %cmd, error = %e, "reload with the previous files failed too")
+                }
+                if restored {
+                    match command::run(&cmd, None, timeout).await {
+                        Ok(_) => {
+                            tracing::info!(reload = %cmd, "reloaded with the previous files");
+                            after_reload(cfg, &reloading).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(reload = %cmd, error = %e, "reload with the previous files failed too")
+                        }
                     }
                 }
             }
@@ -310,16 +383,28 @@ pub async fn pass(
     outcomes
 }
 
+/// After a successful reload, each live channel learns the file its proxy just loaded: the one
+/// on disk now (new, restored or owed alike).
+async fn after_reload(cfg: &Config, reloading: &[Reloading]) {
+    for r in reloading {
+        let t = &cfg.templates[r.idx];
+        let Some(live) = &t.live else { continue };
+        match std::fs::read_to_string(&t.dest) {
+            Ok(text) => live.after_reload(&text).await,
+            Err(e) => tracing::warn!(
+                template = %label(t),
+                error = %e,
+                "cannot read the reloaded file for its live channel"
+            ),
+        }
+    }
+}
+
 enum Applied {
     Unchanged,
     WouldChange,
-    /// Renamed into place, to be reloaded.
-    Swapped {
-        /// The previous content (`None`: there was no file).
-        previous: Option<Vec<u8>>,
-        /// The new content.
-        content: String,
-    },
+    /// Renamed into place; holds the previous content (`None`: there was no file).
+    Swapped(Option<Vec<u8>>),
     /// Renamed into place and applied through the template's live channel: no reload.
     Live,
 }
@@ -391,10 +476,7 @@ async fn apply_one(
         }
     }
     tracing::info!(template = %label(t), bytes = content.len(), "rendered and replaced");
-    Ok(Applied::Swapped {
-        previous: current,
-        content,
-    })
+    Ok(Applied::Swapped(current))
 }
 
 #[cfg(test)]
@@ -433,6 +515,14 @@ mod tests {
         q.edit(ms(50));
         assert!(!q.is_due(w, ms(120)));
         assert!(q.is_due(w, ms(150)));
+        q.clear();
+        // A reload retry is due at its time, before a change's window ends.
+        q.change(t0);
+        q.retry(ms(30));
+        assert!(!q.is_due(w, ms(20)));
+        assert!(q.is_due(w, ms(30)));
+        q.clear();
+        assert_eq!(q.due_at(w), None);
     }
 
     fn cfg(_dir: &Path, templates: Vec<TemplateConfig>) -> Config {
@@ -482,15 +572,61 @@ mod tests {
             ],
         );
         let mut r = Renderer::default();
-        let o = pass(&c, &mut r, &snap(2), &[0, 1], false).await;
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
         assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
         assert_eq!(
             std::fs::read_to_string(d.path().join("a")).unwrap(),
             "80 81 "
         );
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
-        let o = pass(&c, &mut r, &snap(2), &[0, 1], false).await;
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
         assert_eq!(o, vec![Outcome::Unchanged, Outcome::Unchanged]);
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+    }
+
+    /// The first render's reload fails (the proxy is not up yet): the new file stays, since
+    /// there is nothing to put back, and its reload runs again at the next pass, changed or
+    /// not, until it works.
+    #[tokio::test]
+    async fn first_render_keeps_its_file_when_the_reload_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let up = d.path().join("proxy-up");
+        let log = d.path().join("reloads");
+        let reload = format!(
+            "test -e {up} || {{ echo not running >&2; exit 1; }}; echo x >> {log}",
+            up = up.display(),
+            log = log.display()
+        );
+        let c = cfg(
+            d.path(),
+            vec![tpl(
+                d.path(),
+                "a",
+                "{{#each service.web}}{{port}} {{/each}}",
+                Some(&reload),
+            )],
+        );
+        let mut r = Renderer::default();
+        let mut owed = BTreeSet::new();
+        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
+        assert!(
+            matches!(&o[0], Outcome::ReloadFailed(m) if m.contains("not running")),
+            "{o:?}"
+        );
+        assert_eq!(std::fs::read_to_string(d.path().join("a")).unwrap(), "80 ");
+        assert_eq!(owed, BTreeSet::from([0]));
+        // Still down: nothing changes, the reload is tried again and still owed.
+        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
+        assert!(matches!(&o[0], Outcome::ReloadFailed(_)), "{o:?}");
+        assert!(!log.exists());
+        // The proxy is up: an unchanged file is reloaded, once, even when not due.
+        std::fs::write(&up, "").unwrap();
+        let o = pass(&c, &mut r, &snap(1), &[], &mut owed, false).await;
+        assert_eq!(o[0], Outcome::Updated);
+        assert!(owed.is_empty());
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
+        assert_eq!(o[0], Outcome::Unchanged);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
 
@@ -505,14 +641,14 @@ mod tests {
         );
         let c = cfg(d.path(), vec![ok.clone()]);
         let mut r = Renderer::default();
-        pass(&c, &mut r, &snap(1), &[0], false).await;
+        pass(&c, &mut r, &snap(1), &[0], &mut BTreeSet::new(), false).await;
         let dest = d.path().join("a");
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
 
         // Failing check.
         ok.check = Some(CommandSpec::Shell("echo nope >&2; false".into()));
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], false).await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.contains("check failed") && m.contains("nope")),
             "{o:?}"
@@ -523,9 +659,9 @@ mod tests {
         ok.check = None;
         ok.reload = Some(CommandSpec::Shell("false".into()));
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], false).await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
-            matches!(&o[0], Outcome::Failed(m) if m.contains("reload failed")),
+            matches!(&o[0], Outcome::ReloadFailed(m) if m.contains("reload failed")),
             "{o:?}"
         );
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
@@ -534,7 +670,7 @@ mod tests {
         std::fs::write(&ok.src, "{{servce.web}}").unwrap();
         ok.reload = None;
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], false).await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.contains("servce")),
             "{o:?}"
@@ -544,7 +680,7 @@ mod tests {
         std::fs::write(&ok.src, "{{#each service.web}}{{port}} {{/each}}").unwrap();
         ok.min_instances = 3;
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], false).await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.contains("min_instances")),
             "{o:?}"
@@ -554,7 +690,7 @@ mod tests {
         // Dry run writes nothing.
         ok.min_instances = 0;
         let c = cfg(d.path(), vec![ok]);
-        let o = pass(&c, &mut r, &snap(2), &[0], true).await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), true).await;
         assert_eq!(o[0], Outcome::WouldChange);
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
     }

@@ -6,8 +6,12 @@
 //! `switchboard.test=1` and a `sbtest-` name prefix; [`remove_stale_containers`] removes any a
 //! crashed run left.
 
+pub mod cluster;
+pub mod load;
+
 use std::future::Future;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -88,7 +92,8 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn find_program(name: &str, extra: &[&str]) -> PathBuf {
+/// A program on `PATH`, or in one of `extra`; panics naming it when it is nowhere.
+pub(crate) fn find_program(name: &str, extra: &[&str]) -> PathBuf {
     if let Some(paths) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&paths) {
             let p = dir.join(name);
@@ -107,6 +112,10 @@ fn find_program(name: &str, extra: &[&str]) -> PathBuf {
 }
 
 /// A child process killed on drop, its stdout and stderr captured in a log file.
+///
+/// It runs in a process group of its own, and every kill (drop, [`Process::kill9`]) goes to
+/// the whole group: a daemon's helpers (nginx's and HAProxy's workers, dockerd's containerd)
+/// die with it instead of living on as orphans that still hold their ports.
 pub struct Process {
     child: Option<Child>,
     name: String,
@@ -122,6 +131,7 @@ impl Process {
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
@@ -176,9 +186,14 @@ impl Process {
         }
     }
 
-    /// `kill -9` and reap.
+    /// `kill -9` of the process and everything in its process group, then reap it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) of the group this process leads (created at spawn); a group that
+            // is already gone only yields ESRCH.
+            unsafe {
+                libc::kill(-(c.id() as i32), libc::SIGKILL);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -204,6 +219,34 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A proxy reload command for confd: sends `signal` to the master whose PID is in `pid_file`.
+///
+/// It reads the file once and FAILS while the file is missing or empty: the proxy is not up
+/// yet, or is still starting and has not written its PID (nginx creates the file before it
+/// writes the number). A starting proxy may have read the previous config, so skipping the
+/// reload (`exit 0`) could leave it on that config for good; a failed reload makes confd keep
+/// the new file and retry the reload until the proxy answers.
+pub fn signal_reload(pid_file: &Path, signal: &str) -> String {
+    let f = pid_file.display().to_string().replace('\'', r"'\''");
+    format!(r#"pid=$(cat '{f}') && [ -n "$pid" ] && kill -{signal} "$pid""#)
+}
+
+/// Waits until `pid_file` holds the PID of a live process (a proxy's master has started and
+/// written it completely) and returns it.
+pub async fn wait_pid_file(pid_file: &Path, timeout: Duration) -> u32 {
+    wait_for(
+        &format!("a live PID in {}", pid_file.display()),
+        timeout,
+        || async {
+            let text = std::fs::read_to_string(pid_file).ok()?;
+            let pid: u32 = text.trim().parse().ok()?;
+            // SAFETY: signal 0 only checks that the process exists.
+            (unsafe { libc::kill(pid as i32, 0) } == 0).then_some(pid)
+        },
+    )
+    .await
 }
 
 /// A Consul dev agent on free loopback ports. Dev mode keeps nothing on disk, so a restart
@@ -256,17 +299,28 @@ impl Consul {
             "enable_script_checks = true",
         ];
         self.proc = Some(Process::spawn(&bin, &args, &[]));
-        let url = format!("{}/v1/status/leader", self.http());
+        // A leader alone is not enough: the agent registers its node and its own `consul`
+        // service in the catalog a moment after the election (anti-entropy), and until then
+        // the catalog answers without them and the agent's own registrations do not show in
+        // catalog or health queries yet. Callers rely on all of it, so wait for that sync.
+        let url = format!("{}/v1/catalog/services", self.http());
         let client = reqwest::Client::new();
-        wait_for("consul leader", Duration::from_secs(30), || {
-            let client = client.clone();
-            let url = url.clone();
-            async move {
-                let r = client.get(&url).send().await.ok()?;
-                let body = r.text().await.ok()?;
-                (body.len() > 2).then_some(())
-            }
-        })
+        wait_for(
+            "consul leader and its own catalog entry",
+            Duration::from_secs(30),
+            || {
+                let client = client.clone();
+                let url = url.clone();
+                async move {
+                    let r = client.get(&url).send().await.ok()?;
+                    if !r.status().is_success() {
+                        return None;
+                    }
+                    let v: serde_json::Value = r.json().await.ok()?;
+                    v.get("consul").map(|_| ())
+                }
+            },
+        )
         .await;
     }
 
@@ -595,9 +649,10 @@ vars:
   - src: {tpl}
     dest: {d}/haproxy.cfg
     check: ["haproxy", "-c", "-q", "-f"]
-    reload: "test -f {d}/haproxy.pid || exit 0; kill -USR2 $(cat {d}/haproxy.pid)"
+    reload: {reload:?}
 "#,
             tpl = workspace_root().join("templates/haproxy.cfg.hbs").display(),
+            reload = signal_reload(&dir.path().join("haproxy.pid"), "USR2"),
         );
         let cfg_path = dir.path().join("confd.yaml");
         std::fs::write(&cfg_path, cfg).unwrap();
@@ -627,6 +682,7 @@ vars:
             ],
             &[],
         );
+        wait_pid_file(&dir.path().join("haproxy.pid"), Duration::from_secs(30)).await;
         let addr = format!("{bind}:{port}");
         wait_for("HAProxy listening", Duration::from_secs(30), || async {
             std::net::TcpStream::connect(&addr).ok().map(|_| ())

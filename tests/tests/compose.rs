@@ -261,6 +261,7 @@ async fn consul_nginx_stack_scales_up_and_down() {
             "switchboard/demo-web",
         ],
         vec![
+            ("BIND_ADDRESS", "127.0.0.1".to_string()),
             ("LB_PORT", lb_port.to_string()),
             ("CONSUL_PORT", consul_port.to_string()),
         ],
@@ -318,6 +319,7 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
             "switchboard/demo-web",
         ],
         vec![
+            ("BIND_ADDRESS", "127.0.0.1".to_string()),
             ("LB_PORT", lb_port.to_string()),
             ("STATS_PORT", stats_port.to_string()),
             ("ETCD_PORT", etcd_port.to_string()),

@@ -198,18 +198,16 @@ impl Proxies {
         self.p(name).display().to_string()
     }
 
-    /// A confd config rendering both shipped templates with checks and reloads.
+    /// A confd config rendering both shipped templates with checks, and reloading nginx
+    /// (the two templates share `vars`, so only one proxy can take the port; HAProxy runs
+    /// from its own config in the etcd test).
     fn config(&self, backend: &str) -> PathBuf {
         self.config_with(backend, &templates_dir().join("nginx.conf.hbs"))
     }
 
     /// Like [`Proxies::config`] with another nginx template source.
     fn config_with(&self, backend: &str, nginx_src: &Path) -> PathBuf {
-        let (d, nginx_pid, ha_pid) = (
-            self.dir.path().display(),
-            self.s("nginx.pid"),
-            self.s("haproxy.pid"),
-        );
+        let (d, nginx_pid) = (self.dir.path().display(), self.s("nginx.pid"));
         let nginx_conf = self.s("nginx.conf");
         let cfg = format!(
             r#"
@@ -218,6 +216,7 @@ wait: {{ min: 100ms, max: 1s }}
 poll_wait: 5s
 vars:
   listen: {np}
+  bind_address: 127.0.0.1
   pid: {nginx_pid}
   error_log: {d}/nginx-error.log
   access_log: {d}/nginx-access.log
@@ -227,13 +226,13 @@ templates:
   - src: {nginx_src}
     dest: {nginx_conf}
     check: "nginx -t -q -e {d}/nginx-check.log -c {{{{staged}}}}"
-    reload: "test -f {nginx_pid} || exit 0; nginx -e {d}/nginx-ctl.log -c {nginx_conf} -s reload"
+    reload: {nginx_reload:?}
   - src: {tpl}/haproxy.cfg.hbs
     dest: {d}/haproxy.cfg
     check: ["haproxy", "-c", "-q", "-f", "{{{{staged}}}}"]
-    reload: "test -f {ha_pid} || exit 0; kill -USR2 $(cat {ha_pid})"
 "#,
             np = self.nginx_port,
+            nginx_reload = signal_reload(&self.p("nginx.pid"), "HUP"),
             tpl = templates_dir().display(),
             nginx_src = nginx_src.display(),
         );
@@ -250,8 +249,10 @@ templates:
         path
     }
 
-    fn start_nginx(&self) -> Process {
-        Process::spawn(
+    /// Starts nginx on the rendered file; returns once its master has written its PID (so
+    /// confd's reloads reach it from then on).
+    async fn start_nginx(&self) -> Process {
+        let p = Process::spawn(
             Path::new("nginx"),
             &[
                 "-e",
@@ -262,11 +263,14 @@ templates:
                 "daemon off;",
             ],
             &[],
-        )
+        );
+        wait_pid_file(&self.p("nginx.pid"), WAIT).await;
+        p
     }
 
-    fn start_haproxy(&self) -> Process {
-        Process::spawn(
+    /// Starts HAProxy (master-worker) on the rendered file; returns once its PID is written.
+    async fn start_haproxy(&self) -> Process {
+        let p = Process::spawn(
             Path::new("haproxy"),
             &[
                 "-W",
@@ -276,7 +280,9 @@ templates:
                 &self.s("haproxy.pid"),
             ],
             &[],
-        )
+        );
+        wait_pid_file(&self.p("haproxy.pid"), WAIT).await;
+        p
     }
 }
 
@@ -310,7 +316,7 @@ async fn consul_nginx_and_haproxy_route_to_exactly_the_live_set() {
         t.contains("svc_http")
     })
     .await;
-    let _nginx = px.start_nginx();
+    let _nginx = px.start_nginx().await;
     wait_routes("nginx, two instances", px.nginx_port, None, &["b1", "b2"]).await;
     wait_routes(
         "nginx vhost 2048.local.com",
@@ -336,6 +342,59 @@ async fn consul_nginx_and_haproxy_route_to_exactly_the_live_set() {
     assert!(read(&px.p("haproxy.cfg")).contains("server b3 127.0.0.1:"));
 }
 
+/// Waits until one line of `p`'s output contains every needle.
+async fn wait_line(p: &Process, needles: &[&str]) {
+    let found = poll(WAIT, Duration::from_millis(100), || async {
+        let out = p.output();
+        out.lines()
+            .any(|l| needles.iter().all(|n| l.contains(n)))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "no line with {needles:?} in:\n{}",
+        p.output()
+    );
+}
+
+/// confd starts before the proxy (as in a container whose entrypoint starts both): the first
+/// render's reload fails, and the new file stays, since removing it would leave nginx nothing
+/// to start on. A change while nginx is still down is put back after its failed reload, and
+/// retried: once nginx runs, it gets the current config with no further store change.
+#[tokio::test]
+async fn reload_failures_before_the_proxy_starts_are_retried() {
+    let etcd = Etcd::start().await;
+    let uri = etcd.uri("services");
+    let st = store(&uri);
+    let (b1, b2) = (Backend::start("r1").await, Backend::start("r2").await);
+    st.register(&b1.service("http")).await.unwrap();
+    let px = Proxies::new();
+    let cfg = px.config(&uri);
+    let p = confd(&["--config", cfg.to_str().unwrap()]);
+    wait_line(&p, &["keeping the new file", "nginx.conf"]).await;
+    let first = read(&px.p("nginx.conf"));
+    assert!(first.contains(&format!("127.0.0.1:{}", b1.port)), "{first}");
+
+    // Changed while nginx is down: the reload fails, the previous file is put back.
+    st.register(&b2.service("http")).await.unwrap();
+    wait_line(&p, &["restoring the previous file", "nginx.conf"]).await;
+    assert_eq!(read(&px.p("nginx.conf")), first);
+
+    // nginx starts on the older file; the retry brings it the current one.
+    let _nginx = px.start_nginx().await;
+    wait_routes(
+        "nginx, both after the retry",
+        px.nginx_port,
+        None,
+        &["r1", "r2"],
+    )
+    .await;
+    let out = p.output();
+    assert!(out.contains("trying again in"), "{out}");
+    assert!(out.contains("reloaded"), "{out}");
+}
+
 /// A template edit that nginx refuses: the check fails, the error names the template with
 /// nginx's complaint, nginx.conf stays as it was and nginx keeps serving; fixing the template
 /// on disk applies at once.
@@ -355,7 +414,7 @@ async fn failed_nginx_check_keeps_config_and_proxy_serving() {
         t.contains("svc_http")
     })
     .await;
-    let _nginx = px.start_nginx();
+    let _nginx = px.start_nginx().await;
     wait_routes("nginx serving", px.nginx_port, None, &["n1"]).await;
     let good = read(&px.p("nginx.conf"));
 
@@ -416,8 +475,9 @@ templates:
   - src: {tpl}/haproxy.cfg.hbs
     dest: {d}/haproxy.cfg
     check: ["haproxy", "-c", "-q", "-f"]
-    reload: "test -f {d}/haproxy.pid || exit 0; kill -USR2 $(cat {d}/haproxy.pid)"
+    reload: {reload:?}
 "#,
+        reload = signal_reload(&px.p("haproxy.pid"), "USR2"),
         hp = px.haproxy_port,
         sp = px.stats_port,
         tpl = templates_dir().display()
@@ -431,7 +491,7 @@ templates:
         |t| t.contains("backend svc_app"),
     )
     .await;
-    let _haproxy = px.start_haproxy();
+    let _haproxy = px.start_haproxy().await;
     wait_routes("haproxy default", px.haproxy_port, None, &["h1"]).await;
     wait_routes(
         "haproxy vhost",
@@ -910,8 +970,12 @@ async fn failed_reload_restores_the_previous_file() {
     wait_file(&p, "first render and reload", &log, |t| t == "ok\n").await;
     let bad = service("bad", "web", "127.0.0.1", 2);
     st.register(&bad).await.unwrap();
-    // Refused, restored, reloaded again with the previous file.
-    wait_file(&p, "rollback reload", &log, |t| t == "ok\nrefused\nok\n").await;
+    // Refused, restored, reloaded again with the previous file. (The template is retried
+    // after a backoff, refused and restored again each time, while `bad` is registered.)
+    wait_file(&p, "rollback reload", &log, |t| {
+        t.starts_with("ok\nrefused\nok\n")
+    })
+    .await;
     assert_eq!(read(&dest), "good1\n");
     let out = p.output();
     let line = out.lines().find(|l| l.contains("reload failed")).unwrap();

@@ -3,25 +3,22 @@
 //! `nginx_lua` live channel, and in-test HTTP backends that answer with their own name.
 //!
 //! A reload is detected the way it happens: nginx starts new worker processes, so the set of
-//! the master's children changes. Every nginx here runs in its own process group and the whole
-//! group is killed on drop, so a failing test leaves no worker behind.
+//! the master's children changes. nginx runs as a [`Process`], so its workers die with it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use switchboard::{RegistryUri, Service, Store};
+use switchboard_tests::load::{Load, LoadReport, LoadSpec};
 use switchboard_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 
 /// Upper bound for any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(30);
-/// Keep-alive connections of the load generator.
-const LOAD_CONNECTIONS: usize = 8;
+/// Keep-alive clients of the load generator.
+const LOAD_CLIENTS: usize = 8;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -121,28 +118,27 @@ fn children(pid: u32) -> BTreeSet<u32> {
     out
 }
 
-/// A real nginx (master in the foreground, its workers) in its own process group.
+/// A real nginx: the master in the foreground (a [`Process`]: its process group, workers
+/// included, is killed on drop).
 struct Nginx {
-    child: Child,
+    proc: Process,
 }
 
 impl Nginx {
     fn start(conf: &Path, dir: &Path) -> Nginx {
-        let log = std::fs::File::create(dir.join("nginx-out.log")).unwrap();
-        let child = Command::new("nginx")
-            .args(["-e", &dir.join("nginx-start.log").display().to_string()])
-            .args(["-c", &conf.display().to_string(), "-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("nginx (scripts/setup installs it)");
-        Nginx { child }
+        let start_log = dir.join("nginx-start.log").display().to_string();
+        let conf = conf.display().to_string();
+        Nginx {
+            proc: Process::spawn(
+                Path::new("nginx"),
+                &["-e", &start_log, "-c", &conf, "-g", "daemon off;"],
+                &[],
+            ),
+        }
     }
 
     fn master(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     /// The master and its workers.
@@ -163,16 +159,6 @@ impl Nginx {
     }
 }
 
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // The group: master and workers alike.
-        unsafe {
-            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// confd rendering the shipped nginx template (with or without `lua_peers`) into a temp dir,
 /// and nginx serving it on 127.0.0.1.
 /// Fields drop in order: nginx and confd stop before their directory goes.
@@ -186,29 +172,28 @@ struct Lb {
 }
 
 impl Lb {
-    /// Starts confd; nginx starts once the rendered file holds `ready`; returns when nginx
-    /// answers (and, with Lua, its peers socket exists).
+    /// Renders once (`confd --once`, no commands) until the file holds `ready`, starts nginx
+    /// on it, then the confd daemon, as the reference image's entrypoint does. So the daemon
+    /// starts with nginx running and the file current: no reload is owed at the start, and
+    /// every reload or live update a test sees comes from what the test changed.
     async fn start(backend_uri: &str, lua: bool, ready: &str) -> Lb {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let cfg = dir.path().join("confd.yaml");
-        std::fs::write(&cfg, config(dir.path(), port, backend_uri, lua, true)).unwrap();
-        let confd = Process::spawn(
-            &bin("confd"),
-            &["--config", cfg.to_str().unwrap()],
-            &[("RUST_LOG", "info")],
-        );
+        let once_cfg = dir.path().join("confd-once.yaml");
+        std::fs::write(&once_cfg, config(dir.path(), port, backend_uri, lua, false)).unwrap();
         let conf = dir.path().join("nginx.conf");
-        let deadline = Instant::now() + WAIT;
-        while !read(&conf).contains(ready) {
-            assert!(
-                Instant::now() < deadline,
-                "nginx.conf never held {ready:?}; confd output:\n{}",
-                confd.output()
+        wait_for(&format!("nginx.conf holding {ready:?}"), WAIT, || async {
+            let mut once = Process::spawn(
+                &bin("confd"),
+                &["--config", once_cfg.to_str().unwrap(), "--once"],
+                &[],
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            once.wait_exit(WAIT).await;
+            read(&conf).contains(ready).then_some(())
+        })
+        .await;
         let nginx = Nginx::start(&conf, dir.path());
+        wait_pid_file(&dir.path().join("nginx.pid"), WAIT).await;
         let addr = format!("127.0.0.1:{port}");
         let up = poll(WAIT, Duration::from_millis(100), || async {
             std::net::TcpStream::connect(&addr).ok().map(|_| ())
@@ -219,13 +204,21 @@ impl Lb {
             "nginx not listening on {addr}; its log:\n{}",
             read(&dir.path().join("nginx-start.log"))
         );
+        let cfg = dir.path().join("confd.yaml");
+        std::fs::write(&cfg, config(dir.path(), port, backend_uri, lua, true)).unwrap();
+        let confd = Process::spawn(
+            &bin("confd"),
+            &["--config", cfg.to_str().unwrap()],
+            &[("RUST_LOG", "info")],
+        );
+        confd.wait_output("snapshot updated", WAIT).await;
         let lb = Lb {
-            dir,
+            nginx,
+            confd,
             port,
             backend_uri: backend_uri.to_string(),
             lua,
-            confd,
-            nginx,
+            dir,
         };
         if lua {
             wait_for("the peers socket", WAIT, || async {
@@ -311,11 +304,10 @@ templates:
         tpl = workspace_root().join("templates/nginx.conf.hbs").display(),
     );
     if commands {
-        // `nginx -t` creates the pid file (empty) to test it can: only a pid in it means a
-        // running master.
+        let reload = serde_json::to_string(&signal_reload(&dir.join("nginx.pid"), "HUP")).unwrap();
         cfg.push_str(&format!(
             r#"    check: "nginx -t -q -e {d}/nginx-check.log -c {{{{staged}}}}"
-    reload: 'p=$(cat {d}/nginx.pid 2>/dev/null); [ -n "$p" ] || exit 0; kill -HUP "$p"'
+    reload: {reload}
     live: {{ nginx_lua: {{ socket: {d}/peers.sock }} }}
 "#
         ));
@@ -423,121 +415,6 @@ async fn wait_routes(what: &str, lb: &Lb, host: &str, want: &[&str]) {
     );
 }
 
-/// What the load generator saw.
-#[derive(Debug, Default)]
-struct LoadStats {
-    ok: u64,
-    failed: u64,
-    connections: u64,
-    /// The first few failures, for the assertion message.
-    errors: Vec<String>,
-    bodies: BTreeMap<String, u64>,
-}
-
-impl LoadStats {
-    fn fail(&mut self, e: String) {
-        self.failed += 1;
-        if self.errors.len() < 8 {
-            self.errors.push(e);
-        }
-    }
-
-    fn merge(&mut self, o: LoadStats) {
-        self.ok += o.ok;
-        self.failed += o.failed;
-        self.connections += o.connections;
-        for e in o.errors {
-            if self.errors.len() < 8 {
-                self.errors.push(e);
-            }
-        }
-        for (b, n) in o.bodies {
-            *self.bodies.entry(b).or_default() += n;
-        }
-    }
-}
-
-/// Continuous GETs through nginx on `LOAD_CONNECTIONS` keep-alive connections until
-/// [`Load::finish`], bounded in time and count either way.
-struct Load {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<LoadStats>>,
-}
-
-impl Load {
-    const MAX_TIME: Duration = Duration::from_secs(180);
-    const MAX_PER_CONNECTION: u64 = 200_000;
-
-    fn start(port: u16) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..LOAD_CONNECTIONS)
-            .map(|_| tokio::spawn(load_task(port, stop.clone())))
-            .collect();
-        Load { stop, tasks }
-    }
-
-    async fn finish(self) -> LoadStats {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = LoadStats::default();
-        for t in self.tasks {
-            all.merge(t.await.unwrap());
-        }
-        all
-    }
-}
-
-async fn load_task(port: u16, stop: Arc<AtomicBool>) -> LoadStats {
-    let deadline = Instant::now() + Load::MAX_TIME;
-    let mut s = LoadStats::default();
-    let mut conn: Option<BufReader<TcpStream>> = None;
-    while !stop.load(Ordering::Relaxed)
-        && Instant::now() < deadline
-        && s.ok + s.failed < Load::MAX_PER_CONNECTION
-    {
-        if conn.is_none() {
-            match connect(port).await {
-                Ok(c) => {
-                    conn = Some(c);
-                    s.connections += 1;
-                }
-                Err(e) => {
-                    s.fail(format!("connect: {e}"));
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            }
-        }
-        let c = conn.as_mut().expect("connected above");
-        match tokio::time::timeout(Duration::from_secs(5), exchange(c, "127.0.0.1")).await {
-            Ok(Ok((status, body, close))) => {
-                if (200..300).contains(&status) {
-                    s.ok += 1;
-                    *s.bodies.entry(body).or_default() += 1;
-                } else {
-                    s.fail(format!(
-                        "status {status}: {}",
-                        body.lines().next().unwrap_or("")
-                    ));
-                }
-                if close {
-                    conn = None;
-                }
-            }
-            Ok(Err(e)) => {
-                s.fail(format!("request: {e}"));
-                conn = None;
-            }
-            Err(_) => {
-                s.fail("request: no answer within 5s".into());
-                conn = None;
-            }
-        }
-        // Paced a little: the machine is shared with the rest of the suite.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    s
-}
-
 /// An HTTP/1.0 POST over a unix socket: (status, first body line).
 async fn post_unix(sock: &Path, path: &str, body: &[u8]) -> (u16, String) {
     let mut s = UnixStream::connect(sock).await.unwrap();
@@ -573,8 +450,8 @@ fn tcp_listen_addrs(pids: &BTreeSet<u32>) -> BTreeSet<String> {
 /// Scales `http` 1 -> 3 -> 1 `cycles` times under keep-alive load; returns what the load saw.
 /// Without Lua every step is a reload, and the next step waits for the old worker to be gone:
 /// until then it still accepts connections with the old config and would pass a route check.
-async fn scale_under_load(lb: &Lb, st: &Store, b: &[Backend; 3], cycles: usize) -> LoadStats {
-    let load = Load::start(lb.port);
+async fn scale_under_load(lb: &Lb, st: &Store, b: &[Backend; 3], cycles: usize) -> LoadReport {
+    let load = start_load(lb).await;
     let mut workers = lb.nginx.settled_workers().await;
     for i in 0..cycles {
         for (what, up, want) in [
@@ -603,7 +480,17 @@ async fn scale_under_load(lb: &Lb, st: &Store, b: &[Backend; 3], cycles: usize) 
             wait_routes(&format!("cycle {i}: {what}"), lb, "127.0.0.1", want).await;
         }
     }
-    load.finish().await
+    load.stop().await
+}
+
+/// `LOAD_CLIENTS` keep-alive clients GETting `/` through nginx, flowing before this returns.
+async fn start_load(lb: &Lb) -> Load {
+    let load = Load::start(LoadSpec::get(
+        &format!("http://127.0.0.1:{}/", lb.port),
+        LOAD_CLIENTS,
+    ));
+    load.wait_flowing(50, WAIT).await;
+    load
 }
 
 // ---------------------------------------------------------------------------------------
@@ -633,22 +520,24 @@ async fn scaling_under_keepalive_load_fails_no_request_and_never_reloads() {
     assert_eq!(
         load.failed,
         0,
-        "failed requests: {:?}; confd output:\n{}",
-        load.errors,
+        "{}; confd output:\n{}",
+        load.summary(),
         lb.confd.output()
     );
-    assert!(load.ok > 200, "too little load to mean anything: {load:?}");
-    let seen: BTreeSet<&str> = load.bodies.keys().map(String::as_str).collect();
+    assert!(
+        load.requests > 200,
+        "too little load to mean anything: {}",
+        load.summary()
+    );
+    let seen: BTreeSet<&str> = load.by_body.keys().map(String::as_str).collect();
     assert_eq!(seen, BTreeSet::from(["b1", "b2", "b3"]), "{load:?}");
     assert_eq!(children(lb.nginx.master()), workers, "nginx reloaded");
     assert_eq!(lb.reloads(), reloads, "{}", lb.confd.output());
     assert!(lb.lives() >= lives + 6, "{}", lb.confd.output());
     eprintln!(
-        "nginx_live: {} requests on {} connections ({} opened), {} failed, 0 reloads, {} live updates",
-        load.ok + load.failed,
-        LOAD_CONNECTIONS,
-        load.connections,
-        load.failed,
+        "nginx_live: {} clients: {}; 0 reloads, {} live updates",
+        LOAD_CLIENTS,
+        load.summary(),
         lb.lives() - lives
     );
     assert_eq!(lb.conf(), lb.fresh_render().await);
@@ -817,7 +706,7 @@ async fn a_dead_peer_is_retried_on_another_under_load() {
     let workers = lb.nginx.settled_workers().await;
     let lives = lb.lives();
 
-    let load = Load::start(lb.port);
+    let load = start_load(&lb).await;
     // Registered, but nothing listens on its port.
     let dead_port = free_port();
     let mut dead = b1.service("http");
@@ -835,10 +724,10 @@ async fn a_dead_peer_is_retried_on_another_under_load() {
     })
     .await;
     wait_routes("only the live one answers", &lb, "127.0.0.1", &["b1"]).await;
-    let load = load.finish().await;
+    let load = load.stop().await;
 
-    assert_eq!(load.failed, 0, "failed requests: {:?}", load.errors);
-    assert!(load.ok > 0, "{load:?}");
+    assert_eq!(load.failed, 0, "{}", load.summary());
+    assert!(load.requests > 0, "{}", load.summary());
     assert_eq!(children(lb.nginx.master()), workers, "nginx reloaded");
     assert!(lb.conf().contains(&refused), "{}", lb.conf());
 }
@@ -896,12 +785,9 @@ async fn measure_scaling_with_reloads_under_keepalive_load() {
     let reloads = lb.reloads();
     let load = scale_under_load(&lb, &st, &b, 3).await;
     eprintln!(
-        "reloads: {} requests on {} connections ({} opened), {} failed, {} reloads; first errors: {:?}",
-        load.ok + load.failed,
-        LOAD_CONNECTIONS,
-        load.connections,
-        load.failed,
-        lb.reloads() - reloads,
-        load.errors
+        "reloads: {} clients: {}; {} reloads",
+        LOAD_CLIENTS,
+        load.summary(),
+        lb.reloads() - reloads
     );
 }
