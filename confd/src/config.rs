@@ -7,6 +7,7 @@
 
 use crate::command::CommandSpec;
 use crate::duration;
+use crate::live::LiveChannel;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -166,6 +167,10 @@ pub struct TemplateConfig {
     /// Time limit for the check and reload commands.
     #[serde(default = "default_command_timeout", with = "duration::serde_text")]
     pub command_timeout: Duration,
+    /// Apply membership-only changes to the running proxy without a reload (e.g.
+    /// `live: { nginx_lua: { socket: /run/nginx-peers.sock } }`); anything else still reloads.
+    #[serde(default)]
+    pub live: Option<LiveChannel>,
 }
 
 impl TemplateConfig {
@@ -193,6 +198,7 @@ impl TemplateConfig {
             wait: None,
             min_instances: 0,
             command_timeout: default_command_timeout(),
+            live: None,
         })
     }
 }

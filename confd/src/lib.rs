@@ -4,12 +4,14 @@
 //! The pipeline, one module per stage: [`config`] (YAML + flags) → [`source`] (store watchers
 //! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`render`] with
 //! [`helpers`] → [`writer`] (stage, swap, restore) → [`command`] (check and reload with
-//! timeouts). [`watch`] re-renders when a template file changes.
+//! timeouts). [`watch`] re-renders when a template file changes. [`live`] applies
+//! membership-only changes to a running proxy without a reload.
 
 pub mod command;
 pub mod config;
 pub mod duration;
 pub mod helpers;
+pub mod live;
 pub mod model;
 pub mod render;
 pub mod runner;

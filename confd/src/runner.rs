@@ -5,7 +5,9 @@
 //! staged and checked; only then is it renamed into place. Templates that share a reload
 //! command are grouped so the command runs once per pass. If a reload fails, every file of
 //! its group is put back as it was and the reload runs again, so the proxy keeps serving the
-//! previous config. Any failure is one error line naming the template and the reason; the
+//! previous config. A template with a live channel whose change is membership-only (see
+//! [`crate::live`]) is committed and applied to the running proxy instead of reloaded; if that
+//! fails it joins the reloads. Any failure is one error line naming the template and the reason; the
 //! template is tried again on the next change (snapshot or template edit). Nothing here ever
 //! ends the daemon.
 
@@ -102,6 +104,8 @@ pub enum Outcome {
     Unchanged,
     /// Written (and reloaded, if configured).
     Updated,
+    /// Written and applied to the running proxy through its live channel, without a reload.
+    Live,
     /// Dry run: a diff was printed.
     WouldChange,
     /// Not applied; the reason was logged. Tried again on the next change.
@@ -232,7 +236,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
                     );
                     pending[i].retry(Instant::now() + delay);
                 }
-                Outcome::Updated => retries[i].reset(),
+                Outcome::Updated | Outcome::Live => retries[i].reset(),
                 Outcome::Unchanged if due.contains(&i) => retries[i].reset(),
                 _ => {}
             }
@@ -305,6 +309,7 @@ pub async fn pass(
                 tracing::debug!(template = %label(t), "unchanged");
             }
             Ok(Applied::WouldChange) => outcomes[i] = Outcome::WouldChange,
+            Ok(Applied::Live) => outcomes[i] = Outcome::Live,
             Err(reason) => {
                 tracing::error!(template = %label(t), reason = %reason, "template not applied; previous file kept");
                 outcomes[i] = Outcome::Failed(reason);
@@ -329,6 +334,7 @@ pub async fn pass(
                         outcomes[r.idx] = Outcome::Updated;
                     }
                 }
+                after_reload(cfg, &reloading).await;
             }
             Err(e) => {
                 let reason = format!("reload failed: {e}");
@@ -362,7 +368,10 @@ pub async fn pass(
                 }
                 if restored {
                     match command::run(&cmd, None, timeout).await {
-                        Ok(_) => tracing::info!(reload = %cmd, "reloaded with the previous files"),
+                        Ok(_) => {
+                            tracing::info!(reload = %cmd, "reloaded with the previous files");
+                            after_reload(cfg, &reloading).await;
+                        }
                         Err(e) => {
                             tracing::error!(reload = %cmd, error = %e, "reload with the previous files failed too")
                         }
@@ -374,15 +383,34 @@ pub async fn pass(
     outcomes
 }
 
+/// After a successful reload, each live channel learns the file its proxy just loaded: the one
+/// on disk now (new, restored or owed alike).
+async fn after_reload(cfg: &Config, reloading: &[Reloading]) {
+    for r in reloading {
+        let t = &cfg.templates[r.idx];
+        let Some(live) = &t.live else { continue };
+        match std::fs::read_to_string(&t.dest) {
+            Ok(text) => live.after_reload(&text).await,
+            Err(e) => tracing::warn!(
+                template = %label(t),
+                error = %e,
+                "cannot read the reloaded file for its live channel"
+            ),
+        }
+    }
+}
+
 enum Applied {
     Unchanged,
     WouldChange,
     /// Renamed into place; holds the previous content (`None`: there was no file).
     Swapped(Option<Vec<u8>>),
+    /// Renamed into place and applied through the template's live channel: no reload.
+    Live,
 }
 
-/// Render → compare → stage → check → swap for one template. The error is the reason, one
-/// line, including the check command's output.
+/// Render → compare → stage → check → swap (→ live update) for one template. The error is the
+/// reason, one line, including the check command's output.
 async fn apply_one(
     t: &TemplateConfig,
     renderer: &mut Renderer,
@@ -420,9 +448,33 @@ async fn apply_one(
             .await
             .map_err(|e| format!("check failed: {e}"))?;
     }
+    // Decided on the checked file before it is committed: membership-only changes skip the
+    // reload. The file is committed either way, so the proxy's next start or reload agrees.
+    let live = t.live.as_ref().and_then(|live| {
+        let old = std::str::from_utf8(current.as_deref()?).ok()?;
+        Some((live, live.plan(old, &content)?))
+    });
     staged
         .commit()
         .map_err(|e| format!("cannot replace {}: {e}", t.dest.display()))?;
+    if let Some((live, plan)) = live {
+        match live.apply(plan).await {
+            Ok(s) => {
+                tracing::info!(
+                    template = %label(t),
+                    bytes = content.len(),
+                    changed = ?s.changed,
+                    pools = s.pools,
+                    peers = s.peers,
+                    "rendered and replaced; applied live, no reload"
+                );
+                return Ok(Applied::Live);
+            }
+            Err(e) => {
+                tracing::warn!(template = %label(t), error = %e, "live update failed; reloading instead");
+            }
+        }
+    }
     tracing::info!(template = %label(t), bytes = content.len(), "rendered and replaced");
     Ok(Applied::Swapped(current))
 }
