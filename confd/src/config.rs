@@ -7,7 +7,7 @@
 
 use crate::command::CommandSpec;
 use crate::duration;
-use crate::live::LiveConfig;
+use crate::live::LiveChannel;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -167,9 +167,10 @@ pub struct TemplateConfig {
     /// Time limit for the check and reload commands.
     #[serde(default = "default_command_timeout", with = "duration::serde_text")]
     pub command_timeout: Duration,
-    /// Apply membership-only changes to the running proxy instead of reloading it.
+    /// Apply membership-only changes to the running proxy without a reload (e.g.
+    /// `live: { nginx_lua: { socket: /run/nginx-peers.sock } }`); anything else still reloads.
     #[serde(default)]
-    pub live: Option<LiveConfig>,
+    pub live: Option<LiveChannel>,
 }
 
 impl TemplateConfig {
@@ -494,7 +495,7 @@ templates:
     command_timeout: 10s
   - src: a.hbs
     dest: b
-    live: { haproxy_socket: /run/haproxy/admin.sock, drain_timeout: 10s }
+    live: { haproxy: { socket: /run/haproxy/admin.sock, drain_timeout: 10s } }
 "#;
 
     #[test]
@@ -532,14 +533,15 @@ templates:
         // The second template inherits the default wait.
         assert_eq!(c.templates[1].wait, Some(c.wait));
         assert_eq!(t.live, None);
-        let live = c.templates[1].live.as_ref().unwrap();
         assert_eq!(
-            live.channel,
-            crate::live::ChannelConfig::Haproxy {
-                socket: "/run/haproxy/admin.sock".into()
-            }
+            c.templates[1].live,
+            Some(crate::live::LiveChannel::Haproxy(
+                crate::live::Haproxy::new(
+                    "/run/haproxy/admin.sock".into(),
+                    Duration::from_secs(10)
+                )
+            ))
         );
-        assert_eq!(live.drain_timeout, Duration::from_secs(10));
         assert_eq!(c.ignore_services, vec!["consul".to_string()]);
     }
 
@@ -564,16 +566,16 @@ templates:
             ("templates: [\n", 2, 1, ""),
             ("vars: 3\n", 1, 7, "expected a map"),
             (
-                "templates:\n  - src: a\n    dest: b\n    live: { haproxy_socket: \"ipv4@0.0.0.0:9999\" }\n",
+                "templates:\n  - src: a\n    dest: b\n    live: { haproxy: { socket: \"ipv4@0.0.0.0:9999\" } }\n",
                 4,
-                30,
+                33,
                 "expected the path of a unix socket",
             ),
             (
-                "templates:\n  - src: a\n    dest: b\n    live: { socket: /a }\n",
+                "templates:\n  - src: a\n    dest: b\n    live: { haproxy: { sock: /a } }\n",
                 4,
-                13,
-                "unknown field `socket`",
+                24,
+                "unknown field `sock`",
             ),
         ];
         for (text, line, col, want) in cases {

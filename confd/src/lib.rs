@@ -4,8 +4,8 @@
 //! The pipeline, one module per stage: [`config`] (YAML + flags) → [`source`] (store watchers
 //! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`render`] with
 //! [`helpers`] → [`writer`] (stage, swap, restore) → [`command`] (check and reload with
-//! timeouts), or, when only the members of upstreams changed, [`live`] (the proxy's runtime
-//! API, no reload). [`watch`] re-renders when a template file changes.
+//! timeouts). [`watch`] re-renders when a template file changes. [`live`] applies
+//! membership-only changes to a running proxy without a reload.
 
 pub mod command;
 pub mod config;

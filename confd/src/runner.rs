@@ -5,13 +5,14 @@
 //! staged and checked; only then is it renamed into place. Templates that share a reload
 //! command are grouped so the command runs once per pass. If a reload fails, every file of
 //! its group is put back as it was and the reload runs again, so the proxy keeps serving the
-//! previous config. Any failure is one error line naming the template and the reason; the
+//! previous config. A template with a live channel whose change is membership-only (see
+//! [`crate::live`]) is committed and applied to the running proxy instead of reloaded; if that
+//! fails it joins the reloads. Any failure is one error line naming the template and the reason; the
 //! template is tried again on the next change (snapshot or template edit). Nothing here ever
 //! ends the daemon.
 
 use crate::command::{self, CommandSpec};
 use crate::config::{Config, TemplateConfig, Wait};
-use crate::live::{Live, Summary};
 use crate::model::{template_data, Snapshot};
 use crate::render::Renderer;
 use crate::source;
@@ -19,6 +20,7 @@ use crate::watch::watch_templates;
 use crate::writer;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard::{Backoff, Shutdown};
@@ -103,8 +105,8 @@ pub enum Outcome {
     Unchanged,
     /// Written (and reloaded, if configured).
     Updated,
-    /// Written, and applied to the running proxy through its live channel: no reload.
-    Live(Summary),
+    /// Written and applied to the running proxy through its live channel, without a reload.
+    Live,
     /// Dry run: a diff was printed.
     WouldChange,
     /// Not applied; the reason was logged. Tried again on the next change.
@@ -114,42 +116,15 @@ pub enum Outcome {
     ReloadFailed(String),
 }
 
+/// Reloads run and live updates applied since confd started (all templates), carried by the
+/// `reloaded` and `applied live` log lines so that the log alone tells how often the proxy
+/// was reloaded and how often it was changed in place.
+static RELOADS: AtomicU64 = AtomicU64::new(0);
+static LIVE_UPDATES: AtomicU64 = AtomicU64::new(0);
+
 /// How long a template whose reload failed waits before it is tried again, at first and at
 /// most (doubling in between).
 const RELOAD_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
-
-/// What a run keeps from one pass to the next besides the renderer: each template's live
-/// channel (it remembers servers still draining) and the counts the `reloaded` and `applied at
-/// runtime` log lines carry, so the log tells how often the proxy was reloaded and how often it
-/// was changed in place.
-#[derive(Debug, Default)]
-pub struct Channels {
-    live: Vec<Option<Live>>,
-    reloads: u64,
-    runtime_updates: u64,
-}
-
-impl Channels {
-    /// The live channels of `cfg`'s templates; their background work stops with `shutdown`.
-    pub fn new(cfg: &Config, shutdown: &Shutdown) -> Channels {
-        Channels {
-            live: cfg
-                .templates
-                .iter()
-                .map(|t| {
-                    t.live
-                        .as_ref()
-                        .map(|l| Live::new(l, shutdown.child_token()))
-                })
-                .collect(),
-            ..Channels::default()
-        }
-    }
-
-    fn live(&self, i: usize) -> Option<&Live> {
-        self.live.get(i).and_then(Option::as_ref)
-    }
-}
 
 /// Runs confd until `shutdown` (or, with `once`/`dry_run`, until every template was rendered
 /// once). Returns whether every template succeeded (always `true` for a daemon that was shut
@@ -177,18 +152,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
         };
         let all: Vec<usize> = (0..cfg.templates.len()).collect();
         let mut owed = BTreeSet::new();
-        // No live channels: a run that exits at once could not finish a drain.
-        let mut channels = Channels::default();
-        let outcomes = pass(
-            &cfg,
-            &mut renderer,
-            &snap,
-            &all,
-            &mut owed,
-            opts.dry_run,
-            &mut channels,
-        )
-        .await;
+        let outcomes = pass(&cfg, &mut renderer, &snap, &all, &mut owed, opts.dry_run).await;
         return Ok(outcomes
             .iter()
             .all(|o| !matches!(o, Outcome::Failed(_) | Outcome::ReloadFailed(_))));
@@ -218,7 +182,6 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
     // Templates whose file on disk is newer than what the proxy has loaded: its reload failed
     // and there was nothing to put back. Their reload runs again at every pass until it works.
     let mut owed: BTreeSet<usize> = BTreeSet::new();
-    let mut channels = Channels::new(&cfg, &shutdown);
     let mut snap: Option<Arc<Snapshot>> = None;
     tracing::info!(
         backend = %cfg.backend.primary().base_url(),
@@ -268,16 +231,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
         for &i in &due {
             pending[i].clear();
         }
-        let outcomes = pass(
-            &cfg,
-            &mut renderer,
-            s,
-            &due,
-            &mut owed,
-            false,
-            &mut channels,
-        )
-        .await;
+        let outcomes = pass(&cfg, &mut renderer, s, &due, &mut owed, false).await;
         for (i, o) in outcomes.iter().enumerate() {
             match o {
                 Outcome::ReloadFailed(_) => {
@@ -289,7 +243,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
                     );
                     pending[i].retry(Instant::now() + delay);
                 }
-                Outcome::Updated | Outcome::Live(_) => retries[i].reset(),
+                Outcome::Updated | Outcome::Live => retries[i].reset(),
                 Outcome::Unchanged if due.contains(&i) => retries[i].reset(),
                 _ => {}
             }
@@ -324,8 +278,7 @@ struct Reloading {
     undo: Undo,
 }
 
-/// Renders, checks, swaps and reloads the templates `due` against `snap`, or applies them
-/// through their live channel in `ch` when only membership changed.
+/// Renders, checks, swaps and reloads the templates `due` against `snap`.
 ///
 /// `owed` holds the templates whose file is in place but not yet loaded by their proxy (a
 /// reload failed with nothing to restore): their reload runs in this pass whether or not
@@ -337,7 +290,6 @@ pub async fn pass(
     due: &[usize],
     owed: &mut BTreeSet<usize>,
     dry_run: bool,
-    ch: &mut Channels,
 ) -> Vec<Outcome> {
     let data = template_data(snap, &cfg.vars);
     let mut outcomes = vec![Outcome::Unchanged; cfg.templates.len()];
@@ -354,28 +306,17 @@ pub async fn pass(
     };
     for &i in due {
         let t = &cfg.templates[i];
-        // A file its proxy has not loaded yet is no base for a runtime change.
-        let live = if owed.contains(&i) { None } else { ch.live(i) };
-        match apply_one(t, renderer, snap, &data, dry_run, live).await {
+        match apply_one(t, renderer, snap, &data, dry_run).await {
             Ok(Applied::Swapped(previous)) => {
                 outcomes[i] = Outcome::Updated;
                 owed.remove(&i);
                 join(i, previous.map_or(Undo::Keep, Undo::Restore));
             }
-            Ok(Applied::Live(summary)) => {
-                ch.runtime_updates += 1;
-                tracing::info!(
-                    template = %label(t),
-                    reloads = ch.reloads,
-                    runtime_updates = ch.runtime_updates,
-                    "applied at runtime: {summary}, no reload"
-                );
-                outcomes[i] = Outcome::Live(summary);
-            }
             Ok(Applied::Unchanged) => {
                 tracing::debug!(template = %label(t), "unchanged");
             }
             Ok(Applied::WouldChange) => outcomes[i] = Outcome::WouldChange,
+            Ok(Applied::Live) => outcomes[i] = Outcome::Live,
             Err(reason) => {
                 tracing::error!(template = %label(t), reason = %reason, "template not applied; previous file kept");
                 outcomes[i] = Outcome::Failed(reason);
@@ -394,21 +335,20 @@ pub async fn pass(
             .collect();
         match command::run(&cmd, None, timeout).await {
             Ok(out) => {
-                ch.reloads += 1;
                 tracing::info!(
                     reload = %cmd,
                     templates = ?names,
-                    reloads = ch.reloads,
-                    runtime_updates = ch.runtime_updates,
                     output = %out,
+                    reloads = RELOADS.fetch_add(1, Ordering::Relaxed) + 1,
+                    live_updates = LIVE_UPDATES.load(Ordering::Relaxed),
                     "reloaded"
                 );
-                after_reload(cfg, ch, &reloading).await;
                 for r in &reloading {
                     if owed.remove(&r.idx) {
                         outcomes[r.idx] = Outcome::Updated;
                     }
                 }
+                after_reload(cfg, &reloading).await;
             }
             Err(e) => {
                 let reason = format!("reload failed: {e}");
@@ -444,7 +384,7 @@ pub async fn pass(
                     match command::run(&cmd, None, timeout).await {
                         Ok(_) => {
                             tracing::info!(reload = %cmd, "reloaded with the previous files");
-                            after_reload(cfg, ch, &reloading).await;
+                            after_reload(cfg, &reloading).await;
                         }
                         Err(e) => {
                             tracing::error!(reload = %cmd, error = %e, "reload with the previous files failed too")
@@ -457,12 +397,19 @@ pub async fn pass(
     outcomes
 }
 
-/// Lets the live channels of reloaded templates catch up with the reloaded proxy.
-async fn after_reload(cfg: &Config, ch: &Channels, reloaded: &[Reloading]) {
-    for r in reloaded {
-        if let Some(live) = ch.live(r.idx) {
-            let now = std::fs::read_to_string(&cfg.templates[r.idx].dest).unwrap_or_default();
-            live.after_reload(&now).await;
+/// After a successful reload, each live channel learns the file its proxy just loaded: the one
+/// on disk now (new, restored or owed alike).
+async fn after_reload(cfg: &Config, reloading: &[Reloading]) {
+    for r in reloading {
+        let t = &cfg.templates[r.idx];
+        let Some(live) = &t.live else { continue };
+        match std::fs::read_to_string(&t.dest) {
+            Ok(text) => live.after_reload(&text).await,
+            Err(e) => tracing::warn!(
+                template = %label(t),
+                error = %e,
+                "cannot read the reloaded file for its live channel"
+            ),
         }
     }
 }
@@ -470,22 +417,20 @@ async fn after_reload(cfg: &Config, ch: &Channels, reloaded: &[Reloading]) {
 enum Applied {
     Unchanged,
     WouldChange,
-    /// Renamed into place and applied through the live channel (no reload).
-    Live(Summary),
     /// Renamed into place; holds the previous content (`None`: there was no file).
     Swapped(Option<Vec<u8>>),
+    /// Renamed into place and applied through the template's live channel: no reload.
+    Live,
 }
 
-/// Render → compare → stage → check → swap for one template, then the live channel when the
-/// change is membership only. The error is the reason, one line, including the check
-/// command's output.
+/// Render → compare → stage → check → swap (→ live update) for one template. The error is the
+/// reason, one line, including the check command's output.
 async fn apply_one(
     t: &TemplateConfig,
     renderer: &mut Renderer,
     snap: &Snapshot,
     data: &serde_json::Value,
     dry_run: bool,
-    live: Option<&Live>,
 ) -> Result<Applied, String> {
     let total = snap.total_instances();
     if total < t.min_instances {
@@ -517,23 +462,36 @@ async fn apply_one(
             .await
             .map_err(|e| format!("check failed: {e}"))?;
     }
-    let plan = match (live, current.as_deref()) {
-        (Some(l), Some(old)) => l.plan(&String::from_utf8_lossy(old), &content),
-        _ => None,
-    };
+    // Decided on the checked file before it is committed: membership-only changes skip the
+    // reload. The file is committed either way, so the proxy's next start or reload agrees.
+    let live = t.live.as_ref().and_then(|live| {
+        let old = std::str::from_utf8(current.as_deref()?).ok()?;
+        Some((live, live.plan(old, &content)?))
+    });
     staged
         .commit()
         .map_err(|e| format!("cannot replace {}: {e}", t.dest.display()))?;
-    tracing::info!(template = %label(t), bytes = content.len(), "rendered and replaced");
-    if let (Some(live), Some(plan)) = (live, plan) {
+    if let Some((live, plan)) = live {
         match live.apply(plan).await {
-            Ok(summary) => return Ok(Applied::Live(summary)),
-            // The file is in place already: the reload below makes the proxy match it.
+            Ok(s) => {
+                tracing::info!(
+                    template = %label(t),
+                    bytes = content.len(),
+                    changed = ?s.changed,
+                    pools = s.pools,
+                    peers = s.peers,
+                    reloads = RELOADS.load(Ordering::Relaxed),
+                    live_updates = LIVE_UPDATES.fetch_add(1, Ordering::Relaxed) + 1,
+                    "rendered and replaced; applied live, no reload: {s}"
+                );
+                return Ok(Applied::Live);
+            }
             Err(e) => {
-                tracing::warn!(template = %label(t), error = %e, "runtime update failed; reloading instead")
+                tracing::warn!(template = %label(t), error = %e, "live update failed; reloading instead");
             }
         }
     }
+    tracing::info!(template = %label(t), bytes = content.len(), "rendered and replaced");
     Ok(Applied::Swapped(current))
 }
 
@@ -630,32 +588,14 @@ mod tests {
             ],
         );
         let mut r = Renderer::default();
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(2),
-            &[0, 1],
-            &mut BTreeSet::new(),
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
         assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
         assert_eq!(
             std::fs::read_to_string(d.path().join("a")).unwrap(),
             "80 81 "
         );
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(2),
-            &[0, 1],
-            &mut BTreeSet::new(),
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
         assert_eq!(o, vec![Outcome::Unchanged, Outcome::Unchanged]);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
@@ -684,16 +624,7 @@ mod tests {
         );
         let mut r = Renderer::default();
         let mut owed = BTreeSet::new();
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(1),
-            &[0],
-            &mut owed,
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
         assert!(
             matches!(&o[0], Outcome::ReloadFailed(m) if m.contains("not running")),
             "{o:?}"
@@ -701,43 +632,16 @@ mod tests {
         assert_eq!(std::fs::read_to_string(d.path().join("a")).unwrap(), "80 ");
         assert_eq!(owed, BTreeSet::from([0]));
         // Still down: nothing changes, the reload is tried again and still owed.
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(1),
-            &[0],
-            &mut owed,
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
         assert!(matches!(&o[0], Outcome::ReloadFailed(_)), "{o:?}");
         assert!(!log.exists());
         // The proxy is up: an unchanged file is reloaded, once, even when not due.
         std::fs::write(&up, "").unwrap();
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(1),
-            &[],
-            &mut owed,
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(1), &[], &mut owed, false).await;
         assert_eq!(o[0], Outcome::Updated);
         assert!(owed.is_empty());
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(1),
-            &[0],
-            &mut owed,
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
         assert_eq!(o[0], Outcome::Unchanged);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
@@ -753,32 +657,14 @@ mod tests {
         );
         let c = cfg(d.path(), vec![ok.clone()]);
         let mut r = Renderer::default();
-        pass(
-            &c,
-            &mut r,
-            &snap(1),
-            &[0],
-            &mut BTreeSet::new(),
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        pass(&c, &mut r, &snap(1), &[0], &mut BTreeSet::new(), false).await;
         let dest = d.path().join("a");
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
 
         // Failing check.
         ok.check = Some(CommandSpec::Shell("echo nope >&2; false".into()));
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(2),
-            &[0],
-            &mut BTreeSet::new(),
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.contains("check failed") && m.contains("nope")),
             "{o:?}"
@@ -789,16 +675,7 @@ mod tests {
         ok.check = None;
         ok.reload = Some(CommandSpec::Shell("false".into()));
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(2),
-            &[0],
-            &mut BTreeSet::new(),
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
             matches!(&o[0], Outcome::ReloadFailed(m) if m.contains("reload failed")),
             "{o:?}"
@@ -809,16 +686,7 @@ mod tests {
         std::fs::write(&ok.src, "{{servce.web}}").unwrap();
         ok.reload = None;
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(2),
-            &[0],
-            &mut BTreeSet::new(),
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.contains("servce")),
             "{o:?}"
@@ -828,16 +696,7 @@ mod tests {
         std::fs::write(&ok.src, "{{#each service.web}}{{port}} {{/each}}").unwrap();
         ok.min_instances = 3;
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(2),
-            &[0],
-            &mut BTreeSet::new(),
-            false,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.contains("min_instances")),
             "{o:?}"
@@ -847,16 +706,7 @@ mod tests {
         // Dry run writes nothing.
         ok.min_instances = 0;
         let c = cfg(d.path(), vec![ok]);
-        let o = pass(
-            &c,
-            &mut r,
-            &snap(2),
-            &[0],
-            &mut BTreeSet::new(),
-            true,
-            &mut Channels::default(),
-        )
-        .await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), true).await;
         assert_eq!(o[0], Outcome::WouldChange);
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
     }

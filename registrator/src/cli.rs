@@ -17,6 +17,7 @@ const BOOL_FLAGS: &[&str] = &[
     "cleanup",
     "version",
     "keep-on-exit",
+    "deregister-on-exit",
     "help",
 ];
 
@@ -104,7 +105,14 @@ struct Cli {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
           default_value = "false", value_parser = parse_go_bool, value_name = "BOOL")]
     version: bool,
-    /// Leave registrations in place on SIGTERM/SIGINT (not in gliderlabs).
+    /// Deregister every service on SIGTERM/SIGINT (not in gliderlabs). By default
+    /// registrations stay and the next registrator adopts them, so a registrator restart never
+    /// takes a running container out of the load balancer.
+    #[arg(long = "deregister-on-exit", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false", value_parser = parse_go_bool,
+          value_name = "BOOL")]
+    deregister_on_exit: bool,
+    /// Accepted for old command lines; leaving registrations in place is now the default.
     #[arg(long = "keep-on-exit", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", value_parser = parse_go_bool,
           value_name = "BOOL")]
@@ -273,6 +281,11 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
             cli.verify_interval
         )));
     }
+    if cli.keep_on_exit && cli.deregister_on_exit {
+        return Err(CliExit::usage(
+            "--keep-on-exit contradicts --deregister-on-exit: choose one".into(),
+        ));
+    }
     let hostname = match cli.hostname {
         None => hostname.to_string(),
         Some(h) if valid_host_identity(&h) => h,
@@ -296,7 +309,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         retry_interval: Duration::from_millis(cli.retry_interval),
         cleanup: cli.cleanup,
         use_ip_from_label: cli.use_ip_from_label.filter(|l| !l.is_empty()),
-        keep_on_exit: cli.keep_on_exit,
+        deregister_on_exit: cli.deregister_on_exit,
         verify_interval: Duration::from_secs_f64(cli.verify_interval),
         hostname,
     })
@@ -362,7 +375,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.ip.as_deref(), Some("127.0.0.1"));
-        assert!(c.internal && !c.explicit && !c.cleanup && !c.keep_on_exit);
+        assert!(c.internal && !c.explicit && !c.cleanup && !c.deregister_on_exit);
         assert_eq!(c.tags, vec!["a", "b"]);
         assert_eq!(c.ttl, Some(Duration::from_secs(30)));
         assert_eq!(c.ttl_refresh, Duration::from_secs(15));
@@ -421,6 +434,36 @@ mod tests {
         for (input, want) in cases {
             match (parse(argv(input), "host"), want) {
                 (Ok(c), Ok(h)) => assert_eq!(c.hostname, h, "{input}"),
+                (Err(e), Err(needle)) => {
+                    assert_eq!(e.code, 2, "{input}");
+                    assert!(e.message.contains(needle), "{input}: {}", e.message);
+                }
+                (got, _) => panic!("{input}: unexpected {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn exit_behaviour_flags() {
+        let cases = [
+            ("consul://h", Ok(false)),
+            ("-deregister-on-exit consul://h", Ok(true)),
+            ("--deregister-on-exit=false consul://h", Ok(false)),
+            // The old opt-out is the default now: accepted, and changes nothing.
+            ("-keep-on-exit consul://h", Ok(false)),
+            ("--keep-on-exit=true consul://h", Ok(false)),
+            (
+                "-keep-on-exit=false -deregister-on-exit consul://h",
+                Ok(true),
+            ),
+            (
+                "-keep-on-exit -deregister-on-exit consul://h",
+                Err("contradicts"),
+            ),
+        ];
+        for (input, want) in cases {
+            match (parse(argv(input), "host"), want) {
+                (Ok(c), Ok(d)) => assert_eq!(c.deregister_on_exit, d, "{input}"),
                 (Err(e), Err(needle)) => {
                     assert_eq!(e.code, 2, "{input}");
                     assert!(e.message.contains(needle), "{input}: {}", e.message);

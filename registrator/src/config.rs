@@ -42,8 +42,10 @@ pub struct Config {
     pub cleanup: bool,
     /// `-useIpFromLabel`: take the service address from this container label.
     pub use_ip_from_label: Option<String>,
-    /// `--keep-on-exit`: leave registrations in place on SIGTERM.
-    pub keep_on_exit: bool,
+    /// `--deregister-on-exit`: deregister everything on SIGTERM/SIGINT. Off by default:
+    /// registrations outlive the process and the next registrator adopts them, so restarting
+    /// or upgrading the registrator never takes a running container out of the load balancer.
+    pub deregister_on_exit: bool,
     /// How often the store is listed to find lost registrations (and stale ones with cleanup).
     pub verify_interval: Duration,
     /// This host's name: the first part of every service ID, and the prefix `-cleanup` owns.

@@ -83,7 +83,8 @@ pub struct Derived {
     pub warnings: Vec<Warning>,
 }
 
-/// Keys with a meaning of their own; every other `SERVICE_<KEY>` becomes metadata.
+/// Keys with a meaning of their own; every other `SERVICE_<KEY>` becomes metadata. `drain` is
+/// ours (the drain-on-stop opt-out, read by `drain`), not a service property.
 const KNOWN_KEYS: &[&str] = &[
     "name",
     "id",
@@ -98,6 +99,7 @@ const KNOWN_KEYS: &[&str] = &[
     "check_timeout",
     "check_initial_status",
     "check_deregister_after",
+    "drain",
 ];
 
 /// A `SERVICE_*` value with the key it came from (for warnings).
@@ -786,6 +788,7 @@ mod tests {
                     "SERVICE_REGION=eu",
                     "SERVICE_80_ZONE=z1",
                     "SERVICE_Mixed_Case=v",
+                    "SERVICE_DRAIN=false",
                 ],
             ),
             &[("SERVICE_TAGS", "b, c"), ("other", "x")],
@@ -799,6 +802,7 @@ mod tests {
         let s = &d.services[0];
         assert_eq!(s.tags, vec!["b", "c", "d"]);
         let meta: Vec<_> = s.meta.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // SERVICE_DRAIN is the registrator's own switch, not metadata.
         assert_eq!(meta, vec!["mixed_case=v", "region=eu", "zone=z1"]);
         assert_eq!(s.ttl, Some(Duration::from_secs(30)));
         assert!(d.warnings.is_empty(), "{:?}", d.warnings);

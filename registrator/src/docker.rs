@@ -6,6 +6,10 @@
 //! first returns, and [`Tracker`] only applies a result newer than the last applied one. So a
 //! late `die` never removes a container that has since restarted.
 //!
+//! One thing inspection cannot see is a stop in progress: Docker's `kill` event with the
+//! container's stop signal withdraws its services at once (see `drain`), and that state, not
+//! the event, is what [`decide`] reads next to the inspection.
+//!
 //! The event subscription starts from a timestamp taken before listing containers (Docker
 //! replays events since then), so nothing that happens between the listing and the
 //! subscription is missed. When the stream ends or fails, it reconnects with backoff and
@@ -14,8 +18,9 @@
 
 use crate::config::Deregister;
 use crate::derive::{derive, ContainerInfo, ContainerPort, DeriveOptions};
+use crate::drain::{parse_docker_time, Drains, Kill, StopSpec};
 use crate::sync::{Desired, ServiceSet};
-use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
+use bollard::models::{ContainerInspectResponse, EventMessage, HealthStatusEnum};
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -24,13 +29,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use switchboard::{Backoff, Service, Shutdown};
 use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// How many inspections run at once (a host with hundreds of containers at start).
 const INSPECT_CONCURRENCY: usize = 16;
 /// How soon a failed inspection (engine hiccup, not a 404) is tried again.
 const INSPECT_RETRY: Duration = Duration::from_secs(2);
-/// Container events that can change what a container serves.
+/// Container events that can change what a container serves. `kill` also carries the signal
+/// that starts a drain.
 const EVENTS: &[&str] = &[
     "start",
     "restart",
@@ -132,11 +139,18 @@ pub struct RunState {
     pub health: Option<String>,
     /// Exit status of the last run.
     pub exit_code: i64,
+    /// When the current (or last) run started, nanoseconds since the epoch on the engine's
+    /// clock: tells a drain which run its stop signal was for.
+    pub started_ns: Option<i64>,
 }
 
-/// Whether a container in `state` should be registered.
-pub fn decide(state: &RunState, mode: Deregister) -> Decision {
+/// Whether a container in `state` should be registered. `draining`: it was sent its stop
+/// signal and is finishing its work (see `drain`), so it takes no new clients.
+pub fn decide(state: &RunState, draining: bool, mode: Deregister) -> Decision {
     if state.running && !state.paused {
+        if draining {
+            return Decision::Withdraw;
+        }
         match state.health.as_deref() {
             None | Some("healthy") => Decision::Serve,
             Some(_) => Decision::Withdraw,
@@ -154,8 +168,20 @@ fn parse_port_key(key: &str) -> Option<(u16, String)> {
     Some((port.parse().ok()?, proto.to_ascii_lowercase()))
 }
 
-/// Reduces bollard's inspect response to what derivation and [`decide`] need.
-pub fn extract(resp: ContainerInspectResponse) -> (ContainerInfo, RunState) {
+/// What one inspection tells: the container for derivation, its state for [`decide`], how it
+/// is stopped for draining.
+#[derive(Debug, Clone)]
+pub struct Inspected {
+    /// Derivation's input.
+    pub info: ContainerInfo,
+    /// Running, paused, healthy, exit status, start time.
+    pub run: RunState,
+    /// Stop signal, stop timeout, `SERVICE_DRAIN`.
+    pub stop: StopSpec,
+}
+
+/// Reduces bollard's inspect response to what derivation, [`decide`] and draining need.
+pub fn extract(resp: ContainerInspectResponse) -> Inspected {
     let config = resp.config.unwrap_or_default();
     let net = resp.network_settings.unwrap_or_default();
     let mut ports: BTreeMap<(u16, String), Vec<(String, u16)>> = BTreeMap::new();
@@ -196,7 +222,9 @@ pub fn extract(resp: ContainerInspectResponse) -> (ContainerInfo, RunState) {
         paused: state.paused.unwrap_or(false),
         health,
         exit_code: state.exit_code.unwrap_or(0),
+        started_ns: state.started_at.as_deref().and_then(parse_docker_time),
     };
+    let (stop_signal, stop_timeout) = (config.stop_signal, config.stop_timeout);
     let info = ContainerInfo {
         id: resp.id.unwrap_or_default(),
         name: resp
@@ -218,12 +246,36 @@ pub fn extract(resp: ContainerInspectResponse) -> (ContainerInfo, RunState) {
         ip,
         host_network,
     };
-    (info, run)
+    let stop = StopSpec::new(stop_signal.as_deref(), stop_timeout, &info);
+    Inspected { info, run, stop }
+}
+
+/// The `kill` event's signal and time, if it is one.
+fn kill_of(msg: &EventMessage) -> Option<Kill> {
+    if msg.action.as_deref() != Some("kill") {
+        return None;
+    }
+    let signal = msg.actor.as_ref()?.attributes.as_ref()?.get("signal")?;
+    let sent_ns = msg
+        .time_nano
+        .or_else(|| msg.time.map(|t| t.saturating_mul(1_000_000_000)))?;
+    // The event may be a replay from before a reconnect: date it back on our clock too, so
+    // its drain ends when it would have. Clamped: the engine's clock is not ours.
+    let age_ns = (unix_now_ns() - sent_ns).clamp(0, 3_600_000_000_000);
+    let now = Instant::now();
+    let sent = now
+        .checked_sub(Duration::from_nanos(age_ns.unsigned_abs()))
+        .unwrap_or(now);
+    Some(Kill {
+        signal: signal.trim().parse().ok()?,
+        sent_ns,
+        sent,
+    })
 }
 
 /// The answer to one inspection.
 enum Outcome {
-    Found(Box<(ContainerInfo, RunState)>),
+    Found(Box<Inspected>),
     Gone,
     Failed(String),
 }
@@ -238,6 +290,10 @@ pub struct Watcher {
     tracker: Tracker,
     /// Services per container ID.
     services: HashMap<String, Vec<Service>>,
+    /// Name and stop spec of every container inspected, for judging `kill` events at once.
+    known: HashMap<String, Known>,
+    /// Containers sent their stop signal, still finishing their work.
+    drains: Drains,
     /// `(container, key)` pairs already warned about.
     warned: HashSet<(String, String)>,
     /// Containers whose failed inspection is retried.
@@ -253,10 +309,21 @@ pub struct Watcher {
     results_rx: mpsc::UnboundedReceiver<(String, u64, Outcome)>,
 }
 
+/// What the last inspection of a container said that a `kill` event needs.
+#[derive(Debug)]
+struct Known {
+    name: String,
+    stop: StopSpec,
+}
+
 fn unix_now() -> i64 {
+    unix_now_ns() / 1_000_000_000
+}
+
+fn unix_now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -278,6 +345,8 @@ impl Watcher {
             tx,
             tracker: Tracker::default(),
             services: HashMap::new(),
+            known: HashMap::new(),
+            drains: Drains::default(),
             warned: HashSet::new(),
             retry: HashSet::new(),
             initial: None,
@@ -327,15 +396,13 @@ impl Watcher {
                     first = false;
                     backoff.reset();
                     loop {
+                        let drain_ends = self.drains.next_deadline();
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             ev = events.next() => match ev {
                                 Some(Ok(msg)) => {
                                     since = msg.time.unwrap_or(since).max(since);
-                                    if let Some(id) = msg.actor.and_then(|a| a.id) {
-                                        debug!("docker event {} {id}", msg.action.unwrap_or_default());
-                                        self.mark(&id);
-                                    }
+                                    self.event(msg);
                                 }
                                 Some(Err(e)) => {
                                     warn!("docker event stream failed: {e}; reconnecting");
@@ -359,6 +426,14 @@ impl Watcher {
                             }
                             _ = retry_tick.tick(), if !self.retry.is_empty() => {
                                 for id in std::mem::take(&mut self.retry) {
+                                    self.mark(&id);
+                                }
+                            }
+                            _ = tokio::time::sleep_until(drain_ends.unwrap_or_else(Instant::now)),
+                                if drain_ends.is_some() => {
+                                for id in self.drains.take_expired(Instant::now()) {
+                                    let name = self.known.get(&id).map_or(id.as_str(), |k| &k.name);
+                                    info!("container {name} outlived its stop timeout after its stop signal; serving it again if it still runs");
                                     self.mark(&id);
                                 }
                             }
@@ -414,6 +489,32 @@ impl Watcher {
         Ok(n)
     }
 
+    /// One Docker event: marks the container for inspection, and a `kill` with the container's
+    /// stop signal withdraws its services at once, without waiting for the inspection (the
+    /// process is exiting; every millisecond it stays in the store it may get a new request).
+    fn event(&mut self, msg: EventMessage) {
+        let Some(id) = msg.actor.as_ref().and_then(|a| a.id.clone()) else {
+            return;
+        };
+        debug!(
+            "docker event {} {id}",
+            msg.action.as_deref().unwrap_or_default()
+        );
+        if let Some(kill) = kill_of(&msg) {
+            let known = self.known.get(&id);
+            if self.drains.kill(&id, kill, known.map(|k| &k.stop))
+                && self.services.remove(&id).is_some()
+            {
+                let name = known.map_or(id.as_str(), |k| &k.name);
+                info!("container {name} got its stop signal ({}): withdrawing its services while it stops", kill.signal);
+                if self.ready {
+                    self.publish();
+                }
+            }
+        }
+        self.mark(&id);
+    }
+
     /// Schedules an inspection of `id` (or a follow-up one if one is running).
     fn mark(&mut self, id: &str) {
         if let Some(gen) = self.tracker.mark(id) {
@@ -449,8 +550,22 @@ impl Watcher {
             match outcome {
                 Outcome::Gone => self.remove(id),
                 Outcome::Found(found) => {
-                    let (info, state) = *found;
-                    match decide(&state, self.deregister) {
+                    let Inspected { info, run, stop } = *found;
+                    let draining = self.drains.inspected(
+                        id,
+                        &stop,
+                        run.running,
+                        run.started_ns,
+                        Instant::now(),
+                    );
+                    self.known.insert(
+                        id.to_string(),
+                        Known {
+                            name: info.name.clone(),
+                            stop,
+                        },
+                    );
+                    match decide(&run, draining, self.deregister) {
                         Decision::Serve => {
                             let d = derive(&info, &self.opts);
                             for w in d.warnings {
@@ -493,6 +608,8 @@ impl Watcher {
 
     fn remove(&mut self, id: &str) {
         self.services.remove(id);
+        self.known.remove(id);
+        self.drains.forget(id);
         self.warned.retain(|(c, _)| c != id);
         self.tracker.forget(id);
     }
@@ -555,21 +672,43 @@ mod tests {
             paused,
             health: health.map(String::from),
             exit_code,
+            started_ns: None,
         };
+        // (state, draining, mode, decision)
         let cases = [
-            (st(true, false, None, 0), Always, Serve),
-            (st(true, false, Some("healthy"), 0), Always, Serve),
-            (st(true, false, Some("starting"), 0), Always, Withdraw),
-            (st(true, false, Some("unhealthy"), 0), Always, Withdraw),
-            (st(true, true, None, 0), Always, Withdraw),
-            (st(false, false, None, 0), Always, Withdraw),
-            (st(false, false, None, 137), Always, Withdraw),
-            (st(false, false, None, 0), OnSuccess, Withdraw),
-            (st(false, false, None, 1), OnSuccess, Keep),
-            (st(true, false, None, 1), OnSuccess, Serve),
+            (st(true, false, None, 0), false, Always, Serve),
+            (st(true, false, Some("healthy"), 0), false, Always, Serve),
+            (
+                st(true, false, Some("starting"), 0),
+                false,
+                Always,
+                Withdraw,
+            ),
+            (
+                st(true, false, Some("unhealthy"), 0),
+                false,
+                Always,
+                Withdraw,
+            ),
+            (st(true, true, None, 0), false, Always, Withdraw),
+            (st(false, false, None, 0), false, Always, Withdraw),
+            (st(false, false, None, 137), false, Always, Withdraw),
+            (st(false, false, None, 0), false, OnSuccess, Withdraw),
+            (st(false, false, None, 1), false, OnSuccess, Keep),
+            (st(true, false, None, 1), false, OnSuccess, Serve),
+            // Sent its stop signal: it takes no new clients, healthy or not, in any mode.
+            (st(true, false, None, 0), true, Always, Withdraw),
+            (st(true, false, Some("healthy"), 0), true, Always, Withdraw),
+            (st(true, false, None, 0), true, OnSuccess, Withdraw),
+            // Once it exited, the mode decides as before.
+            (st(false, false, None, 1), true, OnSuccess, Keep),
         ];
-        for (state, mode, want) in cases {
-            assert_eq!(decide(&state, mode), want, "{state:?} {mode:?}");
+        for (state, draining, mode, want) in cases {
+            assert_eq!(
+                decide(&state, draining, mode),
+                want,
+                "{state:?} draining={draining} {mode:?}"
+            );
         }
     }
 
@@ -582,9 +721,12 @@ mod tests {
                 "Image": "team/web:1",
                 "Env": ["SERVICE_NAME=x"],
                 "Labels": {"l": "v"},
-                "ExposedPorts": {"80/tcp": {}, "53/udp": {}, "9000/tcp": {}}
+                "ExposedPorts": {"80/tcp": {}, "53/udp": {}, "9000/tcp": {}},
+                "StopSignal": "SIGQUIT",
+                "StopTimeout": 3
             },
             "State": {"Running": true, "Paused": false, "Restarting": false, "ExitCode": 0,
+                      "StartedAt": "1970-01-01T00:00:01.5Z",
                       "Health": {"Status": "starting"}},
             "HostConfig": {"NetworkMode": "default"},
             "NetworkSettings": {
@@ -598,7 +740,11 @@ mod tests {
             }
         });
         let resp: ContainerInspectResponse = serde_json::from_value(json).unwrap();
-        let (info, state) = extract(resp);
+        let Inspected {
+            info,
+            run: state,
+            stop,
+        } = extract(resp);
         assert_eq!(info.name, "web1");
         assert_eq!(info.image, "team/web:1");
         assert_eq!(info.ip.as_deref(), Some("172.17.0.3"));
@@ -614,5 +760,41 @@ mod tests {
         );
         assert_eq!(state.health.as_deref(), Some("starting"));
         assert!(state.running);
+        assert_eq!(state.started_ns, Some(1_500_000_000));
+        assert_eq!(stop.signal, Some(libc::SIGQUIT));
+        assert_eq!(stop.timeout, Some(Duration::from_secs(3)));
+        assert!(stop.drain);
+    }
+
+    fn kill_event(action: &str, signal: Option<&str>, time_nano: Option<i64>) -> EventMessage {
+        let mut attributes = HashMap::from([("name".to_string(), "web".to_string())]);
+        if let Some(s) = signal {
+            attributes.insert("signal".into(), s.into());
+        }
+        EventMessage {
+            action: Some(action.into()),
+            actor: Some(bollard::models::EventActor {
+                id: Some("abc".into()),
+                attributes: Some(attributes),
+            }),
+            time: time_nano.map(|t| t / 1_000_000_000),
+            time_nano,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_kill_events() {
+        let now = unix_now_ns();
+        let k = kill_of(&kill_event("kill", Some("15"), Some(now))).unwrap();
+        assert_eq!((k.signal, k.sent_ns), (15, now));
+        assert!(k.sent <= Instant::now());
+        // A replayed event is dated back on our clock too.
+        let old = kill_of(&kill_event("kill", Some("15"), Some(now - 2_000_000_000))).unwrap();
+        assert!(old.sent + Duration::from_millis(1500) < k.sent + Duration::from_millis(1));
+        assert!(kill_of(&kill_event("die", Some("15"), Some(now))).is_none());
+        assert!(kill_of(&kill_event("kill", None, Some(now))).is_none());
+        assert!(kill_of(&kill_event("kill", Some("TERM"), Some(now))).is_none());
+        assert!(kill_of(&kill_event("kill", Some("15"), None)).is_none());
     }
 }

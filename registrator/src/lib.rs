@@ -5,13 +5,16 @@
 //! - `cli`: the command line (Go-style flags included) -> [`Config`].
 //! - `derive`: container -> services, gliderlabs' rules, pure.
 //! - `docker`: events and inspections -> the desired service set.
-//! - `sync`: desired set -> store writes, with verification, cleanup, TTLs and outages.
+//! - `drain`: a container's stop signal withdraws its services before its process exits.
+//! - `sync`: desired set -> store writes, with adoption at start, verification, cleanup, TTLs
+//!   and outages.
 //! - `host`: this host's name and address.
 
 mod cli;
 mod config;
 mod derive;
 mod docker;
+mod drain;
 mod host;
 mod sync;
 
@@ -26,9 +29,9 @@ use switchboard::{Shutdown, Store};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-/// Runs the registrator until `shutdown` fires, then deregisters what it registered (unless
-/// `keep_on_exit`) and returns. Fails when the store or the Docker engine cannot be reached
-/// at start.
+/// Runs the registrator until `shutdown` fires, then returns, leaving its registrations for
+/// the next registrator to adopt (unless `deregister_on_exit`). Fails when the store or the
+/// Docker engine cannot be reached at start.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let host_ip = match &config.ip {
         Some(ip) => ip.clone(),
@@ -75,12 +78,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         sync::SyncOptions {
             host_prefix: format!("{}:", config.hostname),
             cleanup: config.cleanup,
-            keep_on_exit: config.keep_on_exit,
+            deregister_on_exit: config.deregister_on_exit,
             verify_interval: config.verify_interval,
             ttl_refresh: config.ttl.map(|_| config.ttl_refresh),
         },
     );
-    // The watcher stops with the syncer's token too, but the syncer drains before returning.
+    // The watcher stops with the syncer's token too; the syncer finishes its exit (with
+    // --deregister-on-exit, the deregistrations) before returning.
     let stop = shutdown.child_token();
     let mut watch_task = tokio::spawn(watcher.run(stop.clone()));
     let mut sync_task = tokio::spawn(syncer.run(rx, stop.clone()));

@@ -49,8 +49,9 @@ fn main() {
     }
 }
 
-/// SIGTERM or SIGINT starts a graceful shutdown (deregister, exit 0); a second one exits at
-/// once, for when the store does not answer and the drain is not worth waiting for.
+/// SIGTERM or SIGINT starts a graceful shutdown (exit 0; registrations stay for the next
+/// registrator unless --deregister-on-exit); a second one exits at once, for when the store
+/// does not answer and the deregistrations are not worth waiting for.
 fn install_signal_handlers(shutdown: Shutdown) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -61,7 +62,7 @@ fn install_signal_handlers(shutdown: Shutdown) -> anyhow::Result<()> {
                 _ = int.recv() => {}
             }
             if n == 0 {
-                tracing::info!("signal received; deregistering and exiting");
+                tracing::info!("signal received; exiting");
                 shutdown.cancel();
             } else {
                 tracing::warn!("second signal; exiting without waiting");

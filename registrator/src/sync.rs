@@ -8,8 +8,22 @@
 //! nobody wants. Store errors start an "outage": one warning, then retries with backoff until
 //! the store answers again, after which everything desired is (re)registered.
 //!
-//! The decisions are the pure functions [`plan`] and [`verify`]; [`Syncer::run`] only applies
-//! them.
+//! Registrations mirror running containers, not the registrator's lifetime (issue 9: a
+//! `docker restart registrator` used to take every service of the host out of the load
+//! balancer). A stop, restart, upgrade or crash leaves them in place, and a new registrator
+//! *adopts* them: its first pass, once the Docker side has published its first complete set,
+//! lists the store, takes every registration equal to what it would write as already applied
+//! (no write, so nothing flaps and no watcher wakes), and removes this host's registrations
+//! (`<hostname>:` IDs) that no running container backs: containers that stopped while no
+//! registrator watched. Removing everything on exit is an opt-in (`--deregister-on-exit`).
+//!
+//! Removals are urgent: a container that got its stop signal is finishing its requests and must
+//! get no new ones. So a pass that is registering or refreshing many services stops between
+//! writes as soon as the Docker side withdraws something we registered, and the next pass
+//! (deregistrations first) starts at once.
+//!
+//! The decisions are the pure functions [`adopt`], [`plan`] and [`verify`]; [`Syncer::run`]
+//! only applies them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,6 +67,80 @@ pub fn plan(desired: &ServiceSet, applied: &ServiceSet, rejected: &ServiceSet) -
         }
     }
     p
+}
+
+/// What a store's listing shows of a registration, which is what adoption can compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listing {
+    /// Tags and metadata come back (Consul agent services, the etcd JSON), so they must match
+    /// too; a Consul KV entry holds only the address.
+    pub tags_meta: bool,
+    /// A TTL registration hangs on its writer's lease (etcd), which dies with the old process:
+    /// it is written again under ours (a put in place, never a delete first), not adopted as it
+    /// is. Consul's TTL check belongs to the service and is simply refreshed.
+    pub ttl_bound_to_writer: bool,
+}
+
+impl Listing {
+    /// What the store named by `kind` ([`Store::kind`]) lists.
+    pub fn of(kind: &str) -> Listing {
+        Listing {
+            tags_meta: kind != "consulkv",
+            ttl_bound_to_writer: kind == "etcd",
+        }
+    }
+
+    /// Whether `listed` is `want` as far as the listing shows.
+    fn same(&self, want: &Service, listed: &Service) -> bool {
+        listed.id == want.id
+            && listed.name == want.name
+            && listed.address == want.address
+            && listed.port == want.port
+            && (!self.tags_meta || (listed.tags == want.tags && listed.meta == want.meta))
+    }
+}
+
+/// What a new registrator makes of the store at its first pass.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Adoption {
+    /// Desired services already registered exactly so: taken as applied, not written again.
+    pub adopted: Vec<Service>,
+    /// This host's registrations (IDs starting with `<hostname>:`) that nothing desired
+    /// matches by ID and name: left by containers that stopped while no registrator ran.
+    /// Removed now, with or without `-cleanup`: the host prefix is this host's registrator's,
+    /// and nobody else would ever remove them.
+    pub stale: Vec<Service>,
+}
+
+/// Decides what to adopt and what to remove at the first pass after start. A desired service
+/// listed differently (or not at all) is neither: [`plan`] registers it, in place. A listed
+/// entry under the host prefix whose ID is desired under another name is stale (in etcd the
+/// name is part of the key, so the new registration would not replace it).
+pub fn adopt(
+    desired: &ServiceSet,
+    listed: &[Service],
+    host_prefix: &str,
+    listing: Listing,
+) -> Adoption {
+    let mut a = Adoption::default();
+    for want in desired.values() {
+        let rebind = listing.ttl_bound_to_writer && want.ttl.is_some();
+        if !rebind && listed.iter().any(|l| listing.same(want, l)) {
+            a.adopted.push(want.clone());
+        }
+    }
+    for l in listed {
+        let backed = desired.get(&l.id).is_some_and(|want| want.name == l.name);
+        if l.id.starts_with(host_prefix) && !backed {
+            a.stale.push(l.clone());
+        }
+    }
+    a
+}
+
+/// Whether `next` drops something `applied` holds: a removal that must not wait.
+fn withdraws(next: &ServiceSet, applied: &ServiceSet) -> bool {
+    applied.keys().any(|id| !next.contains_key(id))
 }
 
 /// What a listing of the store reveals.
@@ -111,29 +199,59 @@ pub struct SyncOptions {
     pub host_prefix: String,
     /// `-cleanup`.
     pub cleanup: bool,
-    /// `--keep-on-exit`.
-    pub keep_on_exit: bool,
+    /// `--deregister-on-exit`: the old way, everything leaves the store on SIGTERM/SIGINT.
+    pub deregister_on_exit: bool,
     /// How often the store is listed.
     pub verify_interval: Duration,
     /// How often TTL registrations are refreshed (`None`: no TTL).
     pub ttl_refresh: Option<Duration>,
 }
 
-/// The loop that applies [`plan`] and [`verify`] to a store.
+/// The loop that applies [`adopt`], [`plan`] and [`verify`] to a store.
 pub struct Syncer {
     store: Store,
     opts: SyncOptions,
+    listing: Listing,
     applied: ServiceSet,
     rejected: ServiceSet,
 }
 
-/// Bounds the deregistrations on shutdown, so a dead store cannot hold the process.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the next pass must do. Each part is cleared once it succeeded, so a pass that fails
+/// (or stops early for a removal) resumes where it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Due {
+    /// The first pass after start: list the store and adopt what is there.
+    adopt: bool,
+    /// List the store to find lost (and, with `-cleanup`, stale) registrations.
+    verify: bool,
+    /// Bring the store to the desired set.
+    reconcile: bool,
+    /// Keep TTL registrations alive.
+    refresh: bool,
+}
+
+/// How a pass of writes ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// Every write was made.
+    Done,
+    /// Stopped early: the Docker side withdrew something we registered, and that comes first.
+    Preempted,
+}
+
+/// Bounds the deregistrations of `--deregister-on-exit`, so a dead store cannot hold the
+/// process.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TTL refreshes made between two looks for an urgent removal (Consul passes one check per
+/// request).
+const REFRESH_CHUNK: usize = 32;
 
 impl Syncer {
     /// A syncer with nothing applied yet.
     pub fn new(store: Store, opts: SyncOptions) -> Self {
         Syncer {
+            listing: Listing::of(store.kind()),
             store,
             opts,
             applied: ServiceSet::new(),
@@ -141,13 +259,18 @@ impl Syncer {
         }
     }
 
-    /// Runs until `shutdown`, then deregisters everything it registered (unless
-    /// `keep_on_exit`) and returns.
+    /// Runs until `shutdown`, then returns, leaving the registrations for the next registrator
+    /// to adopt (or deregistering them with `deregister_on_exit`).
     pub async fn run(mut self, mut desired_rx: watch::Receiver<Desired>, shutdown: Shutdown) {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         let mut outage: Option<String> = None;
         let mut retry_at: Option<Instant> = None;
-        let (mut need_verify, mut need_reconcile, mut need_refresh) = (true, true, false);
+        let mut due = Due {
+            adopt: true,
+            verify: false,
+            reconcile: true,
+            refresh: false,
+        };
         let mut verify_tick = tokio::time::interval(self.opts.verify_interval);
         verify_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let refresh_every = self.opts.ttl_refresh.unwrap_or(Duration::from_secs(3600));
@@ -160,14 +283,7 @@ impl Syncer {
             }
             if let Some(want) = desired.clone() {
                 if retry_at.is_none() {
-                    let step = self
-                        .step(
-                            &want,
-                            &mut need_verify,
-                            &mut need_reconcile,
-                            &mut need_refresh,
-                        )
-                        .await;
+                    let step = self.step(&want, &mut due, &desired_rx).await;
                     match step {
                         Ok(()) => {
                             if let Some(e) = outage.take() {
@@ -189,7 +305,7 @@ impl Syncer {
                             }
                             outage = Some(e.to_string());
                             // After an outage the store may have lost anything: list it first.
-                            need_verify = true;
+                            due.verify = true;
                             retry_at = Some(Instant::now() + backoff.next_delay());
                         }
                     }
@@ -210,30 +326,37 @@ impl Syncer {
                         break;
                     }
                     desired = desired_rx.borrow_and_update().clone();
-                    need_reconcile = true;
+                    due.reconcile = true;
                 }
                 _ = retry => retry_at = None,
-                _ = verify_tick.tick() => need_verify = true,
-                _ = refresh_tick.tick(), if self.opts.ttl_refresh.is_some() => need_refresh = true,
+                _ = verify_tick.tick() => due.verify = true,
+                _ = refresh_tick.tick(), if self.opts.ttl_refresh.is_some() => due.refresh = true,
             }
         }
-        self.drain(desired.as_deref()).await;
+        self.exit(desired.as_deref()).await;
     }
 
-    /// One pass: verify (if due), reconcile (if due), refresh (if due). Flags are cleared as
-    /// each part succeeds, so a failure resumes where it stopped.
+    /// One pass: adopt or verify (if due), reconcile (if due), refresh (if due). Returns early,
+    /// with the rest still due, when `changes` withdraws something registered.
     async fn step(
         &mut self,
         desired: &ServiceSet,
-        need_verify: &mut bool,
-        need_reconcile: &mut bool,
-        need_refresh: &mut bool,
+        due: &mut Due,
+        changes: &watch::Receiver<Desired>,
     ) -> Result<(), StoreError> {
         // An expired TTL lease/check means the store dropped our registrations: write them
         // again and refresh once more. A second expiry in the same pass is an outage.
         let mut expiries = 0;
         loop {
-            if *need_verify {
+            if due.adopt {
+                self.adopt(desired).await?;
+                due.adopt = false;
+                due.verify = false;
+                due.reconcile = true;
+                // The old registrator's last refresh may be most of a TTL ago.
+                due.refresh = self.opts.ttl_refresh.is_some();
+            }
+            if due.verify {
                 // List everything: services with a custom SERVICE_ID lack the host prefix.
                 let listed = self.store.list("").await?;
                 let v = verify(
@@ -262,40 +385,101 @@ impl Syncer {
                         svc.addr()
                     );
                 }
-                *need_verify = false;
-                *need_reconcile = true;
+                due.verify = false;
+                due.reconcile = true;
             }
-            if *need_reconcile {
-                let registered = self.reconcile(desired).await?;
-                *need_reconcile = false;
+            if due.reconcile {
+                let (writes, registered) = self.reconcile(desired, changes).await?;
                 if registered && self.opts.ttl_refresh.is_some() {
                     // Pass fresh TTL checks at once rather than leaving them critical until
                     // the next tick.
-                    *need_refresh = true;
+                    due.refresh = true;
                 }
-            }
-            if !*need_refresh {
-                return Ok(());
-            }
-            let services: Vec<Service> = self.applied.values().cloned().collect();
-            match self.store.refresh(&services).await {
-                Ok(()) => {
-                    *need_refresh = false;
+                if writes == Writes::Preempted {
                     return Ok(());
                 }
+                due.reconcile = false;
+            }
+            if !due.refresh {
+                return Ok(());
+            }
+            match self.refresh(changes).await {
+                Ok(Writes::Done) => {
+                    due.refresh = false;
+                    return Ok(());
+                }
+                Ok(Writes::Preempted) => return Ok(()),
                 Err(StoreError::Expired { what }) if expiries == 0 => {
                     info!("{what} expired in the store; registering everything again");
                     expiries += 1;
                     self.applied.clear();
-                    *need_reconcile = true;
+                    due.reconcile = true;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Applies [`plan`]; returns whether anything was registered.
-    async fn reconcile(&mut self, desired: &ServiceSet) -> Result<bool, StoreError> {
+    /// Whether `changes` holds a desired set, not yet seen, that drops something registered.
+    fn removal_waiting(&self, changes: &watch::Receiver<Desired>) -> bool {
+        if !changes.has_changed().unwrap_or(false) {
+            return false;
+        }
+        let next = changes.borrow();
+        next.as_deref()
+            .is_some_and(|next| withdraws(next, &self.applied))
+    }
+
+    /// The first pass: applies [`adopt`] to a listing of the store.
+    async fn adopt(&mut self, desired: &ServiceSet) -> Result<(), StoreError> {
+        let listed = self.store.list("").await?;
+        let a = adopt(desired, &listed, &self.opts.host_prefix, self.listing);
+        for svc in &a.stale {
+            self.store.deregister(svc).await?;
+            info!(
+                "deregistered {} {} {} (no running container backs it)",
+                svc.id,
+                svc.name,
+                svc.addr()
+            );
+        }
+        // One line at every start, so an operator sees the handover from the last registrator.
+        info!(
+            "adopted {} registrations already in the store; {} to write",
+            a.adopted.len(),
+            desired.len() - a.adopted.len()
+        );
+        for svc in a.adopted {
+            debug!("adopted {} {} {}", svc.id, svc.name, svc.addr());
+            self.applied.insert(svc.id.clone(), svc);
+        }
+        Ok(())
+    }
+
+    /// Refreshes the TTLs of everything applied, a chunk at a time.
+    async fn refresh(&mut self, changes: &watch::Receiver<Desired>) -> Result<Writes, StoreError> {
+        let services: Vec<Service> = self.applied.values().cloned().collect();
+        if services.is_empty() {
+            // Still one call: etcd keeps the lease alive for registrations to come.
+            self.store.refresh(&[]).await?;
+            return Ok(Writes::Done);
+        }
+        for chunk in services.chunks(REFRESH_CHUNK) {
+            self.store.refresh(chunk).await?;
+            if self.removal_waiting(changes) {
+                return Ok(Writes::Preempted);
+            }
+        }
+        Ok(Writes::Done)
+    }
+
+    /// Applies [`plan`], deregistrations first; returns how it ended and whether anything was
+    /// registered.
+    async fn reconcile(
+        &mut self,
+        desired: &ServiceSet,
+        changes: &watch::Receiver<Desired>,
+    ) -> Result<(Writes, bool), StoreError> {
         let p = plan(desired, &self.applied, &self.rejected);
         self.rejected.retain(|id, _| desired.contains_key(id));
         for svc in &p.deregister {
@@ -306,9 +490,14 @@ impl Syncer {
             }
             self.applied.remove(&svc.id);
         }
+        let mut registered = false;
         for svc in &p.register {
+            if self.removal_waiting(changes) {
+                return Ok((Writes::Preempted, registered));
+            }
             match self.store.register(svc).await {
                 Ok(()) => {
+                    registered = true;
                     info!("registered {} {} {}", svc.id, svc.name, svc.addr());
                     self.rejected.remove(&svc.id);
                     self.applied.insert(svc.id.clone(), svc.clone());
@@ -321,15 +510,17 @@ impl Syncer {
                 Err(e) => return Err(e),
             }
         }
-        Ok(!p.register.is_empty())
+        Ok((Writes::Done, registered))
     }
 
-    /// Deregisters what we registered, plus anything desired (a write interrupted by shutdown
-    /// may have reached the store without being recorded), within [`DRAIN_TIMEOUT`].
-    async fn drain(mut self, desired: Option<&ServiceSet>) {
-        if self.opts.keep_on_exit {
+    /// On shutdown: leaves every registration for the next registrator to adopt, or with
+    /// `--deregister-on-exit` deregisters what we registered, plus anything desired (a write
+    /// interrupted by shutdown may have reached the store without being recorded), within
+    /// [`EXIT_TIMEOUT`].
+    async fn exit(mut self, desired: Option<&ServiceSet>) {
+        if !self.opts.deregister_on_exit {
             info!(
-                "leaving {} registrations in place (--keep-on-exit)",
+                "leaving {} registrations in place for the next registrator to adopt",
                 self.applied.len()
             );
             return;
@@ -355,8 +546,8 @@ impl Syncer {
                 let _ = store.deregister(&svc).await;
             }
         };
-        if tokio::time::timeout(DRAIN_TIMEOUT, work).await.is_err() {
-            warn!("gave up deregistering after {DRAIN_TIMEOUT:?}: the store does not answer");
+        if tokio::time::timeout(EXIT_TIMEOUT, work).await.is_err() {
+            warn!("gave up deregistering after {EXIT_TIMEOUT:?}: the store does not answer");
         }
     }
 }
@@ -582,6 +773,223 @@ mod tests {
             let v = verify(&set(&desired), &set(&applied), &listed, "h:", cleanup);
             assert_eq!(v.lost, lost, "{what}");
             assert_eq!(ids(&v.stale), stale_ids, "{what}");
+        }
+    }
+
+    #[test]
+    fn adopts() {
+        let a = svc("h:a:80", "a", 1);
+        let mut a_ttl = a.clone();
+        a_ttl.ttl = Some(Duration::from_secs(30));
+        let mut a_tagged = a.clone();
+        a_tagged.tags = vec!["t".into()];
+        let mut a_meta = a.clone();
+        a_meta.meta = [("k".to_string(), "v".to_string())].into();
+        let mut a_tagged_meta = a_tagged.clone();
+        a_tagged_meta.meta = a_meta.meta.clone();
+        let mut a_checked = a.clone();
+        a_checked.check = Some(switchboard::Check {
+            kind: switchboard::CheckKind::Tcp("127.0.0.1:1".into()),
+            interval: None,
+            timeout: None,
+            initial_status: None,
+            deregister_after: None,
+        });
+        let a_moved = svc("h:a:80", "a", 9);
+        let a_renamed = svc("h:a:80", "aa", 1);
+        let gone = svc("h:gone:80", "g", 2);
+        let other_host = svc("other:x:80", "x", 3);
+        let custom = svc("custom-id", "c", 4);
+        let consul = Listing::of("consul");
+        let consulkv = Listing::of("consulkv");
+        let etcd = Listing::of("etcd");
+        // (what, listing, desired, listed, adopted IDs, stale IDs)
+        type Case<'a> = (
+            &'a str,
+            Listing,
+            Vec<Service>,
+            Vec<Service>,
+            Vec<&'a str>,
+            Vec<&'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "empty store",
+                consul,
+                vec![a.clone()],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            (
+                "same: no write",
+                consul,
+                vec![a.clone()],
+                vec![a.clone()],
+                vec!["h:a:80"],
+                vec![],
+            ),
+            (
+                "same in etcd",
+                etcd,
+                vec![a.clone()],
+                vec![a.clone()],
+                vec!["h:a:80"],
+                vec![],
+            ),
+            (
+                "same in consulkv",
+                consulkv,
+                vec![a.clone()],
+                vec![a.clone()],
+                vec!["h:a:80"],
+                vec![],
+            ),
+            // Listings carry no checks or TTLs: compared on what they show.
+            (
+                "check not listed",
+                consul,
+                vec![a_checked],
+                vec![a.clone()],
+                vec!["h:a:80"],
+                vec![],
+            ),
+            (
+                "consul TTL check is refreshed, not rewritten",
+                consul,
+                vec![a_ttl.clone()],
+                vec![a.clone()],
+                vec!["h:a:80"],
+                vec![],
+            ),
+            (
+                "etcd TTL key moves to our lease",
+                etcd,
+                vec![a_ttl.clone()],
+                vec![a.clone()],
+                vec![],
+                vec![],
+            ),
+            (
+                "consulkv has no TTL here",
+                consulkv,
+                vec![a_ttl],
+                vec![a.clone()],
+                vec!["h:a:80"],
+                vec![],
+            ),
+            (
+                "moved port: rewritten in place",
+                consul,
+                vec![a_moved.clone()],
+                vec![a.clone()],
+                vec![],
+                vec![],
+            ),
+            (
+                "tags changed",
+                consul,
+                vec![a_tagged.clone()],
+                vec![a.clone()],
+                vec![],
+                vec![],
+            ),
+            (
+                "meta changed",
+                etcd,
+                vec![a_meta.clone()],
+                vec![a.clone()],
+                vec![],
+                vec![],
+            ),
+            (
+                "consulkv shows no tags or meta",
+                consulkv,
+                vec![a_tagged_meta],
+                vec![a.clone()],
+                vec!["h:a:80"],
+                vec![],
+            ),
+            (
+                "renamed: old key is stale",
+                etcd,
+                vec![a_renamed],
+                vec![a.clone()],
+                vec![],
+                vec!["h:a:80"],
+            ),
+            (
+                "stopped while down: removed, other hosts and custom IDs untouched",
+                consul,
+                vec![a.clone()],
+                vec![a.clone(), gone.clone(), other_host, custom.clone()],
+                vec!["h:a:80"],
+                vec!["h:gone:80"],
+            ),
+            (
+                "custom ID adopted",
+                consul,
+                vec![custom.clone()],
+                vec![custom],
+                vec!["custom-id"],
+                vec![],
+            ),
+            (
+                "nothing running",
+                consul,
+                vec![],
+                vec![a, gone],
+                vec![],
+                vec!["h:a:80", "h:gone:80"],
+            ),
+        ];
+        for (what, listing, desired, listed, adopted, stale) in cases {
+            let got = adopt(&set(&desired), &listed, "h:", listing);
+            assert_eq!(ids(&got.adopted), adopted, "{what}: adopted");
+            assert_eq!(ids(&got.stale), stale, "{what}: stale");
+            // What is adopted is the desired service itself, so the next plan writes nothing.
+            let applied = set(&got.adopted);
+            let p = plan(&set(&desired), &applied, &ServiceSet::new());
+            assert!(p.deregister.is_empty(), "{what}");
+            assert_eq!(
+                p.register.len(),
+                desired.len() - got.adopted.len(),
+                "{what}"
+            );
+        }
+        assert_eq!(
+            Listing::of("consulkv"),
+            Listing {
+                tags_meta: false,
+                ttl_bound_to_writer: false
+            }
+        );
+    }
+
+    #[test]
+    fn withdrawals_are_seen() {
+        let a = svc("h:a:80", "a", 1);
+        let b = svc("h:b:80", "b", 2);
+        let a_moved = svc("h:a:80", "a", 3);
+        let cases = [
+            ("nothing applied", vec![], vec![a.clone()], false),
+            (
+                "an addition",
+                vec![a.clone()],
+                vec![a.clone(), b.clone()],
+                false,
+            ),
+            ("a change in place", vec![a.clone()], vec![a_moved], false),
+            (
+                "a removal",
+                vec![a.clone(), b.clone()],
+                vec![b.clone()],
+                true,
+            ),
+            ("everything", vec![a], vec![], true),
+        ];
+        for (what, applied, next, want) in cases {
+            assert_eq!(withdraws(&set(&next), &set(&applied)), want, "{what}");
         }
     }
 

@@ -187,7 +187,7 @@ templates:
   - src: {tpl}
     dest: {d}/haproxy.cfg
 {check}    reload: {reload:?}
-    live: {{ haproxy_socket: {sock}, drain_timeout: {drain_timeout} }}
+    live: {{ haproxy: {{ socket: {sock}, drain_timeout: {drain_timeout} }} }}
 "#,
             tpl = workspace_root().join("templates/haproxy.cfg.hbs").display(),
             reload = signal_reload(&dir.path().join("haproxy.pid"), "USR2"),
@@ -205,12 +205,17 @@ templates:
         );
         let rendered = dir.path().join("haproxy.cfg");
         let needle = format!("server {first} ");
-        wait_for("the first render", WAIT, || async {
+        let rendered_ok = poll(WAIT, Duration::from_millis(50), || async {
             std::fs::read_to_string(&rendered)
                 .is_ok_and(|t| t.contains(&needle))
                 .then_some(())
         })
         .await;
+        assert!(
+            rendered_ok.is_some(),
+            "no first render naming {first}; confd output:\n{}",
+            confd.output()
+        );
         let haproxy = Process::spawn(
             Path::new("haproxy"),
             &[
@@ -222,7 +227,22 @@ templates:
             ],
             &[],
         );
-        wait_pid_file(&dir.path().join("haproxy.pid"), WAIT).await;
+        let pid_file = dir.path().join("haproxy.pid");
+        let started = poll(WAIT, Duration::from_millis(50), || async {
+            let pid: i32 = std::fs::read_to_string(&pid_file)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            // SAFETY: signal 0 only checks that the process exists.
+            (unsafe { libc::kill(pid, 0) } == 0).then_some(())
+        })
+        .await;
+        assert!(
+            started.is_some(),
+            "HAProxy did not start; its output:\n{}",
+            haproxy.output()
+        );
         let cli = Cli::new(Path::new(&sock));
         let s = Stack {
             dir,
@@ -245,7 +265,7 @@ templates:
         self.dir.path().join("haproxy.cfg")
     }
 
-    /// The last value of a counter confd's log lines carry (`reloads=`, `runtime_updates=`).
+    /// The last value of a counter confd's log lines carry (`reloads=`, `live_updates=`).
     fn counter(&self, name: &str) -> u64 {
         let key = format!(" {name}=");
         self.confd
@@ -286,15 +306,20 @@ templates:
     /// Waits until the running process has exactly the file's servers in `backend` (draining
     /// ones deleted).
     async fn wait_running_equals_file(&self, backend: &str) {
-        wait_for(
-            &format!("{backend}: running servers = the file's"),
-            WAIT,
-            || async {
-                let (running, file) = self.servers(backend).await;
-                (running == file).then_some(())
-            },
-        )
+        let last = Mutex::new(None);
+        let same = poll(WAIT, Duration::from_millis(100), || async {
+            let (running, file) = self.servers(backend).await;
+            let ok = running == file;
+            *last.lock().unwrap() = Some((running, file));
+            ok.then_some(())
+        })
         .await;
+        assert!(
+            same.is_some(),
+            "{backend}: running servers != the file's: {:?}; confd output:\n{}",
+            last.lock().unwrap(),
+            self.confd.output()
+        );
     }
 
     /// `confd --dry-run` with the same config prints nothing: the file equals a fresh render.
@@ -371,6 +396,24 @@ async fn wait_routes(what: &str, port: u16, host: Option<&str>, want: &[&str]) {
     );
 }
 
+/// Waits until `n` more requests of `load` succeeded; on timeout says what the load and confd
+/// saw.
+async fn wait_flowing(load: &Load, n: u64, stack: &Stack) {
+    let ok = || load.answers().values().sum::<u64>();
+    let start = ok();
+    let done = poll(WAIT, Duration::from_millis(50), || async {
+        (ok() >= start + n).then_some(())
+    })
+    .await;
+    assert!(
+        done.is_some(),
+        "load stalled: {} of {n} more answers, {} failed; confd output:\n{}",
+        ok() - start,
+        load.failed(),
+        stack.confd.output()
+    );
+}
+
 fn store(uri: &str) -> Store {
     Store::new(&RegistryUri::parse(uri).unwrap())
 }
@@ -404,7 +447,7 @@ async fn scale_under_load_without_a_reload() {
             &["b0", "b1", "b2"],
         )
         .await;
-        load.wait_flowing(300, WAIT).await;
+        wait_flowing(&load, 300, &stack).await;
         st.deregister(&b[1].service("web")).await.unwrap();
         st.deregister(&b[2].service("web")).await.unwrap();
         wait_routes(
@@ -415,7 +458,7 @@ async fn scale_under_load_without_a_reload() {
         )
         .await;
         stack.wait_running_equals_file("svc_web").await;
-        load.wait_flowing(300, WAIT).await;
+        wait_flowing(&load, 300, &stack).await;
     }
     let report = load.stop().await;
 
@@ -423,7 +466,7 @@ async fn scale_under_load_without_a_reload() {
         "scale 1->3->1 x{ROUNDS} under 8 clients: {}; {} reloads, {} runtime updates, per backend {:?}",
         report.summary(),
         stack.counter("reloads") - reloads,
-        stack.counter("runtime_updates"),
+        stack.counter("live_updates"),
         report.by_body
     );
     assert_eq!(report.failed, 0, "{}", report.summary());
@@ -442,11 +485,11 @@ async fn scale_under_load_without_a_reload() {
         "HAProxy's worker was replaced: a reload"
     );
     assert!(
-        stack.counter("runtime_updates") >= 2 * ROUNDS,
+        stack.counter("live_updates") >= 2 * ROUNDS,
         "{}",
         stack.confd.output()
     );
-    assert!(stack.confd.output().contains("applied at runtime: +"));
+    assert!(stack.confd.output().contains("applied live, no reload: +"));
     stack.assert_file_is_a_fresh_render().await;
     assert!(
         !stack.confd.output().contains("ERROR"),
@@ -521,10 +564,10 @@ async fn open_connections_survive_and_drained_requests_finish() {
         (b[1].in_flight() > 0).then_some(())
     })
     .await;
-    let updates = stack.counter("runtime_updates");
+    let updates = stack.counter("live_updates");
     st.deregister(&b[1].service("web")).await.unwrap();
     wait_for("s1 removal applied", WAIT, || async {
-        (stack.counter("runtime_updates") > updates).then_some(())
+        (stack.counter("live_updates") > updates).then_some(())
     })
     .await;
     let (running, _) = stack.servers("svc_web").await;
@@ -580,7 +623,7 @@ async fn open_connections_survive_and_drained_requests_finish() {
 
     eprintln!(
         "open connections: a 10 s stream kept all 40 lines across +s1 +s2 -s2; 4 slow requests finished ({on_s1} on the drained s1); s2 taken back while draining; {} runtime updates, 0 reloads",
-        stack.counter("runtime_updates")
+        stack.counter("live_updates")
     );
     assert_eq!(
         stack.counter("reloads"),
@@ -620,7 +663,7 @@ async fn structural_change_reloads_then_runtime_updates_resume() {
         s.meta.insert("vhost".into(), "api.local".into());
         s
     };
-    let updates = stack.counter("runtime_updates");
+    let updates = stack.counter("live_updates");
     st.register(&api(1)).await.unwrap();
     // The next change right behind the reload, while the old worker may still answer on the
     // socket: it must reach the new worker.
@@ -644,7 +687,7 @@ async fn structural_change_reloads_then_runtime_updates_resume() {
         stack.confd.output()
     );
     assert_eq!(
-        stack.counter("runtime_updates"),
+        stack.counter("live_updates"),
         updates + 1,
         "{}",
         stack.confd.output()
@@ -655,7 +698,7 @@ async fn structural_change_reloads_then_runtime_updates_resume() {
         "a new worker after the reload"
     );
     // Keep the load on while the old worker finishes and leaves.
-    load.wait_flowing(2000, WAIT).await;
+    wait_flowing(&load, 2000, &stack).await;
     let report = load.stop().await;
     eprintln!(
         "structural change under 8 clients: {}; 1 reload",

@@ -6,6 +6,7 @@
 
 use serde_json::Value;
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard_tests::*;
@@ -472,23 +473,36 @@ async fn docker_event_stream_loss_reconnects_and_resyncs() {
 }
 
 #[tokio::test]
-async fn sigterm_deregisters_and_keep_on_exit_keeps() {
+async fn sigterm_leaves_registrations_and_deregister_on_exit_removes_them() {
     let consul = Consul::start().await;
-    let mut reg = registrator(&consul.uri(), &[], &[]);
     let c = web("reg-sigterm", &[]);
     let id = id_of(&c, "80");
+    // The default, and the old `--keep-on-exit` (accepted, now a no-op): they stay.
+    for args in [&[][..], &["--keep-on-exit"][..]] {
+        let mut reg = registrator(&consul.uri(), args, &[]);
+        wait_consul(&consul, &id).await;
+        // Its first sync is done (it was already there for the second run).
+        reg.wait_output("adopted ", WAIT).await;
+        reg.signal(libc::SIGTERM);
+        let st = reg.wait_exit(WAIT).await;
+        let out = reg.output();
+        assert!(st.success(), "{args:?} {st:?}: {out}");
+        assert!(
+            consul_service(&consul, &id).await.is_some(),
+            "{args:?}: {out}"
+        );
+        assert!(!out.contains(&format!("deregistered {id}")), "{out}");
+        assert!(out.contains("leaving"), "{out}");
+    }
+    // The opt-in restores the old behaviour.
+    let mut reg = registrator(&consul.uri(), &["--deregister-on-exit"], &[]);
     wait_consul(&consul, &id).await;
+    reg.wait_output("adopted ", WAIT).await;
     reg.signal(libc::SIGTERM);
     let st = reg.wait_exit(WAIT).await;
     assert!(st.success(), "{st:?}: {}", reg.output());
     assert!(consul_service(&consul, &id).await.is_none());
-
-    let mut keep = registrator(&consul.uri(), &["--keep-on-exit"], &[]);
-    wait_consul(&consul, &id).await;
-    keep.signal(libc::SIGTERM);
-    let st = keep.wait_exit(WAIT).await;
-    assert!(st.success(), "{st:?}: {}", keep.output());
-    assert!(consul_service(&consul, &id).await.is_some());
+    reg.wait_output(&format!("deregistered {id}"), WAIT).await;
 }
 
 #[tokio::test]
@@ -592,4 +606,574 @@ async fn unreachable_store_fails_after_retry_attempts() {
     assert!(last.contains(&format!("127.0.0.1:{port}")), "{out}");
     assert!(last.contains("after 3 attempt(s)"), "{out}");
     assert_eq!(out.matches("not reachable yet").count(), 2, "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 9: registrations mirror running containers, not the registrator's lifetime; a
+// container's stop signal withdraws it before it exits.
+//
+// Helpers below are local to this file for now (candidates for tests/src/lib.rs): a presence
+// monitor, exact etcd key reads with revisions and lease, Consul catalog indexes.
+
+/// How often the presence monitor looks: far below the ~0.7 s gap a deregister-on-exit
+/// restart used to leave.
+const PRESENCE_EVERY: Duration = Duration::from_millis(20);
+
+/// Watches one registration on a task, from `start` until `finish`, counting every look and
+/// every look at which it was absent. A bounded loop (it gives up after two minutes), never a
+/// sleep-wait.
+struct Presence {
+    looks: Arc<AtomicU32>,
+    misses: Arc<AtomicU32>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Presence {
+    fn start<F, Fut>(present: F) -> Presence
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = bool> + Send,
+    {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let looks = Arc::new(AtomicU32::new(0));
+        let misses = Arc::new(AtomicU32::new(0));
+        let (l, m) = (looks.clone(), misses.clone());
+        let task = tokio::spawn(async move {
+            let limit = std::time::Instant::now() + Duration::from_secs(120);
+            while !*stopped.borrow() && std::time::Instant::now() < limit {
+                if !present().await {
+                    m.fetch_add(1, Ordering::SeqCst);
+                }
+                l.fetch_add(1, Ordering::SeqCst);
+                tokio::select! {
+                    _ = tokio::time::sleep(PRESENCE_EVERY) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+        });
+        Presence {
+            looks,
+            misses,
+            stop,
+            task,
+        }
+    }
+
+    /// Waits until the monitor has looked `n` more times: a window it certainly covered.
+    async fn cover(&self, n: u32) {
+        let target = self.looks.load(Ordering::SeqCst) + n;
+        wait_for(&format!("{n} more looks"), WAIT, || async {
+            (self.looks.load(Ordering::SeqCst) >= target).then_some(())
+        })
+        .await
+    }
+
+    /// Stops watching: `(looks, misses)`.
+    async fn finish(self) -> (u32, u32) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap();
+        (
+            self.looks.load(Ordering::SeqCst),
+            self.misses.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// One etcd key with its metadata (`create_revision`, `mod_revision`, `lease`, as the JSON
+/// gateway spells them), if present.
+async fn etcd_key(etcd_http: &str, key: &str) -> Option<Value> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = serde_json::json!({ "key": b64.encode(key) });
+    let v: Value = reqwest::Client::new()
+        .post(format!("{etcd_http}/v3/kv/range"))
+        .json(&body)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v["kvs"].as_array()?.first().cloned()
+}
+
+/// `(CreateIndex, ModifyIndex)` of a service instance in Consul's catalog.
+async fn consul_indexes(consul: &Consul, name: &str, id: &str) -> Option<(u64, u64)> {
+    let v = consul
+        .get_json(&format!("/v1/catalog/service/{name}"))
+        .await;
+    let e = v.as_array()?.iter().find(|e| e["ServiceID"] == id)?;
+    Some((e["CreateIndex"].as_u64()?, e["ModifyIndex"].as_u64()?))
+}
+
+/// Whether `id` is among the passing instances of `name` (what confd renders).
+async fn consul_passing(http: &str, name: &str, id: &str) -> bool {
+    let url = format!("{http}/v1/health/service/{name}?passing");
+    let Ok(r) = reqwest::get(&url).await else {
+        return false;
+    };
+    let Ok(v) = r.json::<Value>().await else {
+        return false;
+    };
+    v.as_array()
+        .is_some_and(|a| a.iter().any(|e| e["Service"]["ID"] == id))
+}
+
+/// The store a restart scenario runs against.
+enum Backend {
+    Consul(Consul),
+    Etcd(Etcd),
+}
+
+const PREFIX: &str = "adopt";
+
+impl Backend {
+    fn uri(&self) -> String {
+        match self {
+            Backend::Consul(c) => c.uri(),
+            Backend::Etcd(e) => e.uri(PREFIX),
+        }
+    }
+
+    /// Registered and (Consul) passing.
+    async fn present(&self, name: &str, id: &str) -> bool {
+        match self {
+            Backend::Consul(c) => consul_passing(&c.http(), name, id).await,
+            Backend::Etcd(e) => etcd_key(&e.http(), &format!("/{PREFIX}/{name}/{id}"))
+                .await
+                .is_some(),
+        }
+    }
+
+    async fn wait_present(&self, name: &str, id: &str) {
+        wait_for(&format!("{id} registered"), WAIT, || async {
+            self.present(name, id).await.then_some(())
+        })
+        .await
+    }
+
+    async fn wait_absent(&self, name: &str, id: &str) {
+        wait_for(&format!("{id} gone"), WAIT, || async {
+            (!self.present(name, id).await).then_some(())
+        })
+        .await
+    }
+
+    /// A presence monitor on `id`.
+    fn monitor(&self, name: &str, id: &str) -> Presence {
+        let (name, id) = (name.to_string(), id.to_string());
+        match self {
+            Backend::Consul(c) => {
+                let http = c.http();
+                Presence::start(move || {
+                    let (http, name, id) = (http.clone(), name.clone(), id.clone());
+                    async move { consul_passing(&http, &name, &id).await }
+                })
+            }
+            Backend::Etcd(e) => {
+                let http = e.http();
+                let key = format!("/{PREFIX}/{name}/{id}");
+                Presence::start(move || {
+                    let (http, key) = (http.clone(), key.clone());
+                    async move { etcd_key(&http, &key).await.is_some() }
+                })
+            }
+        }
+    }
+
+    /// What changes when a registration is removed and written again: Consul's catalog
+    /// `(CreateIndex, ModifyIndex)`; etcd's `create_revision` (a put in place, e.g. to move
+    /// the key to a new lease, keeps it).
+    async fn identity(&self, name: &str, id: &str) -> Value {
+        match self {
+            Backend::Consul(c) => {
+                let (create, modify) = consul_indexes(c, name, id).await.unwrap();
+                serde_json::json!([create, modify])
+            }
+            Backend::Etcd(e) => {
+                let kv = etcd_key(&e.http(), &format!("/{PREFIX}/{name}/{id}"))
+                    .await
+                    .unwrap();
+                kv["create_revision"].clone()
+            }
+        }
+    }
+
+    /// The etcd lease a key hangs on (`None` for Consul or no lease).
+    async fn lease(&self, name: &str, id: &str) -> Option<String> {
+        match self {
+            Backend::Consul(_) => None,
+            Backend::Etcd(e) => etcd_key(&e.http(), &format!("/{PREFIX}/{name}/{id}"))
+                .await?
+                .get("lease")
+                .and_then(Value::as_str)
+                .map(String::from),
+        }
+    }
+}
+
+/// How the registrator goes away in a restart.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Sigterm,
+    Kill9,
+}
+
+/// A running container stays registered through registrator restarts (SIGTERM, then
+/// `kill -9`): never absent at any look of the monitor, never removed and written again
+/// (same catalog indexes / etcd create_revision), and with `-ttl` kept alive by the new
+/// process past the TTL (etcd: the key moves to the new process's lease). Containers that
+/// stopped or started while no registrator ran are removed or added by the next one.
+async fn restart_scenario(backend: Backend, ttl: bool) {
+    // A TTL that covers the restart with room to spare on a loaded 2-core machine (the
+    // registrator is gone for 1 to 3 s here), as a production TTL covers a restart.
+    let ttl_secs = 5;
+    let ttl_args: &[&str] = if ttl {
+        &["-ttl", "5", "-ttl-refresh", "1"]
+    } else {
+        &[]
+    };
+    let name = unique_name("kept").replace('-', "");
+    let kept = web("reg-kept", &["-e", &format!("SERVICE_NAME={name}")]);
+    let kept_id = id_of(&kept, "80");
+    let mut reg = registrator(&backend.uri(), ttl_args, &[]);
+    backend.wait_present(&name, &kept_id).await;
+    let identity = backend.identity(&name, &kept_id).await;
+    let monitor = backend.monitor(&name, &kept_id);
+
+    for how in [Stop::Sigterm, Stop::Kill9] {
+        let gone = web("reg-gone", &["-e", &format!("SERVICE_NAME={name}")]);
+        let gone_id = id_of(&gone, "80");
+        backend.wait_present(&name, &gone_id).await;
+        let old_lease = backend.lease(&name, &kept_id).await;
+        match how {
+            Stop::Sigterm => {
+                reg.signal(libc::SIGTERM);
+                let st = reg.wait_exit(WAIT).await;
+                assert!(st.success(), "{st:?}: {}", reg.output());
+            }
+            Stop::Kill9 => reg.kill9(),
+        }
+        let stopped = std::time::Instant::now();
+        // While no registrator runs (the monitor looks meanwhile: a registrator that
+        // deregistered on exit would be caught here): one container goes away, another comes.
+        monitor.cover(5).await;
+        docker(&["kill", &gone.id]);
+        let added = web("reg-added", &["-e", &format!("SERVICE_NAME={name}")]);
+        let added_id = id_of(&added, "80");
+        reg = registrator(&backend.uri(), ttl_args, &[]);
+        backend.wait_present(&name, &added_id).await;
+        backend.wait_absent(&name, &gone_id).await;
+        reg.wait_output(&format!("deregistered {gone_id}"), WAIT)
+            .await;
+        reg.wait_output("adopted ", WAIT).await;
+        if ttl {
+            if let Backend::Etcd(_) = backend {
+                let new_lease = wait_for("the kept key on the new lease", WAIT, || async {
+                    let l = backend.lease(&name, &kept_id).await?;
+                    (Some(&l) != old_lease.as_ref()).then_some(l)
+                })
+                .await;
+                assert_ne!(new_lease, "0", "{how:?}");
+            }
+            // Past a TTL (and then some) after the old process went: only the new one keeps
+            // it alive (etcd: the old lease has expired by then).
+            let until = stopped + Duration::from_secs(ttl_secs + 2);
+            while std::time::Instant::now() < until {
+                assert!(
+                    backend.present(&name, &kept_id).await,
+                    "{how:?}: {}",
+                    reg.output()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        assert_eq!(
+            backend.identity(&name, &kept_id).await,
+            identity,
+            "{how:?}: the kept registration was removed and written again"
+        );
+        let out = reg.output();
+        assert!(!out.contains(&format!("deregistered {kept_id}")), "{out}");
+        if !(ttl && matches!(backend, Backend::Etcd(_))) {
+            // Adopted as it was: not a single write (etcd with -ttl rewrites it in place to
+            // move it to the new lease).
+            assert!(!out.contains(&format!("registered {kept_id}")), "{out}");
+        }
+        drop(added);
+    }
+    let (looks, misses) = monitor.finish().await;
+    println!("kept registration watched {looks} times through two registrator restarts: absent {misses} times");
+    assert_eq!(misses, 0, "absent at {misses} of {looks} looks");
+}
+
+#[tokio::test]
+async fn restart_keeps_and_adopts_registrations_consul() {
+    restart_scenario(Backend::Consul(Consul::start().await), false).await;
+}
+
+#[tokio::test]
+async fn restart_keeps_and_adopts_registrations_consul_ttl() {
+    restart_scenario(Backend::Consul(Consul::start().await), true).await;
+}
+
+#[tokio::test]
+async fn restart_keeps_and_adopts_registrations_etcd() {
+    restart_scenario(Backend::Etcd(Etcd::start().await), false).await;
+}
+
+#[tokio::test]
+async fn restart_keeps_and_adopts_registrations_etcd_ttl() {
+    restart_scenario(Backend::Etcd(Etcd::start().await), true).await;
+}
+
+/// A busybox container serving HTTP on a published port 80 that finishes its work on `TERM`
+/// for 3 s (then exits 0) and treats `HUP` as a reload, as apps behind a proxy do.
+/// `opts` go before the image.
+fn draining_web(tag: &str, name: &str, opts: &[&str]) -> Container {
+    let service = format!("SERVICE_NAME={name}");
+    let mut args = vec!["-p", "80", "-e", &service];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        "trap 'sleep 3; exit 0' TERM; trap 'echo reload' HUP; httpd -p 80 -h /www; \
+         while true; do sleep 1; done",
+    ]);
+    Container::run(tag, &args)
+}
+
+/// Nanoseconds since the epoch, now.
+fn unix_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// `timeNano` of the first `kill` event with `signal` Docker logged for container `id` since
+/// `since_ns`.
+fn kill_event_ns(id: &str, signal: &str, since_ns: i64) -> i64 {
+    let since = (since_ns / 1_000_000_000 - 1).to_string();
+    let until = (unix_ns() / 1_000_000_000 + 1).to_string();
+    let filter = format!("container={id}");
+    let out = docker(&[
+        "events",
+        "--since",
+        &since,
+        "--until",
+        &until,
+        "--filter",
+        &filter,
+        "--filter",
+        "event=kill",
+        "--format",
+        "{{.TimeNano}} {{index .Actor.Attributes \"signal\"}}",
+    ]);
+    out.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(_, sig)| *sig == signal)
+        .and_then(|(t, _)| t.parse().ok())
+        .unwrap_or_else(|| panic!("no kill {signal} event for {id}: {out}"))
+}
+
+/// Nanoseconds into the (UTC) day of a log line's timestamp (`2026-11-26T14:27:06.919209Z ...`,
+/// tracing's format), to compare with an event's time of day.
+fn log_time_of_day_ns(line: &str) -> Option<i64> {
+    let t = line.get(11..)?.split(['Z', ' ']).next()?;
+    let (hms, frac) = t.split_once('.').unwrap_or((t, "0"));
+    let mut parts = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, sec) = (parts.next()??, parts.next()??, parts.next()??);
+    let frac_ns = format!("{frac:0<9}").get(..9)?.parse::<i64>().ok()?;
+    Some(((h * 60 + m) * 60 + sec) * 1_000_000_000 + frac_ns)
+}
+
+fn running(c: &Container) -> bool {
+    docker(&["inspect", "-f", "{{.State.Running}}", &c.id]) == "true"
+}
+
+/// Asserts `present` holds at every look for `window`: a bounded negative check.
+async fn stays_for<F, Fut>(window: Duration, what: &str, present: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = std::time::Instant::now() + window;
+    while std::time::Instant::now() < until {
+        assert!(present().await, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `docker kill -s HUP` withdraws nothing; `docker stop` withdraws at the signal, while the
+/// container still runs (finishing its work), and the time from the `docker stop` call to
+/// the store no longer having it is printed.
+async fn drain_scenario(backend: Backend) {
+    let name = unique_name("drain").replace('-', "");
+    let reg = registrator(&backend.uri(), &[], &[]);
+    let c = draining_web("reg-drain", &name, &[]);
+    let id = id_of(&c, "80");
+    backend.wait_present(&name, &id).await;
+
+    docker(&["kill", "-s", "HUP", &c.id]);
+    stays_for(Duration::from_secs(2), "registered after HUP", || {
+        backend.present(&name, &id)
+    })
+    .await;
+    assert!(running(&c));
+
+    let cid = c.id.clone();
+    let called = std::time::Instant::now();
+    let called_ns = unix_ns();
+    let stop = tokio::task::spawn_blocking(move || {
+        docker(&["stop", "-t", "10", &cid]);
+        std::time::Instant::now()
+    });
+    let (gone, gone_ns) = poll(WAIT, Duration::from_millis(2), || async {
+        (!backend.present(&name, &id).await).then(|| (std::time::Instant::now(), unix_ns()))
+    })
+    .await
+    .expect("withdrawn on docker stop");
+    // The container is still finishing its work: it was withdrawn before it exited.
+    assert!(running(&c), "the container exited before it was withdrawn");
+    assert!(!stop.is_finished());
+    let returned = stop.await.unwrap();
+    assert!(!running(&c));
+    // From Docker's kill event: to the registrator's log line, and to a reader seeing it gone.
+    let kill_ns = kill_event_ns(&c.id, "15", called_ns);
+    let needle = format!("deregistered {id}");
+    let out = reg.output();
+    let line = out
+        .lines()
+        .find(|l| l.contains(&needle))
+        .unwrap_or_default();
+    let day = 86_400 * 1_000_000_000i64;
+    let logged = log_time_of_day_ns(line)
+        .map(|t| ((t - kill_ns.rem_euclid(day)).rem_euclid(day)) as f64 / 1e6);
+    println!(
+        "drain ({}): docker stop called -> gone from the store {:.1} ms; kill event -> \
+         registrator logged the deregistration {:.1} ms, -> a reader saw it gone {:.1} ms; \
+         the container exited {:.0} ms after the call",
+        match backend {
+            Backend::Consul(_) => "consul",
+            Backend::Etcd(_) => "etcd",
+        },
+        (gone - called).as_secs_f64() * 1000.0,
+        logged.unwrap_or(f64::NAN),
+        (gone_ns - kill_ns) as f64 / 1e6,
+        (returned - called).as_secs_f64() * 1000.0
+    );
+    assert!(
+        gone - called < Duration::from_secs(2),
+        "{:?}",
+        gone - called
+    );
+}
+
+#[tokio::test]
+async fn stop_signal_drains_before_exit_reload_signal_does_not_consul() {
+    drain_scenario(Backend::Consul(Consul::start().await)).await;
+}
+
+#[tokio::test]
+async fn stop_signal_drains_before_exit_reload_signal_does_not_etcd() {
+    drain_scenario(Backend::Etcd(Etcd::start().await)).await;
+}
+
+/// A stop signal the container ignores (sent with `docker kill -s TERM`, so no SIGKILL
+/// follows) withdraws it, and it is served again once its stop timeout (1 s) plus the 5 s
+/// margin has passed and it still runs. A container whose stop signal is `SIGUSR1` drains on
+/// USR1, not on TERM.
+#[tokio::test]
+async fn ignored_stop_signal_is_served_again_and_custom_stop_signals_drain() {
+    let consul = Consul::start().await;
+    let backend = Backend::Consul(consul);
+    let name = unique_name("ignore").replace('-', "");
+    let _reg = registrator(&backend.uri(), &[], &[]);
+    let service = format!("SERVICE_NAME={name}");
+    let deaf = Container::run(
+        "reg-deaf",
+        &[
+            "-p",
+            "80",
+            "-e",
+            &service,
+            "--stop-timeout",
+            "1",
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            "trap '' TERM; httpd -p 80 -h /www; while true; do sleep 1; done",
+        ],
+    );
+    let usr1 = Container::run(
+        "reg-usr1",
+        &[
+            "-p",
+            "80",
+            "-e",
+            &service,
+            "--stop-signal",
+            "SIGUSR1",
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            "trap '' TERM; trap 'sleep 2; exit 0' USR1; httpd -p 80 -h /www; \
+             while true; do sleep 1; done",
+        ],
+    );
+    let (deaf_id, usr1_id) = (id_of(&deaf, "80"), id_of(&usr1, "80"));
+    backend.wait_present(&name, &deaf_id).await;
+    backend.wait_present(&name, &usr1_id).await;
+
+    let killed = std::time::Instant::now();
+    docker(&["kill", "-s", "TERM", &deaf.id]);
+    docker(&["kill", "-s", "TERM", &usr1.id]);
+    backend.wait_absent(&name, &deaf_id).await;
+    let withdrawn = killed.elapsed();
+    // TERM is not usr1's stop signal: nothing withdrawn.
+    stays_for(Duration::from_secs(2), "usr1 registered after TERM", || {
+        backend.present(&name, &usr1_id)
+    })
+    .await;
+    let cid = usr1.id.clone();
+    let stop = tokio::task::spawn_blocking(move || docker(&["stop", "-t", "10", &cid]));
+    backend.wait_absent(&name, &usr1_id).await;
+    assert!(running(&usr1), "usr1 exited before it was withdrawn");
+    stop.await.unwrap();
+
+    // The deaf container still runs after its stop timeout + margin: served again.
+    backend.wait_present(&name, &deaf_id).await;
+    let back = killed.elapsed();
+    assert!(running(&deaf));
+    println!("ignored TERM: withdrawn after {withdrawn:?}, registered again after {back:?}");
+    assert!(withdrawn < Duration::from_secs(2), "{withdrawn:?}");
+    assert!(back >= Duration::from_secs(5), "{back:?}");
+}
+
+/// `SERVICE_DRAIN=false`: the container stays registered through its stop signal and leaves
+/// when it exits, as before.
+#[tokio::test]
+async fn drain_opt_out_stays_registered_until_exit() {
+    let consul = Consul::start().await;
+    let backend = Backend::Consul(consul);
+    let name = unique_name("optout").replace('-', "");
+    let _reg = registrator(&backend.uri(), &[], &[]);
+    let c = draining_web("reg-optout", &name, &["-l", "SERVICE_DRAIN=false"]);
+    let id = id_of(&c, "80");
+    backend.wait_present(&name, &id).await;
+    let cid = c.id.clone();
+    let stop = tokio::task::spawn_blocking(move || docker(&["stop", "-t", "10", &cid]));
+    // It takes at least 2 s to exit (its TERM trap sleeps 3 s after the current `sleep 1`).
+    stays_for(
+        Duration::from_millis(1500),
+        "registered while stopping",
+        || backend.present(&name, &id),
+    )
+    .await;
+    assert!(running(&c));
+    stop.await.unwrap();
+    backend.wait_absent(&name, &id).await;
 }

@@ -3,8 +3,9 @@
 # process to keep it current: `docker stop` stops confd, and the container (nginx with it).
 # Arguments are passed to confd.
 set -eu
-# A pid file left by a previous run of this container would point at some other process.
-rm -f /run/nginx.pid
+# A pid file left by a previous run of this container would point at some other process, and
+# a unix socket left by it would keep nginx from listening on that path again.
+rm -f /run/nginx.pid /run/nginx-peers.sock
 set -- --config /etc/confd/confd.yaml "$@"
 # The registry may still be starting (compose starts everything at once): retry a few times.
 tries=0

@@ -1,115 +1,89 @@
-//! Ways for a change to reach a proxy without a reload.
+//! Live channels: ways to apply a membership-only change to a running proxy without a reload.
 //!
-//! A reload costs something (HAProxy forks a new worker and keeps the old one for its
-//! connections; nginx does the same with its workers), so when only the members of existing
-//! upstreams changed, a live channel applies that change to the running proxy instead. The
-//! rendered file is still written, so the file on disk always equals what a reload would
-//! load, and the template stays the one source of truth: a channel only ever compares the old
-//! and the new rendered file.
+//! A graceful reload still fails requests (old workers close idle keep-alive connections,
+//! racing requests already sent on them), and costs a new worker process each time, so when a
+//! new render differs from the file on disk only in which peers a pool holds, confd writes the
+//! file and tells the running proxy the new peers instead of reloading it. Each proxy's
+//! protocol lives in its own module ([`nginx_lua`], [`haproxy`]); the runner only calls
+//! [`LiveChannel::plan`], [`LiveChannel::apply`] and [`LiveChannel::after_reload`], so it never
+//! learns a proxy's protocol and another proxy is one more variant.
 //!
-//! The runner knows three calls and nothing of any proxy's protocol:
-//! [`Live::plan`] (pure: `None` means "reload"), [`Live::apply`], and [`Live::after_reload`]
-//! (run after a successful reload of that template's file). When `apply` fails the runner
-//! reloads instead, which is always correct. A new kind of proxy is one more variant here and
-//! one more module beside [`haproxy`].
+//! The rendered file stays the single source of truth: a channel only ever applies what the
+//! files it was given say, so a fresh start or a reload of the proxy serves the same peers.
 
-pub mod haproxy;
-
-use crate::duration;
 use serde::Deserialize;
 use std::fmt;
-use std::path::PathBuf;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
-fn default_drain_timeout() -> Duration {
-    Duration::from_secs(30)
-}
+pub mod haproxy;
+pub mod nginx_lua;
 
-/// A template's `live:` section: which channel reaches its proxy, and how.
+pub use haproxy::Haproxy;
+pub use nginx_lua::NginxLua;
+
+/// A template's live channel, from its `live:` setting (e.g. `live: { nginx_lua: {} }` or
+/// `live: { haproxy: { socket: /run/haproxy/admin.sock } }`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "RawLiveConfig")]
-pub struct LiveConfig {
-    /// The channel.
-    pub channel: ChannelConfig,
-    /// How long a removed server may keep serving its open connections before it is taken
-    /// out anyway.
-    pub drain_timeout: Duration,
+#[serde(try_from = "LiveConfig")]
+pub enum LiveChannel {
+    /// nginx upstreams balanced by Lua from a shared dict (see [`nginx_lua`]).
+    NginxLua(NginxLua),
+    /// HAProxy's runtime API on its admin socket (see [`haproxy`]).
+    Haproxy(Haproxy),
 }
 
-/// One channel's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChannelConfig {
-    /// HAProxy's runtime API on this admin stats socket (a unix socket path; the rendered
-    /// config must open it with `stats socket <path> ... level admin`).
-    Haproxy {
-        /// The socket path.
-        socket: PathBuf,
-    },
-}
-
-/// `live:` as written.
-#[derive(Debug, Deserialize)]
+/// `live:` as written: a mapping with exactly one channel key. (serde_yaml 0.9 reads enums only
+/// from `!tags`; a plain mapping reads like the rest of the file.)
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawLiveConfig {
+struct LiveConfig {
     #[serde(default)]
-    haproxy_socket: Option<PathBuf>,
-    #[serde(default = "default_drain_timeout", with = "duration::serde_text")]
-    drain_timeout: Duration,
+    nginx_lua: Option<NginxLua>,
+    #[serde(default)]
+    haproxy: Option<Haproxy>,
 }
 
-impl TryFrom<RawLiveConfig> for LiveConfig {
+impl TryFrom<LiveConfig> for LiveChannel {
     type Error = String;
-
-    fn try_from(r: RawLiveConfig) -> Result<LiveConfig, String> {
-        let Some(socket) = r.haproxy_socket else {
-            return Err("live needs a channel: expected haproxy_socket: <unix socket path>".into());
-        };
-        // `ipv4@host:port` and friends are HAProxy's TCP listeners: an admin socket on TCP
-        // would let anyone who reaches the port rewrite the proxy, so only a path is taken.
-        let text = socket.to_string_lossy();
-        if let Some((prefix, _)) = text.split_once('@') {
-            if !prefix.contains('/') {
-                return Err(format!(
-                    "haproxy_socket {text:?}: expected the path of a unix socket (no {prefix}@ address)"
-                ));
+    fn try_from(c: LiveConfig) -> Result<LiveChannel, String> {
+        match (c.nginx_lua, c.haproxy) {
+            (Some(n), None) => Ok(LiveChannel::NginxLua(n)),
+            (None, Some(h)) => Ok(LiveChannel::Haproxy(h)),
+            (None, None) => Err(
+                "live: expected one channel, e.g. `live: { nginx_lua: {} }` or `live: { haproxy: { socket: PATH } }`"
+                    .into(),
+            ),
+            (Some(_), Some(_)) => {
+                Err("live: expected one channel, found both nginx_lua and haproxy".into())
             }
         }
-        if text.is_empty() {
-            return Err("haproxy_socket \"\": expected the path of a unix socket".into());
-        }
-        Ok(LiveConfig {
-            channel: ChannelConfig::Haproxy { socket },
-            drain_timeout: r.drain_timeout,
-        })
     }
 }
 
-/// A template's live channel, alive for a whole run (it remembers servers still draining).
-#[derive(Debug)]
-pub enum Live {
-    /// HAProxy's runtime API.
-    Haproxy(haproxy::Haproxy),
-}
-
-/// What [`Live::plan`] decided; only [`Live::apply`] reads it.
+/// What a channel will push for one membership-only change (built by [`LiveChannel::plan`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LivePlan(PlanKind);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum PlanKind {
+pub enum LivePlan {
+    /// The complete upstream → peers table for nginx.
+    NginxLua(nginx_lua::Plan),
+    /// Server changes for HAProxy.
     Haproxy(haproxy::Plan),
 }
 
-/// What an apply did, for the log line.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What a successful live update changed, for the log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
-    /// Servers (peers) added.
+    /// Pools (upstreams, backends) whose membership changed.
+    pub changed: Vec<String>,
+    /// Pools the proxy now holds live peers for.
+    pub pools: usize,
+    /// Peers across those pools.
+    pub peers: usize,
+    /// Peers (servers) added.
     pub added: usize,
-    /// Servers removed (draining from now on).
+    /// Peers removed (HAProxy: draining from now on, deleted when done).
     pub removed: usize,
-    /// Servers changed in place (address, port, weight, state).
-    pub changed: usize,
+    /// Peers changed in place (HAProxy: address, port, weight or state).
+    pub updated: usize,
 }
 
 impl fmt::Display for Summary {
@@ -117,73 +91,89 @@ impl fmt::Display for Summary {
         write!(
             f,
             "+{} -{} ~{} servers",
-            self.added, self.removed, self.changed
+            self.added, self.removed, self.updated
         )
     }
 }
 
-/// Why a live apply did not happen (the runner then reloads).
+/// Why a live update was not applied. The runner then falls back to a reload, so none of these
+/// is fatal; each is one line naming the endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {
-    /// The proxy could not be reached, or did not answer in time.
-    #[error("{target}: {reason}")]
+    /// The endpoint could not be reached (proxy not running, wrong socket path, I/O error).
+    #[error("cannot reach {endpoint}: {reason}")]
     Unreachable {
-        /// What was being talked to.
-        target: String,
-        /// The I/O error or timeout.
+        /// The endpoint (a socket path).
+        endpoint: String,
+        /// The I/O error.
         reason: String,
     },
-    /// The proxy refused a command.
-    #[error("{target}: `{command}` refused: {answer}")]
-    Refused {
-        /// What was being talked to.
-        target: String,
-        /// The command.
-        command: String,
-        /// Its answer, on one line.
-        answer: String,
+    /// The endpoint did not answer in time.
+    #[error("{endpoint} did not answer within {after:?}")]
+    Timeout {
+        /// The endpoint.
+        endpoint: String,
+        /// The time limit.
+        after: Duration,
     },
-    /// The running proxy is not in the state the old file describes.
-    #[error("{target}: running state differs from the file: {detail}")]
+    /// The update was not sent: it holds something the proxy's side would refuse.
+    #[error("{endpoint}: not sent: {reason}")]
+    Invalid {
+        /// The endpoint.
+        endpoint: String,
+        /// What is wrong, naming the pool or peer.
+        reason: String,
+    },
+    /// The proxy answered but did not accept the update.
+    #[error("{endpoint} refused the update: {reason}")]
+    Refused {
+        /// The endpoint.
+        endpoint: String,
+        /// Its answer (status and first line).
+        reason: String,
+    },
+    /// The running proxy is not in the state the old file describes, so a delta on it would
+    /// not give the new file's state.
+    #[error("{endpoint}: running state differs from the file: {detail}")]
     Diverged {
-        /// What was being talked to.
-        target: String,
+        /// The endpoint.
+        endpoint: String,
         /// The difference.
         detail: String,
     },
 }
 
-impl Live {
-    /// The channel `cfg` describes. Background work (draining) stops with `shutdown`.
-    pub fn new(cfg: &LiveConfig, shutdown: CancellationToken) -> Live {
-        match &cfg.channel {
-            ChannelConfig::Haproxy { socket } => {
-                Live::Haproxy(haproxy::Haproxy::new(socket, cfg.drain_timeout, shutdown))
-            }
-        }
-    }
-
-    /// What to do at runtime to go from the `old` rendered file to the `new` one; `None` when
-    /// that is not only membership, or not all of it can be done at runtime: reload. Pure.
+impl LiveChannel {
+    /// Whether `new` differs from `old` (both rendered files) only in what a live update can
+    /// carry; `None` means "not membership-only": render, check, swap and reload as usual.
+    /// Pure.
     pub fn plan(&self, old: &str, new: &str) -> Option<LivePlan> {
         match self {
-            Live::Haproxy(h) => h.plan(old, new).map(|p| LivePlan(PlanKind::Haproxy(p))),
+            LiveChannel::NginxLua(c) => c.plan(old, new).map(LivePlan::NginxLua),
+            LiveChannel::Haproxy(c) => c.plan(old, new).map(LivePlan::Haproxy),
         }
     }
 
-    /// Applies a plan from [`Live::plan`] to the running proxy. Not cancel-safe: dropped
-    /// midway, the proxy may hold part of the change (the next reload puts it right).
+    /// Sends `plan` to the running proxy. Called after the new file was checked and committed;
+    /// on an error the runner reloads instead. nginx: cancel-safe in effect (dropping it
+    /// mid-request leaves the proxy with either the old or the new peer table). HAProxy: not
+    /// cancel-safe (dropped midway, the proxy may hold part of the change; the next reload
+    /// puts it right).
     pub async fn apply(&self, plan: LivePlan) -> Result<Summary, LiveError> {
-        match (self, plan.0) {
-            (Live::Haproxy(h), PlanKind::Haproxy(p)) => h.apply(p).await,
+        match (self, plan) {
+            (LiveChannel::NginxLua(c), LivePlan::NginxLua(p)) => c.apply(p).await,
+            (LiveChannel::Haproxy(c), LivePlan::Haproxy(p)) => c.apply(p).await,
+            (c, p) => unreachable!("plan {p:?} from another channel than {c:?}"),
         }
     }
 
-    /// Runs after the proxy was reloaded with the `new` file: a channel re-synchronises with
-    /// the reloaded proxy here (HAProxy: wait until its new worker answers).
-    pub async fn after_reload(&self, _new: &str) {
+    /// Runs after a successful normal reload onto `new`, so the live state the proxy keeps
+    /// across reloads matches the file it just loaded. Failures are logged, never returned:
+    /// the reload already did the work.
+    pub async fn after_reload(&self, new: &str) {
         match self {
-            Live::Haproxy(h) => h.after_reload().await,
+            LiveChannel::NginxLua(c) => c.after_reload(new).await,
+            LiveChannel::Haproxy(c) => c.after_reload(new).await,
         }
     }
 }
@@ -193,29 +183,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn live_section_parses_and_refuses_tcp_and_unknown_keys() {
-        let ok: LiveConfig =
-            serde_yaml::from_str("{ haproxy_socket: /run/haproxy/admin.sock, drain_timeout: 5s }")
-                .unwrap();
+    fn live_names_exactly_one_channel() {
+        let h: LiveChannel = serde_yaml::from_str(
+            "{ haproxy: { socket: /run/haproxy/admin.sock, drain_timeout: 5s } }",
+        )
+        .unwrap();
+        let LiveChannel::Haproxy(h) = h else {
+            panic!("{h:?}")
+        };
         assert_eq!(
-            ok.channel,
-            ChannelConfig::Haproxy {
-                socket: "/run/haproxy/admin.sock".into()
-            }
+            h.socket,
+            std::path::PathBuf::from("/run/haproxy/admin.sock")
         );
-        assert_eq!(ok.drain_timeout, Duration::from_secs(5));
-        let d: LiveConfig = serde_yaml::from_str("{ haproxy_socket: /a.sock }").unwrap();
-        assert_eq!(d.drain_timeout, Duration::from_secs(30));
+        assert_eq!(h.drain_timeout, Duration::from_secs(5));
+        let d: LiveChannel = serde_yaml::from_str("{ haproxy: { socket: /a.sock } }").unwrap();
+        assert!(matches!(d, LiveChannel::Haproxy(h) if h.drain_timeout == Duration::from_secs(30)));
         for (text, want) in [
-            ("{ haproxy_socket: ipv4@127.0.0.1:9999 }", "unix socket"),
-            ("{ haproxy_sock: /a.sock }", "unknown field `haproxy_sock`"),
-            ("{ drain_timeout: 5s }", "expected haproxy_socket"),
             (
-                "{ haproxy_socket: /a, drain_timeout: soon }",
+                "{ haproxy: { socket: ipv4@127.0.0.1:9999 } }",
+                "unix socket",
+            ),
+            (
+                "{ haproxy: { socket: /a, sock: /b } }",
+                "unknown field `sock`",
+            ),
+            ("{ haproxy: {} }", "missing field `socket`"),
+            (
+                "{ haproxy: { socket: /a, drain_timeout: soon } }",
                 "expected e.g. 500ms",
             ),
+            ("{}", "expected one channel"),
+            ("{ haproxy: { socket: /a }, nginx_lua: {} }", "found both"),
         ] {
-            let e = serde_yaml::from_str::<LiveConfig>(text)
+            let e = serde_yaml::from_str::<LiveChannel>(text)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{text}: {e}");
@@ -227,7 +227,7 @@ mod tests {
         let s = Summary {
             added: 2,
             removed: 1,
-            changed: 0,
+            ..Summary::default()
         };
         assert_eq!(s.to_string(), "+2 -1 ~0 servers");
     }

@@ -60,8 +60,15 @@ impl Cli {
         &self.socket
     }
 
-    fn target(&self) -> String {
+    fn endpoint(&self) -> String {
         format!("HAProxy socket {}", self.socket.display())
+    }
+
+    fn refused(&self, command: &str, answer: &str) -> LiveError {
+        LiveError::Refused {
+            endpoint: self.endpoint(),
+            reason: format!("`{command}`: {}", one_line(answer)),
+        }
     }
 
     /// Sends one command and returns the raw answer.
@@ -76,12 +83,12 @@ impl Cli {
         match tokio::time::timeout(COMMAND_TIMEOUT, talk).await {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) => Err(LiveError::Unreachable {
-                target: self.target(),
+                endpoint: self.endpoint(),
                 reason: format!("`{command}`: {e}"),
             }),
-            Err(_) => Err(LiveError::Unreachable {
-                target: self.target(),
-                reason: format!("`{command}`: no answer within {COMMAND_TIMEOUT:?}"),
+            Err(_) => Err(LiveError::Timeout {
+                endpoint: self.endpoint(),
+                after: COMMAND_TIMEOUT,
             }),
         }
     }
@@ -93,33 +100,21 @@ impl Cli {
             tracing::debug!(socket = %self.socket.display(), command, "runtime command done");
             Ok(())
         } else {
-            Err(LiveError::Refused {
-                target: self.target(),
-                command: command.to_string(),
-                answer: one_line(&answer),
-            })
+            Err(self.refused(command, &answer))
         }
     }
 
     /// `show info`.
     pub async fn info(&self) -> Result<Info, LiveError> {
         let answer = self.send("show info").await?;
-        parse_info(&answer).ok_or_else(|| LiveError::Refused {
-            target: self.target(),
-            command: "show info".into(),
-            answer: one_line(&answer),
-        })
+        parse_info(&answer).ok_or_else(|| self.refused("show info", &answer))
     }
 
     /// `show servers state BACKEND`.
     pub async fn servers(&self, backend: &str) -> Result<Vec<Running>, LiveError> {
         let command = format!("show servers state {backend}");
         let answer = self.send(&command).await?;
-        parse_servers_state(&answer).ok_or_else(|| LiveError::Refused {
-            target: self.target(),
-            command,
-            answer: one_line(&answer),
-        })
+        parse_servers_state(&answer).ok_or_else(|| self.refused(&command, &answer))
     }
 
     /// Sessions on a server, queued ones included (`scur` + `qcur` of `show stat`); `None`
@@ -131,11 +126,7 @@ impl Cli {
             // The backend itself is gone (a reload dropped it): so is the server.
             return Ok(None);
         }
-        parse_sessions(&answer, server).map_err(|()| LiveError::Refused {
-            target: self.target(),
-            command,
-            answer: one_line(&answer),
-        })
+        parse_sessions(&answer, server).map_err(|()| self.refused(&command, &answer))
     }
 }
 
@@ -167,7 +158,7 @@ pub fn accepted(command: &str, answer: &str) -> bool {
 
 /// Whether a refusal means the server does not exist.
 pub fn no_such_server(e: &LiveError) -> bool {
-    matches!(e, LiveError::Refused { answer, .. } if answer.contains("No such server"))
+    matches!(e, LiveError::Refused { reason, .. } if reason.contains("No such server"))
 }
 
 fn parse_info(answer: &str) -> Option<Info> {

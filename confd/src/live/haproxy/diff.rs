@@ -419,6 +419,10 @@ pub struct Diff {
     /// The old file's servers of each backend a change touches: what the running process must
     /// have before the changes are applied.
     pub before: BTreeMap<String, Vec<Server>>,
+    /// Backends (and listen sections) in the new file.
+    pub pools: usize,
+    /// Servers across them.
+    pub peers: usize,
 }
 
 /// The changes that turn `old` into `new`, or why a reload is needed instead. `socket` is the
@@ -500,7 +504,12 @@ pub fn diff(old: &str, new: &str, socket: &str) -> Result<Diff, String> {
             )
         })
         .collect();
-    Ok(Diff { changes, before })
+    Ok(Diff {
+        changes,
+        before,
+        pools: new.backends.len(),
+        peers: new.backends.values().map(|b| b.servers.len()).sum(),
+    })
 }
 
 /// Whether servers may come and go in backend `be` at runtime.

@@ -22,11 +22,13 @@
 pub mod cli;
 pub mod diff;
 
+use crate::duration;
 use crate::live::{LiveError, Summary};
 use cli::{no_such_server, Cli, Running};
 use diff::{add_commands, update_commands, Change, Diff, Server};
+use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -50,13 +52,77 @@ const RELOAD_POLL: Duration = Duration::from_millis(50);
 /// ordinary configs hand over well within this (125 to 300 ms measured).
 const CANDIDATE_WATCH: Duration = Duration::from_secs(1);
 
-/// Membership changes for one HAProxy, through its admin socket.
-#[derive(Debug)]
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The `haproxy` live channel (`live: { haproxy: { socket: PATH, drain_timeout: 30s } }`):
+/// membership changes for one HAProxy through its admin socket.
+///
+/// A config value (compared by its settings) that also carries what outlives one apply: the
+/// servers still draining and the current worker, shared by its clones. When the last clone
+/// goes (confd stops, or SIGHUP replaced the config) the drains in progress stop; their
+/// servers stay drained (no new traffic) until the next reload.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "HaproxyConfig")]
 pub struct Haproxy {
+    /// The admin stats socket, a unix socket the rendered config opens with
+    /// `stats socket PATH ... level admin`.
+    pub socket: PathBuf,
+    /// How long a removed server may keep serving its open connections before they are cut
+    /// and it is deleted anyway.
+    pub drain_timeout: Duration,
     cli: Cli,
+    shared: Arc<Shared>,
+}
+
+impl PartialEq for Haproxy {
+    fn eq(&self, o: &Haproxy) -> bool {
+        self.socket == o.socket && self.drain_timeout == o.drain_timeout
+    }
+}
+
+impl Eq for Haproxy {}
+
+/// `live: { haproxy: ... }` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HaproxyConfig {
+    socket: PathBuf,
+    #[serde(default = "default_drain_timeout", with = "duration::serde_text")]
     drain_timeout: Duration,
+}
+
+impl TryFrom<HaproxyConfig> for Haproxy {
+    type Error = String;
+
+    fn try_from(c: HaproxyConfig) -> Result<Haproxy, String> {
+        // `ipv4@host:port` and friends are HAProxy's TCP listeners: an admin socket on TCP
+        // would let anyone who reaches the port rewrite the proxy, so only a path is taken.
+        let text = c.socket.to_string_lossy().into_owned();
+        let tcp = text
+            .split_once('@')
+            .is_some_and(|(prefix, _)| !prefix.contains('/'));
+        if text.is_empty() || tcp {
+            return Err(format!(
+                "haproxy socket {text:?}: expected the path of a unix socket"
+            ));
+        }
+        Ok(Haproxy::new(c.socket, c.drain_timeout))
+    }
+}
+
+/// Shared by the clones of one channel; dropping the last one stops its drains.
+#[derive(Debug, Default)]
+struct Shared {
     state: Arc<Mutex<State>>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// What outlives one apply.
@@ -83,14 +149,13 @@ struct Draining {
 pub struct Plan(Diff);
 
 impl Haproxy {
-    /// A channel to the admin socket at `socket`. Drain tasks stop when `shutdown` is
-    /// cancelled (a server still draining then stays drained until the next reload).
-    pub fn new(socket: &Path, drain_timeout: Duration, shutdown: CancellationToken) -> Haproxy {
+    /// A channel to the admin socket at `socket`.
+    pub fn new(socket: PathBuf, drain_timeout: Duration) -> Haproxy {
         Haproxy {
-            cli: Cli::new(socket),
+            cli: Cli::new(&socket),
+            socket,
             drain_timeout,
-            state: Arc::default(),
-            shutdown,
+            shared: Arc::default(),
         }
     }
 
@@ -110,8 +175,13 @@ impl Haproxy {
     /// Applies `plan`. Removals return once the servers are draining; they are deleted in the
     /// background.
     pub async fn apply(&self, plan: Plan) -> Result<Summary, LiveError> {
-        let Plan(Diff { changes, before }) = plan;
-        let mut st = self.state.lock().await;
+        let Plan(Diff {
+            changes,
+            before,
+            pools,
+            peers,
+        }) = plan;
+        let mut st = self.shared.state.lock().await;
         let info = self.cli.info().await?;
         if info.stopping {
             return Err(self.diverged("the process answering is stopping (a reload is under way)"));
@@ -126,7 +196,12 @@ impl Haproxy {
             self.check_running(be, servers, &r, &st)?;
             running.insert(be.clone(), r);
         }
-        let mut summary = Summary::default();
+        let mut summary = Summary {
+            changed: before.keys().cloned().collect(),
+            pools,
+            peers,
+            ..Summary::default()
+        };
         // Changes in place first, then additions, then removals: capacity before it goes away.
         let rank = |c: &Change| match c {
             Change::Update { .. } => 0,
@@ -140,7 +215,7 @@ impl Haproxy {
                 Change::Update { backend, old, new } => {
                     self.run_all(update_commands(&backend, &old, &new, false))
                         .await?;
-                    summary.changed += 1;
+                    summary.updated += 1;
                 }
                 Change::Add { backend, server } => {
                     let present = running[&backend].iter().any(|r| r.name == server.name);
@@ -162,8 +237,8 @@ impl Haproxy {
     /// Waits (bounded) until the socket answers from a worker started by the reload that just
     /// happened, and forgets the drains in progress: the new worker loaded the file, in which
     /// those servers no longer are (the old worker finishes their connections).
-    pub async fn after_reload(&self) {
-        let mut st = self.state.lock().await;
+    pub async fn after_reload(&self, _new: &str) {
+        let mut st = self.shared.state.lock().await;
         for (_, d) in st.draining.drain() {
             d.cancel.cancel();
         }
@@ -196,7 +271,7 @@ impl Haproxy {
                     return;
                 }
             }
-            if self.shutdown.is_cancelled() {
+            if self.shared.stop.is_cancelled() {
                 return;
             }
             if start.elapsed() >= RELOAD_SETTLE {
@@ -212,7 +287,7 @@ impl Haproxy {
 
     fn diverged(&self, detail: impl Into<String>) -> LiveError {
         LiveError::Diverged {
-            target: format!("HAProxy socket {}", self.cli.socket().display()),
+            endpoint: format!("HAProxy socket {}", self.socket.display()),
             detail: detail.into(),
         }
     }
@@ -294,7 +369,7 @@ impl Haproxy {
     fn start_drain(&self, st: &mut State, backend: String, server: Server) {
         st.next_drain += 1;
         let id = st.next_drain;
-        let cancel = self.shutdown.child_token();
+        let cancel = self.shared.stop.child_token();
         let key = (backend, server.name.clone());
         if let Some(old) = st.draining.insert(
             key.clone(),
@@ -308,7 +383,7 @@ impl Haproxy {
         }
         let job = Drain {
             cli: self.cli.clone(),
-            state: self.state.clone(),
+            state: self.shared.state.clone(),
             key,
             id,
             cancel,
