@@ -463,7 +463,7 @@ async fn scale_under_load_without_a_reload() {
     let report = load.stop().await;
 
     eprintln!(
-        "scale 1->3->1 x{ROUNDS} under 8 clients: {}; {} reloads, {} runtime updates, per backend {:?}",
+        "scale 1->3->1 x{ROUNDS} under 8 clients: {}; {} reloads, {} live updates, per backend {:?}",
         report.summary(),
         stack.counter("reloads") - reloads,
         stack.counter("live_updates"),
@@ -622,7 +622,7 @@ async fn open_connections_survive_and_drained_requests_finish() {
     stack.wait_running_equals_file("svc_web").await;
 
     eprintln!(
-        "open connections: a 10 s stream kept all 40 lines across +s1 +s2 -s2; 4 slow requests finished ({on_s1} on the drained s1); s2 taken back while draining; {} runtime updates, 0 reloads",
+        "open connections: a 10 s stream kept all 40 lines across +s1 +s2 -s2; 4 slow requests finished ({on_s1} on the drained s1); s2 taken back while draining; {} live updates, 0 reloads",
         stack.counter("live_updates")
     );
     assert_eq!(

@@ -237,10 +237,18 @@ impl Haproxy {
     /// Waits (bounded) until the socket answers from a worker started by the reload that just
     /// happened, and forgets the drains in progress: the new worker loaded the file, in which
     /// those servers no longer are (the old worker finishes their connections).
-    pub async fn after_reload(&self, _new: &str) {
+    pub async fn after_reload(&self, new: &str) {
         let mut st = self.shared.state.lock().await;
         for (_, d) in st.draining.drain() {
             d.cancel.cancel();
+        }
+        let socket = self.socket.to_string_lossy();
+        if !diff::parse(new).admin_sockets.iter().any(|s| *s == socket) {
+            // No runtime update can happen with this file (plan needs the socket), so there
+            // is no worker to wait for.
+            st.worker = None;
+            tracing::debug!(socket = %socket, "the reloaded config opens no such admin socket");
+            return;
         }
         let mut previous = st.worker.take();
         // With no worker known from before (no runtime update and no reload yet since confd
