@@ -65,7 +65,7 @@ pub enum StoreError {
         reason: String,
     },
     /// Refused before sending: a name or ID no store can hold and address again
-    /// (see [`validate`](crate::validate)).
+    /// (see [`crate::validate`]).
     #[error(transparent)]
     Invalid(#[from] ValidationError),
 }
@@ -115,7 +115,7 @@ impl StoreError {
     ///
     /// The rule: a failure is store-wide when the store could not be asked or could not
     /// answer anything: no connection, a timeout ([`StoreError::Unreachable`]); 408, 429, 502,
-    /// 503 and 504; a 500 whose body names a cluster-wide cause ([`STORE_WIDE_PHRASES`]: no
+    /// 503 and 504; a 500 whose body names a cluster-wide cause (`STORE_WIDE_PHRASES`: no
     /// leader, raft, rate limits, timeouts); a lost lease or compacted watch, which concern
     /// every registration or the whole watch. Everything else is an answer about the one
     /// item: any other 4xx (a 400 for a name Consul cannot route, 403 from an ACL policy that
