@@ -238,12 +238,13 @@ impl Store {
     /// With `svc.ttl` set: Consul gets an extra TTL check ([`ttl_check_id`]); etcd puts the
     /// key under this store's lease, granting one if none is held.
     ///
-    /// A name or ID [`validate`] refuses is [`StoreError::Invalid`] and nothing is sent: once
-    /// written, such a registration could not be removed again (Consul answers 405 to
-    /// deregistering `..`) or would sit outside the key prefix.
+    /// A name or ID [`validate`] refuses (except an empty one, which the store refuses itself)
+    /// is [`StoreError::Invalid`] and nothing is sent: once written, such a registration
+    /// could not be removed again (Consul answers 405 to deregistering `..`) or would sit
+    /// outside the key prefix.
     pub async fn register(&self, svc: &Service) -> Result<(), StoreError> {
-        validate::service_name(&svc.name)?;
-        validate::service_id(&svc.id)?;
+        guard(validate::service_name(&svc.name))?;
+        guard(validate::service_id(&svc.id))?;
         match self {
             Store::Consul(c) => c.agent_register(svc).await,
             Store::ConsulKv { client, prefix } => {
@@ -282,9 +283,9 @@ impl Store {
     /// Removes `svc` (by ID, and by name where the key needs it). Removing what is not there is
     /// not an error. An invalid name or ID is [`StoreError::Invalid`], as for [`Store::register`].
     pub async fn deregister(&self, svc: &Service) -> Result<(), StoreError> {
-        validate::service_id(&svc.id)?;
+        guard(validate::service_id(&svc.id))?;
         if !matches!(self, Store::Consul(_)) {
-            validate::service_name(&svc.name)?;
+            guard(validate::service_name(&svc.name))?;
         }
         match self {
             Store::Consul(c) => c.agent_deregister(&svc.id).await,
@@ -360,6 +361,17 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+/// What the store clients refuse before sending: every [`validate`] failure except an empty
+/// value. An empty name or ID escapes no key layout and breaks no URL; the store refuses it
+/// itself with its own reason (Consul answers 400), which callers already
+/// treat as an item failure.
+fn guard(checked: Result<(), ValidationError>) -> Result<(), StoreError> {
+    match checked {
+        Err(e) if e.problem != validate::Problem::Empty => Err(StoreError::Invalid(e)),
+        _ => Ok(()),
     }
 }
 
