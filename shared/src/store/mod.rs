@@ -654,10 +654,20 @@ mod tests {
                 }
             }
         }
-        assert!(matches!(
-            store.register(&svc()).await,
-            Err(StoreError::Unreachable { .. })
-        ));
+        // Valid ones, and an empty name (left for the store to refuse), are sent.
+        let empty = Service {
+            name: String::new(),
+            ..svc()
+        };
+        for s in [svc(), empty] {
+            assert!(
+                matches!(
+                    store.register(&s).await,
+                    Err(StoreError::Unreachable { .. })
+                ),
+                "{s:?}"
+            );
+        }
     }
 
     #[test]
