@@ -534,7 +534,6 @@ fn merge_meta(
 // rewriting; until it calls them they are only used by the tests below.
 
 /// A service ID that more than one container asks for.
-#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DuplicateId {
     /// The ID.
@@ -546,7 +545,6 @@ pub struct DuplicateId {
 }
 
 /// The outcome of [`claim_ids`].
-#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Claims {
     /// The services to register, by ID: one per ID.
@@ -566,7 +564,6 @@ pub struct Claims {
 /// whose ID sorts first. When the holder goes, another claimant takes over on the next call.
 /// The caller warns once per duplicate, naming the containers. Linear in the number of
 /// services (plus a sort of the duplicates).
-#[cfg_attr(not(test), allow(dead_code))]
 pub fn claim_ids<'a>(
     containers: impl IntoIterator<Item = (&'a str, &'a [Service])>,
     owners: &BTreeMap<String, String>,

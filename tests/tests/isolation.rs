@@ -510,3 +510,72 @@ async fn confd_sees_changes_soon_after_a_consul_agent_restart() {
     .await;
     eprintln!("rendered {:?} after the restart", started.elapsed());
 }
+
+/// Services registered with the agent, by ID.
+async fn agent_ids(consul: &Consul) -> Vec<String> {
+    consul.agent_service_ids().await
+}
+
+/// Item 2: one registration the agent refuses with a 5xx (a script check on an agent with
+/// script checks off: `500 Scripts are disabled on this agent`) is that item's failure, not an
+/// outage: a normal container started after it is registered, and removed, within seconds;
+/// the refusal is one warning. Two containers asking for one `SERVICE_ID` get one
+/// registration, and the refused one is named in one warning.
+#[tokio::test]
+async fn a_refused_registration_and_a_duplicate_id_stall_nothing() {
+    let consul = Consul::start_with("enable_script_checks = false").await;
+    let reg = registrator(&consul.uri());
+    let scripted = idle(
+        "iso-script",
+        &[
+            "-l",
+            "SERVICE_NAME=scripted",
+            "-l",
+            "SERVICE_CHECK_SCRIPT=true",
+        ],
+    );
+    reg.wait_output("store refused", WAIT).await;
+    let dup_id = format!("iso-dup-{}", std::process::id());
+    let dup_a = idle("iso-dup", &["-l", &format!("SERVICE_ID={dup_id}")]);
+    let dup_b = idle("iso-dup", &["-l", &format!("SERVICE_ID={dup_id}")]);
+
+    let (normal, started) = start_normal("iso-normal-after-refusal");
+    let normal_id = id_of(&normal);
+    wait_for("the normal container registered", SOON, || async {
+        agent_ids(&consul).await.contains(&normal_id).then_some(())
+    })
+    .await;
+    eprintln!(
+        "registered {:?} after docker run, with a refused registration pending",
+        started.elapsed()
+    );
+    let ids = agent_ids(&consul).await;
+    assert!(!ids.iter().any(|i| i.contains("iso-script")), "{ids:?}");
+    assert_eq!(ids.iter().filter(|i| **i == dup_id).count(), 1, "{ids:?}");
+
+    let t = Instant::now();
+    normal.stop(1);
+    wait_for("the normal container removed", SOON, || async {
+        (!agent_ids(&consul).await.contains(&normal_id)).then_some(())
+    })
+    .await;
+    eprintln!("removed {:?} after docker stop", t.elapsed());
+
+    let out = reg.output();
+    assert_eq!(out.matches("store refused").count(), 1, "{out}");
+    assert!(out.contains("Scripts are disabled"), "{out}");
+    assert!(!out.contains("store unavailable"), "{out}");
+    let dup_lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("already registered for container"))
+        .collect();
+    assert_eq!(dup_lines.len(), 1, "{out}");
+    let short = |c: &Container| c.id[..12].to_string();
+    assert!(
+        dup_lines[0].contains(&short(&dup_a)) && dup_lines[0].contains(&short(&dup_b)),
+        "{}",
+        dup_lines[0]
+    );
+    assert_short_lines("registrator", &out);
+    drop(scripted);
+}
