@@ -89,10 +89,11 @@ impl Snapshot {
                 continue;
             }
             if !is_address(&i.address) {
+                // Excerpts: these values come from labels and may be megabytes long.
                 tracing::warn!(
-                    service = %i.name.escape_debug(),
-                    id = %i.id.escape_debug(),
-                    address = %i.address.escape_debug(),
+                    service = ?switchboard::excerpt(&i.name),
+                    id = ?switchboard::excerpt(&i.id),
+                    address = ?switchboard::excerpt(&i.address),
                     "ignoring instance: address is not an IP address or DNS name"
                 );
                 continue;

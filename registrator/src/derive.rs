@@ -3,12 +3,31 @@
 //! [`derive`] maps what `docker inspect` says about a running container (reduced to
 //! [`ContainerInfo`], so tests need no Docker) plus the registrator's flags to the services to
 //! register, and to warnings about `SERVICE_*` values it had to drop. A malformed value never
-//! stops a container from being registered: only the malformed part is left out.
+//! stops a container from being registered: only the malformed part is left out. The one
+//! exception is a name or ID that cannot be used: that service (that port) is not registered
+//! at all, since registering it under another name would put it behind the wrong proxy
+//! entry, while the container's other ports still are.
+//!
+//! Work per container is bounded and linear in its labels (issue 10: one 2 MB `SERVICE_TAGS`
+//! label took 51 CPU-seconds of quadratic de-duplication, during which no container anywhere
+//! on the host was registered): values over [`MAX_VALUE_BYTES`] and tag lists over
+//! [`MAX_TAGS`] are refused with a warning before any work is done on them, tags are
+//! de-duplicated with a hash set, and the general `SERVICE_*` values are parsed once, not once
+//! per port.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
-use switchboard::{Check, CheckKind, Service};
+use switchboard::{excerpt, validate, Check, CheckKind, Service};
+
+/// Longest `SERVICE_*` value (env or label) read, in bytes. Real values are a few dozen
+/// bytes; a longer one is refused whole rather than cut, since any cut would be arbitrary.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Most tags one `SERVICE_TAGS` value may hold (after de-duplication). A longer list is
+/// refused whole: the service is registered without those tags.
+pub const MAX_TAGS: usize = 128;
+/// Most metadata pairs per service: Consul's own limit, applied to every store alike.
+pub const MAX_META_PAIRS: usize = 64;
 
 /// One port a container exposes, with the host bindings Docker published for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +87,8 @@ pub struct DeriveOptions {
 pub struct Warning {
     /// The variable or label as the container spells it (`SERVICE_CHECK_INTERVAL`).
     pub key: String,
-    /// Its value.
+    /// Its value, shortened for log lines ([`switchboard::excerpt`]): at most 64 characters
+    /// and, when cut, the full length.
     pub value: String,
     /// What would have been accepted.
     pub expected: String,
@@ -128,6 +148,14 @@ fn collect_metadata(info: &ContainerInfo, warnings: &mut Vec<Warning>) -> Metada
         if rest.is_empty() {
             continue;
         }
+        if value.len() > MAX_VALUE_BYTES {
+            warnings.push(Warning {
+                key: key.to_string(),
+                value: excerpt(value).to_string(),
+                expected: format!("a value of at most {MAX_VALUE_BYTES} bytes"),
+            });
+            continue;
+        }
         let entry = MetaValue {
             source: key.to_string(),
             value: value.to_string(),
@@ -143,7 +171,7 @@ fn collect_metadata(info: &ContainerInfo, warnings: &mut Vec<Warning>) -> Metada
                 }
                 _ => warnings.push(Warning {
                     key: key.to_string(),
-                    value: value.to_string(),
+                    value: excerpt(value).to_string(),
                     expected: "SERVICE_<port>_<KEY> with a port from 1 to 65535".into(),
                 }),
             }
@@ -204,15 +232,27 @@ fn truthy(v: &str) -> bool {
     !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false"))
 }
 
-/// A name or ID usable as a store key segment: no `/`, whitespace or control characters.
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && !s
-            .chars()
-            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+/// Checks a service name or ID: [`switchboard::validate`]'s rules (what every store accepts
+/// and can address again), plus one of the registrator's own: no whitespace. Stores accept
+/// spaces, but a label value with one is never a name anybody meant (and it breaks Consul
+/// DNS), so it is refused here as gliderlabs users would expect. On failure: what would have
+/// been accepted, and what is wrong with this value.
+fn check_name(field: validate::Field, value: &str) -> Result<(), String> {
+    let checked = match field {
+        validate::Field::Name => validate::service_name(value),
+        validate::Field::Id => validate::service_id(value),
+    };
+    let problem = match checked {
+        Err(e) => e.problem.to_string(),
+        Ok(()) if value.chars().any(char::is_whitespace) => "it contains whitespace".into(),
+        Ok(()) => return Ok(()),
+    };
+    Err(format!(
+        "a {field} of 1 to {} bytes, not only dots, without '/', whitespace or control \
+         characters ({problem}); not registered",
+        field.max()
+    ))
 }
-
-const NAME_EXPECTED: &str = "a non-empty name without '/', whitespace or control characters";
 
 /// Consul's rules for metadata keys and values (it rejects the whole registration otherwise).
 fn valid_meta(key: &str, value: &str) -> Result<(), &'static str> {
@@ -302,7 +342,7 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
             Err(_) => {
                 warnings.push(Warning {
                     key: label.clone(),
-                    value: raw.clone(),
+                    value: excerpt(raw).to_string(),
                     expected: "an IP address, optionally with a /prefix length".into(),
                 });
                 None
@@ -312,6 +352,9 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
     let cands = candidates(info, opts);
     let group = cands.len() > 1;
     let default_name = image_basename(&info.image);
+    // General values are parsed once, not once per port: a container may publish thousands.
+    let general_tags = md.general.get("tags").map(|v| parse_tags(v, &mut warnings));
+    let general_meta = meta_pairs(&md.general, &mut warnings);
     let mut services = Vec::new();
     for c in cands {
         let empty = BTreeMap::new();
@@ -324,7 +367,16 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
         let mut ctx = Ctx {
             warnings: &mut warnings,
         };
-        let named = get("name").and_then(|v| ctx.check(v, valid_name(&v.value), NAME_EXPECTED));
+        let named = match get("name") {
+            None => None,
+            Some(v) => match check_name(validate::Field::Name, &v.value) {
+                Ok(()) => Some(v),
+                Err(expected) => {
+                    ctx.warn(v, &expected);
+                    continue;
+                }
+            },
+        };
         if opts.explicit && named.is_none() {
             continue;
         }
@@ -332,8 +384,14 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
         if group && !port_md.contains_key("name") {
             name = format!("{name}-{}", c.exposed.port);
         }
-        let id = match get("id").and_then(|v| ctx.check(v, valid_name(&v.value), NAME_EXPECTED)) {
-            Some(v) => v.value.clone(),
+        let id = match get("id") {
+            Some(v) => match check_name(validate::Field::Id, &v.value) {
+                Ok(()) => v.value.clone(),
+                Err(expected) => {
+                    ctx.warn(v, &expected);
+                    continue;
+                }
+            },
             None => {
                 let mut id = format!("{}:{}:{}", opts.hostname, info.name, c.exposed.port);
                 if c.exposed.proto == "udp" {
@@ -342,38 +400,36 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
                 id
             }
         };
-        let mut tags: Vec<String> = Vec::new();
-        if let Some(v) = get("tags") {
-            for t in crate::cli::split_tags(&v.value) {
-                if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    ctx.warn(
-                        v,
-                        "comma-separated tags without whitespace or control characters",
-                    );
-                } else if !tags.contains(&t) {
-                    tags.push(t);
-                }
-            }
+        // What was composed (an image name with a port suffix, a default ID) must pass too.
+        if let Err(e) = validate::service_name(&name).and_then(|()| validate::service_id(&id)) {
+            ctx.warnings.push(Warning {
+                key: format!("derived {}", e.field),
+                value: excerpt(if e.field == validate::Field::Name {
+                    &name
+                } else {
+                    &id
+                })
+                .to_string(),
+                expected: format!("{} ({}); not registered", e.field.expected(), e.problem),
+            });
+            continue;
         }
+        let port_tags = port_md.get("tags").map(|v| parse_tags(v, ctx.warnings));
+        let mut tags = port_tags
+            .or_else(|| general_tags.clone())
+            .unwrap_or_default();
+        let mut seen: HashSet<String> = tags.iter().cloned().collect();
         for t in &opts.tags {
-            if !tags.contains(t) {
+            if seen.insert(t.clone()) {
                 tags.push(t.clone());
             }
         }
         let check = derive_check(&get, &address, c.port, &mut ctx);
-        let mut meta = BTreeMap::new();
-        let keys: BTreeMap<&String, &MetaValue> = md.general.iter().chain(port_md.iter()).collect();
-        for (k, v) in keys {
-            if KNOWN_KEYS.contains(&k.as_str()) {
-                continue;
-            }
-            match valid_meta(k, &v.value) {
-                Ok(()) => {
-                    meta.insert(k.clone(), v.value.clone());
-                }
-                Err(expected) => ctx.warn(v, expected),
-            }
-        }
+        let meta = merge_meta(
+            &general_meta,
+            meta_pairs(port_md, ctx.warnings),
+            ctx.warnings,
+        );
         services.push(Service {
             id,
             name,
@@ -390,6 +446,161 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
     Derived { services, warnings }
 }
 
+/// The tags of one `SERVICE_TAGS` value: comma-separated, trimmed, de-duplicated in linear
+/// time, in first-seen order. A tag with whitespace or control characters is dropped (one
+/// warning); more than [`MAX_TAGS`] distinct tags refuse the whole value (one warning, no
+/// tags), so the work stops there.
+fn parse_tags(v: &MetaValue, warnings: &mut Vec<Warning>) -> Vec<String> {
+    let mut ctx = Ctx { warnings };
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut tags = Vec::new();
+    let mut bad = false;
+    for t in v.value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bad = true;
+        } else if seen.insert(t) {
+            if tags.len() == MAX_TAGS {
+                ctx.warn(
+                    v,
+                    &format!("at most {MAX_TAGS} comma-separated tags; none of them are used"),
+                );
+                return Vec::new();
+            }
+            tags.push(t.to_string());
+        }
+    }
+    if bad {
+        ctx.warn(
+            v,
+            "comma-separated tags without whitespace or control characters",
+        );
+    }
+    tags
+}
+
+/// The metadata pairs among `SERVICE_*` values: every key without a meaning of its own, if
+/// Consul would accept it (warning otherwise), at most [`MAX_META_PAIRS`] + 1 of them (the
+/// extra one tells [`merge_meta`] that some were cut), in key order.
+fn meta_pairs<'m>(
+    md: &'m BTreeMap<String, MetaValue>,
+    warnings: &mut Vec<Warning>,
+) -> BTreeMap<&'m str, &'m MetaValue> {
+    let mut ctx = Ctx { warnings };
+    let mut out = BTreeMap::new();
+    for (k, v) in md {
+        if KNOWN_KEYS.contains(&k.as_str()) {
+            continue;
+        }
+        if out.len() > MAX_META_PAIRS {
+            break;
+        }
+        match valid_meta(k, &v.value) {
+            Ok(()) => {
+                out.insert(k.as_str(), v);
+            }
+            Err(expected) => ctx.warn(v, expected),
+        }
+    }
+    out
+}
+
+/// A service's metadata: the general pairs overridden by the port's, the first
+/// [`MAX_META_PAIRS`] keys in order (one warning names the first key dropped).
+fn merge_meta(
+    general: &BTreeMap<&str, &MetaValue>,
+    port: BTreeMap<&str, &MetaValue>,
+    warnings: &mut Vec<Warning>,
+) -> BTreeMap<String, String> {
+    let mut merged = general.clone();
+    merged.extend(port);
+    let mut meta = BTreeMap::new();
+    for (k, v) in merged {
+        if meta.len() == MAX_META_PAIRS {
+            Ctx { warnings }.warn(
+                v,
+                &format!(
+                    "at most {MAX_META_PAIRS} metadata pairs per service (this key and the \
+                     ones after it in alphabetical order are dropped)"
+                ),
+            );
+            break;
+        }
+        meta.insert(k.to_string(), v.value.clone());
+    }
+    meta
+}
+
+// `claim_ids` and its types are for the Docker side's `publish`, which another change is
+// rewriting; until it calls them they are only used by the tests below.
+
+/// A service ID that more than one container asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateId {
+    /// The ID.
+    pub id: String,
+    /// The container (ID) whose service is registered under it.
+    pub kept: String,
+    /// The other containers asking for it: their service with this ID is not registered.
+    pub refused: Vec<String>,
+}
+
+/// The outcome of [`claim_ids`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims {
+    /// The services to register, by ID: one per ID.
+    pub services: BTreeMap<String, Service>,
+    /// Which container holds each ID: pass it to the next call.
+    pub owners: BTreeMap<String, String>,
+    /// IDs asked for by several containers, sorted by ID.
+    pub duplicates: Vec<DuplicateId>,
+}
+
+/// One registration per service ID, from every container's derived services.
+///
+/// Every store holds one registration per ID, so two containers with the same `SERVICE_ID`
+/// used to overwrite each other, the last one inspected silently winning. Here the winner is
+/// stable: the container that held the ID last time (`owners`, from the previous call) keeps
+/// it, so a newcomer never takes over a live registration; with no holder, the container
+/// whose ID sorts first. When the holder goes, another claimant takes over on the next call.
+/// The caller warns once per duplicate, naming the containers. Linear in the number of
+/// services (plus a sort of the duplicates).
+pub fn claim_ids<'a>(
+    containers: impl IntoIterator<Item = (&'a str, &'a [Service])>,
+    owners: &BTreeMap<String, String>,
+) -> Claims {
+    let mut claimants: BTreeMap<&str, Vec<(&str, &Service)>> = BTreeMap::new();
+    for (container, services) in containers {
+        for svc in services {
+            claimants
+                .entry(svc.id.as_str())
+                .or_default()
+                .push((container, svc));
+        }
+    }
+    let mut out = Claims::default();
+    for (id, mut by) in claimants {
+        by.sort_by(|a, b| a.0.cmp(b.0));
+        by.dedup_by(|a, b| a.0 == b.0);
+        let held = owners.get(id).map(String::as_str);
+        let winner = by.iter().position(|(c, _)| Some(*c) == held).unwrap_or(0);
+        let (container, svc) = by[winner];
+        out.services.insert(id.to_string(), svc.clone());
+        out.owners.insert(id.to_string(), container.to_string());
+        if by.len() > 1 {
+            out.duplicates.push(DuplicateId {
+                id: id.to_string(),
+                kept: container.to_string(),
+                refused: by
+                    .iter()
+                    .filter(|(c, _)| *c != container)
+                    .map(|(c, _)| c.to_string())
+                    .collect(),
+            });
+        }
+    }
+    out
+}
+
 /// Collects warnings while deriving one service.
 struct Ctx<'w> {
     warnings: &'w mut Vec<Warning>,
@@ -399,7 +610,7 @@ impl Ctx<'_> {
     fn warn(&mut self, v: &MetaValue, expected: &str) {
         self.warnings.push(Warning {
             key: v.source.clone(),
-            value: v.value.clone(),
+            value: excerpt(&v.value).to_string(),
             expected: expected.to_string(),
         });
     }
@@ -450,11 +661,16 @@ fn derive_check<'m>(
             kind = Some(CheckKind::Http(url("http", &v.value)));
         }
     }
-    if kind.is_none() {
-        if let Some(v) = get("check_https").filter(|v| !v.value.is_empty()) {
-            if ctx.check(v, path_ok(&v.value), PATH_EXPECTED).is_some() {
-                kind = Some(CheckKind::Https(url("https", &v.value)));
-            }
+    if let Some(v) = get("check_https").filter(|v| !v.value.is_empty()) {
+        if kind.is_some() {
+            // Both set: gliderlabs silently used HTTP; say so.
+            ctx.warn(
+                v,
+                "only one of SERVICE_CHECK_HTTP and SERVICE_CHECK_HTTPS \
+                 (both are set: SERVICE_CHECK_HTTP is used)",
+            );
+        } else if ctx.check(v, path_ok(&v.value), PATH_EXPECTED).is_some() {
+            kind = Some(CheckKind::Https(url("https", &v.value)));
         }
     }
     if kind.is_none() {
@@ -893,9 +1109,12 @@ mod tests {
             (&["SERVICE_CHECK_TTL=soon"], "SERVICE_CHECK_TTL", "duration"),
             (&["SERVICE_99999_NAME=x"], "SERVICE_99999_NAME", "port"),
             (&["SERVICE_0_NAME=x"], "SERVICE_0_NAME", "port"),
-            (&["SERVICE_NAME=a/b"], "SERVICE_NAME", "'/'"),
-            (&["SERVICE_ID=has space"], "SERVICE_ID", "whitespace"),
             (&["SERVICE_CHECK_HTTP=/a b"], "SERVICE_CHECK_HTTP", "path"),
+            (
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_HTTPS=/s"],
+                "SERVICE_CHECK_HTTPS",
+                "SERVICE_CHECK_HTTP is used",
+            ),
             (&["SERVICE_FOO.BAR=1"], "SERVICE_FOO.BAR", "key"),
             (&["SERVICE_TAGS=ok,bad\u{7}"], "SERVICE_TAGS", "tags"),
         ];
@@ -929,5 +1148,255 @@ mod tests {
         );
         multi.ports.push(port(81, "tcp", &[("0.0.0.0", 1)]));
         assert_eq!(derive(&multi, &opts()).warnings.len(), 1);
+        // Both HTTP and HTTPS: HTTP wins, as in gliderlabs, and the warning says so.
+        let d = derive(
+            &with_env(web(), &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_HTTPS=/s"]),
+            &opts(),
+        );
+        let c = d.services[0].check.clone().unwrap();
+        assert_eq!(c.kind, CheckKind::Http("http://192.0.2.2:32768/h".into()));
+    }
+
+    /// Two published ports: 80 and 443.
+    fn two_ports() -> ContainerInfo {
+        let mut c = web();
+        c.ports = vec![
+            port(80, "tcp", &[("0.0.0.0", 8000)]),
+            port(443, "tcp", &[("0.0.0.0", 8443)]),
+        ];
+        c
+    }
+
+    #[test]
+    fn unusable_names_and_ids_refuse_that_service_only() {
+        let long = format!("SERVICE_NAME={}", "n".repeat(256));
+        let huge_id = format!("SERVICE_ID={}", "i".repeat(513));
+        // (env, key warned about, words of the warning, IDs still registered)
+        type Case<'a> = (Vec<&'a str>, &'a str, &'a str, Vec<&'a str>);
+        let cases: Vec<Case> = vec![
+            (
+                vec!["SERVICE_NAME=."],
+                "SERVICE_NAME",
+                "(it is only dots)",
+                vec![],
+            ),
+            (
+                vec!["SERVICE_NAME=.."],
+                "SERVICE_NAME",
+                "(it is only dots)",
+                vec![],
+            ),
+            (
+                vec!["SERVICE_NAME=a/b"],
+                "SERVICE_NAME",
+                "(it contains '/')",
+                vec![],
+            ),
+            (
+                vec!["SERVICE_NAME=a b"],
+                "SERVICE_NAME",
+                "(it contains whitespace)",
+                vec![],
+            ),
+            (
+                vec!["SERVICE_NAME=a\tb"],
+                "SERVICE_NAME",
+                "(it contains a control",
+                vec![],
+            ),
+            (vec![&long], "SERVICE_NAME", "(it has 256 bytes", vec![]),
+            (
+                vec!["SERVICE_ID=.."],
+                "SERVICE_ID",
+                "(it is only dots)",
+                vec![],
+            ),
+            (
+                vec!["SERVICE_ID=has space"],
+                "SERVICE_ID",
+                "(it contains whitespace)",
+                vec![],
+            ),
+            (vec![&huge_id], "SERVICE_ID", "(it has 513 bytes", vec![]),
+            (
+                vec!["SERVICE_80_NAME=.."],
+                "SERVICE_80_NAME",
+                "(it is only dots)",
+                vec!["host:web1:443"],
+            ),
+            (
+                vec!["SERVICE_443_ID=.", "SERVICE_NAME=app"],
+                "SERVICE_443_ID",
+                "(it is only dots)",
+                vec!["host:web1:80"],
+            ),
+        ];
+        for (env, key, words, ids) in cases {
+            let d = derive(&with_env(two_ports(), &env), &opts());
+            let got: Vec<&str> = d.services.iter().map(|s| s.id.as_str()).collect();
+            assert_eq!(got, ids, "{key}: {:?}", d.warnings);
+            assert_eq!(d.warnings.len(), 1, "{key}: {:?}", d.warnings);
+            let w = &d.warnings[0];
+            assert_eq!(w.key, key);
+            assert!(w.expected.contains(words), "{key}: {w:?}");
+            assert!(w.expected.contains("not registered"), "{key}: {w:?}");
+            assert!(w.value.len() < 100, "{key}: value not shortened: {w:?}");
+        }
+        // A derived name that grows too long with its port suffix is refused too.
+        let mut c = two_ports();
+        c.image = "i".repeat(253);
+        let d = derive(&c, &opts());
+        assert!(d.services.is_empty(), "{:?}", d.services);
+        assert_eq!(d.warnings[0].key, "derived service name");
+        // -explicit with an unusable name: nothing, and a warning.
+        let d = derive(
+            &with_env(web(), &["SERVICE_NAME=.."]),
+            &DeriveOptions {
+                explicit: true,
+                ..opts()
+            },
+        );
+        assert!(d.services.is_empty());
+        assert_eq!(d.warnings.len(), 1);
+    }
+
+    #[test]
+    fn sizes_are_bounded_and_tags_deduplicated_in_linear_time() {
+        let tags = |n: usize| {
+            (0..n)
+                .map(|i| format!("t{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let big = "x".repeat(MAX_VALUE_BYTES + 1);
+        let two_mb_tags = format!("SERVICE_TAGS={}", tags(200_000));
+        let dup_tags = format!("SERVICE_TAGS={}", vec!["same"; 10_000].join(","));
+        let max_tags = format!("SERVICE_TAGS={}", tags(MAX_TAGS));
+        let too_many = format!("SERVICE_TAGS={}", tags(MAX_TAGS + 1));
+        let big_meta = format!("SERVICE_NOTE={big}");
+        // (env, tags kept, warned key, words of the warning)
+        type Case<'a> = (&'a str, usize, Option<(&'a str, &'a str)>);
+        let cases: Vec<Case> = vec![
+            (
+                &two_mb_tags,
+                0,
+                Some(("SERVICE_TAGS", "at most 65536 bytes")),
+            ),
+            (&dup_tags, 1, None),
+            (&max_tags, MAX_TAGS, None),
+            (&too_many, 0, Some(("SERVICE_TAGS", "at most 128"))),
+            (&big_meta, 0, Some(("SERVICE_NOTE", "at most 65536 bytes"))),
+        ];
+        for (env, kept, warned) in cases {
+            let started = std::time::Instant::now();
+            let d = derive(&with_env(web(), &[env]), &opts());
+            // Quadratic de-duplication took 51 s for 200,000 tags; bounded work takes
+            // milliseconds, so even a slow debug build stays far below this.
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                started.elapsed()
+            );
+            assert_eq!(d.services.len(), 1, "the service is still registered");
+            assert_eq!(d.services[0].tags.len(), kept);
+            match warned {
+                None => assert!(d.warnings.is_empty(), "{:?}", d.warnings),
+                Some((key, words)) => {
+                    assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+                    assert_eq!(d.warnings[0].key, key);
+                    assert!(d.warnings[0].expected.contains(words), "{:?}", d.warnings);
+                    assert!(d.warnings[0].value.len() < 100, "{:?}", d.warnings[0].value);
+                }
+            }
+        }
+        // The label form of the 2 MB value: its warning carries its length.
+        let d = derive(
+            &with_labels(web(), &[("SERVICE_TAGS", &"a,".repeat(1 << 20))]),
+            &opts(),
+        );
+        assert!(
+            d.warnings[0].value.ends_with("(2097152 bytes)"),
+            "{:?}",
+            d.warnings
+        );
+        // Tags from SERVICE_TAGS and -tags merged without repeats, in first-seen order.
+        let d = derive(
+            &with_env(web(), &["SERVICE_TAGS=b,a,b"]),
+            &DeriveOptions {
+                tags: vec!["a".into(), "c".into()],
+                ..opts()
+            },
+        );
+        assert_eq!(d.services[0].tags, vec!["b", "a", "c"]);
+    }
+
+    #[test]
+    fn metadata_is_capped_at_consuls_limit() {
+        let env: Vec<String> = (0..70).map(|i| format!("SERVICE_K{i:02}=v")).collect();
+        let env: Vec<&str> = env.iter().map(String::as_str).collect();
+        let mut c = with_env(two_ports(), &env);
+        c.env.push("SERVICE_80_K00=port".into());
+        let d = derive(&c, &opts());
+        for s in &d.services {
+            assert_eq!(s.meta.len(), MAX_META_PAIRS, "{}", s.id);
+            assert!(s.meta.contains_key("k63") && !s.meta.contains_key("k64"));
+        }
+        assert_eq!(d.services[0].meta["k00"], "port", "the port's value wins");
+        assert_eq!(d.services[1].meta["k00"], "v");
+        assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+        assert_eq!(d.warnings[0].key, "SERVICE_K64");
+    }
+
+    fn svc(id: &str, port: u16) -> Service {
+        Service {
+            id: id.into(),
+            name: "web".into(),
+            address: "10.0.0.1".into(),
+            port,
+            tags: vec![],
+            meta: Default::default(),
+            check: None,
+            ttl: None,
+        }
+    }
+
+    #[test]
+    fn duplicate_ids_keep_their_holder() {
+        let a = vec![svc("shared", 1), svc("a:80", 2)];
+        let b = vec![svc("shared", 3)];
+        let c = vec![svc("shared", 4), svc("c:80", 5)];
+        let all = || {
+            vec![
+                ("ccc", c.as_slice()),
+                ("aaa", a.as_slice()),
+                ("bbb", b.as_slice()),
+            ]
+        };
+        let owners = |held: &str| -> BTreeMap<String, String> {
+            [("shared".to_string(), held.to_string())].into()
+        };
+        // (holder from the previous call, expected winner and its port)
+        let cases = [
+            ("", "aaa", 1),
+            ("bbb", "bbb", 3),
+            ("ccc", "ccc", 4),
+            ("gone", "aaa", 1),
+        ];
+        for (held, winner, port) in cases {
+            let got = claim_ids(all(), &owners(held));
+            assert_eq!(got.services.len(), 3, "{held}");
+            assert_eq!(got.services["shared"].port, port, "{held}");
+            assert_eq!(got.owners["shared"], winner, "{held}");
+            assert_eq!(got.owners["c:80"], "ccc");
+            assert_eq!(got.duplicates.len(), 1, "{held}");
+            let dup = &got.duplicates[0];
+            assert_eq!((dup.id.as_str(), dup.kept.as_str()), ("shared", winner));
+            assert_eq!(dup.refused.len(), 2, "{held}");
+            assert!(!dup.refused.contains(&winner.to_string()));
+        }
+        // No duplicates: nothing to report.
+        let got = claim_ids(vec![("aaa", a.as_slice())], &BTreeMap::new());
+        assert!(got.duplicates.is_empty());
+        assert_eq!(got.services.len(), 2);
     }
 }

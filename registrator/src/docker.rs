@@ -273,6 +273,11 @@ fn kill_of(msg: &EventMessage) -> Option<Kill> {
     })
 }
 
+/// The short (12-character) form of a container ID, as `docker ps` prints it.
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
 /// The answer to one inspection.
 enum Outcome {
     Found(Box<Inspected>),
@@ -296,6 +301,10 @@ pub struct Watcher {
     drains: Drains,
     /// `(container, key)` pairs already warned about.
     warned: HashSet<(String, String)>,
+    /// Which container holds each service ID (see [`crate::derive::claim_ids`]).
+    id_owners: BTreeMap<String, String>,
+    /// `(service ID, refused container)` pairs already warned about.
+    warned_duplicates: HashSet<(String, String)>,
     /// Containers whose failed inspection is retried.
     retry: HashSet<String>,
     /// Containers of the first listing not inspected yet; nothing is published until empty.
@@ -348,6 +357,8 @@ impl Watcher {
             known: HashMap::new(),
             drains: Drains::default(),
             warned: HashSet::new(),
+            id_owners: BTreeMap::new(),
+            warned_duplicates: HashSet::new(),
             retry: HashSet::new(),
             initial: None,
             listed: false,
@@ -615,13 +626,39 @@ impl Watcher {
     }
 
     /// Sends the desired set if it differs from the last one sent.
-    fn publish(&self) {
-        let set: ServiceSet = self
-            .services
-            .values()
-            .flatten()
-            .map(|s| (s.id.clone(), s.clone()))
-            .collect();
+    ///
+    /// Two containers asking for one service ID (the same `SERVICE_ID`) get one registration:
+    /// the container that holds it keeps it, and each refused one is warned about once.
+    fn publish(&mut self) {
+        let claims = crate::derive::claim_ids(
+            self.services
+                .iter()
+                .map(|(c, v)| (c.as_str(), v.as_slice())),
+            &self.id_owners,
+        );
+        for d in &claims.duplicates {
+            for refused in &d.refused {
+                if self
+                    .warned_duplicates
+                    .insert((d.id.clone(), refused.clone()))
+                {
+                    warn!(
+                        "container {}: service ID {} is already registered for container {}; not registering it twice (set a distinct SERVICE_ID)",
+                        short(refused),
+                        switchboard::excerpt(&d.id),
+                        short(&d.kept)
+                    );
+                }
+            }
+        }
+        self.warned_duplicates.retain(|(id, c)| {
+            claims
+                .duplicates
+                .iter()
+                .any(|d| d.id == *id && d.refused.contains(c))
+        });
+        self.id_owners = claims.owners;
+        let set: ServiceSet = claims.services;
         self.tx.send_if_modified(|cur| {
             if cur.as_deref() == Some(&set) {
                 false

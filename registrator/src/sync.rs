@@ -50,8 +50,9 @@ pub struct Plan {
     pub register: Vec<Service>,
 }
 
-/// Decides what to write. `rejected` holds services the store refused as invalid: they are not
-/// retried until their content changes.
+/// Decides what to write. `rejected` holds services the store refused that are still held back
+/// (see `Refused`): they are not written again until their delay passes or their content
+/// changes.
 pub fn plan(desired: &ServiceSet, applied: &ServiceSet, rejected: &ServiceSet) -> Plan {
     let mut p = Plan::default();
     for (id, old) in applied {
@@ -186,10 +187,71 @@ pub fn verify(
     v
 }
 
-/// A failure the store will repeat for this service whatever we do (HTTP 4xx, other than the
-/// "expired" case): skip it rather than stall every other registration behind it.
-fn is_rejection(e: &StoreError) -> bool {
-    matches!(e, StoreError::Status { status, .. } if (400..500).contains(status))
+/// Registrations the store refused, each tried again after its own growing delay (or at once
+/// when its content changes). A refusal is about one item (see
+/// [`StoreError::is_item_failure`]): a `SERVICE_CHECK_SCRIPT` on an agent with script checks
+/// off, a name the store will not take. Treating it as an outage would hold every other
+/// registration and removal of the host behind it; retrying it at once would hammer the store.
+/// Some refusals clear (the agent is restarted with script checks on), so they are retried,
+/// 30 s after the first refusal and then up to every 5 minutes.
+#[derive(Debug, Default)]
+struct Refused {
+    items: BTreeMap<String, RefusedItem>,
+}
+
+#[derive(Debug)]
+struct RefusedItem {
+    svc: Service,
+    until: Instant,
+    backoff: Backoff,
+}
+
+/// First and longest wait before a refused registration is tried again.
+const REFUSED_RETRY: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(300));
+
+impl Refused {
+    /// `svc` was refused at `now`: hold it back for its next delay.
+    fn refuse(&mut self, svc: &Service, now: Instant) -> Duration {
+        let item = self
+            .items
+            .entry(svc.id.clone())
+            .or_insert_with(|| RefusedItem {
+                svc: svc.clone(),
+                until: now,
+                backoff: Backoff::new(REFUSED_RETRY.0, REFUSED_RETRY.1),
+            });
+        if item.svc != *svc {
+            item.backoff.reset();
+            item.svc = svc.clone();
+        }
+        let delay = item.backoff.next_delay();
+        item.until = now + delay;
+        delay
+    }
+
+    /// `id` was written (or is no longer wanted): forget it.
+    fn clear(&mut self, id: &str) {
+        self.items.remove(id);
+    }
+
+    /// Drops what is no longer desired.
+    fn retain_desired(&mut self, desired: &ServiceSet) {
+        self.items.retain(|id, _| desired.contains_key(id));
+    }
+
+    /// The refused services still held back at `now` (what [`plan`] must not write again).
+    fn held(&self, now: Instant) -> ServiceSet {
+        self.items
+            .iter()
+            .filter(|(_, r)| r.until > now)
+            .map(|(id, r)| (id.clone(), r.svc.clone()))
+            .collect()
+    }
+
+    /// When the next held-back service is due again.
+    fn next_retry(&self) -> Option<Instant> {
+        self.items.values().map(|r| r.until).min()
+    }
 }
 
 /// The syncer's settings.
@@ -213,7 +275,7 @@ pub struct Syncer {
     opts: SyncOptions,
     listing: Listing,
     applied: ServiceSet,
-    rejected: ServiceSet,
+    refused: Refused,
 }
 
 /// What the next pass must do. Each part is cleared once it succeeded, so a pass that fails
@@ -255,7 +317,7 @@ impl Syncer {
             store,
             opts,
             applied: ServiceSet::new(),
-            rejected: ServiceSet::new(),
+            refused: Refused::default(),
         }
     }
 
@@ -317,6 +379,13 @@ impl Syncer {
                     None => std::future::pending().await,
                 }
             };
+            let refused_due = self.refused.next_retry();
+            let retry_refused = async {
+                match refused_due {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = desired_rx.changed() => {
@@ -329,6 +398,7 @@ impl Syncer {
                     due.reconcile = true;
                 }
                 _ = retry => retry_at = None,
+                _ = retry_refused => due.reconcile = true,
                 _ = verify_tick.tick() => due.verify = true,
                 _ = refresh_tick.tick(), if self.opts.ttl_refresh.is_some() => due.refresh = true,
             }
@@ -377,13 +447,18 @@ impl Syncer {
                     }
                 }
                 for svc in &v.stale {
-                    self.store.deregister(svc).await?;
-                    info!(
-                        "deregistered {} {} {} (cleanup)",
-                        svc.id,
-                        svc.name,
-                        svc.addr()
-                    );
+                    match self.store.deregister(svc).await {
+                        Ok(()) => info!(
+                            "deregistered {} {} {} (cleanup)",
+                            svc.id,
+                            svc.name,
+                            svc.addr()
+                        ),
+                        Err(e) if e.is_item_failure() => {
+                            warn!("cannot deregister {} (cleanup): {e}", svc.id)
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 due.verify = false;
                 due.reconcile = true;
@@ -435,13 +510,16 @@ impl Syncer {
         let listed = self.store.list("").await?;
         let a = adopt(desired, &listed, &self.opts.host_prefix, self.listing);
         for svc in &a.stale {
-            self.store.deregister(svc).await?;
-            info!(
-                "deregistered {} {} {} (no running container backs it)",
-                svc.id,
-                svc.name,
-                svc.addr()
-            );
+            match self.store.deregister(svc).await {
+                Ok(()) => info!(
+                    "deregistered {} {} {} (no running container backs it)",
+                    svc.id,
+                    svc.name,
+                    svc.addr()
+                ),
+                Err(e) if e.is_item_failure() => warn!("cannot deregister {}: {e}", svc.id),
+                Err(e) => return Err(e),
+            }
         }
         // One line at every start, so an operator sees the handover from the last registrator.
         info!(
@@ -480,12 +558,12 @@ impl Syncer {
         desired: &ServiceSet,
         changes: &watch::Receiver<Desired>,
     ) -> Result<(Writes, bool), StoreError> {
-        let p = plan(desired, &self.applied, &self.rejected);
-        self.rejected.retain(|id, _| desired.contains_key(id));
+        let p = plan(desired, &self.applied, &self.refused.held(Instant::now()));
+        self.refused.retain_desired(desired);
         for svc in &p.deregister {
             match self.store.deregister(svc).await {
                 Ok(()) => info!("deregistered {} {} {}", svc.id, svc.name, svc.addr()),
-                Err(e) if is_rejection(&e) => warn!("cannot deregister {}: {e}", svc.id),
+                Err(e) if e.is_item_failure() => warn!("cannot deregister {}: {e}", svc.id),
                 Err(e) => return Err(e),
             }
             self.applied.remove(&svc.id);
@@ -499,13 +577,18 @@ impl Syncer {
                 Ok(()) => {
                     registered = true;
                     info!("registered {} {} {}", svc.id, svc.name, svc.addr());
-                    self.rejected.remove(&svc.id);
+                    self.refused.clear(&svc.id);
                     self.applied.insert(svc.id.clone(), svc.clone());
                 }
-                Err(e) if is_rejection(&e) => {
-                    warn!("store refused {} {} {}: {e}", svc.id, svc.name, svc.addr());
+                Err(e) if e.is_item_failure() => {
+                    let delay = self.refused.refuse(svc, Instant::now());
+                    warn!(
+                        "store refused {} {} {} (other registrations go on; trying it again in {delay:.0?}): {e}",
+                        svc.id,
+                        svc.name,
+                        svc.addr()
+                    );
                     self.applied.remove(&svc.id);
-                    self.rejected.insert(svc.id.clone(), svc.clone());
                 }
                 Err(e) => return Err(e),
             }
@@ -994,18 +1077,29 @@ mod tests {
     }
 
     #[test]
-    fn rejections_are_client_errors_only() {
-        let status = |status| StoreError::Status {
-            endpoint: "e".into(),
-            what: "w".into(),
-            status,
-            body: "b".into(),
-        };
-        assert!(is_rejection(&status(400)));
-        assert!(!is_rejection(&status(500)));
-        assert!(!is_rejection(&StoreError::Unreachable {
-            endpoint: "e".into(),
-            reason: "r".into()
-        }));
+    fn refused_items_are_held_back_then_retried() {
+        let t0 = Instant::now();
+        let mut r = Refused::default();
+        let a = svc("h:a:80", "a", 1);
+        let d1 = r.refuse(&a, t0);
+        assert!(d1 >= Duration::from_secs(24), "{d1:?}");
+        assert_eq!(
+            ids(&r.held(t0).into_values().collect::<Vec<_>>()),
+            vec!["h:a:80"]
+        );
+        assert_eq!(r.next_retry(), Some(t0 + d1));
+        // Due again after its delay; the next refusal waits longer.
+        assert!(r.held(t0 + d1).is_empty());
+        let d2 = r.refuse(&a, t0 + d1);
+        assert!(d2 > d1, "{d2:?} after {d1:?}");
+        // Changed content starts over; a write or a removal forgets it.
+        let a2 = svc("h:a:80", "a", 2);
+        let d3 = r.refuse(&a2, t0);
+        assert!(d3 < d2, "{d3:?}");
+        r.clear("h:a:80");
+        assert_eq!(r.next_retry(), None);
+        r.refuse(&a, t0);
+        r.retain_desired(&ServiceSet::new());
+        assert!(r.held(t0).is_empty());
     }
 }

@@ -4,16 +4,22 @@
 //! - [`RegistryUri`]: parsing of `consul://`, `consulkv://` and `etcd://` URIs.
 //! - [`store`]: the Consul and etcd clients behind one [`Store`] enum.
 //! - [`Backoff`]: retry pacing that races against shutdown.
+//! - [`validate`]: which service names and IDs every store accepts (checked once, here).
+//! - [`excerpt()`]: untrusted values quoted in logs without megabyte lines.
 //!
 //! Modules are private; everything a caller needs is re-exported here.
 
 mod backoff;
+mod excerpt;
 mod service;
 pub mod store;
 mod uri;
+pub mod validate;
 
 pub use backoff::Backoff;
+pub use excerpt::{excerpt, Excerpt, EXCERPT_CHARS};
 pub use service::{consul_duration, Check, CheckKind, Service};
-pub use store::{Store, StoreError};
+pub use store::{Scope, Store, StoreError};
 pub use tokio_util::sync::CancellationToken as Shutdown;
 pub use uri::{Endpoint, RegistryUri, UriError};
+pub use validate::ValidationError;

@@ -255,15 +255,22 @@ pub struct Consul {
     /// HTTP API port.
     pub port: u16,
     ports: [u16; 4],
+    hcl: String,
     proc: Option<Process>,
 }
 
 impl Consul {
-    /// Starts an agent and waits until its API answers with a leader elected.
+    /// Starts an agent (script checks enabled) and waits until it is ready.
     pub async fn start() -> Consul {
+        Consul::start_with("enable_script_checks = true").await
+    }
+
+    /// Starts an agent with this agent configuration (HCL) and waits until it is ready.
+    pub async fn start_with(hcl: &str) -> Consul {
         let mut c = Consul {
             port: free_port(),
             ports: [free_port(), free_port(), free_port(), free_port()],
+            hcl: hcl.to_string(),
             proc: None,
         };
         c.launch().await;
@@ -296,7 +303,7 @@ impl Consul {
             "-node",
             "sbtest",
             "-hcl",
-            "enable_script_checks = true",
+            &self.hcl,
         ];
         self.proc = Some(Process::spawn(&bin, &args, &[]));
         // A leader alone is not enough: the agent registers its node and its own `consul`

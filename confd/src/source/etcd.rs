@@ -12,6 +12,10 @@
 //! [`Notify`], which coalesces wake-ups. The aggregator builds one snapshot from whatever the
 //! mirrors hold when it runs, so a burst of thousands of puts yields a handful of snapshots
 //! rather than one full rebuild per event (the bench found that quadratic at 10,000 instances).
+//!
+//! A bad key is about that key alone: a value that is not a service is skipped, and a service
+//! whose name or ID [`switchboard::validate`] refuses (`..` keys written before names were
+//! validated) is left out and logged once; the snapshot goes on without it.
 
 use super::Publisher;
 use crate::model::{Instance, Snapshot};
@@ -51,11 +55,12 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let services: Shared<Option<Instance>> = shared();
     let parse_dir = dir.clone();
+    let p = publisher.clone();
     tokio::spawn(mirror(
         client.clone(),
         dir,
         services.clone(),
-        move |k: &str, v: &[u8]| instance(&parse_dir, k, v),
+        move |k: &str, v: &[u8]| instance(&p, &parse_dir, k, v),
         wake.clone(),
         publisher.clone(),
         shutdown.clone(),
@@ -104,20 +109,17 @@ pub async fn run(
     }
 }
 
-/// One service key and value as an instance; other keys and bad JSON are skipped.
-fn instance(dir: &str, key: &str, value: &[u8]) -> Option<Instance> {
+/// One service key and value as an instance; other keys and bad JSON are skipped, invalid
+/// names and IDs refused (see [`Publisher::instance`]).
+fn instance(publisher: &Publisher, dir: &str, key: &str, value: &[u8]) -> Option<Instance> {
     let rel = key.strip_prefix(dir)?;
     if !rel.contains('/') {
         return None;
     }
     match serde_json::from_slice::<EtcdValue>(value) {
-        Ok(v) => Some(Instance::from_service(
-            v.into(),
-            String::new(),
-            "passing".into(),
-        )),
+        Ok(v) => publisher.instance(v.into(), String::new(), "passing".into()),
         Err(e) => {
-            tracing::debug!(key, error = %e, "skipping etcd key that is not a service");
+            tracing::debug!(key = %switchboard::excerpt(key), error = %e, "skipping etcd key that is not a service");
             None
         }
     }
@@ -306,13 +308,25 @@ mod tests {
         let v = serde_json::json!({"id": "h:c:80", "name": "web", "address": "10.0.0.2",
             "port": 80, "tags": ["t"], "meta": {"vhost": "w.local"}});
         let bytes = serde_json::to_vec(&v).unwrap();
-        let i = instance("/services/", "/services/web/h:c:80", &bytes).unwrap();
+        let (p, h) = Publisher::new();
+        let i = instance(&p, "/services/", "/services/web/h:c:80", &bytes).unwrap();
         assert_eq!(
             (i.name.as_str(), i.port, i.health.as_str()),
             ("web", 80, "passing")
         );
-        assert!(instance("/services/", "/services/web", &bytes).is_none());
-        assert!(instance("/services/", "/other/web/x", &bytes).is_none());
-        assert!(instance("/services/", "/services/web/x", b"not json").is_none());
+        assert!(instance(&p, "/services/", "/services/web", &bytes).is_none());
+        assert!(instance(&p, "/services/", "/other/web/x", &bytes).is_none());
+        assert!(instance(&p, "/services/", "/services/web/x", b"not json").is_none());
+        assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 0);
+        for (name, id) in [("..", "h:c:80"), ("web", ".."), (".", "x"), ("web", "a\nb")] {
+            let v = serde_json::json!({"id": id, "name": name, "address": "10.0.0.2", "port": 80});
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let key = format!("/services/{name}/{id}");
+            assert!(
+                instance(&p, "/services/", &key, &bytes).is_none(),
+                "{name:?} {id:?}"
+            );
+        }
+        assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 4);
     }
 }

@@ -261,6 +261,23 @@ impl ConsulClient {
         Ok((out, reply.consul_index()?))
     }
 
+    /// `GET /v1/health/state/any` as a blocking query, for its index only: it moves whenever
+    /// any check anywhere changes, so one such query can stand for every service's health
+    /// (the body, every check, is read and dropped). Returns the index to pass next time.
+    ///
+    /// Cancel-safe (a read).
+    pub async fn health_state_index(&self, index: u64, wait: Duration) -> Result<u64, StoreError> {
+        let reply = self
+            .send(
+                Method::GET,
+                "/v1/health/state/any",
+                Some(("", index, wait)),
+                None,
+            )
+            .await?;
+        self.ok(reply)?.consul_index()
+    }
+
     /// The one place requests are made. `query` is `(flag, index, wait)`: an optional bare flag
     /// (`recurse`, `passing`) and the blocking-query parameters, sent only when `index` > 0.
     /// Any HTTP answer is returned as a [`Reply`]; only transport failures are errors here.
@@ -271,7 +288,7 @@ impl ConsulClient {
         query: Option<(&str, u64, Duration)>,
         body: Option<Vec<u8>>,
     ) -> Result<Reply, StoreError> {
-        let what = format!("{method} {path}");
+        let what = request_what(&method, path);
         let (query, timeout) = match query {
             Some((flag, index, wait)) => blocking_query(flag, index, wait),
             None => (String::new(), REQUEST_TIMEOUT),
@@ -315,6 +332,46 @@ impl ConsulClient {
             what: reply.what,
             status: reply.status.as_u16(),
         })
+    }
+}
+
+/// Method and path of a request as error messages name it. Paths carry names from container
+/// labels, so they are shortened: a megabyte name must not make a megabyte error message.
+fn request_what(method: &Method, path: &str) -> String {
+    format!("{method} {}", crate::excerpt(path))
+}
+
+/// Where a blocking query resumes, kept by Consul's rules for `X-Consul-Index`: resume from
+/// the index of the last answer; when an answer's index goes backwards (a restarted agent or
+/// a new leader with a shorter log), or after any error, start again from 0, which answers at
+/// once. Keeping an old, higher index after an agent restart made every query wait the full
+/// `wait` for changes it would never see (confd was blind for a minute; issue 10). An index
+/// of 0 in an answer is treated as 1 so a query never spins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockingIndex(u64);
+
+impl BlockingIndex {
+    /// Starts from 0: the first query answers at once.
+    pub fn new() -> Self {
+        BlockingIndex(0)
+    }
+
+    /// The index to send.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// Records an answer's index. Returns whether the answer may differ from the last one
+    /// (its index moved, or this was a fresh start), i.e. whether the caller should look at it.
+    pub fn answered(&mut self, got: u64) -> bool {
+        let news = self.0 == 0 || got != self.0;
+        self.0 = if got < self.0 { 0 } else { got.max(1) };
+        news
+    }
+
+    /// Records a failed query: the next one starts from 0.
+    pub fn failed(&mut self) {
+        self.0 = 0;
     }
 }
 
@@ -766,6 +823,37 @@ mod tests {
         assert_eq!(encode_key("services/web/h:c:80"), "services/web/h%3Ac%3A80");
         assert_eq!(encode_key(""), "");
         assert_eq!(encode_key("services/"), "services/");
+    }
+
+    #[test]
+    fn blocking_index_rules() {
+        // (index before, answer's index, index after, is it news?)
+        let table = [
+            (0, 5, 5, true),
+            (5, 5, 5, false),
+            (5, 9, 9, true),
+            (9, 3, 0, true),
+            (0, 0, 1, true),
+            (1, 0, 0, true),
+        ];
+        for (before, got, after, news) in table {
+            let mut i = BlockingIndex(before);
+            assert_eq!(i.answered(got), news, "{before} {got}");
+            assert_eq!(i.get(), after, "{before} {got}");
+        }
+        let mut i = BlockingIndex::new();
+        i.answered(150);
+        i.failed();
+        assert_eq!(i.get(), 0, "an error resets");
+    }
+
+    #[test]
+    fn error_messages_stay_short_for_huge_names() {
+        let huge = "n".repeat(1_200_000);
+        let path = format!("/v1/health/service/{}", encode_segment(&huge));
+        let what = request_what(&Method::GET, &path);
+        assert!(what.len() < 200, "{what}");
+        assert!(what.contains("(1200019 bytes)"), "{what}");
     }
 
     #[test]

@@ -8,9 +8,10 @@
 mod consul;
 mod etcd;
 
-pub use consul::{ConsulClient, HealthEntry};
+pub use consul::{BlockingIndex, ConsulClient, HealthEntry};
 pub use etcd::{EtcdClient, KeyValue, RangeResult, WatchBatch, WatchEvent, WatchStream};
 
+use crate::validate::{self, ValidationError};
 use crate::{RegistryUri, Service};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,105 @@ pub enum StoreError {
         /// Why it failed.
         reason: String,
     },
+    /// Refused before sending: a name or ID no store can hold and address again
+    /// (see [`crate::validate`]).
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+}
+
+/// Whom a failure concerns: see [`StoreError::scope`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Only the item the request was about (one registration, one service's health): the
+    /// store is up and answering; other items go on. Retrying the same request will most
+    /// likely fail the same way, so it is retried slowly, never in the way of the others.
+    Item,
+    /// The store as a whole: unreachable, timing out, without a leader, overloaded. Nothing
+    /// else will succeed either, so pausing everything (and keeping the last good state) is
+    /// right.
+    Store,
+}
+
+/// Phrases of a 500 answer that mean the cluster cannot serve anything right now, rather than
+/// "this request is wrong". Consul and etcd put their reasons in the body (Consul 1.8 answers
+/// 500 for both kinds); matched case-insensitively. Anything else in a 500 is about the item:
+/// Consul's `Scripts are disabled on this agent` to one registration's script check was taken
+/// for an outage and stalled every other registration (issue 10).
+const STORE_WIDE_PHRASES: &[&str] = &[
+    "no cluster leader",
+    "no leader",
+    "leadership lost",
+    "leader changed",
+    "no path to datacenter",
+    "no known consul servers",
+    "raft",
+    "not ready to serve",
+    "rate limit",
+    "too many requests",
+    "timed out",
+    "timeout",
+    "deadline exceeded",
+    "connection refused",
+    "connection reset",
+    "eof",
+    "shutdown",
+    "shutting down",
+    "unavailable",
+];
+
+impl StoreError {
+    /// Whether this failure concerns only the item asked about, or the whole store.
+    ///
+    /// The rule: a failure is store-wide when the store could not be asked or could not
+    /// answer anything: no connection, a timeout ([`StoreError::Unreachable`]); 408, 429, 502,
+    /// 503 and 504; a 500 whose body names a cluster-wide cause (`STORE_WIDE_PHRASES`: no
+    /// leader, raft, rate limits, timeouts); a lost lease or compacted watch, which concern
+    /// every registration or the whole watch. Everything else is an answer about the one
+    /// item: any other 4xx (a 400 for a name Consul cannot route, 403 from an ACL policy that
+    /// covers some names and not others, 413 for a too large value), any other 5xx (500
+    /// `Scripts are disabled on this agent`), an answer we cannot decode (the store answered;
+    /// what it said about this item is unusable) and a name or ID refused before sending.
+    ///
+    /// The scope describes the request. A request that covers everything (a listing, the
+    /// catalog, a watch on the whole prefix) has no "other items", so its caller treats any
+    /// failure as store-wide whatever this says.
+    ///
+    /// Misjudging in each direction has a different cost, which is why unknown 5xx answers
+    /// count as item failures: an item failure taken for an outage stalls every other item
+    /// until the bad one is gone (the bug this answers); an outage taken for item failures
+    /// only costs a warning per item while the store is down, and the store-wide failures
+    /// that come with it (connections refused, timeouts, 503) still pause everything.
+    pub fn scope(&self) -> Scope {
+        match self {
+            StoreError::Unreachable { .. }
+            | StoreError::Expired { .. }
+            | StoreError::Compacted { .. } => Scope::Store,
+            StoreError::Status { status, body, .. } => status_scope(*status, body),
+            StoreError::Decode { .. } | StoreError::Invalid(_) => Scope::Item,
+        }
+    }
+
+    /// `true` when only the item asked about is concerned (see [`StoreError::scope`]).
+    pub fn is_item_failure(&self) -> bool {
+        self.scope() == Scope::Item
+    }
+}
+
+/// The scope of an HTTP error answer (see [`StoreError::scope`]).
+fn status_scope(status: u16, body: &str) -> Scope {
+    match status {
+        408 | 429 | 502 | 503 | 504 => Scope::Store,
+        // etcd's gateway reports a broken watch in-stream with status 200.
+        200 | 500 => {
+            let body = body.to_ascii_lowercase();
+            if STORE_WIDE_PHRASES.iter().any(|p| body.contains(p)) {
+                Scope::Store
+            } else {
+                Scope::Item
+            }
+        }
+        _ => Scope::Item,
+    }
 }
 
 /// The registrator's view of a store.
@@ -137,7 +237,14 @@ impl Store {
     ///
     /// With `svc.ttl` set: Consul gets an extra TTL check ([`ttl_check_id`]); etcd puts the
     /// key under this store's lease, granting one if none is held.
+    ///
+    /// A name or ID [`validate`] refuses (except an empty one, which the store refuses itself)
+    /// is [`StoreError::Invalid`] and nothing is sent: once written, such a registration
+    /// could not be removed again (Consul answers 405 to deregistering `..`) or would sit
+    /// outside the key prefix.
     pub async fn register(&self, svc: &Service) -> Result<(), StoreError> {
+        guard(validate::service_name(&svc.name))?;
+        guard(validate::service_id(&svc.id))?;
         match self {
             Store::Consul(c) => c.agent_register(svc).await,
             Store::ConsulKv { client, prefix } => {
@@ -174,8 +281,12 @@ impl Store {
     }
 
     /// Removes `svc` (by ID, and by name where the key needs it). Removing what is not there is
-    /// not an error.
+    /// not an error. An invalid name or ID is [`StoreError::Invalid`], as for [`Store::register`].
     pub async fn deregister(&self, svc: &Service) -> Result<(), StoreError> {
+        guard(validate::service_id(&svc.id))?;
+        if !matches!(self, Store::Consul(_)) {
+            guard(validate::service_name(&svc.name))?;
+        }
         match self {
             Store::Consul(c) => c.agent_deregister(&svc.id).await,
             Store::ConsulKv { client, prefix } => {
@@ -187,6 +298,10 @@ impl Store {
 
     /// Every registration whose ID starts with `id_prefix` (the registrator passes
     /// `<hostname>:`). Only `id`, `name`, `address` and `port` are guaranteed to be filled.
+    ///
+    /// Entries with a name or ID [`validate`] refuses are left out: this client would refuse
+    /// to deregister them (and Consul could not), so a caller cleaning up must never be
+    /// handed one, or it would fail on it at every pass.
     pub async fn list(&self, id_prefix: &str) -> Result<Vec<Service>, StoreError> {
         let all = match self {
             Store::Consul(c) => c.agent_services().await?,
@@ -214,6 +329,9 @@ impl Store {
         Ok(all
             .into_iter()
             .filter(|s| s.id.starts_with(id_prefix))
+            .filter(|s| {
+                validate::service_id(&s.id).is_ok() && validate::service_name(&s.name).is_ok()
+            })
             .collect())
     }
 
@@ -243,6 +361,17 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+/// What the store clients refuse before sending: every [`validate`] failure except an empty
+/// value. An empty name or ID escapes no key layout and breaks no URL; the store refuses it
+/// itself with its own reason (Consul answers 400), which callers already
+/// treat as an item failure.
+fn guard(checked: Result<(), ValidationError>) -> Result<(), StoreError> {
+    match checked {
+        Err(e) if e.problem != validate::Problem::Empty => Err(StoreError::Invalid(e)),
+        _ => Ok(()),
     }
 }
 
@@ -385,6 +514,160 @@ mod tests {
         assert_eq!(etcd_key("services", &svc()), "/services/web/host:web:80");
         assert_eq!(etcd_key("", &svc()), "/web/host:web:80");
         assert_eq!(ttl_check_id("a:b:80"), "service:a:b:80:ttl");
+    }
+
+    fn status(status: u16, body: &str) -> StoreError {
+        StoreError::Status {
+            endpoint: "http://127.0.0.1:8500".into(),
+            what: "PUT /v1/agent/service/register".into(),
+            status,
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn item_failures_are_told_from_store_wide_ones() {
+        use Scope::{Item, Store};
+        let table: Vec<(&str, StoreError, Scope)> = vec![
+            (
+                "unreachable",
+                StoreError::Unreachable {
+                    endpoint: "e".into(),
+                    reason: "connection refused".into(),
+                },
+                Store,
+            ),
+            (
+                "script checks off",
+                status(500, "Scripts are disabled on this agent"),
+                Item,
+            ),
+            (
+                "unknown 500",
+                status(500, "Invalid check: TTL must be > 0"),
+                Item,
+            ),
+            ("no leader", status(500, "No cluster leader"), Store),
+            (
+                "rpc to servers failed",
+                status(500, "rpc error making call: i/o timeout"),
+                Store,
+            ),
+            (
+                "raft",
+                status(500, "leadership lost while committing log"),
+                Store,
+            ),
+            (
+                "etcd no leader",
+                status(503, "etcdserver: no leader"),
+                Store,
+            ),
+            (
+                "etcd timeout",
+                status(500, "etcdserver: request timed out"),
+                Store,
+            ),
+            ("bad gateway", status(502, ""), Store),
+            ("unavailable", status(503, "anything"), Store),
+            ("gateway timeout", status(504, ""), Store),
+            ("request timeout", status(408, ""), Store),
+            (
+                "rate limited",
+                status(429, "RPC rate limit exceeded"),
+                Store,
+            ),
+            ("dot name", status(400, "Bad request"), Item),
+            ("dot id", status(405, "method not allowed"), Item),
+            ("acl", status(403, "Permission denied"), Item),
+            ("too large", status(413, "Request body too large"), Item),
+            (
+                "etcd too large",
+                status(400, "etcdserver: request is too large"),
+                Item,
+            ),
+            ("header too large", status(431, ""), Item),
+            (
+                "watch canceled",
+                status(
+                    200,
+                    "watch canceled: etcdserver: mvcc: required revision is a future revision",
+                ),
+                Item,
+            ),
+            (
+                "decode",
+                StoreError::Decode {
+                    what: "answer".into(),
+                    reason: "invalid value: integer `70000`, expected u16".into(),
+                },
+                Item,
+            ),
+            (
+                "invalid",
+                StoreError::Invalid(crate::validate::service_name("..").unwrap_err()),
+                Item,
+            ),
+            (
+                "expired",
+                StoreError::Expired {
+                    what: "etcd lease 1".into(),
+                },
+                Store,
+            ),
+            (
+                "compacted",
+                StoreError::Compacted {
+                    requested: 1,
+                    compact_revision: 5,
+                },
+                Store,
+            ),
+        ];
+        for (what, err, want) in table {
+            assert_eq!(err.scope(), want, "{what}: {err}");
+            assert_eq!(err.is_item_failure(), want == Item, "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_names_and_ids_are_refused_before_sending() {
+        // Nothing listens on port 9: a request would be `Unreachable`, not `Invalid`.
+        let uri = RegistryUri::parse("consulkv://127.0.0.1:9/svc/reg").unwrap();
+        let store = Store::new(&uri);
+        let table: [(&str, &str); 4] = [
+            ("..", "host:web:80"),
+            (".", "host:web:80"),
+            ("web", ".."),
+            ("web", "a/../../b"),
+        ];
+        for (name, id) in table {
+            let s = Service {
+                name: name.into(),
+                id: id.into(),
+                ..svc()
+            };
+            for r in [store.register(&s).await, store.deregister(&s).await] {
+                match r {
+                    Err(StoreError::Invalid(_)) => {}
+                    other => panic!("{name:?} {id:?}: {other:?}"),
+                }
+            }
+        }
+        // Valid ones, and an empty name (left for the store to refuse), are sent.
+        let empty = Service {
+            name: String::new(),
+            ..svc()
+        };
+        for s in [svc(), empty] {
+            assert!(
+                matches!(
+                    store.register(&s).await,
+                    Err(StoreError::Unreachable { .. })
+                ),
+                "{s:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,218 @@
+//! The one place that decides which service names and IDs Switchboard handles.
+//!
+//! Names and IDs come from container labels, so they are untrusted, and they end up as path
+//! segments of Consul's HTTP API (`/v1/health/service/<name>`,
+//! `/v1/agent/service/deregister/<id>`) and of key layouts (`<prefix>/<name>/<id>` in Consul
+//! KV and etcd). The rules are what every store accepts AND can address again afterwards
+//! (issue 10):
+//!
+//! - not empty;
+//! - not only dots: `.` and `..` are path segments that URL handling collapses even when
+//!   percent-encoded, so Consul answers 400 to a health query for `.` (which used to freeze
+//!   confd for every service) and 405 to deregistering `..` (which could never be removed),
+//!   and in a key `..` climbs out of the prefix. `...` is refused too: one rule a user can
+//!   remember beats the exact set URL normalisers treat specially;
+//! - no `/`: it would add levels to a key and change which endpoint a request reaches;
+//! - no control characters: they split log lines and config lines;
+//! - at most [`NAME_MAX_BYTES`] / [`ID_MAX_BYTES`] bytes: far above any real name, far below
+//!   what makes one request, key or log line heavy (Consul's HTTP server refuses request
+//!   lines over 1 MB; a 1.2 MB name once made every confd query about it fail).
+//!
+//! Everything else (spaces, `;`, `{`, non-ASCII) is accepted here because every store
+//! accepts it; templates must still quote such values (confd's `*_name` / `*_string`
+//! helpers). The registrator adds a stricter rule of its own for labels (no whitespace).
+
+use crate::excerpt;
+use std::fmt;
+
+/// Longest service name accepted, in bytes.
+pub const NAME_MAX_BYTES: usize = 255;
+/// Longest service ID accepted, in bytes (default IDs are `<host>:<container>:<port>`).
+pub const ID_MAX_BYTES: usize = 512;
+
+/// Which value was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// A service name.
+    Name,
+    /// A service ID.
+    Id,
+}
+
+impl Field {
+    /// The length limit in bytes.
+    pub fn max(self) -> usize {
+        match self {
+            Field::Name => NAME_MAX_BYTES,
+            Field::Id => ID_MAX_BYTES,
+        }
+    }
+
+    /// What would have been accepted, for messages.
+    pub fn expected(self) -> String {
+        format!(
+            "1 to {} bytes, not only dots, without '/' or control characters",
+            self.max()
+        )
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Field::Name => "service name",
+            Field::Id => "service ID",
+        })
+    }
+}
+
+/// What is wrong with a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// The value is empty.
+    Empty,
+    /// Only dots (`.`, `..`): a path segment URL handling collapses.
+    DotsOnly,
+    /// Longer than the limit.
+    TooLong {
+        /// Length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// Contains `/`.
+    Slash,
+    /// Contains a control character (newline, NUL, ...).
+    Control,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Empty => f.write_str("it is empty"),
+            Problem::DotsOnly => f.write_str("it is only dots"),
+            Problem::TooLong { len, max } => write!(f, "it has {len} bytes, more than {max}"),
+            Problem::Slash => f.write_str("it contains '/'"),
+            Problem::Control => f.write_str("it contains a control character"),
+        }
+    }
+}
+
+/// A name or ID refused by [`service_name`] or [`service_id`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field} {value}: {problem}; expected {}", .field.expected())]
+pub struct ValidationError {
+    /// Name or ID.
+    pub field: Field,
+    /// The value, quoted and shortened for logs (see [`excerpt`](crate::excerpt())).
+    pub value: String,
+    /// What is wrong with it.
+    pub problem: Problem,
+}
+
+/// Checks a service name (see the module docs for the rules and why).
+pub fn service_name(name: &str) -> Result<(), ValidationError> {
+    check(Field::Name, name)
+}
+
+/// Checks a service ID (see the module docs for the rules and why).
+pub fn service_id(id: &str) -> Result<(), ValidationError> {
+    check(Field::Id, id)
+}
+
+fn check(field: Field, value: &str) -> Result<(), ValidationError> {
+    // Length first: it bounds the work of the scans below.
+    let problem = if value.is_empty() {
+        Problem::Empty
+    } else if value.len() > field.max() {
+        Problem::TooLong {
+            len: value.len(),
+            max: field.max(),
+        }
+    } else if value.bytes().all(|b| b == b'.') {
+        Problem::DotsOnly
+    } else if value.contains('/') {
+        Problem::Slash
+    } else if value.chars().any(char::is_control) {
+        Problem::Control
+    } else {
+        return Ok(());
+    };
+    Err(ValidationError {
+        field,
+        value: format!("{:?}", excerpt(value)),
+        problem,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_ids() {
+        let long_name = "n".repeat(NAME_MAX_BYTES + 1);
+        let max_name = "n".repeat(NAME_MAX_BYTES);
+        let max_id = "i".repeat(ID_MAX_BYTES);
+        let huge = "x".repeat(1_200_000);
+        let table: Vec<(&str, Option<Problem>)> = vec![
+            ("web", None),
+            ("host:web1:80", None),
+            ("host:web1:53:udp", None),
+            ("a.b-c_d", None),
+            (".hidden", None),
+            ("a..b", None),
+            ("a; } server { listen 81; }", None),
+            ("caf\u{e9}", None),
+            (&max_name, None),
+            ("", Some(Problem::Empty)),
+            (".", Some(Problem::DotsOnly)),
+            ("..", Some(Problem::DotsOnly)),
+            ("...", Some(Problem::DotsOnly)),
+            ("a/b", Some(Problem::Slash)),
+            ("../x", Some(Problem::Slash)),
+            ("a\nb", Some(Problem::Control)),
+            ("a\0", Some(Problem::Control)),
+            ("a\u{7f}", Some(Problem::Control)),
+            (
+                &long_name,
+                Some(Problem::TooLong {
+                    len: 256,
+                    max: NAME_MAX_BYTES,
+                }),
+            ),
+            (
+                &huge,
+                Some(Problem::TooLong {
+                    len: 1_200_000,
+                    max: NAME_MAX_BYTES,
+                }),
+            ),
+        ];
+        for (value, want) in table {
+            let got = service_name(value).err().map(|e| e.problem);
+            assert_eq!(got, want, "{:?}", excerpt(value));
+        }
+        assert!(service_id(&long_name).is_ok(), "IDs may be longer");
+        assert!(service_id(&max_id).is_ok());
+        assert!(service_id(&format!("{max_id}i")).is_err());
+        assert_eq!(service_id("..").unwrap_err().field, Field::Id);
+    }
+
+    #[test]
+    fn message_names_the_value_shortened_and_what_was_expected() {
+        let e = service_name("..").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid service name \"..\": it is only dots; expected 1 to 255 bytes, \
+             not only dots, without '/' or control characters"
+        );
+        let e = service_id(&"x".repeat(1_200_000)).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.len() < 300, "{msg}");
+        assert!(msg.contains("(1200000 bytes)"), "{msg}");
+        assert!(msg.contains("more than 512"), "{msg}");
+        let e = service_name("a\nb").unwrap_err();
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+}

@@ -1,0 +1,581 @@
+//! Issue 10: one odd container, one refused item or one store restart must never stall
+//! everyone else. Real Docker, Consul and etcd, the real `registrator` and `confd` binaries.
+//!
+//! The hostile containers come first; a normal container started after them must be
+//! registered and rendered within seconds ([`SOON`]), while each hostile one is refused with
+//! one short warning and nothing escapes the stores' key layouts. Before the fixes, a `.`
+//! name froze confd for every service, a 2 MB tag label held the registrator for 51 s, and
+//! a Consul agent restart left confd blind for a full `poll_wait` (60 s).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use switchboard::{RegistryUri, Service, Store};
+use switchboard_tests::*;
+
+/// Bound for setup waits (a store starting, a first render).
+const WAIT: Duration = Duration::from_secs(30);
+/// How soon a normal container must be registered and rendered after its start, or a change
+/// must reach the rendered file after a store restart. The bugs took 30 to 67 s; a healthy
+/// pipeline takes well under a second, so this leaves room for a loaded 2-core machine.
+const SOON: Duration = Duration::from_secs(12);
+/// Longest line the daemons may print: a hostile value is quoted shortened.
+const MAX_LINE: usize = 2048;
+
+/// The template every test renders: one line per service, `[name] id=port ...`.
+const TEMPLATE: &str =
+    "{{#each services}}[{{name}}]{{#each instances}} {{id}}={{port}}{{/each}}\n{{/each}}";
+
+/// A registrator with predictable addresses and fast verification.
+fn registrator(uri: &str) -> Process {
+    Process::spawn(
+        &bin("registrator"),
+        &["-ip", "127.0.0.1", "--verify-interval", "1", uri],
+        &[("RUST_LOG", "info")],
+    )
+}
+
+/// confd rendering [`TEMPLATE`] from `backend` into `<dir>/out.txt`, with no quiescence
+/// window and the given `poll_wait`.
+fn confd(dir: &Path, backend: &str, poll_wait: &str) -> Process {
+    let src = dir.join("services.hbs");
+    std::fs::write(&src, TEMPLATE).unwrap();
+    let cfg = format!(
+        "backend: {backend}\nwait: {{ min: 0s, max: 0s }}\npoll_wait: {poll_wait}\n\
+         templates:\n  - src: {}\n    dest: {}\n",
+        src.display(),
+        dir.join("out.txt").display()
+    );
+    let cfg_path = dir.join("confd.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    Process::spawn(
+        &bin("confd"),
+        &["--config", cfg_path.to_str().unwrap()],
+        &[("RUST_LOG", "info")],
+    )
+}
+
+fn out_path(dir: &Path) -> PathBuf {
+    dir.join("out.txt")
+}
+
+/// Waits up to `within` until the rendered file satisfies `pred`; panics with the file and
+/// confd's output otherwise.
+async fn wait_rendered(
+    confd: &Process,
+    dir: &Path,
+    what: &str,
+    within: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let path = out_path(dir);
+    let found = poll(within, Duration::from_millis(100), || async {
+        let text = std::fs::read_to_string(&path).ok()?;
+        pred(&text).then_some(text)
+    })
+    .await;
+    match found {
+        Some(text) => text,
+        None => panic!(
+            "{what}: not rendered within {within:?}; {}:\n{}\nconfd output:\n{}",
+            path.display(),
+            std::fs::read_to_string(&path).unwrap_or_default(),
+            confd.output()
+        ),
+    }
+}
+
+/// A container with port 80 published and nothing listening: enough to be registered.
+fn idle(tag: &str, opts: &[&str]) -> Container {
+    let mut args = vec!["-p", "80"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[TEST_IMAGE, "sleep", "600"]);
+    Container::run(tag, &args)
+}
+
+/// `<hostname>:<container>:80`, the default ID.
+fn id_of(c: &Container) -> String {
+    format!("{}:{}:80", hostname(), c.name)
+}
+
+/// `POST <path>` with a JSON body (none for `Value::Null`) to the Docker engine's API
+/// socket; the status code.
+///
+/// For what the docker CLI cannot send: a label of megabytes is neither a command-line
+/// argument (Linux caps one at 128 KiB) nor a `--label-file` line (the CLI reads those with a
+/// 64 KiB line limit), but the API takes it, so a hostile user can create one.
+async fn docker_api_post(path: &str, body: &Value) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = match body {
+        Value::Null => Vec::new(),
+        v => serde_json::to_vec(v).unwrap(),
+    };
+    let mut sock = tokio::net::UnixStream::connect("/var/run/docker.sock")
+        .await
+        .unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(&body).await.unwrap();
+    // The status line is all that is needed; the engine may reset the connection after it.
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !reply.windows(2).any(|w| w == b"\r\n") {
+        match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    let status = reply.split(' ').nth(1).and_then(|s| s.parse().ok());
+    status.unwrap_or_else(|| panic!("docker answered {reply:?}"))
+}
+
+/// An idle container like [`idle`], with `labels`, created through the API (see
+/// [`docker_api_post`]).
+async fn idle_via_api(tag: &str, labels: &[(&str, &str)]) -> Container {
+    ensure_test_image();
+    let name = unique_name(tag);
+    let mut all: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::from(*v)))
+        .collect();
+    let (k, v) = TEST_LABEL.split_once('=').unwrap();
+    all.insert(k.into(), v.into());
+    let spec = serde_json::json!({
+        "Image": TEST_IMAGE,
+        "Cmd": ["sleep", "600"],
+        "Labels": all,
+        "ExposedPorts": {"80/tcp": {}},
+        "HostConfig": {"PortBindings": {"80/tcp": [{"HostIp": "", "HostPort": ""}]}},
+    });
+    let created = docker_api_post(&format!("/containers/create?name={name}"), &spec).await;
+    // Removed on drop from here on, whatever happens next (the API takes names as IDs).
+    let c = Container {
+        id: name.clone(),
+        name,
+    };
+    assert_eq!(created, 201, "creating {}", c.name);
+    let started = docker_api_post(&format!("/containers/{}/start", c.name), &Value::Null).await;
+    assert_eq!(started, 204, "starting {}", c.name);
+    c
+}
+
+/// The hostile containers of issue 10, each waited for until the registrator has warned
+/// about it (so the normal container is surely started after they were handled).
+struct Hostile {
+    dot_name: Container,
+    dotdot_name: Container,
+    dotdot_id: Container,
+    huge_tags: Container,
+}
+
+impl Hostile {
+    async fn start(reg: &Process) -> Hostile {
+        // 200,000 tags, 1,488,889 bytes.
+        let tags: Vec<String> = (0..200_000).map(|i| format!("t{i}")).collect();
+        let h = Hostile {
+            dot_name: idle("iso-dot", &["-l", "SERVICE_NAME=."]),
+            dotdot_name: idle("iso-dotdot", &["-l", "SERVICE_NAME=.."]),
+            dotdot_id: idle("iso-dotdot-id", &["-l", "SERVICE_ID=.."]),
+            huge_tags: idle_via_api("iso-tags", &[("SERVICE_TAGS", &tags.join(","))]).await,
+        };
+        for (c, warning) in [
+            (&h.dot_name, r#"ignoring SERVICE_NAME=".""#),
+            (&h.dotdot_name, r#"ignoring SERVICE_NAME="..""#),
+            (&h.dotdot_id, r#"ignoring SERVICE_ID="..""#),
+            (&h.huge_tags, "ignoring SERVICE_TAGS="),
+        ] {
+            let line = format!("container {}: {warning}", c.name);
+            reg.wait_output(&line, WAIT).await;
+        }
+        h
+    }
+
+    /// The IDs the hostile containers would have had.
+    fn ids(&self) -> Vec<String> {
+        [&self.dot_name, &self.dotdot_name, &self.dotdot_id]
+            .into_iter()
+            .map(id_of)
+            .chain(["..".to_string()])
+            .collect()
+    }
+}
+
+/// Every line of `output` is short, and the 2 MB value was quoted with its length.
+fn assert_short_lines(who: &str, output: &str) {
+    for line in output.lines() {
+        assert!(
+            line.len() <= MAX_LINE,
+            "{who} printed a {} byte line: {}…",
+            line.len(),
+            &line[..200]
+        );
+    }
+}
+
+/// Runs `docker run` for the normal container and returns it with its start instant.
+fn start_normal(name: &str) -> (Container, Instant) {
+    let started = Instant::now();
+    let c = idle("iso-normal", &["-l", &format!("SERVICE_NAME={name}")]);
+    (c, started)
+}
+
+/// Every key in Consul KV (none yet: empty).
+async fn consul_kv_keys(consul: &Consul) -> Vec<String> {
+    let r = reqwest::get(format!("{}/v1/kv/?keys", consul.http()))
+        .await
+        .unwrap();
+    r.json::<Vec<String>>().await.unwrap_or_default()
+}
+
+/// PUT a registration straight to the agent, bypassing registrator's validation: what an old
+/// registrator (or any other tool) may have left in Consul.
+async fn consul_register_raw(consul: &Consul, body: Value) {
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/agent/service/register", consul.http()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{body}: {:?}", r.text().await);
+}
+
+#[tokio::test]
+async fn consul_hostile_names_stall_neither_registrator_nor_confd() {
+    let consul = Consul::start().await;
+    // What confd must never be stalled by, whoever wrote it: Consul answers 400 to a health
+    // query for `.`, and a 1.2 MB name made every query about it fail.
+    let huge = "n".repeat(1_200_000);
+    for (id, name) in [("raw-dot", "."), ("..", "raw"), ("raw-huge", huge.as_str())] {
+        let body = serde_json::json!({"ID": id, "Name": name, "Address": "127.0.0.1", "Port": 9});
+        consul_register_raw(&consul, body).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let confd = confd(dir.path(), &consul.uri(), "60s");
+    let reg = registrator(&consul.uri());
+    let reg_kv = registrator(&format!("consulkv://127.0.0.1:{}/svc/reg", consul.port));
+    let hostile = Hostile::start(&reg).await;
+    for c in [&hostile.dot_name, &hostile.dotdot_name, &hostile.dotdot_id] {
+        reg_kv
+            .wait_output(&format!("container {}: ignoring", c.name), WAIT)
+            .await;
+    }
+
+    let (normal, started) = start_normal("iso-normal-consul");
+    let id = id_of(&normal);
+    let port = normal.host_port("80/tcp");
+    let services = wait_for(&format!("{id} in Consul"), SOON, || async {
+        let all = consul.get_json("/v1/agent/services").await;
+        all.get(&id).is_some().then_some(all)
+    })
+    .await;
+    let registered = started.elapsed();
+    let rendered = wait_rendered(&confd, dir.path(), "the normal container", SOON, |t| {
+        t.contains(&format!("[iso-normal-consul] {id}={port}"))
+    })
+    .await;
+    let rendered_after = started.elapsed();
+    eprintln!(
+        "normal container: registered after {registered:?}, rendered after {rendered_after:?}"
+    );
+    assert!(rendered_after < SOON, "{rendered_after:?}");
+
+    // The hostile containers: refused, nothing registered under their names or IDs; the
+    // huge tag list dropped but its container registered (without it).
+    for hid in hostile.ids() {
+        let s = services.get(&hid);
+        assert!(
+            s.is_none() || s.unwrap()["Service"] == "raw",
+            "{hid} registered: {s:?}"
+        );
+    }
+    let tags_svc = &services[&id_of(&hostile.huge_tags)];
+    assert_eq!(tags_svc["Tags"], serde_json::json!([]), "{tags_svc}");
+    // The raw `.` and huge services are left out of the render, the rest goes on.
+    assert!(!rendered.contains("[.]"), "{rendered}");
+    assert!(rendered.len() < 10_000, "the huge name was rendered");
+    assert!(!rendered.contains(" ..="), "{rendered}");
+    // Each refused once in confd's log, however many times Consul repeats them.
+    let out = confd.output();
+    assert_eq!(out.matches(r#"leaving service ".""#).count(), 1, "{out}");
+    assert_eq!(out.matches("leaving service \"nnnn").count(), 1, "{out}");
+    assert_eq!(
+        out.matches(r#"leaving instance ".. of service raw""#)
+            .count(),
+        1
+    );
+    for (who, p) in [("registrator", &reg), ("registrator (consulkv)", &reg_kv)] {
+        let o = p.output();
+        assert_short_lines(who, &o);
+        assert!(o.contains("(1488889 bytes)"), "{who}: {o}");
+    }
+    assert_short_lines("confd", &out);
+
+    // consulkv: every key stays at `svc/reg/<name>/<id>`.
+    let kv_id = id.clone();
+    let keys = wait_for("the normal container in Consul KV", SOON, || async {
+        let keys = consul_kv_keys(&consul).await;
+        keys.iter().any(|k| k.ends_with(&kv_id)).then_some(keys)
+    })
+    .await;
+    for k in &keys {
+        let rest = k
+            .strip_prefix("svc/reg/")
+            .unwrap_or_else(|| panic!("{k} escaped"));
+        let parts: Vec<&str> = rest.split('/').collect();
+        assert_eq!(parts.len(), 2, "{k}");
+        assert!(
+            parts
+                .iter()
+                .all(|p| !p.is_empty() && *p != "." && *p != ".."),
+            "{k}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn etcd_hostile_names_stay_inside_the_prefix_and_stall_nothing() {
+    let etcd = Etcd::start().await;
+    // A key an old registrator left: `..` as a name inside the prefix.
+    let old = Service {
+        id: "old".into(),
+        name: "..".into(),
+        address: "127.0.0.1".into(),
+        port: 9,
+        tags: vec![],
+        meta: Default::default(),
+        check: None,
+        ttl: None,
+    };
+    let store = Store::new(&RegistryUri::parse(&etcd.uri("svc/reg")).unwrap());
+    assert!(
+        matches!(
+            store.register(&old).await,
+            Err(switchboard::StoreError::Invalid(_))
+        ),
+        "the store client refuses it"
+    );
+    put_raw(
+        &etcd,
+        "/svc/reg/../old",
+        &serde_json::to_string(&serde_json::json!({
+            "id": "old", "name": "..", "address": "127.0.0.1", "port": 9
+        }))
+        .unwrap(),
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let confd = confd(dir.path(), &etcd.uri("svc/reg"), "60s");
+    let reg = registrator(&etcd.uri("svc/reg"));
+    let hostile = Hostile::start(&reg).await;
+
+    let (normal, started) = start_normal("iso-normal-etcd");
+    let id = id_of(&normal);
+    let port = normal.host_port("80/tcp");
+    wait_for(&format!("{id} in etcd"), SOON, || async {
+        let kvs = etcd.get_prefix("/svc/reg/").await;
+        kvs.iter().any(|(k, _)| k.ends_with(&id)).then_some(())
+    })
+    .await;
+    let registered = started.elapsed();
+    wait_rendered(&confd, dir.path(), "the normal container", SOON, |t| {
+        t.contains(&format!("[iso-normal-etcd] {id}={port}"))
+    })
+    .await;
+    let rendered_after = started.elapsed();
+    eprintln!(
+        "normal container: registered after {registered:?}, rendered after {rendered_after:?}"
+    );
+    assert!(rendered_after < SOON, "{rendered_after:?}");
+
+    // Every key the registrator wrote is `/svc/reg/<name>/<id>`; only the planted one is odd.
+    let all = etcd.get_prefix("/").await;
+    let hostile_ids = hostile.ids();
+    for (k, v) in &all {
+        if k == "/svc/reg/../old" {
+            continue;
+        }
+        let rest = k
+            .strip_prefix("/svc/reg/")
+            .unwrap_or_else(|| panic!("{k} escaped"));
+        let parts: Vec<&str> = rest.split('/').collect();
+        assert_eq!(parts.len(), 2, "{k}");
+        assert!(parts.iter().all(|p| *p != "." && *p != ".."), "{k}");
+        assert!(!hostile_ids.iter().any(|h| h == parts[1]), "{k} registered");
+        if parts[1] == id_of(&hostile.huge_tags) {
+            let v: Value = serde_json::from_str(v).unwrap();
+            assert_eq!(v["tags"], serde_json::json!([]), "{v}");
+        }
+    }
+    let rendered = std::fs::read_to_string(out_path(dir.path())).unwrap();
+    assert!(!rendered.contains("[..]"), "{rendered}");
+    let out = confd.output();
+    assert_eq!(
+        out.matches(r#"leaving instance "old of service ..""#)
+            .count(),
+        1,
+        "{out}"
+    );
+    assert_short_lines("registrator", &reg.output());
+    assert_short_lines("confd", &out);
+}
+
+/// Writes a key straight through etcd's JSON gateway, bypassing every client check.
+async fn put_raw(etcd: &Etcd, key: &str, value: &str) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = serde_json::json!({"key": b64.encode(key), "value": b64.encode(value)});
+    let r = reqwest::Client::new()
+        .post(format!("{}/v3/kv/put", etcd.http()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+}
+
+/// `X-Consul-Index` of a health query for `name`.
+async fn health_index(consul: &Consul, name: &str) -> u64 {
+    let r = reqwest::get(format!("{}/v1/health/service/{name}", consul.http()))
+        .await
+        .unwrap();
+    r.headers()["X-Consul-Index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn web(id: &str, port: u16, version: usize) -> Service {
+    Service {
+        id: id.into(),
+        name: "web".into(),
+        address: "127.0.0.1".into(),
+        port,
+        tags: vec![format!("v{version}")],
+        meta: Default::default(),
+        check: None,
+        ttl: None,
+    }
+}
+
+/// confd with `poll_wait: 60s` sees changes made right after a Consul agent restart: the
+/// restarted agent's index is lower than the one confd held, and a blocking query from the
+/// old index would wait the full 60 s.
+#[tokio::test]
+async fn confd_sees_changes_soon_after_a_consul_agent_restart() {
+    let mut consul = Consul::start().await;
+    let store = Store::new(&RegistryUri::parse(&consul.uri()).unwrap());
+    // Push the service's index well above where a fresh agent starts.
+    for v in 0..40 {
+        store.register(&web("web-a", 8001, v)).await.unwrap();
+    }
+    wait_for("the last update in the catalog", WAIT, || async {
+        let v = consul.get_json("/v1/health/service/web").await;
+        (v[0]["Service"]["Tags"][0] == "v39").then_some(())
+    })
+    .await;
+    let old_index = health_index(&consul, "web").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let confd = confd(dir.path(), &consul.uri(), "60s");
+    wait_rendered(&confd, dir.path(), "web-a", WAIT, |t| {
+        t.contains("web-a=8001")
+    })
+    .await;
+
+    consul.restart().await;
+    let started = Instant::now();
+    store.register(&web("web-a", 8001, 0)).await.unwrap();
+    store.register(&web("web-b", 8002, 0)).await.unwrap();
+    let mut api = web("api-1", 8003, 0);
+    api.name = "api".into();
+    store.register(&api).await.unwrap();
+    let new_index = health_index(&consul, "web").await;
+    assert!(
+        new_index < old_index,
+        "the restarted agent's index ({new_index}) must be below the old one ({old_index}), \
+         or this test proves nothing"
+    );
+    // A new instance of a followed service (its per-service poller) and a new service (the
+    // catalog poller) both show up soon.
+    wait_rendered(&confd, dir.path(), "changes after the restart", SOON, |t| {
+        t.contains("web-b=8002") && t.contains("[api] api-1=8003")
+    })
+    .await;
+    eprintln!("rendered {:?} after the restart", started.elapsed());
+}
+
+/// Services registered with the agent, by ID.
+async fn agent_ids(consul: &Consul) -> Vec<String> {
+    consul.agent_service_ids().await
+}
+
+/// Item 2: one registration the agent refuses with a 5xx (a script check on an agent with
+/// script checks off: `500 Scripts are disabled on this agent`) is that item's failure, not an
+/// outage: a normal container started after it is registered, and removed, within seconds;
+/// the refusal is one warning. Two containers asking for one `SERVICE_ID` get one
+/// registration, and the refused one is named in one warning.
+#[tokio::test]
+async fn a_refused_registration_and_a_duplicate_id_stall_nothing() {
+    let consul = Consul::start_with("enable_script_checks = false").await;
+    let reg = registrator(&consul.uri());
+    let scripted = idle(
+        "iso-script",
+        &[
+            "-l",
+            "SERVICE_NAME=scripted",
+            "-l",
+            "SERVICE_CHECK_SCRIPT=true",
+        ],
+    );
+    reg.wait_output("store refused", WAIT).await;
+    let dup_id = format!("iso-dup-{}", std::process::id());
+    let dup_a = idle("iso-dup", &["-l", &format!("SERVICE_ID={dup_id}")]);
+    let dup_b = idle("iso-dup", &["-l", &format!("SERVICE_ID={dup_id}")]);
+
+    let (normal, started) = start_normal("iso-normal-after-refusal");
+    let normal_id = id_of(&normal);
+    wait_for("the normal container registered", SOON, || async {
+        agent_ids(&consul).await.contains(&normal_id).then_some(())
+    })
+    .await;
+    eprintln!(
+        "registered {:?} after docker run, with a refused registration pending",
+        started.elapsed()
+    );
+    let ids = agent_ids(&consul).await;
+    assert!(!ids.iter().any(|i| i.contains("iso-script")), "{ids:?}");
+    assert_eq!(ids.iter().filter(|i| **i == dup_id).count(), 1, "{ids:?}");
+
+    let t = Instant::now();
+    normal.stop(1);
+    wait_for("the normal container removed", SOON, || async {
+        (!agent_ids(&consul).await.contains(&normal_id)).then_some(())
+    })
+    .await;
+    eprintln!("removed {:?} after docker stop", t.elapsed());
+
+    let out = reg.output();
+    assert_eq!(out.matches("store refused").count(), 1, "{out}");
+    assert!(out.contains("Scripts are disabled"), "{out}");
+    assert!(!out.contains("store unavailable"), "{out}");
+    let dup_lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("already registered for container"))
+        .collect();
+    assert_eq!(dup_lines.len(), 1, "{out}");
+    let short = |c: &Container| c.id[..12].to_string();
+    assert!(
+        dup_lines[0].contains(&short(&dup_a)) && dup_lines[0].contains(&short(&dup_b)),
+        "{}",
+        dup_lines[0]
+    );
+    assert_short_lines("registrator", &out);
+    drop(scripted);
+}
