@@ -88,6 +88,15 @@ impl Stack {
         cmd
     }
 
+    /// The logs of one service's containers.
+    fn logs(&self, service: &str) -> String {
+        let out = self
+            .command(&["logs", "--no-color", service])
+            .output()
+            .expect("docker-compose logs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `down -v`, then checks that nothing of the project is left: no container, no network.
     fn down(&mut self) {
         self.compose(&["down", "-v", "--remove-orphans", "-t", "5"]);
@@ -209,6 +218,114 @@ async fn scale(stack: &mut Stack, url: &str, n: usize) {
     );
 }
 
+/// The zero-failed-requests promise, on a running stack with three `web` instances: under
+/// POST load (8 keep-alive clients, 0.3 s requests to an app that serves on for 2 s after
+/// SIGTERM, as real servers do), scale 3 -> 1 -> 3, `docker stop`/`start`/`restart` of one
+/// instance and a restart of registrator lose no request. Returns the load report; prints
+/// each step's time.
+async fn routine_operations_under_load(stack: &mut Stack, url: &str) -> Routine {
+    let project = stack.project.clone();
+    let reloads_before = stack.logs("lb").matches("reloaded").count();
+    let container = |name: &str| format!("{project}_{name}");
+    let load = load::Load::start(load::LoadSpec::post(&format!("{url}cgi-bin/slow"), 8));
+    load.wait_flowing(16, CONVERGE).await;
+    let step = |what: &str, t: Instant| eprintln!("zero-loss: {what} in {:?}", t.elapsed());
+
+    let t = Instant::now();
+    scale(stack, url, 1).await;
+    step("scale web=1", t);
+    let t = Instant::now();
+    scale(stack, url, 3).await;
+    step("scale web=3", t);
+    load.wait_flowing(16, CONVERGE).await;
+
+    let t = Instant::now();
+    docker(&["stop", &container("web_2")]);
+    backends_converge(url, 2, CONVERGE).await;
+    docker(&["start", &container("web_2")]);
+    backends_converge(url, 3, CONVERGE).await;
+    step("docker stop + start of web_2", t);
+
+    let t = Instant::now();
+    docker(&["restart", &container("web_3")]);
+    backends_converge(url, 3, CONVERGE).await;
+    step("docker restart of web_3", t);
+    load.wait_flowing(16, CONVERGE).await;
+
+    let t = Instant::now();
+    docker(&["restart", &container("registrator_1")]);
+    // The restarted registrator adopts what is registered: the load keeps flowing to all
+    // three, and a change after the restart is still seen.
+    load.wait_flowing(32, CONVERGE).await;
+    backends_converge(url, 3, CONVERGE).await;
+    scale(stack, url, 2).await;
+    step("registrator restart, then scale web=2", t);
+    load.wait_flowing(16, CONVERGE).await;
+
+    // Membership alone never reloaded the proxy so far (the caller checks the count).
+    let membership_reloads = stack.logs("lb").matches("reloaded").count() - reloads_before;
+
+    // A structural change: a new service (a new upstream / backend) is rendered, checked and
+    // reloaded under the same load; its removal reloads again.
+    let failed_before = load.failed();
+    let t = Instant::now();
+    let network = format!("{project}_default");
+    let extra_name = unique_name("extra");
+    let extra = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &extra_name,
+        "--label",
+        TEST_LABEL,
+        "--network",
+        &network,
+        "-e",
+        "SERVICE_NAME=extra",
+        "-p",
+        "80",
+        "switchboard/demo-web",
+    ]);
+    let reloads_then = reloads_before + membership_reloads;
+    wait_for("a reload for the new service", CONVERGE, || async {
+        (stack.logs("lb").matches("reloaded").count() > reloads_then).then_some(())
+    })
+    .await;
+    load.wait_flowing(16, CONVERGE).await;
+    docker(&["rm", "-f", &extra]);
+    wait_for("a reload for the removed service", CONVERGE, || async {
+        (stack.logs("lb").matches("reloaded").count() > reloads_then + 1).then_some(())
+    })
+    .await;
+    load.wait_flowing(16, CONVERGE).await;
+    let structural_failed = load.failed() - failed_before;
+    step("a new service and its removal (two reloads)", t);
+
+    let report = load.stop().await;
+    eprintln!(
+        "zero-loss: {}; answers by backend: {:?}",
+        report.summary(),
+        report.by_body
+    );
+    eprintln!(
+        "zero-loss: {membership_reloads} reloads for membership; {structural_failed} failed requests across the two structural reloads"
+    );
+    Routine {
+        report,
+        membership_reloads,
+        structural_failed,
+    }
+}
+
+/// What [`routine_operations_under_load`] saw.
+struct Routine {
+    report: load::LoadReport,
+    /// Proxy reloads during the membership operations (scale, stop/start, restarts).
+    membership_reloads: usize,
+    /// Failed requests during the structural change (a new service, then its removal).
+    structural_failed: u64,
+}
+
 /// Instances of service `http` in Consul's catalog.
 async fn consul_http_instances(consul: &str) -> Option<Vec<serde_json::Value>> {
     let v: serde_json::Value = reqwest::get(format!("{consul}/v1/catalog/service/http"))
@@ -301,6 +418,15 @@ async fn consul_nginx_stack_scales_up_and_down() {
     })
     .await;
 
+    scale(&mut stack, &url, 3).await;
+    let r = routine_operations_under_load(&mut stack, &url).await;
+    assert_eq!(
+        r.membership_reloads, 0,
+        "nginx reloaded for membership changes"
+    );
+    assert_eq!(r.report.failed, 0, "nginx stack: {}", r.report.summary());
+    assert_eq!(r.structural_failed, 0, "nginx stack, structural reloads");
+
     stack.down();
 }
 
@@ -387,6 +513,15 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
         etcd_http_keys(&etcd).await.filter(|k| k.len() == 1)
     })
     .await;
+
+    scale(&mut stack, &url, 3).await;
+    let r = routine_operations_under_load(&mut stack, &url).await;
+    assert_eq!(
+        r.membership_reloads, 0,
+        "HAProxy reloaded for membership changes"
+    );
+    assert_eq!(r.report.failed, 0, "HAProxy stack: {}", r.report.summary());
+    assert_eq!(r.structural_failed, 0, "HAProxy stack, structural reloads");
 
     stack.down();
 }
