@@ -6,6 +6,9 @@
 //! drop guard whatever happens. The two stacks never run at the same time: each has its own
 //! registrator, and registrator registers every container of the engine, so a second stack's
 //! web instances would show up (unreachable, on another network) in the first one's proxy.
+//! For the same reason the zero-loss checks want the engine to themselves: a container some
+//! other program starts meanwhile becomes a new service, i.e. a structural reload (the test
+//! command runs test binaries one after another, so nothing else runs in CI).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -326,6 +329,19 @@ struct Routine {
     structural_failed: u64,
 }
 
+/// Sends `command` as raw bytes to 127.0.0.1:`port` and returns what comes back within 2 s.
+fn runtime_command_over_tcp(port: u16, command: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = s.write_all(command.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Instances of service `http` in Consul's catalog.
 async fn consul_http_instances(consul: &str) -> Option<Vec<serde_json::Value>> {
     let v: serde_json::Value = reqwest::get(format!("{consul}/v1/catalog/service/http"))
@@ -484,6 +500,16 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200, "stats page with the password");
+
+    // The admin socket is not a door: runtime commands sent to the published ports get no
+    // runtime answer (it is a unix socket inside the lb container).
+    for port in [lb_port, stats_port] {
+        let answer = runtime_command_over_tcp(port, "show info\n");
+        assert!(
+            !answer.contains("Uptime_sec") && !answer.contains("Name: HAProxy"),
+            "port {port} answered a runtime command: {answer}"
+        );
+    }
 
     scale(&mut stack, &url, 3).await;
     wait_for("three http keys in etcd", CONVERGE, || async {
