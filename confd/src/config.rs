@@ -327,7 +327,25 @@ impl Config {
             Some(p) => parse_file(p)?,
             None => FileConfig::default(),
         };
-        merge(file, o)
+        let cfg = merge(file, o)?;
+        // A template that cannot be read would only fail at the first render, so a SIGHUP
+        // with a mistyped `src` would replace a working configuration with one that renders
+        // nothing: refuse it here, at start and on SIGHUP alike.
+        for t in &cfg.templates {
+            if let Err(e) = std::fs::File::open(&t.src).and_then(|f| {
+                if f.metadata()?.is_file() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("not a regular file"))
+                }
+            }) {
+                return Err(ConfigError::Incomplete(format!(
+                    "template {}: cannot read it ({e}): expected a readable template file",
+                    t.src.display()
+                )));
+            }
+        }
+        Ok(cfg)
     }
 }
 

@@ -874,6 +874,14 @@ async fn sighup_rereads_config_and_sigterm_exits_zero() {
     write(&cfg, "vars: [\n");
     p.signal(libc::SIGHUP);
     p.wait_output("new configuration refused", WAIT).await;
+    // So is one whose template file does not exist (a mistyped `src`).
+    let missing = dir.path().join("missing.hbs");
+    write(
+        &cfg,
+        &config("hallo").replace(&tpl.display().to_string(), &missing.display().to_string()),
+    );
+    p.signal(libc::SIGHUP);
+    wait_line(&p, &["new configuration refused", "missing.hbs"]).await;
     write(&cfg, &config("bonjour"));
     p.signal(libc::SIGHUP);
     wait_file(&p, "re-read config rendered", &dest, |t| {
