@@ -223,14 +223,17 @@ impl Drop for Process {
 
 /// A proxy reload command for confd: sends `signal` to the master whose PID is in `pid_file`.
 ///
-/// It reads the file once and FAILS while the file is missing or empty: the proxy is not up
-/// yet, or is still starting and has not written its PID (nginx creates the file before it
-/// writes the number). A starting proxy may have read the previous config, so skipping the
-/// reload (`exit 0`) could leave it on that config for good; a failed reload makes confd keep
-/// the new file and retry the reload until the proxy answers.
+/// It FAILS while the file is missing: the proxy is not up yet. A starting proxy may have read
+/// the previous config, so skipping the reload (`exit 0`) could leave it on that config for
+/// good; a failed reload makes confd keep the new file and retry the reload until the proxy
+/// answers. A file that exists but is empty is being written (nginx creates it before it
+/// writes the number; HAProxy's master truncates and rewrites it at every reload): that is
+/// waited out, for 5 s at most, rather than failing a reload that races a reload.
 pub fn signal_reload(pid_file: &Path, signal: &str) -> String {
     let f = pid_file.display().to_string().replace('\'', r"'\''");
-    format!(r#"pid=$(cat '{f}') && [ -n "$pid" ] && kill -{signal} "$pid""#)
+    format!(
+        r#"pid=; for _ in $(seq 50); do pid=$(cat '{f}') || break; [ -n "$pid" ] && break; sleep 0.1; done; [ -n "$pid" ] && kill -{signal} "$pid""#
+    )
 }
 
 /// Waits until `pid_file` holds the PID of a live process (a proxy's master has started and

@@ -379,7 +379,10 @@ async fn reload_failures_before_the_proxy_starts_are_retried() {
     // Changed while nginx is down: the reload fails, the previous file is put back.
     st.register(&b2.service("http")).await.unwrap();
     wait_line(&p, &["restoring the previous file", "nginx.conf"]).await;
-    assert_eq!(read(&px.p("nginx.conf")), first);
+    wait_file(&p, "the previous file put back", &px.p("nginx.conf"), |t| {
+        t == first
+    })
+    .await;
 
     // nginx starts on the older file; the retry brings it the current one.
     let _nginx = px.start_nginx().await;
