@@ -14,13 +14,12 @@
 //! - RSS: register N instances with the shipped nginx and HAProxy templates rendered as well;
 //!   peak RSS (VmHWM) of the daemon.
 
-use crate::common::{cpu_time, mib, ms, now_ns, peak_rss_kib, release_bin, Summary};
+use crate::common::{cpu_time, mib, ms, now_ns, peak_rss_kib, release_bin, Backend, Summary};
 use crate::{workload, Which};
 use std::path::PathBuf;
 use std::time::Duration;
 use switchboard::store::Store;
-use switchboard::RegistryUri;
-use switchboard_tests::{poll, Consul, Etcd, Process};
+use switchboard_tests::{poll, Process};
 
 /// The minimum quiescence window confd accepts (`min: 0s`, `max: 0s`): render on every
 /// snapshot. `None` below means confd's default window.
@@ -31,34 +30,6 @@ const DEFAULT_WAIT: &str = "200ms:2s (default)";
 const WRITERS: usize = 16;
 /// Above this many instances a Consul agent registration run is skipped (see [`run`]).
 const CONSUL_MAX: usize = 1_000;
-
-/// A store started for one run, and a client writing to it.
-struct Backend {
-    uri: String,
-    store: Store,
-    _consul: Option<Consul>,
-    _etcd: Option<Etcd>,
-}
-
-async fn backend(which: Which) -> Backend {
-    let (uri, consul, etcd) = match which {
-        Which::Consul => {
-            let c = Consul::start().await;
-            (c.uri(), Some(c), None)
-        }
-        Which::Etcd => {
-            let e = Etcd::start().await;
-            (e.uri("bench"), None, Some(e))
-        }
-    };
-    let store = Store::new(&RegistryUri::parse(&uri).expect("store URI"));
-    Backend {
-        uri,
-        store,
-        _consul: consul,
-        _etcd: etcd,
-    }
-}
 
 const COUNT_TEMPLATE: &str = "# confd bench\n{{#each services}}\n{{#each instances}}\n{{id}} {{address}}:{{port}}\n{{/each}}\n{{/each}}\n";
 
@@ -228,7 +199,7 @@ struct LatencyRow {
 
 /// One instance at a time: store write start -> the reload that shows it.
 async fn latency(which: Which, wait: Option<&'static str>, samples: usize) -> LatencyRow {
-    let b = backend(which).await;
+    let b = Backend::start(which).await;
     let d = Daemon::start(&b.uri, wait, false);
     d.expect_reload_with(0, Duration::from_secs(30)).await;
     let before = d.counters();
@@ -267,7 +238,7 @@ struct BurstRow {
 
 /// `n` instances as fast as possible: how many passes confd made and when it had them all.
 async fn burst(which: Which, wait: Option<&'static str>, n: usize) -> BurstRow {
-    let b = backend(which).await;
+    let b = Backend::start(which).await;
     let d = Daemon::start(&b.uri, wait, false);
     d.expect_reload_with(0, Duration::from_secs(30)).await;
     let before = d.counters();
@@ -301,7 +272,7 @@ struct RssRow {
 
 /// `n` instances registered, nginx + HAProxy + count templates rendered: the daemon's peak.
 async fn rss(which: Which, n: usize) -> RssRow {
-    let b = backend(which).await;
+    let b = Backend::start(which).await;
     let d = Daemon::start(&b.uri, None, true);
     d.expect_reload_with(0, Duration::from_secs(30)).await;
     let before = d.counters();

@@ -1,24 +1,38 @@
 //! Switchboard benchmark: real Docker engine, real Consul and etcd, the real binaries.
 //!
-//! Suites (`--suite registrator|confd|all`, default all), each printing markdown tables;
-//! nothing is asserted (speed targets are read from these tables, never from timed tests):
+//! Suites (`--suite registrator|confd|drain|all`, default all), each printing markdown
+//! tables; nothing is asserted (speed targets are read from these tables, never from timed
+//! tests):
 //! - `registrator` ([`registrator`]): Docker `start` event -> registration visible in the
 //!   store, per store and container count, and the registrator's peak RSS.
 //! - `confd`: in-process render time of the shipped templates ([`confd_render`]); store
 //!   change -> reload command ran, bursts, and the daemon's peak RSS ([`confd_live`]).
+//! - `drain` ([`drain`]): registrator, confd and a real HAProxy or nginx with their live
+//!   channels ([`lb`]): Docker stop signal -> out of the proxy; reloads and live updates per
+//!   scale event, with and without the live channel; membership changes per second through
+//!   HAProxy's runtime API with zero reloads.
 //!
 //! Run: `cargo build --release -p confd -p registrator -p switchboard-tests &&
 //! target/release/bench`. The release builds of `registrator` and `confd` are measured when
 //! present.
 //! Options: `--suite S`, `--stores consul,etcd`, `--counts 1,50,200` (registrator containers),
 //! `--render-counts 10,1000,10000`, `--samples 50` (confd latency samples per run),
-//! `--burst 200`, `--rss-counts 10,1000,10000`.
+//! `--burst 200` (confd burst and drain churn burst), `--rss-counts 10,1000,10000`,
+//! `--proxies haproxy,nginx`, `--stops 20` (containers stopped per store and proxy),
+//! `--cycles 5` (scale 1 -> 3 -> 1 cycles), `--churn-secs 10` (one-at-a-time churn).
+//! A quick drain run: `bench --suite drain --stores etcd --stops 3 --cycles 1 --churn-secs 2
+//! --burst 20`.
 
 mod common;
 mod confd_live;
 mod confd_render;
+mod drain;
+mod lb;
 mod registrator;
 mod workload;
+
+use lb::Proxy;
+use std::time::Duration;
 
 /// Which store a run uses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -43,12 +57,17 @@ impl Which {
 struct Args {
     registrator: bool,
     confd: bool,
+    drain: bool,
     stores: Vec<Which>,
     counts: Vec<usize>,
     render_counts: Vec<usize>,
     samples: usize,
     burst: usize,
     rss_counts: Vec<usize>,
+    proxies: Vec<Proxy>,
+    stops: usize,
+    cycles: usize,
+    churn_secs: usize,
 }
 
 fn numbers(flag: &str, v: Option<String>) -> Vec<usize> {
@@ -61,8 +80,9 @@ fn numbers(flag: &str, v: Option<String>) -> Vec<usize> {
         .collect()
 }
 
-const USAGE: &str = "usage: bench [--suite registrator|confd|all] [--stores consul,etcd] \
-[--counts N,..] [--render-counts N,..] [--rss-counts N,..] [--samples N] [--burst N]";
+const USAGE: &str = "usage: bench [--suite registrator|confd|drain|all] [--stores consul,etcd] \
+[--counts N,..] [--render-counts N,..] [--rss-counts N,..] [--samples N] [--burst N] \
+[--proxies haproxy,nginx] [--stops N] [--cycles N] [--churn-secs N]";
 
 /// Bad arguments: one line naming the input and what was expected, exit status 2.
 fn usage(msg: &str) -> ! {
@@ -74,24 +94,32 @@ fn parse_args() -> Args {
     let mut a = Args {
         registrator: true,
         confd: true,
+        drain: true,
         stores: vec![Which::Consul, Which::Etcd],
         counts: vec![1, 50, 200],
         render_counts: vec![10, 1_000, 10_000],
         samples: 50,
         burst: 200,
         rss_counts: vec![10, 1_000, 10_000],
+        proxies: vec![Proxy::Haproxy, Proxy::Nginx],
+        stops: 20,
+        cycles: 5,
+        churn_secs: 10,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         match flag.as_str() {
-            "--suite" => match args.next().as_deref() {
-                Some("registrator") => (a.registrator, a.confd) = (true, false),
-                Some("confd") => (a.registrator, a.confd) = (false, true),
-                Some("all") => (a.registrator, a.confd) = (true, true),
-                other => usage(&format!(
-                    "--suite {other:?}: expected registrator, confd or all"
-                )),
-            },
+            "--suite" => {
+                (a.registrator, a.confd, a.drain) = match args.next().as_deref() {
+                    Some("registrator") => (true, false, false),
+                    Some("confd") => (false, true, false),
+                    Some("drain") => (false, false, true),
+                    Some("all") => (true, true, true),
+                    other => usage(&format!(
+                        "--suite {other:?}: expected registrator, confd, drain or all"
+                    )),
+                }
+            }
             "--stores" => {
                 a.stores = args
                     .next()
@@ -106,6 +134,23 @@ fn parse_args() -> Args {
                     })
                     .collect()
             }
+            "--proxies" => {
+                a.proxies = args
+                    .next()
+                    .unwrap_or_else(|| usage("--proxies needs a value: haproxy,nginx"))
+                    .split(',')
+                    .map(|s| match s {
+                        "haproxy" => Proxy::Haproxy,
+                        "nginx" => Proxy::Nginx,
+                        other => usage(&format!(
+                            "unknown proxy {other:?}: expected haproxy or nginx"
+                        )),
+                    })
+                    .collect()
+            }
+            "--stops" => a.stops = numbers("--stops", args.next())[0],
+            "--cycles" => a.cycles = numbers("--cycles", args.next())[0],
+            "--churn-secs" => a.churn_secs = numbers("--churn-secs", args.next())[0],
             "--counts" => a.counts = numbers("--counts", args.next()),
             "--render-counts" => a.render_counts = numbers("--render-counts", args.next()),
             "--rss-counts" => a.rss_counts = numbers("--rss-counts", args.next()),
@@ -130,5 +175,15 @@ async fn main() {
     }
     if a.registrator {
         registrator::run(&a.counts, &a.stores).await;
+    }
+    if a.drain {
+        let o = drain::Opts {
+            stops: a.stops,
+            cycles: a.cycles,
+            churn: Duration::from_secs(a.churn_secs as u64),
+            burst: a.burst,
+            proxies: a.proxies.clone(),
+        };
+        drain::run(&a.stores, &o).await;
     }
 }

@@ -4,16 +4,16 @@
 //! and reports, from each container's Docker `start` event to its registration being visible in
 //! the store: median, p99 and max; plus the registrator's peak RSS (VmHWM).
 
-use crate::common::{mib, ms, now_ns, peak_rss_kib, percentile, release_bin};
+use crate::common::{
+    docker_async, mib, ms, now_ns, peak_rss_kib, percentile, release_bin, DockerEvents,
+};
 use crate::Which;
 use std::collections::{BTreeMap, HashMap};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use switchboard::store::{EtcdClient, WatchEvent};
 use switchboard::{Endpoint, RegistryUri};
 use switchboard_tests::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 struct Row {
     store: &'static str,
@@ -22,43 +22,6 @@ struct Row {
     p99: Duration,
     max: Duration,
     rss_kib: u64,
-}
-
-/// Container name -> time (ns since epoch) of its `start` event, filled by `docker events`.
-fn watch_start_events(run: &str) -> (tokio::process::Child, Arc<Mutex<HashMap<String, u128>>>) {
-    let starts = Arc::new(Mutex::new(HashMap::new()));
-    let mut child = tokio::process::Command::new("docker")
-        .args([
-            "events",
-            // Replays from now even if the subscription lands after the first start.
-            "--since",
-            &(now_ns() / 1_000_000_000 - 1).to_string(),
-            "--filter",
-            "type=container",
-            "--filter",
-            "event=start",
-            "--filter",
-            &format!("label=switchboard.bench={run}"),
-            "--format",
-            "{{.Actor.Attributes.name}} {{.TimeNano}}",
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("docker events");
-    let out = child.stdout.take().unwrap();
-    let s2 = starts.clone();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(out).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some((name, ns)) = line.split_once(' ') {
-                if let Ok(ns) = ns.parse::<u128>() {
-                    s2.lock().unwrap().insert(name.to_string(), ns);
-                }
-            }
-        }
-    });
-    (child, starts)
 }
 
 /// Service ID -> time (ns since epoch) it was first seen in the store.
@@ -119,20 +82,6 @@ async fn watch_etcd(port: u16, prefix: String) -> Seen {
     seen
 }
 
-async fn docker_cmd(args: Vec<String>) -> String {
-    let out = tokio::process::Command::new("docker")
-        .args(&args)
-        .output()
-        .await
-        .expect("docker");
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 async fn run_one(which: Which, n: usize, host: &str) -> Row {
     let run = format!("{}-{n}-{}", std::process::id(), now_ns() % 1_000_000);
     let service = format!("bench{n}");
@@ -160,7 +109,7 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
         &["-ip", "127.0.0.1", &uri],
         &[("RUST_LOG", "warn")],
     );
-    let (_events, starts) = watch_start_events(&run);
+    let starts = DockerEvents::watch(&run, "start");
 
     let names: Vec<String> = (0..n).map(|i| format!("sbtest-bench-{run}-{i}")).collect();
     let mut tasks = Vec::new();
@@ -170,28 +119,23 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
         let service = service.clone();
         tasks.push(tokio::spawn(async move {
             for name in chunk {
-                docker_cmd(
-                    [
-                        "run",
-                        "-d",
-                        "--name",
-                        &name,
-                        "--label",
-                        TEST_LABEL,
-                        "--label",
-                        &format!("switchboard.bench={run}"),
-                        "-e",
-                        &format!("SERVICE_NAME={service}"),
-                        "-p",
-                        "80",
-                        TEST_IMAGE,
-                        "sleep",
-                        "3600",
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                )
+                docker_async(&[
+                    "run",
+                    "-d",
+                    "--name",
+                    &name,
+                    "--label",
+                    TEST_LABEL,
+                    "--label",
+                    &format!("switchboard.bench={run}"),
+                    "-e",
+                    &format!("SERVICE_NAME={service}"),
+                    "-p",
+                    "80",
+                    TEST_IMAGE,
+                    "sleep",
+                    "3600",
+                ])
                 .await;
             }
         }));
@@ -217,12 +161,11 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
     let rss_kib = peak_rss_kib(reg.pid());
     let mut lat: Vec<Duration> = {
         let seen = seen.lock().unwrap();
-        let starts = starts.lock().unwrap();
         ids.iter()
             .filter_map(|(id, name)| {
                 let s = starts.get(name)?;
                 let v = seen.get(id)?;
-                Some(Duration::from_nanos(v.saturating_sub(*s) as u64))
+                Some(Duration::from_nanos(v.saturating_sub(s) as u64))
             })
             .collect()
     };
@@ -234,9 +177,9 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
         );
     }
     lat.sort();
-    let mut rm = vec!["rm".to_string(), "-f".to_string()];
-    rm.extend(names.iter().cloned());
-    docker_cmd(rm).await;
+    let mut rm = vec!["rm", "-f"];
+    rm.extend(names.iter().map(String::as_str));
+    docker_async(&rm).await;
     reg.signal(libc::SIGTERM);
     let _ = reg.wait_exit(Duration::from_secs(60)).await;
     Row {
