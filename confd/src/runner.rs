@@ -278,11 +278,41 @@ struct Reloading {
     undo: Undo,
 }
 
+/// Templates that go through one pass together: those sharing a reload command (it runs once
+/// for all of them), or one template alone.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum UnitKey {
+    Reload(CommandSpec),
+    Alone(usize),
+}
+
+/// One template of a unit.
+struct UnitItem {
+    idx: usize,
+    /// Its render, if it was due.
+    render: Option<Result<Rendered, String>>,
+    /// Whether its file is owed a reload.
+    owed: bool,
+}
+
+/// What one unit did, applied to the pass's bookkeeping once every unit is done.
+#[derive(Default)]
+struct UnitResult {
+    outcomes: Vec<(usize, Outcome)>,
+    owed_now: Vec<usize>,
+    settled: Vec<usize>,
+}
+
 /// Renders, checks, swaps and reloads the templates `due` against `snap`.
 ///
 /// `owed` holds the templates whose file is in place but not yet loaded by their proxy (a
 /// reload failed with nothing to restore): their reload runs in this pass whether or not
 /// they are due or changed, and they leave `owed` once it succeeds.
+///
+/// Rendering is done first, in order (it is fast, and the renderer caches parsed templates).
+/// Then each unit (the templates sharing a reload command, or a template alone) checks, swaps
+/// and reloads concurrently with the others: a check or reload command that hangs holds its
+/// own unit until its `command_timeout`, never an independent template.
 pub async fn pass(
     cfg: &Config,
     renderer: &mut Renderer,
@@ -292,109 +322,172 @@ pub async fn pass(
     dry_run: bool,
 ) -> Vec<Outcome> {
     let data = template_data(snap, &cfg.vars);
-    let mut outcomes = vec![Outcome::Unchanged; cfg.templates.len()];
-    let mut groups: BTreeMap<CommandSpec, (Duration, Vec<Reloading>)> = BTreeMap::new();
-    let mut join = |i: usize, undo: Undo| {
-        let t = &cfg.templates[i];
-        if let Some(r) = &t.reload {
-            let g = groups
-                .entry(r.clone())
-                .or_insert((t.command_timeout, Vec::new()));
-            g.0 = g.0.max(t.command_timeout);
-            g.1.push(Reloading { idx: i, undo });
-        }
-    };
+    let mut rendered: BTreeMap<usize, Result<Rendered, String>> = BTreeMap::new();
     for &i in due {
+        rendered.insert(i, render_one(&cfg.templates[i], renderer, snap, &data));
+    }
+    let mut units: BTreeMap<UnitKey, Vec<usize>> = BTreeMap::new();
+    let members = due
+        .iter()
+        .copied()
+        .chain(owed.iter().copied().filter(|_| !dry_run))
+        .collect::<BTreeSet<usize>>();
+    for i in members {
+        let key = match &cfg.templates[i].reload {
+            Some(r) => UnitKey::Reload(r.clone()),
+            None => UnitKey::Alone(i),
+        };
+        units.entry(key).or_default().push(i);
+    }
+    let runs = units.into_iter().map(|(key, idxs)| {
+        let items: Vec<UnitItem> = idxs
+            .into_iter()
+            .map(|i| UnitItem {
+                idx: i,
+                render: rendered.remove(&i),
+                owed: owed.contains(&i),
+            })
+            .collect();
+        run_unit(cfg, key, items, dry_run)
+    });
+    let results = futures_util::future::join_all(runs).await;
+    let mut outcomes = vec![Outcome::Unchanged; cfg.templates.len()];
+    for r in results {
+        for (i, o) in r.outcomes {
+            outcomes[i] = o;
+        }
+        for i in r.settled {
+            owed.remove(&i);
+        }
+        for i in r.owed_now {
+            owed.insert(i);
+        }
+    }
+    outcomes
+}
+
+/// One unit's pass: apply each rendered template, then run the unit's reload once if any of
+/// its files changed (or is owed a reload), with rollback when it fails.
+async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: bool) -> UnitResult {
+    let mut res = UnitResult::default();
+    let mut reloading: Vec<Reloading> = Vec::new();
+    let mut timeout = Duration::ZERO;
+    for UnitItem {
+        idx: i,
+        render,
+        owed: is_owed,
+    } in items
+    {
         let t = &cfg.templates[i];
-        match apply_one(t, renderer, snap, &data, dry_run).await {
+        timeout = timeout.max(t.command_timeout);
+        let applied = match render {
+            None => Ok(Applied::Unchanged),
+            Some(Err(reason)) => Err(reason),
+            Some(Ok(Rendered::Unchanged)) => Ok(Applied::Unchanged),
+            Some(Ok(Rendered::Changed { content, current })) => {
+                apply_rendered(t, content, current, dry_run).await
+            }
+        };
+        match applied {
             Ok(Applied::Swapped(previous)) => {
-                outcomes[i] = Outcome::Updated;
-                owed.remove(&i);
-                join(i, previous.map_or(Undo::Keep, Undo::Restore));
+                res.outcomes.push((i, Outcome::Updated));
+                res.settled.push(i);
+                reloading.push(Reloading {
+                    idx: i,
+                    undo: previous.map_or(Undo::Keep, Undo::Restore),
+                });
+                continue;
             }
             Ok(Applied::Unchanged) => {
                 tracing::debug!(template = %label(t), "unchanged");
             }
-            Ok(Applied::WouldChange) => outcomes[i] = Outcome::WouldChange,
-            Ok(Applied::Live) => outcomes[i] = Outcome::Live,
+            Ok(Applied::WouldChange) => res.outcomes.push((i, Outcome::WouldChange)),
+            Ok(Applied::Live) => res.outcomes.push((i, Outcome::Live)),
             Err(reason) => {
                 tracing::error!(template = %label(t), reason = %reason, "template not applied; previous file kept");
-                outcomes[i] = Outcome::Failed(reason);
+                res.outcomes.push((i, Outcome::Failed(reason)));
             }
         }
-    }
-    if !dry_run {
-        for &i in owed.iter() {
-            join(i, Undo::Keep);
+        if is_owed && !dry_run {
+            reloading.push(Reloading {
+                idx: i,
+                undo: Undo::Keep,
+            });
         }
     }
-    for (cmd, (timeout, reloading)) in groups {
-        let names: Vec<String> = reloading
-            .iter()
-            .map(|r| label(&cfg.templates[r.idx]))
-            .collect();
-        match command::run(&cmd, None, timeout).await {
-            Ok(out) => {
-                tracing::info!(
-                    reload = %cmd,
-                    templates = ?names,
-                    output = %out,
-                    reloads = RELOADS.fetch_add(1, Ordering::Relaxed) + 1,
-                    live_updates = LIVE_UPDATES.load(Ordering::Relaxed),
-                    "reloaded"
-                );
-                for r in &reloading {
-                    if owed.remove(&r.idx) {
-                        outcomes[r.idx] = Outcome::Updated;
-                    }
+    let UnitKey::Reload(cmd) = key else {
+        return res;
+    };
+    if reloading.is_empty() {
+        return res;
+    }
+    let names: Vec<String> = reloading
+        .iter()
+        .map(|r| label(&cfg.templates[r.idx]))
+        .collect();
+    match command::run(&cmd, None, timeout).await {
+        Ok(out) => {
+            tracing::info!(
+                reload = %cmd,
+                templates = ?names,
+                output = %out,
+                reloads = RELOADS.fetch_add(1, Ordering::Relaxed) + 1,
+                live_updates = LIVE_UPDATES.load(Ordering::Relaxed),
+                "reloaded"
+            );
+            for r in &reloading {
+                if matches!(r.undo, Undo::Keep) {
+                    res.settled.push(r.idx);
+                    res.outcomes.push((r.idx, Outcome::Updated));
                 }
-                after_reload(cfg, &reloading).await;
             }
-            Err(e) => {
-                let reason = format!("reload failed: {e}");
-                let mut restored = false;
-                for r in &reloading {
-                    let t = &cfg.templates[r.idx];
-                    outcomes[r.idx] = Outcome::ReloadFailed(reason.clone());
-                    match &r.undo {
-                        Undo::Restore(previous) => {
-                            tracing::error!(
-                                template = %label(t),
-                                reason = %reason,
-                                "reload failed; restoring the previous file"
-                            );
-                            if let Err(e) =
-                                writer::restore(&t.dest, Some(previous), t.mode.map(|m| m.0))
-                            {
-                                tracing::error!(template = %label(t), error = %e, "cannot restore the previous file");
-                            }
-                            restored = true;
+            after_reload(cfg, &reloading).await;
+        }
+        Err(e) => {
+            let reason = format!("reload failed: {e}");
+            let mut restored = false;
+            for r in &reloading {
+                let t = &cfg.templates[r.idx];
+                res.outcomes
+                    .push((r.idx, Outcome::ReloadFailed(reason.clone())));
+                match &r.undo {
+                    Undo::Restore(previous) => {
+                        tracing::error!(
+                            template = %label(t),
+                            reason = %reason,
+                            "reload failed; restoring the previous file"
+                        );
+                        if let Err(e) =
+                            writer::restore(&t.dest, Some(previous), t.mode.map(|m| m.0))
+                        {
+                            tracing::error!(template = %label(t), error = %e, "cannot restore the previous file");
                         }
-                        Undo::Keep => {
-                            tracing::warn!(
-                                template = %label(t),
-                                reason = %reason,
-                                "reload failed; keeping the new file, as there is no previous one to put back (is the proxy running yet?)"
-                            );
-                            owed.insert(r.idx);
-                        }
+                        restored = true;
                     }
-                }
-                if restored {
-                    match command::run(&cmd, None, timeout).await {
-                        Ok(_) => {
-                            tracing::info!(reload = %cmd, "reloaded with the previous files");
-                            after_reload(cfg, &reloading).await;
-                        }
-                        Err(e) => {
-                            tracing::error!(reload = %cmd, error = %e, "reload with the previous files failed too")
-                        }
+                    Undo::Keep => {
+                        tracing::warn!(
+                            template = %label(t),
+                            reason = %reason,
+                            "reload failed; keeping the new file, as there is no previous one to put back (is the proxy running yet?)"
+                        );
+                        res.owed_now.push(r.idx);
                     }
                 }
             }
+            if restored {
+                match command::run(&cmd, None, timeout).await {
+                    Ok(_) => {
+                        tracing::info!(reload = %cmd, "reloaded with the previous files");
+                        after_reload(cfg, &reloading).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(reload = %cmd, error = %e, "reload with the previous files failed too")
+                    }
+                }
+            }
         }
     }
-    outcomes
+    res
 }
 
 /// After a successful reload, each live channel learns the file its proxy just loaded: the one
@@ -423,15 +516,25 @@ enum Applied {
     Live,
 }
 
-/// Render → compare → stage → check → swap (→ live update) for one template. The error is the
-/// reason, one line, including the check command's output.
-async fn apply_one(
+/// A template rendered against a snapshot.
+enum Rendered {
+    /// The destination already holds this content.
+    Unchanged,
+    /// New content, and what the destination holds now (`None`: no file yet).
+    Changed {
+        content: String,
+        current: Option<Vec<u8>>,
+    },
+}
+
+/// Guard → read → render → compare for one template (no I/O but reading files). The error
+/// is the reason, one line.
+fn render_one(
     t: &TemplateConfig,
     renderer: &mut Renderer,
     snap: &Snapshot,
     data: &serde_json::Value,
-    dry_run: bool,
-) -> Result<Applied, String> {
+) -> Result<Rendered, String> {
     let total = snap.total_instances();
     if total < t.min_instances {
         return Err(format!(
@@ -446,8 +549,19 @@ async fn apply_one(
     let current = writer::read_current(&t.dest)
         .map_err(|e| format!("cannot read {}: {e}", t.dest.display()))?;
     if !writer::changed(current.as_deref(), content.as_bytes()) {
-        return Ok(Applied::Unchanged);
+        return Ok(Rendered::Unchanged);
     }
+    Ok(Rendered::Changed { content, current })
+}
+
+/// Stage → check → swap (→ live update) for one rendered template, or print its diff in a dry
+/// run. The error is the reason, one line, including the check command's output.
+async fn apply_rendered(
+    t: &TemplateConfig,
+    content: String,
+    current: Option<Vec<u8>>,
+    dry_run: bool,
+) -> Result<Applied, String> {
     if dry_run {
         let d = writer::diff(&t.dest, current.as_deref(), content.as_bytes());
         let mut out = std::io::stdout().lock();
@@ -644,6 +758,39 @@ mod tests {
         let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
         assert_eq!(o[0], Outcome::Unchanged);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+    }
+
+    /// A slow check holds its own template only: an independent template's reload runs
+    /// while the check is still going.
+    #[tokio::test]
+    async fn independent_templates_do_not_wait_for_each_other() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("order");
+        let body = "{{#each service.web}}{{port}} {{/each}}";
+        let mut slow = tpl(
+            d.path(),
+            "slow",
+            body,
+            Some(&format!("echo slow-reloaded >> {}", log.display())),
+        );
+        slow.check = Some(CommandSpec::Shell(format!(
+            "sleep 1; echo slow-checked >> {} # checks {{{{staged}}}}",
+            log.display()
+        )));
+        let fast = tpl(
+            d.path(),
+            "fast",
+            body,
+            Some(&format!("echo fast-reloaded >> {}", log.display())),
+        );
+        let c = cfg(d.path(), vec![slow, fast]);
+        let mut r = Renderer::default();
+        let o = pass(&c, &mut r, &snap(1), &[0, 1], &mut BTreeSet::new(), false).await;
+        assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "fast-reloaded\nslow-checked\nslow-reloaded\n"
+        );
     }
 
     #[tokio::test]
