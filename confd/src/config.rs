@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use switchboard::store::{consul_token_from, etcd_user, StoreSettings, TlsSettings};
 use switchboard::RegistryUri;
 
 /// Quiescence window: render once changes have stopped for `min`, but never later than `max`
@@ -240,6 +241,21 @@ struct FileConfig {
     ignore_services: Vec<String>,
     #[serde(default = "default_once_timeout", with = "duration::serde_text")]
     once_timeout: Duration,
+    /// TLS material for the store; each key set here wins over its environment variable.
+    #[serde(default)]
+    tls: Option<TlsSettings>,
+    /// Consul ACL token (over `CONSUL_HTTP_TOKEN`).
+    #[serde(default)]
+    token: Option<String>,
+    /// File holding the Consul ACL token (over `CONSUL_HTTP_TOKEN_FILE`).
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    /// etcd user, `name` or `name:password` (over `ETCDCTL_USER`).
+    #[serde(default)]
+    user: Option<String>,
+    /// etcd password (over `ETCDCTL_PASSWORD`).
+    #[serde(default)]
+    password: Option<String>,
 }
 
 impl Default for FileConfig {
@@ -318,6 +334,8 @@ pub struct Config {
     pub ignore_services: Vec<String>,
     /// `--once`: how long to wait for the first healthy snapshot.
     pub once_timeout: Duration,
+    /// TLS material and credentials for the store (YAML keys over the environment).
+    pub store: StoreSettings,
 }
 
 impl Config {
@@ -421,11 +439,12 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     let incomplete = ConfigError::Incomplete;
     let backend = match &o.backend {
         Some(b) => RegistryUri::parse(b).map_err(|e| incomplete(e.to_string()))?,
-        None => match file.backend {
-            Some(Backend(b)) => b,
+        None => match &file.backend {
+            Some(Backend(b)) => b.clone(),
             None => backend_from_env(o).map_err(incomplete)?,
         },
     };
+    let store = store_settings(&file, &backend).map_err(|e| incomplete(e.to_string()))?;
     let wait = match &o.wait {
         Some(w) => Wait::parse_flag(w).map_err(|e| incomplete(format!("--wait: {e}")))?,
         None => file.wait.unwrap_or_default(),
@@ -452,6 +471,7 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         vars.insert(k.to_string(), serde_json::Value::String(val.to_string()));
     }
     Ok(Config {
+        store,
         backend,
         wait,
         include_unhealthy: file.include_unhealthy,
@@ -463,6 +483,40 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         ignore_services: file.ignore_services,
         once_timeout: file.once_timeout,
     })
+}
+
+/// The store settings: the environment's ([`StoreSettings::from_env`]), with each YAML key
+/// that is set taking the place of its variable.
+fn store_settings(
+    file: &FileConfig,
+    backend: &RegistryUri,
+) -> Result<StoreSettings, switchboard::store::SettingsError> {
+    let mut s = StoreSettings::from_env(backend)?;
+    if let Some(t) = &file.tls {
+        let env = std::mem::take(&mut s.tls);
+        s.tls = TlsSettings {
+            ca_file: t.ca_file.clone().or(env.ca_file),
+            ca_path: t.ca_path.clone().or(env.ca_path),
+            cert_file: t.cert_file.clone().or(env.cert_file),
+            key_file: t.key_file.clone().or(env.key_file),
+            server_name: t.server_name.clone().or(env.server_name),
+        };
+    }
+    if !matches!(backend, RegistryUri::Etcd { .. }) {
+        s.token = consul_token_from(file.token.clone(), file.token_file.as_deref())?;
+    } else if file.user.is_some() || file.password.is_some() {
+        let env_user = s.etcd_user.take();
+        let user = file
+            .user
+            .clone()
+            .or_else(|| env_user.as_ref().map(|u| u.name.clone()));
+        let password = file
+            .password
+            .clone()
+            .or_else(|| env_user.as_ref().map(|u| u.password.expose().to_string()));
+        s.etcd_user = etcd_user(user, password)?;
+    }
+    Ok(s)
 }
 
 /// No backend given: `CONSUL_HTTP_ADDR` (Consul agent services), then `ETCDCTL_ENDPOINTS`.
