@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use switchboard::store::{consul_token_from, etcd_user, StoreSettings, TlsSettings};
+use switchboard::store::{Credentials, StoreSettings, TlsSettings};
 use switchboard::RegistryUri;
 
 /// Quiescence window: render once changes have stopped for `min`, but never later than `max`
@@ -485,36 +485,20 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     })
 }
 
-/// The store settings: the environment's ([`StoreSettings::from_env`]), with each YAML key
-/// that is set taking the place of its variable.
+/// The store settings: the YAML keys that are set, the environment for the rest.
 fn store_settings(
     file: &FileConfig,
     backend: &RegistryUri,
 ) -> Result<StoreSettings, switchboard::store::SettingsError> {
-    let mut s = StoreSettings::from_env(backend)?;
+    let given = Credentials {
+        token: file.token.clone(),
+        token_file: file.token_file.clone(),
+        user: file.user.clone(),
+        password: file.password.clone(),
+    };
+    let mut s = StoreSettings::from(backend, given)?;
     if let Some(t) = &file.tls {
-        let env = std::mem::take(&mut s.tls);
-        s.tls = TlsSettings {
-            ca_file: t.ca_file.clone().or(env.ca_file),
-            ca_path: t.ca_path.clone().or(env.ca_path),
-            cert_file: t.cert_file.clone().or(env.cert_file),
-            key_file: t.key_file.clone().or(env.key_file),
-            server_name: t.server_name.clone().or(env.server_name),
-        };
-    }
-    if !matches!(backend, RegistryUri::Etcd { .. }) {
-        s.token = consul_token_from(file.token.clone(), file.token_file.as_deref())?;
-    } else if file.user.is_some() || file.password.is_some() {
-        let env_user = s.etcd_user.take();
-        let user = file
-            .user
-            .clone()
-            .or_else(|| env_user.as_ref().map(|u| u.name.clone()));
-        let password = file
-            .password
-            .clone()
-            .or_else(|| env_user.as_ref().map(|u| u.password.expose().to_string()));
-        s.etcd_user = etcd_user(user, password)?;
+        s.override_tls(t);
     }
     Ok(s)
 }

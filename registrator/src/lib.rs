@@ -126,9 +126,15 @@ async fn connect_store(
             Err(e) => e,
         };
         if config.retry_attempts.is_some_and(|max| attempt >= max) {
+            // "Reach" only when it did not answer: a refused certificate or token is a
+            // different fix for the operator.
+            let verb = match err {
+                switchboard::StoreError::Unreachable { .. } => "reach",
+                _ => "use",
+            };
             return Err(err).with_context(|| {
                 format!(
-                    "cannot reach the {} store at {} after {} attempt(s) (see -retry-attempts)",
+                    "cannot {verb} the {} store at {} after {} attempt(s) (see -retry-attempts)",
                     store.kind(),
                     config.uri.primary(),
                     attempt + 1

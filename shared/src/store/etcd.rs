@@ -433,6 +433,18 @@ impl EtcdClient {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let text = resp.text().await.unwrap_or_default();
+                    if text.contains("CommonName of client") {
+                        // etcd 3.4+ refuses, through its JSON gateway with auth on, any client
+                        // certificate carrying a Common Name (it cannot pass it on as the user).
+                        return Err(StoreError::Denied {
+                            endpoint: base,
+                            what: format!("POST {path}"),
+                            reason: "the client certificate has a Common Name, which etcd's \
+                                     JSON gateway refuses when auth is enabled: expected a \
+                                     client certificate without CN"
+                                .into(),
+                        });
+                    }
                     if status == 401 || status == 403 {
                         return Err(StoreError::Denied {
                             endpoint: base,
@@ -444,7 +456,7 @@ impl EtcdClient {
                         endpoint: base,
                         what: format!("POST {path}"),
                         status,
-                        body: first_line(&text),
+                        body: gateway_message(&text),
                     });
                 }
                 Err(e) => {

@@ -12,7 +12,7 @@ mod settings;
 pub use consul::{BlockingIndex, ConsulClient, HealthEntry};
 pub use etcd::{EtcdClient, KeyValue, RangeResult, WatchBatch, WatchEvent, WatchStream};
 pub use settings::{
-    consul_token_from, etcd_user, EtcdUser, Secret, SettingsError, StoreSettings, TlsSettings,
+    etcd_user, Credentials, EtcdUser, Secret, SettingsError, StoreSettings, TlsSettings,
 };
 
 use crate::validate::{self, ValidationError};

@@ -64,6 +64,20 @@ pub struct EtcdUser {
     pub password: Secret,
 }
 
+/// Credentials given by other means than the environment (confd's YAML); each one set takes
+/// the place of its variable.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// Consul ACL token (over `CONSUL_HTTP_TOKEN` and `CONSUL_HTTP_TOKEN_FILE`).
+    pub token: Option<String>,
+    /// File holding the Consul ACL token (likewise).
+    pub token_file: Option<PathBuf>,
+    /// etcd user, `name` or `name:password` (over `ETCDCTL_USER`).
+    pub user: Option<String>,
+    /// etcd password (over `ETCDCTL_PASSWORD`).
+    pub password: Option<String>,
+}
+
 /// Everything beyond the URI needed to reach a store. `Debug` never shows secrets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreSettings {
@@ -97,6 +111,12 @@ impl StoreSettings {
     /// `CONSUL_TLS_SERVER_NAME`, and the token from `CONSUL_HTTP_TOKEN` or the file
     /// `CONSUL_HTTP_TOKEN_FILE`.
     pub fn consul_from_env() -> Result<Self, SettingsError> {
+        Self::consul_from(Credentials::default())
+    }
+
+    /// As [`StoreSettings::consul_from_env`], with a token or token file given elsewhere
+    /// (confd's YAML) taking the place of the variables.
+    pub fn consul_from(given: Credentials) -> Result<Self, SettingsError> {
         let tls = TlsSettings {
             ca_file: env("CONSUL_CACERT").map(PathBuf::from),
             ca_path: env("CONSUL_CAPATH").map(PathBuf::from),
@@ -108,11 +128,15 @@ impl StoreSettings {
                 .map(PathBuf::from),
             server_name: env("CONSUL_TLS_SERVER_NAME"),
         };
-        let token = consul_token(
-            env("CONSUL_HTTP_TOKEN"),
-            env("CONSUL_HTTP_TOKEN_FILE").map(PathBuf::from).as_deref(),
-            "CONSUL_HTTP_TOKEN_FILE",
-        )?;
+        let token = if given.token.is_some() || given.token_file.is_some() {
+            consul_token(given.token, given.token_file.as_deref(), "token_file")?
+        } else {
+            consul_token(
+                env("CONSUL_HTTP_TOKEN"),
+                env("CONSUL_HTTP_TOKEN_FILE").map(PathBuf::from).as_deref(),
+                "CONSUL_HTTP_TOKEN_FILE",
+            )?
+        };
         Ok(StoreSettings {
             tls,
             token,
@@ -123,6 +147,12 @@ impl StoreSettings {
     /// The etcd settings from the environment: `ETCDCTL_CACERT`, `ETCDCTL_CERT`, `ETCDCTL_KEY`,
     /// and `ETCDCTL_USER` (`name:password`, or `name` with `ETCDCTL_PASSWORD`).
     pub fn etcd_from_env() -> Result<Self, SettingsError> {
+        Self::etcd_from(Credentials::default())
+    }
+
+    /// As [`StoreSettings::etcd_from_env`], with a user or password given elsewhere (confd's
+    /// YAML) taking the place of each variable.
+    pub fn etcd_from(given: Credentials) -> Result<Self, SettingsError> {
         let tls = TlsSettings {
             ca_file: env("ETCDCTL_CACERT").map(PathBuf::from),
             ca_path: None,
@@ -130,7 +160,10 @@ impl StoreSettings {
             key_file: env("ETCDCTL_KEY").map(PathBuf::from),
             server_name: None,
         };
-        let etcd_user = etcd_user(env("ETCDCTL_USER"), env("ETCDCTL_PASSWORD"))?;
+        let etcd_user = etcd_user(
+            given.user.or_else(|| env("ETCDCTL_USER")),
+            given.password.or_else(|| env("ETCDCTL_PASSWORD")),
+        )?;
         Ok(StoreSettings {
             tls,
             token: None,
@@ -138,11 +171,34 @@ impl StoreSettings {
         })
     }
 
+    /// The TLS keys of `given` that are set take the place of their variables.
+    pub fn override_tls(&mut self, given: &TlsSettings) {
+        let t = &mut self.tls;
+        let pick = |g: &Option<PathBuf>, e: &mut Option<PathBuf>| {
+            if g.is_some() {
+                e.clone_from(g);
+            }
+        };
+        pick(&given.ca_file, &mut t.ca_file);
+        pick(&given.ca_path, &mut t.ca_path);
+        pick(&given.cert_file, &mut t.cert_file);
+        pick(&given.key_file, &mut t.key_file);
+        if given.server_name.is_some() {
+            t.server_name.clone_from(&given.server_name);
+        }
+    }
+
     /// The settings from the environment for the store `uri` names.
     pub fn from_env(uri: &crate::RegistryUri) -> Result<Self, SettingsError> {
+        Self::from(uri, Credentials::default())
+    }
+
+    /// The settings for the store `uri` names: `given` credentials, the environment for the
+    /// rest.
+    pub fn from(uri: &crate::RegistryUri, given: Credentials) -> Result<Self, SettingsError> {
         match uri {
-            crate::RegistryUri::Etcd { .. } => Self::etcd_from_env(),
-            _ => Self::consul_from_env(),
+            crate::RegistryUri::Etcd { .. } => Self::etcd_from(given),
+            _ => Self::consul_from(given),
         }
     }
 
@@ -263,18 +319,6 @@ fn consul_token(
         )));
     }
     Ok(Some(Secret(token.to_string())))
-}
-
-/// Reads a Consul token as confd's YAML gives it (`token`, `token_file`), with the environment
-/// as fallback when neither key is set.
-pub fn consul_token_from(
-    token: Option<String>,
-    token_file: Option<&Path>,
-) -> Result<Option<Secret>, SettingsError> {
-    if token.is_none() && token_file.is_none() {
-        return Ok(StoreSettings::consul_from_env()?.token);
-    }
-    consul_token(token.filter(|t| !t.is_empty()), token_file, "token_file")
 }
 
 /// `ETCDCTL_USER` as etcdctl reads it: `name:password`, or `name` with the password apart.
