@@ -528,6 +528,8 @@ pub struct Etcd {
     data: tempfile::TempDir,
     /// Client TLS with client-certificate authentication, from these certificates.
     tls: Option<Pki>,
+    /// More `etcd` arguments.
+    extra: Vec<String>,
     proc: Option<Process>,
 }
 
@@ -539,6 +541,7 @@ impl Etcd {
             peer_port: free_port(),
             data: tempfile::tempdir().unwrap(),
             tls: None,
+            extra: Vec::new(),
             proc: None,
         };
         e.launch().await;
@@ -548,11 +551,17 @@ impl Etcd {
     /// Starts a member serving clients over HTTPS with `pki`'s server certificate, requiring
     /// client certificates signed by its CA (`--client-cert-auth`), and waits until it answers.
     pub async fn start_tls(pki: &Pki) -> Etcd {
+        Etcd::start_tls_with(pki, &[]).await
+    }
+
+    /// As [`Etcd::start_tls`], with more `etcd` arguments.
+    pub async fn start_tls_with(pki: &Pki, extra: &[&str]) -> Etcd {
         let mut e = Etcd {
             port: free_port(),
             peer_port: free_port(),
             data: tempfile::tempdir().unwrap(),
             tls: Some(pki.clone()),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             proc: None,
         };
         e.launch().await;
@@ -603,6 +612,7 @@ impl Etcd {
         if let Some(t) = &tls_args {
             args.extend(t.iter().map(String::as_str));
         }
+        args.extend(self.extra.iter().map(String::as_str));
         self.proc = Some(Process::spawn(
             &bin,
             &args,

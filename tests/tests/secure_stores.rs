@@ -290,6 +290,28 @@ node_prefix "" { policy = "read" }"#,
     drop(reg);
 }
 
+/// Sets up auth on a fresh member: `root` (password `rootpw`) and `app` (password `apppw`),
+/// whose role may read and write `/services/` only.
+fn etcd_auth_setup(etcd: &Etcd, pki: &Pki) {
+    for args in [
+        &["user", "add", "root:rootpw", "--interactive=false"][..],
+        &["role", "add", "switchboard"],
+        &[
+            "role",
+            "grant-permission",
+            "switchboard",
+            "--prefix=true",
+            "readwrite",
+            "/services/",
+        ],
+        &["user", "add", "app:apppw", "--interactive=false"],
+        &["user", "grant-role", "app", "switchboard"],
+        &["auth", "enable"],
+    ] {
+        etcdctl(etcd, pki, args);
+    }
+}
+
 /// etcdctl against the secured member, with the client certificate (and `args`).
 fn etcdctl(etcd: &Etcd, pki: &Pki, args: &[&str]) -> String {
     let out = Command::new("etcdctl")
@@ -336,23 +358,7 @@ fn etcd_keys(etcd: &Etcd, pki: &Pki, prefix: &str) -> String {
 async fn etcd_client_certificates_and_a_user_limited_to_the_prefix() {
     let pki = Pki::generate("sbtest-etcd-ca");
     let etcd = Etcd::start_tls(&pki).await;
-    for args in [
-        &["user", "add", "root:rootpw", "--interactive=false"][..],
-        &["role", "add", "switchboard"],
-        &[
-            "role",
-            "grant-permission",
-            "switchboard",
-            "--prefix=true",
-            "readwrite",
-            "/services/",
-        ],
-        &["user", "add", "app:apppw", "--interactive=false"],
-        &["user", "grant-role", "app", "switchboard"],
-        &["auth", "enable"],
-    ] {
-        etcdctl(&etcd, &pki, args);
-    }
+    etcd_auth_setup(&etcd, &pki);
     let uri = format!("etcds://127.0.0.1:{}/services", etcd.port);
     let env = [
         ("ETCDCTL_CACERT", pki.path("ca.pem")),
@@ -459,4 +465,70 @@ async fn etcd_client_certificates_and_a_user_limited_to_the_prefix() {
     // None of it removed the registration.
     assert!(etcd_keys(&etcd, &pki, "/services/").contains(&id));
     drop(reg);
+}
+
+/// An expired auth token is replaced: the client authenticates again and retries once, so a
+/// request after the token's lifetime still succeeds.
+#[tokio::test]
+async fn etcd_auth_token_is_renewed_when_it_expires() {
+    use switchboard::store::{EtcdClient, EtcdUser, Secret, StoreSettings, TlsSettings};
+    let pki = Pki::generate("sbtest-renew-ca");
+    let etcd = Etcd::start_tls_with(&pki, &["--auth-token-ttl", "1"]).await;
+    etcd_auth_setup(&etcd, &pki);
+    let settings = StoreSettings {
+        tls: TlsSettings {
+            ca_file: Some(pki.path("ca.pem").into()),
+            cert_file: Some(pki.path("client.pem").into()),
+            key_file: Some(pki.path("client.key").into()),
+            ..Default::default()
+        },
+        token: None,
+        etcd_user: Some(EtcdUser {
+            name: "app".into(),
+            password: Secret::new("apppw"),
+        }),
+    };
+    let uri = format!("etcds://127.0.0.1:{}/services", etcd.port);
+    let endpoints = match switchboard::RegistryUri::parse(&uri).unwrap() {
+        switchboard::RegistryUri::Etcd { endpoints, .. } => endpoints,
+        other => panic!("{other:?}"),
+    };
+    let client = EtcdClient::with_settings(endpoints, &settings).unwrap();
+    client.put("/services/a/1", b"one", None).await.unwrap();
+
+    // A token taken after the client's: once it is refused as invalid, the client's (older,
+    // unused since) has expired too.
+    let http = pki.client();
+    let auth = |body: Value| {
+        let http = http.clone();
+        let url = format!("{}/v3/auth/authenticate", etcd.http());
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let probe = auth(json!({"name": "app", "password": "apppw"})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let range = format!("{}/v3/kv/range", etcd.http());
+    // Each use extends a simple token's life, so the probe waits longer than the lifetime
+    // between tries.
+    let expired = poll(WAIT, Duration::from_millis(2500), || async {
+        let r = http
+            .post(&range)
+            .header("Authorization", &probe)
+            .json(&json!({"key": "L3NlcnZpY2VzLw=="}))
+            .send()
+            .await
+            .ok()?;
+        let text = r.text().await.ok()?;
+        text.contains("invalid auth token").then_some(())
+    })
+    .await;
+    assert!(expired.is_some(), "the probe token never expired");
+
+    client.put("/services/a/2", b"two", None).await.unwrap();
+    let keys = etcd_keys(&etcd, &pki, "/services/");
+    assert!(keys.contains("/services/a/2"), "{keys}");
 }
