@@ -671,6 +671,32 @@ templates:
     }
 
     #[test]
+    fn store_tls_and_credentials_keys() {
+        let o = Overrides {
+            templates: vec!["a:b".into()],
+            ..Default::default()
+        };
+        let text = "backend: consul-tls://127.0.0.1:8501\ntls:\n  ca_file: /c/ca.pem\n  \
+                    server_name: s.dc1.consul\ntoken: t0k3n\n";
+        let c = merge(parse_text(text, "c.yaml").unwrap(), &o).unwrap();
+        assert_eq!(c.store.tls.ca_file.as_deref(), Some(Path::new("/c/ca.pem")));
+        assert_eq!(c.store.tls.server_name.as_deref(), Some("s.dc1.consul"));
+        assert_eq!(c.store.token.as_ref().map(|t| t.expose()), Some("t0k3n"));
+        assert!(!format!("{c:?}").contains("t0k3n"));
+
+        let text = "backend: etcds://127.0.0.1:2379/s\nuser: app:pw\n";
+        let c = merge(parse_text(text, "c.yaml").unwrap(), &o).unwrap();
+        let u = c.store.etcd_user.unwrap();
+        assert_eq!((u.name.as_str(), u.password.expose()), ("app", "pw"));
+
+        let e = parse_text("tls: { ca_fil: x }\n", "c.yaml").unwrap_err();
+        assert!(e.to_string().contains("ca_fil"), "{e}");
+        let text = "backend: consul://h:1\ntoken_file: /nonexistent/t\n";
+        let e = merge(parse_text(text, "c.yaml").unwrap(), &o).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/t"), "{e}");
+    }
+
+    #[test]
     fn backend_falls_back_to_environment() {
         let base = Overrides {
             templates: vec!["a:b".into()],

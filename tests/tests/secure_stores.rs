@@ -193,7 +193,7 @@ node_prefix "" { policy = "read" }"#,
         &cfg,
         &format!(
             "backend: {uri}\ntls:\n  ca_file: {ca}\n  cert_file: {cert}\n  key_file: {key}\n\
-             token_file: {tf}\ntemplates:\n  - src: {src}\n    dest: {dest}\n",
+             \x20 server_name: server.dc1.consul\ntoken_file: {tf}\ntemplates:\n  - src: {src}\n    dest: {dest}\n",
             uri = sc.uri(),
             ca = pki.path("ca.pem"),
             cert = pki.path("client.pem"),
@@ -213,13 +213,45 @@ node_prefix "" { policy = "read" }"#,
     let text = std::fs::read_to_string(&dest).unwrap();
     assert!(text.contains(&id), "{text}");
 
-    // The read-only token (given as a file, client certificate under gliderlabs' names):
-    // its registration is refused with one clear line, and its token is never shown.
+    // confd with a CA that did not sign the server's certificate: nothing rendered, the
+    // reason in one line, the file left as it was.
+    let other = Pki::generate("sbtest-other-ca");
+    let bad_cfg = dir.path().join("bad.yaml");
+    write(
+        &bad_cfg,
+        &format!(
+            "{}once_timeout: 3s\n",
+            std::fs::read_to_string(&cfg)
+                .unwrap()
+                .replace(&pki.path("ca.pem"), &other.path("ca.pem"))
+        ),
+    );
+    let (ok, out) = run_to_exit(Process::spawn(
+        &bin("confd"),
+        &["--config", bad_cfg.to_str().unwrap(), "--once"],
+        &[],
+    ))
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("server certificate verification failed")
+                && l.contains(&format!("https://127.0.0.1:{}", sc.https_port))),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), text);
+
+    // The read-only token (given as a file, the CA as a directory, the client certificate
+    // under gliderlabs' names): its registration is refused with one clear line, and its
+    // token is never shown.
+    let ca_dir = dir.path().join("ca.d");
+    std::fs::create_dir(&ca_dir).unwrap();
+    std::fs::copy(pki.path("ca.pem"), ca_dir.join("ca.pem")).unwrap();
     let ro = registrator(
         &sc.uri(),
         &["-hostname", "readonly"],
         &[
-            ("CONSUL_CACERT", &pki.path("ca.pem")),
+            ("CONSUL_CAPATH", ca_dir.to_str().unwrap()),
             ("CONSUL_TLSCERT", &pki.path("client.pem")),
             ("CONSUL_TLSKEY", &pki.path("client.key")),
             ("CONSUL_HTTP_TOKEN_FILE", token_file.to_str().unwrap()),
@@ -255,7 +287,6 @@ node_prefix "" { policy = "read" }"#,
     assert!(!out.contains("not-a-real-token"), "{out}");
 
     // A CA that did not sign the server's certificate: verification fails, one line, exit 1.
-    let other = Pki::generate("sbtest-other-ca");
     let mut env = consul_env(&pki, &write_token);
     env[0].1 = other.path("ca.pem");
     let (ok, out) = run_to_exit(registrator(
@@ -269,6 +300,22 @@ node_prefix "" { policy = "read" }"#,
     assert!(
         last.contains("server certificate verification failed")
             && last.contains(&format!("https://127.0.0.1:{}", sc.https_port)),
+        "{out}"
+    );
+
+    // A server name the certificate does not carry: verification fails.
+    let mut env = consul_env(&pki, &write_token);
+    env.push(("CONSUL_TLS_SERVER_NAME", "other.example".into()));
+    let (ok, out) = run_to_exit(registrator(
+        &sc.uri(),
+        &["-retry-attempts", "0"],
+        &env_refs(&env),
+    ))
+    .await;
+    assert!(!ok, "{out}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("server certificate verification failed"),
         "{out}"
     );
 
