@@ -505,19 +505,32 @@ fn store_settings(
 
 /// No backend given: `CONSUL_HTTP_ADDR` (Consul agent services), then `ETCDCTL_ENDPOINTS`.
 fn backend_from_env(o: &Overrides) -> Result<RegistryUri, String> {
+    // `https://` means TLS, as it does to Consul's and etcd's own tools.
     let strip = |s: &str| {
-        s.trim()
+        let s = s.trim();
+        let tls = s.starts_with("https://");
+        let rest = s
+            .trim_start_matches("https://")
             .trim_start_matches("http://")
             .trim_end_matches('/')
-            .to_string()
+            .to_string();
+        (tls, rest)
     };
     if let Some(addr) = o.consul_http_addr.as_deref().filter(|s| !s.is_empty()) {
-        let uri = format!("consul://{}", strip(addr));
+        let (tls, host) = strip(addr);
+        let scheme = if tls { "consul-tls" } else { "consul" };
+        let uri = format!("{scheme}://{host}");
         return RegistryUri::parse(&uri).map_err(|e| format!("CONSUL_HTTP_ADDR: {e}"));
     }
     if let Some(eps) = o.etcdctl_endpoints.as_deref().filter(|s| !s.is_empty()) {
-        let hosts: Vec<String> = eps.split(',').map(strip).collect();
-        let uri = format!("etcd://{}", hosts.join(","));
+        let parts: Vec<(bool, String)> = eps.split(',').map(strip).collect();
+        let scheme = if parts.iter().any(|(tls, _)| *tls) {
+            "etcds"
+        } else {
+            "etcd"
+        };
+        let hosts: Vec<String> = parts.into_iter().map(|(_, h)| h).collect();
+        let uri = format!("{scheme}://{}", hosts.join(","));
         return RegistryUri::parse(&uri).map_err(|e| format!("ETCDCTL_ENDPOINTS: {e}"));
     }
     Err("no backend: expected `backend:` in the config file, --backend URI, CONSUL_HTTP_ADDR or ETCDCTL_ENDPOINTS".into())
@@ -711,6 +724,8 @@ templates:
                 "consul",
             ),
             (None, Some("http://e1:2379,http://e2:2380"), "etcd", "e1"),
+            (Some("https://10.0.0.2:8501"), None, "consul", "10.0.0.2"),
+            (None, Some("https://e1:2379,https://e2:2379"), "etcd", "e1"),
         ];
         for (consul, etcd, kind, host) in cases {
             let o = Overrides {
@@ -728,6 +743,8 @@ templates:
                 RegistryUri::ConsulKv { .. } => "consulkv",
             };
             assert_eq!(got, kind);
+            let tls = consul.or(etcd).unwrap().starts_with("https://");
+            assert_eq!(c.backend.primary().tls, tls, "{consul:?} {etcd:?}");
             assert_eq!(c.backend.primary().host, host);
         }
         let e = merge(FileConfig::default(), &base).unwrap_err().to_string();
