@@ -267,6 +267,15 @@ impl StoreSettings {
             }
         }
         if let Some(name) = &tls.server_name {
+            // The name is pinned to addresses by name, so one name cannot stand for several
+            // members that the client fails over between.
+            if endpoints.len() > 1 {
+                return Err(SettingsError::new(format!(
+                    "TLS server name {name:?} works with one endpoint, not {}: expected the \
+                     members' own names in the URI instead",
+                    endpoints.len()
+                )));
+            }
             for ep in endpoints {
                 for addr in resolve(ep)? {
                     b = b.resolve(name, addr);
@@ -456,5 +465,20 @@ mod tests {
         };
         let e = s.http_client(&[], |b| b).unwrap_err().to_string();
         assert!(e.contains("go together"), "{e}");
+        let s = StoreSettings {
+            tls: TlsSettings {
+                server_name: Some("etcd.internal".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let eps = match crate::RegistryUri::parse("etcds://10.0.0.1:2379,10.0.0.2:2379").unwrap() {
+            crate::RegistryUri::Etcd { endpoints, .. } => endpoints,
+            other => panic!("{other:?}"),
+        };
+        let e = s.http_client(&eps, |b| b).unwrap_err().to_string();
+        assert!(e.contains("one endpoint"), "{e}");
+        assert_eq!(s.request_base(&eps[0]), "https://etcd.internal:2379");
+        assert!(s.http_client(&eps[..1], |b| b).is_ok());
     }
 }
