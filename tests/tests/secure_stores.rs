@@ -283,7 +283,11 @@ node_prefix "" { policy = "read" }"#,
     ))
     .await;
     assert!(!ok, "{out}");
-    assert!(out.contains("ACL not found"), "{out}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("cannot use the consul store") && last.contains("ACL not found"),
+        "{out}"
+    );
     assert!(!out.contains("not-a-real-token"), "{out}");
 
     // A CA that did not sign the server's certificate: verification fails, one line, exit 1.
