@@ -124,6 +124,34 @@ acl {{
         t["SecretID"].as_str().unwrap().to_string()
     }
 
+    /// Deletes the token whose secret is `secret`; returns what [`SecureConsul::restore`]
+    /// needs to make it again.
+    async fn revoke(&self, secret: &str) -> Value {
+        let tokens = self.api("GET", "/v1/acl/tokens", Value::Null).await;
+        for t in tokens.as_array().unwrap() {
+            let accessor = t["AccessorID"].as_str().unwrap();
+            let full = self
+                .api("GET", &format!("/v1/acl/token/{accessor}"), Value::Null)
+                .await;
+            if full["SecretID"] == secret {
+                self.api("DELETE", &format!("/v1/acl/token/{accessor}"), Value::Null)
+                    .await;
+                return full;
+            }
+        }
+        panic!("no such token");
+    }
+
+    /// Makes a revoked token again, with the same secret.
+    async fn restore(&self, token: &Value) {
+        let body = json!({
+            "AccessorID": token["AccessorID"],
+            "SecretID": token["SecretID"],
+            "Policies": token["Policies"],
+        });
+        self.api("PUT", "/v1/acl/token", body).await;
+    }
+
     fn uri(&self) -> String {
         format!("consul-tls://127.0.0.1:{}", self.https_port)
     }
@@ -338,6 +366,25 @@ node_prefix "" { policy = "read" }"#,
 
     // None of the failures touched the good registration.
     assert!(sc.service_ids().await.contains(&id));
+
+    // The running registrator's token is revoked: its store checks are refused, one line
+    // each, and its registration stays; once the token is back, it carries on.
+    let revoked = sc.revoke(&write_token).await;
+    reg.wait_output("ACL not found", WAIT).await;
+    assert!(sc.service_ids().await.contains(&id));
+    sc.restore(&revoked).await;
+    let c2 = web("sec-consul2");
+    let id2 = format!("{}:{}:80", hostname(), c2.name);
+    wait_for(
+        &format!("{id2} registered after the token came back"),
+        WAIT,
+        || async {
+            let ids = sc.service_ids().await;
+            (ids.contains(&id2) && ids.contains(&id)).then_some(())
+        },
+    )
+    .await;
+    assert!(!reg.output().contains(&write_token), "{}", reg.output());
     drop(reg);
 }
 
