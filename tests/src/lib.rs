@@ -364,6 +364,16 @@ impl Pki {
     }
 }
 
+/// When a Consul agent the tests start counts as ready.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ConsulReady {
+    /// Its catalog lists its own `consul` service (so its registrations show at once).
+    Catalog,
+    /// It has a leader (`/v1/status/leader`, which needs no ACL token): with ACLs in
+    /// default-deny mode an anonymous reader sees no catalog.
+    Leader,
+}
+
 /// A Consul dev agent on free loopback ports. Dev mode keeps nothing on disk, so a restart
 /// forgets every registration: exactly the outage registrator must recover from.
 pub struct Consul {
@@ -371,9 +381,8 @@ pub struct Consul {
     pub port: u16,
     ports: [u16; 4],
     hcl: String,
-    /// Readiness is the leader only (`/v1/status/leader`, which needs no ACL token), not
-    /// the catalog: with ACLs in default-deny mode an anonymous reader sees no catalog.
-    leader_only: bool,
+    /// When the agent counts as ready.
+    ready: ConsulReady,
     proc: Option<Process>,
 }
 
@@ -389,7 +398,7 @@ impl Consul {
             port: free_port(),
             ports: [free_port(), free_port(), free_port(), free_port()],
             hcl: hcl.to_string(),
-            leader_only: false,
+            ready: ConsulReady::Catalog,
             proc: None,
         };
         c.launch().await;
@@ -404,7 +413,7 @@ impl Consul {
             port: free_port(),
             ports: [free_port(), free_port(), free_port(), free_port()],
             hcl: hcl.to_string(),
-            leader_only: true,
+            ready: ConsulReady::Leader,
             proc: None,
         };
         c.launch().await;
@@ -446,7 +455,7 @@ impl Consul {
         // catalog or health queries yet. Callers rely on all of it, so wait for that sync.
         let url = format!("{}/v1/catalog/services", self.http());
         let client = reqwest::Client::new();
-        if self.leader_only {
+        if self.ready == ConsulReady::Leader {
             let url = format!("{}/v1/status/leader", self.http());
             wait_for("consul leader", Duration::from_secs(30), || {
                 let client = client.clone();
