@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use switchboard::store::{Credentials, StoreSettings, TlsSettings};
 use switchboard::RegistryUri;
 
 /// Quiescence window: render once changes have stopped for `min`, but never later than `max`
@@ -240,6 +241,21 @@ struct FileConfig {
     ignore_services: Vec<String>,
     #[serde(default = "default_once_timeout", with = "duration::serde_text")]
     once_timeout: Duration,
+    /// TLS material for the store; each key set here wins over its environment variable.
+    #[serde(default)]
+    tls: Option<TlsSettings>,
+    /// Consul ACL token (over `CONSUL_HTTP_TOKEN`).
+    #[serde(default)]
+    token: Option<String>,
+    /// File holding the Consul ACL token (over `CONSUL_HTTP_TOKEN_FILE`).
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    /// etcd user, `name` or `name:password` (over `ETCDCTL_USER`).
+    #[serde(default)]
+    user: Option<String>,
+    /// etcd password (over `ETCDCTL_PASSWORD`).
+    #[serde(default)]
+    password: Option<String>,
 }
 
 impl Default for FileConfig {
@@ -318,6 +334,8 @@ pub struct Config {
     pub ignore_services: Vec<String>,
     /// `--once`: how long to wait for the first healthy snapshot.
     pub once_timeout: Duration,
+    /// TLS material and credentials for the store (YAML keys over the environment).
+    pub store: StoreSettings,
 }
 
 impl Config {
@@ -421,11 +439,12 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     let incomplete = ConfigError::Incomplete;
     let backend = match &o.backend {
         Some(b) => RegistryUri::parse(b).map_err(|e| incomplete(e.to_string()))?,
-        None => match file.backend {
-            Some(Backend(b)) => b,
+        None => match &file.backend {
+            Some(Backend(b)) => b.clone(),
             None => backend_from_env(o).map_err(incomplete)?,
         },
     };
+    let store = store_settings(&file, &backend).map_err(|e| incomplete(e.to_string()))?;
     let wait = match &o.wait {
         Some(w) => Wait::parse_flag(w).map_err(|e| incomplete(format!("--wait: {e}")))?,
         None => file.wait.unwrap_or_default(),
@@ -452,6 +471,7 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         vars.insert(k.to_string(), serde_json::Value::String(val.to_string()));
     }
     Ok(Config {
+        store,
         backend,
         wait,
         include_unhealthy: file.include_unhealthy,
@@ -465,21 +485,52 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     })
 }
 
+/// The store settings: the YAML keys that are set, the environment for the rest.
+fn store_settings(
+    file: &FileConfig,
+    backend: &RegistryUri,
+) -> Result<StoreSettings, switchboard::store::SettingsError> {
+    let given = Credentials {
+        token: file.token.clone(),
+        token_file: file.token_file.clone(),
+        user: file.user.clone(),
+        password: file.password.clone(),
+    };
+    let mut s = StoreSettings::from(backend, given)?;
+    if let Some(t) = &file.tls {
+        s.override_tls(t);
+    }
+    Ok(s)
+}
+
 /// No backend given: `CONSUL_HTTP_ADDR` (Consul agent services), then `ETCDCTL_ENDPOINTS`.
 fn backend_from_env(o: &Overrides) -> Result<RegistryUri, String> {
+    // `https://` means TLS, as it does to Consul's and etcd's own tools.
     let strip = |s: &str| {
-        s.trim()
+        let s = s.trim();
+        let tls = s.starts_with("https://");
+        let rest = s
+            .trim_start_matches("https://")
             .trim_start_matches("http://")
             .trim_end_matches('/')
-            .to_string()
+            .to_string();
+        (tls, rest)
     };
     if let Some(addr) = o.consul_http_addr.as_deref().filter(|s| !s.is_empty()) {
-        let uri = format!("consul://{}", strip(addr));
+        let (tls, host) = strip(addr);
+        let scheme = if tls { "consul-tls" } else { "consul" };
+        let uri = format!("{scheme}://{host}");
         return RegistryUri::parse(&uri).map_err(|e| format!("CONSUL_HTTP_ADDR: {e}"));
     }
     if let Some(eps) = o.etcdctl_endpoints.as_deref().filter(|s| !s.is_empty()) {
-        let hosts: Vec<String> = eps.split(',').map(strip).collect();
-        let uri = format!("etcd://{}", hosts.join(","));
+        let parts: Vec<(bool, String)> = eps.split(',').map(strip).collect();
+        let scheme = if parts.iter().any(|(tls, _)| *tls) {
+            "etcds"
+        } else {
+            "etcd"
+        };
+        let hosts: Vec<String> = parts.into_iter().map(|(_, h)| h).collect();
+        let uri = format!("{scheme}://{}", hosts.join(","));
         return RegistryUri::parse(&uri).map_err(|e| format!("ETCDCTL_ENDPOINTS: {e}"));
     }
     Err("no backend: expected `backend:` in the config file, --backend URI, CONSUL_HTTP_ADDR or ETCDCTL_ENDPOINTS".into())
@@ -633,6 +684,32 @@ templates:
     }
 
     #[test]
+    fn store_tls_and_credentials_keys() {
+        let o = Overrides {
+            templates: vec!["a:b".into()],
+            ..Default::default()
+        };
+        let text = "backend: consul-tls://127.0.0.1:8501\ntls:\n  ca_file: /c/ca.pem\n  \
+                    server_name: s.dc1.consul\ntoken: t0k3n\n";
+        let c = merge(parse_text(text, "c.yaml").unwrap(), &o).unwrap();
+        assert_eq!(c.store.tls.ca_file.as_deref(), Some(Path::new("/c/ca.pem")));
+        assert_eq!(c.store.tls.server_name.as_deref(), Some("s.dc1.consul"));
+        assert_eq!(c.store.token.as_ref().map(|t| t.expose()), Some("t0k3n"));
+        assert!(!format!("{c:?}").contains("t0k3n"));
+
+        let text = "backend: etcds://127.0.0.1:2379/s\nuser: app:pw\n";
+        let c = merge(parse_text(text, "c.yaml").unwrap(), &o).unwrap();
+        let u = c.store.etcd_user.unwrap();
+        assert_eq!((u.name.as_str(), u.password.expose()), ("app", "pw"));
+
+        let e = parse_text("tls: { ca_fil: x }\n", "c.yaml").unwrap_err();
+        assert!(e.to_string().contains("ca_fil"), "{e}");
+        let text = "backend: consul://h:1\ntoken_file: /nonexistent/t\n";
+        let e = merge(parse_text(text, "c.yaml").unwrap(), &o).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/t"), "{e}");
+    }
+
+    #[test]
     fn backend_falls_back_to_environment() {
         let base = Overrides {
             templates: vec!["a:b".into()],
@@ -647,6 +724,8 @@ templates:
                 "consul",
             ),
             (None, Some("http://e1:2379,http://e2:2380"), "etcd", "e1"),
+            (Some("https://10.0.0.2:8501"), None, "consul", "10.0.0.2"),
+            (None, Some("https://e1:2379,https://e2:2379"), "etcd", "e1"),
         ];
         for (consul, etcd, kind, host) in cases {
             let o = Overrides {
@@ -664,6 +743,8 @@ templates:
                 RegistryUri::ConsulKv { .. } => "consulkv",
             };
             assert_eq!(got, kind);
+            let tls = consul.or(etcd).unwrap().starts_with("https://");
+            assert_eq!(c.backend.primary().tls, tls, "{consul:?} {etcd:?}");
             assert_eq!(c.backend.primary().host, host);
         }
         let e = merge(FileConfig::default(), &base).unwrap_err().to_string();

@@ -133,7 +133,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
     let once = opts.once || opts.dry_run;
     let src_shutdown = shutdown.child_token();
     let _stop_sources = src_shutdown.clone().drop_guard();
-    let mut source = source::spawn(&cfg, src_shutdown);
+    let mut source = source::spawn(&cfg, src_shutdown)?;
     let mut renderer = Renderer::default();
 
     if once {
@@ -667,6 +667,7 @@ mod tests {
             max_long_polls: 64,
             ignore_services: vec![],
             once_timeout: Duration::from_secs(1),
+            store: Default::default(),
         }
     }
 

@@ -25,6 +25,7 @@ pub use host::{hostname, primary_address};
 
 use anyhow::{bail, Context};
 use std::time::Duration;
+use switchboard::store::StoreSettings;
 use switchboard::{Shutdown, Store};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -51,7 +52,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         config.uri.primary(),
         config.hostname
     );
-    let store = Store::new(&config.uri);
+    // The environment is read once, here: TLS files and the token are the store's business.
+    let settings = StoreSettings::from_env(&config.uri).context("store settings")?;
+    let store = Store::with_settings(&config.uri, &settings).context("store settings")?;
     if !connect_store(&store, &config, &shutdown).await? {
         return Ok(());
     }
@@ -123,9 +126,15 @@ async fn connect_store(
             Err(e) => e,
         };
         if config.retry_attempts.is_some_and(|max| attempt >= max) {
+            // "Reach" only when it did not answer: a refused certificate or token is a
+            // different fix for the operator.
+            let verb = match err {
+                switchboard::StoreError::Unreachable { .. } => "reach",
+                _ => "use",
+            };
             return Err(err).with_context(|| {
                 format!(
-                    "cannot reach the {} store at {} after {} attempt(s) (see -retry-attempts)",
+                    "cannot {verb} the {} store at {} after {} attempt(s) (see -retry-attempts)",
                     store.kind(),
                     config.uri.primary(),
                     attempt + 1

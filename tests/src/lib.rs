@@ -252,6 +252,131 @@ pub async fn wait_pid_file(pid_file: &Path, timeout: Duration) -> u32 {
     .await
 }
 
+/// Test certificates made with `openssl`: a CA (`ca.pem`, `ca.key`), a server certificate for
+/// 127.0.0.1 and `localhost` (`server.pem`, `server.key`; also usable as a client, as etcd's
+/// own gateway needs) and a client certificate without a Common Name (`client.pem`,
+/// `client.key`), all in a temp
+/// directory that lives as long as any clone.
+#[derive(Clone)]
+pub struct Pki {
+    dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl Pki {
+    /// Generates a CA named `cn` and the server and client certificates it signs.
+    pub fn generate(cn: &str) -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl runs (scripts/setup installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let subj = format!("/CN={cn}");
+        let mut args = vec![
+            "req", "-x509", "-days", "2", "-keyout", "ca.key", "-out", "ca.pem",
+        ];
+        args.extend(ec);
+        args.extend(["-subj", &subj]);
+        args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+        args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+        openssl(&args);
+        for (name, san) in [
+            ("server", "IP:127.0.0.1,DNS:localhost,DNS:server.dc1.consul"),
+            ("client", "DNS:client"),
+        ] {
+            let ext = format!("{name}.ext");
+            std::fs::write(
+                d.join(&ext),
+                format!(
+                    "subjectAltName={san}\nbasicConstraints=CA:FALSE\n\
+                     keyUsage=critical,digitalSignature,keyEncipherment\n\
+                     extendedKeyUsage=serverAuth,clientAuth\n"
+                ),
+            )
+            .unwrap();
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            // No Common Name on the client certificate: with client-certificate auth and
+            // auth enabled, etcd's JSON gateway refuses a certificate that has one (it
+            // cannot carry the CN as the user), answering 400.
+            let subj = if name == "client" {
+                "/O=switchboard-test".to_string()
+            } else {
+                format!("/CN={name}")
+            };
+            let mut args = vec!["req", "-keyout", &key, "-out", &csr, "-subj", &subj];
+            args.extend(ec);
+            openssl(&args);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                &ext,
+            ]);
+        }
+        Pki {
+            dir: std::sync::Arc::new(dir),
+        }
+    }
+
+    /// The path of one of the files, as a string.
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
+
+    /// A client trusting only this CA and presenting the client certificate.
+    pub fn client(&self) -> reqwest::Client {
+        let ca = std::fs::read(self.path("ca.pem")).unwrap();
+        let mut id = std::fs::read(self.path("client.pem")).unwrap();
+        id.extend(std::fs::read(self.path("client.key")).unwrap());
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .identity(reqwest::Identity::from_pem(&id).unwrap())
+            .build()
+            .unwrap()
+    }
+}
+
+/// When a Consul agent the tests start counts as ready.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ConsulReady {
+    /// Its catalog lists its own `consul` service (so its registrations show at once).
+    Catalog,
+    /// It has a leader (`/v1/status/leader`, which needs no ACL token): with ACLs in
+    /// default-deny mode an anonymous reader sees no catalog.
+    Leader,
+}
+
 /// A Consul dev agent on free loopback ports. Dev mode keeps nothing on disk, so a restart
 /// forgets every registration: exactly the outage registrator must recover from.
 pub struct Consul {
@@ -259,6 +384,8 @@ pub struct Consul {
     pub port: u16,
     ports: [u16; 4],
     hcl: String,
+    /// When the agent counts as ready.
+    ready: ConsulReady,
     proc: Option<Process>,
 }
 
@@ -274,6 +401,22 @@ impl Consul {
             port: free_port(),
             ports: [free_port(), free_port(), free_port(), free_port()],
             hcl: hcl.to_string(),
+            ready: ConsulReady::Catalog,
+            proc: None,
+        };
+        c.launch().await;
+        c
+    }
+
+    /// Starts an agent whose configuration (HCL) may enable ACLs in default-deny mode or
+    /// HTTPS, and waits only for a leader (the plain HTTP port stays open on loopback for
+    /// that, and for the test's own setup requests).
+    pub async fn start_secure(hcl: &str) -> Consul {
+        let mut c = Consul {
+            port: free_port(),
+            ports: [free_port(), free_port(), free_port(), free_port()],
+            hcl: hcl.to_string(),
+            ready: ConsulReady::Leader,
             proc: None,
         };
         c.launch().await;
@@ -315,6 +458,20 @@ impl Consul {
         // catalog or health queries yet. Callers rely on all of it, so wait for that sync.
         let url = format!("{}/v1/catalog/services", self.http());
         let client = reqwest::Client::new();
+        if self.ready == ConsulReady::Leader {
+            let url = format!("{}/v1/status/leader", self.http());
+            wait_for("consul leader", Duration::from_secs(30), || {
+                let client = client.clone();
+                let url = url.clone();
+                async move {
+                    let r = client.get(&url).send().await.ok()?;
+                    let v: String = r.json().await.ok()?;
+                    (!v.is_empty()).then_some(())
+                }
+            })
+            .await;
+            return;
+        }
         wait_for(
             "consul leader and its own catalog entry",
             Duration::from_secs(30),
@@ -381,6 +538,10 @@ pub struct Etcd {
     pub port: u16,
     peer_port: u16,
     data: tempfile::TempDir,
+    /// Client TLS with client-certificate authentication, from these certificates.
+    tls: Option<Pki>,
+    /// More `etcd` arguments.
+    extra: Vec<String>,
     proc: Option<Process>,
 }
 
@@ -391,18 +552,49 @@ impl Etcd {
             port: free_port(),
             peer_port: free_port(),
             data: tempfile::tempdir().unwrap(),
+            tls: None,
+            extra: Vec::new(),
             proc: None,
         };
         e.launch().await;
         e
     }
 
+    /// Starts a member serving clients over HTTPS with `pki`'s server certificate, requiring
+    /// client certificates signed by its CA (`--client-cert-auth`), and waits until it answers.
+    pub async fn start_tls(pki: &Pki) -> Etcd {
+        Etcd::start_tls_with(pki, &[]).await
+    }
+
+    /// As [`Etcd::start_tls`], with more `etcd` arguments.
+    pub async fn start_tls_with(pki: &Pki, extra: &[&str]) -> Etcd {
+        let mut e = Etcd {
+            port: free_port(),
+            peer_port: free_port(),
+            data: tempfile::tempdir().unwrap(),
+            tls: Some(pki.clone()),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            proc: None,
+        };
+        e.launch().await;
+        e
+    }
+
+    /// A client of this member's gateway: with the client certificate when it serves TLS.
+    pub fn http_client(&self) -> reqwest::Client {
+        match &self.tls {
+            None => reqwest::Client::new(),
+            Some(pki) => pki.client(),
+        }
+    }
+
     async fn launch(&mut self) {
         let bin = find_program("etcd", &["/usr/bin", "/opt/switchboard/bin"]);
-        let client = format!("http://127.0.0.1:{}", self.port);
+        let client = self.http();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let data = self.data.path().join("member");
-        let args = [
+        let cluster = format!("sbtest={peer}");
+        let mut args = vec![
             "--name",
             "sbtest",
             "--data-dir",
@@ -416,15 +608,30 @@ impl Etcd {
             "--initial-advertise-peer-urls",
             &peer,
             "--initial-cluster",
-            &format!("sbtest={peer}"),
+            &cluster,
         ];
+        let tls_args = self.tls.as_ref().map(|pki| {
+            [
+                "--cert-file".to_string(),
+                pki.path("server.pem"),
+                "--key-file".to_string(),
+                pki.path("server.key"),
+                "--trusted-ca-file".to_string(),
+                pki.path("ca.pem"),
+                "--client-cert-auth".to_string(),
+            ]
+        });
+        if let Some(t) = &tls_args {
+            args.extend(t.iter().map(String::as_str));
+        }
+        args.extend(self.extra.iter().map(String::as_str));
         self.proc = Some(Process::spawn(
             &bin,
             &args,
             &[("ETCD_UNSUPPORTED_ARCH", "")],
         ));
         let url = format!("{client}/v3/kv/range");
-        let http = reqwest::Client::new();
+        let http = self.http_client();
         wait_for("etcd to answer", Duration::from_secs(30), || {
             let http = http.clone();
             let url = url.clone();
@@ -441,9 +648,10 @@ impl Etcd {
         .await;
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when it serves TLS).
     pub fn http(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// `etcd://127.0.0.1:<port>/<prefix>`.

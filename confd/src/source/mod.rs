@@ -190,14 +190,12 @@ impl Drop for LongPollGuard {
 }
 
 /// Starts the source the backend URI names; it runs until `shutdown`.
-pub fn spawn(cfg: &Config, shutdown: Shutdown) -> SourceHandle {
+/// Fails, naming the file, when the store's TLS material cannot be used.
+pub fn spawn(cfg: &Config, shutdown: Shutdown) -> anyhow::Result<SourceHandle> {
     let (publisher, handle) = Publisher::new();
-    let token = std::env::var("CONSUL_HTTP_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
     match &cfg.backend {
         RegistryUri::Consul { endpoint } => {
-            let client = switchboard::store::ConsulClient::new(endpoint, token.clone());
+            let client = switchboard::store::ConsulClient::with_settings(endpoint, &cfg.store)?;
             tokio::spawn(consul::run(
                 consul::Mode::Agent,
                 client,
@@ -207,7 +205,7 @@ pub fn spawn(cfg: &Config, shutdown: Shutdown) -> SourceHandle {
             ));
         }
         RegistryUri::ConsulKv { endpoint, prefix } => {
-            let client = switchboard::store::ConsulClient::new(endpoint, token.clone());
+            let client = switchboard::store::ConsulClient::with_settings(endpoint, &cfg.store)?;
             tokio::spawn(consul::run(
                 consul::Mode::Kv(prefix.clone()),
                 client,
@@ -217,7 +215,8 @@ pub fn spawn(cfg: &Config, shutdown: Shutdown) -> SourceHandle {
             ));
         }
         RegistryUri::Etcd { endpoints, prefix } => {
-            let client = switchboard::store::EtcdClient::new(endpoints.clone());
+            let client =
+                switchboard::store::EtcdClient::with_settings(endpoints.clone(), &cfg.store)?;
             tokio::spawn(etcd::run(
                 client,
                 prefix.clone(),
@@ -228,5 +227,5 @@ pub fn spawn(cfg: &Config, shutdown: Shutdown) -> SourceHandle {
             ));
         }
     }
-    handle
+    Ok(handle)
 }

@@ -5,7 +5,7 @@
 //! payloads and read answers. Payload building and answer decoding are pure functions so they
 //! can be unit-tested without an agent.
 
-use super::{one_line, ttl_check_id, StoreError};
+use super::{transport_error, ttl_check_id, SettingsError, StoreError, StoreSettings};
 use crate::{consul_duration, Check, CheckKind, Endpoint, Service};
 use base64::Engine;
 use reqwest::header::HeaderValue;
@@ -34,6 +34,8 @@ const META_MAX_VALUE_LEN: usize = 512;
 pub struct ConsulClient {
     http: reqwest::Client,
     base: String,
+    /// Where requests go: `base`, or with the host replaced by the TLS server name.
+    request_base: String,
     /// Marked sensitive, so `Debug` (and thus logs) never show it.
     token: Option<HeaderValue>,
 }
@@ -85,32 +87,46 @@ impl Reply {
 }
 
 impl ConsulClient {
-    /// A client of the agent at `endpoint`, sending `token` as `X-Consul-Token` when set.
+    /// A client of the agent at `endpoint`, sending `token` as `X-Consul-Token` when set, with
+    /// the public web roots for HTTPS.
+    pub fn new(endpoint: &Endpoint, token: Option<String>) -> Self {
+        let settings = StoreSettings {
+            token: token.map(super::Secret::new),
+            ..Default::default()
+        };
+        Self::with_settings(endpoint, &settings).expect("a client without TLS files always builds")
+    }
+
+    /// A client of the agent at `endpoint` with `settings`' TLS material and ACL token.
     ///
     /// A token that cannot be an HTTP header value (control characters) is dropped with a
     /// warning: the agent then answers 403, which names the problem better than a panic here.
-    pub fn new(endpoint: &Endpoint, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .build()
-            // Only fails when a TLS backend cannot initialise; none is compiled in.
-            .expect("building the HTTP client");
-        let token = token.and_then(|t| match HeaderValue::from_str(&t) {
-            Ok(mut v) => {
-                v.set_sensitive(true);
-                Some(v)
-            }
-            Err(_) => {
-                tracing::warn!("Consul token is not a valid HTTP header value; not sending it");
-                None
-            }
-        });
-        ConsulClient {
+    pub fn with_settings(
+        endpoint: &Endpoint,
+        settings: &StoreSettings,
+    ) -> Result<Self, SettingsError> {
+        let http = settings.http_client(std::slice::from_ref(endpoint), |b| {
+            b.connect_timeout(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT)
+        })?;
+        let token = settings
+            .token
+            .as_ref()
+            .and_then(|t| match HeaderValue::from_str(t.expose()) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    Some(v)
+                }
+                Err(_) => {
+                    tracing::warn!("Consul token is not a valid HTTP header value; not sending it");
+                    None
+                }
+            });
+        Ok(ConsulClient {
             http,
             base: endpoint.base_url(),
+            request_base: settings.request_base(endpoint),
             token,
-        }
+        })
     }
 
     /// The agent's base URL.
@@ -293,7 +309,7 @@ impl ConsulClient {
             Some((flag, index, wait)) => blocking_query(flag, index, wait),
             None => (String::new(), REQUEST_TIMEOUT),
         };
-        let url = format!("{}{path}{query}", self.base);
+        let url = format!("{}{path}{query}", self.request_base);
         let mut req = self.http.request(method, url).timeout(timeout);
         if let Some(token) = &self.token {
             req = req.header("X-Consul-Token", token.clone());
@@ -301,10 +317,7 @@ impl ConsulClient {
         if let Some(body) = body {
             req = req.body(body);
         }
-        let unreachable = |e: reqwest::Error| StoreError::Unreachable {
-            endpoint: self.base.clone(),
-            reason: format!("{what}: {}", one_line(&e.without_url())),
-        };
+        let unreachable = |e: reqwest::Error| transport_error(&self.base, &what, &e.without_url());
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
         let index = resp
@@ -325,6 +338,15 @@ impl ConsulClient {
     fn ok(&self, reply: Reply) -> Result<Reply, StoreError> {
         if reply.status.is_success() {
             return Ok(reply);
+        }
+        if reply.status == StatusCode::FORBIDDEN {
+            // "Permission denied" (the token lacks the right) or "ACL not found" (an unknown
+            // token). Named as the store put it; the token itself is never in the message.
+            return Err(StoreError::Denied {
+                endpoint: self.base.clone(),
+                reason: format!("{} (check the ACL token's policy)", reply.first_line()),
+                what: reply.what,
+            });
         }
         Err(StoreError::Status {
             endpoint: self.base.clone(),
@@ -664,6 +686,7 @@ impl From<ApiHealthEntry> for HealthEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::one_line;
 
     fn svc() -> Service {
         Service {

@@ -5,12 +5,13 @@
 //! strings, zero-valued fields are left out, and streaming calls (`watch`, `keepalive`) answer
 //! with one JSON object per line, each wrapped in `{"result": ...}`.
 
-use super::{one_line, StoreError};
+use super::{one_line, transport_error, EtcdUser, SettingsError, StoreError, StoreSettings};
 use crate::Endpoint;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
+use reqwest::header::HeaderValue;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_json::json;
@@ -37,8 +38,32 @@ pub struct EtcdClient {
     /// For watches: connect timeout only, the response streams for as long as it lives.
     watch_http: reqwest::Client,
     endpoints: Vec<Endpoint>,
+    /// Where requests to each endpoint go (its base URL, or the TLS server name's).
+    bases: Vec<String>,
     /// Index into `endpoints` of the member requests go to first.
     current: Arc<AtomicUsize>,
+    /// The user to authenticate as, and the token it holds; shared by clones.
+    auth: Option<Arc<Auth>>,
+}
+
+/// etcd authentication: the user and the current token (`None` until the first request, and
+/// again once etcd calls it invalid, which is how an expired token shows).
+#[derive(Debug)]
+struct Auth {
+    user: EtcdUser,
+    token: tokio::sync::Mutex<Option<HeaderValue>>,
+}
+
+/// Whether an etcd error says the auth token is no longer valid (expired, or the member
+/// restarted and forgot it): then authenticating again and retrying once is right.
+fn is_invalid_token(e: &StoreError) -> bool {
+    match e {
+        StoreError::Denied { reason, .. } | StoreError::Status { body: reason, .. } => {
+            let r = reason.to_ascii_lowercase();
+            r.contains("invalid auth token") || r.contains("user name is empty")
+        }
+        _ => false,
+    }
 }
 
 /// One key and its value.
@@ -99,6 +124,9 @@ pub struct WatchStream {
     endpoint: String,
     /// Start revision asked for, for [`StoreError::Compacted`].
     requested: i64,
+    /// The client's authentication, so a watch ended by an invalid token makes the next
+    /// request authenticate again.
+    auth: Option<Arc<Auth>>,
 }
 
 impl std::fmt::Debug for WatchStream {
@@ -124,8 +152,19 @@ impl WatchStream {
             // Decoding is synchronous: between taking a line and returning its batch there is
             // no await, so a dropped `next()` never loses one.
             while let Some(line) = take_line(&mut self.buf, self.ended) {
-                if let Some(batch) = decode_watch_line(&line, self.requested, &self.endpoint)? {
-                    return Ok(Some(batch));
+                match decode_watch_line(&line, self.requested, &self.endpoint) {
+                    Ok(Some(batch)) => return Ok(Some(batch)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        if let (true, Some(auth)) = (is_invalid_token(&e), &self.auth) {
+                            // The next request authenticates again; a lock held elsewhere
+                            // means that request is already doing it.
+                            if let Ok(mut held) = auth.token.try_lock() {
+                                *held = None;
+                            }
+                        }
+                        return Err(e);
+                    }
                 }
             }
             if self.ended {
@@ -148,24 +187,85 @@ impl WatchStream {
 }
 
 impl EtcdClient {
-    /// A client trying `endpoints` in order.
+    /// A client trying `endpoints` in order, without TLS material or credentials.
     pub fn new(endpoints: Vec<Endpoint>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .build()
-            .expect("HTTP client");
-        let watch_http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_keepalive(WATCH_TCP_KEEPALIVE)
-            .build()
-            .expect("HTTP client");
-        EtcdClient {
+        Self::with_settings(endpoints, &StoreSettings::default())
+            .expect("a client without TLS files always builds")
+    }
+
+    /// A client trying `endpoints` in order, with `settings`' TLS material and etcd user.
+    pub fn with_settings(
+        endpoints: Vec<Endpoint>,
+        settings: &StoreSettings,
+    ) -> Result<Self, SettingsError> {
+        let http = settings.http_client(&endpoints, |b| {
+            b.connect_timeout(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT)
+        })?;
+        let watch_http = settings.http_client(&endpoints, |b| {
+            b.connect_timeout(CONNECT_TIMEOUT)
+                .tcp_keepalive(WATCH_TCP_KEEPALIVE)
+        })?;
+        Ok(EtcdClient {
             http,
             watch_http,
+            bases: endpoints.iter().map(|e| settings.request_base(e)).collect(),
             endpoints,
             current: Arc::new(AtomicUsize::new(0)),
+            auth: settings.etcd_user.clone().map(|user| {
+                Arc::new(Auth {
+                    user,
+                    token: tokio::sync::Mutex::new(None),
+                })
+            }),
+        })
+    }
+
+    /// The auth token to send: `None` without a user; the held one, or a new one from
+    /// `/v3/auth/authenticate` when none is held or `renew` is set.
+    async fn auth_token(&self, renew: bool) -> Result<Option<HeaderValue>, StoreError> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let mut held = auth.token.lock().await;
+        if let (Some(t), false) = (held.as_ref(), renew) {
+            return Ok(Some(t.clone()));
         }
+        *held = None;
+        let body = json!({"name": auth.user.name, "password": auth.user.password.expose()});
+        let what = format!("authentication as etcd user {:?}", auth.user.name);
+        let (endpoint, resp) = match self
+            .send_once(&self.http, "/v3/auth/authenticate", &body, None)
+            .await
+        {
+            Ok(r) => r,
+            Err(StoreError::Status { endpoint, body, .. })
+            | Err(StoreError::Denied {
+                endpoint,
+                reason: body,
+                ..
+            }) => {
+                return Err(StoreError::Denied {
+                    endpoint,
+                    what,
+                    reason: body,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let text = resp.text().await.map_err(|e| StoreError::Unreachable {
+            endpoint: endpoint.clone(),
+            reason: one_line(&e),
+        })?;
+        let wire: WireAuth =
+            serde_json::from_str(&text).map_err(|e| decode_err("etcd authenticate answer", e))?;
+        let mut token = HeaderValue::from_str(&wire.token)
+            .map_err(|_| decode_err("etcd authenticate answer", "token is not a header value"))?;
+        if wire.token.is_empty() {
+            return Err(decode_err("etcd authenticate answer", "no token"));
+        }
+        token.set_sensitive(true);
+        *held = Some(token.clone());
+        Ok(Some(token))
     }
 
     /// `POST /v3/kv/put`, optionally attached to `lease`. Returns the new revision.
@@ -254,6 +354,7 @@ impl EtcdClient {
             ended: false,
             endpoint,
             requested: start_revision,
+            auth: self.auth.clone(),
         })
     }
 
@@ -292,6 +393,25 @@ impl EtcdClient {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<(String, reqwest::Response), StoreError> {
+        let token = self.auth_token(false).await?;
+        match self.send_once(client, path, body, token).await {
+            // An expired token: authenticate again and retry once.
+            Err(e) if self.auth.is_some() && is_invalid_token(&e) => {
+                let token = self.auth_token(true).await?;
+                self.send_once(client, path, body, token).await
+            }
+            other => other,
+        }
+    }
+
+    /// [`EtcdClient::send`] with a given auth token and no retry.
+    async fn send_once(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        body: &serde_json::Value,
+        token: Option<HeaderValue>,
+    ) -> Result<(String, reqwest::Response), StoreError> {
         let n = self.endpoints.len();
         if n == 0 {
             return Err(StoreError::Unreachable {
@@ -304,20 +424,52 @@ impl EtcdClient {
         for i in 0..n {
             let idx = (start + i) % n;
             let base = self.endpoints[idx].base_url();
-            match client.post(format!("{base}{path}")).json(body).send().await {
+            let mut req = client.post(format!("{}{path}", self.bases[idx])).json(body);
+            if let Some(t) = &token {
+                req = req.header(reqwest::header::AUTHORIZATION, t.clone());
+            }
+            match req.send().await {
                 Ok(resp) if resp.status().is_success() => return Ok((base, resp)),
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let text = resp.text().await.unwrap_or_default();
+                    if text.contains("CommonName of client") {
+                        // etcd 3.4+ refuses, through its JSON gateway with auth on, any client
+                        // certificate carrying a Common Name (it cannot pass it on as the user).
+                        return Err(StoreError::Denied {
+                            endpoint: base,
+                            what: format!("POST {path}"),
+                            reason: "the client certificate has a Common Name, which etcd's \
+                                     JSON gateway refuses when auth is enabled: expected a \
+                                     client certificate without CN"
+                                .into(),
+                        });
+                    }
+                    if status == 401 || status == 403 {
+                        return Err(StoreError::Denied {
+                            endpoint: base,
+                            what: format!("POST {path}"),
+                            reason: gateway_message(&text),
+                        });
+                    }
                     return Err(StoreError::Status {
                         endpoint: base,
                         what: format!("POST {path}"),
                         status,
-                        body: first_line(&text),
+                        body: gateway_message(&text),
                     });
                 }
                 Err(e) => {
-                    let reason = one_line(&e);
+                    let e = transport_error(&base, &format!("POST {path}"), &e.without_url());
+                    if matches!(e, StoreError::Tls { .. }) {
+                        // Every member shares the CA and the client certificate: failing over
+                        // would fail the same way and hide the reason.
+                        return Err(e);
+                    }
+                    let reason = match e {
+                        StoreError::Unreachable { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
                     tracing::warn!(endpoint = %base, %reason, "etcd member unreachable, trying the next");
                     // Only move the shared index if no other task has already moved it.
                     let _ = self.current.compare_exchange(
@@ -443,6 +595,20 @@ fn decode_err(what: &str, reason: impl std::fmt::Display) -> StoreError {
 }
 
 /// The first line of `text`, trimmed and cut to a readable length.
+/// The message of a gateway error answer (`{"error": .., "message": .., "code": ..}`), or its
+/// first line when it is not one.
+fn gateway_message(text: &str) -> String {
+    #[derive(Deserialize)]
+    struct WireError {
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_str::<WireError>(text) {
+        Ok(w) if !w.message.is_empty() => first_line(&w.message),
+        _ => first_line(text),
+    }
+}
+
 fn first_line(text: &str) -> String {
     let line = text.lines().next().unwrap_or_default().trim();
     match line.char_indices().nth(300) {
@@ -541,6 +707,12 @@ struct WireLease {
 struct WireKeepalive {
     #[serde(default)]
     result: Option<WireLease>,
+}
+
+#[derive(Deserialize)]
+struct WireAuth {
+    #[serde(default)]
+    token: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,9 +7,13 @@
 
 mod consul;
 mod etcd;
+mod settings;
 
 pub use consul::{BlockingIndex, ConsulClient, HealthEntry};
 pub use etcd::{EtcdClient, KeyValue, RangeResult, WatchBatch, WatchEvent, WatchStream};
+pub use settings::{
+    etcd_user, Credentials, EtcdUser, Secret, SettingsError, StoreSettings, TlsSettings,
+};
 
 use crate::validate::{self, ValidationError};
 use crate::{RegistryUri, Service};
@@ -26,6 +30,26 @@ pub enum StoreError {
         /// Which endpoint (base URL).
         endpoint: String,
         /// The transport error, flattened to one line.
+        reason: String,
+    },
+    /// The TLS handshake failed: the server's certificate did not verify against the trusted
+    /// CA, or the server refused this client's certificate (or its absence).
+    #[error("{endpoint}: TLS failed: {reason}")]
+    Tls {
+        /// Which endpoint (base URL).
+        endpoint: String,
+        /// What failed, on one line.
+        reason: String,
+    },
+    /// The store refused the credentials or their rights: a Consul ACL token without the
+    /// permission (403), unknown etcd credentials or an etcd role without the key (401, 403).
+    #[error("{endpoint} denied {what}: {reason}")]
+    Denied {
+        /// Which endpoint (base URL).
+        endpoint: String,
+        /// What was asked (method and path).
+        what: String,
+        /// What the store said, first line (never the token).
         reason: String,
     },
     /// The store answered with an HTTP error.
@@ -135,10 +159,13 @@ impl StoreError {
     pub fn scope(&self) -> Scope {
         match self {
             StoreError::Unreachable { .. }
+            | StoreError::Tls { .. }
             | StoreError::Expired { .. }
             | StoreError::Compacted { .. } => Scope::Store,
             StoreError::Status { status, body, .. } => status_scope(*status, body),
-            StoreError::Decode { .. } | StoreError::Invalid(_) => Scope::Item,
+            StoreError::Decode { .. } | StoreError::Invalid(_) | StoreError::Denied { .. } => {
+                Scope::Item
+            }
         }
     }
 
@@ -195,23 +222,33 @@ pub enum Store {
 }
 
 impl Store {
-    /// A store for this URI. `CONSUL_HTTP_TOKEN` is sent to Consul when set.
+    /// A store for this URI with no TLS material or credentials beyond the URI (public web
+    /// roots for HTTPS). The binaries use [`Store::with_settings`].
     pub fn new(uri: &RegistryUri) -> Store {
-        let token = std::env::var("CONSUL_HTTP_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty());
-        match uri {
-            RegistryUri::Consul { endpoint } => Store::Consul(ConsulClient::new(endpoint, token)),
+        Store::with_settings(uri, &StoreSettings::default())
+            .expect("a client without TLS files always builds")
+    }
+
+    /// A store for this URI, reached with `settings` (see [`StoreSettings::from_env`]).
+    /// Fails, naming the file or setting, when TLS material cannot be read or used.
+    pub fn with_settings(
+        uri: &RegistryUri,
+        settings: &StoreSettings,
+    ) -> Result<Store, SettingsError> {
+        Ok(match uri {
+            RegistryUri::Consul { endpoint } => {
+                Store::Consul(ConsulClient::with_settings(endpoint, settings)?)
+            }
             RegistryUri::ConsulKv { endpoint, prefix } => Store::ConsulKv {
-                client: ConsulClient::new(endpoint, token),
+                client: ConsulClient::with_settings(endpoint, settings)?,
                 prefix: prefix.clone(),
             },
             RegistryUri::Etcd { endpoints, prefix } => Store::Etcd {
-                client: EtcdClient::new(endpoints.clone()),
+                client: EtcdClient::with_settings(endpoints.clone(), settings)?,
                 prefix: prefix.clone(),
                 lease: Arc::new(Mutex::new(None)),
             },
-        }
+        })
     }
 
     /// A short name for logs: `consul`, `consulkv` or `etcd`.
@@ -226,7 +263,12 @@ impl Store {
     /// Checks the store answers (Consul: agent self; etcd: a range on the prefix).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
-            Store::Consul(c) | Store::ConsulKv { client: c, .. } => c.agent_self().await,
+            // Not `/v1/agent/self`: it needs `agent:read`, which a registrator's token
+            // (service:write, node:read) need not have. The service list needs no particular
+            // right (Consul filters it) but still checks the token is known and TLS works.
+            Store::Consul(c) | Store::ConsulKv { client: c, .. } => {
+                c.agent_services().await.map(|_| ())
+            }
             Store::Etcd { client, prefix, .. } => {
                 client.range_prefix(&etcd_dir(prefix)).await.map(|_| ())
             }
@@ -372,6 +414,42 @@ fn guard(checked: Result<(), ValidationError>) -> Result<(), StoreError> {
     match checked {
         Err(e) if e.problem != validate::Problem::Empty => Err(StoreError::Invalid(e)),
         _ => Ok(()),
+    }
+}
+
+/// A failed exchange with `endpoint`, as the store error it is: [`StoreError::Tls`] when the
+/// TLS handshake failed (told apart by rustls' own phrases, the only stable mark reqwest
+/// leaves), [`StoreError::Unreachable`] otherwise. `what` names the request.
+fn transport_error(endpoint: &str, what: &str, e: &reqwest::Error) -> StoreError {
+    let reason = one_line(e);
+    match tls_failure(&reason) {
+        Some(kind) => StoreError::Tls {
+            endpoint: endpoint.to_string(),
+            reason: format!("{kind} ({what}: {reason})"),
+        },
+        None => StoreError::Unreachable {
+            endpoint: endpoint.to_string(),
+            reason: format!("{what}: {reason}"),
+        },
+    }
+}
+
+/// What kind of TLS failure a transport error's text describes, if it is one.
+fn tls_failure(reason: &str) -> Option<&'static str> {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("invalid peer certificate") || r.contains("unknownissuer") {
+        Some("server certificate verification failed (check the CA and the server name)")
+    } else if r.contains("certificaterequired")
+        || r.contains("badcertificate")
+        || r.contains("unknownca")
+        || r.contains("certificateunknown")
+        || r.contains("received fatal alert")
+    {
+        Some("the server refused the handshake (client certificate missing or not trusted)")
+    } else if r.contains("invalidcontenttype") || r.contains("corrupt message") {
+        Some("the server does not speak TLS on this port")
+    } else {
+        None
     }
 }
 
@@ -580,6 +658,23 @@ mod tests {
             ("dot name", status(400, "Bad request"), Item),
             ("dot id", status(405, "method not allowed"), Item),
             ("acl", status(403, "Permission denied"), Item),
+            (
+                "denied",
+                StoreError::Denied {
+                    endpoint: "e".into(),
+                    what: "PUT /v1/agent/service/register".into(),
+                    reason: "Permission denied".into(),
+                },
+                Item,
+            ),
+            (
+                "tls",
+                StoreError::Tls {
+                    endpoint: "e".into(),
+                    reason: "certificate verification failed".into(),
+                },
+                Store,
+            ),
             ("too large", status(413, "Request body too large"), Item),
             (
                 "etcd too large",

@@ -1,0 +1,632 @@
+//! Both binaries against secured stores: Consul over HTTPS with a private CA, client
+//! certificates (`verify_incoming_https`) and ACLs in default-deny mode; etcd with
+//! client-certificate TLS and authentication. Certificates are made by the test (`openssl`).
+//! The failures an operator meets (a wrong CA, no client certificate, a token without the
+//! right, bad credentials) must each be one clear line, never showing a secret.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use switchboard_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn registrator(uri: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+    let mut full = vec!["-ip", "127.0.0.1", "--verify-interval", "1"];
+    full.extend_from_slice(args);
+    full.push(uri);
+    Process::spawn(&bin("registrator"), &full, env)
+}
+
+fn web(tag: &str) -> Container {
+    ensure_test_image();
+    Container::run(
+        tag,
+        &[
+            "-p", "80", TEST_IMAGE, "httpd", "-f", "-p", "80", "-h", "/www",
+        ],
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// Runs a binary that must stop by itself (confd `--once`, registrator giving up).
+async fn run_to_exit(mut p: Process) -> (bool, String) {
+    let st = p.wait_exit(WAIT).await;
+    (st.success(), p.output())
+}
+
+/// A Consul agent with HTTPS (client certificates required) and default-deny ACLs, and the
+/// management token from bootstrapping it.
+struct SecureConsul {
+    consul: Consul,
+    https_port: u16,
+    management: String,
+}
+
+impl SecureConsul {
+    async fn start(pki: &Pki) -> SecureConsul {
+        let https_port = free_port();
+        let hcl = format!(
+            r#"ports {{ https = {https_port} }}
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{key}"
+verify_incoming_https = true
+acl {{
+  enabled = true
+  default_policy = "deny"
+}}"#,
+            ca = pki.path("ca.pem"),
+            cert = pki.path("server.pem"),
+            key = pki.path("server.key"),
+        );
+        let consul = Consul::start_secure(&hcl).await;
+        // Bootstrapping answers an error until the ACL system is up after the election.
+        let http = reqwest::Client::new();
+        let url = format!("{}/v1/acl/bootstrap", consul.http());
+        let management = wait_for("ACL bootstrap", WAIT, || async {
+            let r = http.put(&url).send().await.ok()?;
+            let v: Value = r.json().await.ok()?;
+            v["SecretID"].as_str().map(String::from)
+        })
+        .await;
+        let s = SecureConsul {
+            consul,
+            https_port,
+            management,
+        };
+        // The agent's own token, so it may keep its node in the catalog.
+        let agent = s
+            .token("agent", r#"node_prefix "" { policy = "write" }"#)
+            .await;
+        s.api("PUT", "/v1/agent/token/agent", json!({ "Token": agent }))
+            .await;
+        s
+    }
+
+    /// A request over plain HTTP with the management token.
+    async fn api(&self, method: &str, path: &str, body: Value) -> Value {
+        let r = reqwest::Client::new()
+            .request(
+                method.parse().unwrap(),
+                format!("{}{path}", self.consul.http()),
+            )
+            .header("X-Consul-Token", &self.management)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "{method} {path}: {status} {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// A new token with one policy of these rules.
+    async fn token(&self, name: &str, rules: &str) -> String {
+        self.api(
+            "PUT",
+            "/v1/acl/policy",
+            json!({ "Name": name, "Rules": rules }),
+        )
+        .await;
+        let t = self
+            .api(
+                "PUT",
+                "/v1/acl/token",
+                json!({ "Policies": [{ "Name": name }] }),
+            )
+            .await;
+        t["SecretID"].as_str().unwrap().to_string()
+    }
+
+    /// Deletes the token whose secret is `secret`; returns what [`SecureConsul::restore`]
+    /// needs to make it again.
+    async fn revoke(&self, secret: &str) -> Value {
+        let tokens = self.api("GET", "/v1/acl/tokens", Value::Null).await;
+        for t in tokens.as_array().unwrap() {
+            let accessor = t["AccessorID"].as_str().unwrap();
+            let full = self
+                .api("GET", &format!("/v1/acl/token/{accessor}"), Value::Null)
+                .await;
+            if full["SecretID"] == secret {
+                self.api("DELETE", &format!("/v1/acl/token/{accessor}"), Value::Null)
+                    .await;
+                return full;
+            }
+        }
+        panic!("no such token");
+    }
+
+    /// Makes a revoked token again, with the same secret.
+    async fn restore(&self, token: &Value) {
+        let body = json!({
+            "AccessorID": token["AccessorID"],
+            "SecretID": token["SecretID"],
+            "Policies": token["Policies"],
+        });
+        self.api("PUT", "/v1/acl/token", body).await;
+    }
+
+    fn uri(&self) -> String {
+        format!("consul-tls://127.0.0.1:{}", self.https_port)
+    }
+
+    /// The agent's services, as the management token sees them.
+    async fn service_ids(&self) -> Vec<String> {
+        let v = self.api("GET", "/v1/agent/services", Value::Null).await;
+        v.as_object().unwrap().keys().cloned().collect()
+    }
+}
+
+/// The environment registrator needs for the secured Consul, with the client certificate
+/// under Consul's own names.
+fn consul_env(pki: &Pki, token: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("CONSUL_CACERT", pki.path("ca.pem")),
+        ("CONSUL_CLIENT_CERT", pki.path("client.pem")),
+        ("CONSUL_CLIENT_KEY", pki.path("client.key")),
+        ("CONSUL_HTTP_TOKEN", token.to_string()),
+    ]
+}
+
+fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[tokio::test]
+async fn consul_https_with_client_certificates_and_acl_tokens() {
+    let pki = Pki::generate("sbtest-ca");
+    let sc = SecureConsul::start(&pki).await;
+    let write_token = sc
+        .token(
+            "registrator",
+            r#"service_prefix "" { policy = "write" }
+node_prefix "" { policy = "read" }"#,
+        )
+        .await;
+    let read_token = sc
+        .token(
+            "reader",
+            r#"service_prefix "" { policy = "read" }
+node_prefix "" { policy = "read" }"#,
+        )
+        .await;
+
+    // registrator registers through HTTPS with the write token.
+    let c = web("sec-consul");
+    let id = format!("{}:{}:80", hostname(), c.name);
+    let env = consul_env(&pki, &write_token);
+    let reg = registrator(&sc.uri(), &[], &env_refs(&env));
+    wait_for(&format!("{id} registered over HTTPS"), WAIT, || async {
+        sc.service_ids().await.contains(&id).then_some(())
+    })
+    .await;
+    assert!(!reg.output().contains(&write_token), "{}", reg.output());
+
+    // confd renders through HTTPS with the read-only token, from its YAML keys alone
+    // (gliderlabs' and Consul's variables are not set for it).
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = dir.path().join("t.hbs");
+    write(&tpl, "{{#each service.busybox}}{{id}} {{port}}\n{{/each}}");
+    let token_file = dir.path().join("token");
+    write(&token_file, &format!("{read_token}\n"));
+    let dest = dir.path().join("out.txt");
+    let cfg = dir.path().join("confd.yaml");
+    write(
+        &cfg,
+        &format!(
+            "backend: {uri}\ntls:\n  ca_file: {ca}\n  cert_file: {cert}\n  key_file: {key}\n\
+             \x20 server_name: server.dc1.consul\ntoken_file: {tf}\ntemplates:\n  - src: {src}\n    dest: {dest}\n",
+            uri = sc.uri(),
+            ca = pki.path("ca.pem"),
+            cert = pki.path("client.pem"),
+            key = pki.path("client.key"),
+            tf = token_file.display(),
+            src = tpl.display(),
+            dest = dest.display(),
+        ),
+    );
+    let (ok, out) = run_to_exit(Process::spawn(
+        &bin("confd"),
+        &["--config", cfg.to_str().unwrap(), "--once"],
+        &[],
+    ))
+    .await;
+    assert!(ok, "{out}");
+    let text = std::fs::read_to_string(&dest).unwrap();
+    assert!(text.contains(&id), "{text}");
+
+    // confd with a CA that did not sign the server's certificate: nothing rendered, the
+    // reason in one line, the file left as it was.
+    let other = Pki::generate("sbtest-other-ca");
+    let bad_cfg = dir.path().join("bad.yaml");
+    write(
+        &bad_cfg,
+        &format!(
+            "{}once_timeout: 3s\n",
+            std::fs::read_to_string(&cfg)
+                .unwrap()
+                .replace(&pki.path("ca.pem"), &other.path("ca.pem"))
+        ),
+    );
+    let (ok, out) = run_to_exit(Process::spawn(
+        &bin("confd"),
+        &["--config", bad_cfg.to_str().unwrap(), "--once"],
+        &[],
+    ))
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("server certificate verification failed")
+                && l.contains(&format!("https://127.0.0.1:{}", sc.https_port))),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), text);
+
+    // The read-only token (given as a file, the CA as a directory, the client certificate
+    // under gliderlabs' names): its registration is refused with one clear line, and its
+    // token is never shown.
+    let ca_dir = dir.path().join("ca.d");
+    std::fs::create_dir(&ca_dir).unwrap();
+    std::fs::copy(pki.path("ca.pem"), ca_dir.join("ca.pem")).unwrap();
+    let ro = registrator(
+        &sc.uri(),
+        &["-hostname", "readonly"],
+        &[
+            ("CONSUL_CAPATH", ca_dir.to_str().unwrap()),
+            ("CONSUL_TLSCERT", &pki.path("client.pem")),
+            ("CONSUL_TLSKEY", &pki.path("client.key")),
+            ("CONSUL_HTTP_TOKEN_FILE", token_file.to_str().unwrap()),
+        ],
+    );
+    let denied = format!(
+        "https://127.0.0.1:{} denied PUT /v1/agent/service/register: Permission denied",
+        sc.https_port
+    );
+    ro.wait_output(&denied, WAIT).await;
+    assert!(!ro.output().contains(&read_token), "{}", ro.output());
+    assert!(
+        !sc.service_ids()
+            .await
+            .iter()
+            .any(|s| s.starts_with("readonly:")),
+        "the read-only token registered something"
+    );
+    drop(ro);
+
+    // An unknown token: refused at start, after the retries.
+    let mut env = consul_env(&pki, "00000000-0000-0000-0000-000000000001");
+    env.retain(|(k, _)| *k != "CONSUL_HTTP_TOKEN");
+    env.push(("CONSUL_HTTP_TOKEN", "not-a-real-token".into()));
+    let (ok, out) = run_to_exit(registrator(
+        &sc.uri(),
+        &["-retry-attempts", "1", "-retry-interval", "100"],
+        &env_refs(&env),
+    ))
+    .await;
+    assert!(!ok, "{out}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("cannot use the consul store") && last.contains("ACL not found"),
+        "{out}"
+    );
+    assert!(!out.contains("not-a-real-token"), "{out}");
+
+    // A CA that did not sign the server's certificate: verification fails, one line, exit 1.
+    let mut env = consul_env(&pki, &write_token);
+    env[0].1 = other.path("ca.pem");
+    let (ok, out) = run_to_exit(registrator(
+        &sc.uri(),
+        &["-retry-attempts", "1", "-retry-interval", "100"],
+        &env_refs(&env),
+    ))
+    .await;
+    assert!(!ok, "{out}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("server certificate verification failed")
+            && last.contains(&format!("https://127.0.0.1:{}", sc.https_port)),
+        "{out}"
+    );
+
+    // A server name the certificate does not carry: verification fails.
+    let mut env = consul_env(&pki, &write_token);
+    env.push(("CONSUL_TLS_SERVER_NAME", "other.example".into()));
+    let (ok, out) = run_to_exit(registrator(
+        &sc.uri(),
+        &["-retry-attempts", "0"],
+        &env_refs(&env),
+    ))
+    .await;
+    assert!(!ok, "{out}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("server certificate verification failed"),
+        "{out}"
+    );
+
+    // No client certificate: the server refuses the handshake.
+    let mut env = consul_env(&pki, &write_token);
+    env.retain(|(k, _)| !k.starts_with("CONSUL_CLIENT"));
+    let (ok, out) = run_to_exit(registrator(
+        &sc.uri(),
+        &["-retry-attempts", "0"],
+        &env_refs(&env),
+    ))
+    .await;
+    assert!(!ok, "{out}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(last.contains("TLS failed"), "{out}");
+
+    // None of the failures touched the good registration.
+    assert!(sc.service_ids().await.contains(&id));
+
+    // The running registrator's token is revoked: its store checks are refused, one line
+    // each, and its registration stays; once the token is back, it carries on.
+    let revoked = sc.revoke(&write_token).await;
+    reg.wait_output("ACL not found", WAIT).await;
+    assert!(sc.service_ids().await.contains(&id));
+    sc.restore(&revoked).await;
+    let c2 = web("sec-consul2");
+    let id2 = format!("{}:{}:80", hostname(), c2.name);
+    wait_for(
+        &format!("{id2} registered after the token came back"),
+        WAIT,
+        || async {
+            let ids = sc.service_ids().await;
+            (ids.contains(&id2) && ids.contains(&id)).then_some(())
+        },
+    )
+    .await;
+    assert!(!reg.output().contains(&write_token), "{}", reg.output());
+    drop(reg);
+}
+
+/// Sets up auth on a fresh member: `root` (password `rootpw`) and `app` (password `apppw`),
+/// whose role may read and write `/services/` only.
+fn etcd_auth_setup(etcd: &Etcd, pki: &Pki) {
+    for args in [
+        &["user", "add", "root:rootpw", "--interactive=false"][..],
+        &["role", "add", "switchboard"],
+        &[
+            "role",
+            "grant-permission",
+            "switchboard",
+            "--prefix=true",
+            "readwrite",
+            "/services/",
+        ],
+        &["user", "add", "app:apppw", "--interactive=false"],
+        &["user", "grant-role", "app", "switchboard"],
+        &["auth", "enable"],
+    ] {
+        etcdctl(etcd, pki, args);
+    }
+}
+
+/// etcdctl against the secured member, with the client certificate (and `args`).
+fn etcdctl(etcd: &Etcd, pki: &Pki, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .args([
+            "--endpoints",
+            &etcd.http(),
+            "--cacert",
+            &pki.path("ca.pem"),
+            "--cert",
+            &pki.path("client.pem"),
+            "--key",
+            &pki.path("client.key"),
+        ])
+        .args(args)
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "etcdctl {args:?}: {text}");
+    text
+}
+
+/// The keys under `prefix`, read as root.
+fn etcd_keys(etcd: &Etcd, pki: &Pki, prefix: &str) -> String {
+    etcdctl(
+        etcd,
+        pki,
+        &[
+            "--user",
+            "root:rootpw",
+            "get",
+            "--prefix",
+            "--keys-only",
+            prefix,
+        ],
+    )
+}
+
+#[tokio::test]
+async fn etcd_client_certificates_and_a_user_limited_to_the_prefix() {
+    let pki = Pki::generate("sbtest-etcd-ca");
+    let etcd = Etcd::start_tls(&pki).await;
+    etcd_auth_setup(&etcd, &pki);
+    let uri = format!("etcds://127.0.0.1:{}/services", etcd.port);
+    let env = [
+        ("ETCDCTL_CACERT", pki.path("ca.pem")),
+        ("ETCDCTL_CERT", pki.path("client.pem")),
+        ("ETCDCTL_KEY", pki.path("client.key")),
+        ("ETCDCTL_USER", "app".to_string()),
+        ("ETCDCTL_PASSWORD", "apppw".to_string()),
+    ];
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let c = web("sec-etcd");
+    let id = format!("{}:{}:80", hostname(), c.name);
+    let reg = registrator(&uri, &[], &env_ref);
+    let found = poll(WAIT, Duration::from_millis(200), || async {
+        etcd_keys(&etcd, &pki, "/services/")
+            .contains(&id)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "{id} not registered in etcd:\n{}",
+        reg.output()
+    );
+    assert!(!reg.output().contains("apppw"), "{}", reg.output());
+
+    // confd renders as the same user, from YAML keys (password) over the environment (user).
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = dir.path().join("t.hbs");
+    write(&tpl, "{{#each service.busybox}}{{id}} {{port}}\n{{/each}}");
+    let dest = dir.path().join("out.txt");
+    let cfg = dir.path().join("confd.yaml");
+    write(
+        &cfg,
+        &format!(
+            "backend: {uri}\ntls:\n  ca_file: {ca}\n  cert_file: {cert}\n  key_file: {key}\n\
+             password: apppw\ntemplates:\n  - src: {src}\n    dest: {dest}\n",
+            ca = pki.path("ca.pem"),
+            cert = pki.path("client.pem"),
+            key = pki.path("client.key"),
+            src = tpl.display(),
+            dest = dest.display(),
+        ),
+    );
+    let (ok, out) = run_to_exit(Process::spawn(
+        &bin("confd"),
+        &["--config", cfg.to_str().unwrap(), "--once"],
+        &[("ETCDCTL_USER", "app")],
+    ))
+    .await;
+    assert!(ok, "{out}");
+    let text = std::fs::read_to_string(&dest).unwrap();
+    assert!(text.contains(&id), "{text}");
+
+    // Bad credentials: refused at start with one line naming the user, never the password.
+    let mut bad = env_ref.clone();
+    bad.retain(|(k, _)| *k != "ETCDCTL_PASSWORD" && *k != "ETCDCTL_USER");
+    bad.push(("ETCDCTL_USER", "app:wrong-password"));
+    let (ok, out) = run_to_exit(registrator(
+        &uri,
+        &["-retry-attempts", "0", "-hostname", "badcreds"],
+        &bad,
+    ))
+    .await;
+    assert!(!ok, "{out}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("denied authentication as etcd user \"app\"")
+            && last.contains("invalid user ID or password"),
+        "{out}"
+    );
+    assert!(!out.contains("wrong-password"), "{out}");
+
+    // Outside its prefix, the user is denied, naming what was asked.
+    let outside = format!("etcds://127.0.0.1:{}/elsewhere", etcd.port);
+    let (ok, out) = run_to_exit(registrator(
+        &outside,
+        &["-retry-attempts", "0", "-hostname", "outside"],
+        &env_ref,
+    ))
+    .await;
+    assert!(!ok, "{out}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("denied POST /v3/kv/range") && last.contains("permission denied"),
+        "{out}"
+    );
+
+    // A wrong CA: verification fails, one line.
+    let other = Pki::generate("sbtest-other-ca");
+    let mut wrong = env_ref.clone();
+    let other_ca = other.path("ca.pem");
+    wrong[0] = ("ETCDCTL_CACERT", &other_ca);
+    let (ok, out) = run_to_exit(registrator(&uri, &["-retry-attempts", "0"], &wrong)).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.lines()
+            .last()
+            .unwrap_or_default()
+            .contains("server certificate verification failed"),
+        "{out}"
+    );
+
+    // None of it removed the registration.
+    assert!(etcd_keys(&etcd, &pki, "/services/").contains(&id));
+    drop(reg);
+}
+
+/// An expired auth token is replaced: the client authenticates again and retries once, so a
+/// request after the token's lifetime still succeeds.
+#[tokio::test]
+async fn etcd_auth_token_is_renewed_when_it_expires() {
+    use switchboard::store::{EtcdClient, EtcdUser, Secret, StoreSettings, TlsSettings};
+    let pki = Pki::generate("sbtest-renew-ca");
+    let etcd = Etcd::start_tls_with(&pki, &["--auth-token-ttl", "1"]).await;
+    etcd_auth_setup(&etcd, &pki);
+    let settings = StoreSettings {
+        tls: TlsSettings {
+            ca_file: Some(pki.path("ca.pem").into()),
+            cert_file: Some(pki.path("client.pem").into()),
+            key_file: Some(pki.path("client.key").into()),
+            ..Default::default()
+        },
+        token: None,
+        etcd_user: Some(EtcdUser {
+            name: "app".into(),
+            password: Secret::new("apppw"),
+        }),
+    };
+    let uri = format!("etcds://127.0.0.1:{}/services", etcd.port);
+    let endpoints = match switchboard::RegistryUri::parse(&uri).unwrap() {
+        switchboard::RegistryUri::Etcd { endpoints, .. } => endpoints,
+        other => panic!("{other:?}"),
+    };
+    let client = EtcdClient::with_settings(endpoints, &settings).unwrap();
+    client.put("/services/a/1", b"one", None).await.unwrap();
+
+    // A token taken after the client's: once it is refused as invalid, the client's (older,
+    // unused since) has expired too.
+    let http = pki.client();
+    let auth = |body: Value| {
+        let http = http.clone();
+        let url = format!("{}/v3/auth/authenticate", etcd.http());
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let probe = auth(json!({"name": "app", "password": "apppw"})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let range = format!("{}/v3/kv/range", etcd.http());
+    // Each use extends a simple token's life, so the probe waits longer than the lifetime
+    // between tries.
+    let expired = poll(WAIT, Duration::from_millis(2500), || async {
+        let r = http
+            .post(&range)
+            .header("Authorization", &probe)
+            .json(&json!({"key": "L3NlcnZpY2VzLw=="}))
+            .send()
+            .await
+            .ok()?;
+        let text = r.text().await.ok()?;
+        text.contains("invalid auth token").then_some(())
+    })
+    .await;
+    assert!(expired.is_some(), "the probe token never expired");
+
+    client.put("/services/a/2", b"two", None).await.unwrap();
+    let keys = etcd_keys(&etcd, &pki, "/services/");
+    assert!(keys.contains("/services/a/2"), "{keys}");
+}
