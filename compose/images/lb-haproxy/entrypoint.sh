@@ -24,5 +24,13 @@ until confd "$@" --once; do
 done
 # Start HAProxy (the first render usually did, through the reload command; not when the
 # rendered file was already in place, e.g. after `docker restart`).
-/usr/local/bin/lb-reload
+# Only when it is not running: a second reload right after the first start is needless, and
+# HAProxy's master can lose a reload signal that overlaps another.
+running() {
+  for c in /proc/[0-9]*/comm; do
+    [ "$(cat "$c" 2>/dev/null)" = "$1" ] && return 0
+  done
+  return 1
+}
+running haproxy || /usr/local/bin/lb-reload
 exec confd "$@"
