@@ -229,10 +229,20 @@ impl Drop for Process {
 /// answers. A file that exists but is empty is being written (nginx creates it before it
 /// writes the number; HAProxy's master truncates and rewrites it at every reload): that is
 /// waited out, for 5 s at most, rather than failing a reload that races a reload.
+///
+/// It returns once the master has a child it did not have before (the new worker), 10 s at
+/// most: HAProxy's master loses a reload signal that arrives while it is still re-executing
+/// for the previous one, so a reload must not return before it has taken effect. A reload
+/// the proxy refuses (no new worker) fails after those 10 s.
 pub fn signal_reload(pid_file: &Path, signal: &str) -> String {
     let f = pid_file.display().to_string().replace('\'', r"'\''");
     format!(
-        r#"pid=; for _ in $(seq 50); do pid=$(cat '{f}') || break; [ -n "$pid" ] && break; sleep 0.1; done; [ -n "$pid" ] && kill -{signal} "$pid""#
+        r#"pid=; for _ in $(seq 50); do pid=$(cat '{f}') || break; [ -n "$pid" ] && break; sleep 0.1; done; [ -n "$pid" ] || exit 1
+kids() {{ for d in /proc/[0-9]*; do read -r _ _ _ pp _ < "$d/stat" 2>/dev/null || continue; [ "$pp" = "$pid" ] && printf '%s ' "${{d#/proc/}}"; done; }}
+before=" $(kids) "
+kill -{signal} "$pid" || exit 1
+for _ in $(seq 100); do for k in $(kids); do case "$before" in *" $k "*) ;; *) sleep 0.1; exit 0 ;; esac; done; sleep 0.1; done
+echo "no new worker 10 s after SIG{signal}" >&2; exit 1"#
     )
 }
 
