@@ -22,13 +22,24 @@ pub const TEST_IMAGE: &str = "switchboard-test/busybox:latest";
 /// Label every test container carries.
 pub const TEST_LABEL: &str = "switchboard.test=1";
 
-/// A TCP port that was free on 127.0.0.1 a moment ago.
+/// A TCP port that was free on 127.0.0.1 a moment ago, and that this process has not handed
+/// out before: the kernel may give a port it just released to the next `bind(0)`, and tests
+/// running side by side in one test binary would then start two servers on one port (a store
+/// cluster takes twenty at once).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every `every` until it returns `Some`, or returns `None` once `timeout` has
