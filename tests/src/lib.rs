@@ -398,6 +398,77 @@ enum ConsulReady {
     Leader,
 }
 
+/// An HTTP backend on a free loopback port answering every request with its name, one
+/// request per connection (as nginx and HAProxy speak to upstreams by default). Stops on
+/// drop.
+pub struct Backend {
+    /// Its name: the body of every answer, and its service ID.
+    pub name: String,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    /// Starts it.
+    pub async fn start(name: &str) -> Backend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let body = name.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                        body.len(),
+                        body
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            port,
+            task,
+        }
+    }
+
+    /// This backend as an instance of service `svc`, tagged `backend`, ID = its name.
+    pub fn service(&self, svc: &str) -> switchboard::Service {
+        switchboard::Service {
+            id: self.name.clone(),
+            name: svc.into(),
+            address: "127.0.0.1".into(),
+            port: self.port,
+            tags: vec!["backend".into()],
+            meta: Default::default(),
+            check: None,
+            ttl: None,
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A Consul dev agent on free loopback ports. Dev mode keeps nothing on disk, so a restart
 /// forgets every registration: exactly the outage registrator must recover from.
 pub struct Consul {

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use switchboard::{RegistryUri, Service, Store};
 use switchboard_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Upper bound for any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(30);
@@ -16,61 +15,6 @@ const HOSTILE: &str = "a; } server { listen 81; }";
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// An HTTP backend on a free loopback port answering every request with its name.
-struct Backend {
-    name: String,
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Backend {
-    async fn start(name: &str) -> Backend {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let body = name.to_string();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let body = body.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 8192];
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                        body.len(),
-                        body
-                    );
-                    let _ = sock.write_all(resp.as_bytes()).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        });
-        Backend {
-            name: name.to_string(),
-            port,
-            task,
-        }
-    }
-
-    fn service(&self, svc: &str) -> Service {
-        service(&self.name, svc, "127.0.0.1", self.port)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 fn service(id: &str, name: &str, address: &str, port: u16) -> Service {
     Service {

@@ -5,11 +5,11 @@
 //! A reload is detected the way it happens: nginx starts new worker processes, so the set of
 //! the master's children changes. nginx runs as a [`Process`], so its workers die with it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use switchboard::{RegistryUri, Service, Store};
+use switchboard::{RegistryUri, Store};
 use switchboard_tests::load::{Load, LoadReport, LoadSpec};
 use switchboard_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -23,72 +23,6 @@ const LOAD_CLIENTS: usize = 8;
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// An HTTP backend on a free loopback port answering every request with its name (nginx
-/// speaks HTTP/1.0 to upstreams, one connection per request).
-struct Backend {
-    name: String,
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Backend {
-    async fn start(name: &str) -> Backend {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let body = name.to_string();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let body = body.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 8192];
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                        body.len(),
-                        body
-                    );
-                    let _ = sock.write_all(resp.as_bytes()).await;
-                    let _ = sock.shutdown().await;
-                });
-            }
-        });
-        Backend {
-            name: name.to_string(),
-            port,
-            task,
-        }
-    }
-
-    /// This backend as an instance of service `svc`.
-    fn service(&self, svc: &str) -> Service {
-        Service {
-            id: self.name.clone(),
-            name: svc.into(),
-            address: "127.0.0.1".into(),
-            port: self.port,
-            tags: vec!["backend".into()],
-            meta: BTreeMap::new(),
-            check: None,
-            ttl: None,
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 fn store(uri: &str) -> Store {
     Store::new(&RegistryUri::parse(uri).unwrap())
