@@ -2,7 +2,7 @@
 //! etcd members. Production stores are clusters; these let tests kill the leader (or any
 //! member) under load and watch what registrator, confd and the proxy do about it.
 
-use crate::{find_program, free_port, wait_for, Process};
+use crate::{find_program, free_port, poll, wait_for, Process};
 use std::time::Duration;
 
 /// How long a cluster gets to form (or re-elect).
@@ -122,42 +122,62 @@ impl ConsulCluster {
     /// live agent's node and Consul's own service.
     pub async fn wait_formed(&self) {
         let live = 1 + self.servers.iter().filter(|s| s.proc.is_some()).count();
-        let http = reqwest::Client::new();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
         let base = self.http();
-        wait_for("a Consul cluster with a leader", FORM, || {
-            let (http, base) = (http.clone(), base.clone());
+        // What the last poll saw, for the failure message: a cluster that never forms is
+        // diagnosed from this and the agents' logs, not re-run in the hope it passes.
+        let seen = std::sync::Mutex::new(String::from("no answer yet"));
+        let formed = poll(FORM, Duration::from_millis(100), || {
+            let (http, base, seen) = (http.clone(), base.clone(), &seen);
             async move {
-                let leader = http
-                    .get(format!("{base}/v1/status/leader"))
-                    .send()
-                    .await
-                    .ok()?
-                    .text()
-                    .await
-                    .ok()?;
+                let get = |path: &'static str| {
+                    let (http, base) = (http.clone(), base.clone());
+                    async move {
+                        match http.get(format!("{base}{path}")).send().await {
+                            Ok(r) => r.text().await.map_err(|e| format!("{path}: {e}")),
+                            Err(e) => Err(format!("{path}: {e}")),
+                        }
+                    }
+                };
+                let note = |msg: String| *seen.lock().unwrap() = msg;
+                let leader = get("/v1/status/leader").await.map_err(note).ok()?;
                 if leader.len() <= 2 {
+                    note(format!("no leader yet ({leader:?})"));
                     return None;
                 }
-                let nodes: serde_json::Value = http
-                    .get(format!("{base}/v1/catalog/nodes"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                let services: serde_json::Value = http
-                    .get(format!("{base}/v1/catalog/services"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                (nodes.as_array()?.len() >= live && services.get("consul").is_some()).then_some(())
+                let nodes = get("/v1/catalog/nodes").await.map_err(note).ok()?;
+                let services = get("/v1/catalog/services").await.map_err(note).ok()?;
+                let n = serde_json::from_str::<serde_json::Value>(&nodes)
+                    .ok()
+                    .and_then(|v| v.as_array().map(Vec::len))
+                    .unwrap_or(0);
+                let has_consul = serde_json::from_str::<serde_json::Value>(&services)
+                    .ok()
+                    .is_some_and(|v| v.get("consul").is_some());
+                note(format!(
+                    "leader {leader}, {n} of {live} nodes in the catalog, consul service listed: {has_consul}"
+                ));
+                (n >= live && has_consul).then_some(())
             }
         })
         .await;
+        if formed.is_none() {
+            for agent in self.servers.iter().chain(std::iter::once(&self.client)) {
+                let log = agent.proc.as_ref().map(Process::output).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- {} ({:?}), last lines:", agent.name, agent.ports);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+            panic!(
+                "timed out after {FORM:?} waiting for a Consul cluster with a leader; last seen: {}",
+                seen.lock().unwrap()
+            );
+        }
     }
 
     /// The client agent's HTTP API: `http://127.0.0.1:<port>`.
