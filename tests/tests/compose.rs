@@ -56,8 +56,16 @@ impl Stack {
             );
             return None;
         }
+        let project = format!("sbtest{}{tag}", std::process::id());
+        // The stack registers only its own containers: others on this engine (another test
+        // binary's, a bench's) would otherwise become backends and reload the proxy mid-test.
+        let mut env = env;
+        env.push((
+            "REGISTRATOR_LABEL_FILTER",
+            format!("com.docker.compose.project={project}"),
+        ));
         let mut stack = Stack {
-            project: format!("sbtest{}{tag}", std::process::id()),
+            project,
             file: workspace_root().join("compose").join(file),
             env,
             up: true,
