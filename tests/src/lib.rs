@@ -75,6 +75,88 @@ where
     }
 }
 
+/// A client that opens a new connection per request (so a reloaded proxy's new workers
+/// answer, as separate users' clients would see them) and gives up on one after 3 s.
+pub fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap()
+}
+
+/// One GET of `http://127.0.0.1:<port>/` (with a `Host` header when given): the body,
+/// trimmed, or what went wrong (`status 502`, `error …`), so a failure is an answer too.
+pub async fn answer(http: &reqwest::Client, port: u16, host: Option<&str>) -> String {
+    let mut req = http.get(format!("http://127.0.0.1:{port}/"));
+    if let Some(h) = host {
+        req = req.header("Host", h);
+    }
+    match req.send().await {
+        Ok(r) if r.status().is_success() => match r.text().await {
+            Ok(body) => body.trim().to_string(),
+            Err(e) => format!("error reading the body: {e}"),
+        },
+        Ok(r) => format!("status {}", r.status().as_u16()),
+        Err(e) => format!("error {e}"),
+    }
+}
+
+/// The distinct [`answer`]s of `n` GETs through a proxy on `port`, each on a new connection.
+pub async fn answers(
+    port: u16,
+    host: Option<&str>,
+    n: usize,
+) -> std::collections::BTreeSet<String> {
+    let http = fresh_client();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        seen.insert(answer(&http, port, host).await);
+    }
+    seen
+}
+
+/// Polls (bounded by `timeout`) until requests through `port` reach exactly `want`, nothing
+/// else and no failure, in a sample of 4 requests per instance + 2 (round robin reaches each
+/// at least once). `Ok`: how long it took; `Err`: what the last sample saw, for the caller's
+/// failure message.
+pub async fn routes_converge<S: AsRef<str>>(
+    port: u16,
+    host: Option<&str>,
+    want: &[S],
+    timeout: Duration,
+) -> Result<Duration, std::collections::BTreeSet<String>> {
+    let want: std::collections::BTreeSet<String> =
+        want.iter().map(|w| w.as_ref().to_string()).collect();
+    let started = Instant::now();
+    let last = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let done = poll(timeout, Duration::from_millis(100), || async {
+        let seen = answers(port, host, want.len() * 4 + 2).await;
+        let ok = seen == want;
+        *last.lock().unwrap() = seen;
+        ok.then_some(())
+    })
+    .await;
+    match done {
+        Some(()) => Ok(started.elapsed()),
+        None => Err(last.into_inner().unwrap()),
+    }
+}
+
+/// [`routes_converge`], panicking with `what`, the wanted and the last seen answers.
+pub async fn wait_routes<S: AsRef<str> + std::fmt::Debug>(
+    what: &str,
+    port: u16,
+    host: Option<&str>,
+    want: &[S],
+    timeout: Duration,
+) -> Duration {
+    match routes_converge(port, host, want, timeout).await {
+        Ok(took) => took,
+        Err(last) => panic!("{what}: wanted {want:?} within {timeout:?}, last saw {last:?}"),
+    }
+}
+
 /// The workspace's target directory (honours `CARGO_TARGET_DIR`).
 pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {

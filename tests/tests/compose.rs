@@ -158,15 +158,6 @@ fn image_exists(image: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// A client that opens a new connection per request, so a reloaded proxy's new workers answer.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap()
-}
-
 /// One round of [`SAMPLE`] requests through the proxy: the distinct demo-app answers
 /// ("Hello from <hostname> (<ip>)") and how many requests got something else or nothing.
 async fn sample(http: &reqwest::Client, url: &str) -> (BTreeSet<String>, usize) {
@@ -190,7 +181,7 @@ async fn sample(http: &reqwest::Client, url: &str) -> (BTreeSet<String>, usize) 
 /// Polls until a sample shows exactly `n` distinct backends and no failed request, within
 /// `timeout`; returns them.
 async fn backends_converge(url: &str, n: usize, timeout: Duration) -> BTreeSet<String> {
-    let http = client();
+    let http = fresh_client();
     let started = Instant::now();
     let last = std::sync::Mutex::new((BTreeSet::new(), 0));
     let what = format!("{n} distinct backends answering through {url}");
@@ -514,7 +505,7 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
 
     // The statistics page wants the user and password from the environment.
     let stats = format!("http://127.0.0.1:{stats_port}/stats");
-    let http = client();
+    let http = fresh_client();
     let anonymous = http.get(&stats).send().await.unwrap().status();
     assert_eq!(anonymous, 401, "stats page without credentials");
     let wrong = http
@@ -614,7 +605,7 @@ async fn consul_secure_stack_denies_anonymous_writes_and_scales() {
     backends_converge(&url, 1, START).await;
     scale(&mut stack, &url, 2).await;
 
-    let http = client();
+    let http = fresh_client();
     let register = |token: Option<String>| {
         let mut req = http
             .put(format!("{consul}/v1/agent/service/register"))
@@ -703,7 +694,7 @@ async fn etcd_secure_stack_needs_tls_and_a_user_and_scales() {
 
     // Plain HTTP gets no answer from etcd.
     let range = serde_json::json!({"key": "L3NlcnZpY2VzLw==", "range_end": "L3NlcnZpY2VzMA=="});
-    let plain = client()
+    let plain = fresh_client()
         .post(format!("http://127.0.0.1:{etcd_port}/v3/kv/range"))
         .json(&range)
         .send()

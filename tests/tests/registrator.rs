@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard_tests::*;
 use tokio::net::{TcpListener, UnixStream};
-use tokio_util_free::Token;
+use tokio_util::sync::CancellationToken as Token;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -403,31 +403,6 @@ struct DockerProxy {
     port: u16,
     state: Arc<Mutex<Token>>,
     task: tokio::task::JoinHandle<()>,
-}
-
-mod tokio_util_free {
-    //! A tiny cancellation token (the tests crate does not depend on tokio-util).
-    use tokio::sync::watch;
-
-    /// Fires once; clones share it.
-    #[derive(Clone)]
-    pub struct Token(watch::Sender<bool>);
-
-    impl Token {
-        pub fn new() -> Token {
-            Token(watch::channel(false).0)
-        }
-        pub fn cancel(&self) {
-            self.0.send_replace(true);
-        }
-        pub fn is_cancelled(&self) -> bool {
-            *self.0.borrow()
-        }
-        pub async fn cancelled(&self) {
-            let mut rx = self.0.subscribe();
-            let _ = rx.wait_for(|c| *c).await;
-        }
-    }
 }
 
 impl DockerProxy {

@@ -50,9 +50,10 @@ fn app_args(service: &str, publish: &str, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// What an instance answers: its hostname is the first 12 characters of its container ID.
+/// What an instance answers (trimmed): its hostname is the first 12 characters of its
+/// container ID.
 fn hello(container_id: &str) -> String {
-    format!("Hello from {}\n", &container_id[..12])
+    format!("Hello from {}", &container_id[..12])
 }
 
 fn run_app(tag: &str, service: &str, extra: &[&str]) -> Container {
@@ -105,20 +106,15 @@ impl Proxy {
     /// Waits until requests through the proxy reach exactly `want` (bodies); returns how
     /// long that took.
     async fn wait_routes(&self, what: &str, want: &BTreeSet<String>) -> Duration {
-        let start = Instant::now();
-        let mut last = BTreeSet::new();
-        while start.elapsed() < WAIT {
-            last = answers(self.port(), want.len() * 4 + 2).await;
-            if &last == want {
-                return start.elapsed();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let want: Vec<&String> = want.iter().collect();
+        match routes_converge(self.port(), None, &want, WAIT).await {
+            Ok(took) => took,
+            Err(last) => panic!(
+                "{what}: wanted {want:?}, last saw {last:?}\nhaproxy.cfg:\n{}\nconfd output:\n{}",
+                self.config(),
+                self.0.confd.output()
+            ),
         }
-        panic!(
-            "{what}: wanted {want:?}, last saw {last:?}\nhaproxy.cfg:\n{}\nconfd output:\n{}",
-            self.config(),
-            self.0.confd.output()
-        );
     }
 
     /// Waits until the rendered config no longer names `needle` (a host identity or a
@@ -138,15 +134,6 @@ impl Proxy {
     }
 }
 
-fn client() -> reqwest::Client {
-    // A fresh connection per request, as separate clients would make.
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap()
-}
-
 /// One GET through the proxy: the body, or why it failed.
 async fn get(http: &reqwest::Client, port: u16) -> Result<String, String> {
     let r = http
@@ -157,20 +144,10 @@ async fn get(http: &reqwest::Client, port: u16) -> Result<String, String> {
     let status = r.status();
     let body = r.text().await.map_err(|e| format!("body: {e}"))?;
     if status.is_success() && body.starts_with("Hello from ") {
-        Ok(body)
+        Ok(body.trim().to_string())
     } else {
         Err(format!("status {status}: {body:?}"))
     }
-}
-
-/// The set of bodies (or errors) `n` requests got.
-async fn answers(port: u16, n: usize) -> BTreeSet<String> {
-    let http = client();
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        seen.insert(get(&http, port).await.unwrap_or_else(|e| e));
-    }
-    seen
 }
 
 /// A client calling every 100 ms in the background, at most `n` times or until stopped:
@@ -187,7 +164,7 @@ impl Caller {
         let stop = Arc::new(AtomicBool::new(false));
         let (counter, stopped) = (sent.clone(), stop.clone());
         let task = tokio::spawn(async move {
-            let http = client();
+            let http = fresh_client();
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             let mut out = Vec::with_capacity(n);
             while out.len() < n && !stopped.load(Ordering::SeqCst) {
