@@ -7,6 +7,7 @@
 
 use crate::command::CommandSpec;
 use crate::duration;
+use crate::exec::{ExecCommand, ExecConfig, Signal};
 use crate::live::LiveChannel;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
@@ -256,6 +257,9 @@ struct FileConfig {
     /// etcd password (over `ETCDCTL_PASSWORD`).
     #[serde(default)]
     password: Option<String>,
+    /// The proxy confd supervises (`--exec`).
+    #[serde(default)]
+    exec: Option<ExecConfig>,
 }
 
 impl Default for FileConfig {
@@ -309,6 +313,10 @@ pub struct Overrides {
     pub consul_http_addr: Option<String>,
     /// `ETCDCTL_ENDPOINTS`.
     pub etcdctl_endpoints: Option<String>,
+    /// `--exec`: the command confd supervises, over the file's `exec.command`.
+    pub exec: Option<String>,
+    /// `--exec-reload-signal`, over the file's `exec.reload_signal`.
+    pub exec_reload_signal: Option<String>,
 }
 
 /// The complete, validated configuration a run uses.
@@ -336,6 +344,9 @@ pub struct Config {
     pub once_timeout: Duration,
     /// TLS material and credentials for the store (YAML keys over the environment).
     pub store: StoreSettings,
+    /// The proxy confd supervises, if any. Templates without a reload command then reload
+    /// it with its `reload_signal` (set as their `reload` by [`Config::load`]).
+    pub exec: Option<ExecConfig>,
 }
 
 impl Config {
@@ -462,6 +473,12 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     for t in &mut templates {
         t.wait.get_or_insert(wait);
     }
+    let exec = exec_config(file.exec, o)?;
+    if let Some(x) = &exec {
+        for t in &mut templates {
+            t.reload.get_or_insert(CommandSpec::Signal(x.reload_signal));
+        }
+    }
     let mut vars = file.vars;
     for v in &o.vars {
         let (k, val) = v
@@ -482,7 +499,37 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         max_long_polls: file.max_long_polls.max(2),
         ignore_services: file.ignore_services,
         once_timeout: file.once_timeout,
+        exec,
     })
+}
+
+/// `--exec` and `--exec-reload-signal` over the file's `exec:` block.
+fn exec_config(file: Option<ExecConfig>, o: &Overrides) -> Result<Option<ExecConfig>, ConfigError> {
+    let incomplete = ConfigError::Incomplete;
+    let mut exec = match (&o.exec, file) {
+        (Some(cmd), file) => {
+            let command =
+                ExecCommand::parse(cmd).map_err(|e| incomplete(format!("--exec: {e}")))?;
+            Some(match file {
+                Some(f) => ExecConfig { command, ..f },
+                None => ExecConfig::new(command),
+            })
+        }
+        (None, file) => file,
+    };
+    if let Some(sig) = &o.exec_reload_signal {
+        let sig =
+            Signal::parse(sig).map_err(|e| incomplete(format!("--exec-reload-signal: {e}")))?;
+        match &mut exec {
+            Some(x) => x.reload_signal = sig,
+            None => {
+                return Err(incomplete(
+                    "--exec-reload-signal without a command: expected --exec or `exec:` in the config file".into(),
+                ))
+            }
+        }
+    }
+    Ok(exec)
 }
 
 /// The store settings: the YAML keys that are set, the environment for the rest.

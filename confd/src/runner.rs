@@ -232,6 +232,11 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
             pending[i].clear();
         }
         let outcomes = pass(&cfg, &mut renderer, s, &due, &mut owed, false).await;
+        // `--exec` starts its proxy once every file is in place.
+        let in_place = due
+            .iter()
+            .filter(|&&i| !matches!(outcomes[i], Outcome::Failed(_)));
+        crate::exec::rendered(cfg.templates.len(), in_place.copied());
         for (i, o) in outcomes.iter().enumerate() {
             match o {
                 Outcome::ReloadFailed(_) => {
@@ -668,6 +673,7 @@ mod tests {
             ignore_services: vec![],
             once_timeout: Duration::from_secs(1),
             store: Default::default(),
+            exec: None,
         }
     }
 
