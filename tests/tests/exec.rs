@@ -66,9 +66,7 @@ exec:
   kill_timeout: 10s
 "#,
             port = self.port,
-            tpl = workspace_root()
-                .join("templates/nginx.conf.hbs")
-                .display(),
+            tpl = workspace_root().join("templates/nginx.conf.hbs").display(),
         );
         let path = self.p("confd.yaml");
         std::fs::write(&path, cfg).unwrap();
@@ -186,7 +184,10 @@ async fn exec_runs_nginx_from_first_render_to_shutdown() {
     let started = out
         .find("supervised process started")
         .unwrap_or_else(|| panic!("no start logged:\n{out}"));
-    assert!(rendered < started, "nginx started before the first render:\n{out}");
+    assert!(
+        rendered < started,
+        "nginx started before the first render:\n{out}"
+    );
     assert!(!out.contains("exited unexpectedly"), "{out}");
 
     // A membership change is rendered and reloaded by SIGHUP: same master, new config.
@@ -210,7 +211,10 @@ async fn exec_runs_nginx_from_first_render_to_shutdown() {
     })
     .await;
     wait_routes("after kill -9", &c, s.port, &["exec-a", "exec-b"]).await;
-    assert!(group_members(master).is_empty(), "the old master's workers live on");
+    assert!(
+        group_members(master).is_empty(),
+        "the old master's workers live on"
+    );
     assert!(c.output().contains("exited unexpectedly"), "{}", c.output());
 
     // SIGTERM: forwarded to nginx, confd exits with its status (nginx exits 0 on SIGTERM).
@@ -218,13 +222,12 @@ async fn exec_runs_nginx_from_first_render_to_shutdown() {
     let st = c.wait_exit(WAIT).await;
     assert!(st.success(), "confd exit {st:?}; output:\n{}", c.output());
     assert!(!alive(restarted), "nginx still running after confd exited");
-    assert!(group_members(restarted).is_empty(), "nginx workers left behind");
-    assert!(answers(s.port, 1).await.is_empty(), "port still answers");
     assert!(
-        c.output().contains("forwarding SIGTERM"),
-        "{}",
-        c.output()
+        group_members(restarted).is_empty(),
+        "nginx workers left behind"
     );
+    assert!(answers(s.port, 1).await.is_empty(), "port still answers");
+    assert!(c.output().contains("forwarding SIGTERM"), "{}", c.output());
 }
 
 /// Store down at start, rendered file present: nginx starts on it; the store comes back and
@@ -275,7 +278,11 @@ async fn exec_waits_for_a_render_when_there_is_no_earlier_file() {
     let mut c = confd(&cfg);
     c.wait_output("no earlier files to start on", WAIT).await;
     assert!(s.master().is_none());
-    assert!(!c.output().contains("supervised process started"), "{}", c.output());
+    assert!(
+        !c.output().contains("supervised process started"),
+        "{}",
+        c.output()
+    );
     // Stopped before it ever started: exits 0, nothing to forward.
     c.signal(libc::SIGTERM);
     let st = c.wait_exit(WAIT).await;
