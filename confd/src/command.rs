@@ -102,6 +102,12 @@ pub fn argv(spec: &CommandSpec, staged: Option<&Path>) -> Vec<String> {
     }
 }
 
+/// Whether a reload that just succeeded had nothing to reload: a signal for the supervised
+/// proxy (`exec`) while it is not running.
+pub fn reloaded_nothing(spec: &CommandSpec) -> bool {
+    matches!(spec, CommandSpec::Signal(_)) && !crate::exec::running()
+}
+
 /// Why a command did not succeed; displays as one line with the command's output.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {

@@ -342,6 +342,13 @@ pub fn rendered(total: usize, rendered: impl IntoIterator<Item = usize>) {
     }
 }
 
+/// Whether a supervised child is running now.
+pub fn running() -> bool {
+    CURRENT
+        .get()
+        .is_some_and(|s| matches!(s.get(), State::Running(_)))
+}
+
 /// Reloads the child with `sig` (a template's reload when it has no command of its own).
 /// Returns what was done, for the `reloaded` log line. A child that is not running has
 /// nothing to reload: it reads the new file when it starts, so that is not a failure.

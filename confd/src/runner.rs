@@ -446,7 +446,11 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
                     res.outcomes.push((r.idx, Outcome::Updated));
                 }
             }
-            after_reload(cfg, &reloading).await;
+            // A signal for an `--exec` proxy that has not started reloaded nothing: there is
+            // no running proxy for the live channels to follow; it reads the files at start.
+            if !command::reloaded_nothing(&cmd) {
+                after_reload(cfg, &reloading).await;
+            }
         }
         Err(e) => {
             let reason = format!("reload failed: {e}");
