@@ -731,6 +731,85 @@ templates:
     }
 
     #[test]
+    fn exec_block_and_flags() {
+        let text = format!(
+            "{FULL}exec:\n  command: \"nginx -g 'daemon off;'\"\n  reload_signal: SIGUSR2\n  kill_timeout: 5s\n"
+        );
+        let c = merge(parse_text(&text, "c.yaml").unwrap(), &overrides()).unwrap();
+        let x = c.exec.clone().unwrap();
+        assert_eq!(x.command.0, ["nginx", "-g", "daemon off;"]);
+        assert_eq!(x.reload_signal, Signal::USR2);
+        assert_eq!(x.kill_timeout, Duration::from_secs(5));
+        // A template with a reload command keeps it; one without reloads by the signal.
+        assert!(matches!(c.templates[0].reload, Some(CommandSpec::Argv(_))));
+        assert_eq!(
+            c.templates[1].reload,
+            Some(CommandSpec::Signal(Signal::USR2))
+        );
+
+        // Flags over the file: the command, then the signal; the rest stays the file's.
+        let o = Overrides {
+            exec: Some("haproxy -W -db -f /etc/haproxy/haproxy.cfg".into()),
+            exec_reload_signal: Some("hup".into()),
+            ..overrides()
+        };
+        let c = merge(parse_text(&text, "c.yaml").unwrap(), &o).unwrap();
+        let x = c.exec.unwrap();
+        assert_eq!(x.command.0[0], "haproxy");
+        assert_eq!(x.reload_signal, Signal::HUP);
+        assert_eq!(x.kill_timeout, Duration::from_secs(5));
+
+        // No exec: templates without a reload command have none.
+        let c = merge(parse_text(FULL, "c.yaml").unwrap(), &overrides()).unwrap();
+        assert!(c.exec.is_none());
+        assert_eq!(c.templates[1].reload, None);
+
+        for (o, want) in [
+            (
+                Overrides {
+                    exec_reload_signal: Some("SIGHUP".into()),
+                    ..overrides()
+                },
+                "--exec-reload-signal without a command",
+            ),
+            (
+                Overrides {
+                    exec: Some("nginx; rm -rf /".into()),
+                    ..overrides()
+                },
+                "--exec: exec command",
+            ),
+            (
+                Overrides {
+                    exec: Some("nginx".into()),
+                    exec_reload_signal: Some("SIGNOPE".into()),
+                    ..overrides()
+                },
+                "--exec-reload-signal: invalid signal",
+            ),
+        ] {
+            let e = merge(parse_text(FULL, "c.yaml").unwrap(), &o)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let e = parse_text("exec:\n  command: \"nginx > /tmp/log\"\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.yaml:2:") && e.contains("needs a shell"),
+            "{e}"
+        );
+        let e = parse_text("exec:\n  command: nginx\n  reload_signal: BOOM\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.yaml:3:") && e.contains("invalid signal"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn store_tls_and_credentials_keys() {
         let o = Overrides {
             templates: vec!["a:b".into()],
