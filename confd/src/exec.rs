@@ -528,10 +528,12 @@ async fn supervise(
                     .map(|d| d.display().to_string())
                     .collect();
                 if missing.is_empty() {
+                    // Not the word "reloaded": operators (and the compose tests) count reloads
+                    // by the runner's `reloaded` lines.
                     tracing::warn!(
                         command = %command,
                         files = ?dests,
-                        "no complete render within {FAIL_STATIC_AFTER:?} (store unreachable or a template failing): starting on the files an earlier run left (fail static); they are updated and reloaded once the store answers"
+                        "no complete render within {FAIL_STATIC_AFTER:?} (store unreachable or a template failing): starting on the files an earlier run left (fail static); they are brought up to date once the store answers"
                     );
                     break;
                 }
