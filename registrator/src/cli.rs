@@ -300,7 +300,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         ip: cli.ip,
         internal: cli.internal,
         explicit: cli.explicit,
-        tags: split_tags(&cli.tags),
+        tags: crate::derive::split_tags(&cli.tags),
         ttl,
         ttl_refresh,
         resync: (cli.resync > 0).then(|| Duration::from_secs(cli.resync)),
@@ -319,15 +319,6 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
 /// clean key segment in etcd, so `-cleanup`'s prefix match cannot reach another host's IDs.
 fn valid_host_identity(h: &str) -> bool {
     !h.is_empty() && !h.contains([':', '/']) && !h.chars().any(char::is_whitespace)
-}
-
-/// `a, b,,c` -> `[a, b, c]`.
-pub fn split_tags(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(String::from)
-        .collect()
 }
 
 #[cfg(test)]

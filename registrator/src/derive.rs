@@ -183,11 +183,25 @@ fn collect_metadata(info: &ContainerInfo, warnings: &mut Vec<Warning>) -> Metada
 }
 
 /// The default service name: the image's last path segment without tag or digest
-/// (`reg:5000/team/web:1.2@sha256:...` -> `web`).
-pub fn image_basename(image: &str) -> String {
+/// (`reg:5000/team/web:1.2@sha256:...` -> `web`). `None` when the container was created
+/// from an image ID (`sha256:<hex>`, or the bare 64-hex-digit ID), which names no service:
+/// gliderlabs registered all of those under the name `sha256`, one service for unrelated
+/// containers.
+pub fn image_basename(image: &str) -> Option<String> {
+    if is_image_id(image) {
+        return None;
+    }
     let no_digest = image.split('@').next().unwrap_or(image);
     let last = no_digest.rsplit('/').next().unwrap_or(no_digest);
-    last.split(':').next().unwrap_or(last).to_string()
+    let name = last.split(':').next().unwrap_or(last);
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// `sha256:<hex>` or 64 hex digits: an image ID, as `docker run` accepts one.
+fn is_image_id(image: &str) -> bool {
+    let hex = image.strip_prefix("sha256:").unwrap_or(image);
+    let all_hex = !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    all_hex && (hex.len() == 64 || image.starts_with("sha256:"))
 }
 
 /// Parses a duration the way gliderlabs users write them: Go syntax (`10s`, `1m30s`, `500ms`,
@@ -351,7 +365,10 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
     });
     let cands = candidates(info, opts);
     let group = cands.len() > 1;
-    let default_name = image_basename(&info.image);
+    // An image referenced by ID names nothing; the container's name stands in (a warning
+    // says so, once, unless every port has a name of its own).
+    let default_name = image_basename(&info.image).unwrap_or_else(|| info.name.clone());
+    let mut image_id_warned = false;
     // General values are parsed once, not once per port: a container may publish thousands.
     let general_tags = md.general.get("tags").map(|v| parse_tags(v, &mut warnings));
     let general_meta = meta_pairs(&md.general, &mut warnings);
@@ -379,6 +396,18 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
         };
         if opts.explicit && named.is_none() {
             continue;
+        }
+        if named.is_none() && !image_id_warned && image_basename(&info.image).is_none() {
+            image_id_warned = true;
+            ctx.warnings.push(Warning {
+                key: "image".into(),
+                value: excerpt(&info.image).to_string(),
+                expected: format!(
+                    "an image name to name the service after (the container was created from \
+                     an image ID): registered under the container name {:?}; set SERVICE_NAME",
+                    excerpt(&info.name).to_string()
+                ),
+            });
         }
         let mut name = named.map_or_else(|| default_name.clone(), |v| v.value.clone());
         if group && !port_md.contains_key("name") {
@@ -444,6 +473,16 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
     warnings.sort();
     warnings.dedup_by(|a, b| a.key == b.key);
     Derived { services, warnings }
+}
+
+/// The `-tags` flag's list: `a, b,,c` -> `[a, b, c]`. Tags are derivation's business; the
+/// flag's value is the operator's, so it is trusted (unlike `SERVICE_TAGS`, see [`parse_tags`]).
+pub fn split_tags(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// The tags of one `SERVICE_TAGS` value: comma-separated, trimmed, de-duplicated in linear
@@ -775,8 +814,29 @@ mod tests {
             ("web@sha256:0123", "web"),
         ];
         for (image, want) in cases {
-            assert_eq!(image_basename(image), want, "{image}");
+            assert_eq!(image_basename(image).as_deref(), Some(want), "{image}");
         }
+        let id = "0123456789abcdef".repeat(4);
+        for image in [format!("sha256:{id}"), id.clone(), "sha256:0123".into()] {
+            assert_eq!(image_basename(&image), None, "{image}");
+        }
+        // A short hex name may be a real image name: it stays one.
+        assert_eq!(image_basename("cafe").as_deref(), Some("cafe"));
+    }
+
+    #[test]
+    fn image_id_names_the_service_after_the_container() {
+        let mut c = web();
+        c.image = format!("sha256:{}", "ab".repeat(32));
+        let d = derive(&c, &opts());
+        assert_eq!(summary(&d), vec![("host:web1:80".into(), "web1".into(), "192.0.2.2:32768".into())]);
+        assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+        assert_eq!(d.warnings[0].key, "image");
+        assert!(d.warnings[0].expected.contains("SERVICE_NAME"), "{:?}", d.warnings);
+        // With SERVICE_NAME there is nothing to warn about.
+        let d = derive(&with_env(c, &["SERVICE_NAME=api"]), &opts());
+        assert_eq!(d.services[0].name, "api");
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
     }
 
     #[test]

@@ -162,6 +162,25 @@ pub fn decide(state: &RunState, draining: bool, mode: Deregister) -> Decision {
     }
 }
 
+/// The engine's usual socket, and where gliderlabs' image reads it (its documented run line
+/// mounts the host's socket at `/tmp/docker.sock`).
+const DOCKER_SOCKETS: [&str; 2] = ["/var/run/docker.sock", "/tmp/docker.sock"];
+
+/// Which Docker engine to talk to, as a `DOCKER_HOST` value: `DOCKER_HOST` when set and not
+/// empty; else the first of `/var/run/docker.sock` and `/tmp/docker.sock` that `exists`; else
+/// `/var/run/docker.sock` (connecting then fails naming it). So gliderlabs' run line, which
+/// mounts the socket at `/tmp/docker.sock`, works unchanged.
+pub fn docker_host(env: Option<&str>, exists: impl Fn(&str) -> bool) -> String {
+    if let Some(host) = env.map(str::trim).filter(|h| !h.is_empty()) {
+        return host.to_string();
+    }
+    let socket = DOCKER_SOCKETS
+        .into_iter()
+        .find(|p| exists(p))
+        .unwrap_or(DOCKER_SOCKETS[0]);
+    format!("unix://{socket}")
+}
+
 /// `80/tcp` -> `(80, "tcp")`; a bare number is TCP.
 fn parse_port_key(key: &str) -> Option<(u16, String)> {
     let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
@@ -673,6 +692,27 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_host_order() {
+        let var = "/var/run/docker.sock";
+        let tmp = "/tmp/docker.sock";
+        // (DOCKER_HOST, sockets that exist, chosen)
+        let cases: &[(Option<&str>, &[&str], &str)] = &[
+            (Some("tcp://10.0.0.1:2375"), &[var, tmp], "tcp://10.0.0.1:2375"),
+            (Some("unix:///x.sock"), &[], "unix:///x.sock"),
+            (None, &[var, tmp], "unix:///var/run/docker.sock"),
+            (None, &[var], "unix:///var/run/docker.sock"),
+            (None, &[tmp], "unix:///tmp/docker.sock"),
+            (Some(""), &[tmp], "unix:///tmp/docker.sock"),
+            (Some("  "), &[tmp], "unix:///tmp/docker.sock"),
+            (None, &[], "unix:///var/run/docker.sock"),
+        ];
+        for (env, present, want) in cases {
+            let got = docker_host(*env, |p| present.contains(&p));
+            assert_eq!(got, *want, "{env:?} {present:?}");
+        }
+    }
 
     #[test]
     fn tracker_orders_inspections() {

@@ -58,11 +58,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     if !connect_store(&store, &config, &shutdown).await? {
         return Ok(());
     }
-    let docker = bollard::Docker::connect_with_defaults()
-        .context("cannot set up the Docker client (check DOCKER_HOST)")?
+    let docker_host = docker::docker_host(std::env::var("DOCKER_HOST").ok().as_deref(), |p| {
+        std::path::Path::new(p).exists()
+    });
+    let docker = bollard::Docker::connect_with_host(&docker_host)
+        .with_context(|| format!("cannot set up the Docker client for {docker_host} (check DOCKER_HOST)"))?
         .negotiate_version()
         .await
-        .context("cannot reach the Docker engine (check DOCKER_HOST and the socket)")?;
+        .with_context(|| {
+            format!("cannot reach the Docker engine at {docker_host} (check DOCKER_HOST and the socket)")
+        })?;
 
     let (tx, rx) = watch::channel(None);
     let opts = DeriveOptions {
