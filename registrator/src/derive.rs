@@ -119,7 +119,14 @@ const KNOWN_KEYS: &[&str] = &[
     "check_timeout",
     "check_initial_status",
     "check_deregister_after",
+    "check_http_method",
+    "check_https_method",
+    "check_tls_skip_verify",
+    "check_grpc",
+    "check_grpc_use_tls",
+    "check_cmd",
     "drain",
+    "network",
 ];
 
 /// A `SERVICE_*` value with the key it came from (for warnings).
@@ -453,7 +460,7 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
                 tags.push(t.clone());
             }
         }
-        let check = derive_check(&get, &address, c.port, &mut ctx);
+        let check = derive_check(&get, &info.id, &address, c.port, &mut ctx);
         let meta = merge_meta(
             &general_meta,
             meta_pairs(port_md, ctx.warnings),
@@ -681,10 +688,43 @@ impl Ctx<'_> {
 
 const PATH_EXPECTED: &str = "a URL path such as /health (no whitespace or control characters)";
 
-/// `SERVICE_CHECK_*`: at most one check, the first kind set in the order HTTP, HTTPS, script,
-/// TTL, TCP (gliderlabs' precedence).
+const FLAG_EXPECTED: &str = "true or false (also 1/0, yes/no, on/off)";
+
+/// A yes/no `SERVICE_*` value. Unlike gliderlabs (any non-empty value, `false` included,
+/// meant yes), `false` means no; anything unrecognised warns and means no.
+fn flag(v: Option<&MetaValue>, ctx: &mut Ctx) -> bool {
+    let Some(v) = v else { return false };
+    match v.value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => true,
+        "false" | "0" | "no" | "off" | "" => false,
+        _ => {
+            ctx.warn(v, FLAG_EXPECTED);
+            false
+        }
+    }
+}
+
+/// An HTTP method as RFC 9110 spells one: a token (letters, digits and ``!#$%&'*+-.^_`|~``),
+/// at most 32 bytes. Consul sends it verbatim in the request line, so nothing else may pass.
+fn http_method(v: &str) -> bool {
+    (1..=32).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A gRPC service name for `host:port/service`: letters, digits, `.`, `_` and `-`
+/// (`grpc.health.v1.Health`, `pkg.Service`), at most 255 bytes.
+fn grpc_service(v: &str) -> bool {
+    (1..=255).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `SERVICE_CHECK_*`: at most one check, the first kind set in the order HTTP, HTTPS, CMD,
+/// script, TTL, TCP, gRPC (gliderlabs' precedence).
 fn derive_check<'m>(
     get: &dyn Fn(&str) -> Option<&'m MetaValue>,
+    container_id: &str,
     address: &str,
     port: u16,
     ctx: &mut Ctx,
@@ -713,6 +753,19 @@ fn derive_check<'m>(
         }
     }
     if kind.is_none() {
+        // Run in the container by the agent (a Consul Docker check), as an argv: the value
+        // is split on whitespace, never given to a shell.
+        if let Some(v) = get("check_cmd") {
+            let args: Vec<String> = v.value.split_whitespace().map(String::from).collect();
+            if !args.is_empty() && !container_id.is_empty() {
+                kind = Some(CheckKind::Docker {
+                    container: container_id.to_string(),
+                    args,
+                });
+            }
+        }
+    }
+    if kind.is_none() {
         if let Some(v) = get("check_script") {
             let port = port.to_string();
             let argv: Vec<String> = v
@@ -736,7 +789,57 @@ fn derive_check<'m>(
     if kind.is_none() && get("check_tcp").is_some_and(|v| truthy(&v.value)) {
         kind = Some(CheckKind::Tcp(format!("{}:{port}", url_host(address))));
     }
+    if kind.is_none() {
+        // `true` (gliderlabs' spelling) probes the server as a whole; a gRPC service name
+        // asks about that service.
+        if let Some(v) = get("check_grpc").filter(|v| truthy(&v.value)) {
+            let target = format!("{}:{port}", url_host(address));
+            let value = v.value.trim();
+            let target = match value.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Some(target),
+                _ if grpc_service(value) => Some(format!("{target}/{value}")),
+                _ => {
+                    ctx.warn(
+                        v,
+                        "true, or a gRPC service name (letters, digits, '.', '_', '-') to check",
+                    );
+                    None
+                }
+            };
+            if let Some(target) = target {
+                let tls = flag(get("check_grpc_use_tls"), ctx);
+                kind = Some(CheckKind::Grpc { target, tls });
+            }
+        }
+    }
     let kind = kind?;
+    let method_key = match &kind {
+        CheckKind::Http(_) => Some("check_http_method"),
+        CheckKind::Https(_) => Some("check_https_method"),
+        _ => None,
+    };
+    let method = method_key.and_then(|k| get(k)).and_then(|v| {
+        ctx.check(
+            v,
+            http_method(&v.value),
+            "an HTTP method such as GET, HEAD or POST (a token of at most 32 letters, digits \
+             or !#$%&'*+-.^_`|~)",
+        )
+        .map(|v| v.value.clone())
+    });
+    let tls = matches!(kind, CheckKind::Https(_) | CheckKind::Grpc { tls: true, .. });
+    let skip = get("check_tls_skip_verify");
+    let tls_skip_verify = match skip {
+        Some(v) if !tls && flag(Some(v), ctx) => {
+            ctx.warn(
+                v,
+                "SERVICE_CHECK_TLS_SKIP_VERIFY only with SERVICE_CHECK_HTTPS or \
+                 SERVICE_CHECK_GRPC_USE_TLS (this check speaks no TLS; ignored)",
+            );
+            false
+        }
+        _ => tls && flag(skip, ctx),
+    };
     let initial_status = get("check_initial_status").and_then(|v| {
         let ok = matches!(v.value.as_str(), "passing" | "warning" | "critical");
         ctx.check(v, ok, "passing, warning or critical")
@@ -748,6 +851,8 @@ fn derive_check<'m>(
         timeout: ctx.duration(get("check_timeout"), true),
         initial_status,
         deregister_after: ctx.duration(get("check_deregister_after"), true),
+        method,
+        tls_skip_verify,
     })
 }
 
@@ -1146,6 +1251,139 @@ mod tests {
         assert_eq!(c.timeout, Some(Duration::from_secs(2)));
         assert_eq!(c.initial_status.as_deref(), Some("passing"));
         assert_eq!(c.deregister_after, Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn grpc_cmd_method_and_tls_options() {
+        let grpc = |target: &str, tls: bool| CheckKind::Grpc {
+            target: target.into(),
+            tls,
+        };
+        // (env, kind, method, skip verify, warned key)
+        type Case<'a> = (
+            &'a [&'a str],
+            Option<CheckKind>,
+            Option<&'a str>,
+            bool,
+            Option<&'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                &["SERVICE_CHECK_GRPC=true"],
+                Some(grpc("192.0.2.2:32768", false)),
+                None,
+                false,
+                None,
+            ),
+            (
+                &["SERVICE_CHECK_GRPC=grpc.health.v1.Health", "SERVICE_CHECK_GRPC_USE_TLS=1"],
+                Some(grpc("192.0.2.2:32768/grpc.health.v1.Health", true)),
+                None,
+                false,
+                None,
+            ),
+            (
+                &[
+                    "SERVICE_CHECK_GRPC=true",
+                    "SERVICE_CHECK_GRPC_USE_TLS=true",
+                    "SERVICE_CHECK_TLS_SKIP_VERIFY=true",
+                ],
+                Some(grpc("192.0.2.2:32768", true)),
+                None,
+                true,
+                None,
+            ),
+            (&["SERVICE_CHECK_GRPC=false"], None, None, false, None),
+            (
+                &["SERVICE_CHECK_GRPC=a/b"],
+                None,
+                None,
+                false,
+                Some("SERVICE_CHECK_GRPC"),
+            ),
+            (
+                &["SERVICE_CHECK_GRPC=true", "SERVICE_CHECK_GRPC_USE_TLS=maybe"],
+                Some(grpc("192.0.2.2:32768", false)),
+                None,
+                false,
+                Some("SERVICE_CHECK_GRPC_USE_TLS"),
+            ),
+            (
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_HTTP_METHOD=HEAD"],
+                Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
+                Some("HEAD"),
+                false,
+                None,
+            ),
+            (
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_HTTP_METHOD=GET /x HTTP/1.1\r\n"],
+                Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
+                None,
+                false,
+                Some("SERVICE_CHECK_HTTP_METHOD"),
+            ),
+            (
+                // The HTTPS check reads its own method key, not HTTP's.
+                &[
+                    "SERVICE_CHECK_HTTPS=/s",
+                    "SERVICE_CHECK_HTTP_METHOD=PUT",
+                    "SERVICE_CHECK_HTTPS_METHOD=POST",
+                    "SERVICE_CHECK_TLS_SKIP_VERIFY=yes",
+                ],
+                Some(CheckKind::Https("https://192.0.2.2:32768/s".into())),
+                Some("POST"),
+                true,
+                None,
+            ),
+            (
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_TLS_SKIP_VERIFY=true"],
+                Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
+                None,
+                false,
+                Some("SERVICE_CHECK_TLS_SKIP_VERIFY"),
+            ),
+            (
+                &["SERVICE_CHECK_CMD=test -f /tmp/ok;reboot $(id)"],
+                Some(CheckKind::Docker {
+                    container: "abc".into(),
+                    args: vec![
+                        "test".into(),
+                        "-f".into(),
+                        "/tmp/ok;reboot".into(),
+                        "$(id)".into(),
+                    ],
+                }),
+                None,
+                false,
+                None,
+            ),
+            (
+                // gliderlabs' order: CMD before script.
+                &["SERVICE_CHECK_SCRIPT=/bin/x", "SERVICE_CHECK_CMD=true"],
+                Some(CheckKind::Docker {
+                    container: "abc".into(),
+                    args: vec!["true".into()],
+                }),
+                None,
+                false,
+                None,
+            ),
+        ];
+        for (env, kind, method, skip, warned) in cases {
+            let d = derive(&with_env(web(), env), &opts());
+            let check = d.services[0].check.clone();
+            assert_eq!(check.as_ref().map(|c| c.kind.clone()), kind, "{env:?}");
+            assert_eq!(
+                check.as_ref().and_then(|c| c.method.as_deref()),
+                method,
+                "{env:?}"
+            );
+            assert_eq!(check.is_some_and(|c| c.tls_skip_verify), skip, "{env:?}");
+            let keys: Vec<&str> = d.warnings.iter().map(|w| w.key.as_str()).collect();
+            assert_eq!(keys, warned.into_iter().collect::<Vec<_>>(), "{env:?}");
+            // None of these keys is ever metadata.
+            assert!(d.services[0].meta.is_empty(), "{env:?}");
+        }
     }
 
     #[test]

@@ -871,13 +871,9 @@ mod tests {
         let mut a_tagged_meta = a_tagged.clone();
         a_tagged_meta.meta = a_meta.meta.clone();
         let mut a_checked = a.clone();
-        a_checked.check = Some(switchboard::Check {
-            kind: switchboard::CheckKind::Tcp("127.0.0.1:1".into()),
-            interval: None,
-            timeout: None,
-            initial_status: None,
-            deregister_after: None,
-        });
+        a_checked.check = Some(switchboard::Check::new(switchboard::CheckKind::Tcp(
+            "127.0.0.1:1".into(),
+        )));
         let a_moved = svc("h:a:80", "a", 9);
         let a_renamed = svc("h:a:80", "aa", 1);
         let gone = svc("h:gone:80", "g", 2);

@@ -60,6 +60,21 @@ pub enum CheckKind {
     Ttl(Duration),
     /// A program run by the Consul agent, as an argument list (never through a shell).
     Script(Vec<String>),
+    /// gRPC health checking protocol against `host:port[/service]`.
+    Grpc {
+        /// `host:port`, or `host:port/service` to ask about one gRPC service.
+        target: String,
+        /// Speak TLS to it.
+        tls: bool,
+    },
+    /// A program run inside the container (`docker exec`) by the Consul agent, as an argument
+    /// list (never through a shell). The agent needs script checks enabled and the Docker socket.
+    Docker {
+        /// Full container ID.
+        container: String,
+        /// The program and its arguments.
+        args: Vec<String>,
+    },
 }
 
 /// A health check attached to a service (`SERVICE_CHECK_*`).
@@ -79,6 +94,27 @@ pub struct Check {
     /// Consul removes the service after it has been critical this long.
     #[serde(default, with = "opt_secs")]
     pub deregister_after: Option<Duration>,
+    /// HTTP method of an HTTP or HTTPS check (`GET` when `None`); an HTTP token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Accept any certificate (HTTPS checks, gRPC checks over TLS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_skip_verify: bool,
+}
+
+impl Check {
+    /// A check of `kind` with every option at its default.
+    pub fn new(kind: CheckKind) -> Self {
+        Check {
+            kind,
+            interval: None,
+            timeout: None,
+            initial_status: None,
+            deregister_after: None,
+            method: None,
+            tls_skip_verify: false,
+        }
+    }
 }
 
 /// Formats a duration the way Consul's API wants it (`10s`, `1500ms`).
@@ -146,11 +182,12 @@ mod tests {
             tags: vec!["a".into()],
             meta: [("k".to_string(), "v".to_string())].into(),
             check: Some(Check {
-                kind: CheckKind::Http("http://10.0.0.2:80/".into()),
                 interval: Some(Duration::from_secs(5)),
-                timeout: None,
-                initial_status: None,
-                deregister_after: None,
+                method: Some("HEAD".into()),
+                ..Check::new(CheckKind::Grpc {
+                    target: "10.0.0.2:80/health".into(),
+                    tls: true,
+                })
             }),
             ttl: Some(Duration::from_secs(30)),
         };

@@ -491,10 +491,28 @@ fn check_json(check: &Check) -> Value {
     match &check.kind {
         CheckKind::Http(url) => {
             c.insert("HTTP".into(), url.as_str().into());
+            if let Some(m) = &check.method {
+                c.insert("Method".into(), m.as_str().into());
+            }
         }
         CheckKind::Https(url) => {
             c.insert("HTTP".into(), url.as_str().into());
-            c.insert("TLSSkipVerify".into(), false.into());
+            c.insert("TLSSkipVerify".into(), check.tls_skip_verify.into());
+            if let Some(m) = &check.method {
+                c.insert("Method".into(), m.as_str().into());
+            }
+        }
+        CheckKind::Grpc { target, tls } => {
+            c.insert("GRPC".into(), target.as_str().into());
+            c.insert("GRPCUseTLS".into(), (*tls).into());
+            if *tls {
+                c.insert("TLSSkipVerify".into(), check.tls_skip_verify.into());
+            }
+        }
+        // Run by the agent inside the container with `docker exec`, as an argv (no shell).
+        CheckKind::Docker { container, args } => {
+            c.insert("DockerContainerID".into(), container.as_str().into());
+            c.insert("Args".into(), json!(args));
         }
         CheckKind::Tcp(addr) => {
             c.insert("TCP".into(), addr.as_str().into());
@@ -702,13 +720,7 @@ mod tests {
     }
 
     fn check(kind: CheckKind) -> Check {
-        Check {
-            kind,
-            interval: None,
-            timeout: None,
-            initial_status: None,
-            deregister_after: None,
-        }
+        Check::new(kind)
     }
 
     #[test]
@@ -776,6 +788,49 @@ mod tests {
         ];
         for (kind, want) in table {
             assert_eq!(check_json(&check(kind.clone())), want, "{kind:?}");
+        }
+        // Options: a method on HTTP(S), skipping verification on HTTPS and gRPC over TLS.
+        let with = |kind: CheckKind| Check {
+            method: Some("HEAD".into()),
+            tls_skip_verify: true,
+            ..check(kind)
+        };
+        let table = [
+            (
+                CheckKind::Http("http://h/".into()),
+                json!({"HTTP": "http://h/", "Method": "HEAD", "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Https("https://h/".into()),
+                json!({"HTTP": "https://h/", "Method": "HEAD", "TLSSkipVerify": true,
+                       "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Grpc {
+                    target: "10.0.0.2:50051/pkg.Svc".into(),
+                    tls: true,
+                },
+                json!({"GRPC": "10.0.0.2:50051/pkg.Svc", "GRPCUseTLS": true,
+                       "TLSSkipVerify": true, "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Grpc {
+                    target: "10.0.0.2:50051".into(),
+                    tls: false,
+                },
+                json!({"GRPC": "10.0.0.2:50051", "GRPCUseTLS": false, "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Docker {
+                    container: "abc123".into(),
+                    args: vec!["test".into(), "-f".into(), "/tmp/ok; rm".into()],
+                },
+                json!({"DockerContainerID": "abc123", "Args": ["test", "-f", "/tmp/ok; rm"],
+                       "Interval": "10s"}),
+            ),
+        ];
+        for (kind, want) in table {
+            assert_eq!(check_json(&with(kind.clone())), want, "{kind:?}");
         }
     }
 
