@@ -1177,3 +1177,191 @@ async fn drain_opt_out_stays_registered_until_exit() {
     stop.await.unwrap();
     backend.wait_absent(&name, &id).await;
 }
+
+// ---- Drop-in gaps (issue 13): gliderlabs' check labels, image IDs, networks, Docker health.
+
+/// The agent's checks of one service ID (`/v1/agent/checks`), by check ID.
+async fn checks_of(consul: &Consul, service_id: &str) -> Vec<Value> {
+    let all = consul.get_json("/v1/agent/checks").await;
+    all.as_object()
+        .map(|m| {
+            m.values()
+                .filter(|c| c["ServiceID"] == service_id)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `service_id` has a check of `kind` (Consul's `Type`) for which `ok` holds.
+async fn wait_check(
+    consul: &Consul,
+    service_id: &str,
+    kind: &str,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    wait_for(&format!("{service_id}: {kind} check {what}"), WAIT, || async {
+        checks_of(consul, service_id)
+            .await
+            .into_iter()
+            .find(|c| c["Type"] == kind && ok(c))
+    })
+    .await
+}
+
+/// `SERVICE_CHECK_CMD` becomes a Consul Docker check run inside the container, whose status
+/// is real (the agent reaches this engine's socket); `SERVICE_CHECK_HTTP_METHOD` reaches the
+/// HTTP check; `SERVICE_CHECK_GRPC` a gRPC check; none of them is metadata; a bad method is
+/// one warning and the check stays.
+#[tokio::test]
+async fn dropin_cmd_grpc_and_method_checks_reach_consul() {
+    // Checks registered over the API need `enable_script_checks` (the local variant only
+    // covers the agent's own config files); `Consul::start` enables it.
+    let consul = Consul::start().await;
+    let reg = registrator(&consul.uri(), &[], &[]);
+    let cmd = web(
+        "dropin-cmd",
+        &[
+            "-l",
+            "SERVICE_CHECK_CMD=busybox test -f /tmp/ok",
+            "-l",
+            "SERVICE_CHECK_INTERVAL=1s",
+        ],
+    );
+    let head = web(
+        "dropin-head",
+        &[
+            "-l",
+            "SERVICE_CHECK_HTTP=/",
+            "-l",
+            "SERVICE_CHECK_HTTP_METHOD=HEAD",
+            "-l",
+            "SERVICE_CHECK_INTERVAL=1s",
+        ],
+    );
+    let grpc = web(
+        "dropin-grpc",
+        &[
+            "-l",
+            "SERVICE_CHECK_GRPC=grpc.health.v1.Health",
+            "-l",
+            "SERVICE_CHECK_GRPC_USE_TLS=true",
+            "-l",
+            "SERVICE_CHECK_INTERVAL=1s",
+        ],
+    );
+    let bad = web(
+        "dropin-badmethod",
+        &[
+            "-l",
+            "SERVICE_CHECK_HTTP=/",
+            "-l",
+            "SERVICE_CHECK_HTTP_METHOD=GET / HTTP/1.0",
+            "-l",
+            "SERVICE_CHECK_INTERVAL=1s",
+        ],
+    );
+    let (cmd_id, head_id, grpc_id, bad_id) = (
+        id_of(&cmd, "80"),
+        id_of(&head, "80"),
+        id_of(&grpc, "80"),
+        id_of(&bad, "80"),
+    );
+    for id in [&cmd_id, &head_id, &grpc_id, &bad_id] {
+        let s = wait_consul(&consul, id).await;
+        assert_eq!(s["Meta"], serde_json::json!({}), "{id}: {s}");
+    }
+
+    // The Docker check runs `busybox test -f /tmp/ok` in the container. Consul reads exit
+    // status 1 as warning (0 passing, anything else critical): warning, then passing once
+    // the file exists, then warning again.
+    wait_check(&consul, &cmd_id, "docker", "warning", |c| {
+        c["Status"] == "warning"
+    })
+    .await;
+    docker(&["exec", &cmd.id, "sh", "-c", "echo > /tmp/ok"]);
+    wait_check(&consul, &cmd_id, "docker", "passing", |c| {
+        c["Status"] == "passing"
+    })
+    .await;
+    docker(&["exec", &cmd.id, "busybox", "rm", "/tmp/ok"]);
+    wait_check(&consul, &cmd_id, "docker", "warning again", |c| {
+        c["Status"] == "warning"
+    })
+    .await;
+
+    // The HTTP check sends HEAD (Consul's output names the method) and passes.
+    let port = head.host_port("80/tcp");
+    let want = format!("HTTP HEAD http://127.0.0.1:{port}/");
+    wait_check(&consul, &head_id, "http", "probing with HEAD", |c| {
+        c["Status"] == "passing" && c["Output"].as_str().unwrap_or_default().contains(&want)
+    })
+    .await;
+
+    // A gRPC check (over TLS, against a plain HTTP server: it fails, as it must).
+    wait_check(&consul, &grpc_id, "grpc", "critical", |c| {
+        c["Status"] == "critical"
+    })
+    .await;
+
+    // The bad method: one warning naming it, and the check still probes with GET.
+    let port = bad.host_port("80/tcp");
+    let want = format!("HTTP GET http://127.0.0.1:{port}/");
+    wait_check(&consul, &bad_id, "http", "probing with GET", |c| {
+        c["Output"].as_str().unwrap_or_default().contains(&want)
+    })
+    .await;
+    let out = reg.output();
+    let warned: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("SERVICE_CHECK_HTTP_METHOD") && l.contains(&bad.name))
+        .collect();
+    assert_eq!(warned.len(), 1, "{out}");
+    assert!(warned[0].contains("an HTTP method"), "{}", warned[0]);
+}
+
+/// A container created from an image ID (`sha256:...`, as after its tag moved on) is named
+/// after the container, with a warning, never `sha256`.
+#[tokio::test]
+async fn dropin_image_by_id_is_not_named_sha256() {
+    let consul = Consul::start().await;
+    let reg = registrator(&consul.uri(), &[], &[]);
+    ensure_test_image();
+    let image_id = docker(&["image", "inspect", "-f", "{{.Id}}", TEST_IMAGE]);
+    assert!(image_id.starts_with("sha256:"), "{image_id}");
+    let c = Container::run(
+        "dropin-byid",
+        &["-p", "80", &image_id, "httpd", "-f", "-p", "80", "-h", "/www"],
+    );
+    let s = wait_consul(&consul, &id_of(&c, "80")).await;
+    assert_eq!(s["Service"], c.name.as_str(), "{s}");
+    reg.wait_output("set SERVICE_NAME", WAIT).await;
+    let named = Container::run(
+        "dropin-byid-named",
+        &[
+            "-p",
+            "80",
+            "-l",
+            "SERVICE_NAME=byid",
+            &image_id,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
+    let s = wait_consul(&consul, &id_of(&named, "80")).await;
+    assert_eq!(s["Service"], "byid", "{s}");
+    let names = consul.get_json("/v1/agent/services").await;
+    assert!(
+        names
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|s| s["Service"] != "sha256"),
+        "{names}"
+    );
+}
