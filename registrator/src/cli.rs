@@ -34,6 +34,7 @@ const VALUE_FLAGS: &[&str] = &[
     "useIpFromLabel",
     "verify-interval",
     "hostname",
+    "network",
 ];
 
 const URI_EXPECTED: &str =
@@ -96,6 +97,10 @@ struct Cli {
     /// Take each service's address from this container label (a CIDR suffix is dropped).
     #[arg(long = "useIpFromLabel", value_name = "LABEL")]
     use_ip_from_label: Option<String>,
+    /// With -internal: register each container's address on this Docker network, for
+    /// containers on several (not in gliderlabs; a container's SERVICE_NETWORK wins).
+    #[arg(long, value_name = "NAME")]
+    network: Option<String>,
     /// Host identity: the first part of every service ID and the scope of `-cleanup` (not in
     /// gliderlabs; default: this host's name). Lets several registrators share one machine,
     /// e.g. one per Docker engine, without removing each other's services.
@@ -309,6 +314,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         retry_interval: Duration::from_millis(cli.retry_interval),
         cleanup: cli.cleanup,
         use_ip_from_label: cli.use_ip_from_label.filter(|l| !l.is_empty()),
+        network: cli.network.filter(|n| !n.is_empty()),
         deregister_on_exit: cli.deregister_on_exit,
         verify_interval: Duration::from_secs_f64(cli.verify_interval),
         hostname,
@@ -375,6 +381,10 @@ mod tests {
         assert_eq!(c.retry_interval, Duration::from_millis(2000));
         assert_eq!(c.deregister, Deregister::Always);
         assert_eq!(c.hostname, "host");
+        assert_eq!(c.network, None);
+
+        let c = parse(argv("-internal -network backend consul://h"), "host").unwrap();
+        assert_eq!(c.network.as_deref(), Some("backend"));
 
         let c = parse(
             argv("-internal=false -deregister on-success -retry-attempts -1 -cleanup=1 etcd://h/p"),

@@ -57,6 +57,9 @@ pub struct ContainerInfo {
     pub ports: Vec<ContainerPort>,
     /// The container's IP address on its (first) network, if it has one.
     pub ip: Option<String>,
+    /// Its address on each network it is attached to, by network name (networks without an
+    /// IPv4 address left out). `-network` / `SERVICE_NETWORK` pick one of these.
+    pub networks: BTreeMap<String, String>,
     /// `HostConfig.NetworkMode == "host"`: exposed ports are the host's ports.
     pub host_network: bool,
 }
@@ -80,6 +83,9 @@ pub struct DeriveOptions {
     pub ttl: Option<Duration>,
     /// `-useIpFromLabel`.
     pub use_ip_from_label: Option<String>,
+    /// `-network`: with `-internal`, the network whose address is registered for containers
+    /// on several networks (a container's `SERVICE_NETWORK` wins).
+    pub network: Option<String>,
 }
 
 /// A `SERVICE_*` value (or label) that was dropped, and why.
@@ -311,7 +317,11 @@ struct Candidate<'a> {
 /// Where each service port is reached, per gliderlabs: host network -> exposed ports on the
 /// host address; `-internal` -> exposed ports on the container IP; otherwise published ports
 /// on `-ip`, else the binding's own IP, else the host address.
-fn candidates<'a>(info: &'a ContainerInfo, opts: &DeriveOptions) -> Vec<Candidate<'a>> {
+fn candidates<'a>(
+    info: &'a ContainerInfo,
+    opts: &DeriveOptions,
+    container_ip: Option<&String>,
+) -> Vec<Candidate<'a>> {
     let host_addr = || opts.ip.clone().unwrap_or_else(|| opts.host_ip.clone());
     let mut out = Vec::new();
     for p in &info.ports {
@@ -324,7 +334,7 @@ fn candidates<'a>(info: &'a ContainerInfo, opts: &DeriveOptions) -> Vec<Candidat
         } else if opts.internal {
             out.push(Candidate {
                 exposed: p,
-                address: info.ip.clone().unwrap_or_else(host_addr),
+                address: container_ip.cloned().unwrap_or_else(host_addr),
                 port: p.port,
             });
         } else {
@@ -351,6 +361,44 @@ fn candidates<'a>(info: &'a ContainerInfo, opts: &DeriveOptions) -> Vec<Candidat
     out
 }
 
+/// The container address `-internal` registers: on the network its `SERVICE_NETWORK` label
+/// (or env) names, else on `-network`'s, else on its first network (the only one, for most
+/// containers). Docker lists a container's networks in no useful order, so on a container
+/// attached to several (#498, #291: a frontend network and a backend one) the address used to
+/// be a coin toss. A label naming a network the container is not on warns and falls back (a
+/// typo must not unregister it); `-network` applies to every container, so a container not on
+/// that network quietly falls back.
+fn container_ip(
+    info: &ContainerInfo,
+    opts: &DeriveOptions,
+    md: &Metadata,
+    warnings: &mut Vec<Warning>,
+) -> Option<String> {
+    if !opts.internal || info.host_network {
+        return info.ip.clone();
+    }
+    if let Some(v) = md.general.get("network") {
+        if let Some(ip) = info.networks.get(v.value.trim()) {
+            return Some(ip.clone());
+        }
+        // Network names are Docker's own (it allows `[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+        let on: Vec<&str> = info.networks.keys().map(String::as_str).collect();
+        Ctx { warnings }.warn(
+            v,
+            &format!(
+                "the name of a network this container is on ({}); using its address on \
+                 another",
+                on.join(", ")
+            ),
+        );
+    }
+    opts.network
+        .as_ref()
+        .and_then(|n| info.networks.get(n))
+        .cloned()
+        .or_else(|| info.ip.clone())
+}
+
 /// The services `info` provides under `opts`, and the values that had to be dropped.
 pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
     let mut warnings = Vec::new();
@@ -370,7 +418,8 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
             }
         }
     });
-    let cands = candidates(info, opts);
+    let container_ip = container_ip(info, opts, &md, &mut warnings);
+    let cands = candidates(info, opts, container_ip.as_ref());
     let group = cands.len() > 1;
     // An image referenced by ID names nothing; the container's name stands in (a warning
     // says so, once, unless every port has a name of its own).
@@ -877,6 +926,7 @@ mod tests {
             labels: BTreeMap::new(),
             ports: vec![port(80, "tcp", &[("0.0.0.0", 32768), ("::", 32768)])],
             ip: Some("172.17.0.5".into()),
+            networks: [("bridge".to_string(), "172.17.0.5".to_string())].into(),
             host_network: false,
         }
     }
@@ -1157,6 +1207,70 @@ mod tests {
         for (what, info, o, want) in cases {
             assert_eq!(summary(&derive(&info, &o)), want, "{what}");
         }
+    }
+
+    #[test]
+    fn network_choice_for_internal_addresses() {
+        let mut two = web();
+        two.networks = [
+            ("dropin-back".to_string(), "10.20.0.2".to_string()),
+            ("dropin-front".to_string(), "10.10.0.2".to_string()),
+        ]
+        .into();
+        two.ip = Some("10.20.0.2".into());
+        let internal = |network: Option<&str>| DeriveOptions {
+            internal: true,
+            network: network.map(String::from),
+            ..opts()
+        };
+        // (container, options, address registered, warned key)
+        type Case = (ContainerInfo, DeriveOptions, &'static str, Option<&'static str>);
+        let cases: Vec<Case> = vec![
+            (two.clone(), internal(None), "10.20.0.2:80", None),
+            (two.clone(), internal(Some("dropin-front")), "10.10.0.2:80", None),
+            (two.clone(), internal(Some("elsewhere")), "10.20.0.2:80", None),
+            (
+                with_labels(two.clone(), &[("SERVICE_NETWORK", "dropin-front")]),
+                internal(Some("dropin-back")),
+                "10.10.0.2:80",
+                None,
+            ),
+            (
+                with_env(two.clone(), &["SERVICE_NETWORK=dropin-front"]),
+                internal(None),
+                "10.10.0.2:80",
+                None,
+            ),
+            (
+                with_labels(two.clone(), &[("SERVICE_NETWORK", "typo")]),
+                internal(Some("dropin-front")),
+                "10.10.0.2:80",
+                Some("SERVICE_NETWORK"),
+            ),
+            // Without -internal the published port is registered: networks do not matter.
+            (
+                with_labels(two.clone(), &[("SERVICE_NETWORK", "dropin-front")]),
+                opts(),
+                "192.0.2.2:32768",
+                None,
+            ),
+        ];
+        for (info, o, addr, warned) in cases {
+            let d = derive(&info, &o);
+            assert_eq!(d.services[0].addr(), addr, "{:?} {:?}", info.labels, o.network);
+            let keys: Vec<&str> = d.warnings.iter().map(|w| w.key.as_str()).collect();
+            assert_eq!(keys, warned.into_iter().collect::<Vec<_>>());
+            assert!(d.services[0].meta.is_empty(), "SERVICE_NETWORK is not metadata");
+        }
+        let d = derive(
+            &with_labels(two, &[("SERVICE_NETWORK", "typo")]),
+            &internal(None),
+        );
+        assert!(
+            d.warnings[0].expected.contains("dropin-back, dropin-front"),
+            "{:?}",
+            d.warnings
+        );
     }
 
     #[test]

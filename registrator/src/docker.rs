@@ -225,6 +225,11 @@ pub fn extract(resp: ContainerInspectResponse) -> Inspected {
         .values()
         .filter_map(|n| n.ip_address.clone())
         .find(|ip| !ip.is_empty());
+    let addresses = networks
+        .iter()
+        .filter_map(|(name, n)| Some((name.clone(), n.ip_address.clone()?)))
+        .filter(|(_, ip)| !ip.is_empty())
+        .collect();
     let host_network = resp
         .host_config
         .and_then(|h| h.network_mode)
@@ -263,6 +268,7 @@ pub fn extract(resp: ContainerInspectResponse) -> Inspected {
             })
             .collect(),
         ip,
+        networks: addresses,
         host_network,
     };
     let stop = StopSpec::new(stop_signal.as_deref(), stop_timeout, &info);

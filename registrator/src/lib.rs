@@ -79,6 +79,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         tags: config.tags.clone(),
         ttl: config.ttl,
         use_ip_from_label: config.use_ip_from_label.clone(),
+        network: config.network.clone(),
     };
     let watcher = docker::Watcher::new(docker, opts, config.deregister, config.resync, tx);
     let syncer = sync::Syncer::new(

@@ -1365,3 +1365,81 @@ async fn dropin_image_by_id_is_not_named_sha256() {
         "{names}"
     );
 }
+
+/// A user-defined Docker network, removed on drop.
+struct Network(String);
+
+impl Network {
+    fn create(tag: &str) -> Network {
+        let name = format!("dropin-{tag}-{}", std::process::id());
+        docker(&["network", "create", "--label", TEST_LABEL, &name]);
+        Network(name)
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.0])
+            .output();
+    }
+}
+
+/// The container's address on one network.
+fn ip_on(c: &Container, network: &str) -> String {
+    let ip = docker(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+        &c.id,
+    ]);
+    assert!(!ip.is_empty(), "{} has no address on {network}", c.name);
+    ip
+}
+
+/// Containers on two networks: `-internal -network` picks the flag's network for every
+/// container on it, `SERVICE_NETWORK` overrides it per container, and a container not on the
+/// flag's network keeps its own address.
+#[tokio::test]
+async fn dropin_network_choice_on_multi_network_containers() {
+    let (front, back) = (Network::create("front"), Network::create("back"));
+    let on_both = |tag: &str, extra: &[&str]| {
+        let mut args = vec!["--network", front.0.as_str()];
+        args.extend_from_slice(extra);
+        let c = web(tag, &args);
+        docker(&["network", "connect", &back.0, &c.id]);
+        c
+    };
+    let by_flag = on_both("dropin-net-flag", &[]);
+    let by_label = on_both("dropin-net-label", &["-l", &format!("SERVICE_NETWORK={}", front.0)]);
+    let typo = on_both("dropin-net-typo", &["-l", "SERVICE_NETWORK=no-such-net"]);
+    let front_only = web("dropin-net-one", &["--network", &front.0]);
+    let consul = Consul::start().await;
+    // Inspected after both networks are attached: the first listing sees them all.
+    let reg = registrator(&consul.uri(), &["-internal", "-network", &back.0], &[]);
+    let cases = [
+        (&by_flag, ip_on(&by_flag, &back.0)),
+        (&by_label, ip_on(&by_label, &front.0)),
+        (&typo, ip_on(&typo, &back.0)),
+        (&front_only, ip_on(&front_only, &front.0)),
+    ];
+    for (c, want) in &cases {
+        let s = wait_consul(&consul, &id_of(c, "80")).await;
+        assert_eq!(s["Address"], want.as_str(), "{}: {s}", c.name);
+        assert_eq!(s["Port"], 80, "{}: {s}", c.name);
+    }
+    assert_ne!(ip_on(&by_flag, &front.0), ip_on(&by_flag, &back.0));
+    let out = reg.output();
+    let warned: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("SERVICE_NETWORK"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{out}");
+    assert!(
+        warned[0].contains(&typo.name) && warned[0].contains(&back.0),
+        "{}",
+        warned[0]
+    );
+    // The containers, declared after the networks, are removed before them (a network in
+    // use cannot be removed).
+}
