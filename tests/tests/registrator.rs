@@ -1443,3 +1443,39 @@ async fn dropin_network_choice_on_multi_network_containers() {
     // The containers, declared after the networks, are removed before them (a network in
     // use cannot be removed).
 }
+
+/// `consul-unix://` and `consulkv-unix://`: a Consul agent listening on a Unix socket (as well
+/// as loopback TCP, which the test reads through).
+#[tokio::test]
+async fn dropin_consul_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("consul.sock");
+    let sock = sock.to_str().unwrap();
+    let consul = Consul::start_with(&format!(
+        "addresses {{ http = \"127.0.0.1 unix://{sock}\" }}"
+    ))
+    .await;
+    let reg = registrator(&format!("consul-unix://{sock}"), &[], &[]);
+    let kv = registrator(&format!("consulkv-unix://{sock}:/dropin"), &[], &[]);
+    let c = web("dropin-unix", &[]);
+    let id = id_of(&c, "80");
+    let port = c.host_port("80/tcp");
+    let s = wait_consul(&consul, &id).await;
+    assert_eq!(s["Port"], port);
+    reg.wait_output(&format!("store unix://{sock}"), WAIT).await;
+    let key = format!("/v1/kv/dropin/busybox/{id}?raw");
+    let value = wait_for("the KV entry", WAIT, || async {
+        let r = reqwest::get(format!("{}{key}", consul.http())).await.ok()?;
+        r.status().is_success().then_some(r.text().await.ok()?)
+    })
+    .await;
+    assert_eq!(value, format!("127.0.0.1:{port}"));
+    drop(c);
+    wait_consul_gone(&consul, &id).await;
+    wait_for("the KV entry removed", WAIT, || async {
+        let r = reqwest::get(format!("{}{key}", consul.http())).await.ok()?;
+        (r.status() == 404).then_some(())
+    })
+    .await;
+    drop(kv);
+}

@@ -123,7 +123,8 @@ impl ConsulClient {
             });
         Ok(ConsulClient {
             http,
-            base: endpoint.base_url(),
+            // Named in errors: `unix:///path` for a socket.
+            base: endpoint.to_string(),
             request_base: settings.request_base(endpoint),
             token,
         })
