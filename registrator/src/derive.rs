@@ -524,6 +524,7 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
             meta,
             check,
             ttl: opts.ttl,
+            docker_health: None,
         });
     }
     warnings.sort();
@@ -1769,6 +1770,7 @@ mod tests {
             meta: Default::default(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 

@@ -81,7 +81,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         use_ip_from_label: config.use_ip_from_label.clone(),
         network: config.network.clone(),
     };
-    let watcher = docker::Watcher::new(docker, opts, config.deregister, config.resync, tx);
+    let gate = docker::HealthGate::of(store.kind());
+    let watcher = docker::Watcher::new(docker, opts, config.deregister, gate, config.resync, tx);
     let syncer = sync::Syncer::new(
         store,
         sync::SyncOptions {

@@ -33,6 +33,54 @@ pub struct Service {
     /// Registrator-level TTL: the registration expires unless refreshed within it.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_secs")]
     pub ttl: Option<Duration>,
+    /// The container's Docker HEALTHCHECK status, for a store that runs checks (Consul): the
+    /// service is registered whatever its health, with a check whose status follows it.
+    /// `None` for containers without a HEALTHCHECK and for other stores (which register only
+    /// healthy containers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_health: Option<DockerHealth>,
+}
+
+/// A container's Docker HEALTHCHECK status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DockerHealth {
+    /// No check has passed yet (within the start period, or before the first run).
+    Starting,
+    /// The last check passed.
+    Healthy,
+    /// The last `retries` checks failed.
+    Unhealthy,
+}
+
+impl DockerHealth {
+    /// Docker's spelling (`starting`, `healthy`, `unhealthy`); anything else is `None`.
+    pub fn from_docker(status: &str) -> Option<Self> {
+        match status {
+            "starting" => Some(DockerHealth::Starting),
+            "healthy" => Some(DockerHealth::Healthy),
+            "unhealthy" => Some(DockerHealth::Unhealthy),
+            _ => None,
+        }
+    }
+
+    /// Docker's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DockerHealth::Starting => "starting",
+            DockerHealth::Healthy => "healthy",
+            DockerHealth::Unhealthy => "unhealthy",
+        }
+    }
+
+    /// The Consul check status it maps to: only `healthy` passes (a starting container takes
+    /// no traffic yet).
+    pub fn consul_status(self) -> &'static str {
+        match self {
+            DockerHealth::Healthy => "passing",
+            DockerHealth::Starting | DockerHealth::Unhealthy => "critical",
+        }
+    }
 }
 
 impl Service {
@@ -160,6 +208,7 @@ mod tests {
             meta: BTreeMap::new(),
             check: None,
             ttl: None,
+            docker_health: None,
         };
         assert_eq!(s.addr(), "10.0.0.2:80");
         s.address = "fd00::2".into();
@@ -190,6 +239,7 @@ mod tests {
                 })
             }),
             ttl: Some(Duration::from_secs(30)),
+            docker_health: None,
         };
         let j = serde_json::to_string(&s).unwrap();
         let back: Service = serde_json::from_str(&j).unwrap();

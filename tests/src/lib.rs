@@ -459,6 +459,7 @@ impl Backend {
             meta: Default::default(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 }

@@ -26,6 +26,7 @@ fn service(id: &str, name: &str, address: &str, port: u16) -> Service {
         meta: BTreeMap::new(),
         check: None,
         ttl: None,
+        docker_health: None,
     }
 }
 

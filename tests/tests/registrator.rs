@@ -520,9 +520,11 @@ async fn bad_uris_exit_2_with_one_line() {
     }
 }
 
+/// A store without checks (etcd) hears only of healthy containers. (Consul gets a check that
+/// follows Docker's health instead: `dropin_docker_health_drives_a_consul_check`.)
 #[tokio::test]
 async fn docker_healthcheck_gates_registration() {
-    let consul = Consul::start().await;
+    let etcd = Etcd::start().await;
     let c = web(
         "reg-health",
         &[
@@ -535,21 +537,22 @@ async fn docker_healthcheck_gates_registration() {
         ],
     );
     let sentinel = web("reg-health-sentinel", &[]);
-    let reg = registrator(&consul.uri(), &[], &[]);
+    let reg = registrator(&etcd.uri("health"), &[], &[]);
     let id = id_of(&c, "80");
     // Nothing is registered before the first listing is fully inspected, so once the
     // sentinel is there, the unhealthy container was judged too.
-    wait_consul(&consul, &id_of(&sentinel, "80")).await;
+    wait_etcd(&etcd, "health", &id_of(&sentinel, "80")).await;
     assert!(
-        consul_service(&consul, &id).await.is_none(),
+        etcd_service(&etcd, "health", &id).await.is_none(),
         "{}",
         reg.output()
     );
 
     docker(&["exec", &c.id, "sh", "-c", "echo > /tmp/ok"]);
-    wait_consul(&consul, &id).await;
+    let (_, v) = wait_etcd(&etcd, "health", &id).await;
+    assert!(v.get("docker_health").is_none(), "{v}");
     docker(&["exec", &c.id, "busybox", "rm", "/tmp/ok"]);
-    wait_consul_gone(&consul, &id).await;
+    wait_etcd_gone(&etcd, "health", &id).await;
 }
 
 #[tokio::test]
@@ -1478,4 +1481,64 @@ async fn dropin_consul_over_a_unix_socket() {
     })
     .await;
     drop(kv);
+}
+
+/// A container with a Docker HEALTHCHECK stays registered in Consul with a check whose status
+/// follows Docker's: critical while unhealthy (with Docker's word for it), passing once
+/// healthy, critical again when it fails, instead of the service vanishing (gliderlabs#578).
+/// A registrator restarted meanwhile sets the status it finds.
+#[tokio::test]
+async fn dropin_docker_health_drives_a_consul_check() {
+    let consul = Consul::start().await;
+    let c = web(
+        "dropin-health",
+        &[
+            "--health-cmd",
+            "test -f /tmp/ok",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+        ],
+    );
+    let mut reg = registrator(&consul.uri(), &[], &[]);
+    let id = id_of(&c, "80");
+    let check_id = format!("service:{id}:docker-health");
+    let status = |want: &'static str| {
+        let (consul, check_id) = (&consul, &check_id);
+        async move {
+            wait_for(&format!("{check_id} {want}"), WAIT, || async move {
+                let c = consul_check(consul, check_id).await?;
+                // The status and its output are set together, after the registration.
+                let said = c["Output"].as_str()?.starts_with("Docker health: ");
+                (c["Status"] == want && said).then_some(c)
+            })
+            .await
+        }
+    };
+    // Registered while starting or unhealthy, with a critical check saying so.
+    wait_consul(&consul, &id).await;
+    let check = status("critical").await;
+    assert_eq!(check["Type"], "ttl", "{check}");
+    docker(&["exec", &c.id, "sh", "-c", "echo > /tmp/ok"]);
+    let check = status("passing").await;
+    assert_eq!(check["Output"], "Docker health: healthy", "{check}");
+    docker(&["exec", &c.id, "busybox", "rm", "/tmp/ok"]);
+    let check = status("critical").await;
+    assert_eq!(check["Output"], "Docker health: unhealthy", "{check}");
+    // Still registered throughout: Consul shows why instead of forgetting it.
+    assert!(consul_service(&consul, &id).await.is_some());
+
+    // Healthy again while no registrator runs: the next one sets the status it finds.
+    reg.signal(libc::SIGTERM);
+    reg.wait_exit(WAIT).await;
+    docker(&["exec", &c.id, "sh", "-c", "echo > /tmp/ok"]);
+    wait_for("docker reports healthy", WAIT, || async {
+        let s = docker(&["inspect", "-f", "{{.State.Health.Status}}", &c.id]);
+        (s == "healthy").then_some(())
+    })
+    .await;
+    assert_eq!(consul_check(&consul, &check_id).await.unwrap()["Status"], "critical");
+    let _reg = registrator(&consul.uri(), &[], &[]);
+    status("passing").await;
 }

@@ -32,6 +32,7 @@ fn service(id: &str, name: &str, port: u16) -> Service {
         meta: BTreeMap::new(),
         check: None,
         ttl: None,
+        docker_health: None,
     }
 }
 

@@ -5,7 +5,10 @@
 //! payloads and read answers. Payload building and answer decoding are pure functions so they
 //! can be unit-tested without an agent.
 
-use super::{transport_error, ttl_check_id, SettingsError, StoreError, StoreSettings};
+use super::{
+    docker_health_check_id, transport_error, ttl_check_id, SettingsError, StoreError,
+    StoreSettings,
+};
 use crate::{consul_duration, Check, CheckKind, Endpoint, Service};
 use base64::Engine;
 use reqwest::header::HeaderValue;
@@ -22,6 +25,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of a service check that does not set one (gliderlabs sends the same).
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// TTL of the check that follows a container's Docker health. Consul lets an outside process
+/// set the status of TTL checks only; the registrator sets it at every health change and
+/// never refreshes it, so the TTL is long enough never to expire in between (a year).
+const DOCKER_HEALTH_TTL: &str = "8760h";
 /// Consul reaps critical services at most about once a minute; asking for less is pointless.
 const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 /// Consul's limits on service metadata (`structs.ValidateServiceMetadata`).
@@ -141,7 +148,10 @@ impl ConsulClient {
         self.ok(reply).map(|_| ())
     }
 
-    /// `PUT /v1/agent/service/register` with the service and its checks.
+    /// `PUT /v1/agent/service/register` with the service and its checks, then, for a
+    /// container with a Docker HEALTHCHECK, `PUT /v1/agent/check/update/<id>` with its status:
+    /// Consul keeps a registered check's status when the service is registered again, so the
+    /// status in the registration only counts the first time.
     ///
     /// Metadata Consul would reject is dropped (with a warning) rather than failing the whole
     /// registration: container labels are untrusted and one bad key must not hide a service.
@@ -150,7 +160,21 @@ impl ConsulClient {
         let reply = self
             .send(Method::PUT, "/v1/agent/service/register", None, Some(body))
             .await?;
-        self.ok(reply).map(|_| ())
+        self.ok(reply)?;
+        if let Some(health) = svc.docker_health {
+            let path = format!(
+                "/v1/agent/check/update/{}",
+                encode_segment(&docker_health_check_id(&svc.id))
+            );
+            let body = json!({
+                "Status": health.consul_status(),
+                "Output": format!("Docker health: {}", health.as_str()),
+            });
+            let body = serde_json::to_vec(&body).expect("JSON of a Value");
+            let reply = self.send(Method::PUT, &path, None, Some(body)).await?;
+            self.ok(reply)?;
+        }
+        Ok(())
     }
 
     /// `PUT /v1/agent/service/deregister/<id>`; an unknown ID is not an error.
@@ -474,6 +498,15 @@ fn register_payload(svc: &Service) -> Value {
             "DeregisterCriticalServiceAfter": consul_duration(MIN_DEREGISTER_AFTER.max(ttl * 3)),
         }));
     }
+    if let Some(health) = svc.docker_health {
+        checks.push(json!({
+            "CheckID": docker_health_check_id(&svc.id),
+            "Name": "Docker health",
+            "Notes": "the container's Docker HEALTHCHECK status, set by registrator",
+            "TTL": DOCKER_HEALTH_TTL,
+            "Status": health.consul_status(),
+        }));
+    }
     json!({
         "ID": svc.id,
         "Name": svc.name,
@@ -653,6 +686,7 @@ impl ApiService {
             meta: self.meta.unwrap_or_default(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 }
@@ -717,6 +751,7 @@ mod tests {
             meta: [("version".to_string(), "1".to_string())].into(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 
@@ -756,6 +791,22 @@ mod tests {
                  "Status": "passing", "DeregisterCriticalServiceAfter": "90s"},
             ])
         );
+    }
+
+    #[test]
+    fn payload_with_docker_health() {
+        let mut s = svc();
+        s.docker_health = Some(crate::DockerHealth::Unhealthy);
+        let p = register_payload(&s);
+        assert_eq!(p["Checks"].as_array().unwrap().len(), 1, "{p}");
+        let c = &p["Checks"][0];
+        assert_eq!(c["CheckID"], "service:host:web:80:docker-health");
+        assert_eq!(c["TTL"], "8760h");
+        assert_eq!(c["Status"], "critical");
+        s.docker_health = Some(crate::DockerHealth::Healthy);
+        assert_eq!(register_payload(&s)["Checks"][0]["Status"], "passing");
+        s.docker_health = Some(crate::DockerHealth::Starting);
+        assert_eq!(register_payload(&s)["Checks"][0]["Status"], "critical");
     }
 
     #[test]
