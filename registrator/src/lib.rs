@@ -68,6 +68,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .with_context(|| {
             format!("cannot reach the Docker engine at {docker_host} (check DOCKER_HOST and the socket)")
         })?;
+    info!("docker engine {docker_host}");
 
     let (tx, rx) = watch::channel(None);
     let opts = DeriveOptions {

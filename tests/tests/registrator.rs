@@ -1542,3 +1542,60 @@ async fn dropin_docker_health_drives_a_consul_check() {
     let _reg = registrator(&consul.uri(), &[], &[]);
     status("passing").await;
 }
+
+/// An image of this build's registrator (the project's Dockerfile, the debug binary), removed
+/// on drop. Named for this test process, so nothing shared is touched.
+struct RegistratorImage(String);
+
+impl RegistratorImage {
+    fn build() -> RegistratorImage {
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::copy(bin("registrator"), ctx.path().join("registrator")).unwrap();
+        let dockerfile = workspace_root().join("compose/images/registrator/Dockerfile");
+        let tag = format!("dropin-registrator:{}", std::process::id());
+        docker(&[
+            "build",
+            "-q",
+            "-t",
+            &tag,
+            "-f",
+            dockerfile.to_str().unwrap(),
+            ctx.path().to_str().unwrap(),
+        ]);
+        RegistratorImage(tag)
+    }
+}
+
+impl Drop for RegistratorImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+    }
+}
+
+/// gliderlabs' documented run line, verbatim but for the image name: the socket mounted at
+/// `/tmp/docker.sock`, no DOCKER_HOST, the host's network.
+#[tokio::test]
+async fn dropin_gliderlabs_run_line_works_verbatim() {
+    let consul = Consul::start().await;
+    let image = RegistratorImage::build();
+    let uri = format!("consul://localhost:{}", consul.port);
+    let reg = Container::run(
+        "dropin-gl-registrator",
+        &[
+            "--net=host",
+            "--volume=/var/run/docker.sock:/tmp/docker.sock",
+            &image.0,
+            &uri,
+        ],
+    );
+    let c = web("dropin-gl-web", &[]);
+    let s = wait_consul(&consul, &id_of(&c, "80")).await;
+    assert_eq!(s["Port"], c.host_port("80/tcp"), "{s}");
+    // It found the engine at gliderlabs' path (its log goes to stderr).
+    let out = Command::new("docker")
+        .args(["logs", &reg.id])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("docker engine unix:///tmp/docker.sock"), "{log}");
+}
