@@ -868,7 +868,7 @@ fn derive_check<'m>(
         CheckKind::Https(_) => Some("check_https_method"),
         _ => None,
     };
-    let method = method_key.and_then(|k| get(k)).and_then(|v| {
+    let method = method_key.and_then(get).and_then(|v| {
         ctx.check(
             v,
             http_method(&v.value),
@@ -877,7 +877,10 @@ fn derive_check<'m>(
         )
         .map(|v| v.value.clone())
     });
-    let tls = matches!(kind, CheckKind::Https(_) | CheckKind::Grpc { tls: true, .. });
+    let tls = matches!(
+        kind,
+        CheckKind::Https(_) | CheckKind::Grpc { tls: true, .. }
+    );
     let skip = get("check_tls_skip_verify");
     let tls_skip_verify = match skip {
         Some(v) if !tls && flag(Some(v), ctx) => {
@@ -985,10 +988,21 @@ mod tests {
         let mut c = web();
         c.image = format!("sha256:{}", "ab".repeat(32));
         let d = derive(&c, &opts());
-        assert_eq!(summary(&d), vec![("host:web1:80".into(), "web1".into(), "192.0.2.2:32768".into())]);
+        assert_eq!(
+            summary(&d),
+            vec![(
+                "host:web1:80".into(),
+                "web1".into(),
+                "192.0.2.2:32768".into()
+            )]
+        );
         assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
         assert_eq!(d.warnings[0].key, "image");
-        assert!(d.warnings[0].expected.contains("SERVICE_NAME"), "{:?}", d.warnings);
+        assert!(
+            d.warnings[0].expected.contains("SERVICE_NAME"),
+            "{:?}",
+            d.warnings
+        );
         // With SERVICE_NAME there is nothing to warn about.
         let d = derive(&with_env(c, &["SERVICE_NAME=api"]), &opts());
         assert_eq!(d.services[0].name, "api");
@@ -1225,11 +1239,26 @@ mod tests {
             ..opts()
         };
         // (container, options, address registered, warned key)
-        type Case = (ContainerInfo, DeriveOptions, &'static str, Option<&'static str>);
+        type Case = (
+            ContainerInfo,
+            DeriveOptions,
+            &'static str,
+            Option<&'static str>,
+        );
         let cases: Vec<Case> = vec![
             (two.clone(), internal(None), "10.20.0.2:80", None),
-            (two.clone(), internal(Some("dropin-front")), "10.10.0.2:80", None),
-            (two.clone(), internal(Some("elsewhere")), "10.20.0.2:80", None),
+            (
+                two.clone(),
+                internal(Some("dropin-front")),
+                "10.10.0.2:80",
+                None,
+            ),
+            (
+                two.clone(),
+                internal(Some("elsewhere")),
+                "10.20.0.2:80",
+                None,
+            ),
             (
                 with_labels(two.clone(), &[("SERVICE_NETWORK", "dropin-front")]),
                 internal(Some("dropin-back")),
@@ -1258,10 +1287,19 @@ mod tests {
         ];
         for (info, o, addr, warned) in cases {
             let d = derive(&info, &o);
-            assert_eq!(d.services[0].addr(), addr, "{:?} {:?}", info.labels, o.network);
+            assert_eq!(
+                d.services[0].addr(),
+                addr,
+                "{:?} {:?}",
+                info.labels,
+                o.network
+            );
             let keys: Vec<&str> = d.warnings.iter().map(|w| w.key.as_str()).collect();
             assert_eq!(keys, warned.into_iter().collect::<Vec<_>>());
-            assert!(d.services[0].meta.is_empty(), "SERVICE_NETWORK is not metadata");
+            assert!(
+                d.services[0].meta.is_empty(),
+                "SERVICE_NETWORK is not metadata"
+            );
         }
         let d = derive(
             &with_labels(two, &[("SERVICE_NETWORK", "typo")]),
@@ -1391,7 +1429,10 @@ mod tests {
                 None,
             ),
             (
-                &["SERVICE_CHECK_GRPC=grpc.health.v1.Health", "SERVICE_CHECK_GRPC_USE_TLS=1"],
+                &[
+                    "SERVICE_CHECK_GRPC=grpc.health.v1.Health",
+                    "SERVICE_CHECK_GRPC_USE_TLS=1",
+                ],
                 Some(grpc("192.0.2.2:32768/grpc.health.v1.Health", true)),
                 None,
                 false,
@@ -1417,7 +1458,10 @@ mod tests {
                 Some("SERVICE_CHECK_GRPC"),
             ),
             (
-                &["SERVICE_CHECK_GRPC=true", "SERVICE_CHECK_GRPC_USE_TLS=maybe"],
+                &[
+                    "SERVICE_CHECK_GRPC=true",
+                    "SERVICE_CHECK_GRPC_USE_TLS=maybe",
+                ],
                 Some(grpc("192.0.2.2:32768", false)),
                 None,
                 false,
@@ -1431,7 +1475,10 @@ mod tests {
                 None,
             ),
             (
-                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_HTTP_METHOD=GET /x HTTP/1.1\r\n"],
+                &[
+                    "SERVICE_CHECK_HTTP=/h",
+                    "SERVICE_CHECK_HTTP_METHOD=GET /x HTTP/1.1\r\n",
+                ],
                 Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
                 None,
                 false,
@@ -1451,7 +1498,10 @@ mod tests {
                 None,
             ),
             (
-                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_TLS_SKIP_VERIFY=true"],
+                &[
+                    "SERVICE_CHECK_HTTP=/h",
+                    "SERVICE_CHECK_TLS_SKIP_VERIFY=true",
+                ],
                 Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
                 None,
                 false,

@@ -747,7 +747,11 @@ mod tests {
         let tmp = "/tmp/docker.sock";
         // (DOCKER_HOST, sockets that exist, chosen)
         let cases: &[(Option<&str>, &[&str], &str)] = &[
-            (Some("tcp://10.0.0.1:2375"), &[var, tmp], "tcp://10.0.0.1:2375"),
+            (
+                Some("tcp://10.0.0.1:2375"),
+                &[var, tmp],
+                "tcp://10.0.0.1:2375",
+            ),
             (Some("unix:///x.sock"), &[], "unix:///x.sock"),
             (None, &[var, tmp], "unix:///var/run/docker.sock"),
             (None, &[var], "unix:///var/run/docker.sock"),
@@ -868,16 +872,31 @@ mod tests {
             docker_health: None,
         };
         let cases = [
-            (Some("unhealthy"), HealthGate::Check, Some(DockerHealth::Unhealthy)),
-            (Some("starting"), HealthGate::Check, Some(DockerHealth::Starting)),
-            (Some("healthy"), HealthGate::Check, Some(DockerHealth::Healthy)),
+            (
+                Some("unhealthy"),
+                HealthGate::Check,
+                Some(DockerHealth::Unhealthy),
+            ),
+            (
+                Some("starting"),
+                HealthGate::Check,
+                Some(DockerHealth::Starting),
+            ),
+            (
+                Some("healthy"),
+                HealthGate::Check,
+                Some(DockerHealth::Healthy),
+            ),
             (None, HealthGate::Check, None),
             (Some("healthy"), HealthGate::Withdraw, None),
         ];
         for (health, gate, want) in cases {
             let mut services = vec![svc(), svc()];
             follow_health(&mut services, health, gate);
-            assert!(services.iter().all(|s| s.docker_health == want), "{health:?} {gate:?}");
+            assert!(
+                services.iter().all(|s| s.docker_health == want),
+                "{health:?} {gate:?}"
+            );
         }
         assert_eq!(HealthGate::of("consul"), HealthGate::Check);
         assert_eq!(HealthGate::of("consulkv"), HealthGate::Withdraw);

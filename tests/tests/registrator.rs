@@ -1204,12 +1204,16 @@ async fn wait_check(
     what: &str,
     ok: impl Fn(&Value) -> bool,
 ) -> Value {
-    wait_for(&format!("{service_id}: {kind} check {what}"), WAIT, || async {
-        checks_of(consul, service_id)
-            .await
-            .into_iter()
-            .find(|c| c["Type"] == kind && ok(c))
-    })
+    wait_for(
+        &format!("{service_id}: {kind} check {what}"),
+        WAIT,
+        || async {
+            checks_of(consul, service_id)
+                .await
+                .into_iter()
+                .find(|c| c["Type"] == kind && ok(c))
+        },
+    )
     .await
 }
 
@@ -1335,7 +1339,9 @@ async fn dropin_image_by_id_is_not_named_sha256() {
     assert!(image_id.starts_with("sha256:"), "{image_id}");
     let c = Container::run(
         "dropin-byid",
-        &["-p", "80", &image_id, "httpd", "-f", "-p", "80", "-h", "/www"],
+        &[
+            "-p", "80", &image_id, "httpd", "-f", "-p", "80", "-h", "/www",
+        ],
     );
     let s = wait_consul(&consul, &id_of(&c, "80")).await;
     assert_eq!(s["Service"], c.name.as_str(), "{s}");
@@ -1414,7 +1420,10 @@ async fn dropin_network_choice_on_multi_network_containers() {
         c
     };
     let by_flag = on_both("dropin-net-flag", &[]);
-    let by_label = on_both("dropin-net-label", &["-l", &format!("SERVICE_NETWORK={}", front.0)]);
+    let by_label = on_both(
+        "dropin-net-label",
+        &["-l", &format!("SERVICE_NETWORK={}", front.0)],
+    );
     let typo = on_both("dropin-net-typo", &["-l", "SERVICE_NETWORK=no-such-net"]);
     let front_only = web("dropin-net-one", &["--network", &front.0]);
     let consul = Consul::start().await;
@@ -1538,7 +1547,10 @@ async fn dropin_docker_health_drives_a_consul_check() {
         (s == "healthy").then_some(())
     })
     .await;
-    assert_eq!(consul_check(&consul, &check_id).await.unwrap()["Status"], "critical");
+    assert_eq!(
+        consul_check(&consul, &check_id).await.unwrap()["Status"],
+        "critical"
+    );
     let _reg = registrator(&consul.uri(), &[], &[]);
     status("passing").await;
 }
@@ -1597,5 +1609,8 @@ async fn dropin_gliderlabs_run_line_works_verbatim() {
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("docker engine unix:///tmp/docker.sock"), "{log}");
+    assert!(
+        log.contains("docker engine unix:///tmp/docker.sock"),
+        "{log}"
+    );
 }

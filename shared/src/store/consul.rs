@@ -6,8 +6,7 @@
 //! can be unit-tested without an agent.
 
 use super::{
-    docker_health_check_id, transport_error, ttl_check_id, SettingsError, StoreError,
-    StoreSettings,
+    docker_health_check_id, transport_error, ttl_check_id, SettingsError, StoreError, StoreSettings,
 };
 use crate::{consul_duration, Check, CheckKind, Endpoint, Service};
 use base64::Engine;
