@@ -1258,6 +1258,19 @@ async fn dropin_cmd_grpc_and_method_checks_reach_consul() {
             "SERVICE_CHECK_INTERVAL=1s",
         ],
     );
+    let https = web(
+        "dropin-https",
+        &[
+            "-l",
+            "SERVICE_CHECK_HTTPS=/",
+            "-l",
+            "SERVICE_CHECK_HTTPS_METHOD=POST",
+            "-l",
+            "SERVICE_CHECK_TLS_SKIP_VERIFY=true",
+            "-l",
+            "SERVICE_CHECK_INTERVAL=1s",
+        ],
+    );
     let bad = web(
         "dropin-badmethod",
         &[
@@ -1305,6 +1318,19 @@ async fn dropin_cmd_grpc_and_method_checks_reach_consul() {
         c["Status"] == "passing" && c["Output"].as_str().unwrap_or_default().contains(&want)
     })
     .await;
+
+    // The HTTPS check POSTs (Go's error names the method; the server speaks plain HTTP, so
+    // the check fails, as it must).
+    let https_id = id_of(&https, "80");
+    let c = wait_check(&consul, &https_id, "http", "probing with POST", |c| {
+        c["Output"].as_str().unwrap_or_default().contains("Post")
+    })
+    .await;
+    assert_eq!(c["Status"], "critical", "{c}");
+    assert_eq!(
+        consul_service(&consul, &https_id).await.unwrap()["Meta"],
+        serde_json::json!({})
+    );
 
     // A gRPC check (over TLS, against a plain HTTP server: it fails, as it must).
     wait_check(&consul, &grpc_id, "grpc", "critical", |c| {
