@@ -81,6 +81,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         ttl: config.ttl,
         use_ip_from_label: config.use_ip_from_label.clone(),
         network: config.network.clone(),
+        label_filter: config.label_filter.clone(),
     };
     let gate = docker::HealthGate::of(store.kind());
     let watcher = docker::Watcher::new(docker, opts, config.deregister, gate, config.resync, tx);
