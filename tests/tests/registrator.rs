@@ -1668,3 +1668,73 @@ async fn dropin_gliderlabs_run_line_works_verbatim() {
         "{log}"
     );
 }
+
+/// `SERVICE_CHECK_TLS_SKIP_VERIFY` against a real HTTPS server whose certificate no public
+/// root signed: the check that skips verification passes, the one that verifies fails on the
+/// certificate. (Both containers use the host's network, exposing the port `openssl
+/// s_server` listens on, so the service address is that server's.)
+#[tokio::test]
+async fn dropin_tls_skip_verify_reaches_the_https_check() {
+    let pki = Pki::generate("dropin-ca");
+    let port = free_port().to_string();
+    let _server = Process::spawn(
+        std::path::Path::new("openssl"),
+        &[
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+            &pki.path("server.pem"),
+            "-key",
+            &pki.path("server.key"),
+            "-www",
+        ],
+        &[],
+    );
+    let consul = Consul::start().await;
+    let _reg = registrator(&consul.uri(), &[], &[]);
+    let https = |tag: &str, skip: &str| {
+        Container::run(
+            tag,
+            &[
+                "--net=host",
+                "--expose",
+                &port,
+                "-l",
+                "SERVICE_CHECK_HTTPS=/",
+                "-l",
+                &format!("SERVICE_CHECK_TLS_SKIP_VERIFY={skip}"),
+                "-l",
+                "SERVICE_CHECK_INTERVAL=1s",
+                TEST_IMAGE,
+                "sleep",
+                "600",
+            ],
+        )
+    };
+    let (skip, verify) = (
+        https("dropin-skip", "true"),
+        https("dropin-verify", "false"),
+    );
+    let (skip_id, verify_id) = (id_of(&skip, &port), id_of(&verify, &port));
+    wait_consul(&consul, &skip_id).await;
+    wait_consul(&consul, &verify_id).await;
+    let url = format!("https://127.0.0.1:{port}/");
+    wait_check(
+        &consul,
+        &skip_id,
+        "http",
+        "passing without verification",
+        |c| c["Status"] == "passing" && c["Output"].as_str().unwrap_or_default().contains(&url),
+    )
+    .await;
+    let c = wait_check(&consul, &verify_id, "http", "failing verification", |c| {
+        c["Status"] == "critical"
+            && c["Output"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("certificate")
+    })
+    .await;
+    assert!(c["Output"].as_str().unwrap().contains(&url), "{c}");
+}
