@@ -35,6 +35,7 @@ const VALUE_FLAGS: &[&str] = &[
     "useIpFromLabel",
     "verify-interval",
     "hostname",
+    "network",
     "label-filter",
 ];
 
@@ -98,6 +99,10 @@ struct Cli {
     /// Take each service's address from this container label (a CIDR suffix is dropped).
     #[arg(long = "useIpFromLabel", value_name = "LABEL")]
     use_ip_from_label: Option<String>,
+    /// With -internal: register each container's address on this Docker network, for
+    /// containers on several (not in gliderlabs; a container's SERVICE_NETWORK wins).
+    #[arg(long, value_name = "NAME")]
+    network: Option<String>,
     /// Host identity: the first part of every service ID and the scope of `-cleanup` (not in
     /// gliderlabs; default: this host's name). Lets several registrators share one machine,
     /// e.g. one per Docker engine, without removing each other's services.
@@ -319,7 +324,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         ip: cli.ip,
         internal: cli.internal,
         explicit: cli.explicit,
-        tags: split_tags(&cli.tags),
+        tags: crate::derive::split_tags(&cli.tags),
         ttl,
         ttl_refresh,
         resync: (cli.resync > 0).then(|| Duration::from_secs(cli.resync)),
@@ -328,6 +333,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         retry_interval: Duration::from_millis(cli.retry_interval),
         cleanup: cli.cleanup,
         use_ip_from_label: cli.use_ip_from_label.filter(|l| !l.is_empty()),
+        network: cli.network.filter(|n| !n.is_empty()),
         deregister_on_exit: cli.deregister_on_exit,
         verify_interval: Duration::from_secs_f64(cli.verify_interval),
         hostname,
@@ -339,15 +345,6 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
 /// clean key segment in etcd, so `-cleanup`'s prefix match cannot reach another host's IDs.
 fn valid_host_identity(h: &str) -> bool {
     !h.is_empty() && !h.contains([':', '/']) && !h.chars().any(char::is_whitespace)
-}
-
-/// `a, b,,c` -> `[a, b, c]`.
-pub fn split_tags(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(String::from)
-        .collect()
 }
 
 #[cfg(test)]
@@ -404,6 +401,10 @@ mod tests {
         assert_eq!(c.retry_interval, Duration::from_millis(2000));
         assert_eq!(c.deregister, Deregister::Always);
         assert_eq!(c.hostname, "host");
+        assert_eq!(c.network, None);
+
+        let c = parse(argv("-internal -network backend consul://h"), "host").unwrap();
+        assert_eq!(c.network.as_deref(), Some("backend"));
 
         let c = parse(
             argv("-internal=false -deregister on-success -retry-attempts -1 -cleanup=1 etcd://h/p"),

@@ -43,6 +43,8 @@ pub struct Config {
     pub cleanup: bool,
     /// `-useIpFromLabel`: take the service address from this container label.
     pub use_ip_from_label: Option<String>,
+    /// `-network`: with `-internal`, the Docker network whose address is registered.
+    pub network: Option<String>,
     /// `--deregister-on-exit`: deregister everything on SIGTERM/SIGINT. Off by default:
     /// registrations outlive the process and the next registrator adopts them, so restarting
     /// or upgrading the registrator never takes a running container out of the load balancer.

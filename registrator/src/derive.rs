@@ -57,6 +57,9 @@ pub struct ContainerInfo {
     pub ports: Vec<ContainerPort>,
     /// The container's IP address on its (first) network, if it has one.
     pub ip: Option<String>,
+    /// Its address on each network it is attached to, by network name (networks without an
+    /// IPv4 address left out). `-network` / `SERVICE_NETWORK` pick one of these.
+    pub networks: BTreeMap<String, String>,
     /// `HostConfig.NetworkMode == "host"`: exposed ports are the host's ports.
     pub host_network: bool,
 }
@@ -80,6 +83,9 @@ pub struct DeriveOptions {
     pub ttl: Option<Duration>,
     /// `-useIpFromLabel`.
     pub use_ip_from_label: Option<String>,
+    /// `-network`: with `-internal`, the network whose address is registered for containers
+    /// on several networks (a container's `SERVICE_NETWORK` wins).
+    pub network: Option<String>,
     /// `-label-filter`: only containers matching every one of these are registered.
     pub label_filter: Vec<LabelMatch>,
 }
@@ -158,7 +164,14 @@ const KNOWN_KEYS: &[&str] = &[
     "check_timeout",
     "check_initial_status",
     "check_deregister_after",
+    "check_http_method",
+    "check_https_method",
+    "check_tls_skip_verify",
+    "check_grpc",
+    "check_grpc_use_tls",
+    "check_cmd",
     "drain",
+    "network",
 ];
 
 /// A `SERVICE_*` value with the key it came from (for warnings).
@@ -222,11 +235,25 @@ fn collect_metadata(info: &ContainerInfo, warnings: &mut Vec<Warning>) -> Metada
 }
 
 /// The default service name: the image's last path segment without tag or digest
-/// (`reg:5000/team/web:1.2@sha256:...` -> `web`).
-pub fn image_basename(image: &str) -> String {
+/// (`reg:5000/team/web:1.2@sha256:...` -> `web`). `None` when the container was created
+/// from an image ID (`sha256:<hex>`, or the bare 64-hex-digit ID), which names no service:
+/// gliderlabs registered all of those under the name `sha256`, one service for unrelated
+/// containers.
+pub fn image_basename(image: &str) -> Option<String> {
+    if is_image_id(image) {
+        return None;
+    }
     let no_digest = image.split('@').next().unwrap_or(image);
     let last = no_digest.rsplit('/').next().unwrap_or(no_digest);
-    last.split(':').next().unwrap_or(last).to_string()
+    let name = last.split(':').next().unwrap_or(last);
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// `sha256:<hex>` or 64 hex digits: an image ID, as `docker run` accepts one.
+fn is_image_id(image: &str) -> bool {
+    let hex = image.strip_prefix("sha256:").unwrap_or(image);
+    let all_hex = !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    all_hex && (hex.len() == 64 || image.starts_with("sha256:"))
 }
 
 /// Parses a duration the way gliderlabs users write them: Go syntax (`10s`, `1m30s`, `500ms`,
@@ -329,7 +356,11 @@ struct Candidate<'a> {
 /// Where each service port is reached, per gliderlabs: host network -> exposed ports on the
 /// host address; `-internal` -> exposed ports on the container IP; otherwise published ports
 /// on `-ip`, else the binding's own IP, else the host address.
-fn candidates<'a>(info: &'a ContainerInfo, opts: &DeriveOptions) -> Vec<Candidate<'a>> {
+fn candidates<'a>(
+    info: &'a ContainerInfo,
+    opts: &DeriveOptions,
+    container_ip: Option<&String>,
+) -> Vec<Candidate<'a>> {
     let host_addr = || opts.ip.clone().unwrap_or_else(|| opts.host_ip.clone());
     let mut out = Vec::new();
     for p in &info.ports {
@@ -342,7 +373,7 @@ fn candidates<'a>(info: &'a ContainerInfo, opts: &DeriveOptions) -> Vec<Candidat
         } else if opts.internal {
             out.push(Candidate {
                 exposed: p,
-                address: info.ip.clone().unwrap_or_else(host_addr),
+                address: container_ip.cloned().unwrap_or_else(host_addr),
                 port: p.port,
             });
         } else {
@@ -369,6 +400,44 @@ fn candidates<'a>(info: &'a ContainerInfo, opts: &DeriveOptions) -> Vec<Candidat
     out
 }
 
+/// The container address `-internal` registers: on the network its `SERVICE_NETWORK` label
+/// (or env) names, else on `-network`'s, else on its first network (the only one, for most
+/// containers). Docker lists a container's networks in no useful order, so on a container
+/// attached to several (#498, #291: a frontend network and a backend one) the address used to
+/// be a coin toss. A label naming a network the container is not on warns and falls back (a
+/// typo must not unregister it); `-network` applies to every container, so a container not on
+/// that network quietly falls back.
+fn container_ip(
+    info: &ContainerInfo,
+    opts: &DeriveOptions,
+    md: &Metadata,
+    warnings: &mut Vec<Warning>,
+) -> Option<String> {
+    if !opts.internal || info.host_network {
+        return info.ip.clone();
+    }
+    if let Some(v) = md.general.get("network") {
+        if let Some(ip) = info.networks.get(v.value.trim()) {
+            return Some(ip.clone());
+        }
+        // Network names are Docker's own (it allows `[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+        let on: Vec<&str> = info.networks.keys().map(String::as_str).collect();
+        Ctx { warnings }.warn(
+            v,
+            &format!(
+                "the name of a network this container is on ({}); using its address on \
+                 another",
+                on.join(", ")
+            ),
+        );
+    }
+    opts.network
+        .as_ref()
+        .and_then(|n| info.networks.get(n))
+        .cloned()
+        .or_else(|| info.ip.clone())
+}
+
 /// The services `info` provides under `opts`, and the values that had to be dropped.
 pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
     // Outside the filter a container is not ours to look at: no services and no warnings
@@ -393,9 +462,13 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
             }
         }
     });
-    let cands = candidates(info, opts);
+    let container_ip = container_ip(info, opts, &md, &mut warnings);
+    let cands = candidates(info, opts, container_ip.as_ref());
     let group = cands.len() > 1;
-    let default_name = image_basename(&info.image);
+    // An image referenced by ID names nothing; the container's name stands in (a warning
+    // says so, once, unless every port has a name of its own).
+    let default_name = image_basename(&info.image).unwrap_or_else(|| info.name.clone());
+    let mut image_id_warned = false;
     // General values are parsed once, not once per port: a container may publish thousands.
     let general_tags = md.general.get("tags").map(|v| parse_tags(v, &mut warnings));
     let general_meta = meta_pairs(&md.general, &mut warnings);
@@ -423,6 +496,18 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
         };
         if opts.explicit && named.is_none() {
             continue;
+        }
+        if named.is_none() && !image_id_warned && image_basename(&info.image).is_none() {
+            image_id_warned = true;
+            ctx.warnings.push(Warning {
+                key: "image".into(),
+                value: excerpt(&info.image).to_string(),
+                expected: format!(
+                    "an image name to name the service after (the container was created from \
+                     an image ID): registered under the container name {:?}; set SERVICE_NAME",
+                    excerpt(&info.name).to_string()
+                ),
+            });
         }
         let mut name = named.map_or_else(|| default_name.clone(), |v| v.value.clone());
         if group && !port_md.contains_key("name") {
@@ -468,7 +553,7 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
                 tags.push(t.clone());
             }
         }
-        let check = derive_check(&get, &address, c.port, &mut ctx);
+        let check = derive_check(&get, &info.id, &address, c.port, &mut ctx);
         let meta = merge_meta(
             &general_meta,
             meta_pairs(port_md, ctx.warnings),
@@ -483,11 +568,22 @@ pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
             meta,
             check,
             ttl: opts.ttl,
+            docker_health: None,
         });
     }
     warnings.sort();
     warnings.dedup_by(|a, b| a.key == b.key);
     Derived { services, warnings }
+}
+
+/// The `-tags` flag's list: `a, b,,c` -> `[a, b, c]`. Tags are derivation's business; the
+/// flag's value is the operator's, so it is trusted (unlike `SERVICE_TAGS`, see [`parse_tags`]).
+pub fn split_tags(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// The tags of one `SERVICE_TAGS` value: comma-separated, trimmed, de-duplicated in linear
@@ -686,10 +782,43 @@ impl Ctx<'_> {
 
 const PATH_EXPECTED: &str = "a URL path such as /health (no whitespace or control characters)";
 
-/// `SERVICE_CHECK_*`: at most one check, the first kind set in the order HTTP, HTTPS, script,
-/// TTL, TCP (gliderlabs' precedence).
+const FLAG_EXPECTED: &str = "true or false (also 1/0, yes/no, on/off)";
+
+/// A yes/no `SERVICE_*` value. Unlike gliderlabs (any non-empty value, `false` included,
+/// meant yes), `false` means no; anything unrecognised warns and means no.
+fn flag(v: Option<&MetaValue>, ctx: &mut Ctx) -> bool {
+    let Some(v) = v else { return false };
+    match v.value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => true,
+        "false" | "0" | "no" | "off" | "" => false,
+        _ => {
+            ctx.warn(v, FLAG_EXPECTED);
+            false
+        }
+    }
+}
+
+/// An HTTP method as RFC 9110 spells one: a token (letters, digits and ``!#$%&'*+-.^_`|~``),
+/// at most 32 bytes. Consul sends it verbatim in the request line, so nothing else may pass.
+fn http_method(v: &str) -> bool {
+    (1..=32).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A gRPC service name for `host:port/service`: letters, digits, `.`, `_` and `-`
+/// (`grpc.health.v1.Health`, `pkg.Service`), at most 255 bytes.
+fn grpc_service(v: &str) -> bool {
+    (1..=255).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `SERVICE_CHECK_*`: at most one check, the first kind set in the order HTTP, HTTPS, CMD,
+/// script, TTL, TCP, gRPC (gliderlabs' precedence).
 fn derive_check<'m>(
     get: &dyn Fn(&str) -> Option<&'m MetaValue>,
+    container_id: &str,
     address: &str,
     port: u16,
     ctx: &mut Ctx,
@@ -718,6 +847,19 @@ fn derive_check<'m>(
         }
     }
     if kind.is_none() {
+        // Run in the container by the agent (a Consul Docker check), as an argv: the value
+        // is split on whitespace, never given to a shell.
+        if let Some(v) = get("check_cmd") {
+            let args: Vec<String> = v.value.split_whitespace().map(String::from).collect();
+            if !args.is_empty() && !container_id.is_empty() {
+                kind = Some(CheckKind::Docker {
+                    container: container_id.to_string(),
+                    args,
+                });
+            }
+        }
+    }
+    if kind.is_none() {
         if let Some(v) = get("check_script") {
             let port = port.to_string();
             let argv: Vec<String> = v
@@ -741,7 +883,60 @@ fn derive_check<'m>(
     if kind.is_none() && get("check_tcp").is_some_and(|v| truthy(&v.value)) {
         kind = Some(CheckKind::Tcp(format!("{}:{port}", url_host(address))));
     }
+    if kind.is_none() {
+        // `true` (gliderlabs' spelling) probes the server as a whole; a gRPC service name
+        // asks about that service.
+        if let Some(v) = get("check_grpc").filter(|v| truthy(&v.value)) {
+            let target = format!("{}:{port}", url_host(address));
+            let value = v.value.trim();
+            let target = match value.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Some(target),
+                _ if grpc_service(value) => Some(format!("{target}/{value}")),
+                _ => {
+                    ctx.warn(
+                        v,
+                        "true, or a gRPC service name (letters, digits, '.', '_', '-') to check",
+                    );
+                    None
+                }
+            };
+            if let Some(target) = target {
+                let tls = flag(get("check_grpc_use_tls"), ctx);
+                kind = Some(CheckKind::Grpc { target, tls });
+            }
+        }
+    }
     let kind = kind?;
+    let method_key = match &kind {
+        CheckKind::Http(_) => Some("check_http_method"),
+        CheckKind::Https(_) => Some("check_https_method"),
+        _ => None,
+    };
+    let method = method_key.and_then(get).and_then(|v| {
+        ctx.check(
+            v,
+            http_method(&v.value),
+            "an HTTP method such as GET, HEAD or POST (a token of at most 32 letters, digits \
+             or !#$%&'*+-.^_`|~)",
+        )
+        .map(|v| v.value.clone())
+    });
+    let tls = matches!(
+        kind,
+        CheckKind::Https(_) | CheckKind::Grpc { tls: true, .. }
+    );
+    let skip = get("check_tls_skip_verify");
+    let tls_skip_verify = match skip {
+        Some(v) if !tls && flag(Some(v), ctx) => {
+            ctx.warn(
+                v,
+                "SERVICE_CHECK_TLS_SKIP_VERIFY only with SERVICE_CHECK_HTTPS or \
+                 SERVICE_CHECK_GRPC_USE_TLS (this check speaks no TLS; ignored)",
+            );
+            false
+        }
+        _ => tls && flag(skip, ctx),
+    };
     let initial_status = get("check_initial_status").and_then(|v| {
         let ok = matches!(v.value.as_str(), "passing" | "warning" | "critical");
         ctx.check(v, ok, "passing, warning or critical")
@@ -753,6 +948,8 @@ fn derive_check<'m>(
         timeout: ctx.duration(get("check_timeout"), true),
         initial_status,
         deregister_after: ctx.duration(get("check_deregister_after"), true),
+        method,
+        tls_skip_verify,
     })
 }
 
@@ -777,6 +974,7 @@ mod tests {
             labels: BTreeMap::new(),
             ports: vec![port(80, "tcp", &[("0.0.0.0", 32768), ("::", 32768)])],
             ip: Some("172.17.0.5".into()),
+            networks: [("bridge".to_string(), "172.17.0.5".to_string())].into(),
             host_network: false,
         }
     }
@@ -848,8 +1046,40 @@ mod tests {
             ("web@sha256:0123", "web"),
         ];
         for (image, want) in cases {
-            assert_eq!(image_basename(image), want, "{image}");
+            assert_eq!(image_basename(image).as_deref(), Some(want), "{image}");
         }
+        let id = "0123456789abcdef".repeat(4);
+        for image in [format!("sha256:{id}"), id.clone(), "sha256:0123".into()] {
+            assert_eq!(image_basename(&image), None, "{image}");
+        }
+        // A short hex name may be a real image name: it stays one.
+        assert_eq!(image_basename("cafe").as_deref(), Some("cafe"));
+    }
+
+    #[test]
+    fn image_id_names_the_service_after_the_container() {
+        let mut c = web();
+        c.image = format!("sha256:{}", "ab".repeat(32));
+        let d = derive(&c, &opts());
+        assert_eq!(
+            summary(&d),
+            vec![(
+                "host:web1:80".into(),
+                "web1".into(),
+                "192.0.2.2:32768".into()
+            )]
+        );
+        assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+        assert_eq!(d.warnings[0].key, "image");
+        assert!(
+            d.warnings[0].expected.contains("SERVICE_NAME"),
+            "{:?}",
+            d.warnings
+        );
+        // With SERVICE_NAME there is nothing to warn about.
+        let d = derive(&with_env(c, &["SERVICE_NAME=api"]), &opts());
+        assert_eq!(d.services[0].name, "api");
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
     }
 
     #[test]
@@ -1068,6 +1298,94 @@ mod tests {
     }
 
     #[test]
+    fn network_choice_for_internal_addresses() {
+        let mut two = web();
+        two.networks = [
+            ("dropin-back".to_string(), "10.20.0.2".to_string()),
+            ("dropin-front".to_string(), "10.10.0.2".to_string()),
+        ]
+        .into();
+        two.ip = Some("10.20.0.2".into());
+        let internal = |network: Option<&str>| DeriveOptions {
+            internal: true,
+            network: network.map(String::from),
+            ..opts()
+        };
+        // (container, options, address registered, warned key)
+        type Case = (
+            ContainerInfo,
+            DeriveOptions,
+            &'static str,
+            Option<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (two.clone(), internal(None), "10.20.0.2:80", None),
+            (
+                two.clone(),
+                internal(Some("dropin-front")),
+                "10.10.0.2:80",
+                None,
+            ),
+            (
+                two.clone(),
+                internal(Some("elsewhere")),
+                "10.20.0.2:80",
+                None,
+            ),
+            (
+                with_labels(two.clone(), &[("SERVICE_NETWORK", "dropin-front")]),
+                internal(Some("dropin-back")),
+                "10.10.0.2:80",
+                None,
+            ),
+            (
+                with_env(two.clone(), &["SERVICE_NETWORK=dropin-front"]),
+                internal(None),
+                "10.10.0.2:80",
+                None,
+            ),
+            (
+                with_labels(two.clone(), &[("SERVICE_NETWORK", "typo")]),
+                internal(Some("dropin-front")),
+                "10.10.0.2:80",
+                Some("SERVICE_NETWORK"),
+            ),
+            // Without -internal the published port is registered: networks do not matter.
+            (
+                with_labels(two.clone(), &[("SERVICE_NETWORK", "dropin-front")]),
+                opts(),
+                "192.0.2.2:32768",
+                None,
+            ),
+        ];
+        for (info, o, addr, warned) in cases {
+            let d = derive(&info, &o);
+            assert_eq!(
+                d.services[0].addr(),
+                addr,
+                "{:?} {:?}",
+                info.labels,
+                o.network
+            );
+            let keys: Vec<&str> = d.warnings.iter().map(|w| w.key.as_str()).collect();
+            assert_eq!(keys, warned.into_iter().collect::<Vec<_>>());
+            assert!(
+                d.services[0].meta.is_empty(),
+                "SERVICE_NETWORK is not metadata"
+            );
+        }
+        let d = derive(
+            &with_labels(two, &[("SERVICE_NETWORK", "typo")]),
+            &internal(None),
+        );
+        assert!(
+            d.warnings[0].expected.contains("dropin-back, dropin-front"),
+            "{:?}",
+            d.warnings
+        );
+    }
+
+    #[test]
     fn tags_meta_and_ttl() {
         let info = with_labels(
             with_env(
@@ -1159,6 +1477,151 @@ mod tests {
         assert_eq!(c.timeout, Some(Duration::from_secs(2)));
         assert_eq!(c.initial_status.as_deref(), Some("passing"));
         assert_eq!(c.deregister_after, Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn grpc_cmd_method_and_tls_options() {
+        let grpc = |target: &str, tls: bool| CheckKind::Grpc {
+            target: target.into(),
+            tls,
+        };
+        // (env, kind, method, skip verify, warned key)
+        type Case<'a> = (
+            &'a [&'a str],
+            Option<CheckKind>,
+            Option<&'a str>,
+            bool,
+            Option<&'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                &["SERVICE_CHECK_GRPC=true"],
+                Some(grpc("192.0.2.2:32768", false)),
+                None,
+                false,
+                None,
+            ),
+            (
+                &[
+                    "SERVICE_CHECK_GRPC=grpc.health.v1.Health",
+                    "SERVICE_CHECK_GRPC_USE_TLS=1",
+                ],
+                Some(grpc("192.0.2.2:32768/grpc.health.v1.Health", true)),
+                None,
+                false,
+                None,
+            ),
+            (
+                &[
+                    "SERVICE_CHECK_GRPC=true",
+                    "SERVICE_CHECK_GRPC_USE_TLS=true",
+                    "SERVICE_CHECK_TLS_SKIP_VERIFY=true",
+                ],
+                Some(grpc("192.0.2.2:32768", true)),
+                None,
+                true,
+                None,
+            ),
+            (&["SERVICE_CHECK_GRPC=false"], None, None, false, None),
+            (
+                &["SERVICE_CHECK_GRPC=a/b"],
+                None,
+                None,
+                false,
+                Some("SERVICE_CHECK_GRPC"),
+            ),
+            (
+                &[
+                    "SERVICE_CHECK_GRPC=true",
+                    "SERVICE_CHECK_GRPC_USE_TLS=maybe",
+                ],
+                Some(grpc("192.0.2.2:32768", false)),
+                None,
+                false,
+                Some("SERVICE_CHECK_GRPC_USE_TLS"),
+            ),
+            (
+                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_HTTP_METHOD=HEAD"],
+                Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
+                Some("HEAD"),
+                false,
+                None,
+            ),
+            (
+                &[
+                    "SERVICE_CHECK_HTTP=/h",
+                    "SERVICE_CHECK_HTTP_METHOD=GET /x HTTP/1.1\r\n",
+                ],
+                Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
+                None,
+                false,
+                Some("SERVICE_CHECK_HTTP_METHOD"),
+            ),
+            (
+                // The HTTPS check reads its own method key, not HTTP's.
+                &[
+                    "SERVICE_CHECK_HTTPS=/s",
+                    "SERVICE_CHECK_HTTP_METHOD=PUT",
+                    "SERVICE_CHECK_HTTPS_METHOD=POST",
+                    "SERVICE_CHECK_TLS_SKIP_VERIFY=yes",
+                ],
+                Some(CheckKind::Https("https://192.0.2.2:32768/s".into())),
+                Some("POST"),
+                true,
+                None,
+            ),
+            (
+                &[
+                    "SERVICE_CHECK_HTTP=/h",
+                    "SERVICE_CHECK_TLS_SKIP_VERIFY=true",
+                ],
+                Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
+                None,
+                false,
+                Some("SERVICE_CHECK_TLS_SKIP_VERIFY"),
+            ),
+            (
+                &["SERVICE_CHECK_CMD=test -f /tmp/ok;reboot $(id)"],
+                Some(CheckKind::Docker {
+                    container: "abc".into(),
+                    args: vec![
+                        "test".into(),
+                        "-f".into(),
+                        "/tmp/ok;reboot".into(),
+                        "$(id)".into(),
+                    ],
+                }),
+                None,
+                false,
+                None,
+            ),
+            (
+                // gliderlabs' order: CMD before script.
+                &["SERVICE_CHECK_SCRIPT=/bin/x", "SERVICE_CHECK_CMD=true"],
+                Some(CheckKind::Docker {
+                    container: "abc".into(),
+                    args: vec!["true".into()],
+                }),
+                None,
+                false,
+                None,
+            ),
+        ];
+        for (env, kind, method, skip, warned) in cases {
+            let d = derive(&with_env(web(), env), &opts());
+            let check = d.services[0].check.clone();
+            assert_eq!(check.as_ref().map(|c| c.kind.clone()), kind, "{env:?}");
+            assert_eq!(
+                check.as_ref().and_then(|c| c.method.as_deref()),
+                method,
+                "{env:?}"
+            );
+            assert_eq!(check.is_some_and(|c| c.tls_skip_verify), skip, "{env:?}");
+            let keys: Vec<&str> = d.warnings.iter().map(|w| w.key.as_str()).collect();
+            assert_eq!(keys, warned.into_iter().collect::<Vec<_>>(), "{env:?}");
+            // None of these keys is ever metadata.
+            assert!(d.services[0].meta.is_empty(), "{env:?}");
+        }
     }
 
     #[test]
@@ -1430,6 +1893,7 @@ mod tests {
             meta: Default::default(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 

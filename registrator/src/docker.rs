@@ -27,7 +27,7 @@ use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use switchboard::{Backoff, Service, Shutdown};
+use switchboard::{Backoff, DockerHealth, Service, Shutdown};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -144,21 +144,58 @@ pub struct RunState {
     pub started_ns: Option<i64>,
 }
 
+/// What a container's Docker HEALTHCHECK does to its registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthGate {
+    /// Registered only while healthy: the store (etcd, Consul KV) runs no checks, so a
+    /// registration there means "send traffic".
+    Withdraw,
+    /// Registered whatever its health, with a Consul check whose status follows Docker's
+    /// (`Service::docker_health`), so Consul shows it critical with a reason instead of the
+    /// service vanishing (gliderlabs#578).
+    Check,
+}
+
+impl HealthGate {
+    /// The gate for the store named by `kind` (`Store::kind`): only the Consul agent runs checks.
+    pub fn of(kind: &str) -> HealthGate {
+        if kind == "consul" {
+            HealthGate::Check
+        } else {
+            HealthGate::Withdraw
+        }
+    }
+}
+
 /// Whether a container in `state` should be registered. `draining`: it was sent its stop
 /// signal and is finishing its work (see `drain`), so it takes no new clients.
-pub fn decide(state: &RunState, draining: bool, mode: Deregister) -> Decision {
+pub fn decide(state: &RunState, draining: bool, mode: Deregister, gate: HealthGate) -> Decision {
     if state.running && !state.paused {
         if draining {
             return Decision::Withdraw;
         }
         match state.health.as_deref() {
             None | Some("healthy") => Decision::Serve,
+            Some(_) if gate == HealthGate::Check => Decision::Serve,
             Some(_) => Decision::Withdraw,
         }
     } else if !state.running && mode == Deregister::OnSuccess && state.exit_code != 0 {
         Decision::Keep
     } else {
         Decision::Withdraw
+    }
+}
+
+/// With [`HealthGate::Check`], marks each service with the container's Docker health, so the
+/// store gives it a check that follows it; a change of health is then a change of the services
+/// and reaches the store like any other.
+pub fn follow_health(services: &mut [Service], health: Option<&str>, gate: HealthGate) {
+    let health = match gate {
+        HealthGate::Check => health.and_then(DockerHealth::from_docker),
+        HealthGate::Withdraw => None,
+    };
+    for s in services {
+        s.docker_health = health;
     }
 }
 
@@ -206,6 +243,11 @@ pub fn extract(resp: ContainerInspectResponse) -> Inspected {
         .values()
         .filter_map(|n| n.ip_address.clone())
         .find(|ip| !ip.is_empty());
+    let addresses = networks
+        .iter()
+        .filter_map(|(name, n)| Some((name.clone(), n.ip_address.clone()?)))
+        .filter(|(_, ip)| !ip.is_empty())
+        .collect();
     let host_network = resp
         .host_config
         .and_then(|h| h.network_mode)
@@ -244,6 +286,7 @@ pub fn extract(resp: ContainerInspectResponse) -> Inspected {
             })
             .collect(),
         ip,
+        networks: addresses,
         host_network,
     };
     let stop = StopSpec::new(stop_signal.as_deref(), stop_timeout, &info);
@@ -290,6 +333,8 @@ pub struct Watcher {
     docker: Docker,
     opts: DeriveOptions,
     deregister: Deregister,
+    /// Whether an unhealthy container is withdrawn or registered with a failing check.
+    gate: HealthGate,
     resync: Option<Duration>,
     tx: watch::Sender<Desired>,
     tracker: Tracker,
@@ -342,6 +387,7 @@ impl Watcher {
         docker: Docker,
         opts: DeriveOptions,
         deregister: Deregister,
+        gate: HealthGate,
         resync: Option<Duration>,
         tx: watch::Sender<Desired>,
     ) -> Self {
@@ -350,6 +396,7 @@ impl Watcher {
             docker,
             opts,
             deregister,
+            gate,
             resync,
             tx,
             tracker: Tracker::default(),
@@ -576,9 +623,10 @@ impl Watcher {
                             stop,
                         },
                     );
-                    match decide(&run, draining, self.deregister) {
+                    match decide(&run, draining, self.deregister, self.gate) {
                         Decision::Serve => {
-                            let d = derive(&info, &self.opts);
+                            let mut d = derive(&info, &self.opts);
+                            follow_health(&mut d.services, run.health.as_deref(), self.gate);
                             for w in d.warnings {
                                 if self.warned.insert((id.to_string(), w.key.clone())) {
                                     warn!(
@@ -742,11 +790,73 @@ mod tests {
         ];
         for (state, draining, mode, want) in cases {
             assert_eq!(
-                decide(&state, draining, mode),
+                decide(&state, draining, mode, HealthGate::Withdraw),
                 want,
                 "{state:?} draining={draining} {mode:?}"
             );
         }
+        // With checks in the store, health no longer gates: the check tells. Draining,
+        // pausing and stopping still withdraw.
+        let cases = [
+            (st(true, false, Some("unhealthy"), 0), false, Serve),
+            (st(true, false, Some("starting"), 0), false, Serve),
+            (st(true, false, Some("healthy"), 0), false, Serve),
+            (st(true, false, Some("unhealthy"), 0), true, Withdraw),
+            (st(true, true, Some("healthy"), 0), false, Withdraw),
+            (st(false, false, Some("unhealthy"), 0), false, Withdraw),
+        ];
+        for (state, draining, want) in cases {
+            assert_eq!(
+                decide(&state, draining, Always, HealthGate::Check),
+                want,
+                "{state:?} draining={draining}"
+            );
+        }
+    }
+
+    #[test]
+    fn health_follows_docker_only_with_checks() {
+        let svc = || Service {
+            id: "h:c:80".into(),
+            name: "web".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            tags: vec![],
+            meta: Default::default(),
+            check: None,
+            ttl: None,
+            docker_health: None,
+        };
+        let cases = [
+            (
+                Some("unhealthy"),
+                HealthGate::Check,
+                Some(DockerHealth::Unhealthy),
+            ),
+            (
+                Some("starting"),
+                HealthGate::Check,
+                Some(DockerHealth::Starting),
+            ),
+            (
+                Some("healthy"),
+                HealthGate::Check,
+                Some(DockerHealth::Healthy),
+            ),
+            (None, HealthGate::Check, None),
+            (Some("healthy"), HealthGate::Withdraw, None),
+        ];
+        for (health, gate, want) in cases {
+            let mut services = vec![svc(), svc()];
+            follow_health(&mut services, health, gate);
+            assert!(
+                services.iter().all(|s| s.docker_health == want),
+                "{health:?} {gate:?}"
+            );
+        }
+        assert_eq!(HealthGate::of("consul"), HealthGate::Check);
+        assert_eq!(HealthGate::of("consulkv"), HealthGate::Withdraw);
+        assert_eq!(HealthGate::of("etcd"), HealthGate::Withdraw);
     }
 
     #[test]

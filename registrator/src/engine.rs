@@ -1,6 +1,7 @@
 //! Which Docker engine to talk to, and how: the docker CLI's conventions.
 //!
-//! `DOCKER_HOST` names the engine (default: the local socket). A `tcp://` engine is plain HTTP
+//! `DOCKER_HOST` names the engine (default: the local socket, `/var/run/docker.sock`, else
+//! `/tmp/docker.sock` where gliderlabs' documented run line mounts it). A `tcp://` engine is plain HTTP
 //! unless `DOCKER_TLS_VERIFY` is set (non-empty and not `0`): then it is HTTPS, the engine's
 //! certificate must be signed by `ca.pem` and registrator presents `cert.pem`/`key.pem`, all
 //! three from `DOCKER_CERT_PATH` (default `~/.docker`). The files are read at start, so a
@@ -77,7 +78,12 @@ impl Engine {
     /// What `DOCKER_HOST` amounts to, for messages.
     pub fn describe(&self) -> String {
         match self {
-            Engine::Default(None) => "the local socket (DOCKER_HOST unset)".into(),
+            Engine::Default(None) => {
+                format!(
+                    "the local socket {} (DOCKER_HOST unset)",
+                    local_socket_here()
+                )
+            }
             Engine::Default(Some(h)) | Engine::Http(h) => format!("DOCKER_HOST={h}"),
             Engine::Tls { host, .. } => format!("DOCKER_HOST={host} (TLS)"),
         }
@@ -90,7 +96,13 @@ impl Engine {
             format!("{}: cannot set up the Docker client: {e}", self.describe())
         };
         match self {
-            Engine::Default(_) => bollard::Docker::connect_with_defaults().map_err(fail),
+            Engine::Default(None) => bollard::Docker::connect_with_unix(
+                local_socket_here(),
+                DEFAULT_TIMEOUT_SECS,
+                bollard::API_DEFAULT_VERSION,
+            )
+            .map_err(fail),
+            Engine::Default(Some(_)) => bollard::Docker::connect_with_defaults().map_err(fail),
             Engine::Http(h) => bollard::Docker::connect_with_http(
                 h,
                 DEFAULT_TIMEOUT_SECS,
@@ -122,6 +134,23 @@ impl Engine {
     }
 }
 
+/// The engine's usual socket, and where gliderlabs' image reads it (its documented run line
+/// mounts the host's socket at `/tmp/docker.sock`).
+const LOCAL_SOCKETS: [&str; 2] = ["/var/run/docker.sock", "/tmp/docker.sock"];
+
+/// With `DOCKER_HOST` unset: the first of [`LOCAL_SOCKETS`] that `exists`, else the first
+/// (connecting then fails naming it). So gliderlabs' run line works unchanged.
+pub fn local_socket(exists: impl Fn(&str) -> bool) -> &'static str {
+    LOCAL_SOCKETS
+        .into_iter()
+        .find(|p| exists(p))
+        .unwrap_or(LOCAL_SOCKETS[0])
+}
+
+fn local_socket_here() -> &'static str {
+    local_socket(|p| Path::new(p).exists())
+}
+
 /// bollard's own default request timeout (2 minutes): the event stream is one long request.
 const DEFAULT_TIMEOUT_SECS: u64 = 120;
 
@@ -151,6 +180,22 @@ pub fn describe_failure(engine: &Engine, e: &bollard::errors::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_socket_order() {
+        let var = "/var/run/docker.sock";
+        let tmp = "/tmp/docker.sock";
+        let cases: &[(&[&str], &str)] =
+            &[(&[var, tmp], var), (&[var], var), (&[tmp], tmp), (&[], var)];
+        for (present, want) in cases {
+            assert_eq!(local_socket(|p| present.contains(&p)), *want, "{present:?}");
+        }
+        // An empty DOCKER_HOST counts as unset.
+        assert_eq!(
+            Engine::from_env_values(Some("  "), None, None, None),
+            Ok(Engine::Default(None))
+        );
+    }
 
     #[test]
     fn the_docker_cli_conventions() {

@@ -76,9 +76,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         tags: config.tags.clone(),
         ttl: config.ttl,
         use_ip_from_label: config.use_ip_from_label.clone(),
+        network: config.network.clone(),
         label_filter: config.label_filter.clone(),
     };
-    let watcher = docker::Watcher::new(docker, opts, config.deregister, config.resync, tx);
+    let gate = docker::HealthGate::of(store.kind());
+    let watcher = docker::Watcher::new(docker, opts, config.deregister, gate, config.resync, tx);
     let syncer = sync::Syncer::new(
         store,
         sync::SyncOptions {
@@ -130,7 +132,10 @@ async fn connect_docker(
         // answer, so the ping is what proves the engine (and its TLS) is reachable.
         let err = match client.ping().await {
             Ok(_) => match client.clone().negotiate_version().await {
-                Ok(d) => return Ok(Some(d)),
+                Ok(d) => {
+                    info!("docker engine: {}", engine.describe());
+                    return Ok(Some(d));
+                }
                 Err(e) => e,
             },
             Err(e) => e,

@@ -91,9 +91,13 @@ impl Listing {
         }
     }
 
-    /// Whether `listed` is `want` as far as the listing shows.
+    /// Whether `listed` is `want` as far as the listing shows. A service whose check follows
+    /// Docker health never is: the listing shows no check status, and the container's health
+    /// may have changed while no registrator watched, so it is written again (in place; that
+    /// write sets the status).
     fn same(&self, want: &Service, listed: &Service) -> bool {
-        listed.id == want.id
+        want.docker_health.is_none()
+            && listed.id == want.id
             && listed.name == want.name
             && listed.address == want.address
             && listed.port == want.port
@@ -649,6 +653,7 @@ mod tests {
             meta: Default::default(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 
@@ -871,13 +876,11 @@ mod tests {
         let mut a_tagged_meta = a_tagged.clone();
         a_tagged_meta.meta = a_meta.meta.clone();
         let mut a_checked = a.clone();
-        a_checked.check = Some(switchboard::Check {
-            kind: switchboard::CheckKind::Tcp("127.0.0.1:1".into()),
-            interval: None,
-            timeout: None,
-            initial_status: None,
-            deregister_after: None,
-        });
+        a_checked.check = Some(switchboard::Check::new(switchboard::CheckKind::Tcp(
+            "127.0.0.1:1".into(),
+        )));
+        let mut a_health = a.clone();
+        a_health.docker_health = Some(switchboard::DockerHealth::Unhealthy);
         let a_moved = svc("h:a:80", "a", 9);
         let a_renamed = svc("h:a:80", "aa", 1);
         let gone = svc("h:gone:80", "g", 2);
@@ -926,6 +929,16 @@ mod tests {
                 vec![a.clone()],
                 vec![a.clone()],
                 vec!["h:a:80"],
+                vec![],
+            ),
+            // Docker health may have changed unseen: written again (in place), never adopted
+            // and never stale.
+            (
+                "docker health is written again",
+                consul,
+                vec![a_health.clone()],
+                vec![a.clone()],
+                vec![],
                 vec![],
             ),
             // Listings carry no checks or TTLs: compared on what they show.

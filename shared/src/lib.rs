@@ -18,7 +18,7 @@ pub mod validate;
 
 pub use backoff::Backoff;
 pub use excerpt::{excerpt, Excerpt, EXCERPT_CHARS};
-pub use service::{consul_duration, Check, CheckKind, Service};
+pub use service::{consul_duration, Check, CheckKind, DockerHealth, Service};
 pub use store::{Scope, Store, StoreError};
 pub use tokio_util::sync::CancellationToken as Shutdown;
 pub use uri::{Endpoint, RegistryUri, UriError};

@@ -33,6 +33,54 @@ pub struct Service {
     /// Registrator-level TTL: the registration expires unless refreshed within it.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_secs")]
     pub ttl: Option<Duration>,
+    /// The container's Docker HEALTHCHECK status, for a store that runs checks (Consul): the
+    /// service is registered whatever its health, with a check whose status follows it.
+    /// `None` for containers without a HEALTHCHECK and for other stores (which register only
+    /// healthy containers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_health: Option<DockerHealth>,
+}
+
+/// A container's Docker HEALTHCHECK status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DockerHealth {
+    /// No check has passed yet (within the start period, or before the first run).
+    Starting,
+    /// The last check passed.
+    Healthy,
+    /// The last `retries` checks failed.
+    Unhealthy,
+}
+
+impl DockerHealth {
+    /// Docker's spelling (`starting`, `healthy`, `unhealthy`); anything else is `None`.
+    pub fn from_docker(status: &str) -> Option<Self> {
+        match status {
+            "starting" => Some(DockerHealth::Starting),
+            "healthy" => Some(DockerHealth::Healthy),
+            "unhealthy" => Some(DockerHealth::Unhealthy),
+            _ => None,
+        }
+    }
+
+    /// Docker's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DockerHealth::Starting => "starting",
+            DockerHealth::Healthy => "healthy",
+            DockerHealth::Unhealthy => "unhealthy",
+        }
+    }
+
+    /// The Consul check status it maps to: only `healthy` passes (a starting container takes
+    /// no traffic yet).
+    pub fn consul_status(self) -> &'static str {
+        match self {
+            DockerHealth::Healthy => "passing",
+            DockerHealth::Starting | DockerHealth::Unhealthy => "critical",
+        }
+    }
 }
 
 impl Service {
@@ -60,6 +108,21 @@ pub enum CheckKind {
     Ttl(Duration),
     /// A program run by the Consul agent, as an argument list (never through a shell).
     Script(Vec<String>),
+    /// gRPC health checking protocol against `host:port[/service]`.
+    Grpc {
+        /// `host:port`, or `host:port/service` to ask about one gRPC service.
+        target: String,
+        /// Speak TLS to it.
+        tls: bool,
+    },
+    /// A program run inside the container (`docker exec`) by the Consul agent, as an argument
+    /// list (never through a shell). The agent needs script checks enabled and the Docker socket.
+    Docker {
+        /// Full container ID.
+        container: String,
+        /// The program and its arguments.
+        args: Vec<String>,
+    },
 }
 
 /// A health check attached to a service (`SERVICE_CHECK_*`).
@@ -79,6 +142,27 @@ pub struct Check {
     /// Consul removes the service after it has been critical this long.
     #[serde(default, with = "opt_secs")]
     pub deregister_after: Option<Duration>,
+    /// HTTP method of an HTTP or HTTPS check (`GET` when `None`); an HTTP token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Accept any certificate (HTTPS checks, gRPC checks over TLS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_skip_verify: bool,
+}
+
+impl Check {
+    /// A check of `kind` with every option at its default.
+    pub fn new(kind: CheckKind) -> Self {
+        Check {
+            kind,
+            interval: None,
+            timeout: None,
+            initial_status: None,
+            deregister_after: None,
+            method: None,
+            tls_skip_verify: false,
+        }
+    }
 }
 
 /// Formats a duration the way Consul's API wants it (`10s`, `1500ms`).
@@ -124,6 +208,7 @@ mod tests {
             meta: BTreeMap::new(),
             check: None,
             ttl: None,
+            docker_health: None,
         };
         assert_eq!(s.addr(), "10.0.0.2:80");
         s.address = "fd00::2".into();
@@ -146,13 +231,15 @@ mod tests {
             tags: vec!["a".into()],
             meta: [("k".to_string(), "v".to_string())].into(),
             check: Some(Check {
-                kind: CheckKind::Http("http://10.0.0.2:80/".into()),
                 interval: Some(Duration::from_secs(5)),
-                timeout: None,
-                initial_status: None,
-                deregister_after: None,
+                method: Some("HEAD".into()),
+                ..Check::new(CheckKind::Grpc {
+                    target: "10.0.0.2:80/health".into(),
+                    tls: true,
+                })
             }),
             ttl: Some(Duration::from_secs(30)),
+            docker_health: None,
         };
         let j = serde_json::to_string(&s).unwrap();
         let back: Service = serde_json::from_str(&j).unwrap();

@@ -1,4 +1,5 @@
-//! Registry URIs: `consul://`, `consulkv://` and `etcd://`, as gliderlabs/registrator takes them.
+//! Registry URIs: `consul://`, `consulkv://` and `etcd://` (and their `-tls` and `-unix`
+//! forms), as gliderlabs/registrator takes them.
 //!
 //! Parsed by hand rather than with a URL crate because etcd URIs carry a comma-separated host
 //! list (`etcd://h1:2379,h2:2379/prefix`), which is not a valid URL authority.
@@ -14,11 +15,18 @@ pub struct Endpoint {
     pub port: u16,
     /// Speak HTTPS (`consul-tls://`, `etcds://`).
     pub tls: bool,
+    /// A Unix socket every request goes through instead (`consul-unix://`); `host` is then
+    /// `localhost` and `port` unused.
+    pub socket: Option<String>,
 }
 
 impl Endpoint {
-    /// `http://host:port` (or `https://`), without a trailing slash.
+    /// `http://host:port` (or `https://`), without a trailing slash; `http://localhost` for a
+    /// Unix socket (the HTTP client is bound to the socket, see `StoreSettings::http_client`).
     pub fn base_url(&self) -> String {
+        if self.socket.is_some() {
+            return "http://localhost".into();
+        }
         let scheme = if self.tls { "https" } else { "http" };
         if self.host.contains(':') {
             format!("{scheme}://[{}]:{}", self.host, self.port)
@@ -28,9 +36,13 @@ impl Endpoint {
     }
 }
 
+/// The base URL, or `unix://<path>` for a socket: what log lines and errors name.
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.base_url())
+        match &self.socket {
+            Some(path) => write!(f, "unix://{path}"),
+            None => f.write_str(&self.base_url()),
+        }
     }
 }
 
@@ -68,8 +80,9 @@ pub struct UriError {
     pub reason: String,
 }
 
-const EXPECTED: &str =
-    "expected consul://host:port, consulkv://host:port/prefix or etcd://host:port[,host:port...]/prefix";
+const EXPECTED: &str = "expected consul://host:port, consulkv://host:port/prefix, \
+     etcd://host:port[,host:port...]/prefix, consul-unix:///path/to/socket or \
+     consulkv-unix:///path/to/socket:/prefix";
 
 impl RegistryUri {
     /// Parses a registry URI.
@@ -81,6 +94,13 @@ impl RegistryUri {
         let (scheme, rest) = uri
             .split_once("://")
             .ok_or_else(|| err(format!("missing scheme; {EXPECTED}")))?;
+        if let Some(kv) = match scheme {
+            "consul-unix" => Some(false),
+            "consulkv-unix" => Some(true),
+            _ => None,
+        } {
+            return parse_unix(rest, kv).map_err(err);
+        }
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -126,6 +146,38 @@ impl RegistryUri {
     }
 }
 
+/// `consul-unix:///run/consul.sock` and `consulkv-unix:///run/consul.sock:/prefix` (gliderlabs'
+/// forms: the socket path, then for KV `:` and the prefix). `rest` is what follows `://`.
+fn parse_unix(rest: &str, kv: bool) -> Result<RegistryUri, String> {
+    let (socket, prefix) = match rest.split_once(':') {
+        Some((socket, prefix)) if kv => (socket, prefix.trim_matches('/')),
+        _ => (rest, ""),
+    };
+    if !socket.starts_with('/') || socket.len() < 2 {
+        return Err(format!(
+            "expected an absolute socket path after the scheme (three slashes: \
+             consul-unix:///path/to/consul.sock), got {socket:?}"
+        ));
+    }
+    if rest.contains(['?', '#']) || socket.chars().any(|c| c.is_control()) {
+        return Err("query strings, fragments and control characters are not supported".into());
+    }
+    let endpoint = Endpoint {
+        host: "localhost".into(),
+        port: 0,
+        tls: false,
+        socket: Some(socket.to_string()),
+    };
+    Ok(if kv {
+        RegistryUri::ConsulKv {
+            endpoint,
+            prefix: prefix.to_string(),
+        }
+    } else {
+        RegistryUri::Consul { endpoint }
+    })
+}
+
 fn parse_host_port(s: &str, default_port: u16, tls: bool) -> Result<Endpoint, String> {
     if s.is_empty() {
         return Err(format!("missing host; {EXPECTED}"));
@@ -162,6 +214,7 @@ fn parse_host_port(s: &str, default_port: u16, tls: bool) -> Result<Endpoint, St
         host: host.to_string(),
         port,
         tls,
+        socket: None,
     })
 }
 
@@ -174,6 +227,7 @@ mod tests {
             host: host.into(),
             port,
             tls: false,
+            socket: None,
         }
     }
 
@@ -207,6 +261,26 @@ mod tests {
                 },
             ),
             (
+                "consul-unix:///var/run/consul/consul.sock",
+                RegistryUri::Consul {
+                    endpoint: unix("/var/run/consul/consul.sock"),
+                },
+            ),
+            (
+                "consulkv-unix:///tmp/c.sock:/services/",
+                RegistryUri::ConsulKv {
+                    endpoint: unix("/tmp/c.sock"),
+                    prefix: "services".into(),
+                },
+            ),
+            (
+                "consulkv-unix:///tmp/c.sock",
+                RegistryUri::ConsulKv {
+                    endpoint: unix("/tmp/c.sock"),
+                    prefix: "".into(),
+                },
+            ),
+            (
                 "etcd://[::1]:2379",
                 RegistryUri::Etcd {
                     endpoints: vec![ep("::1", 2379)],
@@ -231,6 +305,11 @@ mod tests {
             ("localhost:8500", "missing scheme"),
             ("etcd://h1:2379,,h2", "missing host"),
             ("consul://a:1,b:2", "one agent"),
+            ("consul-unix://relative.sock", "absolute socket path"),
+            ("consul-unix://", "absolute socket path"),
+            ("consul-unix:///", "absolute socket path"),
+            ("consulkv-unix://:/p", "absolute socket path"),
+            ("consul-unix:///s.sock?x=1", "query strings"),
         ];
         for (input, want) in cases {
             let e = RegistryUri::parse(input).unwrap_err();
@@ -241,8 +320,19 @@ mod tests {
         }
     }
 
+    fn unix(path: &str) -> Endpoint {
+        Endpoint {
+            host: "localhost".into(),
+            port: 0,
+            tls: false,
+            socket: Some(path.into()),
+        }
+    }
+
     #[test]
     fn base_urls() {
+        assert_eq!(unix("/s.sock").base_url(), "http://localhost");
+        assert_eq!(unix("/s.sock").to_string(), "unix:///s.sock");
         assert_eq!(ep("::1", 1).base_url(), "http://[::1]:1");
         let mut e = ep("c", 8500);
         e.tls = true;

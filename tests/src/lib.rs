@@ -541,6 +541,7 @@ impl Backend {
             meta: Default::default(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 }

@@ -26,6 +26,7 @@ fn service(id: &str, name: &str, address: &str, port: u16) -> Service {
         meta: BTreeMap::new(),
         check: None,
         ttl: None,
+        docker_health: None,
     }
 }
 
@@ -940,11 +941,8 @@ async fn consul_health_filter_and_consulkv() {
         .unwrap();
     let mut down = service("down", "web", "127.0.0.1", 2);
     down.check = Some(switchboard::Check {
-        kind: switchboard::CheckKind::Ttl(Duration::from_secs(60)),
-        interval: None,
-        timeout: None,
         initial_status: Some("critical".into()),
-        deregister_after: None,
+        ..switchboard::Check::new(switchboard::CheckKind::Ttl(Duration::from_secs(60)))
     });
     st.register(&down).await.unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -72,6 +72,7 @@ impl Backend {
             meta: BTreeMap::new(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 

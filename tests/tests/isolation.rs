@@ -350,6 +350,7 @@ async fn etcd_hostile_names_stay_inside_the_prefix_and_stall_nothing() {
         meta: Default::default(),
         check: None,
         ttl: None,
+        docker_health: None,
     };
     let store = Store::new(&RegistryUri::parse(&etcd.uri("svc/reg")).unwrap());
     assert!(
@@ -461,6 +462,7 @@ fn web(id: &str, port: u16, version: usize) -> Service {
         meta: Default::default(),
         check: None,
         ttl: None,
+        docker_health: None,
     }
 }
 

@@ -32,16 +32,15 @@ fn service(id: &str, name: &str, port: u16) -> Service {
         meta: BTreeMap::new(),
         check: None,
         ttl: None,
+        docker_health: None,
     }
 }
 
 fn check(kind: CheckKind) -> Check {
     Check {
-        kind,
         interval: Some(Duration::from_secs(1)),
         timeout: Some(Duration::from_secs(1)),
-        initial_status: None,
-        deregister_after: None,
+        ..Check::new(kind)
     }
 }
 

@@ -20,6 +20,7 @@ fn service(id: &str, name: &str, port: u16) -> Service {
         meta: BTreeMap::from([("owner".to_string(), "ops".to_string())]),
         check: None,
         ttl: None,
+        docker_health: None,
     }
 }
 

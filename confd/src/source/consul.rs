@@ -873,6 +873,7 @@ mod tests {
                 meta: Default::default(),
                 check: None,
                 ttl: None,
+                docker_health: None,
             },
             node: "n1".into(),
             status: "passing".into(),

@@ -29,10 +29,6 @@ use tokio::sync::watch;
 pub struct SourceHandle {
     /// Latest snapshot from a healthy source (`None` until the first).
     pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
-    /// Whether every watcher answered since its last error.
-    pub healthy: watch::Receiver<bool>,
-    /// Long polls (blocking queries, watches) open right now.
-    pub long_polls: Arc<AtomicUsize>,
     /// Items (services, instances) left out since start, each counted once.
     pub refused: Arc<AtomicUsize>,
 }
@@ -63,14 +59,14 @@ impl Publisher {
     /// A publisher and the handle reading from it.
     pub fn new() -> (Publisher, SourceHandle) {
         let (snap, snap_rx) = watch::channel(None);
-        let (healthy, healthy_rx) = watch::channel(false);
+        let (healthy, _) = watch::channel(false);
         let long_polls = Arc::new(AtomicUsize::new(0));
         let refused = Arc::new(AtomicUsize::new(0));
         (
             Publisher {
                 snap: Arc::new(snap),
                 healthy: Arc::new(healthy),
-                long_polls: long_polls.clone(),
+                long_polls,
                 refusals: Arc::new(Refusals {
                     seen: Mutex::new(HashSet::new()),
                     count: refused.clone(),
@@ -78,8 +74,6 @@ impl Publisher {
             },
             SourceHandle {
                 snapshots: snap_rx,
-                healthy: healthy_rx,
-                long_polls,
                 refused,
             },
         )

@@ -5,7 +5,9 @@
 //! payloads and read answers. Payload building and answer decoding are pure functions so they
 //! can be unit-tested without an agent.
 
-use super::{transport_error, ttl_check_id, SettingsError, StoreError, StoreSettings};
+use super::{
+    docker_health_check_id, transport_error, ttl_check_id, SettingsError, StoreError, StoreSettings,
+};
 use crate::{consul_duration, Check, CheckKind, Endpoint, Service};
 use base64::Engine;
 use reqwest::header::HeaderValue;
@@ -22,6 +24,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of a service check that does not set one (gliderlabs sends the same).
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// TTL of the check that follows a container's Docker health. Consul lets an outside process
+/// set the status of TTL checks only; the registrator sets it at every health change and
+/// never refreshes it, so the TTL is long enough never to expire in between (a year).
+const DOCKER_HEALTH_TTL: &str = "8760h";
 /// Consul reaps critical services at most about once a minute; asking for less is pointless.
 const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 /// Consul's limits on service metadata (`structs.ValidateServiceMetadata`).
@@ -123,7 +129,8 @@ impl ConsulClient {
             });
         Ok(ConsulClient {
             http,
-            base: endpoint.base_url(),
+            // Named in errors: `unix:///path` for a socket.
+            base: endpoint.to_string(),
             request_base: settings.request_base(endpoint),
             token,
         })
@@ -140,7 +147,10 @@ impl ConsulClient {
         self.ok(reply).map(|_| ())
     }
 
-    /// `PUT /v1/agent/service/register` with the service and its checks.
+    /// `PUT /v1/agent/service/register` with the service and its checks, then, for a
+    /// container with a Docker HEALTHCHECK, `PUT /v1/agent/check/update/<id>` with its status:
+    /// Consul keeps a registered check's status when the service is registered again, so the
+    /// status in the registration only counts the first time.
     ///
     /// Metadata Consul would reject is dropped (with a warning) rather than failing the whole
     /// registration: container labels are untrusted and one bad key must not hide a service.
@@ -149,7 +159,21 @@ impl ConsulClient {
         let reply = self
             .send(Method::PUT, "/v1/agent/service/register", None, Some(body))
             .await?;
-        self.ok(reply).map(|_| ())
+        self.ok(reply)?;
+        if let Some(health) = svc.docker_health {
+            let path = format!(
+                "/v1/agent/check/update/{}",
+                encode_segment(&docker_health_check_id(&svc.id))
+            );
+            let body = json!({
+                "Status": health.consul_status(),
+                "Output": format!("Docker health: {}", health.as_str()),
+            });
+            let body = serde_json::to_vec(&body).expect("JSON of a Value");
+            let reply = self.send(Method::PUT, &path, None, Some(body)).await?;
+            self.ok(reply)?;
+        }
+        Ok(())
     }
 
     /// `PUT /v1/agent/service/deregister/<id>`; an unknown ID is not an error.
@@ -473,6 +497,15 @@ fn register_payload(svc: &Service) -> Value {
             "DeregisterCriticalServiceAfter": consul_duration(MIN_DEREGISTER_AFTER.max(ttl * 3)),
         }));
     }
+    if let Some(health) = svc.docker_health {
+        checks.push(json!({
+            "CheckID": docker_health_check_id(&svc.id),
+            "Name": "Docker health",
+            "Notes": "the container's Docker HEALTHCHECK status, set by registrator",
+            "TTL": DOCKER_HEALTH_TTL,
+            "Status": health.consul_status(),
+        }));
+    }
     json!({
         "ID": svc.id,
         "Name": svc.name,
@@ -491,10 +524,28 @@ fn check_json(check: &Check) -> Value {
     match &check.kind {
         CheckKind::Http(url) => {
             c.insert("HTTP".into(), url.as_str().into());
+            if let Some(m) = &check.method {
+                c.insert("Method".into(), m.as_str().into());
+            }
         }
         CheckKind::Https(url) => {
             c.insert("HTTP".into(), url.as_str().into());
-            c.insert("TLSSkipVerify".into(), false.into());
+            c.insert("TLSSkipVerify".into(), check.tls_skip_verify.into());
+            if let Some(m) = &check.method {
+                c.insert("Method".into(), m.as_str().into());
+            }
+        }
+        CheckKind::Grpc { target, tls } => {
+            c.insert("GRPC".into(), target.as_str().into());
+            c.insert("GRPCUseTLS".into(), (*tls).into());
+            if *tls {
+                c.insert("TLSSkipVerify".into(), check.tls_skip_verify.into());
+            }
+        }
+        // Run by the agent inside the container with `docker exec`, as an argv (no shell).
+        CheckKind::Docker { container, args } => {
+            c.insert("DockerContainerID".into(), container.as_str().into());
+            c.insert("Args".into(), json!(args));
         }
         CheckKind::Tcp(addr) => {
             c.insert("TCP".into(), addr.as_str().into());
@@ -634,6 +685,7 @@ impl ApiService {
             meta: self.meta.unwrap_or_default(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 }
@@ -698,17 +750,12 @@ mod tests {
             meta: [("version".to_string(), "1".to_string())].into(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 
     fn check(kind: CheckKind) -> Check {
-        Check {
-            kind,
-            interval: None,
-            timeout: None,
-            initial_status: None,
-            deregister_after: None,
-        }
+        Check::new(kind)
     }
 
     #[test]
@@ -746,6 +793,22 @@ mod tests {
     }
 
     #[test]
+    fn payload_with_docker_health() {
+        let mut s = svc();
+        s.docker_health = Some(crate::DockerHealth::Unhealthy);
+        let p = register_payload(&s);
+        assert_eq!(p["Checks"].as_array().unwrap().len(), 1, "{p}");
+        let c = &p["Checks"][0];
+        assert_eq!(c["CheckID"], "service:host:web:80:docker-health");
+        assert_eq!(c["TTL"], "8760h");
+        assert_eq!(c["Status"], "critical");
+        s.docker_health = Some(crate::DockerHealth::Healthy);
+        assert_eq!(register_payload(&s)["Checks"][0]["Status"], "passing");
+        s.docker_health = Some(crate::DockerHealth::Starting);
+        assert_eq!(register_payload(&s)["Checks"][0]["Status"], "critical");
+    }
+
+    #[test]
     fn ttl_check_reaps_no_sooner_than_a_minute() {
         let mut s = svc();
         s.ttl = Some(Duration::from_secs(2));
@@ -776,6 +839,49 @@ mod tests {
         ];
         for (kind, want) in table {
             assert_eq!(check_json(&check(kind.clone())), want, "{kind:?}");
+        }
+        // Options: a method on HTTP(S), skipping verification on HTTPS and gRPC over TLS.
+        let with = |kind: CheckKind| Check {
+            method: Some("HEAD".into()),
+            tls_skip_verify: true,
+            ..check(kind)
+        };
+        let table = [
+            (
+                CheckKind::Http("http://h/".into()),
+                json!({"HTTP": "http://h/", "Method": "HEAD", "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Https("https://h/".into()),
+                json!({"HTTP": "https://h/", "Method": "HEAD", "TLSSkipVerify": true,
+                       "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Grpc {
+                    target: "10.0.0.2:50051/pkg.Svc".into(),
+                    tls: true,
+                },
+                json!({"GRPC": "10.0.0.2:50051/pkg.Svc", "GRPCUseTLS": true,
+                       "TLSSkipVerify": true, "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Grpc {
+                    target: "10.0.0.2:50051".into(),
+                    tls: false,
+                },
+                json!({"GRPC": "10.0.0.2:50051", "GRPCUseTLS": false, "Interval": "10s"}),
+            ),
+            (
+                CheckKind::Docker {
+                    container: "abc123".into(),
+                    args: vec!["test".into(), "-f".into(), "/tmp/ok; rm".into()],
+                },
+                json!({"DockerContainerID": "abc123", "Args": ["test", "-f", "/tmp/ok; rm"],
+                       "Interval": "10s"}),
+            ),
+        ];
+        for (kind, want) in table {
+            assert_eq!(check_json(&with(kind.clone())), want, "{kind:?}");
         }
     }
 

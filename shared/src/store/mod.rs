@@ -477,6 +477,12 @@ pub fn ttl_check_id(service_id: &str) -> String {
     format!("service:{service_id}:ttl")
 }
 
+/// ID of the check whose status follows the container's Docker HEALTHCHECK
+/// ([`Service::docker_health`]).
+pub fn docker_health_check_id(service_id: &str) -> String {
+    format!("service:{service_id}:docker-health")
+}
+
 /// Consul KV key of a service: `<prefix>/<name>/<id>` (gliderlabs' layout).
 fn consulkv_key(prefix: &str, svc: &Service) -> String {
     if prefix.is_empty() {
@@ -505,6 +511,7 @@ pub fn consulkv_entry(rel_key: &str, value: &[u8]) -> Option<Service> {
         meta: Default::default(),
         check: None,
         ttl: None,
+        docker_health: None,
     })
 }
 
@@ -565,6 +572,7 @@ impl From<EtcdValue> for Service {
             meta: v.meta,
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 }
@@ -583,6 +591,7 @@ mod tests {
             meta: Default::default(),
             check: None,
             ttl: None,
+            docker_health: None,
         }
     }
 
@@ -593,6 +602,10 @@ mod tests {
         assert_eq!(etcd_key("services", &svc()), "/services/web/host:web:80");
         assert_eq!(etcd_key("", &svc()), "/web/host:web:80");
         assert_eq!(ttl_check_id("a:b:80"), "service:a:b:80:ttl");
+        assert_eq!(
+            docker_health_check_id("a:b:80"),
+            "service:a:b:80:docker-health"
+        );
     }
 
     fn status(status: u16, body: &str) -> StoreError {

@@ -222,6 +222,11 @@ impl StoreSettings {
     ) -> Result<reqwest::Client, SettingsError> {
         let tls = &self.tls;
         let mut b = configure(reqwest::Client::builder());
+        // `consul-unix://`: every request goes through the socket (one endpoint: Consul URIs
+        // name one agent).
+        if let Some(socket) = endpoints.iter().find_map(|e| e.socket.as_deref()) {
+            b = b.unix_socket(std::path::PathBuf::from(socket));
+        }
         let mut cas = Vec::new();
         if let Some(f) = &tls.ca_file {
             cas.extend(read_cas(f, "CA file")?);

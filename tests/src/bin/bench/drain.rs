@@ -413,6 +413,7 @@ fn churn_instance(service: &str, k: usize) -> Service {
         meta: BTreeMap::new(),
         check: None,
         ttl: None,
+        docker_health: None,
     }
 }
 

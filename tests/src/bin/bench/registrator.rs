@@ -63,6 +63,7 @@ async fn watch_etcd(port: u16, prefix: String) -> Seen {
         host: "127.0.0.1".into(),
         port,
         tls: false,
+        socket: None,
     }]);
     let mut stream = client.watch_prefix(&prefix, 0).await.expect("etcd watch");
     let s2 = seen.clone();

@@ -44,6 +44,7 @@ pub fn service(i: usize, n: usize) -> Service {
         name,
         check: None,
         ttl: None,
+        docker_health: None,
     }
 }
 
