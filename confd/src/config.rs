@@ -10,6 +10,7 @@ use crate::duration;
 use crate::live::LiveChannel;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use switchboard::store::{Credentials, StoreSettings, TlsSettings};
@@ -241,6 +242,9 @@ struct FileConfig {
     ignore_services: Vec<String>,
     #[serde(default = "default_once_timeout", with = "duration::serde_text")]
     once_timeout: Duration,
+    /// Where `/metrics` and `/healthz` are served (`--metrics-addr` wins).
+    #[serde(default, deserialize_with = "listen_addr")]
+    metrics_addr: Option<SocketAddr>,
     /// TLS material for the store; each key set here wins over its environment variable.
     #[serde(default)]
     tls: Option<TlsSettings>,
@@ -334,6 +338,8 @@ pub struct Config {
     pub ignore_services: Vec<String>,
     /// `--once`: how long to wait for the first healthy snapshot.
     pub once_timeout: Duration,
+    /// `metrics_addr:`: where `/metrics` and `/healthz` are served (`None`: nowhere).
+    pub metrics_addr: Option<SocketAddr>,
     /// TLS material and credentials for the store (YAML keys over the environment).
     pub store: StoreSettings,
 }
@@ -482,7 +488,16 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         max_long_polls: file.max_long_polls.max(2),
         ignore_services: file.ignore_services,
         once_timeout: file.once_timeout,
+        metrics_addr: file.metrics_addr,
     })
+}
+
+/// `metrics_addr: HOST:PORT`, refused at its line when it is not one.
+fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    switchboard::telemetry::parse_listen_addr("metrics_addr", &s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// The store settings: the YAML keys that are set, the environment for the rest.

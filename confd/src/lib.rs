@@ -12,6 +12,7 @@ pub mod config;
 pub mod duration;
 pub mod helpers;
 pub mod live;
+pub mod metrics;
 pub mod model;
 pub mod render;
 pub mod runner;

@@ -8,6 +8,7 @@
 use crate::config::{Config, Deregister};
 use clap::Parser;
 use std::time::Duration;
+use switchboard::telemetry::{parse_listen_addr, LogFormat};
 use switchboard::RegistryUri;
 
 /// Flags that are switches: `-x` or `-x=<bool>`, never a separate value.
@@ -34,6 +35,9 @@ const VALUE_FLAGS: &[&str] = &[
     "useIpFromLabel",
     "verify-interval",
     "hostname",
+    "metrics-addr",
+    "log-format",
+    "healthcheck",
 ];
 
 const URI_EXPECTED: &str =
@@ -125,6 +129,17 @@ struct Cli {
         hide = true
     )]
     verify_interval: f64,
+    /// Serve GET /metrics (Prometheus) and GET /healthz on this address (not in gliderlabs;
+    /// default: off).
+    #[arg(long = "metrics-addr", value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+    /// Log format on stderr: text or json (one JSON object per line).
+    #[arg(long = "log-format", value_name = "FORMAT", default_value = "text")]
+    log_format: String,
+    /// Ask a running registrator's /healthz at URL and exit 0 if healthy, 1 if not (for
+    /// container healthchecks); nothing else runs.
+    #[arg(long, value_name = "URL")]
+    healthcheck: Option<String>,
     /// Registry URI: consul://host:port, consulkv://host:port/prefix or etcd://host:port/prefix.
     #[arg(value_name = "URI")]
     uri: Vec<String>,
@@ -198,6 +213,15 @@ pub fn normalise<I: IntoIterator<Item = String>>(argv: I) -> Vec<String> {
         }
     }
     out
+}
+
+/// The URL of `--healthcheck URL`, when the command line asks for a health probe instead of
+/// a run.
+pub fn healthcheck_url<I: IntoIterator<Item = String>>(argv: I) -> Option<String> {
+    normalise(argv)
+        .into_iter()
+        .rev()
+        .find_map(|a| a.strip_prefix("--healthcheck=").map(String::from))
 }
 
 /// Parses `argv` (program name first) into a [`Config`].
@@ -295,8 +319,15 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
             )))
         }
     };
+    let metrics_addr = match &cli.metrics_addr {
+        Some(a) => Some(parse_listen_addr("--metrics-addr", a).map_err(CliExit::usage)?),
+        None => None,
+    };
+    let log_format = LogFormat::parse(&cli.log_format).map_err(CliExit::usage)?;
     Ok(Config {
         uri,
+        metrics_addr,
+        log_format,
         ip: cli.ip,
         internal: cli.internal,
         explicit: cli.explicit,

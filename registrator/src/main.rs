@@ -1,10 +1,12 @@
 //! The `registrator` binary: arguments, logging and signals; the work is `registrator::run`.
 
-use std::io::IsTerminal;
 use switchboard::Shutdown;
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() {
+    if let Some(url) = registrator::healthcheck_url(std::env::args()) {
+        std::process::exit(healthcheck(&url));
+    }
     let hostname = match registrator::hostname() {
         Ok(h) => h,
         Err(e) => {
@@ -23,14 +25,7 @@ fn main() {
             std::process::exit(exit.code);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    switchboard::telemetry::init_logging(config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -46,6 +41,27 @@ fn main() {
     if let Err(e) = result {
         eprintln!("registrator: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// `--healthcheck URL`: 0 when the registrator there is healthy, else 1 with the reason.
+fn healthcheck(url: &str) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("registrator: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(switchboard::telemetry::probe(url)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("registrator: unhealthy: {e}");
+            1
+        }
     }
 }
 

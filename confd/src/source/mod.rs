@@ -148,6 +148,7 @@ impl Publisher {
             }
         });
         if changed {
+            crate::metrics::snapshot(services, instances);
             tracing::info!(
                 services,
                 instances,

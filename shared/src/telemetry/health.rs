@@ -147,7 +147,10 @@ mod tests {
         // Failing again keeps the start: the grace is not extended.
         h.fail_at("source", "still reconnecting", grace, secs(1));
         assert_eq!(h.status_at(secs(1)), Ok(()));
-        assert_eq!(h.status_at(secs(2)), Err("source: still reconnecting".into()));
+        assert_eq!(
+            h.status_at(secs(2)),
+            Err("source: still reconnecting".into())
+        );
         h.ok("source");
         h.fail_at("source", "again", grace, secs(3));
         assert_eq!(h.status_at(secs(4)), Ok(()));

@@ -36,9 +36,7 @@ pub fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         // Flattened, so `message` and `level` are top-level keys as shippers expect; no span
         // context (we log no spans), and never ANSI colours inside JSON strings.
         LogFormat::Json => builder
@@ -60,6 +58,9 @@ mod tests {
         assert_eq!(LogFormat::parse("json"), Ok(LogFormat::Json));
         assert_eq!(LogFormat::parse("text"), Ok(LogFormat::Text));
         let e = LogFormat::parse("yaml").unwrap_err();
-        assert!(e.contains("--log-format") && e.contains("text or json"), "{e}");
+        assert!(
+            e.contains("--log-format") && e.contains("text or json"),
+            "{e}"
+        );
     }
 }

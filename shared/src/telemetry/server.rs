@@ -32,7 +32,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Parses `--metrics-addr`'s `HOST:PORT` (`127.0.0.1:9100`, `[::1]:9100`, `0.0.0.0:9100`,
 /// `localhost:9100`). `flag` names the option in the error, which is one line.
 pub fn parse_listen_addr(flag: &str, value: &str) -> Result<SocketAddr, String> {
-    let bad = || format!("invalid value {value:?} for {flag}: expected HOST:PORT, e.g. 127.0.0.1:9100");
+    let bad =
+        || format!("invalid value {value:?} for {flag}: expected HOST:PORT, e.g. 127.0.0.1:9100");
     if let Ok(a) = value.parse::<SocketAddr>() {
         return Ok(a);
     }
@@ -120,7 +121,11 @@ impl TelemetryServer {
 /// The answer to one request (pure apart from reading the metrics and conditions).
 fn answer<B>(req: &Request<B>, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "expected GET\n".into());
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "expected GET\n".into(),
+        );
     }
     match req.uri().path() {
         "/metrics" => {
@@ -179,7 +184,11 @@ pub async fn probe(url: &str) -> Result<(), String> {
         return Ok(());
     }
     let why = body.lines().next().unwrap_or_default();
-    Err(format!("{url} answered {}: {}", status.as_u16(), crate::excerpt(why)))
+    Err(format!(
+        "{url} answered {}: {}",
+        status.as_u16(),
+        crate::excerpt(why)
+    ))
 }
 
 #[cfg(test)]
@@ -193,17 +202,32 @@ mod tests {
         assert_eq!(ok("0.0.0.0:0"), "0.0.0.0:0");
         assert_eq!(ok("[::1]:9100"), "[::1]:9100");
         assert!(ok("localhost:9100").ends_with(":9100"));
-        for bad in ["", "9100", ":9100", "127.0.0.1", "127.0.0.1:", "127.0.0.1:99999", "a b:1", "http://x:1"] {
+        for bad in [
+            "",
+            "9100",
+            ":9100",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:99999",
+            "a b:1",
+            "http://x:1",
+        ] {
             let e = parse_listen_addr("--metrics-addr", bad).unwrap_err();
             assert!(
-                e.contains("--metrics-addr") && e.contains("expected HOST:PORT") && !e.contains('\n'),
+                e.contains("--metrics-addr")
+                    && e.contains("expected HOST:PORT")
+                    && !e.contains('\n'),
                 "{bad:?}: {e}"
             );
         }
     }
 
     fn get(path: &str, method: Method) -> Request<()> {
-        Request::builder().method(method).uri(path).body(()).unwrap()
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .unwrap()
     }
 
     fn body(r: Response<Full<Bytes>>) -> (StatusCode, String, String) {
@@ -226,14 +250,20 @@ mod tests {
         let health = Health::new();
         let (s, ct, b) = body(answer(&get("/metrics", Method::GET), &registry, &health));
         assert_eq!((s, ct.as_str()), (StatusCode::OK, OPENMETRICS));
-        assert!(b.contains("things_total 1\n") && b.ends_with("# EOF\n"), "{b}");
+        assert!(
+            b.contains("things_total 1\n") && b.ends_with("# EOF\n"),
+            "{b}"
+        );
         let (s, _, b) = body(answer(&get("/healthz", Method::GET), &registry, &health));
         assert_eq!((s, b.as_str()), (StatusCode::OK, "ok\n"));
         health.fail("store", "connection refused");
         let (s, _, b) = body(answer(&get("/healthz", Method::GET), &registry, &health));
         assert_eq!(
             (s, b.as_str()),
-            (StatusCode::SERVICE_UNAVAILABLE, "store: connection refused\n")
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store: connection refused\n"
+            )
         );
         let (s, _, _) = body(answer(&get("/other", Method::GET), &registry, &health));
         assert_eq!(s, StatusCode::NOT_FOUND);
