@@ -183,12 +183,15 @@ pub async fn probe(url: &str) -> Result<(), String> {
     if status.is_success() {
         return Ok(());
     }
-    let why = body.lines().next().unwrap_or_default();
-    Err(format!(
-        "{url} answered {}: {}",
-        status.as_u16(),
-        crate::excerpt(why)
-    ))
+    // The server bounds its reasons; this bounds what another server might send.
+    let why: String = body
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(1000)
+        .collect();
+    Err(format!("{url} answered {}: {why}", status.as_u16()))
 }
 
 #[cfg(test)]
