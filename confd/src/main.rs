@@ -99,7 +99,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let metrics_addr = flag_addr.or(cfg.metrics_addr);
+    // One-shot runs serve nothing: they end at once, and a daemon reading the same config file
+    // (`confd --dry-run` beside it, the image's first `--once` render) holds the address.
+    let metrics_addr = flag_addr
+        .or(cfg.metrics_addr)
+        .filter(|_| !(args.once || args.dry_run));
     let opts = RunOptions {
         once: args.once,
         dry_run: args.dry_run,
