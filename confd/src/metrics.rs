@@ -204,7 +204,7 @@ impl Collector for SinceLastSuccess {
             .collect();
         let mut m = encoder.encode_descriptor(
             "seconds_since_last_successful_render",
-            "Seconds since the template last rendered without a failure (grows while nothing changes)",
+            "Seconds since the template last rendered without a failure (grows while nothing changes).",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
@@ -267,9 +267,26 @@ pub async fn follow_source(
     }
 }
 
-/// A new run (start or SIGHUP) forgets the templates of the last one.
-pub fn new_run() {
+/// A new run (start or SIGHUP) forgets the health of the last one's templates, and shows
+/// every counter of the new ones from 0, so a rate or an alert on failures has a series
+/// before the first failure.
+pub fn new_run(templates: &[TemplateConfig]) {
     health().clear_prefix(TEMPLATE);
+    let m = metrics();
+    for t in templates {
+        let l = Tpl::of(t);
+        for family in [
+            &m.renders,
+            &m.render_failures,
+            &m.check_failures,
+            &m.reloads,
+            &m.reload_failures,
+            &m.live_updates,
+            &m.live_update_failures,
+        ] {
+            drop(family.get_or_create(&l));
+        }
+    }
 }
 
 /// What a pass did to template `t` (only templates the pass took: due or owed a reload).

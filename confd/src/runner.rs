@@ -136,7 +136,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
     let _stop_sources = src_shutdown.clone().drop_guard();
     let mut source = source::spawn(&cfg, src_shutdown.clone())?;
     let mut renderer = Renderer::default();
-    metrics::new_run();
+    metrics::new_run(&cfg.templates);
     tokio::spawn(metrics::follow_source(
         source.healthy.clone(),
         cfg.backend.primary().base_url(),

@@ -152,6 +152,10 @@ pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(|| {
         "1 while the store answers, else 0",
         m.store_up.clone(),
     );
+    for op in ["ping", "list", "register", "deregister", "refresh"] {
+        // Every series from 0, so alerts on errors have one before the first error.
+        drop(metrics.store_errors.get_or_create(&Op { op }));
+    }
     let health = Health::new();
     // Until each has answered once, the registrator is not doing its job.
     health.fail(STORE, "not reached yet");
