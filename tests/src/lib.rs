@@ -1139,3 +1139,98 @@ pub async fn wait_health(p: &Process, addr: &str, status: u16, timeout: Duration
         ),
     }
 }
+
+/// A TCP front for the Docker socket whose connections can be cut (all dropped, new ones
+/// refused) and restored: an engine outage as the registrator sees it, without touching the
+/// engine other tests share.
+pub struct DockerProxy {
+    port: u16,
+    state: std::sync::Arc<std::sync::Mutex<tokio_util_free::Token>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+mod tokio_util_free {
+    //! A tiny cancellation token (the tests crate does not depend on tokio-util).
+    use tokio::sync::watch;
+
+    /// Fires once; clones share it.
+    #[derive(Clone)]
+    pub struct Token(watch::Sender<bool>);
+
+    impl Default for Token {
+        fn default() -> Token {
+            Token::new()
+        }
+    }
+
+    impl Token {
+        pub fn new() -> Token {
+            Token(watch::channel(false).0)
+        }
+        pub fn cancel(&self) {
+            self.0.send_replace(true);
+        }
+        pub fn is_cancelled(&self) -> bool {
+            *self.0.borrow()
+        }
+        pub async fn cancelled(&self) {
+            let mut rx = self.0.subscribe();
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+}
+
+impl DockerProxy {
+    /// Starts the front, passing connections through.
+    pub async fn start() -> DockerProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(std::sync::Mutex::new(tokio_util_free::Token::new()));
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let token = st.lock().unwrap().clone();
+                if token.is_cancelled() {
+                    drop(tcp);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut unix) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        DockerProxy { port, state, task }
+    }
+
+    /// `DOCKER_HOST` for a client going through it.
+    pub fn docker_host(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.state.lock().unwrap().cancel();
+    }
+
+    /// Passes connections through again.
+    pub fn restore(&self) {
+        *self.state.lock().unwrap() = tokio_util_free::Token::new();
+    }
+}
+
+impl Drop for DockerProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

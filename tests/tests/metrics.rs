@@ -370,3 +370,31 @@ async fn confd_metrics_health_and_json_logs() {
         confd.output()
     );
 }
+
+#[tokio::test]
+async fn registrator_health_follows_the_docker_event_stream() {
+    let consul = Consul::start().await;
+    let proxy = DockerProxy::start().await;
+    let addr = loopback();
+    let reg = Process::spawn(
+        &bin("registrator"),
+        &["-ip", "127.0.0.1", "--metrics-addr", &addr, &consul.uri()],
+        &[("DOCKER_HOST", &proxy.docker_host())],
+    );
+    wait_health(&reg, &addr, 200, WAIT).await;
+    assert_eq!(scrape(&addr).await.sum("registrator_docker_up"), 1.0);
+
+    let cut = std::time::Instant::now();
+    proxy.cut();
+    let why = wait_health(&reg, &addr, 503, WAIT).await;
+    eprintln!(
+        "registrator: /healthz 503 {:?} after Docker was cut off",
+        cut.elapsed()
+    );
+    assert!(why.starts_with("docker: event stream down"), "{why:?}");
+    assert_eq!(scrape(&addr).await.sum("registrator_docker_up"), 0.0);
+
+    proxy.restore();
+    wait_health(&reg, &addr, 200, WAIT).await;
+    assert_eq!(scrape(&addr).await.sum("registrator_docker_up"), 1.0);
+}
