@@ -1,5 +1,6 @@
 //! The `registrator` binary: arguments, logging and signals; the work is `registrator::run`.
 
+use switchboard::telemetry::LogFormat;
 use switchboard::Shutdown;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -25,7 +26,8 @@ fn main() {
             std::process::exit(exit.code);
         }
     };
-    switchboard::telemetry::init_logging(config.log_format);
+    let log_format = config.log_format;
+    switchboard::telemetry::init_logging(log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -39,7 +41,11 @@ fn main() {
         registrator::run(config, shutdown).await
     });
     if let Err(e) = result {
-        eprintln!("registrator: {e:#}");
+        // With JSON logs a shipper reads stderr line by line: the last line is JSON too.
+        match log_format {
+            LogFormat::Json => tracing::error!("{e:#}"),
+            LogFormat::Text => eprintln!("registrator: {e:#}"),
+        }
         std::process::exit(1);
     }
 }

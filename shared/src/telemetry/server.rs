@@ -177,7 +177,7 @@ pub async fn probe(url: &str) -> Result<(), String> {
         .get(parsed)
         .send()
         .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+        .map_err(|e| format!("cannot reach {url}: {}", chain(&e)))?;
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
     if status.is_success() {
@@ -192,6 +192,18 @@ pub async fn probe(url: &str) -> Result<(), String> {
         .take(1000)
         .collect();
     Err(format!("{url} answered {}: {why}", status.as_u16()))
+}
+
+/// An error and its causes on one line (reqwest's own message leaves out why).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 #[cfg(test)]
