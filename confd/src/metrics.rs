@@ -350,3 +350,35 @@ pub fn live(t: &TemplateConfig, ok: bool) {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_outcomes_set_health_and_the_age_of_the_last_success() {
+        let t = TemplateConfig::parse_flag("/unit/metrics-a.hbs:/unit/metrics-a").unwrap();
+        let name = "template /unit/metrics-a.hbs -> /unit/metrics-a";
+        outcome(&t, &Outcome::Failed("check failed: nope".into()));
+        let why = health().status().unwrap_err();
+        assert!(
+            why.contains(&format!("{name}: check failed: nope")),
+            "{why}"
+        );
+        outcome(&t, &Outcome::Updated);
+        assert!(!health().status().err().unwrap_or_default().contains(name));
+        outcome(&t, &Outcome::ReloadFailed("reload failed: x".into()));
+        assert!(health().status().unwrap_err().contains(name));
+        new_run(&[]);
+        assert!(!health().status().err().unwrap_or_default().contains(name));
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &TELEMETRY.registry).unwrap();
+        assert!(
+            text.contains(
+                "confd_seconds_since_last_successful_render{template=\"/unit/metrics-a\"} "
+            ),
+            "{text}"
+        );
+    }
+}

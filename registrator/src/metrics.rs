@@ -221,19 +221,24 @@ pub fn docker_failed(why: &dyn std::fmt::Display) {
 
 /// A Docker event arrived (`action` as Docker sends it, e.g. `health_status: healthy`).
 pub fn docker_event(action: &str, known: &[&'static str]) {
-    // Labelled only by the subscribed actions, so the series stay few whatever Docker sends.
-    let base = action.split(':').next().unwrap_or_default().trim();
-    let label = known
-        .iter()
-        .copied()
-        .find(|a| *a == base)
-        .unwrap_or("other");
+    let label = action_label(action, known);
     metrics()
         .docker_events
         .get_or_create(&Action { action: label })
         .inc();
     let mut u = lock(&metrics().unpublished_event);
     u.get_or_insert_with(Instant::now);
+}
+
+/// The label of a Docker action: one of the subscribed actions, else `other`, so the series
+/// stay few whatever Docker sends (`health_status: healthy` is `health_status`).
+fn action_label(action: &str, known: &[&'static str]) -> &'static str {
+    let base = action.split(':').next().unwrap_or_default().trim();
+    known
+        .iter()
+        .copied()
+        .find(|a| *a == base)
+        .unwrap_or("other")
 }
 
 /// The Docker side published its desired set; `changed` whether it differed. The events
@@ -260,4 +265,39 @@ pub fn written() {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_actions_map_to_few_labels() {
+        let known = &["start", "die", "health_status"];
+        for (action, want) in [
+            ("start", "start"),
+            ("health_status: healthy", "health_status"),
+            ("health_status: unhealthy", "health_status"),
+            ("exec_start: sh -c x", "other"),
+            ("", "other"),
+            ("startx", "other"),
+        ] {
+            assert_eq!(action_label(action, known), want, "{action:?}");
+        }
+    }
+
+    #[test]
+    fn the_registry_encodes_every_family() {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &TELEMETRY.registry).unwrap();
+        for name in [
+            "registrator_services ",
+            "registrator_registrations_total ",
+            "registrator_docker_up ",
+            "registrator_store_request_errors_total{op=\"register\"} 0",
+            "registrator_store_up ",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+    }
 }
