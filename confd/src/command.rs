@@ -22,6 +22,9 @@ pub enum CommandSpec {
     /// Run directly; `{{staged}}` is replaced by the path inside each argument (no shell, so
     /// no quoting is needed).
     Argv(Vec<String>),
+    /// Not a command: this signal to the process confd supervises (`exec`), for templates
+    /// without a reload command of their own. Never read from a config file as such.
+    Signal(crate::exec::Signal),
 }
 
 impl fmt::Display for CommandSpec {
@@ -29,6 +32,7 @@ impl fmt::Display for CommandSpec {
         match self {
             CommandSpec::Shell(s) => f.write_str(s),
             CommandSpec::Argv(a) => write!(f, "{a:?}"),
+            CommandSpec::Signal(s) => write!(f, "{s} to the supervised process"),
         }
     }
 }
@@ -94,7 +98,14 @@ pub fn argv(spec: &CommandSpec, staged: Option<&Path>) -> Vec<String> {
             }
             out
         }
+        CommandSpec::Signal(_) => Vec::new(),
     }
+}
+
+/// Whether a reload that just succeeded had nothing to reload: a signal for the supervised
+/// proxy (`exec`) while it is not running.
+pub fn reloaded_nothing(spec: &CommandSpec) -> bool {
+    matches!(spec, CommandSpec::Signal(_)) && !crate::exec::running()
 }
 
 /// Why a command did not succeed; displays as one line with the command's output.
@@ -139,6 +150,14 @@ pub async fn run(
     staged: Option<&Path>,
     timeout: Duration,
 ) -> Result<String, CommandError> {
+    if let CommandSpec::Signal(sig) = spec {
+        return crate::exec::reload(*sig)
+            .await
+            .map_err(|reason| CommandError::Spawn {
+                cmd: spec.to_string(),
+                reason,
+            });
+    }
     let args = argv(spec, staged);
     let cmd = spec.to_string();
     let mut c = tokio::process::Command::new(&args[0]);

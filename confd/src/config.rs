@@ -7,6 +7,7 @@
 
 use crate::command::CommandSpec;
 use crate::duration;
+use crate::exec::{ExecCommand, ExecConfig, Signal};
 use crate::live::LiveChannel;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
@@ -260,6 +261,9 @@ struct FileConfig {
     /// etcd password (over `ETCDCTL_PASSWORD`).
     #[serde(default)]
     password: Option<String>,
+    /// The proxy confd supervises (`--exec`).
+    #[serde(default)]
+    exec: Option<ExecConfig>,
 }
 
 impl Default for FileConfig {
@@ -313,6 +317,10 @@ pub struct Overrides {
     pub consul_http_addr: Option<String>,
     /// `ETCDCTL_ENDPOINTS`.
     pub etcdctl_endpoints: Option<String>,
+    /// `--exec`: the command confd supervises, over the file's `exec.command`.
+    pub exec: Option<String>,
+    /// `--exec-reload-signal`, over the file's `exec.reload_signal`.
+    pub exec_reload_signal: Option<String>,
 }
 
 /// The complete, validated configuration a run uses.
@@ -342,6 +350,9 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// TLS material and credentials for the store (YAML keys over the environment).
     pub store: StoreSettings,
+    /// The proxy confd supervises, if any. Templates without a reload command then reload
+    /// it with its `reload_signal` (set as their `reload` by [`Config::load`]).
+    pub exec: Option<ExecConfig>,
 }
 
 impl Config {
@@ -468,6 +479,12 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     for t in &mut templates {
         t.wait.get_or_insert(wait);
     }
+    let exec = exec_config(file.exec, o)?;
+    if let Some(x) = &exec {
+        for t in &mut templates {
+            t.reload.get_or_insert(CommandSpec::Signal(x.reload_signal));
+        }
+    }
     let mut vars = file.vars;
     for v in &o.vars {
         let (k, val) = v
@@ -489,7 +506,37 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         ignore_services: file.ignore_services,
         once_timeout: file.once_timeout,
         metrics_addr: file.metrics_addr,
+        exec,
     })
+}
+
+/// `--exec` and `--exec-reload-signal` over the file's `exec:` block.
+fn exec_config(file: Option<ExecConfig>, o: &Overrides) -> Result<Option<ExecConfig>, ConfigError> {
+    let incomplete = ConfigError::Incomplete;
+    let mut exec = match (&o.exec, file) {
+        (Some(cmd), file) => {
+            let command =
+                ExecCommand::parse(cmd).map_err(|e| incomplete(format!("--exec: {e}")))?;
+            Some(match file {
+                Some(f) => ExecConfig { command, ..f },
+                None => ExecConfig::new(command),
+            })
+        }
+        (None, file) => file,
+    };
+    if let Some(sig) = &o.exec_reload_signal {
+        let sig =
+            Signal::parse(sig).map_err(|e| incomplete(format!("--exec-reload-signal: {e}")))?;
+        match &mut exec {
+            Some(x) => x.reload_signal = sig,
+            None => {
+                return Err(incomplete(
+                    "--exec-reload-signal without a command: expected --exec or `exec:` in the config file".into(),
+                ))
+            }
+        }
+    }
+    Ok(exec)
 }
 
 /// `metrics_addr: HOST:PORT`, refused at its line when it is not one.
@@ -696,6 +743,85 @@ templates:
             Some(CommandSpec::Shell("nginx -s reload; echo a:b".into()))
         );
         assert_eq!(t.wait, Some(c.wait));
+    }
+
+    #[test]
+    fn exec_block_and_flags() {
+        let text = format!(
+            "{FULL}exec:\n  command: \"nginx -g 'daemon off;'\"\n  reload_signal: SIGUSR2\n  kill_timeout: 5s\n"
+        );
+        let c = merge(parse_text(&text, "c.yaml").unwrap(), &overrides()).unwrap();
+        let x = c.exec.clone().unwrap();
+        assert_eq!(x.command.0, ["nginx", "-g", "daemon off;"]);
+        assert_eq!(x.reload_signal, Signal::USR2);
+        assert_eq!(x.kill_timeout, Duration::from_secs(5));
+        // A template with a reload command keeps it; one without reloads by the signal.
+        assert!(matches!(c.templates[0].reload, Some(CommandSpec::Argv(_))));
+        assert_eq!(
+            c.templates[1].reload,
+            Some(CommandSpec::Signal(Signal::USR2))
+        );
+
+        // Flags over the file: the command, then the signal; the rest stays the file's.
+        let o = Overrides {
+            exec: Some("haproxy -W -db -f /etc/haproxy/haproxy.cfg".into()),
+            exec_reload_signal: Some("hup".into()),
+            ..overrides()
+        };
+        let c = merge(parse_text(&text, "c.yaml").unwrap(), &o).unwrap();
+        let x = c.exec.unwrap();
+        assert_eq!(x.command.0[0], "haproxy");
+        assert_eq!(x.reload_signal, Signal::HUP);
+        assert_eq!(x.kill_timeout, Duration::from_secs(5));
+
+        // No exec: templates without a reload command have none.
+        let c = merge(parse_text(FULL, "c.yaml").unwrap(), &overrides()).unwrap();
+        assert!(c.exec.is_none());
+        assert_eq!(c.templates[1].reload, None);
+
+        for (o, want) in [
+            (
+                Overrides {
+                    exec_reload_signal: Some("SIGHUP".into()),
+                    ..overrides()
+                },
+                "--exec-reload-signal without a command",
+            ),
+            (
+                Overrides {
+                    exec: Some("nginx; rm -rf /".into()),
+                    ..overrides()
+                },
+                "--exec: exec command",
+            ),
+            (
+                Overrides {
+                    exec: Some("nginx".into()),
+                    exec_reload_signal: Some("SIGNOPE".into()),
+                    ..overrides()
+                },
+                "--exec-reload-signal: invalid signal",
+            ),
+        ] {
+            let e = merge(parse_text(FULL, "c.yaml").unwrap(), &o)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let e = parse_text("exec:\n  command: \"nginx > /tmp/log\"\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.yaml:2:") && e.contains("needs a shell"),
+            "{e}"
+        );
+        let e = parse_text("exec:\n  command: nginx\n  reload_signal: BOOM\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.yaml:3:") && e.contains("invalid signal"),
+            "{e}"
+        );
     }
 
     #[test]

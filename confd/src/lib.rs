@@ -5,11 +5,13 @@
 //! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`render`] with
 //! [`helpers`] → [`writer`] (stage, swap, restore) → [`command`] (check and reload with
 //! timeouts). [`watch`] re-renders when a template file changes. [`live`] applies
-//! membership-only changes to a running proxy without a reload.
+//! membership-only changes to a running proxy without a reload. [`exec`] supervises the proxy
+//! itself (`--exec`).
 
 pub mod command;
 pub mod config;
 pub mod duration;
+pub mod exec;
 pub mod helpers;
 pub mod live;
 pub mod metrics;

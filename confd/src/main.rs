@@ -3,9 +3,15 @@
 //! SIGINT/SIGTERM cancel the run and exit 0. SIGHUP re-reads the config file (templates are
 //! read from disk at every render anyway): a valid new config replaces the running one, an
 //! invalid one is refused with its error and the old one keeps running.
+//!
+//! With `--exec` (or `exec:`), confd supervises the proxy ([`confd::exec`]): SIGINT, SIGTERM
+//! and SIGQUIT are forwarded to it and confd exits with its status once it has exited;
+//! SIGUSR1 and SIGUSR2 are forwarded as they are; SIGHUP stays confd's own (the proxy keeps
+//! running and is reloaded only if the new configuration renders a different file).
 
 use anyhow::Context;
 use clap::Parser;
+use confd::exec::{self, Signal, Supervisor};
 use confd::{Config, Overrides, RunOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +56,15 @@ struct Args {
     /// healthchecks). Nothing else runs.
     #[arg(long, value_name = "URL")]
     healthcheck: Option<String>,
+    /// Supervise this command (the proxy, in the foreground): start it after the first good
+    /// render, reload it by signal, restart it when it dies, stop with it. Split like a shell
+    /// command line, never run through a shell.
+    #[arg(long)]
+    exec: Option<String>,
+    /// Signal that reloads the --exec command, for templates without a reload command
+    /// (default SIGHUP).
+    #[arg(long)]
+    exec_reload_signal: Option<String>,
 }
 
 impl Args {
@@ -62,6 +77,8 @@ impl Args {
             vars: self.vars.clone(),
             consul_http_addr: std::env::var("CONSUL_HTTP_ADDR").ok(),
             etcdctl_endpoints: std::env::var("ETCDCTL_ENDPOINTS").ok(),
+            exec: self.exec.clone(),
+            exec_reload_signal: self.exec_reload_signal.clone(),
         }
     }
 }
@@ -116,8 +133,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(serve(cfg, overrides, opts, metrics_addr)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
@@ -126,24 +142,53 @@ fn main() -> ExitCode {
 }
 
 /// Runs until a terminating signal (or the end of a `--once` run), restarting the run with
-/// the new configuration on SIGHUP.
+/// the new configuration on SIGHUP. With `exec`, the supervised process lives across those
+/// restarts and confd's exit code is its.
 async fn serve(
     mut cfg: Config,
     overrides: Overrides,
     opts: RunOptions,
     metrics_addr: Option<SocketAddr>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<ExitCode> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    // Bound once, before the first run (and before a supervised proxy starts, so a taken
+    // address fails alone), and kept across SIGHUP: scrapers and healthchecks must not see the
+    // endpoint vanish while the configuration is replaced.
+    let telemetry = match metrics_addr {
+        Some(addr) => {
+            let server = TelemetryServer::bind("--metrics-addr", addr)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!("serving /metrics and /healthz on {}", server.local_addr()?);
+            Some(server)
+        }
+        None => None,
+    };
+    // `--once` and `--dry-run` render and exit: they never start the command.
+    let exec_cfg = cfg.exec.clone().filter(|_| !(opts.once || opts.dry_run));
+    let mut supervisor = match &exec_cfg {
+        Some(x) => {
+            let dests = cfg.templates.iter().map(|t| t.dest.clone()).collect();
+            Some(Supervisor::spawn(x.clone(), dests)?)
+        }
+        None => None,
+    };
+    // Only a supervisor gives these a use; without one they keep their default actions.
+    let extra = |kind: SignalKind, name: &str| -> anyhow::Result<Option<_>> {
+        match &exec_cfg {
+            Some(_) => Ok(Some(
+                signal(kind).with_context(|| format!("{name} handler"))?,
+            )),
+            None => Ok(None),
+        }
+    };
+    let mut quit = extra(SignalKind::quit(), "SIGQUIT")?;
+    let mut usr1 = extra(SignalKind::user_defined1(), "SIGUSR1")?;
+    let mut usr2 = extra(SignalKind::user_defined2(), "SIGUSR2")?;
     let shutdown = Shutdown::new();
-    // Bound once, before the first run, and kept across SIGHUP: scrapers and healthchecks
-    // must not see the endpoint vanish while the configuration is replaced.
-    if let Some(addr) = metrics_addr {
-        let server = TelemetryServer::bind("--metrics-addr", addr)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        tracing::info!("serving /metrics and /healthz on {}", server.local_addr()?);
+    if let Some(server) = telemetry {
         let t = &*confd::metrics::TELEMETRY;
         tokio::spawn(server.serve(&t.registry, t.health.clone(), shutdown.clone()));
     }
@@ -152,13 +197,19 @@ async fn serve(
         let mut handle = tokio::spawn(confd::run(cfg.clone(), opts, run_token.clone()));
         loop {
             tokio::select! {
-                _ = term.recv() => return stop(&shutdown, handle, "SIGTERM").await,
-                _ = int.recv() => return stop(&shutdown, handle, "SIGINT").await,
+                _ = term.recv() => return stop(&shutdown, handle, supervisor, Signal::TERM).await,
+                _ = int.recv() => return stop(&shutdown, handle, supervisor, Signal::INT).await,
+                Some(_) = recv(&mut quit) => return stop(&shutdown, handle, supervisor, Signal::QUIT).await,
+                Some(_) = recv(&mut usr1) => if let Some(s) = &supervisor { s.forward(Signal::USR1) },
+                Some(_) = recv(&mut usr2) => if let Some(s) = &supervisor { s.forward(Signal::USR2) },
                 _ = hup.recv() => match Config::load(&overrides) {
                     Ok(new) => {
                         tracing::info!("SIGHUP: configuration re-read; restarting with it");
                         if new.metrics_addr != cfg.metrics_addr {
                             tracing::warn!("SIGHUP: a new metrics_addr takes effect at the next start");
+                        }
+                        if new.exec != cfg.exec {
+                            tracing::warn!("SIGHUP: the exec settings changed; they apply when confd is started again (the supervised process keeps running as it is)");
                         }
                         run_token.cancel();
                         let _ = handle.await;
@@ -169,7 +220,14 @@ async fn serve(
                         "SIGHUP: new configuration refused, keeping the running one: {e}"
                     ),
                 },
-                r = &mut handle => return r.context("confd run panicked")?,
+                r = &mut handle => {
+                    let r = r.context("confd run panicked")?;
+                    if let Some(s) = supervisor.take() {
+                        // The render loop ended on its own (an error): the proxy goes with it.
+                        s.stop(Signal::TERM).await;
+                    }
+                    return Ok(if r? { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                }
             }
         }
     }
@@ -196,13 +254,28 @@ fn healthcheck(url: &str) -> ExitCode {
     }
 }
 
+/// The next delivery of an optional signal stream; never, without one.
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn stop(
     shutdown: &Shutdown,
     handle: tokio::task::JoinHandle<anyhow::Result<bool>>,
-    sig: &str,
-) -> anyhow::Result<bool> {
+    supervisor: Option<Supervisor>,
+    sig: Signal,
+) -> anyhow::Result<ExitCode> {
     tracing::info!("{sig}: shutting down");
     shutdown.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await;
-    Ok(true)
+    let Some(s) = supervisor else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    Ok(match s.stop(sig).await {
+        Some(st) => ExitCode::from(exec::exit_code(&st)),
+        None => ExitCode::SUCCESS,
+    })
 }

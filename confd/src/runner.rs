@@ -242,6 +242,11 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
             pending[i].clear();
         }
         let outcomes = pass(&cfg, &mut renderer, s, &due, &mut owed, false).await;
+        // `--exec` starts its proxy once every file is in place.
+        let in_place = due
+            .iter()
+            .filter(|&&i| !matches!(outcomes[i], Outcome::Failed(_)));
+        crate::exec::rendered(cfg.templates.len(), in_place.copied());
         for (i, o) in outcomes.iter().enumerate() {
             if due.contains(&i) || *o != Outcome::Unchanged {
                 metrics::outcome(&cfg.templates[i], o);
@@ -464,7 +469,11 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
                     res.outcomes.push((r.idx, Outcome::Updated));
                 }
             }
-            after_reload(cfg, &reloading).await;
+            // A signal for an `--exec` proxy that has not started reloaded nothing: there is
+            // no running proxy for the live channels to follow; it reads the files at start.
+            if !command::reloaded_nothing(&cmd) {
+                after_reload(cfg, &reloading).await;
+            }
         }
         Err(e) => {
             let reason = format!("reload failed: {e}");
@@ -697,6 +706,7 @@ mod tests {
             once_timeout: Duration::from_secs(1),
             metrics_addr: None,
             store: Default::default(),
+            exec: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //! takes the next argument as its value (only `=value`): the registry URI follows the flags.
 
 use crate::config::{Config, Deregister};
+use crate::derive::LabelMatch;
 use clap::Parser;
 use std::time::Duration;
 use switchboard::telemetry::{parse_listen_addr, LogFormat};
@@ -38,6 +39,7 @@ const VALUE_FLAGS: &[&str] = &[
     "metrics-addr",
     "log-format",
     "healthcheck",
+    "label-filter",
 ];
 
 const URI_EXPECTED: &str =
@@ -105,6 +107,16 @@ struct Cli {
     /// e.g. one per Docker engine, without removing each other's services.
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
+    /// Only register containers with this label (`KEY`) or label value (`KEY=VALUE`), e.g.
+    /// one compose project: `com.docker.compose.project=shop`. Repeat it: a container must
+    /// match every one (not in gliderlabs). REGISTRATOR_LABEL_FILTER gives one when no flag
+    /// does (empty: none), so a compose file can pass it through.
+    #[arg(
+        long = "label-filter",
+        value_name = "KEY[=VALUE]",
+        env = "REGISTRATOR_LABEL_FILTER"
+    )]
+    label_filter: Vec<String>,
     /// Print the version and exit.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
           default_value = "false", value_parser = parse_go_bool, value_name = "BOOL")]
@@ -324,6 +336,13 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         None => None,
     };
     let log_format = LogFormat::parse(&cli.log_format).map_err(CliExit::usage)?;
+    let label_filter = cli
+        .label_filter
+        .iter()
+        .filter(|f| !f.is_empty())
+        .map(|f| LabelMatch::parse(f))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CliExit::usage)?;
     Ok(Config {
         uri,
         metrics_addr,
@@ -343,6 +362,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         deregister_on_exit: cli.deregister_on_exit,
         verify_interval: Duration::from_secs_f64(cli.verify_interval),
         hostname,
+        label_filter,
     })
 }
 
@@ -449,6 +469,40 @@ mod tests {
             assert_eq!(e.code, 2, "{input}");
             assert!(e.message.contains(want), "{input}: {}", e.message);
             assert!(!e.message.contains('\n'), "{input}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn label_filters_repeat_and_need_a_key() {
+        let c = parse(
+            argv("-label-filter com.docker.compose.project=shop --label-filter=tier consul://h"),
+            "host",
+        )
+        .unwrap();
+        assert_eq!(
+            c.label_filter,
+            vec![
+                LabelMatch {
+                    key: "com.docker.compose.project".into(),
+                    value: Some("shop".into())
+                },
+                LabelMatch {
+                    key: "tier".into(),
+                    value: None
+                },
+            ]
+        );
+        assert!(parse(argv("consul://h"), "host")
+            .unwrap()
+            .label_filter
+            .is_empty());
+        for bad in [
+            "-label-filter =x consul://h",
+            "--label-filter==y consul://h",
+        ] {
+            let e = parse(argv(bad), "host").unwrap_err();
+            assert_eq!(e.code, 2, "{bad}");
+            assert!(e.message.contains("-label-filter"), "{bad}: {}", e.message);
         }
     }
 

@@ -1,5 +1,6 @@
 //! The registrator's settings, as `run` takes them (parsed from the command line by `cli`).
 
+use crate::derive::LabelMatch;
 use std::net::SocketAddr;
 use std::time::Duration;
 use switchboard::telemetry::LogFormat;
@@ -56,4 +57,6 @@ pub struct Config {
     pub verify_interval: Duration,
     /// This host's name: the first part of every service ID, and the prefix `-cleanup` owns.
     pub hostname: String,
+    /// `-label-filter`: only containers matching all of these are registered.
+    pub label_filter: Vec<LabelMatch>,
 }

@@ -80,6 +80,45 @@ pub struct DeriveOptions {
     pub ttl: Option<Duration>,
     /// `-useIpFromLabel`.
     pub use_ip_from_label: Option<String>,
+    /// `-label-filter`: only containers matching every one of these are registered.
+    pub label_filter: Vec<LabelMatch>,
+}
+
+/// One `-label-filter` term, as `docker ps --filter label=…` spells it: `KEY` (the label is
+/// present, any value) or `KEY=VALUE` (exactly that value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelMatch {
+    /// The label's key.
+    pub key: String,
+    /// The value it must have; `None`: any.
+    pub value: Option<String>,
+}
+
+impl LabelMatch {
+    /// Parses `KEY` or `KEY=VALUE`; the error says what was expected.
+    pub fn parse(s: &str) -> Result<LabelMatch, String> {
+        let (key, value) = match s.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (s, None),
+        };
+        if key.is_empty() || key.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "invalid value {s:?} for -label-filter: expected KEY or KEY=VALUE (a label key without spaces)"
+            ));
+        }
+        Ok(LabelMatch {
+            key: key.to_string(),
+            value,
+        })
+    }
+
+    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match (labels.get(&self.key), &self.value) {
+            (Some(_), None) => true,
+            (Some(have), Some(want)) => have == want,
+            (None, _) => false,
+        }
+    }
 }
 
 /// A `SERVICE_*` value (or label) that was dropped, and why.
@@ -332,6 +371,11 @@ fn candidates<'a>(info: &'a ContainerInfo, opts: &DeriveOptions) -> Vec<Candidat
 
 /// The services `info` provides under `opts`, and the values that had to be dropped.
 pub fn derive(info: &ContainerInfo, opts: &DeriveOptions) -> Derived {
+    // Outside the filter a container is not ours to look at: no services and no warnings
+    // about metadata we will never use.
+    if !opts.label_filter.iter().all(|f| f.matches(&info.labels)) {
+        return Derived::default();
+    }
     let mut warnings = Vec::new();
     let md = collect_metadata(info, &mut warnings);
     let label_ip = opts.use_ip_from_label.as_ref().and_then(|label| {
@@ -762,6 +806,35 @@ mod tests {
             .iter()
             .map(|s| (s.id.clone(), s.name.clone(), s.addr()))
             .collect()
+    }
+
+    #[test]
+    fn label_filter_keeps_only_matching_containers() {
+        let shop = with_labels(web(), &[("com.docker.compose.project", "shop")]);
+        let filter = |terms: &[&str]| DeriveOptions {
+            label_filter: terms
+                .iter()
+                .map(|t| LabelMatch::parse(t).unwrap())
+                .collect(),
+            ..opts()
+        };
+        let count = |c: &ContainerInfo, o: &DeriveOptions| derive(c, o).services.len();
+        assert!(count(&shop, &filter(&[])) > 0);
+        assert!(count(&shop, &filter(&["com.docker.compose.project=shop"])) > 0);
+        assert!(count(&shop, &filter(&["com.docker.compose.project"])) > 0);
+        assert_eq!(
+            count(&shop, &filter(&["com.docker.compose.project=other"])),
+            0
+        );
+        assert_eq!(count(&web(), &filter(&["com.docker.compose.project"])), 0);
+        // Every term must match.
+        assert_eq!(
+            count(&shop, &filter(&["com.docker.compose.project=shop", "tier"])),
+            0
+        );
+        // A filtered-out container is not ours: its bad metadata is not reported either.
+        let noisy = with_env(web(), &["SERVICE_NAME=bad name!"]);
+        assert!(derive(&noisy, &filter(&["tier"])).warnings.is_empty());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - `cli`: the command line (Go-style flags included) -> [`Config`].
 //! - `derive`: container -> services, gliderlabs' rules, pure.
 //! - `docker`: events and inspections -> the desired service set.
+//! - `engine`: which Docker engine, and how (`DOCKER_HOST`, `DOCKER_TLS_VERIFY`,
+//!   `DOCKER_CERT_PATH`).
 //! - `drain`: a container's stop signal withdraws its services before its process exits.
 //! - `sync`: desired set -> store writes, with adoption at start, verification, cleanup, TTLs
 //!   and outages.
@@ -15,6 +17,7 @@ mod config;
 mod derive;
 mod docker;
 mod drain;
+mod engine;
 mod host;
 mod metrics;
 mod sync;
@@ -22,6 +25,7 @@ mod sync;
 pub use cli::{healthcheck_url, normalise, parse, CliExit};
 pub use config::{Config, Deregister};
 pub use derive::{derive, ContainerInfo, ContainerPort, DeriveOptions, Derived, Warning};
+pub use engine::Engine;
 pub use host::{hostname, primary_address};
 
 use anyhow::{bail, Context};
@@ -67,11 +71,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     if !connect_store(&store, &config, &shutdown).await? {
         return Ok(());
     }
-    let docker = bollard::Docker::connect_with_defaults()
-        .context("cannot set up the Docker client (check DOCKER_HOST)")?
-        .negotiate_version()
-        .await
-        .context("cannot reach the Docker engine (check DOCKER_HOST and the socket)")?;
+    let Some(docker) = connect_docker(&config, &shutdown).await? else {
+        return Ok(());
+    };
 
     let (tx, rx) = watch::channel(None);
     let opts = DeriveOptions {
@@ -83,6 +85,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         tags: config.tags.clone(),
         ttl: config.ttl,
         use_ip_from_label: config.use_ip_from_label.clone(),
+        label_filter: config.label_filter.clone(),
     };
     let watcher = docker::Watcher::new(docker, opts, config.deregister, config.resync, tx);
     let syncer = sync::Syncer::new(
@@ -119,6 +122,42 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Connects to the Docker engine and agrees on an API version, retrying per
+/// `-retry-attempts`/`-retry-interval` as for the store. Returns `Ok(None)` when shutdown came
+/// first. Errors are one line naming `DOCKER_HOST` and the file or the failure.
+async fn connect_docker(
+    config: &Config,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<bollard::Docker>> {
+    let engine = Engine::from_env().map_err(anyhow::Error::msg)?;
+    let client = engine.connect().map_err(anyhow::Error::msg)?;
+    let mut attempt: u32 = 0;
+    loop {
+        // negotiate_version falls back to the client's version when the engine does not
+        // answer, so the ping is what proves the engine (and its TLS) is reachable.
+        let err = match client.ping().await {
+            Ok(_) => match client.clone().negotiate_version().await {
+                Ok(d) => return Ok(Some(d)),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        let why = engine::describe_failure(&engine, &err);
+        if config.retry_attempts.is_some_and(|max| attempt >= max) {
+            bail!(
+                "{why} (after {} attempt(s); see -retry-attempts)",
+                attempt + 1
+            );
+        }
+        attempt += 1;
+        warn!("Docker engine not reachable yet ({why}); retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(config.retry_interval.max(Duration::from_millis(1))) => {}
+            _ = shutdown.cancelled() => return Ok(None),
+        }
+    }
 }
 
 /// Pings the store, retrying per `-retry-attempts`/`-retry-interval`. Returns `Ok(false)` when

@@ -76,6 +76,88 @@ where
     }
 }
 
+/// A client that opens a new connection per request (so a reloaded proxy's new workers
+/// answer, as separate users' clients would see them) and gives up on one after 3 s.
+pub fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap()
+}
+
+/// One GET of `http://127.0.0.1:<port>/` (with a `Host` header when given): the body,
+/// trimmed, or what went wrong (`status 502`, `error …`), so a failure is an answer too.
+pub async fn answer(http: &reqwest::Client, port: u16, host: Option<&str>) -> String {
+    let mut req = http.get(format!("http://127.0.0.1:{port}/"));
+    if let Some(h) = host {
+        req = req.header("Host", h);
+    }
+    match req.send().await {
+        Ok(r) if r.status().is_success() => match r.text().await {
+            Ok(body) => body.trim().to_string(),
+            Err(e) => format!("error reading the body: {e}"),
+        },
+        Ok(r) => format!("status {}", r.status().as_u16()),
+        Err(e) => format!("error {e}"),
+    }
+}
+
+/// The distinct [`answer`]s of `n` GETs through a proxy on `port`, each on a new connection.
+pub async fn answers(
+    port: u16,
+    host: Option<&str>,
+    n: usize,
+) -> std::collections::BTreeSet<String> {
+    let http = fresh_client();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        seen.insert(answer(&http, port, host).await);
+    }
+    seen
+}
+
+/// Polls (bounded by `timeout`) until requests through `port` reach exactly `want`, nothing
+/// else and no failure, in a sample of 4 requests per instance + 2 (round robin reaches each
+/// at least once). `Ok`: how long it took; `Err`: what the last sample saw, for the caller's
+/// failure message.
+pub async fn routes_converge<S: AsRef<str>>(
+    port: u16,
+    host: Option<&str>,
+    want: &[S],
+    timeout: Duration,
+) -> Result<Duration, std::collections::BTreeSet<String>> {
+    let want: std::collections::BTreeSet<String> =
+        want.iter().map(|w| w.as_ref().to_string()).collect();
+    let started = Instant::now();
+    let last = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let done = poll(timeout, Duration::from_millis(100), || async {
+        let seen = answers(port, host, want.len() * 4 + 2).await;
+        let ok = seen == want;
+        *last.lock().unwrap() = seen;
+        ok.then_some(())
+    })
+    .await;
+    match done {
+        Some(()) => Ok(started.elapsed()),
+        None => Err(last.into_inner().unwrap()),
+    }
+}
+
+/// [`routes_converge`], panicking with `what`, the wanted and the last seen answers.
+pub async fn wait_routes<S: AsRef<str> + std::fmt::Debug>(
+    what: &str,
+    port: u16,
+    host: Option<&str>,
+    want: &[S],
+    timeout: Duration,
+) -> Duration {
+    match routes_converge(port, host, want, timeout).await {
+        Ok(took) => took,
+        Err(last) => panic!("{what}: wanted {want:?} within {timeout:?}, last saw {last:?}"),
+    }
+}
+
 /// The workspace's target directory (honours `CARGO_TARGET_DIR`).
 pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
@@ -1145,39 +1227,8 @@ pub async fn wait_health(p: &Process, addr: &str, status: u16, timeout: Duration
 /// engine other tests share.
 pub struct DockerProxy {
     port: u16,
-    state: std::sync::Arc<std::sync::Mutex<tokio_util_free::Token>>,
+    state: std::sync::Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
     task: tokio::task::JoinHandle<()>,
-}
-
-mod tokio_util_free {
-    //! A tiny cancellation token (the tests crate does not depend on tokio-util).
-    use tokio::sync::watch;
-
-    /// Fires once; clones share it.
-    #[derive(Clone)]
-    pub struct Token(watch::Sender<bool>);
-
-    impl Default for Token {
-        fn default() -> Token {
-            Token::new()
-        }
-    }
-
-    impl Token {
-        pub fn new() -> Token {
-            Token(watch::channel(false).0)
-        }
-        pub fn cancel(&self) {
-            self.0.send_replace(true);
-        }
-        pub fn is_cancelled(&self) -> bool {
-            *self.0.borrow()
-        }
-        pub async fn cancelled(&self) {
-            let mut rx = self.0.subscribe();
-            let _ = rx.wait_for(|c| *c).await;
-        }
-    }
 }
 
 impl DockerProxy {
@@ -1185,7 +1236,9 @@ impl DockerProxy {
     pub async fn start() -> DockerProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let state = std::sync::Arc::new(std::sync::Mutex::new(tokio_util_free::Token::new()));
+        let state = std::sync::Arc::new(std::sync::Mutex::new(
+            tokio_util::sync::CancellationToken::new(),
+        ));
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -1225,12 +1278,197 @@ impl DockerProxy {
 
     /// Passes connections through again.
     pub fn restore(&self) {
-        *self.state.lock().unwrap() = tokio_util_free::Token::new();
+        *self.state.lock().unwrap() = tokio_util::sync::CancellationToken::new();
     }
 }
 
 impl Drop for DockerProxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Runs a program to completion: its trimmed stdout, or one line with its stderr.
+pub fn run_cmd(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A second Docker engine on this machine (a second "host"): its own socket, data and exec
+/// roots, pid file and bridge (no iptables: the userland proxy publishes ports on loopback),
+/// with [`TEST_IMAGE`] loaded. Drop removes its containers, stops it, unmounts and deletes its
+/// directories and the bridge.
+pub struct DockerEngine {
+    dir: PathBuf,
+    /// Its unix socket, as `docker -H` and `DOCKER_HOST` take it.
+    pub sock: String,
+    bridge: String,
+    extra: Vec<String>,
+    proc: Option<Process>,
+    /// Set by [`DockerEngine::kill`]: cleanup must restart dockerd to stop the orphans.
+    killed: bool,
+}
+
+impl DockerEngine {
+    /// Starts an engine on a new bridge `bridge` (at most 15 characters, unused) with the
+    /// gateway address and subnet `cidr` (e.g. `10.213.57.1/24`, unused elsewhere).
+    pub fn start(bridge: &str, cidr: &str) -> DockerEngine {
+        DockerEngine::start_with(bridge, cidr, &[])
+    }
+
+    /// [`DockerEngine::start`] with more dockerd arguments (e.g. a TLS listener:
+    /// `--host tcp://127.0.0.1:P --tlsverify --tlscacert ...`).
+    pub fn start_with(bridge: &str, cidr: &str, extra: &[&str]) -> DockerEngine {
+        // A bridge a crashed run left would make `ip link add` fail.
+        let _ = run_cmd("ip", &["link", "del", bridge]);
+        run_cmd("ip", &["link", "add", bridge, "type", "bridge"]).unwrap();
+        // From here on Drop cleans up, whatever fails next.
+        let dir = PathBuf::from(format!(
+            "/tmp/sbtest-engine-{bridge}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut e = DockerEngine {
+            sock: format!("unix://{}/docker.sock", dir.display()),
+            dir,
+            bridge: bridge.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+            killed: false,
+        };
+        run_cmd("ip", &["addr", "add", cidr, "dev", bridge]).unwrap();
+        run_cmd("ip", &["link", "set", bridge, "up"]).unwrap();
+        // The machine's /etc/docker/daemon.json sets data-root; an empty file of our own
+        // keeps it from clashing with --data-root.
+        std::fs::write(e.dir.join("daemon.json"), "{}").unwrap();
+        e.launch().unwrap();
+        let mut save = Command::new("docker")
+            .args(["save", TEST_IMAGE])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let load = Command::new("docker")
+            .args(["-H", &e.sock, "load", "-q"])
+            .stdin(save.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        assert!(save.wait().unwrap().success(), "docker save failed");
+        assert!(
+            load.status.success(),
+            "docker load into the second engine: {}",
+            String::from_utf8_lossy(&load.stderr)
+        );
+        e
+    }
+
+    /// Starts dockerd on this engine's directories and waits until it answers (a blocking
+    /// bounded poll: nothing else runs while an engine starts).
+    fn launch(&mut self) -> Result<(), String> {
+        let d = self.dir.display().to_string();
+        let mut args: Vec<String> = [
+            "--config-file",
+            &format!("{d}/daemon.json"),
+            "--host",
+            &self.sock,
+            "--data-root",
+            &format!("{d}/data"),
+            "--exec-root",
+            &format!("{d}/exec"),
+            "--pidfile",
+            &format!("{d}/docker.pid"),
+            "--bridge",
+            &self.bridge,
+            "--iptables=false",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(self.extra.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.proc = Some(Process::spawn(Path::new("dockerd"), &args, &[]));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.docker(&["info", "-f", "{{.ID}}"]).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "second dockerd did not answer; output:\n{}",
+                    self.proc.as_ref().unwrap().output()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    /// `docker -H <this engine's socket> ARGS`.
+    pub fn docker(&self, args: &[&str]) -> Result<String, String> {
+        let mut full = vec!["-H", &self.sock];
+        full.extend_from_slice(args);
+        run_cmd("docker", &full)
+    }
+
+    /// `docker run -d` on this engine; returns the container ID and name. Names are unique
+    /// across both engines, as the service IDs `<host>:<container>:<port>` need.
+    pub fn run(&self, tag: &str, args: &[String]) -> (String, String) {
+        let name = unique_name(tag);
+        let mut full = vec!["run", "-d", "--name", &name, "--label", TEST_LABEL];
+        full.extend(args.iter().map(String::as_str));
+        let id = self.docker(&full).unwrap();
+        (id, name)
+    }
+
+    /// The host is lost: `kill -9` dockerd. Its containerd and port proxies die with it
+    /// (the containers' processes live on under their shims until cleanup).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+        self.killed = true;
+    }
+}
+
+impl Drop for DockerEngine {
+    fn drop(&mut self) {
+        // After a kill, restarting dockerd on the same roots stops the orphaned containers.
+        if self.killed {
+            let _ = self.launch();
+        }
+        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
+            for id in ids.lines().filter(|l| !l.is_empty()) {
+                let _ = self.docker(&["rm", "-f", "-v", id]);
+            }
+        }
+        if let Some(p) = self.proc.as_mut() {
+            p.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.dir.join("docker.pid").exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        self.proc = None;
+        // dockerd leaves its data root bind-mounted on itself; unmount everything under our
+        // directory, deepest first, before deleting it.
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| Path::new(m).starts_with(&self.dir))
+            .collect();
+        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in ours {
+            let _ = run_cmd("umount", &["-l", m]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = run_cmd("ip", &["link", "del", &self.bridge]);
     }
 }

@@ -54,29 +54,11 @@ fn registrator(uri: &str) -> Process {
     )
 }
 
-/// The distinct answers of `n` GETs through the proxy (new connection each).
-async fn answers(port: u16, n: usize) -> BTreeSet<String> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/")).send().await {
-            if let Ok(t) = r.text().await {
-                seen.insert(t.trim().to_string());
-            }
-        }
-    }
-    seen
-}
-
 /// Waits until exactly the instances `want` (their short container IDs) answer.
 async fn wait_routes(what: &str, port: u16, want: &[&Container]) {
     let ids: BTreeSet<String> = want.iter().map(|c| c.id[..12].to_string()).collect();
     wait_for(what, CONVERGE, || async {
-        let seen = answers(port, want.len() * 3 + 2).await;
+        let seen = answers(port, None, want.len() * 3 + 2).await;
         let hosts: BTreeSet<String> = seen
             .iter()
             .filter_map(|b| b.strip_prefix("Hello from "))

@@ -32,16 +32,16 @@ const SAMPLE: usize = 9;
 /// A compose project, taken down (`down -v`) on drop.
 struct Stack {
     project: String,
-    file: PathBuf,
+    files: Vec<PathBuf>,
     env: Vec<(&'static str, String)>,
     up: bool,
 }
 
 impl Stack {
-    /// `docker-compose -p <unique> -f compose/<file> up -d`, if the images exist.
+    /// `docker-compose -p <unique> -f compose/<file>... up -d`, if the images exist.
     fn up(
         tag: &str,
-        file: &str,
+        files: &[&str],
         images: &[&str],
         env: Vec<(&'static str, String)>,
     ) -> Option<Stack> {
@@ -56,9 +56,20 @@ impl Stack {
             );
             return None;
         }
+        let project = format!("sbtest{}{tag}", std::process::id());
+        // The stack registers only its own containers: others on this engine (another test
+        // binary's, a bench's) would otherwise become backends and reload the proxy mid-test.
+        let mut env = env;
+        env.push((
+            "REGISTRATOR_LABEL_FILTER",
+            format!("com.docker.compose.project={project}"),
+        ));
         let mut stack = Stack {
-            project: format!("sbtest{}{tag}", std::process::id()),
-            file: workspace_root().join("compose").join(file),
+            project,
+            files: files
+                .iter()
+                .map(|f| workspace_root().join("compose").join(f))
+                .collect(),
             env,
             up: true,
         };
@@ -82,11 +93,11 @@ impl Stack {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("docker-compose");
-        cmd.arg("-p")
-            .arg(&self.project)
-            .arg("-f")
-            .arg(&self.file)
-            .args(args);
+        cmd.arg("-p").arg(&self.project);
+        for f in &self.files {
+            cmd.arg("-f").arg(f);
+        }
+        cmd.args(args);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -147,15 +158,6 @@ fn image_exists(image: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// A client that opens a new connection per request, so a reloaded proxy's new workers answer.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap()
-}
-
 /// One round of [`SAMPLE`] requests through the proxy: the distinct demo-app answers
 /// ("Hello from <hostname> (<ip>)") and how many requests got something else or nothing.
 async fn sample(http: &reqwest::Client, url: &str) -> (BTreeSet<String>, usize) {
@@ -179,7 +181,7 @@ async fn sample(http: &reqwest::Client, url: &str) -> (BTreeSet<String>, usize) 
 /// Polls until a sample shows exactly `n` distinct backends and no failed request, within
 /// `timeout`; returns them.
 async fn backends_converge(url: &str, n: usize, timeout: Duration) -> BTreeSet<String> {
-    let http = client();
+    let http = fresh_client();
     let started = Instant::now();
     let last = std::sync::Mutex::new((BTreeSet::new(), 0));
     let what = format!("{n} distinct backends answering through {url}");
@@ -391,7 +393,7 @@ async fn consul_nginx_stack_scales_up_and_down() {
     let (lb_port, consul_port) = (free_port(), free_port());
     let Some(mut stack) = Stack::up(
         "consul",
-        "docker-compose.yml",
+        &["docker-compose.yml"],
         &[
             "switchboard/consul",
             "switchboard/registrator",
@@ -474,7 +476,7 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
     let password = format!("pw-{}", std::process::id());
     let Some(mut stack) = Stack::up(
         "etcd",
-        "docker-compose.etcd-haproxy.yml",
+        &["docker-compose.etcd-haproxy.yml"],
         &[
             "switchboard/etcd",
             "switchboard/registrator",
@@ -503,7 +505,7 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
 
     // The statistics page wants the user and password from the environment.
     let stats = format!("http://127.0.0.1:{stats_port}/stats");
-    let http = client();
+    let http = fresh_client();
     let anonymous = http.get(&stats).send().await.unwrap().status();
     assert_eq!(anonymous, 401, "stats page without credentials");
     let wrong = http
@@ -571,4 +573,211 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
     assert_eq!(r.structural_failed, 0, "HAProxy stack, structural reloads");
 
     stack.down();
+}
+
+/// The secured variant (`-f docker-compose.yml -f docker-compose.secure.yml`): Consul's ACLs in
+/// default-deny mode, a token per consumer. The stack routes and scales as the open one does,
+/// while a client without a token (anyone who reaches Consul's port) can neither read the
+/// catalog nor register a backend, and confd's token cannot register either.
+#[tokio::test]
+async fn consul_secure_stack_denies_anonymous_writes_and_scales() {
+    let _one = ONE_STACK.lock().await;
+    let (lb_port, consul_port) = (free_port(), free_port());
+    let Some(mut stack) = Stack::up(
+        "secure",
+        &["docker-compose.yml", "docker-compose.secure.yml"],
+        &[
+            "switchboard/consul",
+            "switchboard/registrator",
+            "switchboard/lb-nginx",
+            "switchboard/demo-web",
+        ],
+        vec![
+            ("BIND_ADDRESS", "127.0.0.1".to_string()),
+            ("LB_PORT", lb_port.to_string()),
+            ("CONSUL_PORT", consul_port.to_string()),
+        ],
+    ) else {
+        return;
+    };
+    let url = format!("http://127.0.0.1:{lb_port}/");
+    let consul = format!("http://127.0.0.1:{consul_port}");
+    backends_converge(&url, 1, START).await;
+    scale(&mut stack, &url, 2).await;
+
+    let http = fresh_client();
+    let register = |token: Option<String>| {
+        let mut req = http
+            .put(format!("{consul}/v1/agent/service/register"))
+            .json(&serde_json::json!({"Name": "http", "ID": "intruder", "Address": "127.0.0.1", "Port": 9}));
+        if let Some(t) = token {
+            req = req.header("X-Consul-Token", t);
+        }
+        req.send()
+    };
+    let anonymous = register(None).await.unwrap();
+    assert_eq!(
+        anonymous.status(),
+        403,
+        "an anonymous registration must be refused"
+    );
+    let catalog = http
+        .get(format!("{consul}/v1/health/service/http"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!([]),
+        "an anonymous read sees no instance"
+    );
+    // Each consumer holds its own token and nothing else.
+    let mut secrets = Vec::new();
+    for service in ["lb", "registrator"] {
+        let listing = stack.compose(&["exec", "-T", service, "ls", "/secrets"]);
+        assert_eq!(
+            String::from_utf8_lossy(&listing.stdout).trim(),
+            "token",
+            "{service}"
+        );
+        let out = stack.compose(&["exec", "-T", service, "cat", "/secrets/token"]);
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(!token.is_empty(), "{service}'s token is empty");
+        secrets.push(token);
+    }
+    let as_confd = register(Some(secrets[0].clone())).await.unwrap();
+    assert_eq!(as_confd.status(), 403, "confd's token must not register");
+    // No token shows in the consumers' logs.
+    for service in ["lb", "registrator"] {
+        let logs = stack.logs(service);
+        assert!(
+            !secrets.iter().any(|t| logs.contains(t.as_str())),
+            "{service} logged a token"
+        );
+    }
+}
+
+/// The secured etcd variant (`-f docker-compose.etcd-haproxy.yml -f
+/// docker-compose.etcd-haproxy.secure.yml`): etcd speaks TLS only, from a CA the stack made,
+/// with authentication on. The stack routes and scales as the open one does; plain HTTP gets
+/// nowhere, a client without credentials reads nothing, and confd's user cannot write.
+#[tokio::test]
+async fn etcd_secure_stack_needs_tls_and_a_user_and_scales() {
+    let _one = ONE_STACK.lock().await;
+    let (lb_port, stats_port, etcd_port) = (free_port(), free_port(), free_port());
+    let Some(mut stack) = Stack::up(
+        "etcdsecure",
+        &[
+            "docker-compose.etcd-haproxy.yml",
+            "docker-compose.etcd-haproxy.secure.yml",
+        ],
+        &[
+            "switchboard/consul",
+            "switchboard/etcd",
+            "switchboard/registrator",
+            "switchboard/lb-haproxy",
+            "switchboard/demo-web",
+        ],
+        vec![
+            ("BIND_ADDRESS", "127.0.0.1".to_string()),
+            ("LB_PORT", lb_port.to_string()),
+            ("STATS_PORT", stats_port.to_string()),
+            ("ETCD_PORT", etcd_port.to_string()),
+            ("STATS_PASSWORD", format!("pw-{}", std::process::id())),
+        ],
+    ) else {
+        return;
+    };
+    let url = format!("http://127.0.0.1:{lb_port}/");
+    backends_converge(&url, 1, START).await;
+    scale(&mut stack, &url, 2).await;
+
+    // Plain HTTP gets no answer from etcd.
+    let range = serde_json::json!({"key": "L3NlcnZpY2VzLw==", "range_end": "L3NlcnZpY2VzMA=="});
+    let plain = fresh_client()
+        .post(format!("http://127.0.0.1:{etcd_port}/v3/kv/range"))
+        .json(&range)
+        .send()
+        .await;
+    assert!(
+        !plain.as_ref().is_ok_and(|r| r.status().is_success()),
+        "plain HTTP answered: {plain:?}"
+    );
+
+    // Over TLS with the stack's CA (the name in etcd's certificate includes localhost).
+    let ca = stack
+        .compose(&["exec", "-T", "lb", "cat", "/ca/ca.pem"])
+        .stdout;
+    let tls = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let etcd = format!("https://localhost:{etcd_port}");
+    let anonymous = tls
+        .post(format!("{etcd}/v3/kv/range"))
+        .json(&range)
+        .send()
+        .await
+        .unwrap();
+    let status = anonymous.status();
+    let body = anonymous.text().await.unwrap_or_default();
+    assert!(
+        !status.is_success() && !body.contains("\"kvs\""),
+        "an anonymous read answered {status}: {body}"
+    );
+
+    // confd's user reads but may not write; its password is the only file it holds.
+    let listing = stack
+        .compose(&["exec", "-T", "lb", "ls", "/secrets"])
+        .stdout;
+    assert_eq!(String::from_utf8_lossy(&listing).trim(), "password");
+    let out = stack.compose(&["exec", "-T", "lb", "cat", "/secrets/password"]);
+    let password = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let auth: serde_json::Value = tls
+        .post(format!("{etcd}/v3/auth/authenticate"))
+        .json(&serde_json::json!({"name": "confd", "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = auth["token"]
+        .as_str()
+        .expect("a token for confd")
+        .to_string();
+    let read = tls
+        .post(format!("{etcd}/v3/kv/range"))
+        .header("Authorization", &token)
+        .json(&range)
+        .send()
+        .await
+        .unwrap();
+    let read: serde_json::Value = read.json().await.unwrap();
+    assert!(
+        read["count"]
+            .as_str()
+            .is_some_and(|c| c.parse::<u32>().unwrap_or(0) >= 2),
+        "confd's user should read the two registrations: {read}"
+    );
+    let write = tls
+        .post(format!("{etcd}/v3/kv/put"))
+        .header("Authorization", &token)
+        .json(&serde_json::json!({"key": "L3NlcnZpY2VzL2h0dHAvaW50cnVkZXI=", "value": "MTI3LjAuMC4xOjk="}))
+        .send()
+        .await
+        .unwrap();
+    let status = write.status();
+    let body = write.text().await.unwrap_or_default();
+    assert!(
+        !status.is_success() && body.contains("permission denied"),
+        "confd's user wrote: {status} {body}"
+    );
+    for service in ["lb", "registrator"] {
+        assert!(
+            !stack.logs(service).contains(&password),
+            "{service} logged a password"
+        );
+    }
 }

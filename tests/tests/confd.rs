@@ -1,7 +1,7 @@
 //! confd end to end: real Consul / etcd, the real `confd` binary, real nginx and HAProxy,
 //! and tiny in-test HTTP backends that answer with their own name.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use switchboard::{RegistryUri, Service, Store};
@@ -74,48 +74,6 @@ async fn wait_file(p: &Process, what: &str, path: &Path, pred: impl Fn(&str) -> 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// GETs `/` through `port` `n` times on fresh connections; the set of bodies that answered.
-async fn answers(port: u16, host: Option<&str>, n: usize) -> BTreeSet<String> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap();
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        let mut req = client.get(format!("http://127.0.0.1:{port}/"));
-        if let Some(h) = host {
-            req = req.header("Host", h);
-        }
-        if let Ok(r) = req.send().await {
-            if r.status().is_success() {
-                seen.insert(r.text().await.unwrap_or_default());
-            } else {
-                seen.insert(format!("status {}", r.status()));
-            }
-        }
-    }
-    seen
-}
-
-/// Waits until requests through `port` reach exactly `want`.
-async fn wait_routes(what: &str, port: u16, host: Option<&str>, want: &[&str]) {
-    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-    let n = want.len() * 4 + 2;
-    let mut last = BTreeSet::new();
-    let ok = tokio::time::timeout(WAIT, async {
-        loop {
-            last = answers(port, host, n).await;
-            if last == want {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await;
-    assert!(ok.is_ok(), "{what}: wanted {want:?}, last saw {last:?}");
 }
 
 /// nginx + HAProxy files and vars in one temp dir.
@@ -261,12 +219,20 @@ async fn consul_nginx_and_haproxy_route_to_exactly_the_live_set() {
     })
     .await;
     let _nginx = px.start_nginx().await;
-    wait_routes("nginx, two instances", px.nginx_port, None, &["b1", "b2"]).await;
+    wait_routes(
+        "nginx, two instances",
+        px.nginx_port,
+        None,
+        &["b1", "b2"],
+        WAIT,
+    )
+    .await;
     wait_routes(
         "nginx vhost 2048.local.com",
         px.nginx_port,
         Some("2048.local.com"),
         &["b1", "b2"],
+        WAIT,
     )
     .await;
 
@@ -276,10 +242,18 @@ async fn consul_nginx_and_haproxy_route_to_exactly_the_live_set() {
         px.nginx_port,
         None,
         &["b1", "b2", "b3"],
+        WAIT,
     )
     .await;
     st.deregister(&backends[0].service("http")).await.unwrap();
-    wait_routes("nginx, b1 removed", px.nginx_port, None, &["b2", "b3"]).await;
+    wait_routes(
+        "nginx, b1 removed",
+        px.nginx_port,
+        None,
+        &["b2", "b3"],
+        WAIT,
+    )
+    .await;
     let out = confd_p.output();
     assert!(out.contains("reloaded"), "{out}");
     assert!(!out.contains("ERROR"), "{out}");
@@ -335,6 +309,7 @@ async fn reload_failures_before_the_proxy_starts_are_retried() {
         px.nginx_port,
         None,
         &["r1", "r2"],
+        WAIT,
     )
     .await;
     let out = p.output();
@@ -362,7 +337,7 @@ async fn failed_nginx_check_keeps_config_and_proxy_serving() {
     })
     .await;
     let _nginx = px.start_nginx().await;
-    wait_routes("nginx serving", px.nginx_port, None, &["n1"]).await;
+    wait_routes("nginx serving", px.nginx_port, None, &["n1"], WAIT).await;
     let good = read(&px.p("nginx.conf"));
 
     write(
@@ -378,7 +353,7 @@ async fn failed_nginx_check_keeps_config_and_proxy_serving() {
     assert!(line.contains("nginx.conf.hbs"), "{line}");
     assert!(line.contains("bogus_directive"), "{line}");
     assert_eq!(read(&px.p("nginx.conf")), good);
-    wait_routes("nginx still serving", px.nginx_port, None, &["n1"]).await;
+    wait_routes("nginx still serving", px.nginx_port, None, &["n1"], WAIT).await;
 
     write(
         &src,
@@ -388,7 +363,14 @@ async fn failed_nginx_check_keeps_config_and_proxy_serving() {
         t.contains("worker_processes 2;")
     })
     .await;
-    wait_routes("nginx serving after the fix", px.nginx_port, None, &["n1"]).await;
+    wait_routes(
+        "nginx serving after the fix",
+        px.nginx_port,
+        None,
+        &["n1"],
+        WAIT,
+    )
+    .await;
 }
 
 /// HAProxy from etcd: routing follows the instances; Host routing for the vhost; the stats
@@ -439,28 +421,30 @@ templates:
     )
     .await;
     let _haproxy = px.start_haproxy().await;
-    wait_routes("haproxy default", px.haproxy_port, None, &["h1"]).await;
+    wait_routes("haproxy default", px.haproxy_port, None, &["h1"], WAIT).await;
     wait_routes(
         "haproxy vhost",
         px.haproxy_port,
         Some("2048.local.com"),
         &["h1"],
+        WAIT,
     )
     .await;
 
     let mut s2 = b2.service("app");
     s2.meta = s1.meta.clone();
     st.register(&s2).await.unwrap();
-    wait_routes("haproxy, both", px.haproxy_port, None, &["h1", "h2"]).await;
+    wait_routes("haproxy, both", px.haproxy_port, None, &["h1", "h2"], WAIT).await;
     wait_routes(
         "haproxy vhost, both",
         px.haproxy_port,
         Some("2048.local.com"),
         &["h1", "h2"],
+        WAIT,
     )
     .await;
     st.deregister(&s1).await.unwrap();
-    wait_routes("haproxy, h1 removed", px.haproxy_port, None, &["h2"]).await;
+    wait_routes("haproxy, h1 removed", px.haproxy_port, None, &["h2"], WAIT).await;
 
     let stats = format!("http://127.0.0.1:{}/stats", px.stats_port);
     // No pooled connections: a reload still finishing may close an idle keep-alive one.

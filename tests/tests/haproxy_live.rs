@@ -349,53 +349,6 @@ templates:
 // Traffic
 // ---------------------------------------------------------------------------------------
 
-/// The bodies that answered `n` GETs through `port` on fresh connections.
-async fn answers(port: u16, host: Option<&str>, n: usize) -> BTreeSet<String> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap();
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        let mut req = client.get(format!("http://127.0.0.1:{port}/"));
-        if let Some(h) = host {
-            req = req.header("Host", h);
-        }
-        match req.send().await {
-            Ok(r) if r.status().is_success() => {
-                seen.insert(r.text().await.unwrap_or_default());
-            }
-            Ok(r) => {
-                seen.insert(format!("status {}", r.status()));
-            }
-            Err(e) => {
-                seen.insert(format!("error {e}"));
-            }
-        }
-    }
-    seen
-}
-
-/// Waits until requests through `port` reach exactly `want` (every one of a sample of
-/// 4 per instance + 2, on fresh connections).
-async fn wait_routes(what: &str, port: u16, host: Option<&str>, want: &[&str]) {
-    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-    let last = Mutex::new(BTreeSet::new());
-    let done = poll(WAIT, Duration::from_millis(100), || async {
-        let seen = answers(port, host, want.len() * 4 + 2).await;
-        let ok = seen == want;
-        *last.lock().unwrap() = seen;
-        ok.then_some(())
-    })
-    .await;
-    assert!(
-        done.is_some(),
-        "{what}: wanted {want:?}, last saw {:?}",
-        last.lock().unwrap()
-    );
-}
-
 /// Waits until `n` more requests of `load` succeeded; on timeout says what the load and confd
 /// saw.
 async fn wait_flowing(load: &Load, n: u64, stack: &Stack) {
@@ -433,7 +386,7 @@ async fn scale_under_load_without_a_reload() {
     let b: Vec<Backend> = backends(["b0", "b1", "b2"]).await;
     st.register(&b[0].service("web")).await.unwrap();
     let stack = Stack::start(&consul.uri(), false, "10s", "b0").await;
-    wait_routes("b0 alone", stack.port, None, &["b0"]).await;
+    wait_routes("b0 alone", stack.port, None, &["b0"], WAIT).await;
     let (reloads, worker) = (stack.counter("reloads"), stack.worker().await);
 
     let load = Load::start(LoadSpec::get(&stack.url(), 8));
@@ -445,6 +398,7 @@ async fn scale_under_load_without_a_reload() {
             stack.port,
             None,
             &["b0", "b1", "b2"],
+            WAIT,
         )
         .await;
         wait_flowing(&load, 300, &stack).await;
@@ -455,6 +409,7 @@ async fn scale_under_load_without_a_reload() {
             stack.port,
             None,
             &["b0"],
+            WAIT,
         )
         .await;
         stack.wait_running_equals_file("svc_web").await;
@@ -517,7 +472,7 @@ async fn open_connections_survive_and_drained_requests_finish() {
     let b = backends(["s0", "s1", "s2"]).await;
     st.register(&b[0].service("web")).await.unwrap();
     let stack = Stack::start(&uri, false, "20s", "s0").await;
-    wait_routes("s0 alone", stack.port, None, &["s0"]).await;
+    wait_routes("s0 alone", stack.port, None, &["s0"], WAIT).await;
     let (reloads, worker) = (stack.counter("reloads"), stack.worker().await);
 
     // A 10 s stream from s0, the only instance.
@@ -535,11 +490,11 @@ async fn open_connections_survive_and_drained_requests_finish() {
     })
     .await;
     st.register(&b[1].service("web")).await.unwrap();
-    wait_routes("s1 added", stack.port, None, &["s0", "s1"]).await;
+    wait_routes("s1 added", stack.port, None, &["s0", "s1"], WAIT).await;
     st.register(&b[2].service("web")).await.unwrap();
-    wait_routes("s2 added", stack.port, None, &["s0", "s1", "s2"]).await;
+    wait_routes("s2 added", stack.port, None, &["s0", "s1", "s2"], WAIT).await;
     st.deregister(&b[2].service("web")).await.unwrap();
-    wait_routes("s2 removed", stack.port, None, &["s0", "s1"]).await;
+    wait_routes("s2 removed", stack.port, None, &["s0", "s1"], WAIT).await;
     assert_eq!(b[0].in_flight(), 1, "the stream is still open on s0");
     let lines = tokio::time::timeout(WAIT, stream).await.unwrap().unwrap();
     assert_eq!(lines, Ok(40), "the stream ran to its end");
@@ -580,6 +535,7 @@ async fn open_connections_survive_and_drained_requests_finish() {
         stack.port,
         None,
         &["s0"],
+        WAIT,
     )
     .await;
     let mut on_s1 = 0;
@@ -600,16 +556,23 @@ async fn open_connections_survive_and_drained_requests_finish() {
 
     // s2 comes back while it drains: the delete is cancelled, it serves again.
     st.register(&b[2].service("web")).await.unwrap();
-    wait_routes("s2 back", stack.port, None, &["s0", "s2"]).await;
+    wait_routes("s2 back", stack.port, None, &["s0", "s2"], WAIT).await;
     let reqs = slow(4);
     wait_for("a slow request on s2", WAIT, || async {
         (b[2].in_flight() > 0).then_some(())
     })
     .await;
     st.deregister(&b[2].service("web")).await.unwrap();
-    wait_routes("s2 draining", stack.port, None, &["s0"]).await;
+    wait_routes("s2 draining", stack.port, None, &["s0"], WAIT).await;
     st.register(&b[2].service("web")).await.unwrap();
-    wait_routes("s2 back while it drained", stack.port, None, &["s0", "s2"]).await;
+    wait_routes(
+        "s2 back while it drained",
+        stack.port,
+        None,
+        &["s0", "s2"],
+        WAIT,
+    )
+    .await;
     stack.wait_log("drain cancelled").await;
     for r in reqs {
         let (status, _) = tokio::time::timeout(WAIT, r)
@@ -654,7 +617,7 @@ async fn structural_change_reloads_then_runtime_updates_resume() {
     let b = backends(["w0", "a0", "a1"]).await;
     st.register(&b[0].service("web")).await.unwrap();
     let stack = Stack::start(&consul.uri(), true, "10s", "w0").await;
-    wait_routes("w0", stack.port, None, &["w0"]).await;
+    wait_routes("w0", stack.port, None, &["w0"], WAIT).await;
     let (reloads, worker) = (stack.counter("reloads"), stack.worker().await);
 
     let load = Load::start(LoadSpec::get(&stack.url(), 8));
@@ -678,6 +641,7 @@ async fn structural_change_reloads_then_runtime_updates_resume() {
         stack.port,
         Some("api.local"),
         &["a0", "a1"],
+        WAIT,
     )
     .await;
     assert_eq!(
@@ -720,7 +684,7 @@ async fn drain_timeout_bounds_a_removal() {
     st.register(&b[0].service("web")).await.unwrap();
     st.register(&b[1].service("web")).await.unwrap();
     let stack = Stack::start(&uri, false, "1s", "t1").await;
-    wait_routes("t0 and t1", stack.port, None, &["t0", "t1"]).await;
+    wait_routes("t0 and t1", stack.port, None, &["t0", "t1"], WAIT).await;
 
     let url = format!("http://127.0.0.1:{}/slow?ms=15000", stack.port);
     let reqs: Vec<_> = (0..4)

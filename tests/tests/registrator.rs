@@ -223,6 +223,34 @@ async fn names_ports_udp_and_ignore() {
 }
 
 #[tokio::test]
+async fn label_filter_registers_only_matching_containers() {
+    let consul = Consul::start().await;
+    let project = format!("shop{}", std::process::id());
+    let label = format!("com.docker.compose.project={project}");
+    let ours = web("reg-filter-in", &["-l", &label]);
+    let other = web(
+        "reg-filter-out",
+        &["-l", "com.docker.compose.project=other"],
+    );
+    let unlabelled = web("reg-filter-none", &[]);
+    // The filter from the environment, as the compose files pass it.
+    let _reg = registrator(&consul.uri(), &[], &[("REGISTRATOR_LABEL_FILTER", &label)]);
+    // Nothing is registered before the first listing is judged whole, so once `ours` is
+    // there, the others have been judged too.
+    wait_consul(&consul, &id_of(&ours, "80")).await;
+    let later = web("reg-filter-later", &["-l", &label]);
+    wait_consul(&consul, &id_of(&later, "80")).await;
+    let ids = consul.agent_service_ids().await;
+    for c in [&other, &unlabelled] {
+        assert!(
+            !ids.iter().any(|i| i.contains(&c.name)),
+            "{} in {ids:?}",
+            c.name
+        );
+    }
+}
+
+#[tokio::test]
 async fn tcp_check_and_a_malformed_label_warn_once() {
     let consul = Consul::start().await;
     let reg = registrator(&consul.uri(), &[], &[]);

@@ -8,8 +8,6 @@
 //! it; each test therefore names its service uniquely and the proxy serves only that one.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,9 +48,10 @@ fn app_args(service: &str, publish: &str, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// What an instance answers: its hostname is the first 12 characters of its container ID.
+/// What an instance answers (trimmed): its hostname is the first 12 characters of its
+/// container ID.
 fn hello(container_id: &str) -> String {
-    format!("Hello from {}\n", &container_id[..12])
+    format!("Hello from {}", &container_id[..12])
 }
 
 fn run_app(tag: &str, service: &str, extra: &[&str]) -> Container {
@@ -105,20 +104,15 @@ impl Proxy {
     /// Waits until requests through the proxy reach exactly `want` (bodies); returns how
     /// long that took.
     async fn wait_routes(&self, what: &str, want: &BTreeSet<String>) -> Duration {
-        let start = Instant::now();
-        let mut last = BTreeSet::new();
-        while start.elapsed() < WAIT {
-            last = answers(self.port(), want.len() * 4 + 2).await;
-            if &last == want {
-                return start.elapsed();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let want: Vec<&String> = want.iter().collect();
+        match routes_converge(self.port(), None, &want, WAIT).await {
+            Ok(took) => took,
+            Err(last) => panic!(
+                "{what}: wanted {want:?}, last saw {last:?}\nhaproxy.cfg:\n{}\nconfd output:\n{}",
+                self.config(),
+                self.0.confd.output()
+            ),
         }
-        panic!(
-            "{what}: wanted {want:?}, last saw {last:?}\nhaproxy.cfg:\n{}\nconfd output:\n{}",
-            self.config(),
-            self.0.confd.output()
-        );
     }
 
     /// Waits until the rendered config no longer names `needle` (a host identity or a
@@ -138,15 +132,6 @@ impl Proxy {
     }
 }
 
-fn client() -> reqwest::Client {
-    // A fresh connection per request, as separate clients would make.
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap()
-}
-
 /// One GET through the proxy: the body, or why it failed.
 async fn get(http: &reqwest::Client, port: u16) -> Result<String, String> {
     let r = http
@@ -157,20 +142,10 @@ async fn get(http: &reqwest::Client, port: u16) -> Result<String, String> {
     let status = r.status();
     let body = r.text().await.map_err(|e| format!("body: {e}"))?;
     if status.is_success() && body.starts_with("Hello from ") {
-        Ok(body)
+        Ok(body.trim().to_string())
     } else {
         Err(format!("status {status}: {body:?}"))
     }
-}
-
-/// The set of bodies (or errors) `n` requests got.
-async fn answers(port: u16, n: usize) -> BTreeSet<String> {
-    let http = client();
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        seen.insert(get(&http, port).await.unwrap_or_else(|e| e));
-    }
-    seen
 }
 
 /// A client calling every 100 ms in the background, at most `n` times or until stopped:
@@ -187,7 +162,7 @@ impl Caller {
         let stop = Arc::new(AtomicBool::new(false));
         let (counter, stopped) = (sent.clone(), stop.clone());
         let task = tokio::spawn(async move {
-            let http = client();
+            let http = fresh_client();
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             let mut out = Vec::with_capacity(n);
             while out.len() < n && !stopped.load(Ordering::SeqCst) {
@@ -295,171 +270,10 @@ async fn scenario4_failover_loses_no_request() {
 // Scenario 5: several hosts
 // ---------------------------------------------------------------------------------------
 
-/// A second Docker engine on this machine: its own socket, data and exec roots, pid file and
-/// bridge (`br-sbtest`, no iptables: the userland proxy publishes ports on loopback). Drop
-/// removes its containers, stops it, unmounts and deletes its directories and the bridge.
-struct Engine {
-    dir: PathBuf,
-    sock: String,
-    proc: Option<Process>,
-    /// Set by [`Engine::kill`]: cleanup must restart dockerd to stop the orphans.
-    killed: bool,
-}
-
+/// Host B's bridge (`br-sbtest`) and its gateway and subnet (unused elsewhere on these
+/// machines).
 const BRIDGE: &str = "br-sbtest";
-/// The bridge's gateway and subnet (unused elsewhere on these machines).
 const BRIDGE_CIDR: &str = "10.213.57.1/24";
-
-fn run_cmd(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl Engine {
-    fn start() -> Engine {
-        // A bridge a crashed run left would make `ip link add` fail.
-        let _ = run_cmd("ip", &["link", "del", BRIDGE]);
-        run_cmd("ip", &["link", "add", BRIDGE, "type", "bridge"]).unwrap();
-        // From here on Drop cleans up, whatever fails next.
-        let dir = PathBuf::from(format!("/tmp/sbtest-engine-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut e = Engine {
-            sock: format!("unix://{}/docker.sock", dir.display()),
-            dir,
-            proc: None,
-            killed: false,
-        };
-        run_cmd("ip", &["addr", "add", BRIDGE_CIDR, "dev", BRIDGE]).unwrap();
-        run_cmd("ip", &["link", "set", BRIDGE, "up"]).unwrap();
-        // The machine's /etc/docker/daemon.json sets data-root; an empty file of our own
-        // keeps it from clashing with --data-root.
-        std::fs::write(e.dir.join("daemon.json"), "{}").unwrap();
-        e.launch().unwrap();
-        let mut save = Command::new("docker")
-            .args(["save", TEST_IMAGE])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let load = Command::new("docker")
-            .args(["-H", &e.sock, "load", "-q"])
-            .stdin(save.stdout.take().unwrap())
-            .output()
-            .unwrap();
-        assert!(save.wait().unwrap().success(), "docker save failed");
-        assert!(
-            load.status.success(),
-            "docker load into the second engine: {}",
-            String::from_utf8_lossy(&load.stderr)
-        );
-        e
-    }
-
-    /// Starts dockerd on this engine's directories and waits until it answers (a blocking
-    /// bounded poll: nothing else runs while an engine starts).
-    fn launch(&mut self) -> Result<(), String> {
-        let d = self.dir.display().to_string();
-        let args = [
-            "--config-file",
-            &format!("{d}/daemon.json"),
-            "--host",
-            &self.sock,
-            "--data-root",
-            &format!("{d}/data"),
-            "--exec-root",
-            &format!("{d}/exec"),
-            "--pidfile",
-            &format!("{d}/docker.pid"),
-            "--bridge",
-            BRIDGE,
-            "--iptables=false",
-        ];
-        self.proc = Some(Process::spawn(Path::new("dockerd"), &args, &[]));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.docker(&["info", "-f", "{{.ID}}"]).is_err() {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "second dockerd did not answer; output:\n{}",
-                    self.proc.as_ref().unwrap().output()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(())
-    }
-
-    fn docker(&self, args: &[&str]) -> Result<String, String> {
-        let mut full = vec!["-H", &self.sock];
-        full.extend_from_slice(args);
-        run_cmd("docker", &full)
-    }
-
-    /// `docker run -d` on this engine; returns the container ID. Names are unique across
-    /// both engines, as the service IDs `<host>:<container>:<port>` need.
-    fn run(&self, tag: &str, args: &[String]) -> (String, String) {
-        let name = unique_name(tag);
-        let mut full = vec!["run", "-d", "--name", &name, "--label", TEST_LABEL];
-        full.extend(args.iter().map(String::as_str));
-        let id = self.docker(&full).unwrap();
-        (id, name)
-    }
-
-    /// The host is lost: `kill -9` dockerd. Its containerd and port proxies die with it
-    /// (the containers' processes live on under their shims until cleanup).
-    fn kill(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill9();
-        }
-        self.killed = true;
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        // After a kill, restarting dockerd on the same roots stops the orphaned containers.
-        if self.killed {
-            let _ = self.launch();
-        }
-        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
-            for id in ids.lines().filter(|l| !l.is_empty()) {
-                let _ = self.docker(&["rm", "-f", "-v", id]);
-            }
-        }
-        if let Some(p) = self.proc.as_mut() {
-            p.signal(libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while self.dir.join("docker.pid").exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        self.proc = None;
-        // dockerd leaves its data root bind-mounted on itself; unmount everything under our
-        // directory, deepest first, before deleting it.
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        let mut ours: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|m| Path::new(m).starts_with(&self.dir))
-            .collect();
-        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in ours {
-            let _ = run_cmd("umount", &["-l", m]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = run_cmd("ip", &["link", "del", BRIDGE]);
-    }
-}
 
 /// Both engines pick published ports from the same range (32768 up, sequentially) and cannot
 /// see each other's: the second engine's would sooner or later take a port the default
@@ -488,7 +302,7 @@ fn port_below_ephemeral_range() -> u16 {
 /// them out through their failing HTTP checks, while the other host serves throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario5_several_hosts_survive_losing_one() {
-    let mut engine_b = Engine::start();
+    let mut engine_b = DockerEngine::start(BRIDGE, BRIDGE_CIDR);
     let consul = Consul::start().await;
     let service = service_name("hosts");
     let host_a = format!("sbtest-host-a-{}", std::process::id());

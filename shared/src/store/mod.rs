@@ -434,8 +434,9 @@ fn transport_error(endpoint: &str, what: &str, e: &reqwest::Error) -> StoreError
     }
 }
 
-/// What kind of TLS failure a transport error's text describes, if it is one.
-fn tls_failure(reason: &str) -> Option<&'static str> {
+/// What kind of TLS failure a transport error's text describes, if it is one (also used for
+/// the Docker engine's TLS, whose client is rustls too).
+pub fn tls_failure(reason: &str) -> Option<&'static str> {
     let r = reason.to_ascii_lowercase();
     if r.contains("invalid peer certificate") || r.contains("unknownissuer") {
         Some("server certificate verification failed (check the CA and the server name)")
@@ -457,7 +458,7 @@ fn tls_failure(reason: &str) -> Option<&'static str> {
 /// ("error sending request") says little; the cause (connection refused, timed out) is what an
 /// operator needs. reqwest and hyper often repeat their source in their own message, so
 /// repeats are skipped.
-fn one_line(e: &dyn std::error::Error) -> String {
+pub fn one_line(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -145,7 +145,9 @@ impl StoreSettings {
     }
 
     /// The etcd settings from the environment: `ETCDCTL_CACERT`, `ETCDCTL_CERT`, `ETCDCTL_KEY`,
-    /// and `ETCDCTL_USER` (`name:password`, or `name` with `ETCDCTL_PASSWORD`).
+    /// and `ETCDCTL_USER` (`name:password`, or `name` with `ETCDCTL_PASSWORD` or the file
+    /// `ETCDCTL_PASSWORD_FILE`, ours: a password mounted as a file stays out of the
+    /// environment).
     pub fn etcd_from_env() -> Result<Self, SettingsError> {
         Self::etcd_from(Credentials::default())
     }
@@ -160,10 +162,16 @@ impl StoreSettings {
             key_file: env("ETCDCTL_KEY").map(PathBuf::from),
             server_name: None,
         };
-        let etcd_user = etcd_user(
-            given.user.or_else(|| env("ETCDCTL_USER")),
-            given.password.or_else(|| env("ETCDCTL_PASSWORD")),
-        )?;
+        let password = match given.password.or_else(|| env("ETCDCTL_PASSWORD")) {
+            Some(p) => Some(p),
+            None => match env("ETCDCTL_PASSWORD_FILE") {
+                Some(f) => {
+                    Some(secret_file(Path::new(&f), "ETCDCTL_PASSWORD_FILE", "an etcd password")?.0)
+                }
+                None => None,
+            },
+        };
+        let etcd_user = etcd_user(given.user.or_else(|| env("ETCDCTL_USER")), password)?;
         Ok(StoreSettings {
             tls,
             token: None,
@@ -314,20 +322,26 @@ fn consul_token(
         return Ok(Some(Secret(t.trim().to_string())));
     }
     let Some(f) = file else { return Ok(None) };
+    secret_file(f, file_setting, "a Consul ACL token").map(Some)
+}
+
+/// A secret kept in a file (a token, a password; compose and Kubernetes mount them so): its
+/// content without surrounding whitespace, refused when unreadable or empty.
+fn secret_file(f: &Path, setting: &str, expected: &str) -> Result<Secret, SettingsError> {
     let text = std::fs::read_to_string(f).map_err(|e| {
         SettingsError::new(format!(
-            "cannot read the token file {} ({file_setting}): {e}",
+            "cannot read the file {} ({setting}): {e}",
             f.display()
         ))
     })?;
-    let token = text.trim();
-    if token.is_empty() {
+    let value = text.trim();
+    if value.is_empty() {
         return Err(SettingsError::new(format!(
-            "token file {} ({file_setting}) is empty: expected a Consul ACL token",
+            "file {} ({setting}) is empty: expected {expected}",
             f.display()
         )));
     }
-    Ok(Some(Secret(token.to_string())))
+    Ok(Secret(value.to_string()))
 }
 
 /// `ETCDCTL_USER` as etcdctl reads it: `name:password`, or `name` with the password apart.
@@ -347,7 +361,7 @@ pub fn etcd_user(
     }
     let Some(pw) = pw else {
         return Err(SettingsError::new(format!(
-            "etcd user {name:?} has no password: expected ETCDCTL_USER=name:password or ETCDCTL_PASSWORD"
+            "etcd user {name:?} has no password: expected ETCDCTL_USER=name:password, ETCDCTL_PASSWORD or ETCDCTL_PASSWORD_FILE"
         )));
     };
     Ok(Some(EtcdUser {
@@ -441,7 +455,14 @@ mod tests {
         let e = consul_token(None, Some(&missing), "X")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("cannot read the token file"), "{e}");
+        assert!(
+            e.contains("cannot read the file") && e.contains("(X)"),
+            "{e}"
+        );
+        let e = secret_file(&missing, "ETCDCTL_PASSWORD_FILE", "an etcd password")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ETCDCTL_PASSWORD_FILE"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,0 +1,711 @@
+//! `--exec`: confd supervises the proxy, as consul-template's exec mode does, so a container
+//! needs no shell entrypoint and no init process.
+//!
+//! This module owns the child process: when it starts (after the first good render of every
+//! template, or on the files an earlier run left when the store does not answer: fail
+//! static), how it is reloaded (a signal, for templates without a reload command of their
+//! own), how it is restarted (with backoff, when it dies on its own) and how it stops (the
+//! signal confd got, forwarded; confd exits with the child's status).
+//!
+//! The command comes from the operator's configuration (`--exec` or the config file's `exec:`),
+//! never from store data. It runs without a shell: a string is split into words by shell
+//! quoting rules, and anything a shell would interpret (`;`, `|`, `&`, `$`, redirections) is
+//! refused rather than passed on as a literal word. Whoever needs a shell writes
+//! `sh -c '...'` (ending in `exec proxy ...`, so that signals reach the proxy itself).
+//!
+//! One child per confd process, kept across SIGHUP: a SIGHUP re-reads confd's own
+//! configuration and restarts the render loop, but the proxy keeps running (it is reloaded
+//! only if the new configuration renders a different file). The supervisor therefore lives
+//! beside the render loop, not inside it, and the loop reaches it through two functions,
+//! [`rendered`] and [`reload`], that do nothing when no supervisor runs (`--once`, `--dry-run`,
+//! no `exec`).
+//!
+//! The child leads a process group of its own. When it dies, whatever is left in that group
+//! (an nginx master killed with `kill -9` leaves its workers, which still hold the listening
+//! sockets) is killed, so the restarted proxy can bind again; confd makes itself a child
+//! subreaper so those orphans become its children and are reaped, not left as zombies, also
+//! when it runs as PID 1 in a container.
+
+use crate::duration;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use std::fmt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use switchboard::Backoff;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+/// How long confd waits for the first good render before it starts the proxy on the files an
+/// earlier run left (fail static). Long enough for a reachable store to answer, short enough
+/// that a container whose store is down serves within seconds.
+pub const FAIL_STATIC_AFTER: Duration = Duration::from_secs(2);
+
+/// Restart backoff after an unexpected exit: first and longest wait (doubling in between).
+pub const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// A child that ran this long before it died counts as having worked: the next restart waits
+/// the shortest time again.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// How long a reload signal waits for a just-started child to install its handler for it: a
+/// proxy that has not yet would die of the signal's default action instead of reloading.
+const HANDLER_WAIT: Duration = Duration::from_secs(2);
+
+/// A signal, by name (`SIGHUP`, `HUP`, `hup`) or number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Signal(pub i32);
+
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("USR1", libc::SIGUSR1),
+    ("USR2", libc::SIGUSR2),
+    ("TERM", libc::SIGTERM),
+    ("WINCH", libc::SIGWINCH),
+    ("ALRM", libc::SIGALRM),
+    ("CONT", libc::SIGCONT),
+];
+
+impl Signal {
+    /// SIGHUP: the default reload signal (nginx and HAProxy's master reload on it).
+    pub const HUP: Signal = Signal(libc::SIGHUP);
+    /// SIGTERM.
+    pub const TERM: Signal = Signal(libc::SIGTERM);
+    /// SIGINT.
+    pub const INT: Signal = Signal(libc::SIGINT);
+    /// SIGQUIT.
+    pub const QUIT: Signal = Signal(libc::SIGQUIT);
+    /// SIGUSR1.
+    pub const USR1: Signal = Signal(libc::SIGUSR1);
+    /// SIGUSR2.
+    pub const USR2: Signal = Signal(libc::SIGUSR2);
+
+    /// Parses `SIGHUP`, `HUP` (any case) or a number.
+    pub fn parse(s: &str) -> Result<Signal, String> {
+        let t = s.trim().to_ascii_uppercase();
+        let name = t.strip_prefix("SIG").unwrap_or(&t);
+        if let Some((_, n)) = SIGNALS.iter().find(|(k, _)| *k == name) {
+            return Ok(Signal(*n));
+        }
+        match name.parse::<i32>() {
+            Ok(n) if (1..=64).contains(&n) && n != libc::SIGKILL && n != libc::SIGSTOP => {
+                Ok(Signal(n))
+            }
+            _ => Err(format!(
+                "invalid signal {s:?}: expected a name like SIGHUP, SIGUSR2 or SIGTERM"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match SIGNALS.iter().find(|(_, n)| *n == self.0) {
+            Some((name, _)) => write!(f, "SIG{name}"),
+            None => write!(f, "signal {}", self.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Signal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
+        let s = String::deserialize(d)?;
+        Signal::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// The program and its arguments. Written as a string (split by shell quoting rules, no shell
+/// run) or as a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecCommand(pub Vec<String>);
+
+impl ExecCommand {
+    /// Splits `s` into words as a POSIX shell would (single and double quotes, backslash),
+    /// without expanding anything; refuses what only a shell could run.
+    pub fn parse(s: &str) -> Result<ExecCommand, String> {
+        let words = split_words(s).map_err(|e| format!("exec command {s:?}: {e}"))?;
+        if words.is_empty() || words[0].is_empty() {
+            return Err(format!(
+                "exec command {s:?} is empty: expected a program and its arguments"
+            ));
+        }
+        Ok(ExecCommand(words))
+    }
+}
+
+impl fmt::Display for ExecCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let words: Vec<String> = self
+            .0
+            .iter()
+            .map(|w| {
+                if !w.is_empty()
+                    && w.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+                {
+                    w.clone()
+                } else {
+                    crate::command::shell_quote(w)
+                }
+            })
+            .collect();
+        f.write_str(&words.join(" "))
+    }
+}
+
+impl<'de> Deserialize<'de> for ExecCommand {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ExecCommand;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a command string or a non-empty list of arguments")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ExecCommand, E> {
+                ExecCommand::parse(s).map_err(E::custom)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ExecCommand, A::Error> {
+                let mut argv = Vec::new();
+                while let Some(a) = seq.next_element::<String>()? {
+                    argv.push(a);
+                }
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(de::Error::custom(
+                        "empty exec command: expected [program, args...]",
+                    ));
+                }
+                Ok(ExecCommand(argv))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Shell-style word splitting without a shell: quotes group, backslash escapes, nothing is
+/// expanded. Characters a shell would act on are refused outside single quotes, since passing
+/// them on as literal words would silently do something other than what was written.
+pub fn split_words(s: &str) -> Result<Vec<String>, String> {
+    let shell_only = |c: char| {
+        format!(
+            "{c:?} needs a shell, and the command runs without one: quote it, or write sh -c '...' to use a shell"
+        )
+    };
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => cur.push(c),
+                        None => return Err("unterminated single quote".into()),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => cur.push(c),
+                            Some(c) => {
+                                cur.push('\\');
+                                cur.push(c);
+                            }
+                            None => return Err("unterminated double quote".into()),
+                        },
+                        Some(c @ ('$' | '`')) => return Err(shell_only(c)),
+                        Some(c) => cur.push(c),
+                        None => return Err("unterminated double quote".into()),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                match chars.next() {
+                    Some(c) => cur.push(c),
+                    None => return Err("trailing backslash".into()),
+                }
+            }
+            ';' | '|' | '&' | '<' | '>' | '$' | '`' | '(' | ')' | '*' | '?' => {
+                return Err(shell_only(c))
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Ok(words)
+}
+
+fn default_reload_signal() -> Signal {
+    Signal::HUP
+}
+fn default_kill_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The config file's `exec:` block (`--exec` and `--exec-reload-signal` set the same).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    /// The proxy in the foreground (`nginx -g 'daemon off;'`, `haproxy -W -db -f ...`).
+    pub command: ExecCommand,
+    /// Sent to the child after a render, for templates without a reload command of their own.
+    #[serde(default = "default_reload_signal")]
+    pub reload_signal: Signal,
+    /// How long a stopping child may take after the forwarded signal before it is killed.
+    #[serde(default = "default_kill_timeout", with = "duration::serde_text")]
+    pub kill_timeout: Duration,
+}
+
+impl ExecConfig {
+    /// A command alone, with the default reload signal and kill timeout.
+    pub fn new(command: ExecCommand) -> ExecConfig {
+        ExecConfig {
+            command,
+            reload_signal: default_reload_signal(),
+            kill_timeout: default_kill_timeout(),
+        }
+    }
+}
+
+/// Where the child is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Waiting for the first good render (or for fail static).
+    NotStarted,
+    /// Running with this PID.
+    Running(i32),
+    /// Died; restarted at this time.
+    Backoff(Instant),
+    /// Stop signal forwarded to this PID; waiting for it to exit.
+    Stopping(i32),
+}
+
+/// What the render loop and the supervisor share.
+struct Shared {
+    state: Mutex<State>,
+    /// Templates rendered at least once (by index), and out of how many.
+    progress: Mutex<(usize, std::collections::BTreeSet<usize>)>,
+    /// Every template has been rendered once.
+    ready: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn set(&self, s: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+    fn get(&self) -> State {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The one supervisor of this process, once started (see the module docs for why it is
+/// process-wide).
+static CURRENT: OnceLock<Arc<Shared>> = OnceLock::new();
+
+/// The render loop's report after a pass: `rendered` are the templates (of `total`) whose
+/// destination now holds a render of the current snapshot (written, or already equal). Once
+/// every template has been, the child may start. A no-op without a supervisor.
+pub fn rendered(total: usize, rendered: impl IntoIterator<Item = usize>) {
+    let Some(shared) = CURRENT.get() else { return };
+    let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+    if p.0 != total {
+        // A SIGHUP changed the template list before the first start: count afresh.
+        *p = (total, Default::default());
+    }
+    p.1.extend(rendered);
+    if p.1.len() >= total {
+        shared
+            .ready
+            .send_if_modified(|r| !std::mem::replace(r, true));
+    }
+}
+
+/// Whether a supervised child is running now.
+pub fn running() -> bool {
+    CURRENT
+        .get()
+        .is_some_and(|s| matches!(s.get(), State::Running(_)))
+}
+
+/// Reloads the child with `sig` (a template's reload when it has no command of its own).
+/// Returns what was done, for the `reloaded` log line. A child that is not running has
+/// nothing to reload: it reads the new file when it starts, so that is not a failure.
+pub async fn reload(sig: Signal) -> Result<String, String> {
+    let Some(shared) = CURRENT.get() else {
+        return Ok(format!("{sig} not sent: no supervised process in this run"));
+    };
+    let pid = match shared.get() {
+        State::Running(pid) => pid,
+        other => {
+            return Ok(format!(
+                "{sig} not sent: the supervised process is not running ({other:?}); it reads the file when it starts"
+            ))
+        }
+    };
+    // A proxy started a moment ago may not have installed its handler yet; the default
+    // action of SIGHUP would kill it.
+    let deadline = Instant::now() + HANDLER_WAIT;
+    while !catches(pid, sig) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if shared.get() != State::Running(pid) {
+        return Ok(format!(
+            "{sig} not sent: the supervised process restarted meanwhile and reads the new file"
+        ));
+    }
+    send(pid, sig)
+        .map_err(|e| format!("cannot send {sig} to the supervised process {pid}: {e}"))?;
+    Ok(format!("{sig} sent to the supervised process {pid}"))
+}
+
+/// Whether `pid` has a handler installed for `sig` (`SigCgt` in `/proc/<pid>/status`).
+/// Unknown (no `/proc`) counts as yes.
+fn catches(pid: i32, sig: Signal) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let Some(mask) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+    else {
+        return true;
+    };
+    mask & (1u64 << (sig.0 - 1)) != 0
+}
+
+fn send(pid: i32, sig: Signal) -> std::io::Result<()> {
+    // SAFETY: kill(2) with a PID this supervisor started and has not reaped yet.
+    if unsafe { libc::kill(pid, sig.0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Kills what is left of the child's process group and reaps those processes (they are this
+/// process's children once it is a subreaper), for at most a second.
+async fn clean_group(pgid: i32) {
+    // SAFETY: kill(2) of the group the child led; ESRCH when it is already empty.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid(2) on the child's process group only: processes tokio waits for
+        // (check and reload commands) lead groups of their own and are never taken here.
+        let r = unsafe { libc::waitpid(-pgid, &mut st, libc::WNOHANG) };
+        if r < 0 || Instant::now() >= deadline {
+            return; // ECHILD: nothing of that group is left to reap.
+        }
+        if r == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The exit code confd ends with, given how the child ended: its code, or 128 + the signal
+/// that killed it (as a shell reports it).
+pub fn exit_code(st: &ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => c as u8,
+        (None, Some(s)) => (128 + s) as u8,
+        _ => 1,
+    }
+}
+
+/// The running supervisor: stop it with [`Supervisor::stop`].
+pub struct Supervisor {
+    stop: Option<oneshot::Sender<Signal>>,
+    task: tokio::task::JoinHandle<Option<ExitStatus>>,
+    shared: Arc<Shared>,
+    command: String,
+}
+
+impl Supervisor {
+    /// Starts supervising `cfg.command`: it is started once every template has been rendered
+    /// (see [`rendered`]), or after [`FAIL_STATIC_AFTER`] if every one of `dests` exists.
+    /// Only one supervisor can exist per process; a second is refused.
+    pub fn spawn(cfg: ExecConfig, dests: Vec<PathBuf>) -> anyhow::Result<Supervisor> {
+        let (ready, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::NotStarted),
+            progress: Mutex::new((usize::MAX, Default::default())),
+            ready,
+        });
+        CURRENT
+            .set(shared.clone())
+            .map_err(|_| anyhow::anyhow!("a process is already supervised"))?;
+        // Orphans of the child's group (workers of a killed master) become ours, to reap.
+        // SAFETY: prctl(2) with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "cannot become a child subreaper: processes the supervised command leaves behind are not reaped"
+            );
+        }
+        let (stop, stop_rx) = oneshot::channel();
+        let command = cfg.command.to_string();
+        let task = tokio::spawn(supervise(cfg, dests, shared.clone(), stop_rx));
+        Ok(Supervisor {
+            stop: Some(stop),
+            task,
+            shared,
+            command,
+        })
+    }
+
+    /// Passes `sig` on to the running child (SIGUSR1, SIGUSR2: the proxy's own uses).
+    pub fn forward(&self, sig: Signal) {
+        if let State::Running(pid) = self.shared.get() {
+            tracing::info!(command = %self.command, pid, "forwarding {sig}");
+            if let Err(e) = send(pid, sig) {
+                tracing::warn!(pid, error = %e, "cannot forward {sig}");
+            }
+        }
+    }
+
+    /// Forwards `sig` to the child and waits for it to exit (killing its group after the
+    /// kill timeout). Returns how it ended, or `None` if it never ran.
+    pub async fn stop(mut self, sig: Signal) -> Option<ExitStatus> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(sig);
+        }
+        (&mut self.task).await.ok().flatten()
+    }
+}
+
+/// The supervisor's life: wait for the start condition, then run, restart and stop the child.
+async fn supervise(
+    cfg: ExecConfig,
+    dests: Vec<PathBuf>,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<Signal>,
+) -> Option<ExitStatus> {
+    let command = cfg.command.to_string();
+    let mut ready = shared.ready.subscribe();
+    let grace = tokio::time::sleep(FAIL_STATIC_AFTER);
+    tokio::pin!(grace);
+    let mut grace_over = false;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return None,
+            r = ready.wait_for(|r| *r) => {
+                if r.is_ok() {
+                    tracing::info!(command = %command, "every template rendered; starting the supervised process");
+                }
+                break;
+            }
+            _ = &mut grace, if !grace_over => {
+                grace_over = true;
+                let missing: Vec<String> = dests
+                    .iter()
+                    .filter(|d| !d.is_file())
+                    .map(|d| d.display().to_string())
+                    .collect();
+                if missing.is_empty() {
+                    // Not the word "reloaded": operators (and the compose tests) count reloads
+                    // by the runner's `reloaded` lines.
+                    tracing::warn!(
+                        command = %command,
+                        files = ?dests,
+                        "no complete render within {FAIL_STATIC_AFTER:?} (store unreachable or a template failing): starting on the files an earlier run left (fail static); they are brought up to date once the store answers"
+                    );
+                    break;
+                }
+                tracing::warn!(
+                    command = %command,
+                    missing = ?missing,
+                    "no complete render within {FAIL_STATIC_AFTER:?} and no earlier files to start on: waiting for the first render"
+                );
+            }
+        }
+    }
+    let mut backoff = Backoff::new(RESTART_BACKOFF.0, RESTART_BACKOFF.1);
+    let mut last: Option<ExitStatus> = None;
+    loop {
+        let started = Instant::now();
+        let why = match spawn(&cfg.command) {
+            Err(e) => format!("cannot start it: {e}"),
+            Ok(mut child) => {
+                let pid = child.id().map_or(0, |p| p as i32);
+                shared.set(State::Running(pid));
+                tracing::info!(command = %command, pid, "supervised process started");
+                tokio::select! {
+                    st = child.wait() => {
+                        clean_group(pid).await;
+                        match st {
+                            Ok(st) => {
+                                last = Some(st);
+                                format!("it exited unexpectedly ({st})")
+                            }
+                            Err(e) => format!("cannot wait for it: {e}"),
+                        }
+                    }
+                    sig = &mut stop => {
+                        let sig = sig.unwrap_or(Signal::TERM);
+                        shared.set(State::Stopping(pid));
+                        return Some(stop_child(&cfg, &command, child, pid, sig).await);
+                    }
+                }
+            }
+        };
+        if started.elapsed() >= STABLE_AFTER {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        shared.set(State::Backoff(Instant::now() + delay));
+        tracing::error!(
+            command = %command,
+            attempt = backoff.attempts(),
+            "supervised process: {why}; restarting in {delay:?}"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut stop => return last,
+        }
+    }
+}
+
+fn spawn(cmd: &ExecCommand) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new(&cmd.0[0])
+        .args(&cmd.0[1..])
+        .stdin(Stdio::null())
+        .process_group(0)
+        .spawn()
+}
+
+/// Forwards `sig`, waits up to the kill timeout, then kills the group; reaps what is left.
+async fn stop_child(
+    cfg: &ExecConfig,
+    command: &str,
+    mut child: tokio::process::Child,
+    pid: i32,
+    sig: Signal,
+) -> ExitStatus {
+    tracing::info!(command = %command, pid, "forwarding {sig}; waiting up to {:?} for it to exit", cfg.kill_timeout);
+    if let Err(e) = send(pid, sig) {
+        tracing::warn!(pid, error = %e, "cannot forward {sig}");
+    }
+    let st = match tokio::time::timeout(cfg.kill_timeout, child.wait()).await {
+        Ok(Ok(st)) => st,
+        _ => {
+            tracing::warn!(command = %command, pid, "still running {:?} after {sig}: killing it", cfg.kill_timeout);
+            // SAFETY: kill(2) of the group the child leads.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+            match child.wait().await {
+                Ok(st) => st,
+                Err(_) => std::os::unix::process::ExitStatusExt::from_raw(libc::SIGKILL),
+            }
+        }
+    };
+    clean_group(pid).await;
+    tracing::info!(command = %command, pid, "supervised process exited ({st})");
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_split_like_a_shell_without_running_one() {
+        let ok = [
+            ("nginx -g 'daemon off;'", vec!["nginx", "-g", "daemon off;"]),
+            (
+                r#"nginx -c /etc/n.conf -g "daemon off; pid /run/n.pid;""#,
+                vec![
+                    "nginx",
+                    "-c",
+                    "/etc/n.conf",
+                    "-g",
+                    "daemon off; pid /run/n.pid;",
+                ],
+            ),
+            (
+                "  haproxy  -W\t-db -f a\\ b  ",
+                vec!["haproxy", "-W", "-db", "-f", "a b"],
+            ),
+            (r#"x "a\"b" '' c"#, vec!["x", "a\"b", "", "c"]),
+            (
+                "sh -c 'rm -f /run/x; exec nginx'",
+                vec!["sh", "-c", "rm -f /run/x; exec nginx"],
+            ),
+        ];
+        for (s, want) in ok {
+            assert_eq!(ExecCommand::parse(s).unwrap().0, want, "{s}");
+        }
+        for (s, why) in [
+            ("nginx; rm -rf /", "needs a shell"),
+            ("nginx && x", "needs a shell"),
+            ("nginx > /tmp/x", "needs a shell"),
+            ("nginx $HOME", "needs a shell"),
+            ("nginx \"$HOME\"", "needs a shell"),
+            ("nginx 'daemon off;", "unterminated single quote"),
+            ("nginx \"x", "unterminated double quote"),
+            ("   ", "is empty"),
+        ] {
+            let e = ExecCommand::parse(s).unwrap_err();
+            assert!(e.contains(why) && e.starts_with("exec command"), "{s}: {e}");
+        }
+        // Display quotes what needs it, so the log shows what runs.
+        let c = ExecCommand::parse("nginx -g 'daemon off;'").unwrap();
+        assert_eq!(c.to_string(), "nginx -g 'daemon off;'");
+    }
+
+    #[test]
+    fn signals_parse_by_name_or_number() {
+        assert_eq!(Signal::parse("SIGHUP").unwrap(), Signal::HUP);
+        assert_eq!(Signal::parse("usr2").unwrap(), Signal::USR2);
+        assert_eq!(Signal::parse("15").unwrap(), Signal::TERM);
+        assert_eq!(Signal::USR2.to_string(), "SIGUSR2");
+        for bad in ["SIGFOO", "9", "0", ""] {
+            let e = Signal::parse(bad).unwrap_err();
+            assert!(e.contains("expected a name like SIGHUP"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(exit_code(&ExitStatus::from_raw(0)), 0);
+        assert_eq!(exit_code(&ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(&ExitStatus::from_raw(libc::SIGKILL)), 137);
+    }
+
+    #[tokio::test]
+    async fn a_handler_shows_in_the_caught_mask() {
+        let pid = std::process::id() as i32;
+        // Nothing in a test process handles SIGWINCH, until tokio is asked to.
+        assert!(!catches(pid, Signal(libc::SIGWINCH)));
+        let _s =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).unwrap();
+        assert!(catches(pid, Signal(libc::SIGWINCH)));
+    }
+}
