@@ -267,6 +267,19 @@ pub async fn follow_source(
     }
 }
 
+/// Health condition: the process confd supervises (`--exec`) runs.
+pub const PROXY: &str = "proxy";
+
+/// The supervised process (`--exec`) runs.
+pub fn proxy_up() {
+    health().ok(PROXY);
+}
+
+/// The supervised process does not run (not started yet, or restarting after it exited).
+pub fn proxy_down(why: &dyn std::fmt::Display) {
+    health().fail(PROXY, why);
+}
+
 /// A new run (start or SIGHUP) forgets the health of the last one's templates, and shows
 /// every counter of the new ones from 0, so a rate or an alert on failures has a series
 /// before the first failure.

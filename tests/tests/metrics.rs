@@ -398,3 +398,63 @@ async fn registrator_health_follows_the_docker_event_stream() {
     wait_health(&reg, &addr, 200, WAIT).await;
     assert_eq!(scrape(&addr).await.sum("registrator_docker_up"), 1.0);
 }
+
+/// The PIDs whose parent is `ppid`.
+fn children(ppid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // `pid (comm) state ppid ...`; comm may hold spaces, so read after its last `)`.
+        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
+        if after.split_whitespace().nth(1) == Some(&ppid.to_string()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn confd_health_follows_the_supervised_process() {
+    let consul = Consul::start().await;
+    let store = Store::new(&RegistryUri::parse(&consul.uri()).unwrap());
+    store.register(&service("x1", 10001)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (src, out) = (dir.path().join("t.hbs"), dir.path().join("out"));
+    std::fs::write(&src, "{{#each service.web}}{{port}} {{/each}}\n").unwrap();
+    let addr = loopback();
+    let confd = Process::spawn(
+        &bin("confd"),
+        &[
+            "--backend",
+            &consul.uri(),
+            "--template",
+            &format!("{}:{}:true", src.display(), out.display()),
+            "--exec",
+            "sleep 600",
+            "--metrics-addr",
+            &addr,
+        ],
+        &[],
+    );
+    wait_health(&confd, &addr, 200, WAIT).await;
+    let child = wait_for("the supervised sleep", WAIT, || async {
+        children(confd.pid()).first().copied()
+    })
+    .await;
+
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+    }
+    let why = wait_health(&confd, &addr, 503, WAIT).await;
+    assert!(
+        why.starts_with("proxy: it exited unexpectedly") && why.contains("restarting in"),
+        "{why:?}"
+    );
+    // Restarted after its backoff (1 s): healthy again, with a new process.
+    wait_health(&confd, &addr, 200, WAIT).await;
+    let again = children(confd.pid());
+    assert!(!again.is_empty() && !again.contains(&child), "{again:?}");
+}
