@@ -393,6 +393,31 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_flags() {
+        let c = parse(
+            argv("-metrics-addr 127.0.0.1:9101 -log-format=json consul://h:8500"),
+            "host",
+        )
+        .unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        let c = parse(argv("consul://h:8500"), "host").unwrap();
+        assert_eq!((c.metrics_addr, c.log_format), (None, LogFormat::Text));
+        for (bad, flag) in [
+            ("--metrics-addr 9101 consul://h", "--metrics-addr"),
+            ("--log-format yaml consul://h", "--log-format"),
+        ] {
+            let e = parse(argv(bad), "host").unwrap_err();
+            assert!(e.code == 2 && e.message.contains(flag), "{bad}: {e:?}");
+        }
+        assert_eq!(
+            healthcheck_url(argv("-healthcheck http://127.0.0.1:9101/healthz")),
+            Some("http://127.0.0.1:9101/healthz".into())
+        );
+        assert_eq!(healthcheck_url(argv("-ip 1.2.3.4 consul://h")), None);
+    }
+
+    #[test]
     fn normalises_go_style_flags() {
         let cases = [
             ("-ip 1.2.3.4 consul://h", "--ip=1.2.3.4 consul://h"),
