@@ -697,6 +697,12 @@ templates:
             ("templates: [\n", 2, 1, ""),
             ("vars: 3\n", 1, 7, "expected a map"),
             (
+                "metrics_addr: 9102\n",
+                1,
+                15,
+                "invalid value \"9102\" for metrics_addr: expected HOST:PORT",
+            ),
+            (
                 "templates:\n  - src: a\n    dest: b\n    live: { haproxy: { socket: \"ipv4@0.0.0.0:9999\" } }\n",
                 4,
                 33,
@@ -719,6 +725,14 @@ templates:
             assert!(!e.contains('\n'), "{e}");
             assert!(!e.contains(" at line "), "{e}");
         }
+    }
+
+    #[test]
+    fn metrics_addr_is_read() {
+        let f = parse_text("metrics_addr: 127.0.0.1:9102\n", "c.yaml").unwrap();
+        assert_eq!(f.metrics_addr, Some("127.0.0.1:9102".parse().unwrap()));
+        let f = parse_text("{}", "c.yaml").unwrap();
+        assert_eq!(f.metrics_addr, None);
     }
 
     #[test]
