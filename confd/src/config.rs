@@ -11,6 +11,7 @@ use crate::exec::{ExecCommand, ExecConfig, Signal};
 use crate::live::LiveChannel;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use switchboard::store::{Credentials, StoreSettings, TlsSettings};
@@ -242,6 +243,9 @@ struct FileConfig {
     ignore_services: Vec<String>,
     #[serde(default = "default_once_timeout", with = "duration::serde_text")]
     once_timeout: Duration,
+    /// Where `/metrics` and `/healthz` are served (`--metrics-addr` wins).
+    #[serde(default, deserialize_with = "listen_addr")]
+    metrics_addr: Option<SocketAddr>,
     /// TLS material for the store; each key set here wins over its environment variable.
     #[serde(default)]
     tls: Option<TlsSettings>,
@@ -342,6 +346,8 @@ pub struct Config {
     pub ignore_services: Vec<String>,
     /// `--once`: how long to wait for the first healthy snapshot.
     pub once_timeout: Duration,
+    /// `metrics_addr:`: where `/metrics` and `/healthz` are served (`None`: nowhere).
+    pub metrics_addr: Option<SocketAddr>,
     /// TLS material and credentials for the store (YAML keys over the environment).
     pub store: StoreSettings,
     /// The proxy confd supervises, if any. Templates without a reload command then reload
@@ -499,6 +505,7 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         max_long_polls: file.max_long_polls.max(2),
         ignore_services: file.ignore_services,
         once_timeout: file.once_timeout,
+        metrics_addr: file.metrics_addr,
         exec,
     })
 }
@@ -530,6 +537,14 @@ fn exec_config(file: Option<ExecConfig>, o: &Overrides) -> Result<Option<ExecCon
         }
     }
     Ok(exec)
+}
+
+/// `metrics_addr: HOST:PORT`, refused at its line when it is not one.
+fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    switchboard::telemetry::parse_listen_addr("metrics_addr", &s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// The store settings: the YAML keys that are set, the environment for the rest.
@@ -682,6 +697,12 @@ templates:
             ("templates: [\n", 2, 1, ""),
             ("vars: 3\n", 1, 7, "expected a map"),
             (
+                "metrics_addr: 9102\n",
+                1,
+                15,
+                "invalid value \"9102\" for metrics_addr: expected HOST:PORT",
+            ),
+            (
                 "templates:\n  - src: a\n    dest: b\n    live: { haproxy: { socket: \"ipv4@0.0.0.0:9999\" } }\n",
                 4,
                 33,
@@ -704,6 +725,14 @@ templates:
             assert!(!e.contains('\n'), "{e}");
             assert!(!e.contains(" at line "), "{e}");
         }
+    }
+
+    #[test]
+    fn metrics_addr_is_read() {
+        let f = parse_text("metrics_addr: 127.0.0.1:9102\n", "c.yaml").unwrap();
+        assert_eq!(f.metrics_addr, Some("127.0.0.1:9102".parse().unwrap()));
+        let f = parse_text("{}", "c.yaml").unwrap();
+        assert_eq!(f.metrics_addr, None);
     }
 
     #[test]

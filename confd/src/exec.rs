@@ -507,6 +507,7 @@ async fn supervise(
     mut stop: oneshot::Receiver<Signal>,
 ) -> Option<ExitStatus> {
     let command = cfg.command.to_string();
+    crate::metrics::proxy_down(&"not started yet: waiting for the first complete render");
     let mut ready = shared.ready.subscribe();
     let grace = tokio::time::sleep(FAIL_STATIC_AFTER);
     tokio::pin!(grace);
@@ -554,6 +555,7 @@ async fn supervise(
             Ok(mut child) => {
                 let pid = child.id().map_or(0, |p| p as i32);
                 shared.set(State::Running(pid));
+                crate::metrics::proxy_up();
                 tracing::info!(command = %command, pid, "supervised process started");
                 tokio::select! {
                     st = child.wait() => {
@@ -579,6 +581,7 @@ async fn supervise(
         }
         let delay = backoff.next_delay();
         shared.set(State::Backoff(Instant::now() + delay));
+        crate::metrics::proxy_down(&format_args!("{why}; restarting in {delay:.1?}"));
         tracing::error!(
             command = %command,
             attempt = backoff.attempts(),

@@ -14,6 +14,7 @@ pub mod duration;
 pub mod exec;
 pub mod helpers;
 pub mod live;
+pub mod metrics;
 pub mod model;
 pub mod render;
 pub mod runner;

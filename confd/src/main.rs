@@ -13,8 +13,10 @@ use anyhow::Context;
 use clap::Parser;
 use confd::exec::{self, Signal, Supervisor};
 use confd::{Config, Overrides, RunOptions};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use switchboard::telemetry::{parse_listen_addr, LogFormat, TelemetryServer};
 use switchboard::Shutdown;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -44,6 +46,16 @@ struct Args {
     /// Template variable KEY=VALUE (exposed as `vars`). Repeatable.
     #[arg(long = "var")]
     vars: Vec<String>,
+    /// Serve GET /metrics (Prometheus) and GET /healthz on HOST:PORT (over `metrics_addr:`).
+    #[arg(long = "metrics-addr", value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+    /// Log format on stderr: text or json (one JSON object per line).
+    #[arg(long = "log-format", value_name = "FORMAT", default_value = "text")]
+    log_format: String,
+    /// Ask a running confd's /healthz at URL; exit 0 if healthy, 1 if not (for container
+    /// healthchecks). Nothing else runs.
+    #[arg(long, value_name = "URL")]
+    healthcheck: Option<String>,
     /// Supervise this command (the proxy, in the foreground): start it after the first good
     /// render, reload it by signal, restart it when it dies, stop with it. Split like a shell
     /// command line, never run through a shell.
@@ -73,13 +85,29 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Some(url) = &args.healthcheck {
+        return healthcheck(url);
+    }
+    let log_format = match LogFormat::parse(&args.log_format) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("confd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    switchboard::telemetry::init_logging(log_format);
+    let flag_addr = match args
+        .metrics_addr
+        .as_deref()
+        .map(|a| parse_listen_addr("--metrics-addr", a))
+    {
+        Some(Ok(a)) => Some(a),
+        Some(Err(e)) => {
+            eprintln!("confd: {e}");
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
     let overrides = args.overrides();
     let cfg = match Config::load(&overrides) {
         Ok(c) => c,
@@ -88,6 +116,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // One-shot runs serve nothing: they end at once, and a daemon reading the same config file
+    // (`confd --dry-run` beside it, the image's first `--once` render) holds the address.
+    let metrics_addr = flag_addr
+        .or(cfg.metrics_addr)
+        .filter(|_| !(args.once || args.dry_run));
     let opts = RunOptions {
         once: args.once,
         dry_run: args.dry_run,
@@ -99,7 +132,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(cfg, overrides, opts)) {
+    match rt.block_on(serve(cfg, overrides, opts, metrics_addr)) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -115,10 +148,24 @@ async fn serve(
     mut cfg: Config,
     overrides: Overrides,
     opts: RunOptions,
+    metrics_addr: Option<SocketAddr>,
 ) -> anyhow::Result<ExitCode> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    // Bound once, before the first run (and before a supervised proxy starts, so a taken
+    // address fails alone), and kept across SIGHUP: scrapers and healthchecks must not see the
+    // endpoint vanish while the configuration is replaced.
+    let telemetry = match metrics_addr {
+        Some(addr) => {
+            let server = TelemetryServer::bind("--metrics-addr", addr)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!("serving /metrics and /healthz on {}", server.local_addr()?);
+            Some(server)
+        }
+        None => None,
+    };
     // `--once` and `--dry-run` render and exit: they never start the command.
     let exec_cfg = cfg.exec.clone().filter(|_| !(opts.once || opts.dry_run));
     let mut supervisor = match &exec_cfg {
@@ -141,6 +188,10 @@ async fn serve(
     let mut usr1 = extra(SignalKind::user_defined1(), "SIGUSR1")?;
     let mut usr2 = extra(SignalKind::user_defined2(), "SIGUSR2")?;
     let shutdown = Shutdown::new();
+    if let Some(server) = telemetry {
+        let t = &*confd::metrics::TELEMETRY;
+        tokio::spawn(server.serve(&t.registry, t.health.clone(), shutdown.clone()));
+    }
     loop {
         let run_token = shutdown.child_token();
         let mut handle = tokio::spawn(confd::run(cfg.clone(), opts, run_token.clone()));
@@ -154,6 +205,9 @@ async fn serve(
                 _ = hup.recv() => match Config::load(&overrides) {
                     Ok(new) => {
                         tracing::info!("SIGHUP: configuration re-read; restarting with it");
+                        if new.metrics_addr != cfg.metrics_addr {
+                            tracing::warn!("SIGHUP: a new metrics_addr takes effect at the next start");
+                        }
                         if new.exec != cfg.exec {
                             tracing::warn!("SIGHUP: the exec settings changed; they apply when confd is started again (the supervised process keeps running as it is)");
                         }
@@ -175,6 +229,27 @@ async fn serve(
                     return Ok(if r? { ExitCode::SUCCESS } else { ExitCode::FAILURE });
                 }
             }
+        }
+    }
+}
+
+/// `--healthcheck URL`: success when the confd there is healthy, else 1 with the reason.
+fn healthcheck(url: &str) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("confd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(switchboard::telemetry::probe(url)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("confd: unhealthy: {e}");
+            ExitCode::FAILURE
         }
     }
 }

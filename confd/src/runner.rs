@@ -13,6 +13,7 @@
 
 use crate::command::{self, CommandSpec};
 use crate::config::{Config, TemplateConfig, Wait};
+use crate::metrics;
 use crate::model::{template_data, Snapshot};
 use crate::render::Renderer;
 use crate::source;
@@ -133,8 +134,14 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
     let once = opts.once || opts.dry_run;
     let src_shutdown = shutdown.child_token();
     let _stop_sources = src_shutdown.clone().drop_guard();
-    let mut source = source::spawn(&cfg, src_shutdown)?;
+    let mut source = source::spawn(&cfg, src_shutdown.clone())?;
     let mut renderer = Renderer::default();
+    metrics::new_run(&cfg.templates);
+    tokio::spawn(metrics::follow_source(
+        source.healthy.clone(),
+        cfg.backend.primary().base_url(),
+        src_shutdown,
+    ));
 
     if once {
         let wait = source.snapshots.wait_for(Option::is_some);
@@ -153,6 +160,9 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
         let all: Vec<usize> = (0..cfg.templates.len()).collect();
         let mut owed = BTreeSet::new();
         let outcomes = pass(&cfg, &mut renderer, &snap, &all, &mut owed, opts.dry_run).await;
+        for (t, o) in cfg.templates.iter().zip(&outcomes) {
+            metrics::outcome(t, o);
+        }
         return Ok(outcomes
             .iter()
             .all(|o| !matches!(o, Outcome::Failed(_) | Outcome::ReloadFailed(_))));
@@ -238,6 +248,9 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
             .filter(|&&i| !matches!(outcomes[i], Outcome::Failed(_)));
         crate::exec::rendered(cfg.templates.len(), in_place.copied());
         for (i, o) in outcomes.iter().enumerate() {
+            if due.contains(&i) || *o != Outcome::Unchanged {
+                metrics::outcome(&cfg.templates[i], o);
+            }
             match o {
                 Outcome::ReloadFailed(_) => {
                     let delay = retries[i].next_delay();
@@ -329,7 +342,10 @@ pub async fn pass(
     let data = template_data(snap, &cfg.vars);
     let mut rendered: BTreeMap<usize, Result<Rendered, String>> = BTreeMap::new();
     for &i in due {
-        rendered.insert(i, render_one(&cfg.templates[i], renderer, snap, &data));
+        let start = std::time::Instant::now();
+        let r = render_one(&cfg.templates[i], renderer, snap, &data);
+        metrics::rendered(&cfg.templates[i], start.elapsed(), r.is_ok());
+        rendered.insert(i, r);
     }
     let mut units: BTreeMap<UnitKey, Vec<usize>> = BTreeMap::new();
     let members = due
@@ -430,7 +446,14 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
         .iter()
         .map(|r| label(&cfg.templates[r.idx]))
         .collect();
-    match command::run(&cmd, None, timeout).await {
+    let start = std::time::Instant::now();
+    let result = command::run(&cmd, None, timeout).await;
+    metrics::reloaded(
+        reloading.iter().map(|r| &cfg.templates[r.idx]),
+        start.elapsed(),
+        result.is_ok(),
+    );
+    match result {
         Ok(out) => {
             tracing::info!(
                 reload = %cmd,
@@ -583,7 +606,10 @@ async fn apply_rendered(
     if let Some(check) = &t.check {
         command::run(check, Some(staged.path()), t.command_timeout)
             .await
-            .map_err(|e| format!("check failed: {e}"))?;
+            .map_err(|e| {
+                metrics::check_failed(t);
+                format!("check failed: {e}")
+            })?;
     }
     // Decided on the checked file before it is committed: membership-only changes skip the
     // reload. The file is committed either way, so the proxy's next start or reload agrees.
@@ -597,6 +623,7 @@ async fn apply_rendered(
     if let Some((live, plan)) = live {
         match live.apply(plan).await {
             Ok(s) => {
+                metrics::live(t, true);
                 tracing::info!(
                     template = %label(t),
                     bytes = content.len(),
@@ -610,6 +637,7 @@ async fn apply_rendered(
                 return Ok(Applied::Live);
             }
             Err(e) => {
+                metrics::live(t, false);
                 tracing::warn!(template = %label(t), error = %e, "live update failed; reloading instead");
             }
         }
@@ -676,6 +704,7 @@ mod tests {
             max_long_polls: 64,
             ignore_services: vec![],
             once_timeout: Duration::from_secs(1),
+            metrics_addr: None,
             store: Default::default(),
             exec: None,
         }

@@ -9,6 +9,7 @@ use crate::config::{Config, Deregister};
 use crate::derive::LabelMatch;
 use clap::Parser;
 use std::time::Duration;
+use switchboard::telemetry::{parse_listen_addr, LogFormat};
 use switchboard::RegistryUri;
 
 /// Flags that are switches: `-x` or `-x=<bool>`, never a separate value.
@@ -36,6 +37,9 @@ const VALUE_FLAGS: &[&str] = &[
     "verify-interval",
     "hostname",
     "network",
+    "metrics-addr",
+    "log-format",
+    "healthcheck",
     "label-filter",
 ];
 
@@ -142,6 +146,17 @@ struct Cli {
         hide = true
     )]
     verify_interval: f64,
+    /// Serve GET /metrics (Prometheus) and GET /healthz on this address (not in gliderlabs;
+    /// default: off).
+    #[arg(long = "metrics-addr", value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+    /// Log format on stderr: text or json (one JSON object per line).
+    #[arg(long = "log-format", value_name = "FORMAT", default_value = "text")]
+    log_format: String,
+    /// Ask a running registrator's /healthz at URL and exit 0 if healthy, 1 if not (for
+    /// container healthchecks); nothing else runs.
+    #[arg(long, value_name = "URL")]
+    healthcheck: Option<String>,
     /// Registry URI: consul://host:port, consulkv://host:port/prefix or etcd://host:port/prefix.
     #[arg(value_name = "URI")]
     uri: Vec<String>,
@@ -215,6 +230,15 @@ pub fn normalise<I: IntoIterator<Item = String>>(argv: I) -> Vec<String> {
         }
     }
     out
+}
+
+/// The URL of `--healthcheck URL`, when the command line asks for a health probe instead of
+/// a run.
+pub fn healthcheck_url<I: IntoIterator<Item = String>>(argv: I) -> Option<String> {
+    normalise(argv)
+        .into_iter()
+        .rev()
+        .find_map(|a| a.strip_prefix("--healthcheck=").map(String::from))
 }
 
 /// Parses `argv` (program name first) into a [`Config`].
@@ -312,6 +336,11 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
             )))
         }
     };
+    let metrics_addr = match &cli.metrics_addr {
+        Some(a) => Some(parse_listen_addr("--metrics-addr", a).map_err(CliExit::usage)?),
+        None => None,
+    };
+    let log_format = LogFormat::parse(&cli.log_format).map_err(CliExit::usage)?;
     let label_filter = cli
         .label_filter
         .iter()
@@ -321,6 +350,8 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         .map_err(CliExit::usage)?;
     Ok(Config {
         uri,
+        metrics_addr,
+        log_format,
         ip: cli.ip,
         internal: cli.internal,
         explicit: cli.explicit,
@@ -356,6 +387,31 @@ mod tests {
             .chain(s.split_whitespace())
             .map(String::from)
             .collect()
+    }
+
+    #[test]
+    fn telemetry_flags() {
+        let c = parse(
+            argv("-metrics-addr 127.0.0.1:9101 -log-format=json consul://h:8500"),
+            "host",
+        )
+        .unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        let c = parse(argv("consul://h:8500"), "host").unwrap();
+        assert_eq!((c.metrics_addr, c.log_format), (None, LogFormat::Text));
+        for (bad, flag) in [
+            ("--metrics-addr 9101 consul://h", "--metrics-addr"),
+            ("--log-format yaml consul://h", "--log-format"),
+        ] {
+            let e = parse(argv(bad), "host").unwrap_err();
+            assert!(e.code == 2 && e.message.contains(flag), "{bad}: {e:?}");
+        }
+        assert_eq!(
+            healthcheck_url(argv("-healthcheck http://127.0.0.1:9101/healthz")),
+            Some("http://127.0.0.1:9101/healthz".into())
+        );
+        assert_eq!(healthcheck_url(argv("-ip 1.2.3.4 consul://h")), None);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The registrator's settings, as `run` takes them (parsed from the command line by `cli`).
 
 use crate::derive::LabelMatch;
+use std::net::SocketAddr;
 use std::time::Duration;
+use switchboard::telemetry::LogFormat;
 use switchboard::RegistryUri;
 
 /// When a stopped container's services are removed (`-deregister`).
@@ -19,6 +21,10 @@ pub enum Deregister {
 pub struct Config {
     /// Where services are registered.
     pub uri: RegistryUri,
+    /// `--metrics-addr`: where `/metrics` and `/healthz` are served (`None`: nowhere).
+    pub metrics_addr: Option<SocketAddr>,
+    /// `--log-format`.
+    pub log_format: LogFormat,
     /// `-ip`: address to register published ports with, instead of the host's own.
     pub ip: Option<String>,
     /// `-internal`: register exposed ports with the container's own IP.

@@ -446,6 +446,7 @@ impl Watcher {
             };
             match listed {
                 Ok(n) => {
+                    crate::metrics::docker_ok();
                     if down {
                         info!("docker engine reachable again; resynced {n} running containers");
                     } else if first {
@@ -463,11 +464,13 @@ impl Watcher {
                                     self.event(msg);
                                 }
                                 Some(Err(e)) => {
+                                    crate::metrics::docker_failed(&e);
                                     warn!("docker event stream failed: {e}; reconnecting");
                                     down = true;
                                     break;
                                 }
                                 None => {
+                                    crate::metrics::docker_failed(&"ended");
                                     warn!("docker event stream ended; reconnecting");
                                     down = true;
                                     break;
@@ -499,6 +502,7 @@ impl Watcher {
                     }
                 }
                 Err(e) => {
+                    crate::metrics::docker_failed(&format_args!("cannot list containers: {e}"));
                     if !down {
                         warn!("cannot list docker containers: {e}; retrying");
                     }
@@ -554,10 +558,9 @@ impl Watcher {
         let Some(id) = msg.actor.as_ref().and_then(|a| a.id.clone()) else {
             return;
         };
-        debug!(
-            "docker event {} {id}",
-            msg.action.as_deref().unwrap_or_default()
-        );
+        let action = msg.action.as_deref().unwrap_or_default();
+        crate::metrics::docker_event(action, EVENTS);
+        debug!("docker event {action} {id}");
         if let Some(kill) = kill_of(&msg) {
             let known = self.known.get(&id);
             if self.drains.kill(&id, kill, known.map(|k| &k.stop))
@@ -707,7 +710,7 @@ impl Watcher {
         });
         self.id_owners = claims.owners;
         let set: ServiceSet = claims.services;
-        self.tx.send_if_modified(|cur| {
+        let changed = self.tx.send_if_modified(|cur| {
             if cur.as_deref() == Some(&set) {
                 false
             } else {
@@ -715,6 +718,7 @@ impl Watcher {
                 true
             }
         });
+        crate::metrics::published(changed);
     }
 }
 

@@ -19,9 +19,10 @@ mod docker;
 mod drain;
 mod engine;
 mod host;
+mod metrics;
 mod sync;
 
-pub use cli::{normalise, parse, CliExit};
+pub use cli::{healthcheck_url, normalise, parse, CliExit};
 pub use config::{Config, Deregister};
 pub use derive::{derive, ContainerInfo, ContainerPort, DeriveOptions, Derived, Warning};
 pub use engine::Engine;
@@ -56,6 +57,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         config.uri.primary(),
         config.hostname
     );
+    if let Some(addr) = config.metrics_addr {
+        let server = switchboard::telemetry::TelemetryServer::bind("--metrics-addr", addr)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        info!("serving /metrics and /healthz on {}", server.local_addr()?);
+        let t = &*metrics::TELEMETRY;
+        tokio::spawn(server.serve(&t.registry, t.health.clone(), shutdown.clone()));
+    }
     // The environment is read once, here: TLS files and the token are the store's business.
     let settings = StoreSettings::from_env(&config.uri).context("store settings")?;
     let store = Store::with_settings(&config.uri, &settings).context("store settings")?;
@@ -165,10 +174,14 @@ async fn connect_store(
 ) -> anyhow::Result<bool> {
     let mut attempt: u32 = 0;
     loop {
-        let err = match store.ping().await {
-            Ok(()) => return Ok(true),
+        let err = match metrics::store_request("ping", store.ping()).await {
+            Ok(()) => {
+                metrics::store_ok();
+                return Ok(true);
+            }
             Err(e) => e,
         };
+        metrics::store_failed(store.kind(), &err);
         if config.retry_attempts.is_some_and(|max| attempt >= max) {
             // "Reach" only when it did not answer: a refused certificate or token is a
             // different fix for the operator.

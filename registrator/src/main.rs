@@ -1,10 +1,13 @@
 //! The `registrator` binary: arguments, logging and signals; the work is `registrator::run`.
 
-use std::io::IsTerminal;
+use switchboard::telemetry::LogFormat;
 use switchboard::Shutdown;
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() {
+    if let Some(url) = registrator::healthcheck_url(std::env::args()) {
+        std::process::exit(healthcheck(&url));
+    }
     let hostname = match registrator::hostname() {
         Ok(h) => h,
         Err(e) => {
@@ -23,14 +26,8 @@ fn main() {
             std::process::exit(exit.code);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let log_format = config.log_format;
+    switchboard::telemetry::init_logging(log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -44,8 +41,33 @@ fn main() {
         registrator::run(config, shutdown).await
     });
     if let Err(e) = result {
-        eprintln!("registrator: {e:#}");
+        // With JSON logs a shipper reads stderr line by line: the last line is JSON too.
+        match log_format {
+            LogFormat::Json => tracing::error!("{e:#}"),
+            LogFormat::Text => eprintln!("registrator: {e:#}"),
+        }
         std::process::exit(1);
+    }
+}
+
+/// `--healthcheck URL`: 0 when the registrator there is healthy, else 1 with the reason.
+fn healthcheck(url: &str) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("registrator: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(switchboard::telemetry::probe(url)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("registrator: unhealthy: {e}");
+            1
+        }
     }
 }
 

@@ -25,6 +25,7 @@
 //! The decisions are the pure functions [`adopt`], [`plan`] and [`verify`]; [`Syncer::run`]
 //! only applies them.
 
+use crate::metrics::{self, metrics, store_request};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -350,8 +351,10 @@ impl Syncer {
             if let Some(want) = desired.clone() {
                 if retry_at.is_none() {
                     let step = self.step(&want, &mut due, &desired_rx).await;
+                    metrics().services.set(self.applied.len() as i64);
                     match step {
                         Ok(()) => {
+                            metrics::store_ok();
                             if let Some(e) = outage.take() {
                                 info!(
                                     store = self.store.kind(),
@@ -361,6 +364,7 @@ impl Syncer {
                             backoff.reset();
                         }
                         Err(e) => {
+                            metrics::store_failed(self.store.kind(), &e);
                             if outage.is_none() {
                                 warn!(
                                     store = self.store.kind(),
@@ -432,7 +436,7 @@ impl Syncer {
             }
             if due.verify {
                 // List everything: services with a custom SERVICE_ID lack the host prefix.
-                let listed = self.store.list("").await?;
+                let listed = store_request("list", self.store.list("")).await?;
                 let v = verify(
                     desired,
                     &self.applied,
@@ -451,7 +455,7 @@ impl Syncer {
                     }
                 }
                 for svc in &v.stale {
-                    match self.store.deregister(svc).await {
+                    match deregister(&self.store, svc).await {
                         Ok(()) => info!(
                             "deregistered {} {} {} (cleanup)",
                             svc.id,
@@ -511,10 +515,10 @@ impl Syncer {
 
     /// The first pass: applies [`adopt`] to a listing of the store.
     async fn adopt(&mut self, desired: &ServiceSet) -> Result<(), StoreError> {
-        let listed = self.store.list("").await?;
+        let listed = store_request("list", self.store.list("")).await?;
         let a = adopt(desired, &listed, &self.opts.host_prefix, self.listing);
         for svc in &a.stale {
-            match self.store.deregister(svc).await {
+            match deregister(&self.store, svc).await {
                 Ok(()) => info!(
                     "deregistered {} {} {} (no running container backs it)",
                     svc.id,
@@ -543,11 +547,11 @@ impl Syncer {
         let services: Vec<Service> = self.applied.values().cloned().collect();
         if services.is_empty() {
             // Still one call: etcd keeps the lease alive for registrations to come.
-            self.store.refresh(&[]).await?;
+            store_request("refresh", self.store.refresh(&[])).await?;
             return Ok(Writes::Done);
         }
         for chunk in services.chunks(REFRESH_CHUNK) {
-            self.store.refresh(chunk).await?;
+            store_request("refresh", self.store.refresh(chunk)).await?;
             if self.removal_waiting(changes) {
                 return Ok(Writes::Preempted);
             }
@@ -565,8 +569,11 @@ impl Syncer {
         let p = plan(desired, &self.applied, &self.refused.held(Instant::now()));
         self.refused.retain_desired(desired);
         for svc in &p.deregister {
-            match self.store.deregister(svc).await {
-                Ok(()) => info!("deregistered {} {} {}", svc.id, svc.name, svc.addr()),
+            match deregister(&self.store, svc).await {
+                Ok(()) => {
+                    metrics::written();
+                    info!("deregistered {} {} {}", svc.id, svc.name, svc.addr())
+                }
                 Err(e) if e.is_item_failure() => warn!("cannot deregister {}: {e}", svc.id),
                 Err(e) => return Err(e),
             }
@@ -577,8 +584,9 @@ impl Syncer {
             if self.removal_waiting(changes) {
                 return Ok((Writes::Preempted, registered));
             }
-            match self.store.register(svc).await {
+            match register(&self.store, svc).await {
                 Ok(()) => {
+                    metrics::written();
                     registered = true;
                     info!("registered {} {} {}", svc.id, svc.name, svc.addr());
                     self.refused.clear(&svc.id);
@@ -624,19 +632,39 @@ impl Syncer {
         let store = self.store.clone();
         let work = async move {
             for svc in applied.values() {
-                match store.deregister(svc).await {
+                match deregister(&store, svc).await {
                     Ok(()) => info!("deregistered {} {} {}", svc.id, svc.name, svc.addr()),
                     Err(e) => warn!("cannot deregister {} on exit: {e}", svc.id),
                 }
             }
             for svc in extra.drain(..) {
-                let _ = store.deregister(&svc).await;
+                let _ = deregister(&store, &svc).await;
             }
         };
         if tokio::time::timeout(EXIT_TIMEOUT, work).await.is_err() {
             warn!("gave up deregistering after {EXIT_TIMEOUT:?}: the store does not answer");
         }
     }
+}
+
+/// One registration written, timed and counted.
+async fn register(store: &Store, svc: &Service) -> Result<(), StoreError> {
+    let r = store_request("register", store.register(svc)).await;
+    match &r {
+        Ok(()) => metrics().registrations.inc(),
+        Err(_) => metrics().registration_failures.inc(),
+    };
+    r
+}
+
+/// One registration removed, timed and counted.
+async fn deregister(store: &Store, svc: &Service) -> Result<(), StoreError> {
+    let r = store_request("deregister", store.deregister(svc)).await;
+    match &r {
+        Ok(()) => metrics().deregistrations.inc(),
+        Err(_) => metrics().deregistration_failures.inc(),
+    };
+    r
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! - [`Backoff`]: retry pacing that races against shutdown.
 //! - [`validate`]: which service names and IDs every store accepts (checked once, here).
 //! - [`excerpt()`]: untrusted values quoted in logs without megabyte lines.
+//! - [`telemetry`]: the `/metrics` + `/healthz` endpoint, health conditions, log setup.
 //!
 //! Modules are private; everything a caller needs is re-exported here.
 
@@ -13,6 +14,7 @@ mod backoff;
 mod excerpt;
 mod service;
 pub mod store;
+pub mod telemetry;
 mod uri;
 pub mod validate;
 

@@ -7,11 +7,9 @@
 use serde_json::Value;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use switchboard_tests::*;
-use tokio::net::{TcpListener, UnixStream};
-use tokio_util::sync::CancellationToken as Token;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -394,64 +392,6 @@ async fn etcd_outage_and_recovery() {
     reg.wait_output("store reachable again", WAIT).await;
     let out = reg.output();
     assert_eq!(out.matches("store unavailable").count(), 1, "{out}");
-}
-
-/// A TCP front for the Docker socket whose connections can be cut (all dropped, new ones
-/// refused) and restored: an engine outage as the registrator sees it, without touching the
-/// engine other tests share.
-struct DockerProxy {
-    port: u16,
-    state: Arc<Mutex<Token>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl DockerProxy {
-    async fn start() -> DockerProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(Token::new()));
-        let st = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let token = st.lock().unwrap().clone();
-                if token.is_cancelled() {
-                    drop(tcp);
-                    continue;
-                }
-                tokio::spawn(async move {
-                    let Ok(mut unix) = UnixStream::connect("/var/run/docker.sock").await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix) => {}
-                        _ = token.cancelled() => {}
-                    }
-                });
-            }
-        });
-        DockerProxy { port, state, task }
-    }
-
-    fn docker_host(&self) -> String {
-        format!("tcp://127.0.0.1:{}", self.port)
-    }
-
-    fn cut(&self) {
-        self.state.lock().unwrap().cancel();
-    }
-
-    fn restore(&self) {
-        *self.state.lock().unwrap() = Token::new();
-    }
-}
-
-impl Drop for DockerProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 #[tokio::test]

@@ -537,6 +537,9 @@ fn spawn_poller<T, F, Fut, W>(
                     if !failing && !logged_by_aggregator {
                         tracing::warn!(error = %e, "Consul query failed; retrying");
                     }
+                    if !e.is_item_failure() {
+                        crate::metrics::store_error(&e);
+                    }
                     failing = true;
                     if tx.send(wrap(Err(e))).await.is_err() {
                         return;
@@ -577,6 +580,7 @@ async fn sweeper(
                     index.answered(got);
                 }
                 Err(e) => {
+                    crate::metrics::store_error(&e);
                     if !failing {
                         tracing::warn!(error = %e, "Consul health/state query failed; retrying");
                     }
@@ -628,6 +632,7 @@ async fn sweeper(
             }
         }
         if let Some(e) = down {
+            crate::metrics::store_error(&e);
             if !failing {
                 tracing::warn!(error = %e, "Consul health query failed; retrying");
             }
@@ -657,6 +662,7 @@ async fn sweeper(
                         }
                     }
                     Err(e) => {
+                        crate::metrics::store_error(&e);
                         tracing::warn!(error = %e, "Consul health/state query failed; retrying");
                         failing = true;
                         index.failed();

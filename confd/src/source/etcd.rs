@@ -177,6 +177,7 @@ async fn mirror<V, F>(
         let range = match range {
             Ok(r) => r,
             Err(e) => {
+                crate::metrics::store_error(&e);
                 tracing::warn!(prefix, error = %e, "etcd range failed");
                 set_in_sync(&m, &wake, false);
                 if !backoff.wait(&shutdown).await {
@@ -208,6 +209,7 @@ async fn mirror<V, F>(
             let mut stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
+                    crate::metrics::store_error(&e);
                     tracing::warn!(prefix, error = %e, "etcd watch failed");
                     set_in_sync(&m, &wake, false);
                     if matches!(e, StoreError::Compacted { .. }) {
@@ -256,6 +258,7 @@ async fn mirror<V, F>(
                         continue 'relist;
                     }
                     Err(e) => {
+                        crate::metrics::store_error(&e);
                         tracing::warn!(prefix, error = %e, resume = last + 1, "etcd watch broke; resuming");
                         set_in_sync(&m, &wake, false);
                         if !backoff.wait(&shutdown).await {

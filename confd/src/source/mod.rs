@@ -29,6 +29,8 @@ use tokio::sync::watch;
 pub struct SourceHandle {
     /// Latest snapshot from a healthy source (`None` until the first).
     pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// Whether the source is in sync with its store (what `/healthz` reports).
+    pub healthy: watch::Receiver<bool>,
     /// Items (services, instances) left out since start, each counted once.
     pub refused: Arc<AtomicUsize>,
 }
@@ -59,7 +61,7 @@ impl Publisher {
     /// A publisher and the handle reading from it.
     pub fn new() -> (Publisher, SourceHandle) {
         let (snap, snap_rx) = watch::channel(None);
-        let (healthy, _) = watch::channel(false);
+        let (healthy, healthy_rx) = watch::channel(false);
         let long_polls = Arc::new(AtomicUsize::new(0));
         let refused = Arc::new(AtomicUsize::new(0));
         (
@@ -74,6 +76,7 @@ impl Publisher {
             },
             SourceHandle {
                 snapshots: snap_rx,
+                healthy: healthy_rx,
                 refused,
             },
         )
@@ -142,6 +145,7 @@ impl Publisher {
             }
         });
         if changed {
+            crate::metrics::snapshot(services, instances);
             tracing::info!(
                 services,
                 instances,

@@ -1,0 +1,397 @@
+//! confd's metric families and health conditions, recorded where things happen (the source
+//! for snapshots and store errors, the runner for renders, checks, reloads and live updates)
+//! and served by `--metrics-addr` / `metrics_addr:`.
+//!
+//! Process-wide, like the log: each recording point is one call, so no handle is threaded
+//! through the pipeline, and the counters run on across SIGHUP restarts of the run.
+
+use crate::config::TemplateConfig;
+use crate::runner::Outcome;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+use switchboard::telemetry::{Health, Registry};
+use switchboard::Shutdown;
+use tokio::sync::watch;
+
+/// Health condition: the source is in sync with the store.
+pub const STORE: &str = "store";
+/// Prefix of the per-template health conditions (`template SRC -> DEST`).
+pub const TEMPLATE: &str = "template ";
+/// A source out of sync for less than this is normal (a watch reconnecting, a new service's
+/// first answer pending) and does not make `/healthz` fail.
+const STORE_GRACE: Duration = Duration::from_secs(2);
+
+/// Labels of the per-template metrics: the destination file.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Tpl {
+    /// The template's `dest`.
+    pub template: String,
+}
+
+impl Tpl {
+    /// The labels of `t`.
+    pub fn of(t: &TemplateConfig) -> Tpl {
+        Tpl {
+            template: t.dest.display().to_string(),
+        }
+    }
+}
+
+type Durations = Family<Tpl, Histogram, fn() -> Histogram>;
+
+/// Every metric confd exports.
+pub struct Metrics {
+    /// Snapshots published (each a change in what the store holds).
+    pub snapshots: Counter,
+    /// Instances in the current snapshot.
+    pub instances: Gauge,
+    /// Services in the current snapshot.
+    pub services: Gauge,
+    /// Whether the source is in sync with the store (1) or not (0).
+    pub store_up: Gauge,
+    /// Store requests (queries, watches) that failed.
+    pub store_errors: Counter,
+    /// Templates rendered.
+    pub renders: Family<Tpl, Counter>,
+    /// Renders that failed (a template error, the `min_instances` guard, an unreadable file).
+    pub render_failures: Family<Tpl, Counter>,
+    /// How long a render took.
+    pub render_seconds: Durations,
+    /// Check commands that refused a staged file.
+    pub check_failures: Family<Tpl, Counter>,
+    /// Reloads that succeeded.
+    pub reloads: Family<Tpl, Counter>,
+    /// Reloads that failed.
+    pub reload_failures: Family<Tpl, Counter>,
+    /// How long a reload command took.
+    pub reload_seconds: Durations,
+    /// Membership changes applied through a live channel, without a reload.
+    pub live_updates: Family<Tpl, Counter>,
+    /// Live updates that failed (the change was reloaded instead).
+    pub live_update_failures: Family<Tpl, Counter>,
+    /// When each template last went through a pass without failing.
+    last_success: Arc<Mutex<BTreeMap<String, Instant>>>,
+    /// The last store error, for `/healthz`.
+    last_store_error: Mutex<Option<String>>,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to about 30 s (a command's timeout).
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// The process's metrics, the registry serving them, and the health conditions.
+pub struct Telemetry {
+    /// Recording points write here.
+    pub metrics: Metrics,
+    /// What `/metrics` encodes.
+    pub registry: Registry,
+    /// What `/healthz` reports.
+    pub health: Health,
+}
+
+/// The process's telemetry.
+pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(|| {
+    let last_success = Arc::new(Mutex::new(BTreeMap::new()));
+    let m = Metrics {
+        snapshots: Counter::default(),
+        instances: Gauge::default(),
+        services: Gauge::default(),
+        store_up: Gauge::default(),
+        store_errors: Counter::default(),
+        renders: Family::default(),
+        render_failures: Family::default(),
+        render_seconds: Family::new_with_constructor(duration_histogram),
+        check_failures: Family::default(),
+        reloads: Family::default(),
+        reload_failures: Family::default(),
+        reload_seconds: Family::new_with_constructor(duration_histogram),
+        live_updates: Family::default(),
+        live_update_failures: Family::default(),
+        last_success: last_success.clone(),
+        last_store_error: Mutex::new(None),
+    };
+    let mut r = Registry::with_prefix("confd");
+    r.register(
+        "snapshots",
+        "Snapshots of the store published",
+        m.snapshots.clone(),
+    );
+    r.register(
+        "snapshot_instances",
+        "Instances in the current snapshot",
+        m.instances.clone(),
+    );
+    r.register(
+        "snapshot_services",
+        "Services in the current snapshot",
+        m.services.clone(),
+    );
+    r.register(
+        "store_up",
+        "1 while the source is in sync with the store, else 0",
+        m.store_up.clone(),
+    );
+    r.register(
+        "store_errors",
+        "Store requests that failed",
+        m.store_errors.clone(),
+    );
+    r.register("renders", "Templates rendered", m.renders.clone());
+    r.register(
+        "render_failures",
+        "Renders that failed",
+        m.render_failures.clone(),
+    );
+    r.register(
+        "render_duration_seconds",
+        "How long a render took",
+        m.render_seconds.clone(),
+    );
+    r.register(
+        "check_failures",
+        "Staged files the check command refused",
+        m.check_failures.clone(),
+    );
+    r.register("reloads", "Reloads that succeeded", m.reloads.clone());
+    r.register(
+        "reload_failures",
+        "Reloads that failed",
+        m.reload_failures.clone(),
+    );
+    r.register(
+        "reload_duration_seconds",
+        "How long a reload command took",
+        m.reload_seconds.clone(),
+    );
+    r.register(
+        "live_updates",
+        "Changes applied to the running proxy without a reload",
+        m.live_updates.clone(),
+    );
+    r.register(
+        "live_update_failures",
+        "Live updates that failed (reloaded instead)",
+        m.live_update_failures.clone(),
+    );
+    r.register_collector(Box::new(SinceLastSuccess(last_success)));
+    let health = Health::new();
+    health.fail(STORE, "no snapshot from the store yet");
+    Telemetry {
+        metrics: m,
+        registry: r,
+        health,
+    }
+});
+
+/// `confd_seconds_since_last_successful_render{template}`, computed at each scrape.
+#[derive(Debug)]
+struct SinceLastSuccess(Arc<Mutex<BTreeMap<String, Instant>>>);
+
+impl Collector for SinceLastSuccess {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = Instant::now();
+        let ages: Vec<(String, f64)> = lock(&self.0)
+            .iter()
+            .map(|(t, at)| (t.clone(), now.duration_since(*at).as_secs_f64()))
+            .collect();
+        let mut m = encoder.encode_descriptor(
+            "seconds_since_last_successful_render",
+            "Seconds since the template last rendered without a failure (grows while nothing changes).",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (template, age) in ages {
+            let labels = Tpl { template };
+            ConstGauge::new(age).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The metrics.
+pub fn metrics() -> &'static Metrics {
+    &TELEMETRY.metrics
+}
+
+/// The health conditions.
+pub fn health() -> &'static Health {
+    &TELEMETRY.health
+}
+
+/// A new snapshot was published.
+pub fn snapshot(services: usize, instances: usize) {
+    let m = metrics();
+    m.snapshots.inc();
+    m.services.set(services as i64);
+    m.instances.set(instances as i64);
+}
+
+/// A store request failed (each failure the source logs).
+pub fn store_error(e: &dyn std::fmt::Display) {
+    metrics().store_errors.inc();
+    *lock(&metrics().last_store_error) = Some(e.to_string());
+}
+
+/// Follows the source's "in sync" flag into the `store` condition until `shutdown`.
+pub async fn follow_source(
+    mut healthy: watch::Receiver<bool>,
+    backend: String,
+    shutdown: Shutdown,
+) {
+    loop {
+        if *healthy.borrow_and_update() {
+            metrics().store_up.set(1);
+            health().ok(STORE);
+            *lock(&metrics().last_store_error) = None;
+        } else {
+            metrics().store_up.set(0);
+            let last = lock(&metrics().last_store_error).clone();
+            let reason = match last {
+                Some(e) => format!("not in sync with {backend}: {e}"),
+                None => format!("not in sync with {backend}"),
+            };
+            health().fail_after(STORE, reason, STORE_GRACE);
+        }
+        tokio::select! {
+            r = healthy.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Health condition: the process confd supervises (`--exec`) runs.
+pub const PROXY: &str = "proxy";
+
+/// The supervised process (`--exec`) runs.
+pub fn proxy_up() {
+    health().ok(PROXY);
+}
+
+/// The supervised process does not run (not started yet, or restarting after it exited).
+pub fn proxy_down(why: &dyn std::fmt::Display) {
+    health().fail(PROXY, why);
+}
+
+/// A new run (start or SIGHUP) forgets the health of the last one's templates, and shows
+/// every counter of the new ones from 0, so a rate or an alert on failures has a series
+/// before the first failure.
+pub fn new_run(templates: &[TemplateConfig]) {
+    health().clear_prefix(TEMPLATE);
+    let m = metrics();
+    for t in templates {
+        let l = Tpl::of(t);
+        for family in [
+            &m.renders,
+            &m.render_failures,
+            &m.check_failures,
+            &m.reloads,
+            &m.reload_failures,
+            &m.live_updates,
+            &m.live_update_failures,
+        ] {
+            drop(family.get_or_create(&l));
+        }
+    }
+}
+
+/// What a pass did to template `t` (only templates the pass took: due or owed a reload).
+pub fn outcome(t: &TemplateConfig, o: &Outcome) {
+    let name = format!("{TEMPLATE}{} -> {}", t.src.display(), t.dest.display());
+    match o {
+        Outcome::Failed(why) | Outcome::ReloadFailed(why) => health().fail(&name, why),
+        Outcome::Unchanged | Outcome::Updated | Outcome::Live => {
+            health().ok(&name);
+            lock(&metrics().last_success).insert(Tpl::of(t).template, Instant::now());
+        }
+        Outcome::WouldChange => {}
+    }
+}
+
+/// A render of `t` took `took` and succeeded or not.
+pub fn rendered(t: &TemplateConfig, took: Duration, ok: bool) {
+    let l = Tpl::of(t);
+    let m = metrics();
+    m.render_seconds
+        .get_or_create(&l)
+        .observe(took.as_secs_f64());
+    if ok {
+        m.renders.get_or_create(&l).inc();
+    } else {
+        m.render_failures.get_or_create(&l).inc();
+    }
+}
+
+/// The check command refused `t`'s staged file.
+pub fn check_failed(t: &TemplateConfig) {
+    metrics().check_failures.get_or_create(&Tpl::of(t)).inc();
+}
+
+/// A reload covering `templates` took `took` and succeeded or not.
+pub fn reloaded<'a>(templates: impl Iterator<Item = &'a TemplateConfig>, took: Duration, ok: bool) {
+    let m = metrics();
+    for t in templates {
+        let l = Tpl::of(t);
+        m.reload_seconds
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+        if ok {
+            m.reloads.get_or_create(&l).inc();
+        } else {
+            m.reload_failures.get_or_create(&l).inc();
+        }
+    }
+}
+
+/// A live update of `t` succeeded or not.
+pub fn live(t: &TemplateConfig, ok: bool) {
+    let l = Tpl::of(t);
+    if ok {
+        metrics().live_updates.get_or_create(&l).inc();
+    } else {
+        metrics().live_update_failures.get_or_create(&l).inc();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_outcomes_set_health_and_the_age_of_the_last_success() {
+        let t = TemplateConfig::parse_flag("/unit/metrics-a.hbs:/unit/metrics-a").unwrap();
+        let name = "template /unit/metrics-a.hbs -> /unit/metrics-a";
+        outcome(&t, &Outcome::Failed("check failed: nope".into()));
+        let why = health().status().unwrap_err();
+        assert!(
+            why.contains(&format!("{name}: check failed: nope")),
+            "{why}"
+        );
+        outcome(&t, &Outcome::Updated);
+        assert!(!health().status().err().unwrap_or_default().contains(name));
+        outcome(&t, &Outcome::ReloadFailed("reload failed: x".into()));
+        assert!(health().status().unwrap_err().contains(name));
+        new_run(&[]);
+        assert!(!health().status().err().unwrap_or_default().contains(name));
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &TELEMETRY.registry).unwrap();
+        assert!(
+            text.contains(
+                "confd_seconds_since_last_successful_render{template=\"/unit/metrics-a\"} "
+            ),
+            "{text}"
+        );
+    }
+}
