@@ -328,6 +328,28 @@ enum Outcome {
     Failed(String),
 }
 
+/// How far the watcher's first listing got. The desired set is published only once every
+/// container of the first listing was inspected: a partial set would withdraw the rest.
+#[derive(Debug)]
+enum Phase {
+    /// The engine has not been listed yet.
+    Unlisted,
+    /// Containers of the first listing whose inspection has not finished.
+    Inspecting(HashSet<String>),
+    /// The first listing was inspected whole; every change is published.
+    Ready,
+}
+
+/// Whether the engine was ever reached, for what `run` logs when it (re)connects. Every way
+/// out of a connected stream marks it `Down`.
+#[derive(Debug, Clone, Copy)]
+enum Link {
+    /// Never reached yet.
+    Connecting,
+    /// Lost at least once; reconnecting with backoff.
+    Down,
+}
+
 /// The Docker side: events and inspections in, desired service sets out.
 pub struct Watcher {
     docker: Docker,
@@ -352,12 +374,8 @@ pub struct Watcher {
     warned_duplicates: HashSet<(String, String)>,
     /// Containers whose failed inspection is retried.
     retry: HashSet<String>,
-    /// Containers of the first listing not inspected yet; nothing is published until empty.
-    initial: Option<HashSet<String>>,
-    /// The first listing happened.
-    listed: bool,
-    /// The first listing was inspected completely: the desired set is whole.
-    ready: bool,
+    /// How far the first listing got: nothing is published before it was inspected whole.
+    phase: Phase,
     sem: Arc<Semaphore>,
     results_tx: mpsc::UnboundedSender<(String, u64, Outcome)>,
     results_rx: mpsc::UnboundedReceiver<(String, u64, Outcome)>,
@@ -407,9 +425,7 @@ impl Watcher {
             id_owners: BTreeMap::new(),
             warned_duplicates: HashSet::new(),
             retry: HashSet::new(),
-            initial: None,
-            listed: false,
-            ready: false,
+            phase: Phase::Unlisted,
             sem: Arc::new(Semaphore::new(INSPECT_CONCURRENCY)),
             results_tx,
             results_rx,
@@ -421,8 +437,7 @@ impl Watcher {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         // A second of overlap: replayed events only cause harmless re-inspections.
         let mut since = unix_now() - 1;
-        let mut first = true;
-        let mut down = false;
+        let mut link = Link::Connecting;
         let mut resync_tick =
             tokio::time::interval(self.resync.unwrap_or(Duration::from_secs(86_400)));
         resync_tick.tick().await;
@@ -447,12 +462,12 @@ impl Watcher {
             match listed {
                 Ok(n) => {
                     crate::metrics::docker_ok();
-                    if down {
-                        info!("docker engine reachable again; resynced {n} running containers");
-                    } else if first {
-                        info!("watching docker: {n} running containers");
+                    match link {
+                        Link::Down => {
+                            info!("docker engine reachable again; resynced {n} running containers")
+                        }
+                        Link::Connecting => info!("watching docker: {n} running containers"),
                     }
-                    first = false;
                     backoff.reset();
                     loop {
                         let drain_ends = self.drains.next_deadline();
@@ -466,13 +481,13 @@ impl Watcher {
                                 Some(Err(e)) => {
                                     crate::metrics::docker_failed(&e);
                                     warn!("docker event stream failed: {e}; reconnecting");
-                                    down = true;
+                                    link = Link::Down;
                                     break;
                                 }
                                 None => {
                                     crate::metrics::docker_failed(&"ended");
                                     warn!("docker event stream ended; reconnecting");
-                                    down = true;
+                                    link = Link::Down;
                                     break;
                                 }
                             },
@@ -503,10 +518,10 @@ impl Watcher {
                 }
                 Err(e) => {
                     crate::metrics::docker_failed(&format_args!("cannot list containers: {e}"));
-                    if !down {
+                    if !matches!(link, Link::Down) {
                         warn!("cannot list docker containers: {e}; retrying");
                     }
-                    down = true;
+                    link = Link::Down;
                 }
             }
             drop(events);
@@ -534,13 +549,12 @@ impl Watcher {
             .await?;
         let mut ids: HashSet<String> = list.into_iter().filter_map(|c| c.id).collect();
         let n = ids.len();
-        if !self.listed {
-            self.listed = true;
+        if matches!(self.phase, Phase::Unlisted) {
             if ids.is_empty() {
-                self.ready = true;
+                self.phase = Phase::Ready;
                 self.publish();
             } else {
-                self.initial = Some(ids.clone());
+                self.phase = Phase::Inspecting(ids.clone());
             }
         }
         ids.extend(self.tracker.ids().cloned());
@@ -568,7 +582,7 @@ impl Watcher {
             {
                 let name = known.map_or(id.as_str(), |k| &k.name);
                 info!("container {name} got its stop signal ({}): withdrawing its services while it stops", kill.signal);
-                if self.ready {
+                if matches!(self.phase, Phase::Ready) {
                     self.publish();
                 }
             }
@@ -656,14 +670,13 @@ impl Watcher {
             debug!("inspecting {id} failed: {e}; will retry");
             self.retry.insert(id.to_string());
         }
-        if let Some(pending) = &mut self.initial {
+        if let Phase::Inspecting(pending) = &mut self.phase {
             pending.remove(id);
             if pending.is_empty() {
-                self.initial = None;
-                self.ready = true;
+                self.phase = Phase::Ready;
             }
         }
-        if self.ready {
+        if matches!(self.phase, Phase::Ready) {
             self.publish();
         }
     }
