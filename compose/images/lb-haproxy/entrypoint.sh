@@ -3,15 +3,23 @@
 # confd as the main process to keep it current: `docker stop` stops confd, and the container
 # (HAProxy with it). Arguments are passed to confd. STATS_USER and STATS_PASSWORD protect
 # the statistics page; they reach the template as confd vars, which it quotes for HAProxy.
+# Without STATS_PASSWORD there is no statistics page at all (never an open one): compose
+# commands other than `up` (scale, down, logs) need not repeat the password.
 set -eu
-: "${STATS_USER:?set STATS_USER for the HAProxy statistics page}"
-: "${STATS_PASSWORD:?set STATS_PASSWORD for the HAProxy statistics page}"
+STATS_USER=${STATS_USER:-admin}
+STATS_PASSWORD=${STATS_PASSWORD:-}
+no_stats=
+if [ -z "$STATS_PASSWORD" ]; then
+  echo "lb: STATS_PASSWORD is not set: no statistics page" >&2
+  no_stats="--var stats_port="
+fi
 # A pid file left by a previous run of this container would point at some other process.
 rm -f /run/haproxy.pid
 # The admin socket's directory (confd.yaml: vars.stats_socket and live.haproxy_socket).
 mkdir -p /run/haproxy
+# shellcheck disable=SC2086 # $no_stats is two words or none
 set -- --config /etc/confd/confd.yaml --var "stats_user=$STATS_USER" \
-  --var "stats_password=$STATS_PASSWORD" "$@"
+  --var "stats_password=$STATS_PASSWORD" $no_stats "$@"
 # The registry may still be starting (compose starts everything at once): retry a few times.
 tries=0
 until confd "$@" --once; do
