@@ -266,10 +266,17 @@ fn q(p: &Path) -> String {
 fn script(r: &Recipe, out: &Path) -> String {
     let mut s = String::new();
     s.push_str("set -euo pipefail\n");
-    s.push_str("__docs_cleanup() {\n  trap - EXIT\n  set +euo pipefail\n");
+    // On a failure, the logs the recipe keeps in its (scratch) directory are saved first:
+    // the cleanup removes them.
+    s.push_str(&format!(
+        "__docs_cleanup() {{\n  __docs_status=$?\n  trap - EXIT\n  set +euo pipefail\n  \
+         if [ $__docs_status != 0 ]; then for f in *.log; do echo \"== $PWD/$f\"; tail -n 15 \"$f\"; \
+         done > {} 2>&1; fi\n",
+        q(&out.join("logs"))
+    ));
     s.push_str(&format!(
         "  echo cleanup > {}\n  {{\n",
-        q(&out.join("step"))
+        q(&out.join("phase"))
     ));
     for b in &r.cleanup {
         match b {
@@ -286,7 +293,7 @@ fn script(r: &Recipe, out: &Path) -> String {
         }
     }
     s.push_str(&format!(
-        "  }} >> {} 2>&1\n}}\ntrap __docs_cleanup EXIT\n",
+        "  }} >> {} 2>&1\n  exit $__docs_status\n}}\ntrap __docs_cleanup EXIT\n",
         q(&out.join("cleanup.log"))
     ));
     for (n, b) in r.steps.iter().enumerate() {
@@ -433,11 +440,16 @@ fn run_doc(mut run: Run) {
     let step = read("step").trim().to_string();
     let log = read("log");
     let cleanup_log = read("cleanup.log");
+    let recipe_logs = read("logs");
     let mut failures = Vec::new();
     if timed_out {
         failures.push(format!("timed out after {:?} in step {step}", run.timeout));
     } else if !status.unwrap().success() {
-        failures.push(format!("failed in step {step}: {}", stderr.trim()));
+        failures.push(format!(
+            "failed ({}) in step {step}: {}",
+            status.unwrap(),
+            stderr.trim()
+        ));
     }
     // Compare every console step that ran.
     for (n, b) in recipe.steps.iter().enumerate() {
@@ -475,10 +487,11 @@ fn run_doc(mut run: Run) {
     );
     if !failures.is_empty() {
         panic!(
-            "{}:\n{}\n--- sh blocks' output:\n{}\n--- cleanup output:\n{}",
+            "{}:\n{}\n--- sh blocks' output:\n{}\n--- the recipe's logs:\n{}\n--- cleanup output:\n{}",
             run.doc,
             failures.join("\n\n"),
             tail(&log, 60),
+            recipe_logs,
             tail(&cleanup_log, 20)
         );
     }
