@@ -464,8 +464,16 @@ fn run_doc(mut run: Run) {
             for (from, to) in &run.reverse {
                 actual = actual.replace(from, to);
             }
-            let lines: Vec<&str> = actual.lines().collect();
-            if !lines_match(&st.expected, &lines) {
+            // Trailing blank lines are invisible in a doc: ignored on both sides.
+            let mut lines: Vec<&str> = actual.lines().collect();
+            while lines.last().is_some_and(|l| l.trim().is_empty()) {
+                lines.pop();
+            }
+            let mut expected = st.expected.clone();
+            while expected.last().is_some_and(|l| l.trim().is_empty()) {
+                expected.pop();
+            }
+            if !lines_match(&expected, &lines) {
                 failures.push(format!(
                     "{}:{}: `$ {}`\n--- the doc shows:\n{}\n--- it printed:\n{}",
                     run.doc,
@@ -594,6 +602,10 @@ fn runner_reads_blocks_placeholders_and_cleanup() {
     assert!(line_matches("a < b", "a < b"));
     assert!(!line_matches("a < b", "a << b"));
     assert!(line_matches("a <x> b", "a 1 2 b"));
+    assert!(line_matches(
+        "    server <host>_rest-1_80-<hash> <addr>:80 check cookie <host>_rest-1_80-<hash>",
+        "    server vm_rest-1_80-f8b97110 172.17.0.2:80 check cookie vm_rest-1_80-f8b97110"
+    ));
     let exp = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     assert!(lines_match(&exp(&["...", "end"]), &["a", "b", "end"]));
     assert!(lines_match(&exp(&["...", "end"]), &["end"]));
