@@ -420,6 +420,7 @@ fn run_doc(mut run: Run) {
         let _ = Command::new("bash")
             .arg("-c")
             .arg(c)
+            .envs(run.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&root)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -558,6 +559,11 @@ fn scenario_3_health_checks() {
 #[test]
 fn scenario_4_failover() {
     run_doc(doc("docs/scenario-4-failover.md"));
+}
+
+#[test]
+fn custom_template() {
+    run_doc(doc("docs/custom-template.md"));
 }
 
 #[test]
