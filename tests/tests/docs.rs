@@ -90,7 +90,6 @@ fn console_steps(first_line: usize, lines: &[&str]) -> Vec<Step> {
 fn parse(text: &str, sections: Option<&[&str]>) -> Recipe {
     let mut r = Recipe::default();
     let mut heading = String::new();
-    let mut heading_level = 0;
     let mut in_section = sections.is_none();
     let mut section_level = 0;
     let lines: Vec<&str> = text.lines().collect();
@@ -141,7 +140,6 @@ fn parse(text: &str, sections: Option<&[&str]>) -> Recipe {
         if l.starts_with('#') {
             let level = l.chars().take_while(|c| *c == '#').count();
             heading = l[level..].trim().to_string();
-            heading_level = level;
             if let Some(wanted) = sections {
                 if wanted.contains(&heading.as_str()) {
                     in_section = true;
@@ -151,7 +149,6 @@ fn parse(text: &str, sections: Option<&[&str]>) -> Recipe {
                 }
             }
         }
-        let _ = heading_level;
         i += 1;
     }
     r
