@@ -519,10 +519,11 @@ fn doc(doc: &'static str) -> Run {
 
 #[test]
 fn readme_quick_start_and_scaling() {
-    // The variables the README documents: a project name of our own, the load balancer on
+    // The variables the README documents: a project name of our own (`sbtest<pid>...`, the
+    // names `scripts/test` removes when their test process is gone), the load balancer on
     // loopback, and images already built (`scripts/test` built them; building them here
     // would replace images other runs use).
-    let project = format!("docs{}", std::process::id());
+    let project = format!("sbtest{}docs", std::process::id());
     let mut run = doc("README.md");
     run.sections = Some(&["Quick start", "Scale up, scale down"]);
     run.env = vec![
@@ -564,7 +565,7 @@ fn custom_template() {
 
 #[test]
 fn zero_failed_requests() {
-    let project = format!("docsz{}", std::process::id());
+    let project = format!("sbtest{}docsz", std::process::id());
     let mut run = doc("docs/zero-failed-requests.md");
     run.env = vec![
         ("COMPOSE_PROJECT_NAME".into(), project.clone()),
