@@ -148,9 +148,11 @@ fn default_command_timeout() -> Duration {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateConfig {
-    /// Handlebars source file (relative paths are relative to the working directory).
+    /// Handlebars source file. In a config file a relative path is relative to the config
+    /// file's directory (so `confd --config /etc/confd/confd.yaml` works from any directory);
+    /// in `--template` it is relative to the working directory, as any command-line path.
     pub src: PathBuf,
-    /// Destination file, replaced atomically.
+    /// Destination file, replaced atomically (relative: to the working directory).
     pub dest: PathBuf,
     /// Run on the staged file before it replaces `dest`; non-zero exit refuses the change.
     #[serde(default)]
@@ -359,7 +361,11 @@ impl Config {
     /// Reads the file (if any) and merges flags and environment over it.
     pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
         let file = match &o.config {
-            Some(p) => parse_file(p)?,
+            Some(p) => {
+                let mut f = parse_file(p)?;
+                resolve_sources(&mut f, p);
+                f
+            }
             None => FileConfig::default(),
         };
         let cfg = merge(file, o)?;
@@ -381,6 +387,18 @@ impl Config {
             }
         }
         Ok(cfg)
+    }
+}
+
+/// A relative `src:` in a config file names a template next to the config, not one in
+/// whatever directory confd happened to be started from (issue 12): that is what a reader of
+/// the file expects, and it makes a config and its templates a directory that can be moved.
+fn resolve_sources(file: &mut FileConfig, config_path: &Path) {
+    let dir = config_path.parent().unwrap_or(Path::new(""));
+    for t in &mut file.templates {
+        if t.src.is_relative() {
+            t.src = dir.join(&t.src);
+        }
     }
 }
 
@@ -904,6 +922,52 @@ templates:
         }
         let e = merge(FileConfig::default(), &base).unwrap_err().to_string();
         assert!(e.contains("no backend"), "{e}");
+    }
+
+    #[test]
+    fn relative_template_sources_are_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf_dir = dir.path().join("etc");
+        std::fs::create_dir_all(conf_dir.join("templates")).unwrap();
+        std::fs::write(conf_dir.join("templates/a.hbs"), "a").unwrap();
+        std::fs::write(dir.path().join("b.hbs"), "b").unwrap();
+        let config = conf_dir.join("confd.yaml");
+        let abs = dir.path().join("b.hbs");
+        std::fs::write(
+            &config,
+            format!(
+                "backend: consul://127.0.0.1:8500\ntemplates:\n  - src: templates/a.hbs\n    dest: out/a\n  \
+                 - src: {}\n    dest: /tmp/b\n",
+                abs.display()
+            ),
+        )
+        .unwrap();
+        // The test's working directory is the crate, which has no templates/a.hbs: only the
+        // config file's directory does.
+        let c = Config::load(&Overrides {
+            config: Some(config.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.templates[0].src, conf_dir.join("templates/a.hbs"));
+        assert_eq!(
+            c.templates[0].dest,
+            PathBuf::from("out/a"),
+            "dest is not moved"
+        );
+        assert_eq!(c.templates[1].src, abs, "absolute paths stay");
+        // A --template flag is a command-line path: relative to the working directory.
+        let e = Config::load(&Overrides {
+            config: Some(config),
+            templates: vec!["templates/a.hbs:/tmp/x".into()],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("template templates/a.hbs: cannot read it"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,6 +26,11 @@ struct FnHelper {
     f: HelperFn,
     /// Whether a missing argument is legitimate input (`default`) rather than an error.
     allow_missing: bool,
+    /// Called with no argument, the helper gets the current context (`this`): `vhost` and
+    /// `addr` are also instance field names, and a helper shadows a field of the same name,
+    /// so inside `{{#each instances}}` a bare `{{vhost}}` or `{{addr}}` must mean the
+    /// instance's, not an error (issue 12).
+    implicit_this: bool,
 }
 
 impl HelperDef for FnHelper {
@@ -33,9 +38,15 @@ impl HelperDef for FnHelper {
         &self,
         h: &Helper<'rc>,
         _: &'reg Handlebars<'reg>,
-        _: &'rc Context,
-        _: &mut RenderContext<'reg, 'rc>,
+        ctx: &'rc Context,
+        rc: &mut RenderContext<'reg, 'rc>,
     ) -> Result<ScopedJson<'rc>, RenderError> {
+        if self.implicit_this && h.params().is_empty() {
+            let this = rc.evaluate(ctx, "this")?;
+            return (self.f)(&[Some(this.as_json())])
+                .map(ScopedJson::Derived)
+                .map_err(|e| RenderErrorReason::Other(format!("helper {}: {e}", h.name())).into());
+        }
         let mut args = Vec::new();
         for p in h.params() {
             if p.is_value_missing() {
@@ -80,7 +91,15 @@ pub fn register(hb: &mut Handlebars) {
         ("safe_name", name, false),
     ];
     for (n, f, allow_missing) in table {
-        hb.register_helper(n, Box::new(FnHelper { f, allow_missing }));
+        let implicit_this = matches!(n, "vhost" | "addr");
+        hb.register_helper(
+            n,
+            Box::new(FnHelper {
+                f,
+                allow_missing,
+                implicit_this,
+            }),
+        );
     }
 }
 
@@ -254,7 +273,10 @@ fn eq(args: &[Arg]) -> Result<Value, String> {
 /// first (by name) with tag TAG, else null. How the default upstream/backend is chosen.
 fn find_service(args: &[Arg]) -> Result<Value, String> {
     let Some(Value::Array(services)) = args.first().copied().flatten() else {
-        return Err("argument 1 must be the `services` list".into());
+        return Err(
+            "argument 1 must be the `services` list, as in (find_service services \"web\" \"backend\")"
+                .into(),
+        );
     };
     let has_instances = |s: &&Value| {
         s.get("instances")
@@ -278,10 +300,24 @@ fn find_service(args: &[Arg]) -> Result<Value, String> {
     Ok(by_name.or_else(by_tag).cloned().unwrap_or(Value::Null))
 }
 
+/// Argument 1 of an instance helper: an instance object (`this` inside `{{#each instances}}`).
+fn instance<'a>(args: &[Arg<'a>], helper: &str) -> Result<&'a Value, String> {
+    let i = arg(args, 0, "instance")?;
+    if !i.is_object() || args.len() > 1 {
+        return Err(format!(
+            "expected one instance, as in {{{{{helper} this}}}} inside {{{{#each instances}}}} \
+             (or a bare {{{{{helper}}}}}), got {} argument(s), the first {}",
+            args.len(),
+            kind(i)
+        ));
+    }
+    Ok(i)
+}
+
 /// `vhost INSTANCE`: the instance's validated virtual host (meta `vhost`, or `hostname` +
 /// `.` + `domain`), or empty.
 fn vhost(args: &[Arg]) -> Result<Value, String> {
-    let i = arg(args, 0, "instance")?;
+    let i = instance(args, "vhost")?;
     let meta: BTreeMap<String, String> = i
         .get("meta")
         .and_then(|m| serde_json::from_value(m.clone()).ok())
@@ -302,7 +338,7 @@ fn vhost(args: &[Arg]) -> Result<Value, String> {
 /// `addr INSTANCE`: `address:port` (`[v6]:port`), refusing anything that is not an IP
 /// address or DNS name with a numeric port.
 fn addr(args: &[Arg]) -> Result<Value, String> {
-    let i = arg(args, 0, "instance")?;
+    let i = instance(args, "addr")?;
     let address = i.get("address").map(text).unwrap_or_default();
     let port = i
         .get("port")
@@ -485,6 +521,34 @@ mod tests {
         );
         let e = render("{{addr c}}", data).unwrap_err();
         assert!(e.contains("not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn instance_helpers_without_arguments_use_this() {
+        // `vhost` and `addr` are instance fields too: bare, inside an instance, they are
+        // the instance's (issue 12: `{{vhost}}` used to be an error).
+        let data = json!({"instances": [
+            {"address": "10.0.0.1", "port": 80, "vhost": "2048.local.com",
+             "meta": {"hostname": "2048", "domain": "local.com"}},
+            {"address": "10.0.0.2", "port": 81, "vhost": "", "meta": {}},
+        ]});
+        assert_eq!(
+            render(
+                "{{#each instances}}{{addr}} {{vhost}} {{this.vhost}};{{/each}}",
+                data.clone()
+            )
+            .unwrap(),
+            "10.0.0.1:80 2048.local.com 2048.local.com;10.0.0.2:81  ;"
+        );
+        // The old mistake gets a message that shows the right call.
+        let e = render(
+            "{{#each instances}}{{addr address port}}{{/each}}",
+            data.clone(),
+        )
+        .unwrap_err();
+        assert!(e.contains("{{addr this}}"), "{e}");
+        let e = render("{{find_service \"web\"}}", data).unwrap_err();
+        assert!(e.contains("(find_service services"), "{e}");
     }
 
     #[test]

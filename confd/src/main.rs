@@ -22,7 +22,16 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// Renders proxy configs from Consul or etcd through Handlebars templates.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Flags may be written with one dash, as kelseyhightower/confd users type them \
+(-config, -backend, -onetime, -noop). The backend is one URI (confd's `-backend consul -node \
+H:P` is `-backend consul://H:P`).\n\nEnvironment: CONSUL_HTTP_ADDR, ETCDCTL_ENDPOINTS (backend \
+when none is given); CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, \
+CONSUL_HTTP_TOKEN(_FILE), ETCDCTL_CACERT, ETCDCTL_CERT, ETCDCTL_KEY, ETCDCTL_USER, \
+ETCDCTL_PASSWORD (TLS and credentials); RUST_LOG (log level, default info; logs go to stderr)."
+)]
 struct Args {
     /// YAML config file.
     #[arg(long)]
@@ -35,10 +44,10 @@ struct Args {
     #[arg(long = "template")]
     templates: Vec<String>,
     /// Render every template once and exit (non-zero if any failed).
-    #[arg(long)]
+    #[arg(long, visible_alias = "onetime")]
     once: bool,
     /// Print a unified diff per template to stdout; write nothing, run nothing.
-    #[arg(long)]
+    #[arg(long, visible_alias = "noop")]
     dry_run: bool,
     /// Quiescence window MIN[:MAX], e.g. 500ms:5s.
     #[arg(long)]
@@ -83,8 +92,79 @@ impl Args {
     }
 }
 
+/// Every long flag, with the aliases confd users know.
+const FLAGS: &[&str] = &[
+    "config",
+    "backend",
+    "template",
+    "once",
+    "onetime",
+    "dry-run",
+    "noop",
+    "wait",
+    "var",
+    "metrics-addr",
+    "log-format",
+    "healthcheck",
+    "exec",
+    "exec-reload-signal",
+    "help",
+    "version",
+];
+
+/// The flags of [`FLAGS`] that take a value.
+const VALUE_FLAGS: &[&str] = &[
+    "config",
+    "backend",
+    "template",
+    "wait",
+    "var",
+    "metrics-addr",
+    "log-format",
+    "healthcheck",
+    "exec",
+    "exec-reload-signal",
+];
+
+/// Rewrites `-flag` and `-flag=value` (Go's `flag` style, which kelseyhightower/confd uses)
+/// into `--flag...` for the known flags only, so a value that starts with a dash is never
+/// taken for a flag. A flag's value (the next argument) is never rewritten.
+fn normalise(argv: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut value_next = false;
+    let mut rest = false;
+    for (i, a) in argv.into_iter().enumerate() {
+        if i == 0 || rest || value_next {
+            value_next = false;
+            out.push(a);
+            continue;
+        }
+        if a == "--" {
+            rest = true;
+            out.push(a);
+            continue;
+        }
+        let single = a.strip_prefix('-').filter(|b| !b.starts_with('-'));
+        let body = single.or_else(|| a.strip_prefix("--")).unwrap_or("");
+        let (name, has_value) = match body.split_once('=') {
+            Some((n, _)) => (n, true),
+            None => (body, false),
+        };
+        if !FLAGS.contains(&name) {
+            out.push(a);
+            continue;
+        }
+        value_next = !has_value && VALUE_FLAGS.contains(&name);
+        out.push(match single {
+            Some(b) => format!("--{b}"),
+            None => a,
+        });
+    }
+    out
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = Args::parse_from(normalise(std::env::args()));
     if let Some(url) = &args.healthcheck {
         return healthcheck(url);
     }
@@ -278,4 +358,43 @@ async fn stop(
         Some(st) => ExitCode::from(exec::exit_code(&st)),
         None => ExitCode::SUCCESS,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        std::iter::once("confd")
+            .chain(s.split_whitespace())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn accepts_confd_style_single_dash_flags() {
+        let cases = [
+            (
+                "-backend consul://h:1 -onetime",
+                "--backend consul://h:1 --onetime",
+            ),
+            ("-config=c.yaml -noop", "--config=c.yaml --noop"),
+            ("--config c.yaml --once", "--config c.yaml --once"),
+            ("-var k=-x -wait 1s", "--var k=-x --wait 1s"),
+            (
+                "-exec nginx -metrics-addr 127.0.0.1:1 -log-format json",
+                "--exec nginx --metrics-addr 127.0.0.1:1 --log-format json",
+            ),
+            // A value is never a flag, and unknown flags are left for clap to name.
+            ("--template -once:b", "--template -once:b"),
+            ("-h -bogus", "-h -bogus"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalise(argv(input))[1..].join(" "), want, "{input}");
+        }
+        let a =
+            Args::try_parse_from(normalise(argv("-backend consul://h:1 -onetime -noop"))).unwrap();
+        assert!(a.once && a.dry_run);
+        assert_eq!(a.backend.as_deref(), Some("consul://h:1"));
+    }
 }

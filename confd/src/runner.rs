@@ -425,7 +425,12 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
             Ok(Applied::WouldChange) => res.outcomes.push((i, Outcome::WouldChange)),
             Ok(Applied::Live) => res.outcomes.push((i, Outcome::Live)),
             Err(reason) => {
-                tracing::error!(template = %label(t), reason = %reason, "template not applied; previous file kept");
+                // Say what is really on disk: there may be no previous file (issue 12).
+                if t.dest.exists() {
+                    tracing::error!(template = %label(t), reason = %reason, "template not applied; previous file kept");
+                } else {
+                    tracing::error!(template = %label(t), reason = %reason, "template not applied; no file written yet");
+                }
                 res.outcomes.push((i, Outcome::Failed(reason)));
             }
         }

@@ -43,8 +43,37 @@ const VALUE_FLAGS: &[&str] = &[
     "label-filter",
 ];
 
-const URI_EXPECTED: &str =
-    "expected consul://host:port, consulkv://host:port/prefix or etcd://host:port[,host:port...]/prefix";
+const URI_EXPECTED: &str = "expected consul://host:port, consulkv://host:port/prefix or \
+     etcd://host:port[,host:port...]/prefix (consul-tls://, consulkv-tls://, etcds:// for HTTPS)";
+
+/// The positional argument and the environment, written out: clap would show the URI as
+/// `[URI]...` (it is collected as a list only to name an extra argument in the error).
+const HELP_TEMPLATE: &str = "\
+{about}
+
+Usage: {usage}
+
+Arguments:
+  URI  The registry, one of:
+         consul://host:port                    services with checks, via that Consul agent
+         consulkv://host:port/prefix           KV <prefix>/<name>/<id> = ip:port
+         etcd://host:port[,host:port...]/prefix  keys /<prefix>/<name>/<id> (JSON), etcd v3
+       consul-tls://, consulkv-tls:// and etcds:// are the same over HTTPS;
+         consul-unix:///path/consul.sock, consulkv-unix:///path/consul.sock:/prefix
+         through the agent's unix socket.
+
+{all-args}
+
+Environment:
+  DOCKER_HOST      the Docker engine (default: /var/run/docker.sock, else /tmp/docker.sock);
+                   tcp:// with DOCKER_TLS_VERIFY and DOCKER_CERT_PATH for TLS
+  RUST_LOG         log level (default info; logs go to stderr)
+  REGISTRATOR_LABEL_FILTER  one --label-filter, when no flag gives one
+  CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_TLS_SERVER_NAME,
+  CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE, ETCDCTL_CACERT, ETCDCTL_CERT, ETCDCTL_KEY,
+  ETCDCTL_USER, ETCDCTL_PASSWORD, ETCDCTL_PASSWORD_FILE
+                   TLS and credentials for the store (see the README)
+";
 
 /// Registers published Docker container ports as services in Consul or etcd.
 ///
@@ -55,7 +84,8 @@ const URI_EXPECTED: &str =
     name = "registrator",
     disable_version_flag = true,
     args_override_self = true,
-    override_usage = "registrator [options] <registry URI>"
+    override_usage = "registrator [options] URI",
+    help_template = HELP_TEMPLATE
 )]
 struct Cli {
     /// IP address to register published ports with (default: the port's host binding, else
@@ -85,7 +115,8 @@ struct Cli {
     /// When to deregister a stopped container's services: always or on-success.
     #[arg(long, value_name = "MODE", default_value = "always")]
     deregister: String,
-    /// Extra attempts to reach the store at start; -1 retries forever.
+    /// Extra attempts to reach the store at start (0: exit at once if it does not answer, so
+    /// start the store first or give a count); -1 retries forever.
     #[arg(
         long = "retry-attempts",
         value_name = "N",
@@ -157,8 +188,8 @@ struct Cli {
     /// container healthchecks); nothing else runs.
     #[arg(long, value_name = "URL")]
     healthcheck: Option<String>,
-    /// Registry URI: consul://host:port, consulkv://host:port/prefix or etcd://host:port/prefix.
-    #[arg(value_name = "URI")]
+    /// Registry URI (described in the help template's Arguments section).
+    #[arg(value_name = "URI", hide = true)]
     uri: Vec<String>,
 }
 
@@ -243,7 +274,8 @@ pub fn healthcheck_url<I: IntoIterator<Item = String>>(argv: I) -> Option<String
 
 /// Parses `argv` (program name first) into a [`Config`].
 pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<Config, CliExit> {
-    let cli = match Cli::try_parse_from(normalise(argv)) {
+    let argv: Vec<String> = argv.into_iter().collect();
+    let cli = match Cli::try_parse_from(normalise(argv.clone())) {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -256,6 +288,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
             let text = e.to_string();
             let first = text.lines().next().unwrap_or_default();
             let first = first.strip_prefix("error: ").unwrap_or(first);
+            let first = as_typed(first, &argv);
             return Err(CliExit::usage(format!("{first} (see --help)")));
         }
     };
@@ -372,6 +405,19 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
     })
 }
 
+/// clap names an unknown flag as [`normalise`] rewrote it (`'--foo'`); name it as the user
+/// typed it (`'-foo'`).
+fn as_typed(message: &str, argv: &[String]) -> String {
+    let mut out = message.to_string();
+    for a in argv.iter().skip(1) {
+        if let Some(body) = a.strip_prefix('-').filter(|b| !b.starts_with('-')) {
+            let name = body.split('=').next().unwrap_or(body);
+            out = out.replace(&format!("'--{name}'"), &format!("'-{name}'"));
+        }
+    }
+    out
+}
+
 /// A host identity must stay the first field of `<hostname>:<container>:<port>` IDs and a
 /// clean key segment in etcd, so `-cleanup`'s prefix match cannot reach another host's IDs.
 fn valid_host_identity(h: &str) -> bool {
@@ -486,7 +532,8 @@ mod tests {
             ("-ip nope consul://h", "nope"),
             ("-ttl 10 -ttl-refresh 10 consul://h", "-ttl-refresh"),
             ("-ttl-refresh 10 consul://h", "-ttl-refresh"),
-            ("-bogus consul://h", "-bogus"),
+            ("-bogus consul://h", "'-bogus'"),
+            ("--bogus consul://h", "'--bogus'"),
             ("consul://h extra", "extra"),
             ("-retry-attempts -2 consul://h", "-2"),
         ];
@@ -590,5 +637,23 @@ mod tests {
             let e = parse(argv(input), "h").unwrap_err();
             assert_eq!(e.code, 0, "{input}");
         }
+    }
+
+    #[test]
+    fn help_names_every_scheme_and_variable_and_one_uri() {
+        let help = parse(argv("--help"), "h").unwrap_err().message;
+        for want in [
+            "Usage: registrator [options] URI",
+            "consul://",
+            "consul-tls://",
+            "consulkv-tls://",
+            "etcds://",
+            "DOCKER_HOST",
+            "RUST_LOG",
+            "-retry-attempts",
+        ] {
+            assert!(help.contains(want), "help lacks {want:?}:\n{help}");
+        }
+        assert!(!help.contains("[URI]"), "{help}");
     }
 }
