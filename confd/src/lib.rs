@@ -2,17 +2,19 @@
 //! them, swaps them in atomically and reloads the proxy.
 //!
 //! The pipeline, one module per stage: [`config`] (YAML + flags) → [`source`] (store watchers
-//! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`render`] with
-//! [`helpers`] → [`writer`] (stage, swap, restore) → [`command`] (check and reload with
+//! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`data`] (the
+//! document templates see, once per snapshot) → [`render`] with [`helpers`] → [`writer`] (stage, swap, restore) → [`command`] (check and reload with
 //! timeouts). [`watch`] re-renders when a template file changes. [`live`] applies
 //! membership-only changes to a running proxy without a reload.
 
 pub mod command;
 pub mod config;
+pub mod data;
 pub mod duration;
 pub mod helpers;
 pub mod live;
 pub mod model;
+pub mod names;
 pub mod render;
 pub mod runner;
 pub mod source;

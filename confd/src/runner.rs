@@ -13,7 +13,7 @@
 
 use crate::command::{self, CommandSpec};
 use crate::config::{Config, TemplateConfig, Wait};
-use crate::model::{template_data, Snapshot};
+use crate::model::Snapshot;
 use crate::render::Renderer;
 use crate::source;
 use crate::watch::watch_templates;
@@ -316,15 +316,16 @@ struct UnitResult {
 pub async fn pass(
     cfg: &Config,
     renderer: &mut Renderer,
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     due: &[usize],
     owed: &mut BTreeSet<usize>,
     dry_run: bool,
 ) -> Vec<Outcome> {
-    let data = template_data(snap, &cfg.vars);
+    // Built once per snapshot (updated where it changed) and shared by every template.
+    renderer.update_data(snap.clone(), &cfg.vars);
     let mut rendered: BTreeMap<usize, Result<Rendered, String>> = BTreeMap::new();
     for &i in due {
-        rendered.insert(i, render_one(&cfg.templates[i], renderer, snap, &data));
+        rendered.insert(i, render_one(&cfg.templates[i], renderer, snap));
     }
     let mut units: BTreeMap<UnitKey, Vec<usize>> = BTreeMap::new();
     let members = due
@@ -533,7 +534,6 @@ fn render_one(
     t: &TemplateConfig,
     renderer: &mut Renderer,
     snap: &Snapshot,
-    data: &serde_json::Value,
 ) -> Result<Rendered, String> {
     let total = snap.total_instances();
     if total < t.min_instances {
@@ -545,7 +545,7 @@ fn render_one(
     let source = std::fs::read_to_string(&t.src)
         .map_err(|e| format!("cannot read template {}: {e}", t.src.display()))?;
     let name = t.src.display().to_string();
-    let content = renderer.render(&name, &source, data)?;
+    let content = renderer.render_current(&name, &source)?;
     let current = writer::read_current(&t.dest)
         .map_err(|e| format!("cannot read {}: {e}", t.dest.display()))?;
     if !writer::changed(current.as_deref(), content.as_bytes()) {
@@ -681,12 +681,12 @@ mod tests {
         t
     }
 
-    fn snap(n: usize) -> Snapshot {
-        Snapshot::build(
+    fn snap(n: usize) -> Arc<Snapshot> {
+        Arc::new(Snapshot::build(
             (0..n).map(|i| inst("web", &format!("i{i}"), "10.0.0.1", 80 + i as u16)),
             Default::default(),
             &[],
-        )
+        ))
     }
 
     #[tokio::test]

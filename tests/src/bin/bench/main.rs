@@ -1,6 +1,7 @@
 //! Switchboard benchmark: real Docker engine, real Consul and etcd, the real binaries.
 //!
-//! Suites (`--suite registrator|confd|drain|all`, default all), each printing markdown
+//! Suites (`--suite registrator|confd|drain|all`, default all; `confd` is `confd-render`
+//! plus `confd-daemon`), each printing markdown
 //! tables; nothing is asserted (speed targets are read from these tables, never from timed
 //! tests):
 //! - `registrator` ([`registrator`]): Docker `start` event -> registration visible in the
@@ -56,6 +57,7 @@ impl Which {
 /// What to run, from the command line.
 struct Args {
     registrator: bool,
+    confd_render: bool,
     confd: bool,
     drain: bool,
     stores: Vec<Which>,
@@ -80,7 +82,7 @@ fn numbers(flag: &str, v: Option<String>) -> Vec<usize> {
         .collect()
 }
 
-const USAGE: &str = "usage: bench [--suite registrator|confd|drain|all] [--stores consul,etcd] \
+const USAGE: &str = "usage: bench [--suite registrator|confd|confd-render|confd-daemon|drain|all] [--stores consul,etcd] \
 [--counts N,..] [--render-counts N,..] [--rss-counts N,..] [--samples N] [--burst N] \
 [--proxies haproxy,nginx] [--stops N] [--cycles N] [--churn-secs N]";
 
@@ -93,6 +95,7 @@ fn usage(msg: &str) -> ! {
 fn parse_args() -> Args {
     let mut a = Args {
         registrator: true,
+        confd_render: true,
         confd: true,
         drain: true,
         stores: vec![Which::Consul, Which::Etcd],
@@ -110,15 +113,19 @@ fn parse_args() -> Args {
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--suite" => {
-                (a.registrator, a.confd, a.drain) = match args.next().as_deref() {
-                    Some("registrator") => (true, false, false),
-                    Some("confd") => (false, true, false),
-                    Some("drain") => (false, false, true),
-                    Some("all") => (true, true, true),
-                    other => usage(&format!(
-                        "--suite {other:?}: expected registrator, confd, drain or all"
-                    )),
-                }
+                (a.registrator, a.confd_render, a.confd, a.drain) =
+                    match args.next().as_deref() {
+                        Some("registrator") => (true, false, false, false),
+                        Some("confd") => (false, true, true, false),
+                        Some("confd-render") => (false, true, false, false),
+                        Some("confd-daemon") => (false, false, true, false),
+                        Some("drain") => (false, false, false, true),
+                        Some("all") => (true, true, true, true),
+                        other => usage(&format!(
+                            "--suite {other:?}: expected registrator, confd, confd-render, \
+                             confd-daemon, drain or all"
+                        )),
+                    }
             }
             "--stores" => {
                 a.stores = args
@@ -169,8 +176,10 @@ fn parse_args() -> Args {
 #[tokio::main]
 async fn main() {
     let a = parse_args();
-    if a.confd {
+    if a.confd_render {
         confd_render::run(&a.render_counts);
+    }
+    if a.confd {
         confd_live::run(&a.stores, a.samples, a.burst, &a.rss_counts).await;
     }
     if a.registrator {
