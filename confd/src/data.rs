@@ -198,14 +198,21 @@ impl TemplateData {
             Some(Value::Object(m)) => m,
             _ => Map::new(),
         };
-        let mut list = Vec::with_capacity(if parts.services { new.services.len() } else { 0 });
+        let mut list = Vec::with_capacity(if parts.services {
+            new.services.len()
+        } else {
+            0
+        });
         let mut map = Map::new();
         // Virtual hosts whose entry must be built again.
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         // Both snapshots are sorted by service name, and so is `old_list`: one merge walk.
         let mut olds = old.services.iter().enumerate().peekable();
         for (name, insts) in &new.services {
-            while olds.next_if(|(_, (o, _))| o.as_str() < name.as_str()).is_some() {}
+            while olds
+                .next_if(|(_, (o, _))| o.as_str() < name.as_str())
+                .is_some()
+            {}
             let same = match olds.next_if(|(_, (o, _))| *o == name) {
                 Some((k, (_, was))) if was == insts => Some(k),
                 Some((_, (_, was))) => {
@@ -233,10 +240,7 @@ impl TemplateData {
             }
             if parts.service {
                 let kept = same.and_then(|_| old_map.remove(name.as_str()));
-                map.insert(
-                    name.clone(),
-                    kept.unwrap_or_else(|| instances_value(insts)),
-                );
+                map.insert(name.clone(), kept.unwrap_or_else(|| instances_value(insts)));
             }
         }
         if parts.services {
@@ -276,7 +280,12 @@ impl TemplateData {
 
     /// Drops `service`'s old instances `was` from the virtual-host index, marking their
     /// virtual hosts for a rebuild.
-    fn forget_vhosts(&mut self, service: &str, was: &[Arc<Instance>], dirty: &mut BTreeSet<String>) {
+    fn forget_vhosts(
+        &mut self,
+        service: &str,
+        was: &[Arc<Instance>],
+        dirty: &mut BTreeSet<String>,
+    ) {
         for i in was {
             let Some(v) = i.vhost() else { continue };
             if let Some(s) = self.vhost_services.get_mut(&v) {
@@ -341,12 +350,7 @@ fn instance_value(i: &Instance) -> Value {
     );
     m.insert(
         "meta".into(),
-        Value::Object(
-            i.meta
-                .iter()
-                .map(|(k, v)| (k.clone(), string(v)))
-                .collect(),
-        ),
+        Value::Object(i.meta.iter().map(|(k, v)| (k.clone(), string(v))).collect()),
     );
     m.insert("node".into(), string(&i.node));
     m.insert("health".into(), string(&i.health));
@@ -430,7 +434,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn below(&mut self, n: u64) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (self.0 >> 33) % n
         }
     }
@@ -439,10 +446,16 @@ mod tests {
     /// snapshots share, change, add and remove services and move instances between hosts.
     fn random_instance(r: &mut Lcg) -> Instance {
         let svc = format!("s{}", r.below(6));
-        let mut i = inst(&svc, &format!("i{}", r.below(12)), "10.0.0.1", 80 + r.below(3) as u16);
+        let mut i = inst(
+            &svc,
+            &format!("i{}", r.below(12)),
+            "10.0.0.1",
+            80 + r.below(3) as u16,
+        );
         match r.below(4) {
             0 => {
-                i.meta.insert("vhost".into(), format!("h{}.test", r.below(3)));
+                i.meta
+                    .insert("vhost".into(), format!("h{}.test", r.below(3)));
             }
             1 => {
                 i.meta.insert("hostname".into(), format!("h{}", r.below(3)));
@@ -494,7 +507,10 @@ mod tests {
             assert_eq!(d.value(), full.value(), "step {step}");
             assert_eq!(changed, before != *d.value(), "step {step}");
             if changed {
-                assert!(generations.insert(d.generation()), "step {step}: generation reused");
+                assert!(
+                    generations.insert(d.generation()),
+                    "step {step}: generation reused"
+                );
             }
             partial.update(d.snapshot().clone(), vars);
             let mut want = full.value().clone();
@@ -505,7 +521,11 @@ mod tests {
             if step == 200 {
                 let g = partial.generation();
                 partial.ensure(Parts::ALL);
-                assert_eq!(partial.generation(), g, "adding a part is no new generation");
+                assert_eq!(
+                    partial.generation(),
+                    g,
+                    "adding a part is no new generation"
+                );
                 assert_eq!(partial.value(), full.value());
             }
         }

@@ -8,11 +8,11 @@
 //! `nginx_string`/`haproxy_string` emit one double-quoted word with quotes and backslashes
 //! escaped and `$` (variable expansion) and control characters removed.
 
+use crate::names;
 use handlebars::{
     Context, Handlebars, Helper, HelperDef, RenderContext, RenderError, RenderErrorReason,
     ScopedJson,
 };
-use crate::names;
 use serde_json::{json, Value};
 use std::borrow::Cow;
 use std::collections::BTreeMap;

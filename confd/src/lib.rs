@@ -13,6 +13,7 @@ pub mod data;
 pub mod duration;
 pub mod helpers;
 pub mod live;
+pub mod memory;
 pub mod model;
 pub mod names;
 pub mod render;

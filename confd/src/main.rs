@@ -55,6 +55,7 @@ impl Args {
 }
 
 fn main() -> ExitCode {
+    confd::memory::limit_arenas();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -58,8 +58,7 @@ pub fn vhost<'a>(meta: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
 /// `[A-Za-z0-9_.-]`.
 pub fn is_safe_token(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
@@ -106,12 +105,22 @@ mod tests {
 
     #[test]
     fn vhosts_from_meta() {
-        let cases: [(&[(&str, &str)], Option<&str>); 8] = [
+        type Meta<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(Meta, Option<&str>); 8] = [
             (&[], None),
             (&[("hostname", "2048")], Some("2048")),
-            (&[("hostname", "2048"), ("domain", "local.com")], Some("2048.local.com")),
-            (&[("hostname", "App"), ("domain", ".Local.com")], Some("app.local.com")),
-            (&[("vhost", "RestServer.local"), ("hostname", "x")], Some("restserver.local")),
+            (
+                &[("hostname", "2048"), ("domain", "local.com")],
+                Some("2048.local.com"),
+            ),
+            (
+                &[("hostname", "App"), ("domain", ".Local.com")],
+                Some("app.local.com"),
+            ),
+            (
+                &[("vhost", "RestServer.local"), ("hostname", "x")],
+                Some("restserver.local"),
+            ),
             (&[("vhost", ""), ("hostname", "x")], Some("x")),
             (&[("vhost", "a; } server { listen 81; }")], None),
             (&[("domain", "local.com")], None),

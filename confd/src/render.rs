@@ -7,11 +7,11 @@
 use crate::data::{Parts, TemplateData, Vars};
 use crate::helpers;
 use crate::model::Snapshot;
-use std::sync::Arc;
 use handlebars::template::{Parameter, Template, TemplateElement};
 use handlebars::{Context, Handlebars, Path, PathSeg, RenderError, RenderErrorReason};
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A registry with confd's settings and helpers. Callers pass the template source read fresh
 /// from disk on every render (so an edit is always seen); it is parsed again only when it
@@ -105,9 +105,7 @@ impl Renderer {
                 d.update(snap, vars);
             }
             // Parts are added as templates that read them are rendered.
-            None => {
-                self.data = Some(TemplateData::with_parts(snap, vars, Parts::default()))
-            }
+            None => self.data = Some(TemplateData::with_parts(snap, vars, Parts::default())),
         }
     }
 
@@ -183,25 +181,22 @@ fn walk(elements: &[TemplateElement], nested: bool, names: &mut Vec<String>) -> 
         TemplateElement::Expression(h)
         | TemplateElement::HtmlExpression(h)
         | TemplateElement::HelperBlock(h) => {
-            let narrows = h.block
-                && matches!(&h.name, Parameter::Name(n) if n == "each" || n == "with");
+            let narrows =
+                h.block && matches!(&h.name, Parameter::Name(n) if n == "each" || n == "with");
             param(&h.name, nested, names)
                 || h.params.iter().any(|p| param(p, nested, names))
                 || h.hash.values().any(|p| param(p, nested, names))
-                || h
-                    .template
+                || h.template
                     .as_ref()
                     .is_some_and(|t| walk(&t.elements, nested || narrows, names))
-                || h
-                    .inverse
+                || h.inverse
                     .as_ref()
                     .is_some_and(|t| walk(&t.elements, nested, names))
         }
         TemplateElement::DecoratorExpression(d) | TemplateElement::DecoratorBlock(d) => {
             d.params.iter().any(|p| param(p, nested, names))
                 || d.hash.values().any(|p| param(p, nested, names))
-                || d
-                    .template
+                || d.template
                     .as_ref()
                     .is_some_and(|t| walk(&t.elements, nested, names))
         }
@@ -318,7 +313,11 @@ mod tests {
         assert_eq!(r.render_data("t", t, d).unwrap(), "10.0.0.2:80 ");
         assert_eq!(r.renders(), 3);
         // An edited source: rendered again; a failing one is not remembered.
-        assert_eq!(r.render_data("t", "x{{#each service.web}}{{port}}{{/each}}", d).unwrap(), "x80");
+        assert_eq!(
+            r.render_data("t", "x{{#each service.web}}{{port}}{{/each}}", d)
+                .unwrap(),
+            "x80"
+        );
         assert_eq!(r.renders(), 4);
         assert!(r.render_data("t", "{{nope}}", d).is_err());
         assert!(r.render_data("t", "{{nope}}", d).is_err());
@@ -362,7 +361,11 @@ mod tests {
                 .join(t);
             let mut hb = Handlebars::new();
             hb.register_template_file("t", &path).unwrap();
-            assert_eq!(reads(hb.get_template("t").unwrap()), only(true, false, true), "{t}");
+            assert_eq!(
+                reads(hb.get_template("t").unwrap()),
+                only(true, false, true),
+                "{t}"
+            );
         }
     }
 
@@ -381,11 +384,13 @@ mod tests {
         r.update_data(snap, &Default::default());
         assert_eq!(r.render_current("a", "{{vars}}").unwrap(), "[object]");
         assert_eq!(
-            r.render_current("b", "{{#each service.web}}{{port}}{{/each}}").unwrap(),
+            r.render_current("b", "{{#each service.web}}{{port}}{{/each}}")
+                .unwrap(),
             "80"
         );
         assert_eq!(
-            r.render_current("c", "{{#each services}}{{name}}{{/each}}").unwrap(),
+            r.render_current("c", "{{#each services}}{{name}}{{/each}}")
+                .unwrap(),
             "web"
         );
     }

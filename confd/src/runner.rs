@@ -232,6 +232,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
             pending[i].clear();
         }
         let outcomes = pass(&cfg, &mut renderer, s, &due, &mut owed, false).await;
+        crate::memory::release_freed();
         for (i, o) in outcomes.iter().enumerate() {
             match o {
                 Outcome::ReloadFailed(_) => {

@@ -33,6 +33,9 @@ const GOAL_DATA: Duration = Duration::from_millis(5);
 struct Row {
     template: &'static str,
     instances: usize,
+    /// Heap bytes of the snapshot (its instances) and of the template document.
+    snapshot_bytes: usize,
+    document_bytes: usize,
     services: usize,
     vhosts: usize,
     full: Summary,
@@ -70,7 +73,11 @@ pub fn run(counts: &[usize]) {
     let vars = Vars::new();
     let mut rows = Vec::new();
     for &n in counts {
+        let before = crate::live_bytes();
         let (a, b) = snapshots(n);
+        // Two snapshots sharing all but one instance: about one snapshot's worth.
+        let snapshot_bytes = crate::live_bytes().saturating_sub(before);
+        let before = crate::live_bytes();
         // The parts of the document the shipped templates read, as the daemon finds them.
         let mut data = TemplateData::with_parts(a.clone(), &vars, Parts::default());
         for template in TEMPLATES {
@@ -82,6 +89,7 @@ pub fn run(counts: &[usize]) {
                 .unwrap_or_else(|e| panic!("render failed: {e}"));
         }
         let parts = data.parts();
+        let document_bytes = crate::live_bytes().saturating_sub(before);
         let full = measure(|| {
             let t0 = Instant::now();
             let d = TemplateData::with_parts(a.clone(), &vars, parts);
@@ -119,6 +127,8 @@ pub fn run(counts: &[usize]) {
             rows.push(Row {
                 template,
                 instances: n,
+                snapshot_bytes,
+                document_bytes,
                 services: a.services.len(),
                 vhosts,
                 full,
@@ -128,7 +138,9 @@ pub fn run(counts: &[usize]) {
             });
         }
     }
-    println!("\n### confd: in-process render (template data once per snapshot, then each template)\n");
+    println!(
+        "\n### confd: in-process render (template data once per snapshot, then each template)\n"
+    );
     println!(
         "| template        | instances | services | vhosts | data full ms | data update ms | runs | render median ms | render p99 ms | output KiB |"
     );
@@ -163,6 +175,20 @@ pub fn run(counts: &[usize]) {
             GOAL_RENDER.as_millis(),
             ms3(r.render.median),
             met(r.render.median <= GOAL_RENDER)
+        );
+    }
+    println!("\nMemory (heap bytes requested, without the allocator's overhead):\n");
+    println!("| instances | snapshot MiB | per instance KiB | template document MiB | per instance KiB |");
+    println!("|----------:|-------------:|-----------------:|----------------------:|-----------------:|");
+    for r in rows.iter().step_by(TEMPLATES.len()) {
+        let per = |b: usize| b as f64 / 1024.0 / r.instances as f64;
+        println!(
+            "| {:>9} | {:>12.1} | {:>16.2} | {:>21.1} | {:>16.2} |",
+            r.instances,
+            r.snapshot_bytes as f64 / 1048576.0,
+            per(r.snapshot_bytes),
+            r.document_bytes as f64 / 1048576.0,
+            per(r.document_bytes)
         );
     }
     if let Some(r) = rows.iter().find(|r| r.instances == 10_000) {

@@ -33,7 +33,45 @@ mod registrator;
 mod workload;
 
 use lb::Proxy;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+/// The system allocator, counting the bytes live: what [`confd_render`] reports as the size
+/// of a snapshot and of a template document (bytes requested, without the allocator's own
+/// per-block overhead).
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to `System` unchanged; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(l.size(), Ordering::Relaxed);
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE_BYTES.fetch_sub(l.size(), Ordering::Relaxed);
+        System.dealloc(p, l)
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(l.size(), Ordering::Relaxed);
+        System.alloc_zeroed(l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new, Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(l.size(), Ordering::Relaxed);
+        System.realloc(p, l, new)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Heap bytes live in this process now.
+pub fn live_bytes() -> usize {
+    LIVE_BYTES.load(Ordering::Relaxed)
+}
 
 /// Which store a run uses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -113,19 +151,18 @@ fn parse_args() -> Args {
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--suite" => {
-                (a.registrator, a.confd_render, a.confd, a.drain) =
-                    match args.next().as_deref() {
-                        Some("registrator") => (true, false, false, false),
-                        Some("confd") => (false, true, true, false),
-                        Some("confd-render") => (false, true, false, false),
-                        Some("confd-daemon") => (false, false, true, false),
-                        Some("drain") => (false, false, false, true),
-                        Some("all") => (true, true, true, true),
-                        other => usage(&format!(
-                            "--suite {other:?}: expected registrator, confd, confd-render, \
+                (a.registrator, a.confd_render, a.confd, a.drain) = match args.next().as_deref() {
+                    Some("registrator") => (true, false, false, false),
+                    Some("confd") => (false, true, true, false),
+                    Some("confd-render") => (false, true, false, false),
+                    Some("confd-daemon") => (false, false, true, false),
+                    Some("drain") => (false, false, false, true),
+                    Some("all") => (true, true, true, true),
+                    other => usage(&format!(
+                        "--suite {other:?}: expected registrator, confd, confd-render, \
                              confd-daemon, drain or all"
-                        )),
-                    }
+                    )),
+                }
             }
             "--stores" => {
                 a.stores = args
