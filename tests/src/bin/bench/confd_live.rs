@@ -549,6 +549,10 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
          count templates rendered, default window."
     );
     for r in &rows {
+        let each: Vec<String> = r.after_round.iter().map(|&k| mib(k)).collect();
+        println!("\n{} after each round (MiB): {}", r.store, each.join(" "));
+    }
+    for r in &rows {
         println!(
             "\nGoal (issue 14), {}: confd idle RSS under 10 MiB: {} MiB, {}; no growth over \
              churn: round 1 {} MiB, round {CHURN_ROUNDS} {} MiB.",
