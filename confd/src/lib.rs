@@ -3,9 +3,11 @@
 //!
 //! The pipeline, one module per stage: [`config`] (YAML + flags) → [`source`] (store watchers
 //! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`data`] (the
-//! document templates see, once per snapshot) → [`render`] with [`helpers`] → [`writer`] (stage, swap, restore) → [`command`] (check and reload with
-//! timeouts). [`watch`] re-renders when a template file changes. [`live`] applies
-//! membership-only changes to a running proxy without a reload.
+//! document templates see, once per snapshot) → [`render`] with [`helpers`] → [`writer`]
+//! (stage, swap, restore) → [`command`] (check and reload with timeouts). [`watch`] re-renders
+//! when a template file changes. [`live`] applies membership-only changes to a running proxy
+//! without a reload. [`names`] holds the validation rules the model and the helpers share;
+//! [`memory`] how the heap returns memory.
 
 pub mod command;
 pub mod config;

@@ -716,6 +716,47 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
 
+    /// Passes share one document per snapshot and render a template only when its inputs
+    /// changed; the destination is still compared, so a file edited behind confd's back is
+    /// put back even when the render itself was skipped.
+    #[tokio::test]
+    async fn unchanged_inputs_are_not_rendered_again() {
+        let d = tempfile::tempdir().unwrap();
+        let body = "{{#each service.web}}{{port}} {{/each}}";
+        let c = cfg(
+            d.path(),
+            vec![
+                tpl(d.path(), "a", body, None),
+                tpl(d.path(), "b", body, None),
+            ],
+        );
+        let mut r = Renderer::default();
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
+        assert_eq!(r.renders(), 2);
+        // An equal snapshot (another allocation): nothing rendered, nothing changed.
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        assert_eq!(o, vec![Outcome::Unchanged, Outcome::Unchanged]);
+        assert_eq!(r.renders(), 2);
+        // The file was edited by hand: put back from the kept output, still no render.
+        std::fs::write(d.path().join("a"), "edited").unwrap();
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        assert_eq!(o[0], Outcome::Updated);
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "80 81 "
+        );
+        assert_eq!(r.renders(), 2);
+        // A new snapshot: each due template rendered once.
+        let o = pass(&c, &mut r, &snap(3), &[0, 1], &mut BTreeSet::new(), false).await;
+        assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
+        assert_eq!(r.renders(), 4);
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("b")).unwrap(),
+            "80 81 82 "
+        );
+    }
+
     /// The first render's reload fails (the proxy is not up yet): the new file stays, since
     /// there is nothing to put back, and its reload runs again at the next pass, changed or
     /// not, until it works.
