@@ -289,6 +289,8 @@ struct RssRow {
     c: Counters,
     cpu: Duration,
     rss_kib: u64,
+    /// Resident set once the config held all `n` (the pass done): what holding them costs.
+    settled_kib: u64,
 }
 
 /// `n` instances registered, nginx + HAProxy + count templates rendered: the daemon's peak.
@@ -311,6 +313,7 @@ async fn rss(which: Which, n: usize) -> RssRow {
         c: d.counters() - before,
         cpu: cpu_time(d.proc.pid()),
         rss_kib: peak_rss_kib(d.proc.pid()),
+        settled_kib: rss_kib(d.proc.pid()),
     }
 }
 
@@ -471,11 +474,11 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
         }
     }
     println!("\n### confd: peak RSS with nginx + HAProxy + count templates (default window)\n");
-    println!("| store  | instances | services | all written s | config complete s | in config at end | snapshots | renders | confd CPU s | confd peak RSS MiB |");
-    println!("|--------|----------:|---------:|--------------:|------------------:|-----------------:|----------:|--------:|------------:|-------------------:|");
+    println!("| store  | instances | services | all written s | config complete s | in config at end | snapshots | renders | confd CPU s | confd peak RSS MiB | RSS at end MiB |");
+    println!("|--------|----------:|---------:|--------------:|------------------:|-----------------:|----------:|--------:|------------:|-------------------:|---------------:|");
     for r in &rows {
         println!(
-            "| {:<6} | {:>9} | {:>8} | {:>13} | {:>17} | {:>16} | {:>9} | {:>7} | {:>11} | {:>18} |",
+            "| {:<6} | {:>9} | {:>8} | {:>13} | {:>17} | {:>16} | {:>9} | {:>7} | {:>11} | {:>18} | {:>14} |",
             r.store,
             r.n,
             workload::services_for(r.n),
@@ -488,7 +491,8 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
             r.c.snapshots,
             r.c.renders,
             secs(r.cpu),
-            mib(r.rss_kib)
+            mib(r.rss_kib),
+            mib(r.settled_kib)
         );
     }
     println!(
@@ -503,12 +507,15 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
              {CONSUL_MAX} agent registrations take minutes); the etcd rows cover them."
         );
     }
-    let idle = rows.iter().find(|r| r.n <= CHURN_BASE).map(|r| r.rss_kib);
+    let small = rows.iter().find(|r| r.n <= CHURN_BASE);
     for r in rows.iter().filter(|r| r.n == 10_000) {
-        let per = idle.map_or(String::new(), |i| {
+        let per = small.map_or(String::new(), |s| {
+            let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / r.n as f64;
             format!(
-                "; {:.1} KiB per instance over the 10-instance run",
-                r.rss_kib.saturating_sub(i) as f64 / r.n as f64
+                "; per instance over the 10-instance run: {:.1} KiB at the peak, {:.1} KiB held \
+                 once the config is complete",
+                per(r.rss_kib, s.rss_kib),
+                per(r.settled_kib, s.settled_kib)
             )
         });
         println!(
