@@ -8,11 +8,13 @@
 //! `nginx_string`/`haproxy_string` emit one double-quoted word with quotes and backslashes
 //! escaped and `$` (variable expansion) and control characters removed.
 
+use crate::names;
 use handlebars::{
     Context, Handlebars, Helper, HelperDef, RenderContext, RenderError, RenderErrorReason,
     ScopedJson,
 };
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// A helper argument: `None` when the template referred to a key that does not exist.
@@ -47,19 +49,27 @@ impl HelperDef for FnHelper {
                 .map(ScopedJson::Derived)
                 .map_err(|e| RenderErrorReason::Other(format!("helper {}: {e}", h.name())).into());
         }
-        let mut args = Vec::new();
-        for p in h.params() {
+        // Most calls have one to three arguments: no allocation for them.
+        let params = h.params();
+        let mut small: [Arg; 4] = [None; 4];
+        let mut big: Vec<Arg> = Vec::new();
+        let args: &mut [Arg] = if params.len() <= small.len() {
+            &mut small[..params.len()]
+        } else {
+            big.resize(params.len(), None);
+            &mut big
+        };
+        for (slot, p) in args.iter_mut().zip(params) {
             if p.is_value_missing() {
                 if !self.allow_missing {
                     let what = p.relative_path().cloned().unwrap_or_else(|| "?".into());
                     return Err(RenderErrorReason::MissingVariable(Some(what)).into());
                 }
-                args.push(None);
             } else {
-                args.push(Some(p.value()));
+                *slot = Some(p.value());
             }
         }
-        (self.f)(&args)
+        (self.f)(args)
             .map(ScopedJson::Derived)
             .map_err(|e| RenderErrorReason::Other(format!("helper {}: {e}", h.name())).into())
     }
@@ -133,6 +143,14 @@ fn text(v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
         other => other.to_string(),
+    }
+}
+
+/// Like [`text`], borrowing when the value is a string (the common case: no copy).
+fn text_ref(v: &Value) -> Cow<'_, str> {
+    match v {
+        Value::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(text(other)),
     }
 }
 
@@ -288,7 +306,7 @@ fn find_service(args: &[Arg]) -> Result<Value, String> {
     let by_name = services
         .iter()
         .filter(has_instances)
-        .find(|s| !name.is_empty() && s.get("name").map(text) == Some(name.clone()));
+        .find(|s| !name.is_empty() && s.get("name").map(text_ref).as_deref() == Some(&*name));
     let by_tag = || {
         services.iter().filter(has_instances).find(|s| {
             !tag.is_empty()
@@ -315,66 +333,73 @@ fn instance<'a>(args: &[Arg<'a>], helper: &str) -> Result<&'a Value, String> {
 }
 
 /// `vhost INSTANCE`: the instance's validated virtual host (meta `vhost`, or `hostname` +
-/// `.` + `domain`), or empty.
+/// `.` + `domain`), or empty. The same rule as the data's `vhost` field ([`names::vhost`]).
 fn vhost(args: &[Arg]) -> Result<Value, String> {
-    let i = instance(args, "vhost")?;
-    let meta: BTreeMap<String, String> = i
-        .get("meta")
-        .and_then(|m| serde_json::from_value(m.clone()).ok())
-        .unwrap_or_default();
-    let inst = crate::model::Instance {
-        id: String::new(),
-        name: String::new(),
-        address: String::new(),
-        port: 0,
-        tags: vec![],
-        meta,
-        node: String::new(),
-        health: String::new(),
-    };
-    Ok(Value::String(inst.vhost().unwrap_or_default()))
+    let meta = instance(args, "vhost")?.get("meta");
+    let v = names::vhost(|k| meta?.get(k)?.as_str());
+    Ok(Value::String(v.unwrap_or_default()))
 }
 
 /// `addr INSTANCE`: `address:port` (`[v6]:port`), refusing anything that is not an IP
 /// address or DNS name with a numeric port.
 fn addr(args: &[Arg]) -> Result<Value, String> {
     let i = instance(args, "addr")?;
-    let address = i.get("address").map(text).unwrap_or_default();
+    let address = i.get("address").map(text_ref).unwrap_or_default();
     let port = i
         .get("port")
         .and_then(Value::as_u64)
         .filter(|p| (1..=65535).contains(p))
         .ok_or_else(|| format!("instance has no valid port: {i}"))?;
-    if !crate::model::is_address(&address) {
+    if !names::is_address(&address) {
         return Err(format!("{address:?} is not an IP address or DNS name"));
     }
-    Ok(Value::String(if address.contains(':') {
-        format!("[{address}]:{port}")
-    } else {
-        format!("{address}:{port}")
-    }))
-}
-
-/// `nginx_name` / `haproxy_name`: see [`safe_token`].
-fn name(args: &[Arg]) -> Result<Value, String> {
-    Ok(Value::String(safe_token(&text(arg(args, 0, "value")?))))
-}
-
-/// Maps any text onto `[A-Za-z0-9_.-]+`: other characters become `_`, and when anything had to
-/// change a short hash of the original is appended so distinct inputs stay distinct.
-pub fn safe_token(s: &str) -> String {
-    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-    if !s.is_empty() && s.chars().all(ok) {
-        return s.to_string();
+    let v6 = address.contains(':');
+    let mut out = String::with_capacity(address.len() + 8);
+    if v6 {
+        out.push('[');
     }
-    let mapped: String = s.chars().map(|c| if ok(c) { c } else { '_' }).collect();
-    format!("{mapped}-{:08x}", fnv1a(s.as_bytes()) as u32)
+    out.push_str(&address);
+    if v6 {
+        out.push(']');
+    }
+    out.push(':');
+    out.push_str(itoa(port as u16).as_str());
+    Ok(Value::String(out))
 }
 
-fn fnv1a(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf29ce484222325, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x100000001b3)
-    })
+/// `nginx_name` / `haproxy_name`: see [`names::safe_token`].
+fn name(args: &[Arg]) -> Result<Value, String> {
+    Ok(Value::String(names::safe_token(&text_ref(arg(
+        args, 0, "value",
+    )?))))
+}
+
+/// A port as decimal digits, without going through `fmt`.
+fn itoa(n: u16) -> ArrayString {
+    let mut buf = [0u8; 5];
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    ArrayString { buf, start: i }
+}
+
+/// Up to five ASCII digits on the stack.
+struct ArrayString {
+    buf: [u8; 5],
+    start: usize,
+}
+
+impl ArrayString {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[self.start..]).expect("ASCII digits")
+    }
 }
 
 /// One double-quoted word: `\` and `"` escaped, `$` and control characters dropped.
@@ -399,13 +424,13 @@ fn quoted(s: &str) -> String {
 /// `nginx_string VALUE`: a safe nginx string argument (nginx unescapes `\"` and `\\` inside
 /// double quotes; `$` would start a variable, so it is dropped).
 fn nginx_string(args: &[Arg]) -> Result<Value, String> {
-    Ok(Value::String(quoted(&text(arg(args, 0, "value")?))))
+    Ok(Value::String(quoted(&text_ref(arg(args, 0, "value")?))))
 }
 
 /// `haproxy_string VALUE`: a safe HAProxy word (inside double quotes HAProxy unescapes `\"`
 /// and `\\` and would expand `$VAR`, so `$` is dropped).
 fn haproxy_string(args: &[Arg]) -> Result<Value, String> {
-    Ok(Value::String(quoted(&text(arg(args, 0, "value")?))))
+    Ok(Value::String(quoted(&text_ref(arg(args, 0, "value")?))))
 }
 
 #[cfg(test)]
@@ -465,22 +490,6 @@ mod tests {
         for (t, want) in cases {
             assert_eq!(render(t, data.clone()).unwrap(), want, "{t}");
         }
-    }
-
-    #[test]
-    fn safe_tokens_cannot_inject_and_do_not_collide() {
-        let hostile = "a; } server { listen 81; }";
-        let t = safe_token(hostile);
-        assert!(
-            t.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)),
-            "{t}"
-        );
-        assert!(!t.contains(' '));
-        assert_ne!(safe_token("a b"), safe_token("a_b"));
-        assert_eq!(safe_token("a_b"), "a_b");
-        assert_eq!(safe_token("web-1.local"), "web-1.local");
-        assert!(safe_token("").starts_with("-"));
     }
 
     #[test]

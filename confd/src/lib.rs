@@ -2,20 +2,25 @@
 //! them, swaps them in atomically and reloads the proxy.
 //!
 //! The pipeline, one module per stage: [`config`] (YAML + flags) → [`source`] (store watchers
-//! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`render`] with
-//! [`helpers`] → [`writer`] (stage, swap, restore) → [`command`] (check and reload with
-//! timeouts). [`watch`] re-renders when a template file changes. [`live`] applies
-//! membership-only changes to a running proxy without a reload. [`exec`] supervises the proxy
-//! itself (`--exec`).
+//! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`data`] (the
+//! document templates see, once per snapshot) → [`render`] with [`helpers`] → [`writer`]
+//! (stage, swap, restore) → [`command`] (check and reload with timeouts). [`watch`] re-renders
+//! when a template file changes. [`live`] applies membership-only changes to a running proxy
+//! without a reload. [`exec`] supervises the proxy itself (`--exec`). [`names`] holds the
+//! validation rules the model and the helpers share; [`memory`] how the heap returns memory;
+//! [`metrics`] what `/metrics` reports.
 
 pub mod command;
 pub mod config;
+pub mod data;
 pub mod duration;
 pub mod exec;
 pub mod helpers;
 pub mod live;
+pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod render;
 pub mod runner;
 pub mod source;

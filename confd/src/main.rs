@@ -164,6 +164,7 @@ fn normalise(argv: impl IntoIterator<Item = String>) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
+    confd::memory::limit_arenas();
     let args = Args::parse_from(normalise(std::env::args()));
     if let Some(url) = &args.healthcheck {
         return healthcheck(url);

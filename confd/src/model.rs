@@ -1,16 +1,16 @@
 //! What templates see: a snapshot of the store turned into plain data.
 //!
-//! Sources build a [`Snapshot`] (instances and key/values); [`template_data`] turns it into the
+//! Sources build a [`Snapshot`] (instances and key/values); [`crate::data`] turns it into the
 //! JSON document templates render from. Registry values are untrusted (they come from container
 //! labels), so the structural ones are validated here once: an instance whose address is not
 //! an IP address or DNS name is dropped with a warning, and a virtual host that is not a valid
 //! DNS name is ignored. Free-text values (names, tags, meta) stay as they are; templates must
 //! pass them through the `*_name` / `*_string` helpers.
 
-use crate::helpers::safe_token;
+use crate::names::is_address;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One service instance as templates see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -52,16 +52,7 @@ impl Instance {
     /// The virtual host this instance serves: meta `vhost`, or meta `hostname` + `.` + meta
     /// `domain`; `None` when absent or not a valid DNS name.
     pub fn vhost(&self) -> Option<String> {
-        let v = match (self.meta.get("vhost"), self.meta.get("hostname")) {
-            (Some(v), _) if !v.is_empty() => v.clone(),
-            (_, Some(h)) if !h.is_empty() => match self.meta.get("domain") {
-                Some(d) if !d.is_empty() => format!("{h}.{}", d.trim_start_matches('.')),
-                _ => h.clone(),
-            },
-            _ => return None,
-        };
-        let v = v.to_ascii_lowercase();
-        is_dns_name(&v).then_some(v)
+        crate::names::vhost(|k| self.meta.get(k).map(String::as_str))
     }
 }
 
@@ -69,8 +60,11 @@ impl Instance {
 /// is never the partial view of an outage.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Instances by service name, each list sorted by ID.
-    pub services: BTreeMap<String, Vec<Instance>>,
+    /// Instances by service name, each list sorted by ID. Shared (`Arc`): a source keeps
+    /// the instances it parsed and each snapshot points at them, so an instance costs its
+    /// memory once however many snapshots are alive, and comparing two snapshots is mostly
+    /// comparing pointers.
+    pub services: BTreeMap<String, Vec<Arc<Instance>>>,
     /// Key/values under the configured prefixes.
     pub kv: BTreeMap<String, String>,
 }
@@ -78,13 +72,14 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot, dropping instances with an unusable address and services in
     /// `ignore`, sorting and de-duplicating by ID.
-    pub fn build(
-        instances: impl IntoIterator<Item = Instance>,
+    pub fn build<I: Into<Arc<Instance>>>(
+        instances: impl IntoIterator<Item = I>,
         kv: BTreeMap<String, String>,
         ignore: &[String],
     ) -> Snapshot {
-        let mut services: BTreeMap<String, BTreeMap<String, Instance>> = BTreeMap::new();
+        let mut services: BTreeMap<String, BTreeMap<String, Arc<Instance>>> = BTreeMap::new();
         for i in instances {
+            let i = i.into();
             if ignore.contains(&i.name) {
                 continue;
             }
@@ -137,104 +132,6 @@ impl Snapshot {
             })
         })
     }
-}
-
-#[derive(Serialize)]
-struct InstanceData<'a> {
-    #[serde(flatten)]
-    inst: &'a Instance,
-    /// Validated virtual host, or empty.
-    vhost: String,
-}
-
-#[derive(Serialize)]
-struct ServiceData<'a> {
-    name: &'a str,
-    tags: Vec<&'a str>,
-    instances: Vec<InstanceData<'a>>,
-}
-
-#[derive(Serialize)]
-struct VhostData<'a> {
-    host: String,
-    /// A token safe as an upstream/backend name.
-    name: String,
-    instances: Vec<InstanceData<'a>>,
-}
-
-fn inst_data(i: &Instance) -> InstanceData<'_> {
-    InstanceData {
-        inst: i,
-        vhost: i.vhost().unwrap_or_default(),
-    }
-}
-
-/// The document templates render: `services`, `service`, `vhosts`, `kv`, `vars`.
-pub fn template_data(
-    snap: &Snapshot,
-    vars: &BTreeMap<String, serde_json::Value>,
-) -> serde_json::Value {
-    let services: Vec<ServiceData> = snap
-        .services
-        .iter()
-        .map(|(name, insts)| ServiceData {
-            name,
-            tags: insts
-                .iter()
-                .flat_map(|i| i.tags.iter().map(String::as_str))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-            instances: insts.iter().map(inst_data).collect(),
-        })
-        .collect();
-    let by_name: BTreeMap<&str, Vec<InstanceData>> = snap
-        .services
-        .iter()
-        .map(|(n, insts)| (n.as_str(), insts.iter().map(inst_data).collect()))
-        .collect();
-    let mut vhosts: BTreeMap<String, Vec<InstanceData>> = BTreeMap::new();
-    for insts in snap.services.values() {
-        for i in insts {
-            if let Some(v) = i.vhost() {
-                vhosts.entry(v).or_default().push(inst_data(i));
-            }
-        }
-    }
-    let vhosts: Vec<VhostData> = vhosts
-        .into_iter()
-        .map(|(host, instances)| VhostData {
-            name: safe_token(&host),
-            host,
-            instances,
-        })
-        .collect();
-    serde_json::json!({
-        "services": services,
-        "service": by_name,
-        "vhosts": vhosts,
-        "kv": snap.kv,
-        "vars": vars,
-    })
-}
-
-/// An IP address or a DNS name: what may stand in a `server` line.
-pub fn is_address(s: &str) -> bool {
-    s.parse::<IpAddr>().is_ok() || is_dns_name(s)
-}
-
-/// RFC 1123 host name: dot-separated labels of letters, digits and `-`, not starting or ending
-/// with `-`, at most 253 characters.
-pub fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
 }
 
 #[cfg(test)]
@@ -305,25 +202,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn addresses_and_dns_names() {
-        let cases = [
-            ("10.0.0.1", true),
-            ("fd00::1", true),
-            ("web.local", true),
-            ("a-b.c", true),
-            ("1.2.3.4; }", false),
-            ("", false),
-            ("-a.b", false),
-            ("a..b", false),
-            ("a b", false),
-            ("a\nb", false),
-        ];
-        for (s, ok) in cases {
-            assert_eq!(is_address(s), ok, "{s:?}");
-        }
-    }
-
-    #[test]
     fn vhost_from_meta() {
         let mut i = inst("app", "1", "10.0.0.1", 80);
         assert_eq!(i.vhost(), None);
@@ -356,29 +234,5 @@ pub(crate) mod tests {
         assert_eq!(ids, ["a", "b"]);
         assert!(!s.services.contains_key("consul"));
         assert_eq!(s.total_instances(), 3);
-    }
-
-    #[test]
-    fn data_layout() {
-        let mut a = inst("web", "a", "10.0.0.1", 80);
-        a.tags = vec!["x".into(), "backend".into()];
-        a.meta.insert("vhost".into(), "w.local".into());
-        let mut b = inst("web", "b", "10.0.0.2", 81);
-        b.tags = vec!["backend".into()];
-        let s = Snapshot::build(vec![a, b], [("k".into(), "v".into())].into(), &[]);
-        let d = template_data(&s, &[("listen".into(), serde_json::json!(80))].into());
-        assert_eq!(d["services"][0]["name"], "web");
-        assert_eq!(
-            d["services"][0]["tags"],
-            serde_json::json!(["backend", "x"])
-        );
-        assert_eq!(d["services"][0]["instances"][1]["port"], 81);
-        assert_eq!(d["service"]["web"][0]["vhost"], "w.local");
-        assert_eq!(d["service"]["web"][1]["vhost"], "");
-        assert_eq!(d["vhosts"][0]["host"], "w.local");
-        assert_eq!(d["vhosts"][0]["name"], "w.local");
-        assert_eq!(d["vhosts"][0]["instances"][0]["id"], "a");
-        assert_eq!(d["kv"]["k"], "v");
-        assert_eq!(d["vars"]["listen"], 80);
     }
 }

@@ -4,17 +4,34 @@
 //! (instead of an empty string that produces a config with a hole), and with HTML escaping off:
 //! `&amp;` in a proxy config is a bug, and the config-safe helpers do the real escaping.
 
+use crate::data::{Parts, TemplateData, Vars};
 use crate::helpers;
-use handlebars::{Handlebars, RenderErrorReason};
+use crate::model::Snapshot;
+use handlebars::template::{Parameter, Template, TemplateElement};
+use handlebars::{Context, Handlebars, Path, PathSeg, RenderError, RenderErrorReason};
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A registry with confd's settings and helpers. Callers pass the template source read fresh
 /// from disk on every render (so an edit is always seen); it is parsed again only when it
 /// differs from the source last parsed under that name, since parsing dominated small renders.
 pub struct Renderer {
     hb: Handlebars<'static>,
-    parsed: HashMap<String, String>,
+    parsed: HashMap<String, Parsed>,
+    renders: u64,
+    /// The document of the latest snapshot ([`Renderer::update_data`]), shared by every
+    /// template rendered from it.
+    data: Option<TemplateData>,
+}
+
+/// A template as last parsed, and its last output.
+struct Parsed {
+    source: String,
+    /// The large parts of the document it may read.
+    reads: Parts,
+    /// The output of the last render from a [`TemplateData`], under that data's generation.
+    last: Option<(u64, String)>,
 }
 
 impl Default for Renderer {
@@ -26,6 +43,8 @@ impl Default for Renderer {
         Renderer {
             hb,
             parsed: HashMap::new(),
+            renders: 0,
+            data: None,
         }
     }
 }
@@ -33,31 +52,206 @@ impl Default for Renderer {
 impl Renderer {
     /// Renders `source` (named `name` in errors) with `data`. The error is one line: where
     /// (template, line, column) and why (e.g. ``missing key or misspelt field `servces` ``).
+    ///
+    /// For one-off renders: it copies `data` into a Handlebars context. The daemon renders
+    /// through [`Renderer::render_data`], which does not.
     pub fn render(&mut self, name: &str, source: &str, data: &Value) -> Result<String, String> {
-        if self.parsed.get(name).map(String::as_str) != Some(source) {
-            // Forget the old parse first: a syntax error must never leave it in use.
-            self.parsed.remove(name);
-            self.hb.unregister_template(name);
-            self.hb
-                .register_template_string(name, source)
-                .map_err(|e| one_line(&format!("{name}: template syntax error: {e}")))?;
-            self.parsed.insert(name.to_string(), source.to_string());
-        }
-        let out = self.hb.render(name, data).map_err(|e| {
-            let reason = match e.reason() {
-                RenderErrorReason::MissingVariable(Some(p)) => {
-                    format!("missing key or misspelt field `{p}`")
-                }
-                RenderErrorReason::MissingVariable(None) => "missing key or misspelt field".into(),
-                other => other.to_string(),
-            };
-            match (e.line_no, e.column_no) {
-                (Some(l), Some(c)) => format!("{name}:{l}:{c}: {reason}"),
-                _ => format!("{name}: {reason}"),
-            }
-        });
-        out.map_err(|e| one_line(&e))
+        self.parse(name, source)?;
+        self.renders += 1;
+        let ctx = Context::from(data.clone());
+        self.hb
+            .render_with_context(name, &ctx)
+            .map_err(|e| render_error(name, e))
     }
+
+    /// Renders `source` (named `name`) from the shared document `data`, without copying it.
+    ///
+    /// Renders only when an input changed: when the source and the document's generation are
+    /// the ones of this template's last successful render, that output is returned as it is
+    /// (the same inputs give the same output: templates see nothing but the document, and
+    /// every helper is a pure function of its arguments). A failed render is not remembered,
+    /// so it is tried again.
+    ///
+    /// Adds to `data` the parts this template reads that it lacks ([`TemplateData::ensure`]).
+    pub fn render_data(
+        &mut self,
+        name: &str,
+        source: &str,
+        data: &mut TemplateData,
+    ) -> Result<String, String> {
+        self.parse(name, source)?;
+        let parsed = self.parsed.get_mut(name).expect("parsed above");
+        data.ensure(parsed.reads);
+        if let Some((generation, out)) = &parsed.last {
+            if *generation == data.generation() {
+                return Ok(out.clone());
+            }
+        }
+        parsed.last = None;
+        self.renders += 1;
+        let out = self
+            .hb
+            .render_with_context(name, data.context())
+            .map_err(|e| render_error(name, e))?;
+        parsed.last = Some((data.generation(), out.clone()));
+        Ok(out)
+    }
+
+    /// Makes `snap` and `vars` the document [`Renderer::render_current`] renders from: built
+    /// the first time, then updated where the snapshot changed (see [`TemplateData::update`]).
+    pub fn update_data(&mut self, snap: Arc<Snapshot>, vars: &Vars) {
+        match &mut self.data {
+            Some(d) => {
+                d.update(snap, vars);
+            }
+            // Parts are added as templates that read them are rendered.
+            None => self.data = Some(TemplateData::with_parts(snap, vars, Parts::default())),
+        }
+    }
+
+    /// [`Renderer::render_data`] from the document [`Renderer::update_data`] set.
+    pub fn render_current(&mut self, name: &str, source: &str) -> Result<String, String> {
+        let mut data = self
+            .data
+            .take()
+            .ok_or_else(|| format!("{name}: no snapshot to render from yet"))?;
+        let out = self.render_data(name, source, &mut data);
+        self.data = Some(data);
+        out
+    }
+
+    /// How many times Handlebars rendered (not counting outputs reused by
+    /// [`Renderer::render_data`]).
+    pub fn renders(&self) -> u64 {
+        self.renders
+    }
+
+    /// Parses `source` under `name` unless it is the source parsed last under that name.
+    fn parse(&mut self, name: &str, source: &str) -> Result<(), String> {
+        if self.parsed.get(name).map(|p| p.source.as_str()) == Some(source) {
+            return Ok(());
+        }
+        // Forget the old parse first: a syntax error must never leave it in use.
+        self.parsed.remove(name);
+        self.hb.unregister_template(name);
+        self.hb
+            .register_template_string(name, source)
+            .map_err(|e| one_line(&format!("{name}: template syntax error: {e}")))?;
+        let reads = self.hb.get_template(name).map_or(Parts::ALL, reads);
+        self.parsed.insert(
+            name.to_string(),
+            Parsed {
+                source: source.to_string(),
+                reads,
+                last: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// The large parts of the document ([`Parts`]) a template may read, found from its parsed
+/// form, erring towards "reads it": a part left out is an error at render (strict mode names
+/// the missing key), never a silent hole, but the analysis aims never to get there.
+///
+/// A path names a top-level key by its first name segment after any `@root`, `..` or `this`
+/// (so `services`, `@root.vhosts.0`, `../service.web`). A path that names nothing (`this`,
+/// `.`, `@root`, `..`) where it can mean the whole document, and any partial, read
+/// everything. Only `each` and `with` move into a narrower context (their `else` does not);
+/// every other block is taken to keep its parent's. Names inside narrower contexts (a field
+/// such as `instances`) are taken as top-level keys too: harmless, as no part is called so.
+pub fn reads(t: &Template) -> Parts {
+    let mut names = Vec::new();
+    if walk(&t.elements, false, &mut names) {
+        return Parts::ALL;
+    }
+    let has = |k: &str| names.iter().any(|n| n == k);
+    Parts {
+        services: has("services"),
+        service: has("service"),
+        vhosts: has("vhosts"),
+    }
+}
+
+/// Collects the top-level names `elements` may read; `true` when they may read everything.
+/// `nested`: inside an `each` or `with` block, where `this` is not the document.
+fn walk(elements: &[TemplateElement], nested: bool, names: &mut Vec<String>) -> bool {
+    elements.iter().any(|e| match e {
+        TemplateElement::RawString(_) | TemplateElement::Comment(_) => false,
+        TemplateElement::Expression(h)
+        | TemplateElement::HtmlExpression(h)
+        | TemplateElement::HelperBlock(h) => {
+            let narrows =
+                h.block && matches!(&h.name, Parameter::Name(n) if n == "each" || n == "with");
+            param(&h.name, nested, names)
+                || h.params.iter().any(|p| param(p, nested, names))
+                || h.hash.values().any(|p| param(p, nested, names))
+                || h.template
+                    .as_ref()
+                    .is_some_and(|t| walk(&t.elements, nested || narrows, names))
+                || h.inverse
+                    .as_ref()
+                    .is_some_and(|t| walk(&t.elements, nested, names))
+        }
+        TemplateElement::DecoratorExpression(d) | TemplateElement::DecoratorBlock(d) => {
+            d.params.iter().any(|p| param(p, nested, names))
+                || d.hash.values().any(|p| param(p, nested, names))
+                || d.template
+                    .as_ref()
+                    .is_some_and(|t| walk(&t.elements, nested, names))
+        }
+        TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_) => true,
+        // A future element kind: assume the worst.
+        #[allow(unreachable_patterns)]
+        _ => true,
+    })
+}
+
+fn param(p: &Parameter, nested: bool, names: &mut Vec<String>) -> bool {
+    match p {
+        Parameter::Name(n) => {
+            names.push(n.clone());
+            false
+        }
+        Parameter::Path(Path::Relative((segs, _))) => {
+            let prefixed = segs.first().is_some_and(|s| matches!(s, PathSeg::Ruled(_)));
+            match segs.iter().find_map(|s| match s {
+                PathSeg::Named(n) => Some(n),
+                _ => None,
+            }) {
+                Some(n) => {
+                    names.push(n.clone());
+                    false
+                }
+                // `@root`, `..`: the document (or an outer context, possibly the document).
+                None if prefixed => true,
+                // `this` or `.`: the document unless inside `each` or `with`.
+                None => !nested,
+            }
+        }
+        // `@root` alone parses as the local variable `root`: the whole document. Other
+        // local variables (`@index`, `@key`) are not document data.
+        Parameter::Path(Path::Local((_, name, _))) => name == "root",
+        Parameter::Literal(_) => false,
+        Parameter::Subexpression(sub) => walk(std::slice::from_ref(&sub.element), nested, names),
+        #[allow(unreachable_patterns)]
+        _ => true,
+    }
+}
+
+/// A render error as one line: where (template, line, column) and why.
+fn render_error(name: &str, e: RenderError) -> String {
+    let reason = match e.reason() {
+        RenderErrorReason::MissingVariable(Some(p)) => {
+            format!("missing key or misspelt field `{p}`")
+        }
+        RenderErrorReason::MissingVariable(None) => "missing key or misspelt field".into(),
+        other => other.to_string(),
+    };
+    one_line(&match (e.line_no, e.column_no) {
+        (Some(l), Some(c)) => format!("{name}:{l}:{c}: {reason}"),
+        _ => format!("{name}: {reason}"),
+    })
 }
 
 fn one_line(s: &str) -> String {
@@ -83,6 +277,122 @@ mod tests {
         assert!(r.render("t", "c{{#if}}", &d).is_err());
         assert!(r.render("t", "c{{#if}}", &d).is_err());
         assert_eq!(r.render("t", "c{{v}}", &d).unwrap(), "c1");
+    }
+
+    #[test]
+    fn renders_only_when_the_source_or_the_data_changed() {
+        use crate::data::TemplateData;
+        use crate::model::{tests::inst, Snapshot};
+        use std::sync::Arc;
+        let snap = |addr: &str| {
+            Arc::new(Snapshot::build(
+                vec![inst("web", "a", addr, 80)],
+                Default::default(),
+                &[],
+            ))
+        };
+        let vars = Default::default();
+        let mut d = TemplateData::build(snap("10.0.0.1"), &vars);
+        let d = &mut d;
+        let mut r = Renderer::default();
+        let t = "{{#each service.web}}{{addr this}} {{/each}}";
+        let u = "{{#each services}}{{name}} {{/each}}";
+        assert_eq!(r.render_data("t", t, d).unwrap(), "10.0.0.1:80 ");
+        assert_eq!(r.render_data("u", u, d).unwrap(), "web ");
+        assert_eq!(r.renders(), 2);
+        // Same inputs: the last output, no render.
+        assert_eq!(r.render_data("t", t, d).unwrap(), "10.0.0.1:80 ");
+        assert_eq!(r.renders(), 2);
+        // An equal snapshot is no new input either.
+        d.update(snap("10.0.0.1"), &vars);
+        assert_eq!(r.render_data("t", t, d).unwrap(), "10.0.0.1:80 ");
+        assert_eq!(r.renders(), 2);
+        // New data: rendered again, each template once.
+        d.update(snap("10.0.0.2"), &vars);
+        assert_eq!(r.render_data("t", t, d).unwrap(), "10.0.0.2:80 ");
+        assert_eq!(r.render_data("t", t, d).unwrap(), "10.0.0.2:80 ");
+        assert_eq!(r.renders(), 3);
+        // An edited source: rendered again; a failing one is not remembered.
+        assert_eq!(
+            r.render_data("t", "x{{#each service.web}}{{port}}{{/each}}", d)
+                .unwrap(),
+            "x80"
+        );
+        assert_eq!(r.renders(), 4);
+        assert!(r.render_data("t", "{{nope}}", d).is_err());
+        assert!(r.render_data("t", "{{nope}}", d).is_err());
+        assert_eq!(r.renders(), 6);
+    }
+
+    #[test]
+    fn finds_the_parts_a_template_reads() {
+        let none = Parts::default();
+        let only = |services, service, vhosts| Parts {
+            services,
+            service,
+            vhosts,
+        };
+        let cases = [
+            ("plain {{vars.listen}} {{kv.x}}", none),
+            ("{{#each services}}{{name}}{{#each instances}}{{addr this}}{{/each}}{{/each}}", only(true, false, false)),
+            ("{{#each service.web}}{{port}}{{/each}}", only(false, true, false)),
+            ("{{#each vhosts}}{{host}}{{/each}}{{#with (find_service services \"a\" \"b\")}}{{name}}{{/with}}", only(true, false, true)),
+            ("{{#each kv}}{{@root.service.web.0.port}}{{/each}}", only(false, true, false)),
+            ("{{#each kv}}{{../vhosts}}{{/each}}", only(false, false, true)),
+            ("{{#if vars.x}}{{json (lookup service \"web\")}}{{/if}}", only(false, true, false)),
+            ("{{#each kv}}{{this}}{{/each}}", none),
+            ("{{#each kv}}{{else}}{{json this}}{{/each}}", Parts::ALL),
+            ("{{#if vars.x}}{{json this}}{{/if}}", Parts::ALL),
+            ("{{json this}}", Parts::ALL),
+            ("{{lookup @root vars.key}}", Parts::ALL),
+            ("{{#each kv}}{{lookup ../this \"x\"}}{{/each}}", Parts::ALL),
+            ("{{> other}}", Parts::ALL),
+            ("{{#*inline \"p\"}}{{services}}{{/inline}}", only(true, false, false)),
+        ];
+        for (src, want) in cases {
+            let mut hb = Handlebars::new();
+            hb.register_template_string("t", src).unwrap();
+            assert_eq!(reads(hb.get_template("t").unwrap()), want, "{src}");
+        }
+        // The shipped templates read `services`, `vhosts` and `vars`: `service` is not built.
+        for t in ["nginx.conf.hbs", "haproxy.cfg.hbs"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../templates")
+                .join(t);
+            let mut hb = Handlebars::new();
+            hb.register_template_file("t", &path).unwrap();
+            assert_eq!(
+                reads(hb.get_template("t").unwrap()),
+                only(true, false, true),
+                "{t}"
+            );
+        }
+    }
+
+    /// A template whose parts were left out of the shared document gets them before it
+    /// renders, whatever rendered first.
+    #[test]
+    fn parts_are_added_for_the_template_that_reads_them() {
+        use crate::model::{tests::inst, Snapshot};
+        use std::sync::Arc;
+        let snap = Arc::new(Snapshot::build(
+            vec![inst("web", "a", "10.0.0.1", 80)],
+            Default::default(),
+            &[],
+        ));
+        let mut r = Renderer::default();
+        r.update_data(snap, &Default::default());
+        assert_eq!(r.render_current("a", "{{vars}}").unwrap(), "[object]");
+        assert_eq!(
+            r.render_current("b", "{{#each service.web}}{{port}}{{/each}}")
+                .unwrap(),
+            "80"
+        );
+        assert_eq!(
+            r.render_current("c", "{{#each services}}{{name}}{{/each}}")
+                .unwrap(),
+            "web"
+        );
     }
 
     #[test]

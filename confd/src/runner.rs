@@ -14,7 +14,7 @@
 use crate::command::{self, CommandSpec};
 use crate::config::{Config, TemplateConfig, Wait};
 use crate::metrics;
-use crate::model::{template_data, Snapshot};
+use crate::model::Snapshot;
 use crate::render::Renderer;
 use crate::source;
 use crate::watch::watch_templates;
@@ -247,6 +247,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
             .iter()
             .filter(|&&i| !matches!(outcomes[i], Outcome::Failed(_)));
         crate::exec::rendered(cfg.templates.len(), in_place.copied());
+        crate::memory::release_freed();
         for (i, o) in outcomes.iter().enumerate() {
             if due.contains(&i) || *o != Outcome::Unchanged {
                 metrics::outcome(&cfg.templates[i], o);
@@ -334,16 +335,17 @@ struct UnitResult {
 pub async fn pass(
     cfg: &Config,
     renderer: &mut Renderer,
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     due: &[usize],
     owed: &mut BTreeSet<usize>,
     dry_run: bool,
 ) -> Vec<Outcome> {
-    let data = template_data(snap, &cfg.vars);
+    // Built once per snapshot (updated where it changed) and shared by every template.
+    renderer.update_data(snap.clone(), &cfg.vars);
     let mut rendered: BTreeMap<usize, Result<Rendered, String>> = BTreeMap::new();
     for &i in due {
         let start = std::time::Instant::now();
-        let r = render_one(&cfg.templates[i], renderer, snap, &data);
+        let r = render_one(&cfg.templates[i], renderer, snap);
         metrics::rendered(&cfg.templates[i], start.elapsed(), r.is_ok());
         rendered.insert(i, r);
     }
@@ -570,7 +572,6 @@ fn render_one(
     t: &TemplateConfig,
     renderer: &mut Renderer,
     snap: &Snapshot,
-    data: &serde_json::Value,
 ) -> Result<Rendered, String> {
     let total = snap.total_instances();
     if total < t.min_instances {
@@ -582,7 +583,7 @@ fn render_one(
     let source = std::fs::read_to_string(&t.src)
         .map_err(|e| format!("cannot read template {}: {e}", t.src.display()))?;
     let name = t.src.display().to_string();
-    let content = renderer.render(&name, &source, data)?;
+    let content = renderer.render_current(&name, &source)?;
     let current = writer::read_current(&t.dest)
         .map_err(|e| format!("cannot read {}: {e}", t.dest.display()))?;
     if !writer::changed(current.as_deref(), content.as_bytes()) {
@@ -725,12 +726,12 @@ mod tests {
         t
     }
 
-    fn snap(n: usize) -> Snapshot {
-        Snapshot::build(
+    fn snap(n: usize) -> Arc<Snapshot> {
+        Arc::new(Snapshot::build(
             (0..n).map(|i| inst("web", &format!("i{i}"), "10.0.0.1", 80 + i as u16)),
             Default::default(),
             &[],
-        )
+        ))
     }
 
     #[tokio::test]
@@ -757,6 +758,47 @@ mod tests {
         let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
         assert_eq!(o, vec![Outcome::Unchanged, Outcome::Unchanged]);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+    }
+
+    /// Passes share one document per snapshot and render a template only when its inputs
+    /// changed; the destination is still compared, so a file edited behind confd's back is
+    /// put back even when the render itself was skipped.
+    #[tokio::test]
+    async fn unchanged_inputs_are_not_rendered_again() {
+        let d = tempfile::tempdir().unwrap();
+        let body = "{{#each service.web}}{{port}} {{/each}}";
+        let c = cfg(
+            d.path(),
+            vec![
+                tpl(d.path(), "a", body, None),
+                tpl(d.path(), "b", body, None),
+            ],
+        );
+        let mut r = Renderer::default();
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
+        assert_eq!(r.renders(), 2);
+        // An equal snapshot (another allocation): nothing rendered, nothing changed.
+        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        assert_eq!(o, vec![Outcome::Unchanged, Outcome::Unchanged]);
+        assert_eq!(r.renders(), 2);
+        // The file was edited by hand: put back from the kept output, still no render.
+        std::fs::write(d.path().join("a"), "edited").unwrap();
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        assert_eq!(o[0], Outcome::Updated);
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "80 81 "
+        );
+        assert_eq!(r.renders(), 2);
+        // A new snapshot: each due template rendered once.
+        let o = pass(&c, &mut r, &snap(3), &[0, 1], &mut BTreeSet::new(), false).await;
+        assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
+        assert_eq!(r.renders(), 4);
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("b")).unwrap(),
+            "80 81 82 "
+        );
     }
 
     /// The first render's reload fails (the proxy is not up yet): the new file stays, since

@@ -281,6 +281,8 @@ async fn routine_operations_under_load(stack: &mut Stack, url: &str) -> Routine 
     let t = Instant::now();
     let network = format!("{project}_default");
     let extra_name = unique_name("extra");
+    // The project's label, so the stack's registrator (filtered to its project) takes it.
+    let in_project = format!("com.docker.compose.project={project}");
     let extra = docker(&[
         "run",
         "-d",
@@ -288,6 +290,8 @@ async fn routine_operations_under_load(stack: &mut Stack, url: &str) -> Routine 
         &extra_name,
         "--label",
         TEST_LABEL,
+        "--label",
+        &in_project,
         "--network",
         &network,
         "-e",

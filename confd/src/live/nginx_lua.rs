@@ -519,7 +519,8 @@ mod tests {
 
     #[test]
     fn the_shipped_template_renders_plannable_files() {
-        use crate::model::{template_data, tests::inst, Snapshot};
+        use crate::data::template_data;
+        use crate::model::{tests::inst, Snapshot};
         let src = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../templates/nginx.conf.hbs"

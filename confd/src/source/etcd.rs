@@ -53,14 +53,15 @@ pub async fn run(
 ) {
     let dir = etcd_dir(&prefix);
     let wake = Arc::new(Notify::new());
-    let services: Shared<Option<Instance>> = shared();
+    // Instances are parsed once and shared (`Arc`) with every snapshot built from them.
+    let services: Shared<Option<Arc<Instance>>> = shared();
     let parse_dir = dir.clone();
     let p = publisher.clone();
     tokio::spawn(mirror(
         client.clone(),
         dir,
         services.clone(),
-        move |k: &str, v: &[u8]| instance(&p, &parse_dir, k, v),
+        move |k: &str, v: &[u8]| instance(&p, &parse_dir, k, v).map(Arc::new),
         wake.clone(),
         publisher.clone(),
         shutdown.clone(),
@@ -84,7 +85,7 @@ pub async fn run(
             _ = wake.notified() => {}
             _ = shutdown.cancelled() => return,
         }
-        let instances: Vec<Instance> = {
+        let instances: Vec<Arc<Instance>> = {
             let m = services.lock().expect("mirror lock");
             if !m.in_sync {
                 publisher.unhealthy("an etcd watch is reconnecting");

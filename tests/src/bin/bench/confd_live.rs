@@ -14,7 +14,9 @@
 //! - RSS: register N instances with the shipped nginx and HAProxy templates rendered as well;
 //!   peak RSS (VmHWM) of the daemon.
 
-use crate::common::{cpu_time, mib, ms, now_ns, peak_rss_kib, release_bin, Backend, Summary};
+use crate::common::{
+    cpu_time, mib, ms, now_ns, peak_rss_kib, release_bin, rss_kib, Backend, Summary,
+};
 use crate::{workload, Which};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -100,6 +102,25 @@ impl Daemon {
                 Some((ts.parse().ok()?, n.trim().parse().ok()?))
             })
             .collect()
+    }
+
+    /// Waits up to `timeout` for a reload after the first `after` reloads whose file held
+    /// exactly `n` instances; panics with confd's output when none comes.
+    async fn expect_reload_exactly(&self, after: usize, n: usize, timeout: Duration) {
+        let seen = poll(timeout, Duration::from_millis(5), || async {
+            self.reloads()
+                .into_iter()
+                .skip(after)
+                .any(|(_, c)| c == n)
+                .then_some(())
+        })
+        .await;
+        if seen.is_none() {
+            panic!(
+                "no reload with exactly {n} instances within {timeout:?}; confd output:\n{}",
+                tail(&self.proc.output(), 30)
+            );
+        }
     }
 
     /// Timestamp of the first reload whose file held at least `n` instances, waiting up to
@@ -268,6 +289,8 @@ struct RssRow {
     c: Counters,
     cpu: Duration,
     rss_kib: u64,
+    /// Resident set once the config held all `n` (the pass done): what holding them costs.
+    settled_kib: u64,
 }
 
 /// `n` instances registered, nginx + HAProxy + count templates rendered: the daemon's peak.
@@ -290,6 +313,62 @@ async fn rss(which: Which, n: usize) -> RssRow {
         c: d.counters() - before,
         cpu: cpu_time(d.proc.pid()),
         rss_kib: peak_rss_kib(d.proc.pid()),
+        settled_kib: rss_kib(d.proc.pid()),
+    }
+}
+
+/// Idle and churn: the daemon's resident set with a few instances, then over rounds that each
+/// register [`CHURN_BATCH`] new instances and remove them again.
+struct ChurnRow {
+    store: &'static str,
+    idle_kib: u64,
+    /// Resident set after each round (back to the idle instances).
+    after_round: Vec<u64>,
+    peak_kib: u64,
+}
+
+/// Instances present throughout a churn run, and those added and removed per round.
+const CHURN_BASE: usize = 10;
+const CHURN_BATCH: usize = 200;
+const CHURN_ROUNDS: usize = 20;
+
+async fn churn(which: Which) -> ChurnRow {
+    let b = Backend::start(which).await;
+    let d = Daemon::start(&b.uri, None, true);
+    d.expect_reload_with(0, Duration::from_secs(30)).await;
+    register_all(&b.store, CHURN_BASE).await;
+    d.expect_reload_with(CHURN_BASE, Duration::from_secs(30))
+        .await;
+    let idle_kib = rss_kib(d.proc.pid());
+    let mut after_round = Vec::new();
+    for round in 0..CHURN_ROUNDS {
+        // New IDs every round (another workload's instances), so nothing is reused.
+        let batch: Vec<_> = (0..CHURN_BATCH)
+            .map(|i| {
+                let mut s = workload::service(i, CHURN_BATCH);
+                s.id = format!("churn{round}-{}", s.id);
+                s
+            })
+            .collect();
+        let mark = d.reloads().len();
+        for s in &batch {
+            b.store.register(s).await.expect("register");
+        }
+        d.expect_reload_exactly(mark, CHURN_BASE + CHURN_BATCH, Duration::from_secs(30))
+            .await;
+        let mark = d.reloads().len();
+        for s in &batch {
+            b.store.deregister(s).await.expect("deregister");
+        }
+        d.expect_reload_exactly(mark, CHURN_BASE, Duration::from_secs(30))
+            .await;
+        after_round.push(rss_kib(d.proc.pid()));
+    }
+    ChurnRow {
+        store: which.name(),
+        idle_kib,
+        after_round,
+        peak_kib: peak_rss_kib(d.proc.pid()),
     }
 }
 
@@ -395,11 +474,11 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
         }
     }
     println!("\n### confd: peak RSS with nginx + HAProxy + count templates (default window)\n");
-    println!("| store  | instances | services | all written s | config complete s | in config at end | snapshots | renders | confd CPU s | confd peak RSS MiB |");
-    println!("|--------|----------:|---------:|--------------:|------------------:|-----------------:|----------:|--------:|------------:|-------------------:|");
+    println!("| store  | instances | services | all written s | config complete s | in config at end | snapshots | renders | confd CPU s | confd peak RSS MiB | RSS at end MiB |");
+    println!("|--------|----------:|---------:|--------------:|------------------:|-----------------:|----------:|--------:|------------:|-------------------:|---------------:|");
     for r in &rows {
         println!(
-            "| {:<6} | {:>9} | {:>8} | {:>13} | {:>17} | {:>16} | {:>9} | {:>7} | {:>11} | {:>18} |",
+            "| {:<6} | {:>9} | {:>8} | {:>13} | {:>17} | {:>16} | {:>9} | {:>7} | {:>11} | {:>18} | {:>14} |",
             r.store,
             r.n,
             workload::services_for(r.n),
@@ -412,7 +491,8 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
             r.c.snapshots,
             r.c.renders,
             secs(r.cpu),
-            mib(r.rss_kib)
+            mib(r.rss_kib),
+            mib(r.settled_kib)
         );
     }
     println!(
@@ -425,6 +505,69 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
         println!(
             "\nNot run against Consul agent services: {skipped:?} instances (more than \
              {CONSUL_MAX} agent registrations take minutes); the etcd rows cover them."
+        );
+    }
+    let small = rows.iter().find(|r| r.n <= CHURN_BASE);
+    for r in rows.iter().filter(|r| r.n == 10_000) {
+        let per = small.map_or(String::new(), |s| {
+            let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / r.n as f64;
+            format!(
+                "; per instance over the 10-instance run: {:.1} KiB at the peak, {:.1} KiB held \
+                 once the config is complete",
+                per(r.rss_kib, s.rss_kib),
+                per(r.settled_kib, s.settled_kib)
+            )
+        });
+        println!(
+            "\nGoal (issue 14), confd peak RSS with 10,000 {} instances under 48 MiB: {} MiB, \
+             {}{per}.",
+            r.store,
+            mib(r.rss_kib),
+            crate::confd_render::met(r.rss_kib < 48 * 1024)
+        );
+    }
+
+    let mut rows = Vec::new();
+    for &which in stores {
+        eprintln!("confd idle and churn: {}", which.name());
+        rows.push(churn(which).await);
+    }
+    println!(
+        "\n### confd: idle RSS and churn ({CHURN_BASE} instances, then {CHURN_ROUNDS} rounds of \
+         {CHURN_BATCH} added and removed)\n"
+    );
+    println!("| store  | idle RSS MiB | after round 1 MiB | after round {CHURN_ROUNDS} MiB | growth rounds 1..{CHURN_ROUNDS} MiB | peak RSS MiB |");
+    println!("|--------|-------------:|------------------:|-------------------:|----------------------:|-------------:|");
+    for r in &rows {
+        let first = r.after_round.first().copied().unwrap_or(0);
+        let last = r.after_round.last().copied().unwrap_or(0);
+        println!(
+            "| {:<6} | {:>12} | {:>17} | {:>18} | {:>21} | {:>12} |",
+            r.store,
+            mib(r.idle_kib),
+            mib(first),
+            mib(last),
+            format!("{:+.1}", (last as f64 - first as f64) / 1024.0),
+            mib(r.peak_kib)
+        );
+    }
+    println!(
+        "\nResident set (VmRSS) read once the reload showing each state ran; nginx, HAProxy and \
+         count templates rendered, default window."
+    );
+    for r in &rows {
+        let each: Vec<String> = r.after_round.iter().map(|&k| mib(k)).collect();
+        println!("\n{} after each round (MiB): {}", r.store, each.join(" "));
+    }
+    for r in &rows {
+        println!(
+            "\nGoal (issue 14), {}: confd idle RSS under 10 MiB: {} MiB, {}; no growth over \
+             churn: round 1 {} MiB, round {CHURN_ROUNDS} {} MiB.",
+            r.store,
+            mib(r.idle_kib),
+            crate::confd_render::met(r.idle_kib < 10 * 1024),
+            mib(r.after_round.first().copied().unwrap_or(0)),
+            mib(r.after_round.last().copied().unwrap_or(0)),
         );
     }
 }

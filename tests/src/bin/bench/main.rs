@@ -1,6 +1,7 @@
 //! Switchboard benchmark: real Docker engine, real Consul and etcd, the real binaries.
 //!
-//! Suites (`--suite registrator|confd|drain|all`, default all), each printing markdown
+//! Suites (`--suite registrator|confd|drain|all`, default all; `confd` is `confd-render`
+//! plus `confd-daemon`), each printing markdown
 //! tables; nothing is asserted (speed targets are read from these tables, never from timed
 //! tests):
 //! - `registrator` ([`registrator`]): Docker `start` event -> registration visible in the
@@ -32,7 +33,45 @@ mod registrator;
 mod workload;
 
 use lb::Proxy;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+/// The system allocator, counting the bytes live: what [`confd_render`] reports as the size
+/// of a snapshot and of a template document (bytes requested, without the allocator's own
+/// per-block overhead).
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to `System` unchanged; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(l.size(), Ordering::Relaxed);
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE_BYTES.fetch_sub(l.size(), Ordering::Relaxed);
+        System.dealloc(p, l)
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(l.size(), Ordering::Relaxed);
+        System.alloc_zeroed(l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new, Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(l.size(), Ordering::Relaxed);
+        System.realloc(p, l, new)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Heap bytes live in this process now.
+pub fn live_bytes() -> usize {
+    LIVE_BYTES.load(Ordering::Relaxed)
+}
 
 /// Which store a run uses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -56,6 +95,7 @@ impl Which {
 /// What to run, from the command line.
 struct Args {
     registrator: bool,
+    confd_render: bool,
     confd: bool,
     drain: bool,
     stores: Vec<Which>,
@@ -80,7 +120,7 @@ fn numbers(flag: &str, v: Option<String>) -> Vec<usize> {
         .collect()
 }
 
-const USAGE: &str = "usage: bench [--suite registrator|confd|drain|all] [--stores consul,etcd] \
+const USAGE: &str = "usage: bench [--suite registrator|confd|confd-render|confd-daemon|drain|all] [--stores consul,etcd] \
 [--counts N,..] [--render-counts N,..] [--rss-counts N,..] [--samples N] [--burst N] \
 [--proxies haproxy,nginx] [--stops N] [--cycles N] [--churn-secs N]";
 
@@ -93,6 +133,7 @@ fn usage(msg: &str) -> ! {
 fn parse_args() -> Args {
     let mut a = Args {
         registrator: true,
+        confd_render: true,
         confd: true,
         drain: true,
         stores: vec![Which::Consul, Which::Etcd],
@@ -110,13 +151,16 @@ fn parse_args() -> Args {
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--suite" => {
-                (a.registrator, a.confd, a.drain) = match args.next().as_deref() {
-                    Some("registrator") => (true, false, false),
-                    Some("confd") => (false, true, false),
-                    Some("drain") => (false, false, true),
-                    Some("all") => (true, true, true),
+                (a.registrator, a.confd_render, a.confd, a.drain) = match args.next().as_deref() {
+                    Some("registrator") => (true, false, false, false),
+                    Some("confd") => (false, true, true, false),
+                    Some("confd-render") => (false, true, false, false),
+                    Some("confd-daemon") => (false, false, true, false),
+                    Some("drain") => (false, false, false, true),
+                    Some("all") => (true, true, true, true),
                     other => usage(&format!(
-                        "--suite {other:?}: expected registrator, confd, drain or all"
+                        "--suite {other:?}: expected registrator, confd, confd-render, \
+                             confd-daemon, drain or all"
                     )),
                 }
             }
@@ -169,8 +213,10 @@ fn parse_args() -> Args {
 #[tokio::main]
 async fn main() {
     let a = parse_args();
-    if a.confd {
+    if a.confd_render {
         confd_render::run(&a.render_counts);
+    }
+    if a.confd {
         confd_live::run(&a.stores, a.samples, a.burst, &a.rss_counts).await;
     }
     if a.registrator {

@@ -1,0 +1,547 @@
+//! The document templates render from, built once per snapshot and shared by every template.
+//!
+//! Layout: `services` (sorted by name, each `{name, tags, instances}`), `service.<name>` (that
+//! service's instances), `vhosts` (`[{host, name, instances}]`, sorted by host), `kv`, `vars`;
+//! an instance is `{id, name, address, port, tags, meta, node, health, vhost}`.
+//!
+//! Why it is kept rather than rebuilt: Handlebars renders from a `serde_json::Value` tree, and
+//! at 10,000 instances building that tree from scratch is tens of milliseconds of allocation
+//! (every instance appears in `services`, in `service` and possibly in `vhosts`). A change
+//! usually touches one service, so [`TemplateData::update`] moves the subtrees of the services
+//! whose instances are unchanged into the new document and builds only the rest. The result
+//! is the same document a full build gives (a unit test compares them over random sequences
+//! of snapshots). The document lives in a Handlebars [`Context`], so rendering does not
+//! serialise it again per template.
+
+use crate::model::{Instance, Snapshot};
+use crate::names::safe_token;
+use handlebars::Context;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Variables as configured (`vars:` and `--var`).
+pub type Vars = BTreeMap<String, Value>;
+
+/// Distinct across every [`TemplateData`] of the process, so a render cached under one
+/// generation can never be mistaken for another document's.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// Which of the large parts of the document are built. Each costs memory and time in
+/// proportion to the instances (every instance appears in `services`, again in `service` and
+/// again in `vhosts` when it has a virtual host), so the daemon builds only those its
+/// templates read (see `Renderer`); `kv` and `vars` are always there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Parts {
+    /// `services`.
+    pub services: bool,
+    /// `service.<name>`.
+    pub service: bool,
+    /// `vhosts`.
+    pub vhosts: bool,
+}
+
+impl Parts {
+    /// The whole document.
+    pub const ALL: Parts = Parts {
+        services: true,
+        service: true,
+        vhosts: true,
+    };
+
+    /// Both sets together.
+    pub fn union(self, o: Parts) -> Parts {
+        Parts {
+            services: self.services || o.services,
+            service: self.service || o.service,
+            vhosts: self.vhosts || o.vhosts,
+        }
+    }
+}
+
+/// The template document for one snapshot and one set of vars.
+pub struct TemplateData {
+    snap: Arc<Snapshot>,
+    vars: Vars,
+    parts: Parts,
+    ctx: Context,
+    /// Virtual host -> the services with an instance serving it: which `vhosts` entries a
+    /// changed service can affect, without computing every instance's virtual host again.
+    vhost_services: BTreeMap<String, BTreeSet<String>>,
+    generation: u64,
+}
+
+impl TemplateData {
+    /// The document for `snap` and `vars`, built in full.
+    pub fn build(snap: Arc<Snapshot>, vars: &Vars) -> TemplateData {
+        TemplateData::with_parts(snap, vars, Parts::ALL)
+    }
+
+    /// The document for `snap` and `vars` with only `parts` of the large parts (and `kv`,
+    /// `vars`); [`TemplateData::ensure`] adds others later.
+    pub fn with_parts(snap: Arc<Snapshot>, vars: &Vars, parts: Parts) -> TemplateData {
+        let mut root = Map::new();
+        root.insert("kv".into(), Value::Object(Map::new()));
+        let mut d = TemplateData {
+            snap: Arc::new(Snapshot::default()),
+            vars: Vars::new(),
+            parts: Parts::default(),
+            ctx: Context::from(Value::Object(root)),
+            vhost_services: BTreeMap::new(),
+            generation: 0,
+        };
+        d.update(snap, vars);
+        d.ensure(parts);
+        d
+    }
+
+    /// The large parts built.
+    pub fn parts(&self) -> Parts {
+        self.parts
+    }
+
+    /// Adds the parts of `want` that are missing, built in full from the current snapshot.
+    /// The generation stays: what was there is unchanged, so every output rendered from it
+    /// (which cannot have read a part that was not there) still holds.
+    pub fn ensure(&mut self, want: Parts) {
+        let add = Parts {
+            services: want.services && !self.parts.services,
+            service: want.service && !self.parts.service,
+            vhosts: want.vhosts && !self.parts.vhosts,
+        };
+        if add == Parts::default() {
+            return;
+        }
+        let snap = self.snap.clone();
+        let mut doc = std::mem::take(self.ctx.data_mut());
+        let Value::Object(root) = &mut doc else {
+            unreachable!("the document is an object")
+        };
+        if add.services {
+            let list = snap
+                .services
+                .iter()
+                .map(|(name, insts)| service_value(name, insts))
+                .collect();
+            root.insert("services".into(), Value::Array(list));
+        }
+        if add.service {
+            let map = snap
+                .services
+                .iter()
+                .map(|(name, insts)| (name.clone(), instances_value(insts)))
+                .collect();
+            root.insert("service".into(), Value::Object(map));
+        }
+        if add.vhosts {
+            self.vhost_services.clear();
+            for (name, insts) in &snap.services {
+                for i in insts {
+                    if let Some(v) = i.vhost() {
+                        self.vhost_services
+                            .entry(v)
+                            .or_default()
+                            .insert(name.clone());
+                    }
+                }
+            }
+            let list = self
+                .vhost_services
+                .iter()
+                .map(|(host, services)| {
+                    vhost_value(host, services.iter().filter_map(|s| snap.services.get(s)))
+                })
+                .collect();
+            root.insert("vhosts".into(), Value::Array(list));
+        }
+        *self.ctx.data_mut() = doc;
+        self.parts = self.parts.union(add);
+    }
+
+    /// Brings the document to `snap` and `vars`, rebuilding only what changed: the services
+    /// whose instances differ, the virtual hosts those instances serve (before or after), and
+    /// `kv` or `vars` when they differ. Returns whether anything changed; when it did, the
+    /// [`generation`](Self::generation) is new.
+    pub fn update(&mut self, snap: Arc<Snapshot>, vars: &Vars) -> bool {
+        let old = std::mem::replace(&mut self.snap, snap);
+        let new = self.snap.clone();
+        let mut doc = std::mem::take(self.ctx.data_mut());
+        let Value::Object(root) = &mut doc else {
+            unreachable!("the document is an object")
+        };
+        let mut changed = false;
+        if !Arc::ptr_eq(&old, &new) && old.services != new.services {
+            self.update_services(root, &old, &new);
+            changed = true;
+        }
+        if old.kv != new.kv {
+            root.insert("kv".into(), kv_value(&new.kv));
+            changed = true;
+        }
+        if self.vars != *vars || self.generation == 0 {
+            root.insert("vars".into(), Value::Object(vars_map(vars)));
+            self.vars = vars.clone();
+            changed = true;
+        }
+        *self.ctx.data_mut() = doc;
+        if changed || self.generation == 0 {
+            self.generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        changed
+    }
+
+    fn update_services(&mut self, root: &mut Map<String, Value>, old: &Snapshot, new: &Snapshot) {
+        let parts = self.parts;
+        let mut old_list = take_array(root, "services");
+        let mut old_map = match root.remove("service") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        let mut list = Vec::with_capacity(if parts.services {
+            new.services.len()
+        } else {
+            0
+        });
+        let mut map = Map::new();
+        // Virtual hosts whose entry must be built again.
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        // Both snapshots are sorted by service name, and so is `old_list`: one merge walk.
+        let mut olds = old.services.iter().enumerate().peekable();
+        for (name, insts) in &new.services {
+            while olds
+                .next_if(|(_, (o, _))| o.as_str() < name.as_str())
+                .is_some()
+            {}
+            let same = match olds.next_if(|(_, (o, _))| *o == name) {
+                Some((k, (_, was))) if was == insts => Some(k),
+                Some((_, (_, was))) => {
+                    if parts.vhosts {
+                        self.forget_vhosts(name, was, &mut dirty);
+                    }
+                    None
+                }
+                None => None,
+            };
+            if same.is_none() && parts.vhosts {
+                for i in insts {
+                    if let Some(v) = i.vhost() {
+                        self.vhost_services
+                            .entry(v.clone())
+                            .or_default()
+                            .insert(name.clone());
+                        dirty.insert(v);
+                    }
+                }
+            }
+            if parts.services {
+                let kept = same.and_then(|k| old_list.get_mut(k)).map(std::mem::take);
+                list.push(kept.unwrap_or_else(|| service_value(name, insts)));
+            }
+            if parts.service {
+                let kept = same.and_then(|_| old_map.remove(name.as_str()));
+                map.insert(name.clone(), kept.unwrap_or_else(|| instances_value(insts)));
+            }
+        }
+        if parts.services {
+            root.insert("services".into(), Value::Array(list));
+        }
+        if parts.service {
+            root.insert("service".into(), Value::Object(map));
+        }
+        if !parts.vhosts {
+            return;
+        }
+        // Services that are gone.
+        for (name, was) in &old.services {
+            if !new.services.contains_key(name) {
+                self.forget_vhosts(name, was, &mut dirty);
+            }
+        }
+        let mut old_vhosts = take_array(root, "vhosts").into_iter().peekable();
+        let mut vhosts = Vec::with_capacity(self.vhost_services.len());
+        for (host, services) in &self.vhost_services {
+            // `old_vhosts` is sorted by host too.
+            while old_vhosts
+                .next_if(|e| e["host"].as_str().is_some_and(|h| h < host.as_str()))
+                .is_some()
+            {}
+            let kept = old_vhosts.next_if(|e| e["host"].as_str() == Some(host.as_str()));
+            match kept {
+                Some(e) if !dirty.contains(host) => vhosts.push(e),
+                _ => {
+                    let members = services.iter().filter_map(|s| new.services.get(s));
+                    vhosts.push(vhost_value(host, members));
+                }
+            }
+        }
+        root.insert("vhosts".into(), Value::Array(vhosts));
+    }
+
+    /// Drops `service`'s old instances `was` from the virtual-host index, marking their
+    /// virtual hosts for a rebuild.
+    fn forget_vhosts(
+        &mut self,
+        service: &str,
+        was: &[Arc<Instance>],
+        dirty: &mut BTreeSet<String>,
+    ) {
+        for i in was {
+            let Some(v) = i.vhost() else { continue };
+            if let Some(s) = self.vhost_services.get_mut(&v) {
+                s.remove(service);
+                if s.is_empty() {
+                    self.vhost_services.remove(&v);
+                }
+            }
+            dirty.insert(v);
+        }
+    }
+
+    /// The document, as Handlebars renders it.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// The document.
+    pub fn value(&self) -> &Value {
+        self.ctx.data()
+    }
+
+    /// The snapshot the document describes.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snap
+    }
+
+    /// Changes whenever the document does; unique across documents.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// The document for `snap` and `vars`, built in full (for one-off renders and tests).
+pub fn template_data(snap: &Snapshot, vars: &Vars) -> Value {
+    TemplateData::build(Arc::new(snap.clone()), vars)
+        .ctx
+        .data()
+        .clone()
+}
+
+fn take_array(root: &mut Map<String, Value>, key: &str) -> Vec<Value> {
+    match root.remove(key) {
+        Some(Value::Array(a)) => a,
+        _ => Vec::new(),
+    }
+}
+
+fn string(s: &str) -> Value {
+    Value::String(s.to_owned())
+}
+
+fn instance_value(i: &Instance) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), string(&i.id));
+    m.insert("name".into(), string(&i.name));
+    m.insert("address".into(), string(&i.address));
+    m.insert("port".into(), Value::from(i.port));
+    m.insert(
+        "tags".into(),
+        Value::Array(i.tags.iter().map(|t| string(t)).collect()),
+    );
+    m.insert(
+        "meta".into(),
+        Value::Object(i.meta.iter().map(|(k, v)| (k.clone(), string(v))).collect()),
+    );
+    m.insert("node".into(), string(&i.node));
+    m.insert("health".into(), string(&i.health));
+    m.insert("vhost".into(), Value::String(i.vhost().unwrap_or_default()));
+    Value::Object(m)
+}
+
+fn instances_value(insts: &[Arc<Instance>]) -> Value {
+    Value::Array(insts.iter().map(|i| instance_value(i)).collect())
+}
+
+fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
+    let tags: BTreeSet<&str> = insts
+        .iter()
+        .flat_map(|i| i.tags.iter().map(String::as_str))
+        .collect();
+    let mut m = Map::new();
+    m.insert("name".into(), string(name));
+    m.insert(
+        "tags".into(),
+        Value::Array(tags.into_iter().map(string).collect()),
+    );
+    m.insert("instances".into(), instances_value(insts));
+    Value::Object(m)
+}
+
+/// A `vhosts` entry: the instances of `services` (in name order) serving `host`.
+fn vhost_value<'a>(host: &str, services: impl Iterator<Item = &'a Vec<Arc<Instance>>>) -> Value {
+    let instances = services
+        .flatten()
+        .filter(|i| i.vhost().as_deref() == Some(host))
+        .map(|i| instance_value(i))
+        .collect();
+    let mut m = Map::new();
+    m.insert("host".into(), string(host));
+    m.insert("name".into(), Value::String(safe_token(host)));
+    m.insert("instances".into(), Value::Array(instances));
+    Value::Object(m)
+}
+
+fn kv_value(kv: &BTreeMap<String, String>) -> Value {
+    Value::Object(kv.iter().map(|(k, v)| (k.clone(), string(v))).collect())
+}
+
+fn vars_map(vars: &Vars) -> Map<String, Value> {
+    vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::inst;
+    use serde_json::json;
+
+    #[test]
+    fn data_layout() {
+        let mut a = inst("web", "a", "10.0.0.1", 80);
+        a.tags = vec!["x".into(), "backend".into()];
+        a.meta.insert("vhost".into(), "w.local".into());
+        let mut b = inst("web", "b", "10.0.0.2", 81);
+        b.tags = vec!["backend".into()];
+        let s = Snapshot::build(vec![a.clone(), b], [("k".into(), "v".into())].into(), &[]);
+        let d = template_data(&s, &[("listen".into(), json!(80))].into());
+        assert_eq!(d["services"][0]["name"], "web");
+        assert_eq!(d["services"][0]["tags"], json!(["backend", "x"]));
+        assert_eq!(d["services"][0]["instances"][1]["port"], 81);
+        assert_eq!(d["service"]["web"][0]["vhost"], "w.local");
+        assert_eq!(d["service"]["web"][1]["vhost"], "");
+        assert_eq!(d["vhosts"][0]["host"], "w.local");
+        assert_eq!(d["vhosts"][0]["name"], "w.local");
+        assert_eq!(d["vhosts"][0]["instances"][0]["id"], "a");
+        assert_eq!(d["kv"]["k"], "v");
+        assert_eq!(d["vars"]["listen"], 80);
+        // An instance is its model's fields plus `vhost`, nothing else.
+        let mut want = serde_json::to_value(&a).unwrap();
+        want["vhost"] = json!("w.local");
+        assert_eq!(d["service"]["web"][0], want);
+    }
+
+    /// A small deterministic generator (no dependency for one test).
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// A random instance among a few services, IDs and virtual hosts, so that successive
+    /// snapshots share, change, add and remove services and move instances between hosts.
+    fn random_instance(r: &mut Lcg) -> Instance {
+        let svc = format!("s{}", r.below(6));
+        let mut i = inst(
+            &svc,
+            &format!("i{}", r.below(12)),
+            "10.0.0.1",
+            80 + r.below(3) as u16,
+        );
+        match r.below(4) {
+            0 => {
+                i.meta
+                    .insert("vhost".into(), format!("h{}.test", r.below(3)));
+            }
+            1 => {
+                i.meta.insert("hostname".into(), format!("h{}", r.below(3)));
+                i.meta.insert("domain".into(), "test".into());
+            }
+            _ => {}
+        }
+        if r.below(2) == 0 {
+            i.tags.push(format!("t{}", r.below(3)));
+        }
+        i
+    }
+
+    #[test]
+    fn updates_give_the_document_a_full_build_gives() {
+        let mut r = Lcg(7);
+        let vars_a: Vars = [("listen".into(), json!(80))].into();
+        let vars_b: Vars = [("listen".into(), json!(81))].into();
+        let mut d = TemplateData::build(Arc::new(Snapshot::default()), &vars_a);
+        // Another document with only some parts, completed half way through.
+        let some = Parts {
+            service: false,
+            ..Parts::ALL
+        };
+        let mut partial = TemplateData::with_parts(Arc::new(Snapshot::default()), &vars_a, some);
+        let mut current: BTreeMap<(String, String), Instance> = BTreeMap::new();
+        let mut generations = BTreeSet::from([d.generation()]);
+        for step in 0..400 {
+            // Change a few instances (add, replace or remove), sometimes kv or vars.
+            for _ in 0..=r.below(3) {
+                let i = random_instance(&mut r);
+                let key = (i.name.clone(), i.id.clone());
+                if r.below(4) == 0 {
+                    current.remove(&key);
+                } else {
+                    current.insert(key, i);
+                }
+            }
+            let kv: BTreeMap<String, String> = if r.below(5) == 0 {
+                [("k".into(), format!("{}", r.below(2)))].into()
+            } else {
+                BTreeMap::new()
+            };
+            let vars = if r.below(7) == 0 { &vars_b } else { &vars_a };
+            let snap = Arc::new(Snapshot::build(current.values().cloned(), kv, &[]));
+            let before = d.value().clone();
+            let changed = d.update(snap.clone(), vars);
+            let full = TemplateData::build(snap, vars);
+            assert_eq!(d.value(), full.value(), "step {step}");
+            assert_eq!(changed, before != *d.value(), "step {step}");
+            if changed {
+                assert!(
+                    generations.insert(d.generation()),
+                    "step {step}: generation reused"
+                );
+            }
+            partial.update(d.snapshot().clone(), vars);
+            let mut want = full.value().clone();
+            if !partial.parts().service {
+                want.as_object_mut().unwrap().remove("service");
+            }
+            assert_eq!(partial.value(), &want, "step {step}");
+            if step == 200 {
+                let g = partial.generation();
+                partial.ensure(Parts::ALL);
+                assert_eq!(
+                    partial.generation(),
+                    g,
+                    "adding a part is no new generation"
+                );
+                assert_eq!(partial.value(), full.value());
+            }
+        }
+    }
+
+    #[test]
+    fn unchanged_snapshots_keep_the_generation() {
+        let s = Snapshot::build(vec![inst("web", "a", "10.0.0.1", 80)], BTreeMap::new(), &[]);
+        let vars = Vars::new();
+        let mut d = TemplateData::build(Arc::new(s.clone()), &vars);
+        let g = d.generation();
+        // An equal snapshot (another allocation) is no change.
+        assert!(!d.update(Arc::new(s), &vars));
+        assert_eq!(d.generation(), g);
+        let other = Snapshot::build(vec![inst("web", "a", "10.0.0.2", 80)], BTreeMap::new(), &[]);
+        assert!(d.update(Arc::new(other), &vars));
+        assert_ne!(d.generation(), g);
+    }
+}
