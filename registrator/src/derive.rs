@@ -27,7 +27,7 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// refused whole: the service is registered without those tags.
 pub const MAX_TAGS: usize = 128;
 /// Most metadata pairs per service: Consul's own limit, applied to every store alike.
-pub const MAX_META_PAIRS: usize = 64;
+pub use switchboard::validate::META_MAX_PAIRS as MAX_META_PAIRS;
 
 /// One port a container exposes, with the host bindings Docker published for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,24 +318,6 @@ fn check_name(field: validate::Field, value: &str) -> Result<(), String> {
          characters ({problem}); not registered",
         field.max()
     ))
-}
-
-/// Consul's rules for metadata keys and values (it rejects the whole registration otherwise).
-fn valid_meta(key: &str, value: &str) -> Result<(), &'static str> {
-    if key.len() > 128
-        || key.starts_with("consul-")
-        || !key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err(
-            "a key of letters, digits, '_' and '-' (at most 128, not starting with consul-)",
-        );
-    }
-    if value.len() > 512 {
-        return Err("a value of at most 512 bytes");
-    }
-    Ok(())
 }
 
 fn url_host(addr: &str) -> String {
@@ -634,11 +616,11 @@ fn meta_pairs<'m>(
         if out.len() > MAX_META_PAIRS {
             break;
         }
-        match valid_meta(k, &v.value) {
-            Ok(()) => {
+        match validate::meta_problem(k, &v.value) {
+            None => {
                 out.insert(k.as_str(), v);
             }
-            Err(expected) => ctx.warn(v, expected),
+            Some(problem) => ctx.warn(v, problem.expected()),
         }
     }
     out

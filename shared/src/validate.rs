@@ -145,6 +145,62 @@ fn check(field: Field, value: &str) -> Result<(), ValidationError> {
     })
 }
 
+/// Most metadata pairs per service: Consul's own limit (`structs.ValidateServiceMetadata`),
+/// applied to every store alike, so a service means the same wherever it is registered.
+pub const META_MAX_PAIRS: usize = 64;
+const META_MAX_KEY_LEN: usize = 128;
+const META_MAX_VALUE_LEN: usize = 512;
+
+/// Why Consul would reject this metadata pair (it refuses the whole registration then), if
+/// it would. The registrator drops such pairs with a warning; the Consul client filters them
+/// again before sending, for services from elsewhere.
+pub fn meta_problem(key: &str, value: &str) -> Option<MetaProblem> {
+    if key.is_empty() {
+        Some(MetaProblem::Key("empty key"))
+    } else if key.len() > META_MAX_KEY_LEN {
+        Some(MetaProblem::Key("key longer than 128 characters"))
+    } else if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        Some(MetaProblem::Key("key has characters outside [A-Za-z0-9_-]"))
+    } else if key.starts_with("consul-") {
+        Some(MetaProblem::Key("key prefix consul- is reserved"))
+    } else if value.len() > META_MAX_VALUE_LEN {
+        Some(MetaProblem::Value("value longer than 512 characters"))
+    } else {
+        None
+    }
+}
+
+/// What is wrong with a metadata pair: its key or its value, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaProblem {
+    /// The key breaks Consul's rules.
+    Key(&'static str),
+    /// The value is too long.
+    Value(&'static str),
+}
+
+impl MetaProblem {
+    /// Why, in a few words.
+    pub fn reason(self) -> &'static str {
+        match self {
+            MetaProblem::Key(r) | MetaProblem::Value(r) => r,
+        }
+    }
+
+    /// What would have been accepted, for a warning naming the pair.
+    pub fn expected(self) -> &'static str {
+        match self {
+            MetaProblem::Key(_) => {
+                "a key of letters, digits, '_' and '-' (at most 128, not starting with consul-)"
+            }
+            MetaProblem::Value(_) => "a value of at most 512 bytes",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +270,25 @@ mod tests {
         assert!(msg.contains("more than 512"), "{msg}");
         let e = service_name("a\nb").unwrap_err();
         assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn meta_rules() {
+        let long_key = "k".repeat(129);
+        let table: [(&str, &str, bool); 9] = [
+            ("version", "1", true),
+            ("a-b_C9", "x", true),
+            ("a b", "x", false),
+            ("x;y", "x", false),
+            ("", "x", false),
+            ("consul-x", "x", false),
+            ("k\u{e9}", "x", false),
+            (&long_key, "x", false),
+            ("big", &"v".repeat(513), false),
+        ];
+        for (key, value, ok) in table {
+            assert_eq!(meta_problem(key, value).is_none(), ok, "{key:?}");
+        }
+        assert!(meta_problem(&"k".repeat(128), &"v".repeat(512)).is_none());
     }
 }

@@ -8,7 +8,7 @@
 use super::{
     docker_health_check_id, transport_error, ttl_check_id, SettingsError, StoreError, StoreSettings,
 };
-use crate::{consul_duration, Check, CheckKind, Endpoint, Service};
+use crate::{consul_duration, validate, Check, CheckKind, Endpoint, Service};
 use base64::Engine;
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
@@ -30,10 +30,6 @@ const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 const DOCKER_HEALTH_TTL: &str = "8760h";
 /// Consul reaps critical services at most about once a minute; asking for less is pointless.
 const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
-/// Consul's limits on service metadata (`structs.ValidateServiceMetadata`).
-const META_MAX_PAIRS: usize = 64;
-const META_MAX_KEY_LEN: usize = 128;
-const META_MAX_VALUE_LEN: usize = 512;
 
 /// A client of one Consul agent.
 #[derive(Debug, Clone)]
@@ -583,9 +579,9 @@ fn check_json(check: &Check) -> Value {
 fn filter_meta(service_id: &str, meta: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     let mut kept = BTreeMap::new();
     for (key, value) in meta {
-        let problem = match meta_problem(key, value) {
-            Some(p) => Some(p),
-            None if kept.len() >= META_MAX_PAIRS => Some("more than 64 metadata pairs"),
+        let problem = match validate::meta_problem(key, value) {
+            Some(p) => Some(p.reason()),
+            None if kept.len() >= validate::META_MAX_PAIRS => Some("more than 64 metadata pairs"),
             None => None,
         };
         match problem {
@@ -600,26 +596,6 @@ fn filter_meta(service_id: &str, meta: &BTreeMap<String, String>) -> BTreeMap<St
         }
     }
     kept
-}
-
-/// Why Consul would reject this metadata pair, if it would.
-fn meta_problem(key: &str, value: &str) -> Option<&'static str> {
-    if key.is_empty() {
-        Some("empty key")
-    } else if key.len() > META_MAX_KEY_LEN {
-        Some("key longer than 128 characters")
-    } else if !key
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        Some("key has characters outside [A-Za-z0-9_-]")
-    } else if key.starts_with("consul-") {
-        Some("key prefix consul- is reserved")
-    } else if value.len() > META_MAX_VALUE_LEN {
-        Some("value longer than 512 characters")
-    } else {
-        None
-    }
 }
 
 /// `passing`, `warning` or `critical`: the worst of the statuses given (none is passing).
@@ -883,26 +859,6 @@ mod tests {
         for (kind, want) in table {
             assert_eq!(check_json(&with(kind.clone())), want, "{kind:?}");
         }
-    }
-
-    #[test]
-    fn meta_rules() {
-        let long_key = "k".repeat(129);
-        let table: [(&str, &str, bool); 9] = [
-            ("version", "1", true),
-            ("a-b_C9", "x", true),
-            ("a b", "x", false),
-            ("x;y", "x", false),
-            ("", "x", false),
-            ("consul-x", "x", false),
-            ("k\u{e9}", "x", false),
-            (&long_key, "x", false),
-            ("big", &"v".repeat(513), false),
-        ];
-        for (key, value, ok) in table {
-            assert_eq!(meta_problem(key, value).is_none(), ok, "{key:?}");
-        }
-        assert!(meta_problem(&"k".repeat(128), &"v".repeat(512)).is_none());
     }
 
     #[test]
