@@ -6,6 +6,8 @@
 //! through the pipeline, and the counters run on across SIGHUP restarts of the run.
 
 use crate::config::TemplateConfig;
+#[cfg(test)]
+use crate::runner::Failure;
 use crate::runner::Outcome;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -372,7 +374,7 @@ mod tests {
     fn template_outcomes_set_health_and_the_age_of_the_last_success() {
         let t = TemplateConfig::parse_flag("/unit/metrics-a.hbs:/unit/metrics-a").unwrap();
         let name = "template /unit/metrics-a.hbs -> /unit/metrics-a";
-        outcome(&t, &Outcome::Failed("check failed: nope".into()));
+        outcome(&t, &Outcome::Failed(Failure::Check("nope".into())));
         let why = health().status().unwrap_err();
         assert!(
             why.contains(&format!("{name}: check failed: nope")),
@@ -380,7 +382,7 @@ mod tests {
         );
         outcome(&t, &Outcome::Updated);
         assert!(!health().status().err().unwrap_or_default().contains(name));
-        outcome(&t, &Outcome::ReloadFailed("reload failed: x".into()));
+        outcome(&t, &Outcome::ReloadFailed(Failure::Reload("x".into())));
         assert!(health().status().unwrap_err().contains(name));
         new_run(&[]);
         assert!(!health().status().err().unwrap_or_default().contains(name));

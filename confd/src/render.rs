@@ -8,10 +8,25 @@ use crate::data::{Parts, TemplateData, Vars};
 use crate::helpers;
 use crate::model::Snapshot;
 use handlebars::template::{Parameter, Template, TemplateElement};
-use handlebars::{Context, Handlebars, Path, PathSeg, RenderError, RenderErrorReason};
+use handlebars::{Context, Handlebars, Path, PathSeg, RenderErrorReason};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Why a template produced no output. Displayed as one line that names the template and,
+/// where Handlebars knows it, the line and column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// The template does not parse.
+    #[error("{0}")]
+    Syntax(String),
+    /// Rendering failed: a missing key or misspelt field (strict mode), or a helper refused.
+    #[error("{0}")]
+    Render(String),
+    /// No snapshot has arrived yet to render from.
+    #[error("{0}: no snapshot to render from yet")]
+    NoData(String),
+}
 
 /// A registry with confd's settings and helpers. Callers pass the template source read fresh
 /// from disk on every render (so an edit is always seen); it is parsed again only when it
@@ -55,7 +70,12 @@ impl Renderer {
     ///
     /// For one-off renders: it copies `data` into a Handlebars context. The daemon renders
     /// through [`Renderer::render_data`], which does not.
-    pub fn render(&mut self, name: &str, source: &str, data: &Value) -> Result<String, String> {
+    pub fn render(
+        &mut self,
+        name: &str,
+        source: &str,
+        data: &Value,
+    ) -> Result<String, RenderError> {
         self.parse(name, source)?;
         self.renders += 1;
         let ctx = Context::from(data.clone());
@@ -78,7 +98,7 @@ impl Renderer {
         name: &str,
         source: &str,
         data: &mut TemplateData,
-    ) -> Result<String, String> {
+    ) -> Result<String, RenderError> {
         self.parse(name, source)?;
         let parsed = self.parsed.get_mut(name).expect("parsed above");
         data.ensure(parsed.reads);
@@ -110,11 +130,11 @@ impl Renderer {
     }
 
     /// [`Renderer::render_data`] from the document [`Renderer::update_data`] set.
-    pub fn render_current(&mut self, name: &str, source: &str) -> Result<String, String> {
+    pub fn render_current(&mut self, name: &str, source: &str) -> Result<String, RenderError> {
         let mut data = self
             .data
             .take()
-            .ok_or_else(|| format!("{name}: no snapshot to render from yet"))?;
+            .ok_or_else(|| RenderError::NoData(name.to_string()))?;
         let out = self.render_data(name, source, &mut data);
         self.data = Some(data);
         out
@@ -127,7 +147,7 @@ impl Renderer {
     }
 
     /// Parses `source` under `name` unless it is the source parsed last under that name.
-    fn parse(&mut self, name: &str, source: &str) -> Result<(), String> {
+    fn parse(&mut self, name: &str, source: &str) -> Result<(), RenderError> {
         if self.parsed.get(name).map(|p| p.source.as_str()) == Some(source) {
             return Ok(());
         }
@@ -136,7 +156,9 @@ impl Renderer {
         self.hb.unregister_template(name);
         self.hb
             .register_template_string(name, source)
-            .map_err(|e| one_line(&format!("{name}: template syntax error: {e}")))?;
+            .map_err(|e| {
+                RenderError::Syntax(one_line(&format!("{name}: template syntax error: {e}")))
+            })?;
         let reads = self.hb.get_template(name).map_or(Parts::ALL, reads);
         self.parsed.insert(
             name.to_string(),
@@ -240,7 +262,7 @@ fn param(p: &Parameter, nested: bool, names: &mut Vec<String>) -> bool {
 }
 
 /// A render error as one line: where (template, line, column) and why.
-fn render_error(name: &str, e: RenderError) -> String {
+fn render_error(name: &str, e: handlebars::RenderError) -> RenderError {
     let reason = match e.reason() {
         RenderErrorReason::MissingVariable(Some(p)) => {
             format!("missing key or misspelt field `{p}`")
@@ -248,10 +270,10 @@ fn render_error(name: &str, e: RenderError) -> String {
         RenderErrorReason::MissingVariable(None) => "missing key or misspelt field".into(),
         other => other.to_string(),
     };
-    one_line(&match (e.line_no, e.column_no) {
+    RenderError::Render(one_line(&match (e.line_no, e.column_no) {
         (Some(l), Some(c)) => format!("{name}:{l}:{c}: {reason}"),
         _ => format!("{name}: {reason}"),
-    })
+    }))
 }
 
 fn one_line(s: &str) -> String {
@@ -420,7 +442,8 @@ mod tests {
         for (src, want) in cases {
             let e = r
                 .render("t.hbs", src, &json!({"services": [{"name": "a"}]}))
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{src}: {e}");
             assert!(!e.contains('\n'), "{e}");
         }
@@ -431,6 +454,9 @@ mod tests {
                 &json!({"services": [{"name": "a"}]}),
             )
             .unwrap_err();
-        assert!(e.contains("nmae"), "{e}");
+        assert!(
+            matches!(&e, RenderError::Render(m) if m.contains("nmae")),
+            "{e}"
+        );
     }
 }

@@ -15,7 +15,7 @@ use crate::command::{self, CommandSpec};
 use crate::config::{Config, TemplateConfig, Wait};
 use crate::metrics;
 use crate::model::Snapshot;
-use crate::render::Renderer;
+use crate::render::{RenderError, Renderer};
 use crate::source;
 use crate::watch::watch_templates;
 use crate::writer;
@@ -111,10 +111,61 @@ pub enum Outcome {
     /// Dry run: a diff was printed.
     WouldChange,
     /// Not applied; the reason was logged. Tried again on the next change.
-    Failed(String),
+    Failed(Failure),
     /// Its reload failed; the reason was logged. Tried again after a backoff, since the cause
     /// (the proxy not running yet, restarting, or its PID file not written yet) often passes.
-    ReloadFailed(String),
+    ReloadFailed(Failure),
+}
+
+/// Why a template was not applied, at the step that stopped it. Displayed as the one-line
+/// reason confd logs and `/healthz` reports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The outage guard: the snapshot holds fewer instances than `min_instances`.
+    #[error("snapshot has {have} instances, fewer than min_instances {min}: not rendering (outage guard)")]
+    TooFewInstances {
+        /// Instances in the snapshot.
+        have: usize,
+        /// The template's `min_instances`.
+        min: usize,
+    },
+    /// The template file cannot be read.
+    #[error("cannot read template {path}: {reason}")]
+    ReadTemplate {
+        /// The template's `src`.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// Handlebars refused it.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// A file step failed: reading the destination, staging beside it, or the swap.
+    #[error("cannot {step} {path}: {reason}")]
+    File {
+        /// `read`, `stage beside` or `replace`.
+        step: &'static str,
+        /// The destination.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The check command refused the staged file.
+    #[error("check failed: {0}")]
+    Check(String),
+    /// The reload command failed.
+    #[error("reload failed: {0}")]
+    Reload(String),
+}
+
+impl Failure {
+    fn file(step: &'static str, path: &std::path::Path, e: impl std::fmt::Display) -> Failure {
+        Failure::File {
+            step,
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }
+    }
 }
 
 /// Reloads run and live updates applied since confd started (all templates), carried by the
@@ -309,7 +360,7 @@ enum UnitKey {
 struct UnitItem {
     idx: usize,
     /// Its render, if it was due.
-    render: Option<Result<Rendered, String>>,
+    render: Option<Result<Rendered, Failure>>,
     /// Whether its file is owed a reload.
     owed: bool,
 }
@@ -342,7 +393,7 @@ pub async fn pass(
 ) -> Vec<Outcome> {
     // Built once per snapshot (updated where it changed) and shared by every template.
     renderer.update_data(snap.clone(), &cfg.vars);
-    let mut rendered: BTreeMap<usize, Result<Rendered, String>> = BTreeMap::new();
+    let mut rendered: BTreeMap<usize, Result<Rendered, Failure>> = BTreeMap::new();
     for &i in due {
         let start = std::time::Instant::now();
         let r = render_one(&cfg.templates[i], renderer, snap);
@@ -483,7 +534,7 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
             }
         }
         Err(e) => {
-            let reason = format!("reload failed: {e}");
+            let reason = Failure::Reload(e.to_string());
             let mut restored = false;
             for r in &reloading {
                 let t = &cfg.templates[r.idx];
@@ -572,20 +623,21 @@ fn render_one(
     t: &TemplateConfig,
     renderer: &mut Renderer,
     snap: &Snapshot,
-) -> Result<Rendered, String> {
+) -> Result<Rendered, Failure> {
     let total = snap.total_instances();
     if total < t.min_instances {
-        return Err(format!(
-            "snapshot has {total} instances, fewer than min_instances {}: not rendering (outage guard)",
-            t.min_instances
-        ));
+        return Err(Failure::TooFewInstances {
+            have: total,
+            min: t.min_instances,
+        });
     }
-    let source = std::fs::read_to_string(&t.src)
-        .map_err(|e| format!("cannot read template {}: {e}", t.src.display()))?;
+    let source = std::fs::read_to_string(&t.src).map_err(|e| Failure::ReadTemplate {
+        path: t.src.display().to_string(),
+        reason: e.to_string(),
+    })?;
     let name = t.src.display().to_string();
     let content = renderer.render_current(&name, &source)?;
-    let current = writer::read_current(&t.dest)
-        .map_err(|e| format!("cannot read {}: {e}", t.dest.display()))?;
+    let current = writer::read_current(&t.dest).map_err(|e| Failure::file("read", &t.dest, e))?;
     if !writer::changed(current.as_deref(), content.as_bytes()) {
         return Ok(Rendered::Unchanged);
     }
@@ -599,7 +651,7 @@ async fn apply_rendered(
     content: String,
     current: Option<Vec<u8>>,
     dry_run: bool,
-) -> Result<Applied, String> {
+) -> Result<Applied, Failure> {
     if dry_run {
         let d = writer::diff(&t.dest, current.as_deref(), content.as_bytes());
         let mut out = std::io::stdout().lock();
@@ -608,13 +660,13 @@ async fn apply_rendered(
         return Ok(Applied::WouldChange);
     }
     let staged = writer::stage(&t.dest, content.as_bytes(), t.mode.map(|m| m.0))
-        .map_err(|e| format!("cannot stage beside {}: {e}", t.dest.display()))?;
+        .map_err(|e| Failure::file("stage beside", &t.dest, e))?;
     if let Some(check) = &t.check {
         command::run(check, Some(staged.path()), t.command_timeout)
             .await
             .map_err(|e| {
                 metrics::check_failed(t);
-                format!("check failed: {e}")
+                Failure::Check(e.to_string())
             })?;
     }
     // Decided on the checked file before it is committed: membership-only changes skip the
@@ -625,7 +677,7 @@ async fn apply_rendered(
     });
     staged
         .commit()
-        .map_err(|e| format!("cannot replace {}: {e}", t.dest.display()))?;
+        .map_err(|e| Failure::file("replace", &t.dest, e))?;
     if let Some((live, plan)) = live {
         match live.apply(plan).await {
             Ok(s) => {
@@ -827,7 +879,7 @@ mod tests {
         let mut owed = BTreeSet::new();
         let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
         assert!(
-            matches!(&o[0], Outcome::ReloadFailed(m) if m.contains("not running")),
+            matches!(&o[0], Outcome::ReloadFailed(m) if m.to_string().contains("not running")),
             "{o:?}"
         );
         assert_eq!(std::fs::read_to_string(d.path().join("a")).unwrap(), "80 ");
@@ -900,7 +952,7 @@ mod tests {
         let c = cfg(d.path(), vec![ok.clone()]);
         let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
-            matches!(&o[0], Outcome::Failed(m) if m.contains("check failed") && m.contains("nope")),
+            matches!(&o[0], Outcome::Failed(Failure::Check(m)) if m.contains("nope")),
             "{o:?}"
         );
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
@@ -911,7 +963,7 @@ mod tests {
         let c = cfg(d.path(), vec![ok.clone()]);
         let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
-            matches!(&o[0], Outcome::ReloadFailed(m) if m.contains("reload failed")),
+            matches!(&o[0], Outcome::ReloadFailed(m) if m.to_string().contains("reload failed")),
             "{o:?}"
         );
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
@@ -922,7 +974,7 @@ mod tests {
         let c = cfg(d.path(), vec![ok.clone()]);
         let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
-            matches!(&o[0], Outcome::Failed(m) if m.contains("servce")),
+            matches!(&o[0], Outcome::Failed(m) if m.to_string().contains("servce")),
             "{o:?}"
         );
 
@@ -932,7 +984,7 @@ mod tests {
         let c = cfg(d.path(), vec![ok.clone()]);
         let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
         assert!(
-            matches!(&o[0], Outcome::Failed(m) if m.contains("min_instances")),
+            matches!(&o[0], Outcome::Failed(m) if m.to_string().contains("min_instances")),
             "{o:?}"
         );
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
