@@ -1467,104 +1467,110 @@ mod tests {
             target: target.into(),
             tls,
         };
-        // (env, kind, method, skip verify, warned key)
-        type Case<'a> = (
-            &'a [&'a str],
-            Option<CheckKind>,
-            Option<&'a str>,
-            bool,
-            Option<&'a str>,
-        );
-        let cases: Vec<Case> = vec![
-            (
-                &["SERVICE_CHECK_GRPC=true"],
-                Some(grpc("192.0.2.2:32768", false)),
-                None,
-                false,
-                None,
-            ),
-            (
-                &[
+        /// Check labels and the check they make: kind, HTTP method, TLS verification skipped, and the key warned about.
+        struct CheckCase<'a> {
+            env: &'a [&'a str],
+            kind: Option<CheckKind>,
+            method: Option<&'a str>,
+            tls_skip_verify: bool,
+            warned: Option<&'a str>,
+        }
+        let cases = vec![
+            CheckCase {
+                env: &["SERVICE_CHECK_GRPC=true"],
+                kind: Some(grpc("192.0.2.2:32768", false)),
+                method: None,
+                tls_skip_verify: false,
+                warned: None,
+            },
+            CheckCase {
+                env: &[
                     "SERVICE_CHECK_GRPC=grpc.health.v1.Health",
                     "SERVICE_CHECK_GRPC_USE_TLS=1",
                 ],
-                Some(grpc("192.0.2.2:32768/grpc.health.v1.Health", true)),
-                None,
-                false,
-                None,
-            ),
-            (
-                &[
+                kind: Some(grpc("192.0.2.2:32768/grpc.health.v1.Health", true)),
+                method: None,
+                tls_skip_verify: false,
+                warned: None,
+            },
+            CheckCase {
+                env: &[
                     "SERVICE_CHECK_GRPC=true",
                     "SERVICE_CHECK_GRPC_USE_TLS=true",
                     "SERVICE_CHECK_TLS_SKIP_VERIFY=true",
                 ],
-                Some(grpc("192.0.2.2:32768", true)),
-                None,
-                true,
-                None,
-            ),
-            (&["SERVICE_CHECK_GRPC=false"], None, None, false, None),
-            (
-                &["SERVICE_CHECK_GRPC=a/b"],
-                None,
-                None,
-                false,
-                Some("SERVICE_CHECK_GRPC"),
-            ),
-            (
-                &[
+                kind: Some(grpc("192.0.2.2:32768", true)),
+                method: None,
+                tls_skip_verify: true,
+                warned: None,
+            },
+            CheckCase {
+                env: &["SERVICE_CHECK_GRPC=false"],
+                kind: None,
+                method: None,
+                tls_skip_verify: false,
+                warned: None,
+            },
+            CheckCase {
+                env: &["SERVICE_CHECK_GRPC=a/b"],
+                kind: None,
+                method: None,
+                tls_skip_verify: false,
+                warned: Some("SERVICE_CHECK_GRPC"),
+            },
+            CheckCase {
+                env: &[
                     "SERVICE_CHECK_GRPC=true",
                     "SERVICE_CHECK_GRPC_USE_TLS=maybe",
                 ],
-                Some(grpc("192.0.2.2:32768", false)),
-                None,
-                false,
-                Some("SERVICE_CHECK_GRPC_USE_TLS"),
-            ),
-            (
-                &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_HTTP_METHOD=HEAD"],
-                Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
-                Some("HEAD"),
-                false,
-                None,
-            ),
-            (
-                &[
+                kind: Some(grpc("192.0.2.2:32768", false)),
+                method: None,
+                tls_skip_verify: false,
+                warned: Some("SERVICE_CHECK_GRPC_USE_TLS"),
+            },
+            CheckCase {
+                env: &["SERVICE_CHECK_HTTP=/h", "SERVICE_CHECK_HTTP_METHOD=HEAD"],
+                kind: Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
+                method: Some("HEAD"),
+                tls_skip_verify: false,
+                warned: None,
+            },
+            CheckCase {
+                env: &[
                     "SERVICE_CHECK_HTTP=/h",
                     "SERVICE_CHECK_HTTP_METHOD=GET /x HTTP/1.1\r\n",
                 ],
-                Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
-                None,
-                false,
-                Some("SERVICE_CHECK_HTTP_METHOD"),
-            ),
-            (
-                // The HTTPS check reads its own method key, not HTTP's.
-                &[
+                kind: Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
+                method: None,
+                tls_skip_verify: false,
+                warned: Some("SERVICE_CHECK_HTTP_METHOD"),
+            },
+            CheckCase {
+                env: // The HTTPS check reads its own method key, not HTTP's.
+                                &[
                     "SERVICE_CHECK_HTTPS=/s",
                     "SERVICE_CHECK_HTTP_METHOD=PUT",
                     "SERVICE_CHECK_HTTPS_METHOD=POST",
                     "SERVICE_CHECK_TLS_SKIP_VERIFY=yes",
                 ],
-                Some(CheckKind::Https("https://192.0.2.2:32768/s".into())),
-                Some("POST"),
-                true,
-                None,
-            ),
-            (
-                &[
+                kind: Some(CheckKind::Https("https://192.0.2.2:32768/s".into())),
+                method: Some("POST"),
+                tls_skip_verify: true,
+                warned: None,
+            },
+            CheckCase {
+                env: &[
                     "SERVICE_CHECK_HTTP=/h",
                     "SERVICE_CHECK_TLS_SKIP_VERIFY=true",
                 ],
-                Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
-                None,
-                false,
-                Some("SERVICE_CHECK_TLS_SKIP_VERIFY"),
-            ),
-            (
-                &["SERVICE_CHECK_CMD=test -f /tmp/ok;reboot $(id)"],
-                Some(CheckKind::Docker {
+                kind: Some(CheckKind::Http("http://192.0.2.2:32768/h".into())),
+                method: None,
+                tls_skip_verify: false,
+                warned: Some("SERVICE_CHECK_TLS_SKIP_VERIFY"),
+            },
+            CheckCase {
+                env: &["SERVICE_CHECK_CMD=test -f /tmp/ok;reboot $(id)"],
+                kind: Some(CheckKind::Docker {
                     container: "abc".into(),
                     args: vec![
                         "test".into(),
@@ -1573,23 +1579,30 @@ mod tests {
                         "$(id)".into(),
                     ],
                 }),
-                None,
-                false,
-                None,
-            ),
-            (
-                // gliderlabs' order: CMD before script.
-                &["SERVICE_CHECK_SCRIPT=/bin/x", "SERVICE_CHECK_CMD=true"],
-                Some(CheckKind::Docker {
+                method: None,
+                tls_skip_verify: false,
+                warned: None,
+            },
+            CheckCase {
+                env: // gliderlabs' order: CMD before script.
+                                &["SERVICE_CHECK_SCRIPT=/bin/x", "SERVICE_CHECK_CMD=true"],
+                kind: Some(CheckKind::Docker {
                     container: "abc".into(),
                     args: vec!["true".into()],
                 }),
-                None,
-                false,
-                None,
-            ),
+                method: None,
+                tls_skip_verify: false,
+                warned: None,
+            },
         ];
-        for (env, kind, method, skip, warned) in cases {
+        for CheckCase {
+            env,
+            kind,
+            method,
+            tls_skip_verify: skip,
+            warned,
+        } in cases
+        {
             let d = derive(&with_env(web(), env), &opts());
             let check = d.services[0].check.clone();
             assert_eq!(check.as_ref().map(|c| c.kind.clone()), kind, "{env:?}");
