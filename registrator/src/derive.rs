@@ -1545,9 +1545,9 @@ mod tests {
                 tls_skip_verify: false,
                 warned: Some("SERVICE_CHECK_HTTP_METHOD"),
             },
+            // The HTTPS check reads its own method key, not HTTP's.
             CheckCase {
-                env: // The HTTPS check reads its own method key, not HTTP's.
-                                &[
+                env: &[
                     "SERVICE_CHECK_HTTPS=/s",
                     "SERVICE_CHECK_HTTP_METHOD=PUT",
                     "SERVICE_CHECK_HTTPS_METHOD=POST",
@@ -1583,9 +1583,9 @@ mod tests {
                 tls_skip_verify: false,
                 warned: None,
             },
+            // gliderlabs' order: CMD before script.
             CheckCase {
-                env: // gliderlabs' order: CMD before script.
-                                &["SERVICE_CHECK_SCRIPT=/bin/x", "SERVICE_CHECK_CMD=true"],
+                env: &["SERVICE_CHECK_SCRIPT=/bin/x", "SERVICE_CHECK_CMD=true"],
                 kind: Some(CheckKind::Docker {
                     container: "abc".into(),
                     args: vec!["true".into()],
