@@ -322,7 +322,14 @@ struct Run {
     timeout: Duration,
 }
 
+/// One recipe at a time, as a reader pastes them: recipes register every container on the
+/// engine (their registrators are not filtered), so two at once would route to each other's
+/// backends and change what they print.
+static ONE_RECIPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_doc(mut run: Run) {
+    // A recipe that failed (poisoned the lock) does not stop the others.
+    let _one = ONE_RECIPE.lock().unwrap_or_else(|p| p.into_inner());
     let root = workspace_root();
     let text = std::fs::read_to_string(root.join(run.doc)).unwrap();
     let recipe = parse(&text, run.sections);
