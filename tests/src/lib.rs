@@ -76,6 +76,12 @@ where
     }
 }
 
+/// The `confd` binary with `args`, logging at debug level for its own crate (what a failing
+/// test's message shows).
+pub fn spawn_confd(args: &[&str]) -> Process {
+    Process::spawn(&bin("confd"), args, &[("RUST_LOG", "info,confd=debug")])
+}
+
 /// A client that opens a new connection per request (so a reloaded proxy's new workers
 /// answer, as separate users' clients would see them) and gives up on one after 3 s.
 pub fn fresh_client() -> reqwest::Client {

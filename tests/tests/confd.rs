@@ -46,13 +46,9 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-fn confd(args: &[&str]) -> Process {
-    Process::spawn(&bin("confd"), args, &[("RUST_LOG", "info,confd=debug")])
-}
-
 /// Runs confd to completion; returns (exit success, stdout+stderr).
 async fn confd_once(args: &[&str]) -> (bool, String) {
-    let mut p = confd(args);
+    let mut p = spawn_confd(args);
     let st = p.wait_exit(WAIT).await;
     (st.success(), p.output())
 }
@@ -214,7 +210,7 @@ async fn consul_nginx_and_haproxy_route_to_exactly_the_live_set() {
     // Both shipped templates are rendered and checked; nginx serves (HAProxy is exercised
     // live in the etcd test).
     let cfg = px.config(&consul.uri());
-    let confd_p = confd(&["--config", cfg.to_str().unwrap()]);
+    let confd_p = spawn_confd(&["--config", cfg.to_str().unwrap()]);
     wait_file(&confd_p, "nginx.conf rendered", &px.p("nginx.conf"), |t| {
         t.contains("svc_http")
     })
@@ -290,7 +286,7 @@ async fn reload_failures_before_the_proxy_starts_are_retried() {
     st.register(&b1.service("http")).await.unwrap();
     let px = Proxies::new();
     let cfg = px.config(&uri);
-    let p = confd(&["--config", cfg.to_str().unwrap()]);
+    let p = spawn_confd(&["--config", cfg.to_str().unwrap()]);
     wait_line(&p, &["keeping the new file", "nginx.conf"]).await;
     let first = read(&px.p("nginx.conf"));
     assert!(first.contains(&format!("127.0.0.1:{}", b1.port)), "{first}");
@@ -332,7 +328,7 @@ async fn failed_nginx_check_keeps_config_and_proxy_serving() {
     let shipped = read(&templates_dir().join("nginx.conf.hbs"));
     write(&src, &shipped);
     let cfg = px.config_with(&uri, &src);
-    let p = confd(&["--config", cfg.to_str().unwrap()]);
+    let p = spawn_confd(&["--config", cfg.to_str().unwrap()]);
     wait_file(&p, "nginx.conf rendered", &px.p("nginx.conf"), |t| {
         t.contains("svc_http")
     })
@@ -413,7 +409,7 @@ templates:
         tpl = templates_dir().display()
     );
     write(&px.p("confd.yaml"), &cfg);
-    let confd_p = confd(&["--config", &px.s("confd.yaml")]);
+    let confd_p = spawn_confd(&["--config", &px.s("confd.yaml")]);
     wait_file(
         &confd_p,
         "haproxy.cfg rendered",
@@ -567,7 +563,7 @@ async fn failing_check_keeps_the_previous_file() {
             dest.display()
         ),
     );
-    let p = confd(&["--config", cfg.to_str().unwrap()]);
+    let p = spawn_confd(&["--config", cfg.to_str().unwrap()]);
     wait_file(&p, "first render", &dest, |t| t == "good1\n").await;
     st.register(&service("bad", "web", "127.0.0.1", 1002))
         .await
@@ -601,7 +597,7 @@ async fn broken_template_fixed_on_disk_recovers() {
     let tpl = dir.path().join("t.hbs");
     write(&tpl, "{{#each service.web}}{{prot}}\n{{/each}}");
     let dest = dir.path().join("out.txt");
-    let p = confd(&[
+    let p = spawn_confd(&[
         "--backend",
         &uri,
         "--template",
@@ -627,7 +623,7 @@ async fn burst_of_registrations_coalesces() {
     write(&tpl, "{{#each service.web}}{{id}}\n{{/each}}");
     let dest = dir.path().join("out.txt");
     let renders = dir.path().join("renders.log");
-    let p = confd(&[
+    let p = spawn_confd(&[
         "--backend",
         &uri,
         "--wait",
@@ -686,7 +682,7 @@ async fn etcd_restart_misses_no_change() {
     let tpl = dir.path().join("t.hbs");
     write(&tpl, "{{#each service.web}}{{id}}\n{{/each}}");
     let dest = dir.path().join("out.txt");
-    let p = confd(&[
+    let p = spawn_confd(&[
         "--backend",
         &uri,
         "--wait",
@@ -800,7 +796,7 @@ async fn sighup_rereads_config_and_sigterm_exits_zero() {
         )
     };
     write(&cfg, &config("hello"));
-    let mut p = confd(&["--config", cfg.to_str().unwrap()]);
+    let mut p = spawn_confd(&["--config", cfg.to_str().unwrap()]);
     wait_file(&p, "first render", &dest, |t| t == "hello one\n").await;
     // A broken file on SIGHUP is refused and the old config keeps running.
     write(&cfg, "vars: [\n");
@@ -854,7 +850,7 @@ async fn consul_long_polls_stay_bounded() {
             dest.display()
         ),
     );
-    let p = confd(&["--config", cfg.to_str().unwrap()]);
+    let p = spawn_confd(&["--config", cfg.to_str().unwrap()]);
     wait_file(&p, "30 services rendered", &dest, |t| {
         t.lines().count() == 30
     })
@@ -899,7 +895,7 @@ async fn failed_reload_restores_the_previous_file() {
         d = dest.display(),
         l = log.display()
     );
-    let p = confd(&[
+    let p = spawn_confd(&[
         "--backend",
         &uri,
         "--wait",
@@ -995,7 +991,7 @@ async fn outage_keeps_the_last_good_file() {
     let tpl = dir.path().join("t.hbs");
     write(&tpl, "{{#each service.web}}{{id}}\n{{/each}}");
     let dest = dir.path().join("out.txt");
-    let p = confd(&[
+    let p = spawn_confd(&[
         "--backend",
         &uri,
         "--wait",

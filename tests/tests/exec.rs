@@ -3,8 +3,7 @@
 //! and exits with it on SIGTERM, and with the store down starts it on the file an earlier run
 //! left (fail static), catching up when the store answers.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use switchboard::{RegistryUri, Store};
 use switchboard_tests::*;
@@ -111,52 +110,11 @@ fn group_members(pgid: i32) -> Vec<i32> {
     out
 }
 
-fn confd(config: &Path) -> Process {
-    Process::spawn(
-        &bin("confd"),
-        &["--config", &config.display().to_string()],
-        &[("RUST_LOG", "info,confd=debug")],
-    )
-}
-
-/// The bodies that answered `n` GETs through `port` on fresh connections.
-async fn answers(port: u16, n: usize) -> BTreeSet<String> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap();
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/")).send().await {
-            let status = r.status();
-            let body = r.text().await.unwrap_or_default();
-            seen.insert(if status.is_success() {
-                body
-            } else {
-                format!("status {status}")
-            });
-        }
-    }
-    seen
-}
-
 /// Waits until requests through `port` reach exactly `want`; panics with confd's output.
 async fn wait_routes(what: &str, confd: &Process, port: u16, want: &[&str]) {
-    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-    let n = want.len() * 4 + 2;
-    let got = poll(WAIT, Duration::from_millis(200), || {
-        let want = want.clone();
-        async move {
-            let seen = answers(port, n).await;
-            (seen == want).then_some(())
-        }
-    })
-    .await;
-    if got.is_none() {
+    if let Err(last) = routes_converge(port, None, want, WAIT).await {
         panic!(
-            "{what}: wanted {want:?}, last saw {:?}; confd output:\n{}",
-            answers(port, n).await,
+            "{what}: wanted {want:?}, last saw {last:?}; confd output:\n{}",
             confd.output()
         );
     }
@@ -174,7 +132,8 @@ async fn exec_runs_nginx_from_first_render_to_shutdown() {
     let a = Backend::start("exec-a").await;
     store.register(&a.service("http")).await.unwrap();
     let s = Setup::new();
-    let mut c = confd(&s.config(&consul.uri()));
+    let cfg = s.config(&consul.uri());
+    let mut c = spawn_confd(&["--config", &cfg.display().to_string()]);
 
     // nginx starts on the first render and serves the registered backend.
     wait_routes("first render", &c, s.port, &["exec-a"]).await;
@@ -226,7 +185,11 @@ async fn exec_runs_nginx_from_first_render_to_shutdown() {
         group_members(restarted).is_empty(),
         "nginx workers left behind"
     );
-    assert!(answers(s.port, 1).await.is_empty(), "port still answers");
+    let after = answers(s.port, None, 1).await;
+    assert!(
+        after.iter().all(|a| a.starts_with("error")),
+        "port still answers: {after:?}"
+    );
     assert!(c.output().contains("forwarding SIGTERM"), "{}", c.output());
 }
 
@@ -256,7 +219,7 @@ async fn exec_fails_static_on_an_earlier_file_then_catches_up() {
 
     // The store is down; confd starts nginx on that file.
     consul.stop();
-    let c = confd(&cfg);
+    let c = spawn_confd(&["--config", &cfg.display().to_string()]);
     wait_routes("fail static", &c, s.port, &["static-a"]).await;
     assert!(c.output().contains("fail static"), "{}", c.output());
     let master = s.master().expect("nginx master");
@@ -275,7 +238,7 @@ async fn exec_waits_for_a_render_when_there_is_no_earlier_file() {
     let s = Setup::new();
     // Nothing listens on this port: the store is unreachable.
     let cfg = s.config(&format!("consul://127.0.0.1:{}", free_port()));
-    let mut c = confd(&cfg);
+    let mut c = spawn_confd(&["--config", &cfg.display().to_string()]);
     c.wait_output("no earlier files to start on", WAIT).await;
     assert!(s.master().is_none());
     assert!(
