@@ -24,6 +24,8 @@ static ONE_STACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const START: Duration = Duration::from_secs(90);
 /// The promise the reference stack makes: scaling shows through the proxy within 5 s.
 const CONVERGE: Duration = Duration::from_secs(5);
+/// How long a stack's compose healthchecks get to pass: the first runs 10 s after start.
+const HEALTHY: Duration = Duration::from_secs(60);
 /// Concurrent keep-alive clients of the zero-loss load.
 const LOAD_CLIENTS: usize = 8;
 /// Requests per sample: enough for round-robin over three backends to reach each of them.
@@ -207,6 +209,32 @@ async fn backends_converge(url: &str, n: usize, timeout: Duration) -> BTreeSet<S
             "no {what} within {timeout:?}; last sample: {:?}",
             last.lock().unwrap()
         ),
+    }
+}
+
+/// Waits until the compose healthchecks of the stack's registrator and load balancer (their
+/// `--healthcheck` against their own `/healthz`) call them healthy.
+async fn wait_healthy(stack: &Stack) {
+    for service in ["registrator", "lb"] {
+        let name = format!("{}_{service}_1", stack.project);
+        let last = std::sync::Mutex::new(String::new());
+        let healthy = poll(HEALTHY, Duration::from_millis(500), || async {
+            let out = Command::new("docker")
+                .args(["inspect", "-f", "{{.State.Health.Status}}", &name])
+                .output()
+                .ok()?;
+            let status = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let ok = status == "healthy";
+            *last.lock().unwrap() = status;
+            ok.then_some(())
+        })
+        .await;
+        assert!(
+            healthy.is_some(),
+            "{name}: compose healthcheck not healthy within {HEALTHY:?} (last: {:?}); logs:\n{}",
+            last.lock().unwrap(),
+            stack.logs(service)
+        );
     }
 }
 
@@ -469,6 +497,7 @@ async fn consul_nginx_stack_scales_up_and_down() {
         "nginx stack: {} failed across two structural reloads, more than one per connection per reload",
         r.structural_failed
     );
+    wait_healthy(&stack).await;
 
     stack.down();
 }
@@ -575,6 +604,7 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
     );
     assert_eq!(r.report.failed, 0, "HAProxy stack: {}", r.report.summary());
     assert_eq!(r.structural_failed, 0, "HAProxy stack, structural reloads");
+    wait_healthy(&stack).await;
 
     stack.down();
 }
@@ -659,6 +689,7 @@ async fn consul_secure_stack_denies_anonymous_writes_and_scales() {
             "{service} logged a token"
         );
     }
+    wait_healthy(&stack).await;
 }
 
 /// The secured etcd variant (`-f docker-compose.etcd-haproxy.yml -f
@@ -784,4 +815,5 @@ async fn etcd_secure_stack_needs_tls_and_a_user_and_scales() {
             "{service} logged a password"
         );
     }
+    wait_healthy(&stack).await;
 }
