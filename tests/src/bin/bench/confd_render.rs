@@ -13,6 +13,7 @@
 //!
 //! Each is repeated for at least [`MIN_RUNS`] runs and until [`BUDGET`] has passed or
 //! [`MAX_RUNS`] runs were made. The goals of issue 14 are printed beside the figures.
+//! `BENCH_RENDER_DUMP=DIR` also writes the outputs (see [`dump`]).
 
 use crate::common::{ms3, thread_cpu, Summary};
 use crate::workload;
@@ -86,9 +87,10 @@ pub fn run(counts: &[usize]) {
             let path = template_path(template);
             let source = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-            Renderer::default()
+            let out = Renderer::default()
                 .render_data(template, &source, &mut data)
                 .unwrap_or_else(|e| panic!("render failed: {e}"));
+            dump(template, n, &out);
         }
         let parts = data.parts();
         let document_bytes = crate::live_bytes().saturating_sub(before);
@@ -211,6 +213,17 @@ pub fn run(counts: &[usize]) {
             ms3(r.full.median),
             met(r.full.median <= GOAL_DATA)
         );
+    }
+}
+
+/// With `BENCH_RENDER_DUMP=DIR`, writes each template's output at each size to
+/// `DIR/<template>.<instances>`: how a change to the templates or the helpers is checked to
+/// give the same configs byte for byte (`cmp` the dumps of two builds).
+fn dump(template: &str, n: usize, out: &str) {
+    if let Some(dir) = std::env::var_os("BENCH_RENDER_DUMP") {
+        let path = std::path::Path::new(&dir).join(format!("{template}.{n}"));
+        std::fs::write(&path, out)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
 }
 
