@@ -162,7 +162,10 @@ impl Daemon {
         let line = out.lines().rev().find(|l| l.contains("heap after pass"))?;
         let field = |name: &str| -> Option<u64> {
             let rest = &line[line.find(name)? + name.len()..];
-            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
         };
         Some((
             field("in_use_kib=")?,
@@ -527,22 +530,30 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
              {CONSUL_MAX} agent registrations take minutes); the etcd rows cover them."
         );
     }
-    println!("\nWhere the resident set at the end goes: the heap as confd's allocator accounts it after its last pass (in use: live blocks with their overhead; held free: freed but kept, i.e. fragmentation; mapped: large blocks mapped on their own); the rest is the binary, libraries, thread stacks and the allocator's untouched reserve.\n");
-    println!("| store  | instances | RSS at end MiB | heap in use MiB | heap held free MiB | mapped MiB | rest MiB |");
-    println!("|--------|----------:|---------------:|----------------:|-------------------:|-----------:|---------:|");
+    println!(
+        "\nWhere the resident set at the end goes: the heap as confd's allocator accounts it \
+         after its last pass. In use: live blocks with the allocator's per-block overhead \
+         (`bench --suite confd-render` breaks it down by structure); mapped: large blocks \
+         mapped on their own. Free: freed blocks the heap keeps (fragmentation), resident only \
+         where touched and not trimmed, so it may exceed what the RSS shows. Beyond the live \
+         heap: RSS minus in use and mapped, i.e. the binary, libraries and thread stacks (the \
+         10-instance row) plus the free blocks still resident.\n"
+    );
+    println!("| store  | instances | RSS at end MiB | heap in use MiB | mapped MiB | heap free MiB | RSS beyond the live heap MiB |");
+    println!("|--------|----------:|---------------:|----------------:|-----------:|--------------:|-----------------------------:|");
     for r in &rows {
         let Some((used, free, mapped)) = r.heap else {
             continue;
         };
         println!(
-            "| {:<6} | {:>9} | {:>14} | {:>15} | {:>18} | {:>10} | {:>8} |",
+            "| {:<6} | {:>9} | {:>14} | {:>15} | {:>10} | {:>13} | {:>28} |",
             r.store,
             r.n,
             mib(r.settled_kib),
             mib(used),
-            mib(free),
             mib(mapped),
-            mib(r.settled_kib.saturating_sub(used + free + mapped))
+            mib(free),
+            mib(r.settled_kib.saturating_sub(used + mapped))
         );
     }
     let small = rows.iter().find(|r| r.n <= CHURN_BASE);
