@@ -123,11 +123,11 @@ impl HelperDef for FnHelper {
         rc: &mut RenderContext<'reg, 'rc>,
         out: &mut dyn Output,
     ) -> HelperResult {
-        // At the start of a line Handlebars may owe the output an indentation (a partial
-        // included indented), which only its own path knows how to write.
         let Body::Text(f) = self.body else {
             return AsValue(self).call(h, r, ctx, rc, out);
         };
+        // At the start of a line Handlebars may owe the output an indentation (a partial
+        // included indented), which only its own path knows how to write.
         if rc.get_indent_before_write() {
             return AsValue(self).call(h, r, ctx, rc, out);
         }
@@ -142,7 +142,12 @@ impl HelperDef for FnHelper {
             // a line (text helpers never write a line break: see each one). No escaping:
             // [`register`] sets none, the helpers escape for the config themselves.
             debug_assert!(!buf.contains('\n'), "a text helper wrote a line break");
-            out.write(&buf)?;
+            let written = out.write(&buf);
+            if buf.capacity() > 4096 {
+                // A huge argument once must not keep its buffer for the process's life.
+                *buf = String::new();
+            }
+            written?;
             rc.set_content_produced(true);
             rc.set_trailing_newline(false);
             rc.set_indent_before_write(false);

@@ -155,7 +155,10 @@ mod tests {
         assert_eq!(safe_token("web-1.local"), "web-1.local");
         assert!(safe_token("").starts_with('-'));
         assert!(safe_token("é").ends_with(&format!("{:08x}", fnv1a("é".as_bytes()) as u32)));
-        assert_eq!(safe_token("a:b"), format!("a_b-{:08x}", fnv1a(b"a:b") as u32));
+        assert_eq!(
+            safe_token("a:b"),
+            format!("a_b-{:08x}", fnv1a(b"a:b") as u32)
+        );
         let mut out = "x ".to_string();
         push_safe_token("a:b", &mut out);
         assert_eq!(out, format!("x {}", safe_token("a:b")));
