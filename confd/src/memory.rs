@@ -27,3 +27,64 @@ pub fn release_freed() {
         libc::malloc_trim(0);
     }
 }
+
+/// The heap as the allocator accounts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heap {
+    /// Bytes in blocks handed out (what is live, with the allocator's per-block overhead).
+    pub in_use: usize,
+    /// Bytes the heap holds free: not returned to the system, so still resident where
+    /// touched (fragmentation: free space between live blocks cannot be given back).
+    pub free: usize,
+    /// Bytes in blocks too large for the heap, mapped on their own (returned when freed).
+    pub mapped: usize,
+}
+
+/// The heap's account ([`Heap`]); `None` where the allocator is not glibc's.
+pub fn heap() -> Option<Heap> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let m = unsafe { libc::mallinfo2() };
+        Some(Heap {
+            in_use: m.uordblks,
+            free: m.fordblks,
+            mapped: m.hblkhd,
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
+}
+
+/// After a pass: returns freed memory ([`release_freed`]) and, at debug level, logs the heap
+/// (`heap after pass`, in KiB): how the bench tells live data from memory the heap holds.
+pub fn after_pass() {
+    release_freed();
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        if let Some(h) = heap() {
+            tracing::debug!(
+                in_use_kib = h.in_use / 1024,
+                free_kib = h.free / 1024,
+                mapped_kib = h.mapped / 1024,
+                "heap after pass"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn heap_counts_a_live_block() {
+        // Large, so that what other tests allocate or free meanwhile cannot hide it.
+        let before = super::heap().unwrap();
+        let block = vec![0u8; 64 << 20];
+        let during = super::heap().unwrap();
+        assert!(
+            during.in_use + during.mapped >= before.in_use + before.mapped + (60 << 20),
+            "{before:?} -> {during:?}"
+        );
+        drop(block);
+    }
+}

@@ -65,12 +65,26 @@ pub fn is_safe_token(s: &str) -> bool {
 /// Maps any text onto `[A-Za-z0-9_.-]+`: other characters become `_`, and when anything had to
 /// change a short hash of the original is appended so distinct inputs stay distinct.
 pub fn safe_token(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 9);
+    push_safe_token(s, &mut out);
+    out
+}
+
+/// [`safe_token`] appended to `out`, without allocating (the `*_name` helpers write it
+/// straight into the rendered output, once per server line).
+pub fn push_safe_token(s: &str, out: &mut String) {
     if is_safe_token(s) {
-        return s.to_string();
+        out.push_str(s);
+        return;
     }
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-    let mapped: String = s.chars().map(|c| if ok(c) { c } else { '_' }).collect();
-    format!("{mapped}-{:08x}", fnv1a(s.as_bytes()) as u32)
+    out.extend(s.chars().map(|c| if ok(c) { c } else { '_' }));
+    out.push('-');
+    let h = fnv1a(s.as_bytes()) as u32;
+    for shift in (0..8).rev() {
+        let d = (h >> (shift * 4)) & 15;
+        out.push(char::from_digit(d, 16).expect("a hex digit"));
+    }
 }
 
 fn fnv1a(b: &[u8]) -> u64 {
@@ -141,5 +155,12 @@ mod tests {
         assert_eq!(safe_token("web-1.local"), "web-1.local");
         assert!(safe_token("").starts_with('-'));
         assert!(safe_token("é").ends_with(&format!("{:08x}", fnv1a("é".as_bytes()) as u32)));
+        assert_eq!(
+            safe_token("a:b"),
+            format!("a_b-{:08x}", fnv1a(b"a:b") as u32)
+        );
+        let mut out = "x ".to_string();
+        push_safe_token("a:b", &mut out);
+        assert_eq!(out, format!("x {}", safe_token("a:b")));
     }
 }

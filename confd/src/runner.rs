@@ -298,7 +298,7 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::R
             .iter()
             .filter(|&&i| !matches!(outcomes[i], Outcome::Failed(_)));
         crate::exec::rendered(cfg.templates.len(), in_place.copied());
-        crate::memory::release_freed();
+        crate::memory::after_pass();
         for (i, o) in outcomes.iter().enumerate() {
             if due.contains(&i) || *o != Outcome::Unchanged {
                 metrics::outcome(&cfg.templates[i], o);

@@ -83,7 +83,8 @@ impl Daemon {
         let proc = Process::spawn(
             &release_bin("confd"),
             &["--config", cfg_path.to_str().unwrap()],
-            &[("RUST_LOG", "info")],
+            // confd::memory's debug line: the heap after each pass (see `Daemon::heap`).
+            &[("RUST_LOG", "info,confd::memory=debug")],
         );
         Daemon {
             proc,
@@ -153,6 +154,24 @@ impl Daemon {
             .lines()
             .filter(|l| l.contains(needle))
             .count()
+    }
+
+    /// The heap as confd logged it after its last pass: (in use, held free, mapped) in KiB.
+    fn heap(&self) -> Option<(u64, u64, u64)> {
+        let out = self.proc.output();
+        let line = out.lines().rev().find(|l| l.contains("heap after pass"))?;
+        let field = |name: &str| -> Option<u64> {
+            let rest = &line[line.find(name)? + name.len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        Some((
+            field("in_use_kib=")?,
+            field("free_kib=")?,
+            field("mapped_kib=")?,
+        ))
     }
 
     /// Counters at this moment, to take differences over a phase.
@@ -291,6 +310,9 @@ struct RssRow {
     rss_kib: u64,
     /// Resident set once the config held all `n` (the pass done): what holding them costs.
     settled_kib: u64,
+    /// The heap after confd's last pass (in use, held free, mapped; KiB): `None` when confd
+    /// logged none.
+    heap: Option<(u64, u64, u64)>,
 }
 
 /// `n` instances registered, nginx + HAProxy + count templates rendered: the daemon's peak.
@@ -314,6 +336,7 @@ async fn rss(which: Which, n: usize) -> RssRow {
         cpu: cpu_time(d.proc.pid()),
         rss_kib: peak_rss_kib(d.proc.pid()),
         settled_kib: rss_kib(d.proc.pid()),
+        heap: d.heap(),
     }
 }
 
@@ -505,6 +528,32 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
         println!(
             "\nNot run against Consul agent services: {skipped:?} instances (more than \
              {CONSUL_MAX} agent registrations take minutes); the etcd rows cover them."
+        );
+    }
+    println!(
+        "\nWhere the resident set at the end goes: the heap as confd's allocator accounts it \
+         after its last pass. In use: live blocks with the allocator's per-block overhead \
+         (`bench --suite confd-render` breaks it down by structure); mapped: large blocks \
+         mapped on their own. Free: freed blocks the heap keeps (fragmentation), resident only \
+         where touched and not trimmed, so it may exceed what the RSS shows. Beyond the live \
+         heap: RSS minus in use and mapped, i.e. the binary, libraries and thread stacks (the \
+         10-instance row) plus the free blocks still resident.\n"
+    );
+    println!("| store  | instances | RSS at end MiB | heap in use MiB | mapped MiB | heap free MiB | RSS beyond the live heap MiB |");
+    println!("|--------|----------:|---------------:|----------------:|-----------:|--------------:|-----------------------------:|");
+    for r in &rows {
+        let Some((used, free, mapped)) = r.heap else {
+            continue;
+        };
+        println!(
+            "| {:<6} | {:>9} | {:>14} | {:>15} | {:>10} | {:>13} | {:>28} |",
+            r.store,
+            r.n,
+            mib(r.settled_kib),
+            mib(used),
+            mib(mapped),
+            mib(free),
+            mib(r.settled_kib.saturating_sub(used + mapped))
         );
     }
     let small = rows.iter().find(|r| r.n <= CHURN_BASE);

@@ -13,6 +13,7 @@
 //!
 //! Each is repeated for at least [`MIN_RUNS`] runs and until [`BUDGET`] has passed or
 //! [`MAX_RUNS`] runs were made. The goals of issue 14 are printed beside the figures.
+//! `BENCH_RENDER_DUMP=DIR` also writes the outputs (see [`dump`]).
 
 use crate::common::{ms3, thread_cpu, Summary};
 use crate::workload;
@@ -33,9 +34,11 @@ const GOAL_DATA: Duration = Duration::from_millis(5);
 struct Row {
     template: &'static str,
     instances: usize,
-    /// Heap bytes of the snapshot (its instances) and of the template document.
-    snapshot_bytes: usize,
-    document_bytes: usize,
+    /// What each structure the daemon holds costs on the heap (see [`Mem`]).
+    snapshot: Mem,
+    mirror: Mem,
+    document: Mem,
+    outputs: Mem,
     services: usize,
     vhosts: usize,
     full: Summary,
@@ -75,23 +78,39 @@ pub fn run(counts: &[usize]) {
     let vars = Vars::new();
     let mut rows = Vec::new();
     for &n in counts {
-        let before = crate::live_bytes();
-        let (a, b) = snapshots(n);
         // Two snapshots sharing all but one instance: about one snapshot's worth.
-        let snapshot_bytes = crate::live_bytes().saturating_sub(before);
-        let before = crate::live_bytes();
+        let ((a, b), snapshot) = mem(|| snapshots(n));
+        // The etcd source's mirror: key -> the parsed instance (shared with the snapshot).
+        let (mirror_map, mirror) = mem(|| {
+            a.services
+                .values()
+                .flatten()
+                .map(|i| (format!("/services/{}/{}", i.name, i.id), Some(i.clone())))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        });
         // The parts of the document the shipped templates read, as the daemon finds them.
-        let mut data = TemplateData::with_parts(a.clone(), &vars, Parts::default());
-        for template in TEMPLATES {
-            let path = template_path(template);
-            let source = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-            Renderer::default()
-                .render_data(template, &source, &mut data)
-                .unwrap_or_else(|e| panic!("render failed: {e}"));
-        }
-        let parts = data.parts();
-        let document_bytes = crate::live_bytes().saturating_sub(before);
+        let parts = {
+            let mut d = TemplateData::with_parts(a.clone(), &vars, Parts::default());
+            for template in TEMPLATES {
+                let out = Renderer::default()
+                    .render_data(template, &source(template), &mut d)
+                    .unwrap_or_else(|e| panic!("render failed: {e}"));
+                dump(template, n, &out);
+            }
+            d.parts()
+        };
+        let (mut data, document) = mem(|| TemplateData::with_parts(a.clone(), &vars, parts));
+        // Each template's renderer keeps its parse and its last output (the render skip).
+        let (renderers, outputs) = mem(|| {
+            TEMPLATES.map(|template| {
+                let mut r = Renderer::default();
+                r.render_data(template, &source(template), &mut data)
+                    .unwrap_or_else(|e| panic!("render failed: {e}"));
+                r
+            })
+        });
+        drop(renderers);
+        drop(mirror_map);
         let full = measure(|| {
             let t0 = Instant::now();
             let d = TemplateData::with_parts(a.clone(), &vars, parts);
@@ -132,8 +151,10 @@ pub fn run(counts: &[usize]) {
             rows.push(Row {
                 template,
                 instances: n,
-                snapshot_bytes,
-                document_bytes,
+                snapshot,
+                mirror,
+                document,
+                outputs,
                 services: a.services.len(),
                 vhosts,
                 full,
@@ -187,19 +208,31 @@ pub fn run(counts: &[usize]) {
             ms3(r.render_cpu.median)
         );
     }
-    println!("\nMemory (heap bytes requested, without the allocator's overhead):\n");
-    println!("| instances | snapshot MiB | per instance KiB | template document MiB | per instance KiB |");
-    println!("|----------:|-------------:|-----------------:|----------------------:|-----------------:|");
+    println!(
+        "\nMemory per structure the daemon holds: bytes requested, and bytes the allocator \
+         counts in use for them (its per-block overhead and rounding included; glibc, one \
+         arena). The mirror is the etcd source's map from key to parsed instance (the \
+         instances themselves are the snapshot's, shared); the renderers hold each template's \
+         parse and its last output.\n"
+    );
+    println!("| instances | structure | requested MiB | in use MiB | in use per instance KiB |");
+    println!("|----------:|-----------|--------------:|-----------:|------------------------:|");
     for r in rows.iter().step_by(TEMPLATES.len()) {
-        let per = |b: usize| b as f64 / 1024.0 / r.instances as f64;
-        println!(
-            "| {:>9} | {:>12.1} | {:>16.2} | {:>21.1} | {:>16.2} |",
-            r.instances,
-            r.snapshot_bytes as f64 / 1048576.0,
-            per(r.snapshot_bytes),
-            r.document_bytes as f64 / 1048576.0,
-            per(r.document_bytes)
-        );
+        let mut total = Mem {
+            requested: 0,
+            in_use: 0,
+        };
+        for (what, m) in [
+            ("snapshot", r.snapshot),
+            ("etcd mirror", r.mirror),
+            ("template document", r.document),
+            ("renderers", r.outputs),
+        ] {
+            total.requested += m.requested;
+            total.in_use += m.in_use;
+            print_mem(r.instances, what, m);
+        }
+        print_mem(r.instances, "total", total);
     }
     if let Some(r) = rows.iter().find(|r| r.instances == 10_000) {
         println!(
@@ -211,6 +244,54 @@ pub fn run(counts: &[usize]) {
             ms3(r.full.median),
             met(r.full.median <= GOAL_DATA)
         );
+    }
+}
+
+fn print_mem(instances: usize, what: &str, m: Mem) {
+    println!(
+        "| {:>9} | {:<17} | {:>13.1} | {:>10.1} | {:>23.2} |",
+        instances,
+        what,
+        m.requested as f64 / 1048576.0,
+        m.in_use as f64 / 1048576.0,
+        m.in_use as f64 / 1024.0 / instances as f64
+    );
+}
+
+/// Heap cost of a structure: bytes requested (what the program asked for), and bytes the
+/// allocator counts in use for it (with its per-block overhead and rounding).
+#[derive(Clone, Copy)]
+struct Mem {
+    requested: usize,
+    in_use: usize,
+}
+
+/// Runs `f` and returns its result with the heap it still holds (see [`Mem`]).
+fn mem<T>(f: impl FnOnce() -> T) -> (T, Mem) {
+    let in_use = || confd::memory::heap().map_or(0, |h| h.in_use + h.mapped);
+    let (b0, h0) = (crate::live_bytes(), in_use());
+    let v = f();
+    let m = Mem {
+        requested: crate::live_bytes().saturating_sub(b0),
+        in_use: in_use().saturating_sub(h0),
+    };
+    (v, m)
+}
+
+/// A shipped template's source.
+fn source(template: &str) -> String {
+    let path = template_path(template);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// With `BENCH_RENDER_DUMP=DIR`, writes each template's output at each size to
+/// `DIR/<template>.<instances>`: how a change to the templates or the helpers is checked to
+/// give the same configs byte for byte (`cmp` the dumps of two builds).
+fn dump(template: &str, n: usize, out: &str) {
+    if let Some(dir) = std::env::var_os("BENCH_RENDER_DUMP") {
+        let path = std::path::Path::new(&dir).join(format!("{template}.{n}"));
+        std::fs::write(&path, out)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
 }
 
