@@ -77,14 +77,12 @@ mod tests {
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn heap_counts_a_live_block() {
-        // Large, so that what other tests allocate or free meanwhile cannot hide it.
-        let before = super::heap().unwrap();
+        // 64 MiB is above glibc's largest mmap threshold (32 MiB on 64-bit), so the block is
+        // a mapping of its own and counts in `mapped` whatever other tests allocate or free
+        // meanwhile (a before/after difference would race them).
         let block = vec![0u8; 64 << 20];
         let during = super::heap().unwrap();
-        assert!(
-            during.in_use + during.mapped >= before.in_use + before.mapped + (60 << 20),
-            "{before:?} -> {during:?}"
-        );
+        assert!(during.mapped >= 64 << 20, "{during:?}");
         drop(block);
     }
 }
