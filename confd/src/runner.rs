@@ -912,9 +912,12 @@ mod tests {
             body,
             Some(&format!("echo slow-reloaded >> {}", log.display())),
         );
+        // The slow check finishes only once the fast template was reloaded (a bounded poll of
+        // 30 s): run one after the other, the order in the log would be the slow one's first.
         slow.check = Some(CommandSpec::Shell(format!(
-            "sleep 1; echo slow-checked >> {} # checks {{{{staged}}}}",
-            log.display()
+            "for i in $(seq 300); do grep -q fast-reloaded {log} 2>/dev/null && break; sleep 0.1; done; \
+             echo slow-checked >> {log} # checks {{{{staged}}}}",
+            log = log.display()
         )));
         let fast = tpl(
             d.path(),
