@@ -594,12 +594,35 @@ async fn supervise(
     }
 }
 
+/// Starts the command in a process group of its own (signals to confd's group, e.g. a
+/// terminal's ^C, do not reach it; confd forwards what it should).
+///
+/// The proxy never outlives confd: it gets SIGTERM when confd dies, even by SIGKILL
+/// (`PR_SET_PDEATHSIG`). Otherwise an orphaned proxy would keep its ports, and the next confd's
+/// proxy could not bind them. The signal follows the thread that spawned the child; confd runs
+/// a current-thread runtime, so that is the main thread, which lives as long as the process.
 fn spawn(cmd: &ExecCommand) -> std::io::Result<tokio::process::Child> {
-    tokio::process::Command::new(&cmd.0[0])
+    let parent = std::process::id() as libc::pid_t;
+    let mut command = tokio::process::Command::new(&cmd.0[0]);
+    command
         .args(&cmd.0[1..])
         .stdin(Stdio::null())
-        .process_group(0)
-        .spawn()
+        .process_group(0);
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid), and no
+    // allocation.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // confd died between fork and prctl: the signal was missed, so do not start.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    command.spawn()
 }
 
 /// Forwards `sig`, waits up to the kill timeout, then kills the group; reaps what is left.

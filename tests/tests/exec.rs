@@ -230,6 +230,13 @@ async fn exec_fails_static_on_an_earlier_file_then_catches_up() {
     store.register(&b.service("http")).await.unwrap();
     wait_routes("caught up", &c, s.port, &["static-b"]).await;
     assert_eq!(s.master(), Some(master), "caught up by a reload");
+
+    // confd killed outright (SIGKILL, nothing forwarded): its proxy does not outlive it.
+    drop(c);
+    wait_for("nginx gone after confd was killed", WAIT, || async {
+        (!alive(master)).then_some(())
+    })
+    .await;
 }
 
 /// A template that never renders and no earlier file: the command is never started.
