@@ -17,7 +17,6 @@ pub mod duration;
 pub mod exec;
 pub mod helpers;
 pub mod live;
-pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod names;
@@ -29,3 +28,5 @@ pub mod writer;
 
 pub use config::{Config, ConfigError, Overrides};
 pub use runner::{run, RunOptions};
+/// How the heap returns memory: shared with registrator.
+pub use switchboard::memory;

@@ -5,6 +5,8 @@ use switchboard::Shutdown;
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() {
+    // Before any thread starts: one heap arena (see `switchboard::memory`).
+    switchboard::memory::limit_arenas();
     if let Some(url) = registrator::healthcheck_url(std::env::args()) {
         std::process::exit(healthcheck(&url));
     }

@@ -6,12 +6,14 @@
 //! - [`Backoff`]: retry pacing that races against shutdown.
 //! - [`validate`]: which service names and IDs every store accepts (checked once, here).
 //! - [`excerpt()`]: untrusted values quoted in logs without megabyte lines.
+//! - [`memory`]: how the heap returns memory (one glibc arena, trimming after bursts).
 //! - [`telemetry`]: the `/metrics` + `/healthz` endpoint, health conditions, log setup.
 //!
 //! Modules are private; everything a caller needs is re-exported here.
 
 mod backoff;
 mod excerpt;
+pub mod memory;
 mod service;
 pub mod store;
 pub mod telemetry;

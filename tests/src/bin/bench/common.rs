@@ -112,6 +112,8 @@ pub struct Summary {
     pub n: usize,
     /// 50th percentile.
     pub median: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
     /// 99th percentile (with few samples, close to the max).
     pub p99: Duration,
     /// Largest sample.
@@ -125,6 +127,7 @@ impl Summary {
         Summary {
             n: samples.len(),
             median: percentile(&samples, 0.5),
+            p90: percentile(&samples, 0.9),
             p99: percentile(&samples, 0.99),
             max: samples.last().copied().unwrap_or_default(),
         }

@@ -5,7 +5,9 @@
 //! tables; nothing is asserted (speed targets are read from these tables, never from timed
 //! tests):
 //! - `registrator` ([`registrator`]): Docker `start` event -> registration visible in the
-//!   store, per store and container count, and the registrator's peak RSS.
+//!   store, per store and container count, beside the floor ([`floor`]: one inspection and one
+//!   write per event, run at the same time) and as a ratio to it; the registrator's peak RSS;
+//!   its RSS idle and over a sustained churn of containers (`--reg-churn-secs`, 0 skips it).
 //! - `confd`: in-process render time of the shipped templates ([`confd_render`]); store
 //!   change -> reload command ran, bursts, and the daemon's peak RSS ([`confd_live`]).
 //! - `drain` ([`drain`]): registrator, confd and a real HAProxy or nginx with their live
@@ -20,7 +22,8 @@
 //! `--render-counts 10,1000,10000`, `--samples 50` (confd latency samples per run),
 //! `--burst 200` (confd burst and drain churn burst), `--rss-counts 10,1000,10000`,
 //! `--proxies haproxy,nginx`, `--stops 20` (containers stopped per store and proxy),
-//! `--cycles 5` (scale 1 -> 3 -> 1 cycles), `--churn-secs 10` (one-at-a-time churn).
+//! `--cycles 5` (scale 1 -> 3 -> 1 cycles), `--churn-secs 10` (one-at-a-time churn),
+//! `--reg-churn-secs 120` (registrator's RSS churn run).
 //! A quick drain run: `bench --suite drain --stores etcd --stops 3 --cycles 1 --churn-secs 2
 //! --burst 20`.
 
@@ -28,6 +31,7 @@ mod common;
 mod confd_live;
 mod confd_render;
 mod drain;
+mod floor;
 mod lb;
 mod registrator;
 mod workload;
@@ -108,6 +112,7 @@ struct Args {
     stops: usize,
     cycles: usize,
     churn_secs: usize,
+    reg_churn_secs: usize,
 }
 
 fn numbers(flag: &str, v: Option<String>) -> Vec<usize> {
@@ -122,7 +127,7 @@ fn numbers(flag: &str, v: Option<String>) -> Vec<usize> {
 
 const USAGE: &str = "usage: bench [--suite registrator|confd|confd-render|confd-daemon|drain|all] [--stores consul,etcd] \
 [--counts N,..] [--render-counts N,..] [--rss-counts N,..] [--samples N] [--burst N] \
-[--proxies haproxy,nginx] [--stops N] [--cycles N] [--churn-secs N]";
+[--proxies haproxy,nginx] [--stops N] [--cycles N] [--churn-secs N] [--reg-churn-secs N]";
 
 /// Bad arguments: one line naming the input and what was expected, exit status 2.
 fn usage(msg: &str) -> ! {
@@ -146,6 +151,7 @@ fn parse_args() -> Args {
         stops: 20,
         cycles: 5,
         churn_secs: 10,
+        reg_churn_secs: 120,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -195,6 +201,7 @@ fn parse_args() -> Args {
             "--stops" => a.stops = numbers("--stops", args.next())[0],
             "--cycles" => a.cycles = numbers("--cycles", args.next())[0],
             "--churn-secs" => a.churn_secs = numbers("--churn-secs", args.next())[0],
+            "--reg-churn-secs" => a.reg_churn_secs = numbers("--reg-churn-secs", args.next())[0],
             "--counts" => a.counts = numbers("--counts", args.next()),
             "--render-counts" => a.render_counts = numbers("--render-counts", args.next()),
             "--rss-counts" => a.rss_counts = numbers("--rss-counts", args.next()),
@@ -221,6 +228,9 @@ async fn main() {
     }
     if a.registrator {
         registrator::run(&a.counts, &a.stores).await;
+        if a.reg_churn_secs > 0 {
+            registrator::run_churn(&a.stores, a.reg_churn_secs as u64).await;
+        }
     }
     if a.drain {
         let o = drain::Opts {
