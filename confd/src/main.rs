@@ -167,7 +167,11 @@ fn main() -> ExitCode {
     confd::memory::limit_arenas();
     let args = Args::parse_from(normalise(std::env::args()));
     if let Some(url) = &args.healthcheck {
-        return healthcheck(url);
+        return if switchboard::telemetry::healthcheck("confd", url) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     let log_format = match LogFormat::parse(&args.log_format) {
         Ok(f) => f,
@@ -310,27 +314,6 @@ async fn serve(
                     return Ok(if r? { ExitCode::SUCCESS } else { ExitCode::FAILURE });
                 }
             }
-        }
-    }
-}
-
-/// `--healthcheck URL`: success when the confd there is healthy, else 1 with the reason.
-fn healthcheck(url: &str) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("confd: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(switchboard::telemetry::probe(url)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("confd: unhealthy: {e}");
-            ExitCode::FAILURE
         }
     }
 }

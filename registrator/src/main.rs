@@ -8,7 +8,13 @@ fn main() {
     // Before any thread starts: one heap arena (see `switchboard::memory`).
     switchboard::memory::limit_arenas();
     if let Some(url) = registrator::healthcheck_url(std::env::args()) {
-        std::process::exit(healthcheck(&url));
+        std::process::exit(
+            if switchboard::telemetry::healthcheck("registrator", &url) {
+                0
+            } else {
+                1
+            },
+        );
     }
     let hostname = match registrator::hostname() {
         Ok(h) => h,
@@ -49,27 +55,6 @@ fn main() {
             LogFormat::Text => eprintln!("registrator: {e:#}"),
         }
         std::process::exit(1);
-    }
-}
-
-/// `--healthcheck URL`: 0 when the registrator there is healthy, else 1 with the reason.
-fn healthcheck(url: &str) -> i32 {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("registrator: cannot start the async runtime: {e}");
-            return 1;
-        }
-    };
-    match rt.block_on(switchboard::telemetry::probe(url)) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("registrator: unhealthy: {e}");
-            1
-        }
     }
 }
 

@@ -110,10 +110,11 @@ impl From<EtcdValue> for Service {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn svc() -> Service {
+    /// A service for the store tests.
+    pub(in crate::store) fn svc() -> Service {
         Service {
             id: "host:web:80".into(),
             name: "web".into(),

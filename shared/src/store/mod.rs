@@ -243,21 +243,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::layout::tests::svc;
     use super::*;
-
-    fn svc() -> Service {
-        Service {
-            id: "host:web:80".into(),
-            name: "web".into(),
-            address: "10.0.0.2".into(),
-            port: 8080,
-            tags: vec![],
-            meta: Default::default(),
-            check: None,
-            ttl: None,
-            docker_health: None,
-        }
-    }
 
     #[tokio::test]
     async fn invalid_names_and_ids_are_refused_before_sending() {

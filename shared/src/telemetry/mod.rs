@@ -13,4 +13,4 @@ mod server;
 pub use health::Health;
 pub use logs::{init_logging, LogFormat};
 pub use prometheus_client::registry::Registry;
-pub use server::{parse_listen_addr, probe, TelemetryServer};
+pub use server::{healthcheck, parse_listen_addr, probe, TelemetryServer};

@@ -159,6 +159,29 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     r
 }
 
+/// `--healthcheck URL` as a whole command, for either binary: [`probe`] on a runtime of its
+/// own. `true` when healthy; otherwise `<program>: unhealthy: <why>` (or why it could not
+/// ask) on stderr, and `false`.
+pub fn healthcheck(program: &str, url: &str) -> bool {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            return false;
+        }
+    };
+    match rt.block_on(probe(url)) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("{program}: unhealthy: {e}");
+            false
+        }
+    }
+}
+
 /// `--healthcheck URL`: asks a running binary's `/healthz`. `Ok` on 200; otherwise one line:
 /// what answered and why it is unhealthy, or why it could not be asked.
 pub async fn probe(url: &str) -> Result<(), String> {
