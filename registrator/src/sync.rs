@@ -18,14 +18,21 @@
 //! registrator watched. Removing everything on exit is an opt-in (`--deregister-on-exit`).
 //!
 //! Removals are urgent: a container that got its stop signal is finishing its requests and must
-//! get no new ones. So a pass that is registering or refreshing many services stops between
+//! get no new ones. So a pass that is registering or refreshing many services stops starting
 //! writes as soon as the Docker side withdraws something we registered, and the next pass
 //! (deregistrations first) starts at once.
+//!
+//! Writes of a pass overlap, up to [`WRITES_IN_FLIGHT`] at once ([`Batch`]): a store round
+//! trip is mostly waiting (an etcd put waits for its fsync on a quorum), so when containers
+//! start together, one-at-a-time writes made the last of them wait for all the others. Every
+//! deregistration of a pass completes before its first registration starts.
 //!
 //! The decisions are the pure functions [`adopt`], [`plan`] and [`verify`]; [`Syncer::run`]
 //! only applies them.
 
 use crate::metrics::{self, metrics, store_request};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -314,6 +321,63 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// request).
 const REFRESH_CHUNK: usize = 32;
 
+/// Store writes of one pass in flight at once. Enough to keep a store's round trips
+/// overlapping when a host starts a batch of containers; few enough that a registrator
+/// catching up on hundreds of services never floods a store other hosts share.
+pub const WRITES_IN_FLIGHT: usize = 8;
+
+/// Which write a [`Batch`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Register,
+    Deregister,
+}
+
+/// One write of a pass and its result.
+type Written<'a> = (&'a Service, Result<(), StoreError>);
+
+/// The writes of one kind a pass makes, up to [`WRITES_IN_FLIGHT`] in flight, each result
+/// handed back as it arrives so the caller's bookkeeping follows every write that landed, even
+/// when another failed. Whoever drives it decides before each [`Batch::next`] whether more may
+/// start (not after a store-wide failure, not once a removal waits); what already runs is
+/// always awaited, never dropped half-way.
+struct Batch<'a> {
+    store: &'a Store,
+    op: Op,
+    pending: std::slice::Iter<'a, Service>,
+    running: FuturesUnordered<BoxFuture<'a, Written<'a>>>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(store: &'a Store, op: Op, items: &'a [Service]) -> Self {
+        Batch {
+            store,
+            op,
+            pending: items.iter(),
+            running: FuturesUnordered::new(),
+        }
+    }
+
+    /// Starts writes up to the limit when `start`, then waits for the next to finish. `None`
+    /// once nothing runs and nothing more may (or is left to) start.
+    async fn next(&mut self, start: bool) -> Option<Written<'a>> {
+        while start && self.running.len() < WRITES_IN_FLIGHT {
+            let Some(svc) = self.pending.next() else {
+                break;
+            };
+            let (store, op) = (self.store, self.op);
+            self.running.push(Box::pin(async move {
+                let r = match op {
+                    Op::Register => register(store, svc).await,
+                    Op::Deregister => deregister(store, svc).await,
+                };
+                (svc, r)
+            }));
+        }
+        self.running.next().await
+    }
+}
+
 impl Syncer {
     /// A syncer with nothing applied yet.
     pub fn new(store: Store, opts: SyncOptions) -> Self {
@@ -454,20 +518,7 @@ impl Syncer {
                         );
                     }
                 }
-                for svc in &v.stale {
-                    match deregister(&self.store, svc).await {
-                        Ok(()) => info!(
-                            "deregistered {} {} {} (cleanup)",
-                            svc.id,
-                            svc.name,
-                            svc.addr()
-                        ),
-                        Err(e) if e.is_item_failure() => {
-                            warn!("cannot deregister {} (cleanup): {e}", svc.id)
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
+                remove_stale(&self.store, &v.stale, "cleanup").await?;
                 due.verify = false;
                 due.reconcile = true;
             }
@@ -517,18 +568,7 @@ impl Syncer {
     async fn adopt(&mut self, desired: &ServiceSet) -> Result<(), StoreError> {
         let listed = store_request("list", self.store.list("")).await?;
         let a = adopt(desired, &listed, &self.opts.host_prefix, self.listing);
-        for svc in &a.stale {
-            match deregister(&self.store, svc).await {
-                Ok(()) => info!(
-                    "deregistered {} {} {} (no running container backs it)",
-                    svc.id,
-                    svc.name,
-                    svc.addr()
-                ),
-                Err(e) if e.is_item_failure() => warn!("cannot deregister {}: {e}", svc.id),
-                Err(e) => return Err(e),
-            }
-        }
+        remove_stale(&self.store, &a.stale, "no running container backs it").await?;
         // One line at every start, so an operator sees the handover from the last registrator.
         info!(
             "adopted {} registrations already in the store; {} to write",
@@ -559,8 +599,10 @@ impl Syncer {
         Ok(Writes::Done)
     }
 
-    /// Applies [`plan`], deregistrations first; returns how it ended and whether anything was
-    /// registered.
+    /// Applies [`plan`]: every deregistration, then the registrations, each kind overlapping
+    /// up to [`WRITES_IN_FLIGHT`]. Returns how it ended and whether anything was registered.
+    /// A store-wide failure starts nothing more, waits for the writes already running (their
+    /// results are recorded) and is returned.
     async fn reconcile(
         &mut self,
         desired: &ServiceSet,
@@ -568,23 +610,35 @@ impl Syncer {
     ) -> Result<(Writes, bool), StoreError> {
         let p = plan(desired, &self.applied, &self.refused.held(Instant::now()));
         self.refused.retain_desired(desired);
-        for svc in &p.deregister {
-            match deregister(&self.store, svc).await {
+        let store = self.store.clone();
+        let mut failed: Option<StoreError> = None;
+        let mut writes = Batch::new(&store, Op::Deregister, &p.deregister);
+        while let Some((svc, r)) = writes.next(failed.is_none()).await {
+            match r {
                 Ok(()) => {
                     metrics::written();
                     info!("deregistered {} {} {}", svc.id, svc.name, svc.addr())
                 }
                 Err(e) if e.is_item_failure() => warn!("cannot deregister {}: {e}", svc.id),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
             }
             self.applied.remove(&svc.id);
         }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let mut registered = false;
-        for svc in &p.register {
-            if self.removal_waiting(changes) {
-                return Ok((Writes::Preempted, registered));
-            }
-            match register(&self.store, svc).await {
+        let mut preempted = false;
+        let mut writes = Batch::new(&store, Op::Register, &p.register);
+        loop {
+            preempted = preempted || self.removal_waiting(changes);
+            let Some((svc, r)) = writes.next(failed.is_none() && !preempted).await else {
+                break;
+            };
+            match r {
                 Ok(()) => {
                     metrics::written();
                     registered = true;
@@ -602,10 +656,16 @@ impl Syncer {
                     );
                     self.applied.remove(&svc.id);
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
-        Ok((Writes::Done, registered))
+        match failed {
+            Some(e) => Err(e),
+            None if preempted => Ok((Writes::Preempted, registered)),
+            None => Ok((Writes::Done, registered)),
+        }
     }
 
     /// On shutdown: leaves every registration for the next registrator to adopt, or with
@@ -620,7 +680,7 @@ impl Syncer {
             );
             return;
         }
-        let mut extra: Vec<Service> = desired
+        let extra: Vec<Service> = desired
             .map(|d| {
                 d.values()
                     .filter(|s| !self.applied.contains_key(&s.id))
@@ -630,21 +690,45 @@ impl Syncer {
             .unwrap_or_default();
         let applied = std::mem::take(&mut self.applied);
         let store = self.store.clone();
+        let applied: Vec<Service> = applied.into_values().collect();
         let work = async move {
-            for svc in applied.values() {
-                match deregister(&store, svc).await {
+            let mut writes = Batch::new(&store, Op::Deregister, &applied);
+            while let Some((svc, r)) = writes.next(true).await {
+                match r {
                     Ok(()) => info!("deregistered {} {} {}", svc.id, svc.name, svc.addr()),
                     Err(e) => warn!("cannot deregister {} on exit: {e}", svc.id),
                 }
             }
-            for svc in extra.drain(..) {
-                let _ = deregister(&store, &svc).await;
-            }
+            let mut writes = Batch::new(&store, Op::Deregister, &extra);
+            while writes.next(true).await.is_some() {}
         };
         if tokio::time::timeout(EXIT_TIMEOUT, work).await.is_err() {
             warn!("gave up deregistering after {EXIT_TIMEOUT:?}: the store does not answer");
         }
     }
+}
+
+/// Removes registrations nothing backs (`why` says how that was found), overlapping the
+/// writes. A store-wide failure is returned once the writes already running are done; one
+/// the store refuses for its own sake is a warning.
+async fn remove_stale(store: &Store, stale: &[Service], why: &str) -> Result<(), StoreError> {
+    let mut failed: Option<StoreError> = None;
+    let mut writes = Batch::new(store, Op::Deregister, stale);
+    while let Some((svc, r)) = writes.next(failed.is_none()).await {
+        match r {
+            Ok(()) => info!(
+                "deregistered {} {} {} ({why})",
+                svc.id,
+                svc.name,
+                svc.addr()
+            ),
+            Err(e) if e.is_item_failure() => warn!("cannot deregister {} ({why}): {e}", svc.id),
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// One registration written, timed and counted.

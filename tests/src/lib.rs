@@ -1295,6 +1295,87 @@ impl Drop for DockerProxy {
     }
 }
 
+/// A TCP front for a store that holds every request for a while before passing it on (a
+/// store whose writes wait on a slow disk), and counts how many requests were outstanding at
+/// once: what shows whether a client's requests overlap. A request is outstanding from its
+/// first bytes until the first bytes of its answer (HTTP/1: one at a time per connection).
+pub struct SlowFront {
+    port: u16,
+    max: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowFront {
+    /// Starts the front for `127.0.0.1:<upstream>`, holding each request `hold`.
+    pub async fn start(upstream: u16, hold: Duration) -> SlowFront {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let max = Arc::new(AtomicUsize::new(0));
+        let now = Arc::new(AtomicUsize::new(0));
+        let m = max.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut c_read, mut c_write) = client.into_split();
+                let (mut s_read, mut s_write) = server.into_split();
+                let open = Arc::new(AtomicBool::new(false));
+                let (open2, now2, max2) = (open.clone(), now.clone(), m.clone());
+                let now = now.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = c_read.read(&mut buf).await {
+                        if !open2.swap(true, Ordering::SeqCst) {
+                            let outstanding = now2.fetch_add(1, Ordering::SeqCst) + 1;
+                            max2.fetch_max(outstanding, Ordering::SeqCst);
+                            tokio::time::sleep(hold).await;
+                        }
+                        if s_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = s_read.read(&mut buf).await {
+                        if open.swap(false, Ordering::SeqCst) {
+                            now.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        if c_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        SlowFront { port, max, task }
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The most requests that were outstanding at one moment so far.
+    pub fn max_outstanding(&self) -> usize {
+        self.max.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SlowFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Runs a program to completion: its trimmed stdout, or one line with its stderr.
 pub fn run_cmd(program: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(program)

@@ -173,6 +173,34 @@ async fn etcd_json_and_removal() {
     wait_etcd_gone(&etcd, "services", &id).await;
 }
 
+/// The writes of a pass overlap (issue 14: with one at a time, the last of a batch of
+/// containers started together waited for every write before it). Six containers already run
+/// when the registrator starts, so its first pass has six registrations to write, through a
+/// front that holds every request 200 ms: written one at a time, the front never sees two
+/// outstanding.
+#[tokio::test]
+async fn writes_of_a_pass_overlap() {
+    let etcd = Etcd::start().await;
+    let front = SlowFront::start(etcd.port, Duration::from_millis(200)).await;
+    let label = format!("switchboard.test.overlap={}", std::process::id());
+    let containers: Vec<Container> = (0..6)
+        .map(|i| web(&format!("reg-overlap{i}"), &["-l", &label]))
+        .collect();
+    let _reg = registrator(
+        &format!("etcd://127.0.0.1:{}/services", front.port()),
+        &["--label-filter", &label],
+        &[],
+    );
+    for c in &containers {
+        wait_etcd(&etcd, "services", &id_of(c, "80")).await;
+    }
+    assert!(
+        front.max_outstanding() >= 2,
+        "at most {} request(s) outstanding at once",
+        front.max_outstanding()
+    );
+}
+
 #[tokio::test]
 async fn go_style_flags_and_internal() {
     let consul = Consul::start().await;
