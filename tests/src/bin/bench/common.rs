@@ -150,10 +150,13 @@ pub fn mib(kib: u64) -> String {
 }
 
 /// One of the project's binaries, the release build when there is one: a benchmark of a debug
-/// build says little (the harness's `bin` prefers debug, which suits tests).
+/// build says little (the harness's `bin` prefers debug, which suits tests). registrator ships
+/// built with the `lean` profile (see Cargo.toml), so that build comes first for it.
 pub fn release_bin(name: &str) -> PathBuf {
-    let p = switchboard_tests::target_dir().join("release").join(name);
-    if p.exists() {
+    let target = switchboard_tests::target_dir();
+    let lean = (name == "registrator").then(|| target.join("lean").join(name));
+    let release = target.join("release").join(name);
+    if let Some(p) = lean.into_iter().chain([release]).find(|p| p.exists()) {
         return p;
     }
     eprintln!("warning: no release build of {name}; measuring the debug build");

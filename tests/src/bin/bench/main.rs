@@ -15,9 +15,9 @@
 //!   scale event, with and without the live channel; membership changes per second through
 //!   HAProxy's runtime API with zero reloads.
 //!
-//! Run: `cargo build --release -p confd -p registrator -p switchboard-tests &&
-//! target/release/bench`. The release builds of `registrator` and `confd` are measured when
-//! present.
+//! Run: `cargo build --release -p confd -p switchboard-tests && cargo build --profile lean -p
+//! registrator && target/release/bench`. The release builds of `confd` and `registrator` (its
+//! `lean` build, as shipped, else `release`) are measured when present.
 //! Options: `--suite S`, `--stores consul,etcd`, `--counts 1,50,200` (registrator containers),
 //! `--render-counts 10,1000,10000`, `--samples 50` (confd latency samples per run),
 //! `--burst 200` (confd burst and drain churn burst), `--rss-counts 10,1000,10000`,
