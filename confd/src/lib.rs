@@ -14,6 +14,7 @@ pub mod command;
 pub mod config;
 pub mod data;
 pub mod duration;
+pub mod each;
 pub mod exec;
 pub mod helpers;
 pub mod live;
