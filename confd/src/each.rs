@@ -218,6 +218,8 @@ impl HelperDef for EachHelper {
                             let mut text = Text(String::new());
                             t.render(r, ctx, rc, &mut text)?;
                             out.write(&text.0)?;
+                            // Kept until the entry changes: no spare capacity.
+                            text.0.shrink_to_fit();
                             self.memo.keep(p.site, k, text.0);
                         }
                         _ => t.render(r, ctx, rc, out)?,
