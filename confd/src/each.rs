@@ -9,12 +9,12 @@
 //! value, so the text its iteration wrote last time is the text it would write again.
 //!
 //! That holds only when the loop body can see nothing but the entry and `vars`, which
-//! [`sites`] decides from the parsed template, erring towards "render it": a body that uses
+//! `sites` decides from the parsed template, erring towards "render it": a body that uses
 //! `..`, `@root` other than `@root.vars`, an outer block's variables (`@../index`), partials,
 //! decorators, block parameters or `log` is rendered every time, as is every loop of a
 //! template with partials, decorators or block parameters anywhere (they can change what a
-//! name means inside the body). `@index`, `@first` and `@last` are part of what is reused
-//! by. Everything else behaves as Handlebars' builtin `each` (a unit test renders a set of
+//! name means inside the body). `@index`, `@first`, `@last` and `@key` are part of what is
+//! reused by. Everything else behaves as Handlebars' builtin `each` (a unit test renders a set of
 //! templates both ways).
 
 use crate::data::Births;
@@ -31,13 +31,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 type SiteId = usize;
 
 /// What an iteration's text is reused by: the entry's birth, `vars`' birth, and when the body
-/// reads `@index`, `@first` or `@last`, the index and whether it is the last.
+/// reads a loop variable (`@index`, `@first`, `@last`, `@key`), the index and whether it is
+/// the last.
 type Key = (u64, u64, Option<(usize, bool)>);
 
 /// One reusable loop: the texts of the last render and those of the current one.
 #[derive(Default)]
 struct Site {
-    /// Whether the body reads `@index`, `@first` or `@last`.
+    /// Whether the body reads a loop variable (`@index`, `@first`, `@last`, `@key`).
     locals: bool,
     last: HashMap<Key, String>,
     current: HashMap<Key, String>,
@@ -332,7 +333,7 @@ fn everywhere(elements: &[TemplateElement]) -> bool {
                 && h.params.iter().chain(h.hash.values()).all(sub_everywhere)
                 && [&h.template, &h.inverse]
                     .iter()
-                    .all(|t| t.as_ref().is_none_or(|t| everywhere(&t.elements)))
+                    .all(|t| t.as_ref().map_or(true, |t| everywhere(&t.elements)))
         }
         _ => false,
     })
@@ -356,7 +357,7 @@ fn collect(elements: &[TemplateElement], found: &mut HashMap<SiteId, Site>) {
         let each = h.block && matches!(&h.name, Parameter::Name(n) if n == "each");
         if let (true, Some(body)) = (each, &h.template) {
             let mut locals = false;
-            if sealed(&body.elements, 0, &mut locals) {
+            if sealed(&body.elements, &mut locals) {
                 let site = Site {
                     locals,
                     ..Site::default()
@@ -370,36 +371,28 @@ fn collect(elements: &[TemplateElement], found: &mut HashMap<SiteId, Site>) {
     }
 }
 
-/// Whether `elements`, `depth` loops or `with`s inside a loop body, read nothing outside the
-/// body's entry but `@root.vars`; sets `locals` when they read the body's `@index`, `@first`
-/// or `@last`.
-fn sealed(elements: &[TemplateElement], depth: usize, locals: &mut bool) -> bool {
+/// Whether `elements`, inside a loop body, read nothing outside the body's entry but
+/// `@root.vars`; sets `locals` when they read a loop variable (`@index`, `@first`, ...).
+fn sealed(elements: &[TemplateElement], locals: &mut bool) -> bool {
     elements.iter().all(|e| match e {
         TemplateElement::RawString(_) | TemplateElement::Comment(_) => true,
         TemplateElement::Expression(h)
         | TemplateElement::HtmlExpression(h)
         | TemplateElement::HelperBlock(h) => {
-            let inner =
-                h.block && matches!(&h.name, Parameter::Name(n) if n == "each" || n == "with");
-            let inner_depth = if inner { depth + 1 } else { depth };
             !matches!(&h.name, Parameter::Name(n) if n == "log")
-                && param_sealed(&h.name, depth, locals)
-                && h.params
-                    .iter()
+                && std::iter::once(&h.name)
+                    .chain(&h.params)
                     .chain(h.hash.values())
-                    .all(|p| param_sealed(p, depth, locals))
-                && h.template
-                    .as_ref()
-                    .is_none_or(|t| sealed(&t.elements, inner_depth, locals))
-                && h.inverse
-                    .as_ref()
-                    .is_none_or(|t| sealed(&t.elements, depth, locals))
+                    .all(|p| param_sealed(p, locals))
+                && [&h.template, &h.inverse]
+                    .iter()
+                    .all(|t| t.as_ref().map_or(true, |t| sealed(&t.elements, locals)))
         }
         _ => false,
     })
 }
 
-fn param_sealed(p: &Parameter, depth: usize, locals: &mut bool) -> bool {
+fn param_sealed(p: &Parameter, locals: &mut bool) -> bool {
     match p {
         Parameter::Name(_) | Parameter::Literal(_) => true,
         // `@root.vars...` is the only way out of the entry allowed; `..` leaves it (even
@@ -415,12 +408,13 @@ fn param_sealed(p: &Parameter, depth: usize, locals: &mut bool) -> bool {
             if *level > 0 || name == "root" {
                 return false;
             }
-            if depth == 0 && matches!(name.as_str(), "index" | "first" | "last") {
+            // Anywhere in the body: inside a `with` they may still be the loop's.
+            if matches!(name.as_str(), "index" | "first" | "last" | "key") {
                 *locals = true;
             }
             true
         }
-        Parameter::Subexpression(s) => sealed(std::slice::from_ref(&s.element), depth, locals),
+        Parameter::Subexpression(s) => sealed(std::slice::from_ref(&s.element), locals),
         #[allow(unreachable_patterns)]
         _ => false,
     }
@@ -438,7 +432,9 @@ mod tests {
 
     /// Loops of every kind `each` has: arrays and objects, at a path and derived from a
     /// helper, nested, with `else`, block parameters, `..`, `@root`, and every local variable.
-    const TEMPLATES: [&str; 16] = [
+    const TEMPLATES: [&str; 17] = [
+        "{{#each services}}{{#with this}}{{@index}}{{name}}{{/with}}{{#each tags}}{{@../first}}\
+         {{/each}}{{/each}}",
         "{{#each services}}{{@index}}/{{@first}}/{{@last}}:{{name}}\
          {{#each instances}}[{{@index}} {{id}} {{@../index}} {{../name}} {{addr this}}]{{/each}}\n\
          {{else}}none{{/each}}",
