@@ -109,51 +109,55 @@ impl Memo {
     }
 
     /// How a loop over `path` with `len` entries, whose body is `body`, is reused: `None`
-    /// when it is not.
+    /// when it is not. The loop holds its site's texts while it runs (no lock per entry) and
+    /// gives them back with [`Memo::done`].
     fn plan(&self, body: &Template, path: Option<&Vec<String>>, len: usize) -> Option<Plan> {
-        let s = self.lock();
-        let (name, births) = s.active.as_ref()?;
-        let site = body as *const Template as SiteId;
-        let locals = s.templates.get(name)?.get(&site)?.locals;
+        let mut s = self.lock();
+        let State { templates, active } = &mut *s;
+        let (name, births) = active.as_ref()?;
+        let site_id = body as *const Template as SiteId;
         let list = match path?.as_slice() {
             [p] if p == "services" => &births.services,
             [p] if p == "vhosts" => &births.vhosts,
             _ => return None,
         };
-        (list.len() == len).then(|| Plan {
-            site,
-            locals,
+        if list.len() != len {
+            return None;
+        }
+        let site = templates.get_mut(name)?.get_mut(&site_id)?;
+        Some(Plan {
+            site: site_id,
+            locals: site.locals,
             births: list.clone(),
             vars: births.vars,
+            last: std::mem::take(&mut site.last),
+            current: HashMap::new(),
         })
     }
 
-    fn take(&self, name_site: SiteId, key: &Key) -> Option<String> {
+    /// A loop planned with [`Memo::plan`] is over: its site keeps the texts it wrote (and
+    /// those it did not use, should the same loop run again in this render).
+    fn done(&self, plan: Plan) {
         let mut s = self.lock();
-        let site = active_site(&mut s, name_site)?;
-        site.last.remove(key)
-    }
-
-    fn keep(&self, name_site: SiteId, key: Key, text: String) {
-        let mut s = self.lock();
-        if let Some(site) = active_site(&mut s, name_site) {
-            site.current.insert(key, text);
+        let State { templates, active } = &mut *s;
+        let Some((name, _)) = active.as_ref() else {
+            return;
+        };
+        if let Some(site) = templates.get_mut(name).and_then(|t| t.get_mut(&plan.site)) {
+            site.last = plan.last;
+            site.current.extend(plan.current);
         }
     }
 }
 
-fn active_site(s: &mut State, id: SiteId) -> Option<&mut Site> {
-    let State { templates, active } = s;
-    let (name, _) = active.as_ref()?;
-    templates.get_mut(name)?.get_mut(&id)
-}
-
-/// How one loop is reused (see [`Memo::plan`]).
+/// How one loop is reused (see [`Memo::plan`]), with its site's texts while it runs.
 struct Plan {
     site: SiteId,
     locals: bool,
     births: Vec<u64>,
     vars: u64,
+    last: HashMap<Key, String>,
+    current: HashMap<Key, String>,
 }
 
 /// The `each` helper, registered over Handlebars' builtin (see [`Memo::register`]).
@@ -192,17 +196,20 @@ impl HelperDef for EachHelper {
             Value::Array(list) if !list.is_empty() || h.inverse().is_none() => {
                 rc.push_block(block_for(value.context_path(), value.value()));
                 let path = value.context_path();
-                let plan = self.memo.plan(t, path, list.len());
+                let mut plan = self.memo.plan(t, path, list.len());
                 let len = list.len();
+                // Where an iteration to keep is rendered: one buffer for the loop, so each
+                // kept text is one allocation of its exact size.
+                let mut scratch = Text(String::new());
                 for (i, v) in list.iter().enumerate() {
                     let key = plan.as_ref().map(|p| {
                         let locals = p.locals.then_some((i, i + 1 == len));
                         (p.births[i], p.vars, locals)
                     });
-                    if let (Some(p), Some(k)) = (&plan, &key) {
-                        if let Some(text) = self.memo.take(p.site, k) {
+                    if let (Some(p), Some(k)) = (&mut plan, &key) {
+                        if let Some(text) = p.last.remove(k) {
                             out.write(&text)?;
-                            self.memo.keep(p.site, *k, text);
+                            p.current.insert(*k, text);
                             continue;
                         }
                     }
@@ -214,17 +221,18 @@ impl HelperDef for EachHelper {
                         set_base(block, path, i.to_string(), v);
                         set_block_params(block, h, path, &index, v)?;
                     }
-                    match (&plan, key) {
+                    match (&mut plan, key) {
                         (Some(p), Some(k)) => {
-                            let mut text = Text(String::new());
-                            t.render(r, ctx, rc, &mut text)?;
-                            out.write(&text.0)?;
-                            // Kept until the entry changes: no spare capacity.
-                            text.0.shrink_to_fit();
-                            self.memo.keep(p.site, k, text.0);
+                            scratch.0.clear();
+                            t.render(r, ctx, rc, &mut scratch)?;
+                            out.write(&scratch.0)?;
+                            p.current.insert(k, scratch.0.clone());
                         }
                         _ => t.render(r, ctx, rc, out)?,
                     }
+                }
+                if let Some(p) = plan {
+                    self.memo.done(p);
                 }
                 rc.pop_block();
                 Ok(())
