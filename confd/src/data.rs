@@ -70,6 +70,27 @@ pub struct TemplateData {
     /// changed service can affect, without computing every instance's virtual host again.
     vhost_services: BTreeMap<String, BTreeSet<String>>,
     generation: u64,
+    births: Births,
+}
+
+/// When each entry of `services` and `vhosts` was built, and when `vars` last changed: numbers
+/// unique across the process (from the generation counter), kept while an entry is moved
+/// unchanged into the next document and new whenever it is built. Two entries with the same
+/// birth are the same value, which lets a render reuse what it wrote for an entry last time
+/// (see `crate::each`) without comparing the entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Births {
+    /// One per entry of `services`, in order (empty while that part is not built).
+    pub services: Vec<u64>,
+    /// One per entry of `vhosts`, in order (empty while that part is not built).
+    pub vhosts: Vec<u64>,
+    /// `vars`.
+    pub vars: u64,
+}
+
+/// A number no other birth or generation of the process has.
+fn birth() -> u64 {
+    GENERATIONS.fetch_add(1, Ordering::Relaxed)
 }
 
 impl TemplateData {
@@ -90,6 +111,7 @@ impl TemplateData {
             ctx: Context::from(Value::Object(root)),
             vhost_services: BTreeMap::new(),
             generation: 0,
+            births: Births::default(),
         };
         d.update(snap, vars);
         d.ensure(parts);
@@ -125,6 +147,7 @@ impl TemplateData {
                 .map(|(name, insts)| service_value(name, insts))
                 .collect();
             root.insert("services".into(), Value::Array(list));
+            self.births.services = snap.services.iter().map(|_| birth()).collect();
         }
         if add.service {
             let map = snap
@@ -154,6 +177,7 @@ impl TemplateData {
                 })
                 .collect();
             root.insert("vhosts".into(), Value::Array(list));
+            self.births.vhosts = self.vhost_services.iter().map(|_| birth()).collect();
         }
         *self.ctx.data_mut() = doc;
         self.parts = self.parts.union(add);
@@ -182,6 +206,7 @@ impl TemplateData {
         if self.vars != *vars || self.generation == 0 {
             root.insert("vars".into(), Value::Object(vars_map(vars)));
             self.vars = vars.clone();
+            self.births.vars = birth();
             changed = true;
         }
         *self.ctx.data_mut() = doc;
@@ -203,6 +228,8 @@ impl TemplateData {
         } else {
             0
         });
+        let old_births = std::mem::take(&mut self.births.services);
+        let mut births = Vec::with_capacity(list.capacity());
         let mut map = Map::new();
         // Virtual hosts whose entry must be built again.
         let mut dirty: BTreeSet<String> = BTreeSet::new();
@@ -235,8 +262,13 @@ impl TemplateData {
                 }
             }
             if parts.services {
-                let kept = same.and_then(|k| old_list.get_mut(k)).map(std::mem::take);
-                list.push(kept.unwrap_or_else(|| service_value(name, insts)));
+                let kept = same.and_then(|k| Some((old_list.get_mut(k)?, *old_births.get(k)?)));
+                let (entry, born) = match kept {
+                    Some((e, b)) => (std::mem::take(e), b),
+                    None => (service_value(name, insts), birth()),
+                };
+                list.push(entry);
+                births.push(born);
             }
             if parts.service {
                 let kept = same.and_then(|_| old_map.remove(name.as_str()));
@@ -245,6 +277,7 @@ impl TemplateData {
         }
         if parts.services {
             root.insert("services".into(), Value::Array(list));
+            self.births.services = births;
         }
         if parts.service {
             root.insert("service".into(), Value::Object(map));
@@ -258,24 +291,34 @@ impl TemplateData {
                 self.forget_vhosts(name, was, &mut dirty);
             }
         }
-        let mut old_vhosts = take_array(root, "vhosts").into_iter().peekable();
+        let old_births = std::mem::take(&mut self.births.vhosts);
+        let mut old_vhosts = take_array(root, "vhosts")
+            .into_iter()
+            .zip(old_births)
+            .peekable();
         let mut vhosts = Vec::with_capacity(self.vhost_services.len());
+        let mut births = Vec::with_capacity(self.vhost_services.len());
         for (host, services) in &self.vhost_services {
             // `old_vhosts` is sorted by host too.
             while old_vhosts
-                .next_if(|e| e["host"].as_str().is_some_and(|h| h < host.as_str()))
+                .next_if(|(e, _)| e["host"].as_str().is_some_and(|h| h < host.as_str()))
                 .is_some()
             {}
-            let kept = old_vhosts.next_if(|e| e["host"].as_str() == Some(host.as_str()));
+            let kept = old_vhosts.next_if(|(e, _)| e["host"].as_str() == Some(host.as_str()));
             match kept {
-                Some(e) if !dirty.contains(host) => vhosts.push(e),
+                Some((e, born)) if !dirty.contains(host) => {
+                    vhosts.push(e);
+                    births.push(born);
+                }
                 _ => {
                     let members = services.iter().filter_map(|s| new.services.get(s));
                     vhosts.push(vhost_value(host, members));
+                    births.push(birth());
                 }
             }
         }
         root.insert("vhosts".into(), Value::Array(vhosts));
+        self.births.vhosts = births;
     }
 
     /// Drops `service`'s old instances `was` from the virtual-host index, marking their
@@ -316,6 +359,11 @@ impl TemplateData {
     /// Changes whenever the document does; unique across documents.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// When each entry of `services` and `vhosts`, and `vars`, were built.
+    pub fn births(&self) -> &Births {
+        &self.births
     }
 }
 
@@ -400,7 +448,7 @@ fn vars_map(vars: &Vars) -> Map<String, Value> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::tests::inst;
     use serde_json::json;
@@ -430,10 +478,10 @@ mod tests {
         assert_eq!(d["service"]["web"][0], want);
     }
 
-    /// A small deterministic generator (no dependency for one test).
-    struct Lcg(u64);
+    /// A small deterministic generator (no dependency for the tests).
+    pub(crate) struct Lcg(pub(crate) u64);
     impl Lcg {
-        fn below(&mut self, n: u64) -> u64 {
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
             self.0 = self
                 .0
                 .wrapping_mul(6364136223846793005)
@@ -444,7 +492,7 @@ mod tests {
 
     /// A random instance among a few services, IDs and virtual hosts, so that successive
     /// snapshots share, change, add and remove services and move instances between hosts.
-    fn random_instance(r: &mut Lcg) -> Instance {
+    pub(crate) fn random_instance(r: &mut Lcg) -> Instance {
         let svc = format!("s{}", r.below(6));
         let mut i = inst(
             &svc,
@@ -483,6 +531,7 @@ mod tests {
         let mut partial = TemplateData::with_parts(Arc::new(Snapshot::default()), &vars_a, some);
         let mut current: BTreeMap<(String, String), Instance> = BTreeMap::new();
         let mut generations = BTreeSet::from([d.generation()]);
+        let mut born: BTreeMap<u64, Value> = BTreeMap::new();
         for step in 0..400 {
             // Change a few instances (add, replace or remove), sometimes kv or vars.
             for _ in 0..=r.below(3) {
@@ -512,6 +561,20 @@ mod tests {
                     "step {step}: generation reused"
                 );
             }
+            // A birth names one value for ever: what a render may reuse by birth.
+            for (part, births) in [
+                ("services", &d.births().services),
+                ("vhosts", &d.births().vhosts),
+            ] {
+                let list = d.value()[part].as_array().unwrap();
+                assert_eq!(births.len(), list.len(), "step {step}: {part}");
+                for (b, v) in births.iter().zip(list) {
+                    let first = born.entry(*b).or_insert_with(|| v.clone());
+                    assert_eq!(first, v, "step {step}: {part} birth {b} reused");
+                }
+            }
+            let v = &d.value()["vars"];
+            assert_eq!(born.entry(d.births().vars).or_insert_with(|| v.clone()), v);
             partial.update(d.snapshot().clone(), vars);
             let mut want = full.value().clone();
             if !partial.parts().service {

@@ -3,7 +3,8 @@
 //!
 //! The pipeline, one module per stage: [`config`] (YAML + flags) → [`source`] (store watchers
 //! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`data`] (the
-//! document templates see, once per snapshot) → [`render`] with [`helpers`] → [`writer`]
+//! document templates see, once per snapshot) → [`render`] with [`helpers`] and [`each`]
+//! (loops that reuse what they wrote for unchanged entries) → [`writer`]
 //! (stage, swap, restore) → [`command`] (check and reload with timeouts). [`watch`] re-renders
 //! when a template file changes. [`live`] applies membership-only changes to a running proxy
 //! without a reload. [`exec`] supervises the proxy itself (`--exec`). [`names`] holds the
@@ -14,6 +15,7 @@ pub mod command;
 pub mod config;
 pub mod data;
 pub mod duration;
+pub mod each;
 pub mod exec;
 pub mod helpers;
 pub mod live;

@@ -5,6 +5,7 @@
 //! `&amp;` in a proxy config is a bug, and the config-safe helpers do the real escaping.
 
 use crate::data::{Parts, TemplateData, Vars};
+use crate::each::Memo;
 use crate::helpers;
 use crate::model::Snapshot;
 use handlebars::template::{Parameter, Template, TemplateElement};
@@ -38,6 +39,9 @@ pub struct Renderer {
     /// The document of the latest snapshot ([`Renderer::update_data`]), shared by every
     /// template rendered from it.
     data: Option<TemplateData>,
+    /// What loops over `services` and `vhosts` wrote per entry, reused for entries that did
+    /// not change (see [`crate::each`]).
+    memo: Memo,
 }
 
 /// A template as last parsed, and its last output.
@@ -55,11 +59,14 @@ impl Default for Renderer {
         hb.set_strict_mode(true);
         hb.register_escape_fn(handlebars::no_escape);
         helpers::register(&mut hb);
+        let memo = Memo::default();
+        memo.register(&mut hb);
         Renderer {
             hb,
             parsed: HashMap::new(),
             renders: 0,
             data: None,
+            memo,
         }
     }
 }
@@ -109,10 +116,10 @@ impl Renderer {
         }
         parsed.last = None;
         self.renders += 1;
-        let out = self
-            .hb
-            .render_with_context(name, data.context())
-            .map_err(|e| render_error(name, e))?;
+        self.memo.begin(name, data.births());
+        let out = self.hb.render_with_context(name, data.context());
+        self.memo.finish(out.is_ok());
+        let out = out.map_err(|e| render_error(name, e))?;
         parsed.last = Some((data.generation(), out.clone()));
         Ok(out)
     }
@@ -140,6 +147,11 @@ impl Renderer {
         out
     }
 
+    #[cfg(test)]
+    pub(crate) fn memo(&self) -> &Memo {
+        &self.memo
+    }
+
     /// How many times Handlebars rendered (not counting outputs reused by
     /// [`Renderer::render_data`]).
     pub fn renders(&self) -> u64 {
@@ -154,12 +166,16 @@ impl Renderer {
         // Forget the old parse first: a syntax error must never leave it in use.
         self.parsed.remove(name);
         self.hb.unregister_template(name);
+        self.memo.forget(name);
         self.hb
             .register_template_string(name, source)
             .map_err(|e| {
                 RenderError::Syntax(one_line(&format!("{name}: template syntax error: {e}")))
             })?;
         let reads = self.hb.get_template(name).map_or(Parts::ALL, reads);
+        if let Some(t) = self.hb.get_template(name) {
+            self.memo.parsed(name, t);
+        }
         self.parsed.insert(
             name.to_string(),
             Parsed {

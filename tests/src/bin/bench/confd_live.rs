@@ -83,8 +83,9 @@ impl Daemon {
         let proc = Process::spawn(
             &release_bin("confd"),
             &["--config", cfg_path.to_str().unwrap()],
-            // confd::memory's debug line: the heap after each pass (see `Daemon::heap`).
-            &[("RUST_LOG", "info,confd::memory=debug")],
+            // The debug line of `switchboard::memory` (confd re-exports it as `confd::memory`): the
+            // heap after each pass (see `Daemon::heap`). Its log target is where it is defined.
+            &[("RUST_LOG", "info,switchboard::memory=debug")],
         );
         Daemon {
             proc,

@@ -1,0 +1,578 @@
+//! confd's `{{#each}}`: Handlebars' own, plus reuse of what a loop over `services` or `vhosts`
+//! wrote for an entry that has not changed since the last render.
+//!
+//! Why: at 10,000 instances a render is 15,000 server lines, and Handlebars spends about
+//! 1.6 µs of CPU on each (every `id` or `this` inside the loop is looked up again from the
+//! document's root through string keys, with a string allocated per path segment). No helper
+//! can make a lookup cheaper, but a change usually touches one service, and the document
+//! knows which entries it rebuilt ([`Births`]): an entry with the same birth is the same
+//! value, so the text its iteration wrote last time is the text it would write again.
+//!
+//! That holds only when the loop body can see nothing but the entry and `vars`, which
+//! `sites` decides from the parsed template, erring towards "render it": a body that uses
+//! `..`, `@root` other than `@root.vars`, an outer block's variables (`@../index`), partials,
+//! decorators, block parameters or `log` is rendered every time, as is every loop of a
+//! template with partials, decorators or block parameters anywhere (they can change what a
+//! name means inside the body). `@index`, `@first`, `@last` and `@key` are part of what is
+//! reused by. Everything else behaves as Handlebars' builtin `each` (a unit test renders a set of
+//! templates both ways).
+
+use crate::data::Births;
+use handlebars::template::{Parameter, TemplateElement};
+use handlebars::{
+    to_json, BlockContext, BlockParams, Context, Handlebars, Helper, HelperDef, HelperResult,
+    Output, Path, RenderContext, RenderError, RenderErrorReason, Renderable, Template,
+};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A loop whose iterations may be reused: the address of its body in a parsed template.
+type SiteId = usize;
+
+/// What an iteration's text is reused by: the entry's birth, `vars`' birth, and when the body
+/// reads a loop variable (`@index`, `@first`, `@last`, `@key`), the index and whether it is
+/// the last.
+type Key = (u64, u64, Option<(usize, bool)>);
+
+/// One reusable loop: the texts of the last render and those of the current one.
+#[derive(Default)]
+struct Site {
+    /// Whether the body reads a loop variable (`@index`, `@first`, `@last`, `@key`).
+    locals: bool,
+    last: HashMap<Key, String>,
+    current: HashMap<Key, String>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Per template name, its reusable loops.
+    templates: HashMap<String, HashMap<SiteId, Site>>,
+    /// The template being rendered from a document with births, if any.
+    active: Option<(String, Births)>,
+}
+
+/// The texts kept between renders, shared by the [`Renderer`](crate::render::Renderer) that
+/// says what is rendered and the `each` helper it registers.
+#[derive(Clone, Default)]
+pub struct Memo(Arc<Mutex<State>>);
+
+impl Memo {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding it leaves only texts behind: still valid to read.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `name` was parsed again: forget its loops and take those of `t`.
+    pub fn parsed(&self, name: &str, t: &Template) {
+        let found = sites(t);
+        let mut s = self.lock();
+        if found.is_empty() {
+            s.templates.remove(name);
+        } else {
+            s.templates.insert(name.to_string(), found);
+        }
+    }
+
+    /// `name` is no longer registered: its loops' addresses mean nothing now.
+    pub fn forget(&self, name: &str) {
+        self.lock().templates.remove(name);
+    }
+
+    /// Registers the `each` helper that reuses through this memo, over the builtin.
+    pub fn register(&self, hb: &mut Handlebars) {
+        hb.register_helper("each", Box::new(EachHelper { memo: self.clone() }));
+    }
+
+    /// `name` is about to be rendered from a document with `births`.
+    pub fn begin(&self, name: &str, births: &Births) {
+        self.lock().active = Some((name.to_string(), births.clone()));
+    }
+
+    /// The render begun last is over: keep the texts it wrote, drop those it did not use (or,
+    /// when it failed, everything of that template, since it may have stopped half way).
+    pub fn finish(&self, ok: bool) {
+        let mut s = self.lock();
+        let Some((name, _)) = s.active.take() else {
+            return;
+        };
+        if let Some(sites) = s.templates.get_mut(&name) {
+            for site in sites.values_mut() {
+                site.last = if ok {
+                    std::mem::take(&mut site.current)
+                } else {
+                    HashMap::new()
+                };
+                site.current = HashMap::new();
+            }
+        }
+    }
+
+    /// How a loop over `path` with `len` entries, whose body is `body`, is reused: `None`
+    /// when it is not. The loop holds its site's texts while it runs (no lock per entry) and
+    /// gives them back with [`Memo::done`].
+    fn plan(&self, body: &Template, path: Option<&Vec<String>>, len: usize) -> Option<Plan> {
+        let mut s = self.lock();
+        let State { templates, active } = &mut *s;
+        let (name, births) = active.as_ref()?;
+        let site_id = body as *const Template as SiteId;
+        let list = match path?.as_slice() {
+            [p] if p == "services" => &births.services,
+            [p] if p == "vhosts" => &births.vhosts,
+            _ => return None,
+        };
+        if list.len() != len {
+            return None;
+        }
+        let site = templates.get_mut(name)?.get_mut(&site_id)?;
+        Some(Plan {
+            site: site_id,
+            locals: site.locals,
+            births: list.clone(),
+            vars: births.vars,
+            last: std::mem::take(&mut site.last),
+            current: HashMap::new(),
+        })
+    }
+
+    /// A loop planned with [`Memo::plan`] is over: its site keeps the texts it wrote (and
+    /// those it did not use, should the same loop run again in this render).
+    fn done(&self, plan: Plan) {
+        let mut s = self.lock();
+        let State { templates, active } = &mut *s;
+        let Some((name, _)) = active.as_ref() else {
+            return;
+        };
+        if let Some(site) = templates.get_mut(name).and_then(|t| t.get_mut(&plan.site)) {
+            site.last = plan.last;
+            site.current.extend(plan.current);
+        }
+    }
+}
+
+/// How one loop is reused (see [`Memo::plan`]), with its site's texts while it runs.
+struct Plan {
+    site: SiteId,
+    locals: bool,
+    births: Vec<u64>,
+    vars: u64,
+    last: HashMap<Key, String>,
+    current: HashMap<Key, String>,
+}
+
+/// The `each` helper, registered over Handlebars' builtin (see [`Memo::register`]).
+struct EachHelper {
+    memo: Memo,
+}
+
+/// Collects text written into a string.
+struct Text(String);
+
+impl Output for Text {
+    fn write(&mut self, seg: &str) -> std::io::Result<()> {
+        self.0.push_str(seg);
+        Ok(())
+    }
+}
+
+impl HelperDef for EachHelper {
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        r: &'reg Handlebars<'reg>,
+        ctx: &'rc Context,
+        rc: &mut RenderContext<'reg, 'rc>,
+        out: &mut dyn Output,
+    ) -> HelperResult {
+        let value = h
+            .param(0)
+            .ok_or(RenderErrorReason::ParamNotFoundForIndex("each", 0))?;
+        let Some(t) = h.template() else {
+            return Ok(());
+        };
+        // What follows is Handlebars 6's `each` (helpers/helper_each.rs), step for step, with
+        // the reuse of iterations added for arrays.
+        match value.value() {
+            Value::Array(list) if !list.is_empty() || h.inverse().is_none() => {
+                rc.push_block(block_for(value.context_path(), value.value()));
+                let path = value.context_path();
+                let mut plan = self.memo.plan(t, path, list.len());
+                let len = list.len();
+                // Where an iteration to keep is rendered: one buffer for the loop, so each
+                // kept text is one allocation of its exact size.
+                let mut scratch = Text(String::new());
+                for (i, v) in list.iter().enumerate() {
+                    let key = plan.as_ref().map(|p| {
+                        let locals = p.locals.then_some((i, i + 1 == len));
+                        (p.births[i], p.vars, locals)
+                    });
+                    if let (Some(p), Some(k)) = (&mut plan, &key) {
+                        if let Some(text) = p.last.remove(k) {
+                            out.write(&text)?;
+                            p.current.insert(*k, text);
+                            continue;
+                        }
+                    }
+                    if let Some(block) = rc.block_mut() {
+                        let index = to_json(i);
+                        block.set_local_var("first", to_json(i == 0));
+                        block.set_local_var("last", to_json(i + 1 == len));
+                        block.set_local_var("index", index.clone());
+                        set_base(block, path, i.to_string(), v);
+                        set_block_params(block, h, path, &index, v)?;
+                    }
+                    match (&mut plan, key) {
+                        (Some(p), Some(k)) => {
+                            scratch.0.clear();
+                            t.render(r, ctx, rc, &mut scratch)?;
+                            out.write(&scratch.0)?;
+                            p.current.insert(k, scratch.0.clone());
+                        }
+                        _ => t.render(r, ctx, rc, out)?,
+                    }
+                }
+                if let Some(p) = plan {
+                    self.memo.done(p);
+                }
+                rc.pop_block();
+                Ok(())
+            }
+            Value::Object(obj) if !obj.is_empty() || h.inverse().is_none() => {
+                rc.push_block(block_for(value.context_path(), value.value()));
+                let path = value.context_path();
+                let len = obj.len();
+                for (i, (k, v)) in obj.iter().enumerate() {
+                    if let Some(block) = rc.block_mut() {
+                        let key = to_json(k);
+                        block.set_local_var("first", to_json(i == 0));
+                        block.set_local_var("last", to_json(i + 1 == len));
+                        block.set_local_var("key", key.clone());
+                        block.set_local_var("index", to_json(i));
+                        set_base(block, path, k.to_string(), v);
+                        set_block_params(block, h, path, &key, v)?;
+                    }
+                    t.render(r, ctx, rc, out)?;
+                }
+                rc.pop_block();
+                Ok(())
+            }
+            _ => {
+                if let Some(else_template) = h.inverse() {
+                    else_template.render(r, ctx, rc, out)
+                } else if r.strict_mode() {
+                    Err(RenderError::strict_error(value.relative_path()))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// The block a loop runs in: at the collection's path, or holding the collection when it has
+/// no path (a helper's result).
+fn block_for<'rc>(path: Option<&Vec<String>>, value: &Value) -> BlockContext<'rc> {
+    let mut block = BlockContext::new();
+    match path {
+        Some(p) => block.base_path_mut().clone_from(p),
+        None => block.set_base_value(value.clone()),
+    }
+    block
+}
+
+/// Points the block at entry `key` of the collection at `path` (or at the entry's value).
+fn set_base(block: &mut BlockContext<'_>, path: Option<&Vec<String>>, key: String, v: &Value) {
+    match path {
+        Some(p) => {
+            let base = block.base_path_mut();
+            base.clone_from(p);
+            base.push(key);
+        }
+        None => block.set_base_value(v.clone()),
+    }
+}
+
+/// `as |value|` and `as |value key|`.
+fn set_block_params<'rc>(
+    block: &mut BlockContext<'rc>,
+    h: &Helper<'rc>,
+    path: Option<&Vec<String>>,
+    key: &Value,
+    v: &Value,
+) -> Result<(), RenderError> {
+    let (name, key_name) = match (h.block_param(), h.block_param_pair()) {
+        (Some(n), _) => (n, None),
+        (None, Some((n, k))) => (n, Some(k)),
+        (None, None) => return Ok(()),
+    };
+    let mut params = BlockParams::new();
+    if path.is_some() {
+        params.add_path(name, Vec::new())?;
+    } else {
+        params.add_value(name, v.clone())?;
+    }
+    if let Some(k) = key_name {
+        params.add_value(k, key.clone())?;
+    }
+    block.set_block_params(params);
+    Ok(())
+}
+
+/// The loops of `t` whose iterations may be reused (see the module doc), by the address of
+/// their body.
+fn sites(t: &Template) -> HashMap<SiteId, Site> {
+    let mut found = HashMap::new();
+    if !everywhere(&t.elements) {
+        return found;
+    }
+    collect(&t.elements, &mut found);
+    found
+}
+
+/// Whether nothing in `elements` can change what a name means inside a loop body: no
+/// partials, decorators or block parameters.
+fn everywhere(elements: &[TemplateElement]) -> bool {
+    elements.iter().all(|e| match e {
+        TemplateElement::RawString(_) | TemplateElement::Comment(_) => true,
+        TemplateElement::Expression(h)
+        | TemplateElement::HtmlExpression(h)
+        | TemplateElement::HelperBlock(h) => {
+            h.block_param.is_none()
+                && h.params.iter().chain(h.hash.values()).all(sub_everywhere)
+                && [&h.template, &h.inverse]
+                    .iter()
+                    .all(|t| t.as_ref().map_or(true, |t| everywhere(&t.elements)))
+        }
+        _ => false,
+    })
+}
+
+fn sub_everywhere(p: &Parameter) -> bool {
+    match p {
+        Parameter::Subexpression(s) => everywhere(std::slice::from_ref(&s.element)),
+        _ => true,
+    }
+}
+
+fn collect(elements: &[TemplateElement], found: &mut HashMap<SiteId, Site>) {
+    for e in elements {
+        let (TemplateElement::Expression(h)
+        | TemplateElement::HtmlExpression(h)
+        | TemplateElement::HelperBlock(h)) = e
+        else {
+            continue;
+        };
+        let each = h.block && matches!(&h.name, Parameter::Name(n) if n == "each");
+        if let (true, Some(body)) = (each, &h.template) {
+            let mut locals = false;
+            if sealed(&body.elements, &mut locals) {
+                let site = Site {
+                    locals,
+                    ..Site::default()
+                };
+                found.insert(body as *const Template as SiteId, site);
+            }
+        }
+        for t in [&h.template, &h.inverse].into_iter().flatten() {
+            collect(&t.elements, found);
+        }
+    }
+}
+
+/// Whether `elements`, inside a loop body, read nothing outside the body's entry but
+/// `@root.vars`; sets `locals` when they read a loop variable (`@index`, `@first`, ...).
+fn sealed(elements: &[TemplateElement], locals: &mut bool) -> bool {
+    elements.iter().all(|e| match e {
+        TemplateElement::RawString(_) | TemplateElement::Comment(_) => true,
+        TemplateElement::Expression(h)
+        | TemplateElement::HtmlExpression(h)
+        | TemplateElement::HelperBlock(h) => {
+            !matches!(&h.name, Parameter::Name(n) if n == "log")
+                && std::iter::once(&h.name)
+                    .chain(&h.params)
+                    .chain(h.hash.values())
+                    .all(|p| param_sealed(p, locals))
+                && [&h.template, &h.inverse]
+                    .iter()
+                    .all(|t| t.as_ref().map_or(true, |t| sealed(&t.elements, locals)))
+        }
+        _ => false,
+    })
+}
+
+fn param_sealed(p: &Parameter, locals: &mut bool) -> bool {
+    match p {
+        Parameter::Name(_) | Parameter::Literal(_) => true,
+        // `@root.vars...` is the only way out of the entry allowed; `..` leaves it (even
+        // from a loop inside the body, not told apart here).
+        Parameter::Path(Path::Relative((_, raw))) => {
+            if let Some(rest) = raw.strip_prefix("@root") {
+                rest == ".vars" || rest.starts_with(".vars.") || rest.starts_with(".vars/")
+            } else {
+                !raw.contains("..")
+            }
+        }
+        Parameter::Path(Path::Local((level, name, _))) => {
+            if *level > 0 || name == "root" {
+                return false;
+            }
+            // Anywhere in the body: inside a `with` they may still be the loop's.
+            if matches!(name.as_str(), "index" | "first" | "last" | "key") {
+                *locals = true;
+            }
+            true
+        }
+        Parameter::Subexpression(s) => sealed(std::slice::from_ref(&s.element), locals),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::tests::{random_instance, Lcg};
+    use crate::data::{TemplateData, Vars};
+    use crate::model::{Instance, Snapshot};
+    use crate::render::Renderer;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    /// Loops of every kind `each` has: arrays and objects, at a path and derived from a
+    /// helper, nested, with `else`, block parameters, `..`, `@root`, and every local variable.
+    const TEMPLATES: [&str; 17] = [
+        "{{#each services}}{{#with this}}{{@index}}{{name}}{{/with}}{{#each tags}}{{@../first}}\
+         {{/each}}{{/each}}",
+        "{{#each services}}{{@index}}/{{@first}}/{{@last}}:{{name}}\
+         {{#each instances}}[{{@index}} {{id}} {{@../index}} {{../name}} {{addr this}}]{{/each}}\n\
+         {{else}}none{{/each}}",
+        "{{#each vhosts}}{{host}}={{#each instances as |i idx|}}{{idx}}:{{i.id}},{{/each}}\
+         {{@root.vars.listen}}\n{{/each}}",
+        "{{#each services}}{{#each tags}}{{this}}{{#unless @last}},{{/unless}}{{/each}};{{/each}}",
+        "{{#each vars}}{{@key}}={{this}}@{{@index}}{{@first}}{{@last}} {{/each}}",
+        "{{#each (default services services)}}{{@index}}{{name}}{{#each instances}}{{id}}{{/each}}\
+         {{/each}}",
+        "{{#each services}}{{#with instances}}{{#each this}}{{id}}{{/each}}{{/with}}{{/each}}",
+        "{{#each services}}{{lookup @root.vars \"listen\"}}{{name}}{{/each}}",
+        "{{#each services}}{{#each @root.vhosts}}{{host}}{{/each}}|{{/each}}",
+        "{{#each services}}{{#if @first}}first {{/if}}{{name}}{{#if @last}} last{{/if}}\n{{/each}}",
+        "{{#each services as |s|}}{{s.name}}{{#each s.instances as |i|}}{{i.port}}{{/each}}{{/each}}",
+        "{{#each services as |s n|}}{{n}}{{s.name}}{{/each}}",
+        "{{#each vhosts}}{{#each instances}}{{vhost}} {{meta.env}}{{else}}empty{{/each}}{{/each}}",
+        "{{#each services}}{{#each instances}}{{#each meta}}{{@key}}{{@index}}{{/each}}{{/each}}\
+         {{/each}}",
+        "{{#each service}}{{@key}}:{{#each this}}{{id}}{{/each}}{{/each}}",
+        "{{#each services}}{{@root.vars.listen}}{{#each ../vhosts}}{{host}}{{/each}}{{/each}}",
+        "{{#each kv}}{{@key}}={{this}}{{else}}no kv{{/each}}{{#each nothing}}x{{/each}}",
+    ];
+
+    fn shipped(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../templates")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap()
+    }
+
+    /// The output, or `Err` with the error, of Handlebars' builtin `each` with confd's
+    /// helpers, rendering `data` afresh.
+    fn builtin(src: &str, data: &Value) -> Result<String, String> {
+        let mut hb = Handlebars::new();
+        hb.set_strict_mode(true);
+        crate::helpers::register(&mut hb);
+        hb.render_template(src, data).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn renders_as_the_builtin_each_while_reusing() {
+        let mut templates: Vec<(String, String)> = TEMPLATES
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("t{i}"), t.to_string()))
+            .collect();
+        for name in ["haproxy.cfg.hbs", "nginx.conf.hbs"] {
+            templates.push((name.to_string(), shipped(name)));
+        }
+        let vars_a: Vars = [("listen".into(), json!(80))].into();
+        let vars_b: Vars = [
+            ("listen".into(), json!(81)),
+            ("sticky_cookie".into(), json!("sb")),
+            ("check_expect".into(), json!("ok")),
+            ("lua_peers".into(), json!(true)),
+        ]
+        .into();
+        let mut r = Lcg(11);
+        let mut renderer = Renderer::default();
+        let mut data = TemplateData::build(Arc::new(Snapshot::default()), &vars_a);
+        let mut current: BTreeMap<(String, String), Instance> = BTreeMap::new();
+        for step in 0..150 {
+            for _ in 0..=r.below(3) {
+                let i = random_instance(&mut r);
+                let key = (i.name.clone(), i.id.clone());
+                if r.below(4) == 0 {
+                    current.remove(&key);
+                } else {
+                    current.insert(key, i);
+                }
+            }
+            let kv: BTreeMap<String, String> = if r.below(3) == 0 {
+                [("k".into(), format!("{}", r.below(2)))].into()
+            } else {
+                BTreeMap::new()
+            };
+            let vars = if r.below(6) == 0 { &vars_b } else { &vars_a };
+            let snap = Arc::new(Snapshot::build(current.values().cloned(), kv, &[]));
+            data.update(snap, vars);
+            for (name, src) in &templates {
+                let got = renderer
+                    .render_data(name, src, &mut data)
+                    .map_err(|e| e.to_string());
+                let want = builtin(src, data.value());
+                assert_eq!(
+                    got.is_ok(),
+                    want.is_ok(),
+                    "step {step}, {name}: {got:?} {want:?}"
+                );
+                if let (Ok(got), Ok(want)) = (got, want) {
+                    assert_eq!(got, want, "step {step}, {name}");
+                }
+            }
+            // The shipped templates' loops kept their texts for the next step to reuse.
+            if !current.is_empty() {
+                let s = renderer.memo().lock();
+                let kept = s.templates["haproxy.cfg.hbs"]
+                    .values()
+                    .map(|x| x.last.len());
+                assert!(kept.sum::<usize>() > 0, "step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn reuses_only_loops_that_see_nothing_but_their_entry_and_vars() {
+        let count = |src: &str| {
+            let mut hb = Handlebars::new();
+            hb.register_template_string("t", src).unwrap();
+            sites(hb.get_template("t").unwrap()).len()
+        };
+        // The shipped templates: every loop (those inside a loop over `services` or `vhosts`
+        // are never over the document's own, so only the outer ones are reused).
+        assert_eq!(count(&shipped("haproxy.cfg.hbs")), 7);
+        assert_eq!(count(&shipped("nginx.conf.hbs")), 5);
+        assert_eq!(
+            count("{{#each services}}{{name}}{{@index}}{{@root.vars.x}}{{/each}}"),
+            1
+        );
+        for src in [
+            "{{#each services}}{{../vars}}{{/each}}",
+            "{{#each services}}{{@root.kv}}{{/each}}",
+            "{{#each services}}{{@root}}{{/each}}",
+            "{{#each services}}{{#each instances}}{{@../index}}{{/each}}{{/each}}",
+            "{{#each services}}{{log name}}{{/each}}",
+            "{{#each services}}{{> p}}{{/each}}",
+            "{{#each services as |s|}}{{s.name}}{{/each}}",
+            "{{#each services}}{{name}}{{/each}}{{#each vhosts as |v|}}{{v}}{{/each}}",
+        ] {
+            assert_eq!(count(src), 0, "{src}");
+        }
+    }
+}
