@@ -25,7 +25,9 @@
 //! Writes of a pass overlap, up to [`WRITES_IN_FLIGHT`] at once ([`Batch`]): a store round
 //! trip is mostly waiting (an etcd put waits for its fsync on a quorum), so when containers
 //! start together, one-at-a-time writes made the last of them wait for all the others. Every
-//! deregistration of a pass completes before its first registration starts.
+//! deregistration of a pass completes before its first registration starts, and a
+//! registration published while a pass runs joins its writes ([`arrivals`]) instead of waiting
+//! for the slowest of them.
 //!
 //! The decisions are the pure functions [`adopt`], [`plan`] and [`verify`]; [`Syncer::run`]
 //! only applies them.
@@ -33,7 +35,7 @@
 use crate::metrics::{self, metrics, store_request};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard::{Backoff, Service, Shutdown, Store, StoreError};
@@ -154,6 +156,30 @@ pub fn adopt(
 /// Whether `next` drops something `applied` holds: a removal that must not wait.
 fn withdraws(next: &ServiceSet, applied: &ServiceSet) -> bool {
     applied.keys().any(|id| !next.contains_key(id))
+}
+
+/// Registrations a desired set published while a pass runs (`next`) adds, which may start
+/// before that pass ends: new or changed in place, neither written (`applied`) nor already
+/// part of the pass (`scheduled`, whatever its content), nor held back after a refusal
+/// (`held`). A service renamed under the same ID is left to the next pass, which deregisters
+/// the old name first; so is everything when `next` also withdraws something (see
+/// [`withdraws`]: the pass then stops starting writes).
+pub fn arrivals(
+    next: &ServiceSet,
+    applied: &ServiceSet,
+    scheduled: &ServiceSet,
+    held: &ServiceSet,
+) -> Vec<Service> {
+    next.values()
+        .filter(|s| {
+            let renamed = applied.get(&s.id).is_some_and(|a| a.name != s.name);
+            applied.get(&s.id) != Some(*s)
+                && !renamed
+                && !scheduled.contains_key(&s.id)
+                && held.get(&s.id) != Some(*s)
+        })
+        .cloned()
+        .collect()
 }
 
 /// What a listing of the store reveals.
@@ -334,7 +360,7 @@ enum Op {
 }
 
 /// One write of a pass and its result.
-type Written<'a> = (&'a Service, Result<(), StoreError>);
+type Written = (Service, Result<(), StoreError>);
 
 /// The writes of one kind a pass makes, up to [`WRITES_IN_FLIGHT`] in flight, each result
 /// handed back as it arrives so the caller's bookkeeping follows every write that landed, even
@@ -344,32 +370,37 @@ type Written<'a> = (&'a Service, Result<(), StoreError>);
 struct Batch<'a> {
     store: &'a Store,
     op: Op,
-    pending: std::slice::Iter<'a, Service>,
-    running: FuturesUnordered<BoxFuture<'a, Written<'a>>>,
+    pending: VecDeque<Service>,
+    running: FuturesUnordered<BoxFuture<'a, Written>>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(store: &'a Store, op: Op, items: &'a [Service]) -> Self {
+    fn new(store: &'a Store, op: Op, items: Vec<Service>) -> Self {
         Batch {
             store,
             op,
-            pending: items.iter(),
+            pending: items.into(),
             running: FuturesUnordered::new(),
         }
     }
 
+    /// One more write, after those already queued.
+    fn push(&mut self, svc: Service) {
+        self.pending.push_back(svc);
+    }
+
     /// Starts writes up to the limit when `start`, then waits for the next to finish. `None`
     /// once nothing runs and nothing more may (or is left to) start.
-    async fn next(&mut self, start: bool) -> Option<Written<'a>> {
+    async fn next(&mut self, start: bool) -> Option<Written> {
         while start && self.running.len() < WRITES_IN_FLIGHT {
-            let Some(svc) = self.pending.next() else {
+            let Some(svc) = self.pending.pop_front() else {
                 break;
             };
             let (store, op) = (self.store, self.op);
             self.running.push(Box::pin(async move {
                 let r = match op {
-                    Op::Register => register(store, svc).await,
-                    Op::Deregister => deregister(store, svc).await,
+                    Op::Register => register(store, &svc).await,
+                    Op::Deregister => deregister(store, &svc).await,
                 };
                 (svc, r)
             }));
@@ -600,9 +631,10 @@ impl Syncer {
     }
 
     /// Applies [`plan`]: every deregistration, then the registrations, each kind overlapping
-    /// up to [`WRITES_IN_FLIGHT`]. Returns how it ended and whether anything was registered.
-    /// A store-wide failure starts nothing more, waits for the writes already running (their
-    /// results are recorded) and is returned.
+    /// up to [`WRITES_IN_FLIGHT`]. Registrations the Docker side publishes meanwhile join the
+    /// running ones ([`arrivals`]) rather than wait for the pass to end. Returns how it ended
+    /// and whether anything was registered. A store-wide failure starts nothing more, waits
+    /// for the writes already running (their results are recorded) and is returned.
     async fn reconcile(
         &mut self,
         desired: &ServiceSet,
@@ -612,7 +644,7 @@ impl Syncer {
         self.refused.retain_desired(desired);
         let store = self.store.clone();
         let mut failed: Option<StoreError> = None;
-        let mut writes = Batch::new(&store, Op::Deregister, &p.deregister);
+        let mut writes = Batch::new(&store, Op::Deregister, p.deregister);
         while let Some((svc, r)) = writes.next(failed.is_none()).await {
             match r {
                 Ok(()) => {
@@ -632,10 +664,46 @@ impl Syncer {
         }
         let mut registered = false;
         let mut preempted = false;
-        let mut writes = Batch::new(&store, Op::Register, &p.register);
+        // Everything this pass writes or has written, by ID: an arrival for one of them waits
+        // for the next pass, so two writes of one ID never race.
+        let mut scheduled: ServiceSet = p
+            .register
+            .iter()
+            .map(|s| (s.id.clone(), s.clone()))
+            .collect();
+        let mut looked_at: Desired = None;
+        // Wakes the loop for a new desired set while writes are out; the run loop's own
+        // receiver still sees the change afterwards and plans a pass for what is left.
+        let mut watch = changes.clone();
+        let mut watching = true;
+        let mut writes = Batch::new(&store, Op::Register, p.register);
         loop {
             preempted = preempted || self.removal_waiting(changes);
-            let Some((svc, r)) = writes.next(failed.is_none() && !preempted).await else {
+            if failed.is_none() && !preempted && changes.has_changed().unwrap_or(false) {
+                let next = changes.borrow().clone();
+                let fresh = match (&next, &looked_at) {
+                    (Some(n), Some(l)) => !Arc::ptr_eq(n, l),
+                    (n, _) => n.is_some(),
+                };
+                if let (true, Some(next)) = (fresh, &next) {
+                    let held = self.refused.held(Instant::now());
+                    for svc in arrivals(next, &self.applied, &scheduled, &held) {
+                        scheduled.insert(svc.id.clone(), svc.clone());
+                        writes.push(svc);
+                    }
+                }
+                looked_at = next;
+            }
+            let start = failed.is_none() && !preempted;
+            let written = tokio::select! {
+                biased;
+                w = writes.next(start) => w,
+                r = watch.changed(), if watching && start => {
+                    watching = r.is_ok();
+                    continue;
+                }
+            };
+            let Some((svc, r)) = written else {
                 break;
             };
             match r {
@@ -644,10 +712,10 @@ impl Syncer {
                     registered = true;
                     info!("registered {} {} {}", svc.id, svc.name, svc.addr());
                     self.refused.clear(&svc.id);
-                    self.applied.insert(svc.id.clone(), svc.clone());
+                    self.applied.insert(svc.id.clone(), svc);
                 }
                 Err(e) if e.is_item_failure() => {
-                    let delay = self.refused.refuse(svc, Instant::now());
+                    let delay = self.refused.refuse(&svc, Instant::now());
                     warn!(
                         "store refused {} {} {} (other registrations go on; trying it again in {delay:.0?}): {e}",
                         svc.id,
@@ -692,14 +760,14 @@ impl Syncer {
         let store = self.store.clone();
         let applied: Vec<Service> = applied.into_values().collect();
         let work = async move {
-            let mut writes = Batch::new(&store, Op::Deregister, &applied);
+            let mut writes = Batch::new(&store, Op::Deregister, applied);
             while let Some((svc, r)) = writes.next(true).await {
                 match r {
                     Ok(()) => info!("deregistered {} {} {}", svc.id, svc.name, svc.addr()),
                     Err(e) => warn!("cannot deregister {} on exit: {e}", svc.id),
                 }
             }
-            let mut writes = Batch::new(&store, Op::Deregister, &extra);
+            let mut writes = Batch::new(&store, Op::Deregister, extra);
             while writes.next(true).await.is_some() {}
         };
         if tokio::time::timeout(EXIT_TIMEOUT, work).await.is_err() {
@@ -713,7 +781,7 @@ impl Syncer {
 /// the store refuses for its own sake is a warning.
 async fn remove_stale(store: &Store, stale: &[Service], why: &str) -> Result<(), StoreError> {
     let mut failed: Option<StoreError> = None;
-    let mut writes = Batch::new(store, Op::Deregister, stale);
+    let mut writes = Batch::new(store, Op::Deregister, stale.to_vec());
     while let Some((svc, r)) = writes.next(failed.is_none()).await {
         match r {
             Ok(()) => info!(
@@ -1232,6 +1300,103 @@ mod tests {
         ];
         for (what, applied, next, want) in cases {
             assert_eq!(withdraws(&set(&next), &set(&applied)), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn arrivals_join_a_running_pass() {
+        let a = svc("h:a:80", "a", 1);
+        let b = svc("h:b:80", "b", 2);
+        let c = svc("h:c:80", "c", 3);
+        let a_moved = svc("h:a:80", "a", 4);
+        let a_renamed = svc("h:a:80", "z", 1);
+        let b_moved = svc("h:b:80", "b", 5);
+        let c_moved = svc("h:c:80", "c", 6);
+        struct ArrivalCase<'a> {
+            what: &'a str,
+            next: Vec<Service>,
+            applied: Vec<Service>,
+            scheduled: Vec<Service>,
+            held: Vec<Service>,
+            want: Vec<&'a str>,
+        }
+        let case = |what, next, applied, scheduled, held, want| ArrivalCase {
+            what,
+            next,
+            applied,
+            scheduled,
+            held,
+            want,
+        };
+        let cases = [
+            case(
+                "a new service",
+                vec![a.clone(), c.clone()],
+                vec![a.clone()],
+                vec![],
+                vec![],
+                vec!["h:c:80"],
+            ),
+            case(
+                "changed in place",
+                vec![a_moved],
+                vec![a.clone()],
+                vec![],
+                vec![],
+                vec!["h:a:80"],
+            ),
+            case(
+                "renamed: the next pass deregisters the old name first",
+                vec![a_renamed],
+                vec![a.clone()],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            case(
+                "part of the pass already, even changed since",
+                vec![b_moved],
+                vec![],
+                vec![b],
+                vec![],
+                vec![],
+            ),
+            case(
+                "held back after a refusal",
+                vec![c.clone()],
+                vec![],
+                vec![],
+                vec![c.clone()],
+                vec![],
+            ),
+            case(
+                "held back, but changed since",
+                vec![c_moved],
+                vec![],
+                vec![],
+                vec![c],
+                vec!["h:c:80"],
+            ),
+            case(
+                "nothing new",
+                vec![a.clone()],
+                vec![a],
+                vec![],
+                vec![],
+                vec![],
+            ),
+        ];
+        for ArrivalCase {
+            what,
+            next,
+            applied,
+            scheduled,
+            held,
+            want,
+        } in cases
+        {
+            let got = arrivals(&set(&next), &set(&applied), &set(&scheduled), &set(&held));
+            assert_eq!(ids(&got), want, "{what}");
         }
     }
 
