@@ -492,6 +492,22 @@ pub(crate) mod tests {
 
     /// A random instance among a few services, IDs and virtual hosts, so that successive
     /// snapshots share, change, add and remove services and move instances between hosts.
+    /// Adds, replaces or removes one to four random instances of `current` (by name and ID).
+    pub(crate) fn change_instances(
+        r: &mut Lcg,
+        current: &mut BTreeMap<(String, String), Instance>,
+    ) {
+        for _ in 0..=r.below(3) {
+            let i = random_instance(r);
+            let key = (i.name.clone(), i.id.clone());
+            if r.below(4) == 0 {
+                current.remove(&key);
+            } else {
+                current.insert(key, i);
+            }
+        }
+    }
+
     pub(crate) fn random_instance(r: &mut Lcg) -> Instance {
         let svc = format!("s{}", r.below(6));
         let mut i = inst(
@@ -533,16 +549,8 @@ pub(crate) mod tests {
         let mut generations = BTreeSet::from([d.generation()]);
         let mut born: BTreeMap<u64, Value> = BTreeMap::new();
         for step in 0..400 {
-            // Change a few instances (add, replace or remove), sometimes kv or vars.
-            for _ in 0..=r.below(3) {
-                let i = random_instance(&mut r);
-                let key = (i.name.clone(), i.id.clone());
-                if r.below(4) == 0 {
-                    current.remove(&key);
-                } else {
-                    current.insert(key, i);
-                }
-            }
+            // Change a few instances, sometimes kv or vars.
+            change_instances(&mut r, &mut current);
             let kv: BTreeMap<String, String> = if r.below(5) == 0 {
                 [("k".into(), format!("{}", r.below(2)))].into()
             } else {

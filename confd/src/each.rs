@@ -431,7 +431,7 @@ fn param_sealed(p: &Parameter, locals: &mut bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::tests::{random_instance, Lcg};
+    use crate::data::tests::{change_instances, Lcg};
     use crate::data::{TemplateData, Vars};
     use crate::model::{Instance, Snapshot};
     use crate::render::Renderer;
@@ -505,15 +505,7 @@ mod tests {
         let mut data = TemplateData::build(Arc::new(Snapshot::default()), &vars_a);
         let mut current: BTreeMap<(String, String), Instance> = BTreeMap::new();
         for step in 0..150 {
-            for _ in 0..=r.below(3) {
-                let i = random_instance(&mut r);
-                let key = (i.name.clone(), i.id.clone());
-                if r.below(4) == 0 {
-                    current.remove(&key);
-                } else {
-                    current.insert(key, i);
-                }
-            }
+            change_instances(&mut r, &mut current);
             let kv: BTreeMap<String, String> = if r.below(3) == 0 {
                 [("k".into(), format!("{}", r.below(2)))].into()
             } else {

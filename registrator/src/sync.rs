@@ -756,9 +756,8 @@ impl Syncer {
                     .collect()
             })
             .unwrap_or_default();
-        let applied = std::mem::take(&mut self.applied);
+        let applied: Vec<Service> = std::mem::take(&mut self.applied).into_values().collect();
         let store = self.store.clone();
-        let applied: Vec<Service> = applied.into_values().collect();
         let work = async move {
             let mut writes = Batch::new(&store, Op::Deregister, applied);
             while let Some((svc, r)) = writes.next(true).await {
@@ -1320,71 +1319,63 @@ mod tests {
             held: Vec<Service>,
             want: Vec<&'a str>,
         }
-        let case = |what, next, applied, scheduled, held, want| ArrivalCase {
-            what,
-            next,
-            applied,
-            scheduled,
-            held,
-            want,
-        };
         let cases = [
-            case(
-                "a new service",
-                vec![a.clone(), c.clone()],
-                vec![a.clone()],
-                vec![],
-                vec![],
-                vec!["h:c:80"],
-            ),
-            case(
-                "changed in place",
-                vec![a_moved],
-                vec![a.clone()],
-                vec![],
-                vec![],
-                vec!["h:a:80"],
-            ),
-            case(
-                "renamed: the next pass deregisters the old name first",
-                vec![a_renamed],
-                vec![a.clone()],
-                vec![],
-                vec![],
-                vec![],
-            ),
-            case(
-                "part of the pass already, even changed since",
-                vec![b_moved],
-                vec![],
-                vec![b],
-                vec![],
-                vec![],
-            ),
-            case(
-                "held back after a refusal",
-                vec![c.clone()],
-                vec![],
-                vec![],
-                vec![c.clone()],
-                vec![],
-            ),
-            case(
-                "held back, but changed since",
-                vec![c_moved],
-                vec![],
-                vec![],
-                vec![c],
-                vec!["h:c:80"],
-            ),
-            case(
-                "nothing new",
-                vec![a.clone()],
-                vec![a],
-                vec![],
-                vec![],
-                vec![],
-            ),
+            ArrivalCase {
+                what: "a new service",
+                next: vec![a.clone(), c.clone()],
+                applied: vec![a.clone()],
+                scheduled: vec![],
+                held: vec![],
+                want: vec!["h:c:80"],
+            },
+            ArrivalCase {
+                what: "changed in place",
+                next: vec![a_moved],
+                applied: vec![a.clone()],
+                scheduled: vec![],
+                held: vec![],
+                want: vec!["h:a:80"],
+            },
+            ArrivalCase {
+                what: "renamed: the next pass deregisters the old name first",
+                next: vec![a_renamed],
+                applied: vec![a.clone()],
+                scheduled: vec![],
+                held: vec![],
+                want: vec![],
+            },
+            ArrivalCase {
+                what: "part of the pass already, even changed since",
+                next: vec![b_moved],
+                applied: vec![],
+                scheduled: vec![b],
+                held: vec![],
+                want: vec![],
+            },
+            ArrivalCase {
+                what: "held back after a refusal",
+                next: vec![c.clone()],
+                applied: vec![],
+                scheduled: vec![],
+                held: vec![c.clone()],
+                want: vec![],
+            },
+            ArrivalCase {
+                what: "held back, but changed since",
+                next: vec![c_moved],
+                applied: vec![],
+                scheduled: vec![],
+                held: vec![c],
+                want: vec!["h:c:80"],
+            },
+            ArrivalCase {
+                what: "nothing new",
+                next: vec![a.clone()],
+                applied: vec![a],
+                scheduled: vec![],
+                held: vec![],
+                want: vec![],
+            },
         ];
         for ArrivalCase {
             what,

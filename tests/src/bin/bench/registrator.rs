@@ -137,24 +137,7 @@ async fn run_one(which: Which, n: usize, host: &str) -> Row {
         let service = service.clone();
         tasks.push(tokio::spawn(async move {
             for name in chunk {
-                docker_async(&[
-                    "run",
-                    "-d",
-                    "--name",
-                    &name,
-                    "--label",
-                    TEST_LABEL,
-                    "--label",
-                    &format!("switchboard.bench={run}"),
-                    "-e",
-                    &format!("SERVICE_NAME={service}"),
-                    "-p",
-                    "80",
-                    TEST_IMAGE,
-                    "sleep",
-                    "3600",
-                ])
-                .await;
+                run_container(&name, &run, &service).await;
             }
         }));
     }
