@@ -167,7 +167,7 @@ fn check_pem(path: &Path) -> Result<(), String> {
 /// the whole cause chain.
 pub fn describe_failure(engine: &Engine, e: &bollard::errors::Error) -> String {
     let chain = switchboard::store::one_line(e);
-    let kind = switchboard::store::tls_failure(&chain);
+    let kind = switchboard::store::tls_failure(&chain, matches!(engine, Engine::Tls { .. }));
     match kind {
         Some(kind) => format!("{}: TLS failed: {kind} ({chain})", engine.describe()),
         None => format!(

@@ -191,7 +191,7 @@ pub(super) fn guard(checked: Result<(), ValidationError>) -> Result<(), StoreErr
 /// leaves), [`StoreError::Unreachable`] otherwise. `what` names the request.
 pub(super) fn transport_error(endpoint: &str, what: &str, e: &reqwest::Error) -> StoreError {
     let reason = one_line(e);
-    match tls_failure(&reason) {
+    match tls_failure(&reason, endpoint.starts_with("https://")) {
         Some(kind) => StoreError::Tls {
             endpoint: endpoint.to_string(),
             reason: format!("{kind} ({what}: {reason})"),
@@ -204,9 +204,16 @@ pub(super) fn transport_error(endpoint: &str, what: &str, e: &reqwest::Error) ->
 }
 
 /// What kind of TLS failure a transport error's text describes, if it is one (also used for
-/// the Docker engine's TLS, whose client is rustls too).
-pub fn tls_failure(reason: &str) -> Option<&'static str> {
+/// the Docker engine's TLS, whose client is rustls too). `over_tls`: the connection was a TLS
+/// one. In TLS 1.3 the client's side of the handshake is over before the server has judged
+/// the client's certificate, so a server refusing it (or its absence) closes a connection the
+/// client already counts as ready; whether the client then reads the server's alert or only
+/// finds the connection gone depends on timing. Both are the same refusal.
+pub fn tls_failure(reason: &str, over_tls: bool) -> Option<&'static str> {
     let r = reason.to_ascii_lowercase();
+    let closed_after_handshake = over_tls
+        && (r.contains("connection was not ready")
+            || r.contains("connection closed before message completed"));
     if r.contains("invalid peer certificate") || r.contains("unknownissuer") {
         Some("server certificate verification failed (check the CA and the server name)")
     } else if r.contains("certificaterequired")
@@ -216,6 +223,8 @@ pub fn tls_failure(reason: &str) -> Option<&'static str> {
         || r.contains("received fatal alert")
     {
         Some("the server refused the handshake (client certificate missing or not trusted)")
+    } else if closed_after_handshake {
+        Some("the server closed the connection right after the handshake, before answering (client certificate missing or not trusted?)")
     } else if r.contains("invalidcontenttype") || r.contains("corrupt message") {
         Some("the server does not speak TLS on this port")
     } else {
@@ -373,6 +382,34 @@ mod tests {
         for (what, err, want) in table {
             assert_eq!(err.scope(), want, "{what}: {err}");
             assert_eq!(err.is_item_failure(), want == Item, "{what}");
+        }
+    }
+
+    #[test]
+    fn tls_failures_are_named() {
+        let refused =
+            Some("the server refused the handshake (client certificate missing or not trusted)");
+        let closed = Some("the server closed the connection right after the handshake, before answering (client certificate missing or not trusted?)");
+        let table = [
+            (
+                "invalid peer certificate: UnknownIssuer",
+                true,
+                Some("server certificate verification failed (check the CA and the server name)"),
+            ),
+            ("received fatal alert: CertificateRequired", true, refused),
+            // TLS 1.3: the refusal raced the request (seen in a full run).
+            (
+                "GET /v1/agent/services: error sending request: client error (Canceled): operation was canceled: connection was not ready",
+                true,
+                closed,
+            ),
+            ("connection closed before message completed", true, closed),
+            // Without TLS a closed connection is only a closed connection.
+            ("connection was not ready", false, None),
+            ("connection refused", true, None),
+        ];
+        for (reason, over_tls, want) in table {
+            assert_eq!(tls_failure(reason, over_tls), want, "{reason}");
         }
     }
 }
