@@ -50,6 +50,15 @@ impl Parts {
         vhosts: true,
     };
 
+    /// These, less the parts that are `lists`.
+    pub fn without(self, lists: &[List]) -> Parts {
+        Parts {
+            services: self.services && !lists.contains(&List::Services),
+            vhosts: self.vhosts && !lists.contains(&List::Vhosts),
+            ..self
+        }
+    }
+
     /// Both sets together.
     pub fn union(self, o: Parts) -> Parts {
         Parts {
@@ -68,21 +77,36 @@ pub struct TemplateData {
     ctx: Context,
     /// Virtual host -> the services with an instance serving it: which `vhosts` entries a
     /// changed service can affect, without computing every instance's virtual host again.
-    vhost_services: BTreeMap<String, BTreeSet<String>>,
+    /// Kept whether or not `vhosts` is in the document: a render that reads the list one
+    /// entry at a time ([`Lists`]) walks it. Shared with those renders, never copied while
+    /// none runs.
+    vhosts: Arc<VhostIndex>,
     generation: u64,
     births: Births,
+}
+
+/// Virtual host -> its `vhosts` entry's members and birth.
+type VhostIndex = BTreeMap<String, VhostEntry>;
+
+#[derive(Debug, Clone, Default)]
+struct VhostEntry {
+    /// The services with an instance serving the host.
+    services: BTreeSet<String>,
+    /// When the entry was last built (see [`Births`]).
+    birth: u64,
 }
 
 /// When each entry of `services` and `vhosts` was built, and when `vars` last changed: numbers
 /// unique across the process (from the generation counter), kept while an entry is moved
 /// unchanged into the next document and new whenever it is built. Two entries with the same
 /// birth are the same value, which lets a render reuse what it wrote for an entry last time
-/// (see `crate::each`) without comparing the entries.
+/// (see `crate::each`) without comparing the entries. Kept for both lists whether or not they
+/// are in the document: a birth names the value the entry has, built or not.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Births {
-    /// One per entry of `services`, in order (empty while that part is not built).
+    /// One per entry of `services`, in order.
     pub services: Vec<u64>,
-    /// One per entry of `vhosts`, in order (empty while that part is not built).
+    /// One per entry of `vhosts`, in order.
     pub vhosts: Vec<u64>,
     /// `vars`.
     pub vars: u64,
@@ -109,7 +133,7 @@ impl TemplateData {
             vars: Vars::new(),
             parts: Parts::default(),
             ctx: Context::from(Value::Object(root)),
-            vhost_services: BTreeMap::new(),
+            vhosts: Arc::default(),
             generation: 0,
             births: Births::default(),
         };
@@ -124,8 +148,8 @@ impl TemplateData {
     }
 
     /// Adds the parts of `want` that are missing, built in full from the current snapshot.
-    /// The generation stays: what was there is unchanged, so every output rendered from it
-    /// (which cannot have read a part that was not there) still holds.
+    /// The generation and the births stay: what was there is unchanged, so every output
+    /// rendered from it (which cannot have read a part that was not there) still holds.
     pub fn ensure(&mut self, want: Parts) {
         let add = Parts {
             services: want.services && !self.parts.services,
@@ -135,51 +159,25 @@ impl TemplateData {
         if add == Parts::default() {
             return;
         }
-        let snap = self.snap.clone();
-        let mut doc = std::mem::take(self.ctx.data_mut());
-        let Value::Object(root) = &mut doc else {
+        let lists = self.lists();
+        let Value::Object(root) = self.ctx.data_mut() else {
             unreachable!("the document is an object")
         };
-        if add.services {
-            let list = snap
-                .services
-                .iter()
-                .map(|(name, insts)| service_value(name, insts))
-                .collect();
-            root.insert("services".into(), Value::Array(list));
-            self.births.services = snap.services.iter().map(|_| birth()).collect();
+        for (list, wanted) in [(List::Services, add.services), (List::Vhosts, add.vhosts)] {
+            if wanted {
+                let entries = lists.entries(list).iter().map(Entry::value).collect();
+                root.insert(list.key().into(), Value::Array(entries));
+            }
         }
         if add.service {
-            let map = snap
+            let map = lists
+                .snap
                 .services
                 .iter()
                 .map(|(name, insts)| (name.clone(), instances_value(insts)))
                 .collect();
             root.insert("service".into(), Value::Object(map));
         }
-        if add.vhosts {
-            self.vhost_services.clear();
-            for (name, insts) in &snap.services {
-                for i in insts {
-                    if let Some(v) = i.vhost() {
-                        self.vhost_services
-                            .entry(v)
-                            .or_default()
-                            .insert(name.clone());
-                    }
-                }
-            }
-            let list = self
-                .vhost_services
-                .iter()
-                .map(|(host, services)| {
-                    vhost_value(host, services.iter().filter_map(|s| snap.services.get(s)))
-                })
-                .collect();
-            root.insert("vhosts".into(), Value::Array(list));
-            self.births.vhosts = self.vhost_services.iter().map(|_| birth()).collect();
-        }
-        *self.ctx.data_mut() = doc;
         self.parts = self.parts.union(add);
     }
 
@@ -218,6 +216,7 @@ impl TemplateData {
 
     fn update_services(&mut self, root: &mut Map<String, Value>, old: &Snapshot, new: &Snapshot) {
         let parts = self.parts;
+        let index = Arc::make_mut(&mut self.vhosts);
         let mut old_list = take_array(root, "services");
         let mut old_map = match root.remove("service") {
             Some(Value::Object(m)) => m,
@@ -229,7 +228,7 @@ impl TemplateData {
             0
         });
         let old_births = std::mem::take(&mut self.births.services);
-        let mut births = Vec::with_capacity(list.capacity());
+        let mut births = Vec::with_capacity(new.services.len());
         let mut map = Map::new();
         // Virtual hosts whose entry must be built again.
         let mut dirty: BTreeSet<String> = BTreeSet::new();
@@ -243,102 +242,73 @@ impl TemplateData {
             let same = match olds.next_if(|(_, (o, _))| *o == name) {
                 Some((k, (_, was))) if was == insts => Some(k),
                 Some((_, (_, was))) => {
-                    if parts.vhosts {
-                        self.forget_vhosts(name, was, &mut dirty);
-                    }
+                    forget_vhosts(index, name, was, &mut dirty);
                     None
                 }
                 None => None,
             };
-            if same.is_none() && parts.vhosts {
+            if same.is_none() {
                 for i in insts {
                     if let Some(v) = i.vhost() {
-                        self.vhost_services
+                        index
                             .entry(v.clone())
                             .or_default()
+                            .services
                             .insert(name.clone());
                         dirty.insert(v);
                     }
                 }
             }
+            births.push(
+                same.and_then(|k| old_births.get(k).copied())
+                    .unwrap_or_else(birth),
+            );
             if parts.services {
-                let kept = same.and_then(|k| Some((old_list.get_mut(k)?, *old_births.get(k)?)));
-                let (entry, born) = match kept {
-                    Some((e, b)) => (std::mem::take(e), b),
-                    None => (service_value(name, insts), birth()),
-                };
-                list.push(entry);
-                births.push(born);
+                let kept = same.and_then(|k| old_list.get_mut(k)).map(std::mem::take);
+                list.push(kept.unwrap_or_else(|| service_value(name, insts)));
             }
             if parts.service {
                 let kept = same.and_then(|_| old_map.remove(name.as_str()));
                 map.insert(name.clone(), kept.unwrap_or_else(|| instances_value(insts)));
             }
         }
+        self.births.services = births;
         if parts.services {
             root.insert("services".into(), Value::Array(list));
-            self.births.services = births;
         }
         if parts.service {
             root.insert("service".into(), Value::Object(map));
         }
-        if !parts.vhosts {
-            return;
-        }
         // Services that are gone.
         for (name, was) in &old.services {
             if !new.services.contains_key(name) {
-                self.forget_vhosts(name, was, &mut dirty);
+                forget_vhosts(index, name, was, &mut dirty);
             }
         }
-        let old_births = std::mem::take(&mut self.births.vhosts);
-        let mut old_vhosts = take_array(root, "vhosts")
-            .into_iter()
-            .zip(old_births)
-            .peekable();
-        let mut vhosts = Vec::with_capacity(self.vhost_services.len());
-        let mut births = Vec::with_capacity(self.vhost_services.len());
-        for (host, services) in &self.vhost_services {
+        for host in &dirty {
+            if let Some(e) = index.get_mut(host) {
+                e.birth = birth();
+            }
+        }
+        self.births.vhosts = index.values().map(|e| e.birth).collect();
+        if !parts.vhosts {
+            return;
+        }
+        let mut old_vhosts = take_array(root, "vhosts").into_iter().peekable();
+        let mut vhosts = Vec::with_capacity(index.len());
+        for (host, e) in index.iter() {
             // `old_vhosts` is sorted by host too.
             while old_vhosts
-                .next_if(|(e, _)| e["host"].as_str().is_some_and(|h| h < host.as_str()))
+                .next_if(|v| v["host"].as_str().is_some_and(|h| h < host.as_str()))
                 .is_some()
             {}
-            let kept = old_vhosts.next_if(|(e, _)| e["host"].as_str() == Some(host.as_str()));
+            let kept = old_vhosts.next_if(|v| v["host"].as_str() == Some(host.as_str()));
             match kept {
-                Some((e, born)) if !dirty.contains(host) => {
-                    vhosts.push(e);
-                    births.push(born);
-                }
-                _ => {
-                    let members = services.iter().filter_map(|s| new.services.get(s));
-                    vhosts.push(vhost_value(host, members));
-                    births.push(birth());
-                }
+                Some(v) if !dirty.contains(host) => vhosts.push(v),
+                _ => vhosts.push(vhost_value(host, &e.services, new)),
             }
         }
         root.insert("vhosts".into(), Value::Array(vhosts));
-        self.births.vhosts = births;
-    }
-
-    /// Drops `service`'s old instances `was` from the virtual-host index, marking their
-    /// virtual hosts for a rebuild.
-    fn forget_vhosts(
-        &mut self,
-        service: &str,
-        was: &[Arc<Instance>],
-        dirty: &mut BTreeSet<String>,
-    ) {
-        for i in was {
-            let Some(v) = i.vhost() else { continue };
-            if let Some(s) = self.vhost_services.get_mut(&v) {
-                s.remove(service);
-                if s.is_empty() {
-                    self.vhost_services.remove(&v);
-                }
-            }
-            dirty.insert(v);
-        }
     }
 
     /// The document, as Handlebars renders it.
@@ -364,6 +334,151 @@ impl TemplateData {
     /// When each entry of `services` and `vhosts`, and `vars`, were built.
     pub fn births(&self) -> &Births {
         &self.births
+    }
+
+    /// `services` and `vhosts` to read one entry at a time, built in the document or not.
+    pub fn lists(&self) -> Lists {
+        Lists {
+            snap: self.snap.clone(),
+            vhosts: self.vhosts.clone(),
+            births: self.births.clone(),
+            vars: self.value()["vars"].clone(),
+        }
+    }
+}
+
+/// Drops `service`'s old instances `was` from the virtual-host index, marking their virtual
+/// hosts for a rebuild.
+fn forget_vhosts(
+    index: &mut VhostIndex,
+    service: &str,
+    was: &[Arc<Instance>],
+    dirty: &mut BTreeSet<String>,
+) {
+    for i in was {
+        let Some(v) = i.vhost() else { continue };
+        if let Some(e) = index.get_mut(&v) {
+            e.services.remove(service);
+            if e.services.is_empty() {
+                index.remove(&v);
+            }
+        }
+        dirty.insert(v);
+    }
+}
+
+/// One of the large lists of the document that a render may read one entry at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum List {
+    /// `services`.
+    Services,
+    /// `vhosts`.
+    Vhosts,
+}
+
+impl List {
+    /// Both.
+    pub const ALL: [List; 2] = [List::Services, List::Vhosts];
+
+    /// Its key in the document.
+    pub fn key(self) -> &'static str {
+        match self {
+            List::Services => "services",
+            List::Vhosts => "vhosts",
+        }
+    }
+
+    /// The list under `key`.
+    pub fn from_key(key: &str) -> Option<List> {
+        List::ALL.into_iter().find(|l| l.key() == key)
+    }
+}
+
+/// `services` and `vhosts` of one document, entry by entry, for a render that reads them
+/// without the document holding them (see `crate::stream`): at 10,000 instances the lists
+/// are most of the document's memory, and a template that only loops over them needs one
+/// entry at a time. Holds what the entries are built from (shared, not copied) and their
+/// births, so an entry is built only when a render cannot reuse its text.
+#[derive(Clone)]
+pub struct Lists {
+    snap: Arc<Snapshot>,
+    vhosts: Arc<VhostIndex>,
+    births: Births,
+    vars: Value,
+}
+
+/// An entry of a [`List`], not built yet.
+pub struct Entry<'a> {
+    /// Its birth (see [`Births`]).
+    pub birth: u64,
+    source: Source<'a>,
+}
+
+enum Source<'a> {
+    Service(&'a str, &'a [Arc<Instance>]),
+    Vhost(&'a str, &'a BTreeSet<String>, &'a Snapshot),
+}
+
+impl Entry<'_> {
+    /// The entry, as the document would hold it.
+    pub fn value(&self) -> Value {
+        match self.source {
+            Source::Service(name, insts) => service_value(name, insts),
+            Source::Vhost(host, services, snap) => vhost_value(host, services, snap),
+        }
+    }
+}
+
+impl Lists {
+    /// The births of the document's entries and `vars`.
+    pub fn births(&self) -> &Births {
+        &self.births
+    }
+
+    /// `vars`, as the document holds it.
+    pub fn vars(&self) -> &Value {
+        &self.vars
+    }
+
+    /// The entries of `list`, in the document's order.
+    pub fn entries(&self, list: List) -> Vec<Entry<'_>> {
+        match list {
+            List::Services => self
+                .snap
+                .services
+                .iter()
+                .zip(&self.births.services)
+                .map(|((name, insts), &birth)| Entry {
+                    birth,
+                    source: Source::Service(name, insts),
+                })
+                .collect(),
+            List::Vhosts => self
+                .vhosts
+                .iter()
+                .map(|(host, e)| Entry {
+                    birth: e.birth,
+                    source: Source::Vhost(host, &e.services, &self.snap),
+                })
+                .collect(),
+        }
+    }
+
+    /// What `find_service` gives for `services`, `name` and `tag`: the service called `name`,
+    /// else the first (by name) tagged `tag`, among those with instances; `null` if none.
+    pub fn find_service(&self, name: &str, tag: &str) -> Value {
+        let services = &self.snap.services;
+        let by_name = services
+            .get_key_value(name)
+            .filter(|(_, insts)| !name.is_empty() && !insts.is_empty());
+        let by_tag = || {
+            services.iter().find(|(_, insts)| {
+                !tag.is_empty() && insts.iter().any(|i| i.tags.iter().any(|t| t == tag))
+            })
+        };
+        by_name
+            .or_else(by_tag)
+            .map_or(Value::Null, |(name, insts)| service_value(name, insts))
     }
 }
 
@@ -426,8 +541,10 @@ fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
 }
 
 /// A `vhosts` entry: the instances of `services` (in name order) serving `host`.
-fn vhost_value<'a>(host: &str, services: impl Iterator<Item = &'a Vec<Arc<Instance>>>) -> Value {
+fn vhost_value(host: &str, services: &BTreeSet<String>, snap: &Snapshot) -> Value {
     let instances = services
+        .iter()
+        .filter_map(|s| snap.services.get(s))
         .flatten()
         .filter(|i| i.vhost().as_deref() == Some(host))
         .map(|i| instance_value(i))
@@ -545,6 +662,9 @@ pub(crate) mod tests {
             ..Parts::ALL
         };
         let mut partial = TemplateData::with_parts(Arc::new(Snapshot::default()), &vars_a, some);
+        // And one with no list at all, read entry by entry.
+        let mut bare =
+            TemplateData::with_parts(Arc::new(Snapshot::default()), &vars_a, Parts::default());
         let mut current: BTreeMap<(String, String), Instance> = BTreeMap::new();
         let mut generations = BTreeSet::from([d.generation()]);
         let mut born: BTreeMap<u64, Value> = BTreeMap::new();
@@ -583,6 +703,33 @@ pub(crate) mod tests {
             }
             let v = &d.value()["vars"];
             assert_eq!(born.entry(d.births().vars).or_insert_with(|| v.clone()), v);
+            bare.update(d.snapshot().clone(), vars);
+            let lists = bare.lists();
+            for list in List::ALL {
+                let entries = lists.entries(list);
+                let values: Vec<Value> = entries.iter().map(Entry::value).collect();
+                assert_eq!(
+                    Some(&values),
+                    full.value()[list.key()].as_array(),
+                    "step {step}: {list:?}"
+                );
+                for (e, v) in entries.iter().zip(&values) {
+                    let first = born.entry(e.birth).or_insert_with(|| v.clone());
+                    assert_eq!(first, v, "step {step}: {list:?} birth {} reused", e.birth);
+                }
+            }
+            assert_eq!(lists.vars(), &full.value()["vars"]);
+            assert!(bare.value().get("services").is_none() && bare.value().get("vhosts").is_none());
+            for name in ["s0", "s3", "nothing", ""] {
+                for tag in ["t0", "t2", "backend", ""] {
+                    let services = full.value()["services"].as_array().unwrap();
+                    assert_eq!(
+                        lists.find_service(name, tag),
+                        crate::helpers::pick_service(services, name, tag),
+                        "step {step}: {name} {tag}"
+                    );
+                }
+            }
             partial.update(d.snapshot().clone(), vars);
             let mut want = full.value().clone();
             if !partial.parts().service {

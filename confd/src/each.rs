@@ -17,18 +17,19 @@
 //! reused by. Everything else behaves as Handlebars' builtin `each` (a unit test renders a set of
 //! templates both ways).
 
-use crate::data::Births;
+use crate::data::{List, Lists};
+use crate::stream;
 use handlebars::template::{Parameter, TemplateElement};
 use handlebars::{
     to_json, BlockContext, BlockParams, Context, Handlebars, Helper, HelperDef, HelperResult,
     Output, Path, RenderContext, RenderError, RenderErrorReason, Renderable, Template,
 };
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A loop whose iterations may be reused: the address of its body in a parsed template.
-type SiteId = usize;
+pub(crate) type SiteId = usize;
 
 /// What an iteration's text is reused by: the entry's birth, `vars`' birth, and when the body
 /// reads a loop variable (`@index`, `@first`, `@last`, `@key`), the index and whether it is
@@ -37,9 +38,12 @@ type Key = (u64, u64, Option<(usize, bool)>);
 
 /// One reusable loop: the texts of the last render and those of the current one.
 #[derive(Default)]
-struct Site {
+pub(crate) struct Site {
     /// Whether the body reads a loop variable (`@index`, `@first`, `@last`, `@key`).
     locals: bool,
+    /// The list it loops over when that list may be missing from the document (see
+    /// [`crate::stream`]).
+    stream: Option<List>,
     last: HashMap<Key, String>,
     current: HashMap<Key, String>,
 }
@@ -48,8 +52,9 @@ struct Site {
 struct State {
     /// Per template name, its reusable loops.
     templates: HashMap<String, HashMap<SiteId, Site>>,
-    /// The template being rendered from a document with births, if any.
-    active: Option<(String, Births)>,
+    /// The template being rendered from a [`TemplateData`](crate::data::TemplateData), if
+    /// any, and that document's lists.
+    active: Option<(String, Arc<Lists>)>,
 }
 
 /// The texts kept between renders, shared by the [`Renderer`](crate::render::Renderer) that
@@ -65,7 +70,12 @@ impl Memo {
 
     /// `name` was parsed again: forget its loops and take those of `t`.
     pub fn parsed(&self, name: &str, t: &Template) {
-        let found = sites(t);
+        let mut found = sites(t);
+        for (site, list) in stream::analyse(t).loops {
+            if let Some(s) = found.get_mut(&site) {
+                s.stream = Some(list);
+            }
+        }
         let mut s = self.lock();
         if found.is_empty() {
             s.templates.remove(name);
@@ -79,14 +89,36 @@ impl Memo {
         self.lock().templates.remove(name);
     }
 
-    /// Registers the `each` helper that reuses through this memo, over the builtin.
+    /// Registers the `each` helper that reuses through this memo, over the builtin, and the
+    /// `find_service` of templates that stream `services` ([`stream::FIND_SERVICE`]).
     pub fn register(&self, hb: &mut Handlebars) {
         hb.register_helper("each", Box::new(EachHelper { memo: self.clone() }));
+        hb.register_helper(
+            stream::FIND_SERVICE,
+            Box::new(stream::FindService { memo: self.clone() }),
+        );
     }
 
-    /// `name` is about to be rendered from a document with `births`.
-    pub fn begin(&self, name: &str, births: &Births) {
-        self.lock().active = Some((name.to_string(), births.clone()));
+    /// `name` is about to be rendered from a document whose lists are `lists`.
+    pub fn begin(&self, name: &str, lists: Lists) {
+        self.lock().active = Some((name.to_string(), Arc::new(lists)));
+    }
+
+    /// The lists of the document being rendered, if any.
+    pub fn lists(&self) -> Option<Arc<Lists>> {
+        self.lock().active.as_ref().map(|(_, l)| l.clone())
+    }
+
+    /// The list the loop whose body is `body` streams, with the lists of the render under
+    /// way: `None` when the loop is not one that streams or no such render is under way.
+    fn stream(&self, body: &Template) -> Option<(List, Arc<Lists>)> {
+        let s = self.lock();
+        let (name, lists) = s.active.as_ref()?;
+        let site = s
+            .templates
+            .get(name)?
+            .get(&(body as *const Template as SiteId))?;
+        Some((site.stream?, lists.clone()))
     }
 
     /// The render begun last is over: keep the texts it wrote, drop those it did not use (or,
@@ -108,18 +140,18 @@ impl Memo {
         }
     }
 
-    /// How a loop over `path` with `len` entries, whose body is `body`, is reused: `None`
+    /// How a loop over `list` with `len` entries, whose body is `body`, is reused: `None`
     /// when it is not. The loop holds its site's texts while it runs (no lock per entry) and
     /// gives them back with [`Memo::done`].
-    fn plan(&self, body: &Template, path: Option<&Vec<String>>, len: usize) -> Option<Plan> {
+    fn plan(&self, body: &Template, list: List, len: usize) -> Option<Plan> {
         let mut s = self.lock();
         let State { templates, active } = &mut *s;
-        let (name, births) = active.as_ref()?;
+        let (name, lists) = active.as_ref()?;
+        let births = lists.births();
         let site_id = body as *const Template as SiteId;
-        let list = match path?.as_slice() {
-            [p] if p == "services" => &births.services,
-            [p] if p == "vhosts" => &births.vhosts,
-            _ => return None,
+        let list = match list {
+            List::Services => &births.services,
+            List::Vhosts => &births.vhosts,
         };
         if list.len() != len {
             return None;
@@ -190,14 +222,22 @@ impl HelperDef for EachHelper {
         let Some(t) = h.template() else {
             return Ok(());
         };
+        if value.is_value_missing() {
+            if let Some((list, lists)) = self.memo.stream(t) {
+                return self.streamed(list, &lists, t, h, r, ctx, rc, out);
+            }
+        }
         // What follows is Handlebars 6's `each` (helpers/helper_each.rs), step for step, with
         // the reuse of iterations added for arrays.
         match value.value() {
             Value::Array(list) if !list.is_empty() || h.inverse().is_none() => {
                 rc.push_block(block_for(value.context_path(), value.value()));
                 let path = value.context_path();
-                let mut plan = self.memo.plan(t, path, list.len());
                 let len = list.len();
+                let mut plan = match path.map(Vec::as_slice) {
+                    Some([key]) => List::from_key(key).and_then(|l| self.memo.plan(t, l, len)),
+                    _ => None,
+                };
                 // Where an iteration to keep is rendered: one buffer for the loop, so each
                 // kept text is one allocation of its exact size.
                 let mut scratch = Text(String::new());
@@ -269,6 +309,78 @@ impl HelperDef for EachHelper {
     }
 }
 
+impl EachHelper {
+    /// A loop over `list` that streams (see [`crate::stream`]): each entry is built from
+    /// `lists` only when its text cannot be reused, and its body rendered in a context of its
+    /// own holding the entry, at the path it has in the document (`<list>.<index>`), and
+    /// `vars`: all a sealed body can read. The rest is the builtin's loop over an array.
+    #[allow(clippy::too_many_arguments)]
+    fn streamed<'reg: 'rc, 'rc>(
+        &self,
+        list: List,
+        lists: &Lists,
+        t: &'rc Template,
+        h: &Helper<'rc>,
+        r: &'reg Handlebars<'reg>,
+        ctx: &'rc Context,
+        rc: &mut RenderContext<'reg, 'rc>,
+        out: &mut dyn Output,
+    ) -> HelperResult {
+        let entries = lists.entries(list);
+        if entries.is_empty() {
+            return match h.inverse() {
+                Some(e) => e.render(r, ctx, rc, out),
+                None => Ok(()),
+            };
+        }
+        let len = entries.len();
+        let mut plan = self.memo.plan(t, list, len);
+        let mut root = Map::new();
+        root.insert("vars".into(), lists.vars().clone());
+        let mut scratch = Text(String::new());
+        for (i, e) in entries.iter().enumerate() {
+            let key = plan.as_ref().map(|p| {
+                let locals = p.locals.then_some((i, i + 1 == len));
+                (p.births[i], p.vars, locals)
+            });
+            if let (Some(p), Some(k)) = (&mut plan, &key) {
+                if let Some(text) = p.last.remove(k) {
+                    out.write(&text)?;
+                    p.current.insert(*k, text);
+                    continue;
+                }
+            }
+            let index = i.to_string();
+            let holder = Map::from_iter([(index.clone(), e.value())]);
+            root.insert(list.key().into(), Value::Object(holder));
+            let mut entry = Context::from(Value::Object(root));
+            {
+                let mut erc: RenderContext<'reg, '_> = rc.clone();
+                let mut block = BlockContext::new();
+                block.set_local_var("first", to_json(i == 0));
+                block.set_local_var("last", to_json(i + 1 == len));
+                block.set_local_var("index", to_json(i));
+                *block.base_path_mut() = vec![list.key().to_string(), index];
+                erc.push_block(block);
+                scratch.0.clear();
+                t.render(r, &entry, &mut erc, &mut scratch)?;
+            }
+            out.write(&scratch.0)?;
+            if let (Some(p), Some(k)) = (&mut plan, key) {
+                p.current.insert(k, scratch.0.clone());
+            }
+            let Value::Object(m) = std::mem::take(entry.data_mut()) else {
+                unreachable!("built as an object above")
+            };
+            root = m;
+        }
+        if let Some(p) = plan {
+            self.memo.done(p);
+        }
+        Ok(())
+    }
+}
+
 /// The block a loop runs in: at the collection's path, or holding the collection when it has
 /// no path (a helper's result).
 fn block_for<'rc>(path: Option<&Vec<String>>, value: &Value) -> BlockContext<'rc> {
@@ -320,7 +432,7 @@ fn set_block_params<'rc>(
 
 /// The loops of `t` whose iterations may be reused (see the module doc), by the address of
 /// their body.
-fn sites(t: &Template) -> HashMap<SiteId, Site> {
+pub(crate) fn sites(t: &Template) -> HashMap<SiteId, Site> {
     let mut found = HashMap::new();
     if !everywhere(&t.elements) {
         return found;
@@ -331,7 +443,7 @@ fn sites(t: &Template) -> HashMap<SiteId, Site> {
 
 /// Whether nothing in `elements` can change what a name means inside a loop body: no
 /// partials, decorators or block parameters.
-fn everywhere(elements: &[TemplateElement]) -> bool {
+pub(crate) fn everywhere(elements: &[TemplateElement]) -> bool {
     elements.iter().all(|e| match e {
         TemplateElement::RawString(_) | TemplateElement::Comment(_) => true,
         TemplateElement::Expression(h)
@@ -429,10 +541,10 @@ fn param_sealed(p: &Parameter, locals: &mut bool) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data::tests::{change_instances, Lcg};
-    use crate::data::{TemplateData, Vars};
+    use crate::data::{Parts, TemplateData, Vars};
     use crate::model::{Instance, Snapshot};
     use crate::render::Renderer;
     use serde_json::json;
@@ -440,7 +552,7 @@ mod tests {
 
     /// Loops of every kind `each` has: arrays and objects, at a path and derived from a
     /// helper, nested, with `else`, block parameters, `..`, `@root`, and every local variable.
-    const TEMPLATES: [&str; 17] = [
+    const TEMPLATES: [&str; 26] = [
         "{{#each services}}{{#with this}}{{@index}}{{name}}{{/with}}{{#each tags}}{{@../first}}\
          {{/each}}{{/each}}",
         "{{#each services}}{{@index}}/{{@first}}/{{@last}}:{{name}}\
@@ -464,9 +576,28 @@ mod tests {
         "{{#each service}}{{@key}}:{{#each this}}{{id}}{{/each}}{{/each}}",
         "{{#each services}}{{@root.vars.listen}}{{#each ../vhosts}}{{host}}{{/each}}{{/each}}",
         "{{#each kv}}{{@key}}={{this}}{{else}}no kv{{/each}}{{#each nothing}}x{{/each}}",
+        // Lists read in ways that keep them in the document.
+        "{{#each services}}{{name}}{{/each}}{{#if services}}some{{/if}}{{json vars}}",
+        "{{#each vhosts}}{{host}}{{/each}}{{#with vars}}{{#each ../services}}{{name}}{{/each}}\
+         {{/with}}",
+        "{{#each vars}}{{#each ../vhosts}}{{host}}{{/each}}{{/each}}{{#each services}}{{name}}\
+         {{/each}}",
+        "{{#each services}}{{name}}{{/each}}{{#each vars}}{{#each (lookup ../this \"vhosts\")}}\
+         {{host}}{{/each}}{{/each}}",
+        "{{#each services}}{{name}}{{/each}}{{find_service @root.services \"s1\"}}",
+        "{{#each (find_service services \"s2\" \"t1\")}}{{@key}}{{/each}}{{#each vhosts}}{{/each}}",
+        // Both lists stream in the last three (see the test).
+        "{{#with (find_service services \"s1\" \"t1\")}}{{name}}:{{#each instances}}{{id}},{{/each}}\
+         {{else}}none{{/with}}{{#each services}}{{@index}}{{@first}}{{@last}}{{name}}\
+         {{#each instances}}{{addr this}}{{/each}};{{/each}}{{#each vhosts}}{{host}}{{/each}}",
+        "{{#unless (find_service services (default vars.service \"s3\") \"t2\")}}none{{/unless}}\
+         {{#each services}}{{name}}{{else}}{{#each vhosts}}{{host}}{{/each}}empty{{/each}}",
+        "{{#each vhosts}}{{host}} {{name}}{{#each instances}}{{id}}{{meta.env}}{{/each}}\
+         {{@root.vars.listen}}{{/each}}{{#if (find_service services \"s0\")}}s0{{/if}}\
+         {{#each services}}{{#each instances}}{{#each tags}}{{this}}{{/each}}{{/each}}{{/each}}",
     ];
 
-    fn shipped(name: &str) -> String {
+    pub(crate) fn shipped(name: &str) -> String {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../templates")
             .join(name);
@@ -501,8 +632,19 @@ mod tests {
         ]
         .into();
         let mut r = Lcg(11);
+        // One renderer with every list in its document, one with only those its templates
+        // need there (the others stream, see `crate::stream`).
         let mut renderer = Renderer::default();
         let mut data = TemplateData::build(Arc::new(Snapshot::default()), &vars_a);
+        // A document per template: a list one template needs in its document would
+        // otherwise be there for all.
+        let mut lean = Renderer::default();
+        let mut lean_data: Vec<TemplateData> = templates
+            .iter()
+            .map(|_| {
+                TemplateData::with_parts(Arc::new(Snapshot::default()), &vars_a, Parts::default())
+            })
+            .collect();
         let mut current: BTreeMap<(String, String), Instance> = BTreeMap::new();
         for step in 0..150 {
             change_instances(&mut r, &mut current);
@@ -513,20 +655,32 @@ mod tests {
             };
             let vars = if r.below(6) == 0 { &vars_b } else { &vars_a };
             let snap = Arc::new(Snapshot::build(current.values().cloned(), kv, &[]));
-            data.update(snap, vars);
-            for (name, src) in &templates {
-                let got = renderer
-                    .render_data(name, src, &mut data)
-                    .map_err(|e| e.to_string());
+            data.update(snap.clone(), vars);
+            for ((name, src), lean_data) in templates.iter().zip(&mut lean_data) {
+                lean_data.update(snap.clone(), vars);
                 let want = builtin(src, data.value());
-                assert_eq!(
-                    got.is_ok(),
-                    want.is_ok(),
-                    "step {step}, {name}: {got:?} {want:?}"
-                );
-                if let (Ok(got), Ok(want)) = (got, want) {
-                    assert_eq!(got, want, "step {step}, {name}");
+                for (how, got) in [
+                    (
+                        "in the document",
+                        renderer.render_data(name, src, &mut data),
+                    ),
+                    ("streamed", lean.render_data(name, src, lean_data)),
+                ] {
+                    let got = got.map_err(|e| e.to_string());
+                    assert_eq!(
+                        got.is_ok(),
+                        want.is_ok(),
+                        "step {step}, {name} {how}: {got:?} {want:?}"
+                    );
+                    if let (Ok(got), Ok(want)) = (got, &want) {
+                        assert_eq!(&got, want, "step {step}, {name} {how}");
+                    }
                 }
+            }
+            // The shipped templates and those after them stream both lists.
+            for ((name, _), d) in templates.iter().zip(&lean_data).skip(TEMPLATES.len() - 3) {
+                let p = d.parts();
+                assert!(!p.services && !p.vhosts, "step {step}, {name}: {p:?}");
             }
             // The shipped templates' loops kept their texts for the next step to reuse.
             if !current.is_empty() {

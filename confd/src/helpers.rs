@@ -171,6 +171,12 @@ impl HelperDef for AsValue<'_> {
     }
 }
 
+/// Whether the helper `name`, called with no argument, reads the current context (`this`):
+/// `vhost` and `addr` are also instance field names (see `FnHelper::implicit_this`).
+pub(crate) fn reads_this(name: &str) -> bool {
+    matches!(name, "vhost" | "addr")
+}
+
 /// Registers every helper on `hb`, and turns its escaping off: proxy configs are not HTML
 /// (`&amp;` in one is a bug), and the output helpers escape for the config themselves.
 pub fn register(hb: &mut Handlebars) {
@@ -199,7 +205,7 @@ pub fn register(hb: &mut Handlebars) {
         ("safe_name", Body::Text(name), false),
     ];
     for (n, body, allow_missing) in table {
-        let implicit_this = matches!(n, "vhost" | "addr");
+        let implicit_this = reads_this(n);
         hb.register_helper(
             n,
             Box::new(FnHelper {
@@ -396,26 +402,39 @@ fn find_service(args: &[Arg]) -> Result<Value, String> {
                 .into(),
         );
     };
+    let (name, tag) = service_query(&args[1..]);
+    Ok(pick_service(services, &name, &tag))
+}
+
+/// The name and tag `find_service` looks for, from its arguments after `services` (missing
+/// ones are empty: they match nothing).
+pub(crate) fn service_query(args: &[Arg]) -> (String, String) {
+    let at = |k: usize| args.get(k).copied().flatten().map(text).unwrap_or_default();
+    (at(0), at(1))
+}
+
+/// The entry of `services` called `name`, else the first tagged `tag`, among those with
+/// instances; `null` if none (see `data::Lists::find_service`, its twin for a render that
+/// has no `services` in its document).
+pub(crate) fn pick_service(services: &[Value], name: &str, tag: &str) -> Value {
     let has_instances = |s: &&Value| {
         s.get("instances")
             .and_then(Value::as_array)
             .is_some_and(|a| !a.is_empty())
     };
-    let name = args.get(1).copied().flatten().map(text).unwrap_or_default();
-    let tag = args.get(2).copied().flatten().map(text).unwrap_or_default();
     let by_name = services
         .iter()
         .filter(has_instances)
-        .find(|s| !name.is_empty() && s.get("name").map(text_ref).as_deref() == Some(&*name));
+        .find(|s| !name.is_empty() && s.get("name").map(text_ref).as_deref() == Some(name));
     let by_tag = || {
         services.iter().filter(has_instances).find(|s| {
             !tag.is_empty()
                 && s.get("tags")
                     .and_then(Value::as_array)
-                    .is_some_and(|t| t.iter().any(|x| x.as_str() == Some(&tag)))
+                    .is_some_and(|t| t.iter().any(|x| x.as_str() == Some(tag)))
         })
     };
-    Ok(by_name.or_else(by_tag).cloned().unwrap_or(Value::Null))
+    by_name.or_else(by_tag).cloned().unwrap_or(Value::Null)
 }
 
 /// Argument 1 of an instance helper: an instance object (`this` inside `{{#each instances}}`).

@@ -25,6 +25,7 @@ pub mod names;
 pub mod render;
 pub mod runner;
 pub mod source;
+pub mod stream;
 pub mod watch;
 pub mod writer;
 

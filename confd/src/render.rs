@@ -8,6 +8,7 @@ use crate::data::{Parts, TemplateData, Vars};
 use crate::each::Memo;
 use crate::helpers;
 use crate::model::Snapshot;
+use crate::stream;
 use handlebars::template::{Parameter, Template, TemplateElement};
 use handlebars::{Context, Handlebars, Path, PathSeg, RenderErrorReason};
 use serde_json::Value;
@@ -116,7 +117,7 @@ impl Renderer {
         }
         parsed.last = None;
         self.renders += 1;
-        self.memo.begin(name, data.births());
+        self.memo.begin(name, data.lists());
         let out = self.hb.render_with_context(name, data.context());
         self.memo.finish(out.is_ok());
         let out = out.map_err(|e| render_error(name, e))?;
@@ -172,10 +173,20 @@ impl Renderer {
             .map_err(|e| {
                 RenderError::Syntax(one_line(&format!("{name}: template syntax error: {e}")))
             })?;
-        let reads = self.hb.get_template(name).map_or(Parts::ALL, reads);
-        if let Some(t) = self.hb.get_template(name) {
-            self.memo.parsed(name, t);
+        // Lists the template reads one entry at a time stay out of the document.
+        let mut t = self
+            .hb
+            .get_template(name)
+            .expect("registered above")
+            .clone();
+        let streams = stream::analyse(&t);
+        if !streams.lists.is_empty() {
+            stream::rewrite(&mut t, &streams);
+            self.hb.register_template(name, t);
         }
+        let t = self.hb.get_template(name).expect("registered above");
+        let reads = reads(t).without(&streams.lists);
+        self.memo.parsed(name, t);
         self.parsed.insert(
             name.to_string(),
             Parsed {

@@ -17,7 +17,7 @@
 
 use crate::common::{ms3, thread_cpu, Summary};
 use crate::workload;
-use confd::data::{Parts, TemplateData, Vars};
+use confd::data::{List, Parts, TemplateData, Vars};
 use confd::model::Snapshot;
 use confd::render::Renderer;
 use std::sync::Arc;
@@ -120,7 +120,7 @@ pub fn run(counts: &[usize]) {
             drop(d);
             t
         });
-        let vhosts = data.value()["vhosts"].as_array().map_or(0, Vec::len);
+        let vhosts = data.lists().entries(List::Vhosts).len();
         let mut flip = false;
         let update = measure(|| {
             flip = !flip;
