@@ -92,6 +92,8 @@ type VhostIndex = BTreeMap<String, VhostEntry>;
 struct VhostEntry {
     /// The services with an instance serving the host.
     services: BTreeSet<String>,
+    /// Those instances, in service then ID order (the entry's `instances`).
+    instances: Vec<Arc<Instance>>,
     /// When the entry was last built (see [`Births`]).
     birth: u64,
 }
@@ -288,6 +290,14 @@ impl TemplateData {
         for host in &dirty {
             if let Some(e) = index.get_mut(host) {
                 e.birth = birth();
+                e.instances = e
+                    .services
+                    .iter()
+                    .filter_map(|s| new.services.get(s))
+                    .flatten()
+                    .filter(|i| i.vhost().as_deref() == Some(host.as_str()))
+                    .cloned()
+                    .collect();
             }
         }
         self.births.vhosts = index.values().map(|e| e.birth).collect();
@@ -305,7 +315,7 @@ impl TemplateData {
             let kept = old_vhosts.next_if(|v| v["host"].as_str() == Some(host.as_str()));
             match kept {
                 Some(v) if !dirty.contains(host) => vhosts.push(v),
-                _ => vhosts.push(vhost_value(host, &e.services, new)),
+                _ => vhosts.push(vhost_value(host, &e.instances)),
             }
         }
         root.insert("vhosts".into(), Value::Array(vhosts));
@@ -416,15 +426,23 @@ pub struct Entry<'a> {
 
 enum Source<'a> {
     Service(&'a str, &'a [Arc<Instance>]),
-    Vhost(&'a str, &'a BTreeSet<String>, &'a Snapshot),
+    Vhost(&'a str, &'a [Arc<Instance>]),
 }
 
 impl Entry<'_> {
     /// The entry, as the document would hold it.
     pub fn value(&self) -> Value {
+        let mut v = Value::Null;
+        self.fill(&mut v);
+        v
+    }
+
+    /// Makes `v` the entry, reusing the strings, lists and objects it holds where they have
+    /// the same place (as the previous entry of the same list has).
+    pub fn fill(&self, v: &mut Value) {
         match self.source {
-            Source::Service(name, insts) => service_value(name, insts),
-            Source::Vhost(host, services, snap) => vhost_value(host, services, snap),
+            Source::Service(name, insts) => fill_service(v, name, insts),
+            Source::Vhost(host, insts) => fill_vhost(v, host, insts),
         }
     }
 }
@@ -458,7 +476,7 @@ impl Lists {
                 .iter()
                 .map(|(host, e)| Entry {
                     birth: e.birth,
-                    source: Source::Vhost(host, &e.services, &self.snap),
+                    source: Source::Vhost(host, &e.instances),
                 })
                 .collect(),
         }
@@ -501,59 +519,150 @@ fn string(s: &str) -> Value {
     Value::String(s.to_owned())
 }
 
+// Entries are written by `fill_*` functions that make a value the entry while reusing the
+// allocations it already holds where the shape is the same: a streamed loop (see
+// `crate::stream`) builds every entry it cannot reuse into the previous one, so a render
+// with nothing to reuse does not allocate and free a whole document's worth of small
+// strings and B-tree nodes. A fresh entry is a fill of `null`.
+
+/// The keys of an instance object, in the order a `Map` keeps them.
+const INSTANCE_KEYS: [&str; 9] = [
+    "address", "health", "id", "meta", "name", "node", "port", "tags", "vhost",
+];
+
+/// `v` as an object with exactly the keys `keys` (sorted) once filled: kept when it has
+/// them, else emptied.
+fn object<'a>(v: &'a mut Value, keys: &[&str]) -> &'a mut Map<String, Value> {
+    let same =
+        matches!(&*v, Value::Object(m) if m.keys().map(String::as_str).eq(keys.iter().copied()));
+    if !same {
+        *v = Value::Object(Map::new());
+    }
+    let Value::Object(m) = v else {
+        unreachable!("made an object above")
+    };
+    m
+}
+
+/// `m[key]`, inserted as `null` when missing (a key string is allocated only then).
+fn slot<'a>(m: &'a mut Map<String, Value>, key: &str) -> &'a mut Value {
+    if !m.contains_key(key) {
+        m.insert(key.to_owned(), Value::Null);
+    }
+    m.get_mut(key).expect("inserted above")
+}
+
+/// Sets `m[key]` to the string `s`, in the string already there if any.
+fn set_str(m: &mut Map<String, Value>, key: &str, s: &str) {
+    match m.get_mut(key) {
+        Some(Value::String(t)) => {
+            t.clear();
+            t.push_str(s);
+        }
+        Some(other) => *other = string(s),
+        None => {
+            m.insert(key.to_owned(), string(s));
+        }
+    }
+}
+
+/// `v`, an array, made the list of `items`, each an entry written by `fill`.
+fn fill_array<T>(
+    v: &mut Value,
+    items: impl ExactSizeIterator<Item = T>,
+    fill: impl Fn(&mut Value, T),
+) {
+    if !v.is_array() {
+        *v = Value::Array(Vec::with_capacity(items.len()));
+    }
+    let Value::Array(a) = v else {
+        unreachable!("made an array above")
+    };
+    a.truncate(items.len());
+    for (k, item) in items.enumerate() {
+        match a.get_mut(k) {
+            Some(slot) => fill(slot, item),
+            None => {
+                let mut slot = Value::Null;
+                fill(&mut slot, item);
+                a.push(slot);
+            }
+        }
+    }
+}
+
+fn fill_string(v: &mut Value, s: &str) {
+    match v {
+        Value::String(t) => {
+            t.clear();
+            t.push_str(s);
+        }
+        _ => *v = string(s),
+    }
+}
+
+fn fill_instance(v: &mut Value, i: &Instance) {
+    let m = object(v, &INSTANCE_KEYS);
+    set_str(m, "id", &i.id);
+    set_str(m, "name", &i.name);
+    set_str(m, "address", &i.address);
+    *slot(m, "port") = Value::from(i.port);
+    fill_array(slot(m, "tags"), i.tags.iter(), |v, t| fill_string(v, t));
+    let meta = slot(m, "meta");
+    let keys: Vec<&str> = i.meta.iter().map(|(k, _)| k.as_str()).collect();
+    let meta = object(meta, &keys);
+    for (k, val) in i.meta.iter() {
+        set_str(meta, k, val);
+    }
+    set_str(m, "node", &i.node);
+    set_str(m, "health", &i.health);
+    set_str(m, "vhost", &i.vhost().unwrap_or_default());
+}
+
 fn instance_value(i: &Instance) -> Value {
-    let mut m = Map::new();
-    m.insert("id".into(), string(&i.id));
-    m.insert("name".into(), string(&i.name));
-    m.insert("address".into(), string(&i.address));
-    m.insert("port".into(), Value::from(i.port));
-    m.insert(
-        "tags".into(),
-        Value::Array(i.tags.iter().map(|t| string(t)).collect()),
-    );
-    m.insert(
-        "meta".into(),
-        Value::Object(i.meta.iter().map(|(k, v)| (k.clone(), string(v))).collect()),
-    );
-    m.insert("node".into(), string(&i.node));
-    m.insert("health".into(), string(&i.health));
-    m.insert("vhost".into(), Value::String(i.vhost().unwrap_or_default()));
-    Value::Object(m)
+    let mut v = Value::Null;
+    fill_instance(&mut v, i);
+    v
 }
 
 fn instances_value(insts: &[Arc<Instance>]) -> Value {
     Value::Array(insts.iter().map(|i| instance_value(i)).collect())
 }
 
-fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
+/// A `services` entry: `{name, tags, instances}`, `tags` the union of the instances' tags.
+fn fill_service(v: &mut Value, name: &str, insts: &[Arc<Instance>]) {
     let tags: BTreeSet<&str> = insts
         .iter()
         .flat_map(|i| i.tags.iter().map(String::as_str))
         .collect();
-    let mut m = Map::new();
-    m.insert("name".into(), string(name));
-    m.insert(
-        "tags".into(),
-        Value::Array(tags.into_iter().map(string).collect()),
-    );
-    m.insert("instances".into(), instances_value(insts));
-    Value::Object(m)
+    let m = object(v, &["instances", "name", "tags"]);
+    set_str(m, "name", name);
+    fill_array(slot(m, "tags"), tags.into_iter(), fill_string);
+    fill_array(slot(m, "instances"), insts.iter(), |v, i| {
+        fill_instance(v, i)
+    });
 }
 
-/// A `vhosts` entry: the instances of `services` (in name order) serving `host`.
-fn vhost_value(host: &str, services: &BTreeSet<String>, snap: &Snapshot) -> Value {
-    let instances = services
-        .iter()
-        .filter_map(|s| snap.services.get(s))
-        .flatten()
-        .filter(|i| i.vhost().as_deref() == Some(host))
-        .map(|i| instance_value(i))
-        .collect();
-    let mut m = Map::new();
-    m.insert("host".into(), string(host));
-    m.insert("name".into(), Value::String(safe_token(host)));
-    m.insert("instances".into(), Value::Array(instances));
-    Value::Object(m)
+fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
+    let mut v = Value::Null;
+    fill_service(&mut v, name, insts);
+    v
+}
+
+/// A `vhosts` entry: `{host, name, instances}`, the instances serving `host`.
+fn fill_vhost(v: &mut Value, host: &str, insts: &[Arc<Instance>]) {
+    let m = object(v, &["host", "instances", "name"]);
+    set_str(m, "host", host);
+    set_str(m, "name", &safe_token(host));
+    fill_array(slot(m, "instances"), insts.iter(), |v, i| {
+        fill_instance(v, i)
+    });
+}
+
+fn vhost_value(host: &str, insts: &[Arc<Instance>]) -> Value {
+    let mut v = Value::Null;
+    fill_vhost(&mut v, host, insts);
+    v
 }
 
 fn kv_value(kv: &BTreeMap<String, String>) -> Value {
@@ -713,6 +822,19 @@ pub(crate) mod tests {
                     full.value()[list.key()].as_array(),
                     "step {step}: {list:?}"
                 );
+                // Filled into another entry's value (as a streamed loop does), of this list
+                // or the other: the same value.
+                let other = lists.entries(if list == List::Services {
+                    List::Vhosts
+                } else {
+                    List::Services
+                });
+                let first_other = other.first().map(Entry::value);
+                let fillers = values.iter().rev().chain(first_other.iter());
+                for (e, mut v) in entries.iter().zip(fillers.cloned()) {
+                    e.fill(&mut v);
+                    assert_eq!(v, e.value(), "step {step}: {list:?} filled");
+                }
                 for (e, v) in entries.iter().zip(&values) {
                     let first = born.entry(e.birth).or_insert_with(|| v.clone());
                     assert_eq!(first, v, "step {step}: {list:?} birth {} reused", e.birth);

@@ -338,6 +338,8 @@ impl EachHelper {
         let mut root = Map::new();
         root.insert("vars".into(), lists.vars().clone());
         let mut scratch = Text(String::new());
+        // The entry being rendered, built into the previous one's allocations.
+        let mut value = Value::Null;
         for (i, e) in entries.iter().enumerate() {
             let key = plan.as_ref().map(|p| {
                 let locals = p.locals.then_some((i, i + 1 == len));
@@ -351,7 +353,8 @@ impl EachHelper {
                 }
             }
             let index = i.to_string();
-            let holder = Map::from_iter([(index.clone(), e.value())]);
+            e.fill(&mut value);
+            let holder = Map::from_iter([(index.clone(), std::mem::take(&mut value))]);
             root.insert(list.key().into(), Value::Object(holder));
             let mut entry = Context::from(Value::Object(root));
             {
@@ -369,9 +372,12 @@ impl EachHelper {
             if let (Some(p), Some(k)) = (&mut plan, key) {
                 p.current.insert(k, scratch.0.clone());
             }
-            let Value::Object(m) = std::mem::take(entry.data_mut()) else {
+            let Value::Object(mut m) = std::mem::take(entry.data_mut()) else {
                 unreachable!("built as an object above")
             };
+            if let Some(Value::Object(holder)) = m.remove(list.key()) {
+                value = holder.into_iter().next().map_or(Value::Null, |(_, v)| v);
+            }
             root = m;
         }
         if let Some(p) = plan {
