@@ -192,6 +192,25 @@ struct Plan {
     current: HashMap<Key, String>,
 }
 
+impl Plan {
+    /// What iteration `i` of `len` is reused by.
+    fn key(&self, i: usize, len: usize) -> Key {
+        let locals = self.locals.then_some((i, i + 1 == len));
+        (self.births[i], self.vars, locals)
+    }
+
+    /// Writes the text the last render kept under `key`, if any, keeping it for the next:
+    /// whether there was one.
+    fn reuse(&mut self, key: &Key, out: &mut dyn Output) -> std::io::Result<bool> {
+        let Some(text) = self.last.remove(key) else {
+            return Ok(false);
+        };
+        out.write(&text)?;
+        self.current.insert(*key, text);
+        Ok(true)
+    }
+}
+
 /// The `each` helper, registered over Handlebars' builtin (see [`Memo::register`]).
 struct EachHelper {
     memo: Memo,
@@ -242,14 +261,9 @@ impl HelperDef for EachHelper {
                 // kept text is one allocation of its exact size.
                 let mut scratch = Text(String::new());
                 for (i, v) in list.iter().enumerate() {
-                    let key = plan.as_ref().map(|p| {
-                        let locals = p.locals.then_some((i, i + 1 == len));
-                        (p.births[i], p.vars, locals)
-                    });
+                    let key = plan.as_ref().map(|p| p.key(i, len));
                     if let (Some(p), Some(k)) = (&mut plan, &key) {
-                        if let Some(text) = p.last.remove(k) {
-                            out.write(&text)?;
-                            p.current.insert(*k, text);
+                        if p.reuse(k, out)? {
                             continue;
                         }
                     }
@@ -341,14 +355,9 @@ impl EachHelper {
         // The entry being rendered, built into the previous one's allocations.
         let mut value = Value::Null;
         for (i, e) in entries.iter().enumerate() {
-            let key = plan.as_ref().map(|p| {
-                let locals = p.locals.then_some((i, i + 1 == len));
-                (p.births[i], p.vars, locals)
-            });
+            let key = plan.as_ref().map(|p| p.key(i, len));
             if let (Some(p), Some(k)) = (&mut plan, &key) {
-                if let Some(text) = p.last.remove(k) {
-                    out.write(&text)?;
-                    p.current.insert(*k, text);
+                if p.reuse(k, out)? {
                     continue;
                 }
             }
