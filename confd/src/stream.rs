@@ -44,13 +44,6 @@ pub struct Streams {
     finds: Vec<*const HelperTemplate>,
 }
 
-impl Streams {
-    /// Whether `list` streams.
-    pub fn has(&self, list: List) -> bool {
-        self.lists.contains(&list)
-    }
-}
-
 /// What `t` reads of the lists one entry at a time (see the module doc).
 pub fn analyse(t: &Template) -> Streams {
     if !everywhere(&t.elements) {
