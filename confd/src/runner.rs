@@ -336,9 +336,10 @@ fn label(t: &TemplateConfig) -> String {
 enum Undo {
     /// Put this previous content back: the proxy keeps serving the config it had.
     Restore(Vec<u8>),
-    /// Keep the file: there was none before (the first render), or it is already the one
-    /// owed a reload. Removing it would leave a proxy that is still starting with no config
-    /// at all; the file passed its check, so it stays and its reload is retried.
+    /// Keep the file: there was none before (the first render), or the one before was still
+    /// owed a reload (never loaded), or it is itself the one owed. Removing it, or putting
+    /// back a file no proxy loaded, would leave a proxy that is still starting with no config
+    /// or a stale one; the file passed its check, so it stays and its reload is retried.
     Keep,
 }
 
@@ -466,10 +467,14 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
             Ok(Applied::Swapped(previous)) => {
                 res.outcomes.push((i, Outcome::Updated));
                 res.settled.push(i);
-                reloading.push(Reloading {
-                    idx: i,
-                    undo: previous.map_or(Undo::Keep, Undo::Restore),
-                });
+                // The file replaced is worth putting back only if its proxy loaded it: one
+                // still owed a reload never was (the proxy is not up yet, or not taking
+                // reloads), and the newest checked file is what a starting proxy should read.
+                let undo = match previous {
+                    Some(p) if !is_owed => Undo::Restore(p),
+                    _ => Undo::Keep,
+                };
+                reloading.push(Reloading { idx: i, undo });
                 continue;
             }
             Ok(Applied::Unchanged) => {
@@ -855,7 +860,7 @@ mod tests {
 
     /// The first render's reload fails (the proxy is not up yet): the new file stays, since
     /// there is nothing to put back, and its reload runs again at the next pass, changed or
-    /// not, until it works.
+    /// not, until it works. A change meanwhile replaces the file, never loaded, for good.
     #[tokio::test]
     async fn first_render_keeps_its_file_when_the_reload_fails() {
         let d = tempfile::tempdir().unwrap();
@@ -888,13 +893,20 @@ mod tests {
         let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
         assert!(matches!(&o[0], Outcome::ReloadFailed(_)), "{o:?}");
         assert!(!log.exists());
+        // Still down, and the registry changes: the file owed a reload was never loaded, so
+        // it is not put back; the newest file stays (what the proxy reads when it starts).
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut owed, false).await;
+        assert!(matches!(&o[0], Outcome::ReloadFailed(_)), "{o:?}");
+        assert_eq!(std::fs::read_to_string(d.path().join("a")).unwrap(), "80 81 ");
+        assert_eq!(owed, BTreeSet::from([0]));
+        assert!(!log.exists());
         // The proxy is up: an unchanged file is reloaded, once, even when not due.
         std::fs::write(&up, "").unwrap();
-        let o = pass(&c, &mut r, &snap(1), &[], &mut owed, false).await;
+        let o = pass(&c, &mut r, &snap(2), &[], &mut owed, false).await;
         assert_eq!(o[0], Outcome::Updated);
         assert!(owed.is_empty());
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
-        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
+        let o = pass(&c, &mut r, &snap(2), &[0], &mut owed, false).await;
         assert_eq!(o[0], Outcome::Unchanged);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
