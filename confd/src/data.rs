@@ -14,7 +14,7 @@
 //! serialise it again per template.
 
 use crate::model::{Instance, Snapshot};
-use crate::names::safe_token;
+use crate::names::{push_safe_token, safe_token};
 use handlebars::Context;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -530,40 +530,40 @@ const INSTANCE_KEYS: [&str; 9] = [
     "address", "health", "id", "meta", "name", "node", "port", "tags", "vhost",
 ];
 
-/// `v` as an object with exactly the keys `keys` (sorted) once filled: kept when it has
-/// them, else emptied.
-fn object<'a>(v: &'a mut Value, keys: &[&str]) -> &'a mut Map<String, Value> {
-    let same =
-        matches!(&*v, Value::Object(m) if m.keys().map(String::as_str).eq(keys.iter().copied()));
-    if !same {
+/// `v` made an object with exactly the keys `keys`, which must be sorted and distinct (the
+/// order a `Map` keeps them in). The entries whose key stays are kept, values and all (two
+/// instances' meta share most keys), and the missing keys added with `null`. Returns the
+/// values in key order, so a fill writes each by position instead of looking its key up.
+fn object<'a, 'k>(
+    v: &'a mut Value,
+    keys: impl Iterator<Item = &'k str> + Clone,
+) -> serde_json::map::ValuesMut<'a> {
+    debug_assert!(
+        keys.clone().zip(keys.clone().skip(1)).all(|(a, b)| a < b),
+        "keys sorted and distinct"
+    );
+    let same = matches!(&*v, Value::Object(m) if m.keys().map(String::as_str).eq(keys.clone()));
+    if !v.is_object() {
         *v = Value::Object(Map::new());
     }
     let Value::Object(m) = v else {
         unreachable!("made an object above")
     };
-    m
-}
-
-/// `m[key]`, inserted as `null` when missing (a key string is allocated only then).
-fn slot<'a>(m: &'a mut Map<String, Value>, key: &str) -> &'a mut Value {
-    if !m.contains_key(key) {
-        m.insert(key.to_owned(), Value::Null);
-    }
-    m.get_mut(key).expect("inserted above")
-}
-
-/// Sets `m[key]` to the string `s`, in the string already there if any.
-fn set_str(m: &mut Map<String, Value>, key: &str, s: &str) {
-    match m.get_mut(key) {
-        Some(Value::String(t)) => {
-            t.clear();
-            t.push_str(s);
-        }
-        Some(other) => *other = string(s),
-        None => {
-            m.insert(key.to_owned(), string(s));
+    if !same {
+        m.retain(|k, _| keys.clone().any(|key| key == k));
+        for key in keys {
+            if !m.contains_key(key) {
+                m.insert(key.to_owned(), Value::Null);
+            }
         }
     }
+    m.values_mut()
+}
+
+/// [`object`] with a fixed set of keys, its values as an array to destructure.
+fn fields<'a, const N: usize>(v: &'a mut Value, keys: &[&str; N]) -> [&'a mut Value; N] {
+    let mut values = object(v, keys.iter().copied());
+    std::array::from_fn(|_| values.next().expect("one value per key"))
 }
 
 /// `v`, an array, made the list of `items`, each an entry written by `fill`.
@@ -591,6 +591,7 @@ fn fill_array<T>(
     }
 }
 
+/// Makes `v` the string `s`, in the string already there if any.
 fn fill_string(v: &mut Value, s: &str) {
     match v {
         Value::String(t) => {
@@ -601,27 +602,30 @@ fn fill_string(v: &mut Value, s: &str) {
     }
 }
 
-fn fill_instance(v: &mut Value, i: &Instance) {
-    let m = object(v, &INSTANCE_KEYS);
-    set_str(m, "id", &i.id);
-    set_str(m, "name", &i.name);
-    set_str(m, "address", &i.address);
-    *slot(m, "port") = Value::from(i.port);
-    fill_array(slot(m, "tags"), i.tags.iter(), |v, t| fill_string(v, t));
-    let meta = slot(m, "meta");
-    let keys: Vec<&str> = i.meta.iter().map(|(k, _)| k.as_str()).collect();
-    let meta = object(meta, &keys);
-    for (k, val) in i.meta.iter() {
-        set_str(meta, k, val);
+/// An instance object. `vhost` is the instance's virtual host when the caller knows it (a
+/// `vhosts` entry's instances all serve its host); otherwise it is worked out from the meta.
+fn fill_instance(v: &mut Value, i: &Instance, vhost: Option<&str>) {
+    let [address, health, id, meta, name, node, port, tags, vh] = fields(v, &INSTANCE_KEYS);
+    fill_string(address, &i.address);
+    fill_string(health, &i.health);
+    fill_string(id, &i.id);
+    let keys = i.meta.iter().map(|(k, _)| k.as_str());
+    for (slot, (_, val)) in object(meta, keys).zip(i.meta.iter()) {
+        fill_string(slot, val);
     }
-    set_str(m, "node", &i.node);
-    set_str(m, "health", &i.health);
-    set_str(m, "vhost", &i.vhost().unwrap_or_default());
+    fill_string(name, &i.name);
+    fill_string(node, &i.node);
+    *port = Value::from(i.port);
+    fill_array(tags, i.tags.iter(), |v, t| fill_string(v, t));
+    match vhost {
+        Some(h) => fill_string(vh, h),
+        None => fill_string(vh, i.vhost().as_deref().unwrap_or_default()),
+    }
 }
 
 fn instance_value(i: &Instance) -> Value {
     let mut v = Value::Null;
-    fill_instance(&mut v, i);
+    fill_instance(&mut v, i, None);
     v
 }
 
@@ -635,12 +639,10 @@ fn fill_service(v: &mut Value, name: &str, insts: &[Arc<Instance>]) {
         .iter()
         .flat_map(|i| i.tags.iter().map(String::as_str))
         .collect();
-    let m = object(v, &["instances", "name", "tags"]);
-    set_str(m, "name", name);
-    fill_array(slot(m, "tags"), tags.into_iter(), fill_string);
-    fill_array(slot(m, "instances"), insts.iter(), |v, i| {
-        fill_instance(v, i)
-    });
+    let [instances, name_v, tags_v] = fields(v, &["instances", "name", "tags"]);
+    fill_string(name_v, name);
+    fill_array(tags_v, tags.into_iter(), fill_string);
+    fill_array(instances, insts.iter(), |v, i| fill_instance(v, i, None));
 }
 
 fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
@@ -651,11 +653,17 @@ fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
 
 /// A `vhosts` entry: `{host, name, instances}`, the instances serving `host`.
 fn fill_vhost(v: &mut Value, host: &str, insts: &[Arc<Instance>]) {
-    let m = object(v, &["host", "instances", "name"]);
-    set_str(m, "host", host);
-    set_str(m, "name", &safe_token(host));
-    fill_array(slot(m, "instances"), insts.iter(), |v, i| {
-        fill_instance(v, i)
+    let [host_v, instances, name] = fields(v, &["host", "instances", "name"]);
+    fill_string(host_v, host);
+    match name {
+        Value::String(t) => {
+            t.clear();
+            push_safe_token(host, t);
+        }
+        _ => *name = Value::String(safe_token(host)),
+    }
+    fill_array(instances, insts.iter(), |v, i| {
+        fill_instance(v, i, Some(host))
     });
 }
 
@@ -838,6 +846,22 @@ pub(crate) mod tests {
                 for (e, v) in entries.iter().zip(&values) {
                     let first = born.entry(e.birth).or_insert_with(|| v.clone());
                     assert_eq!(first, v, "step {step}: {list:?} birth {} reused", e.birth);
+                }
+            }
+            // A `vhosts` entry's instances are written with its host as their `vhost`
+            // rather than working it out again: the same objects as in `services`.
+            let by_id: BTreeMap<(&str, &str), &Value> = full.value()["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|s| s["instances"].as_array().unwrap())
+                .map(|i| ((i["name"].as_str().unwrap(), i["id"].as_str().unwrap()), i))
+                .collect();
+            for v in full.value()["vhosts"].as_array().unwrap() {
+                for i in v["instances"].as_array().unwrap() {
+                    let key = (i["name"].as_str().unwrap(), i["id"].as_str().unwrap());
+                    assert_eq!(Some(&i), by_id.get(&key), "step {step}");
+                    assert_eq!(i["vhost"], v["host"], "step {step}");
                 }
             }
             assert_eq!(lists.vars(), &full.value()["vars"]);

@@ -81,7 +81,7 @@ impl Meta {
     }
 
     /// The pairs in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> + Clone {
         self.0.iter().map(|(k, v)| (k, v))
     }
 

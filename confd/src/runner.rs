@@ -897,7 +897,10 @@ mod tests {
         // it is not put back; the newest file stays (what the proxy reads when it starts).
         let o = pass(&c, &mut r, &snap(2), &[0], &mut owed, false).await;
         assert!(matches!(&o[0], Outcome::ReloadFailed(_)), "{o:?}");
-        assert_eq!(std::fs::read_to_string(d.path().join("a")).unwrap(), "80 81 ");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "80 81 "
+        );
         assert_eq!(owed, BTreeSet::from([0]));
         assert!(!log.exists());
         // The proxy is up: an unchanged file is reloaded, once, even when not due.
