@@ -563,7 +563,7 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
                         tracing::warn!(
                             template = %label(t),
                             reason = %reason,
-                            "reload failed; keeping the new file, as there is no previous one to put back (is the proxy running yet?)"
+                            "reload failed; keeping the new file, as its proxy has loaded no earlier one (is the proxy running yet?)"
                         );
                         res.owed_now.push(r.idx);
                     }

@@ -257,26 +257,37 @@ async fn consul_nginx_and_haproxy_route_to_exactly_the_live_set() {
     assert!(read(&px.p("haproxy.cfg")).contains("server b3 127.0.0.1:"));
 }
 
-/// Waits until one line of `p`'s output contains every needle.
-async fn wait_line(p: &Process, needles: &[&str]) {
+/// How many lines of `p`'s output contain every needle.
+fn count_lines(p: &Process, needles: &[&str]) -> usize {
+    p.output()
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+/// Waits until more than `seen` lines of `p`'s output contain every needle.
+async fn wait_lines_past(p: &Process, needles: &[&str], seen: usize) {
     let found = poll(WAIT, Duration::from_millis(100), || async {
-        let out = p.output();
-        out.lines()
-            .any(|l| needles.iter().all(|n| l.contains(n)))
-            .then_some(())
+        (count_lines(p, needles) > seen).then_some(())
     })
     .await;
     assert!(
         found.is_some(),
-        "no line with {needles:?} in:\n{}",
+        "no more than {seen} lines with {needles:?} in:\n{}",
         p.output()
     );
 }
 
+/// Waits until one line of `p`'s output contains every needle.
+async fn wait_line(p: &Process, needles: &[&str]) {
+    wait_lines_past(p, needles, 0).await;
+}
+
 /// confd starts before the proxy (as in a container whose entrypoint starts both): the first
 /// render's reload fails, and the new file stays, since removing it would leave nginx nothing
-/// to start on. A change while nginx is still down is put back after its failed reload, and
-/// retried: once nginx runs, it gets the current config with no further store change.
+/// to start on. A change while nginx is still down replaces it and stays too: the file it
+/// replaces was never loaded, so putting it back would only start nginx on an old registry.
+/// The reload is retried, and nginx, once it runs, serves the current config.
 #[tokio::test]
 async fn reload_failures_before_the_proxy_starts_are_retried() {
     let etcd = Etcd::start().await;
@@ -287,31 +298,38 @@ async fn reload_failures_before_the_proxy_starts_are_retried() {
     let px = Proxies::new();
     let cfg = px.config(&uri);
     let p = spawn_confd(&["--config", cfg.to_str().unwrap()]);
-    wait_line(&p, &["keeping the new file", "nginx.conf"]).await;
+    let kept = ["keeping the new file", "nginx.conf"];
+    wait_line(&p, &kept).await;
     let first = read(&px.p("nginx.conf"));
     assert!(first.contains(&format!("127.0.0.1:{}", b1.port)), "{first}");
 
-    // Changed while nginx is down: the reload fails, the previous file is put back.
+    // Changed while nginx is down: the new file is written, its reload fails, and it stays.
     st.register(&b2.service("http")).await.unwrap();
-    wait_line(&p, &["restoring the previous file", "nginx.conf"]).await;
-    wait_file(&p, "the previous file put back", &px.p("nginx.conf"), |t| {
-        t == first
+    let second = format!("127.0.0.1:{}", b2.port);
+    wait_file(&p, "the change written", &px.p("nginx.conf"), |t| {
+        t.contains(&second)
     })
     .await;
+    // A reload that fails from here on runs with the new file in place.
+    wait_lines_past(&p, &kept, count_lines(&p, &kept)).await;
+    let now = read(&px.p("nginx.conf"));
+    assert!(now.contains(&second), "the first file was put back:\n{now}");
+    let out = p.output();
+    assert!(!out.contains("restoring the previous file"), "{out}");
 
-    // nginx starts on the older file; the retry brings it the current one.
+    // nginx starts on the current file; the retried reload then succeeds.
     let _nginx = px.start_nginx().await;
     wait_routes(
-        "nginx, both after the retry",
+        "nginx, both, on the file it started with",
         px.nginx_port,
         None,
         &["r1", "r2"],
         WAIT,
     )
     .await;
+    wait_line(&p, &["confd::runner: reloaded "]).await;
     let out = p.output();
     assert!(out.contains("trying again in"), "{out}");
-    assert!(out.contains("reloaded"), "{out}");
 }
 
 /// A template edit that nginx refuses: the check fails, the error names the template with
