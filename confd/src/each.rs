@@ -5,8 +5,9 @@
 //! 1.6 µs of CPU on each (every `id` or `this` inside the loop is looked up again from the
 //! document's root through string keys, with a string allocated per path segment). No helper
 //! can make a lookup cheaper, but a change usually touches one service, and the document
-//! knows which entries it rebuilt ([`Births`]): an entry with the same birth is the same
-//! value, so the text its iteration wrote last time is the text it would write again.
+//! knows which entries it rebuilt ([`Births`](crate::data::Births)): an entry with the same
+//! birth is the same value, so the text its iteration wrote last time is the text it would
+//! write again.
 //!
 //! That holds only when the loop body can see nothing but the entry and `vars`, which
 //! `sites` decides from the parsed template, erring towards "render it": a body that uses
