@@ -14,7 +14,7 @@
 //! serialise it again per template.
 
 use crate::model::{Instance, Snapshot};
-use crate::names::{push_safe_token, safe_token};
+use crate::names::push_safe_token;
 use handlebars::Context;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -599,15 +599,21 @@ fn fill_array<T>(
     }
 }
 
+/// Makes `v` the string `write` writes, into the string already there if any.
+fn fill_with(v: &mut Value, write: impl FnOnce(&mut String)) {
+    match v {
+        Value::String(t) => t.clear(),
+        _ => *v = Value::String(String::new()),
+    }
+    let Value::String(t) = v else {
+        unreachable!("made a string above")
+    };
+    write(t);
+}
+
 /// Makes `v` the string `s`, in the string already there if any.
 fn fill_string(v: &mut Value, s: &str) {
-    match v {
-        Value::String(t) => {
-            t.clear();
-            t.push_str(s);
-        }
-        _ => *v = string(s),
-    }
+    fill_with(v, |t| t.push_str(s));
 }
 
 /// An instance object. `vhost` is the instance's virtual host when the caller knows it (a
@@ -663,13 +669,7 @@ fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
 fn fill_vhost(v: &mut Value, host: &str, insts: &[Arc<Instance>]) {
     let [host_v, instances, name] = fields(v, &["host", "instances", "name"]);
     fill_string(host_v, host);
-    match name {
-        Value::String(t) => {
-            t.clear();
-            push_safe_token(host, t);
-        }
-        _ => *name = Value::String(safe_token(host)),
-    }
+    fill_with(name, |t| push_safe_token(host, t));
     fill_array(instances, insts.iter(), |v, i| {
         fill_instance(v, i, Some(host))
     });
