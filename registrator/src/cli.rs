@@ -41,6 +41,7 @@ const VALUE_FLAGS: &[&str] = &[
     "log-format",
     "healthcheck",
     "label-filter",
+    "scope-label",
 ];
 
 const URI_EXPECTED: &str = "expected consul://host:port, consulkv://host:port/prefix or \
@@ -69,6 +70,7 @@ Environment:
                    tcp:// with DOCKER_TLS_VERIFY and DOCKER_CERT_PATH for TLS
   RUST_LOG         log level (default info; logs go to stderr)
   REGISTRATOR_LABEL_FILTER  one --label-filter, when no flag gives one
+  REGISTRATOR_SCOPE_LABEL   --scope-label, when the flag is not given (empty: none)
   CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_TLS_SERVER_NAME,
   CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE, ETCDCTL_CACERT, ETCDCTL_CERT, ETCDCTL_KEY,
   ETCDCTL_USER, ETCDCTL_PASSWORD, ETCDCTL_PASSWORD_FILE
@@ -153,6 +155,17 @@ struct Cli {
         env = "REGISTRATOR_LABEL_FILTER"
     )]
     label_filter: Vec<String>,
+    /// Only register containers whose label KEY has the value it has on registrator's own
+    /// container, e.g. `com.docker.compose.project`: a registrator started by a compose
+    /// project registers that project only (not in gliderlabs). Registrator must run in a
+    /// container carrying the label; otherwise it stops at start, saying so.
+    /// REGISTRATOR_SCOPE_LABEL gives it when the flag does not (empty: none).
+    #[arg(
+        long = "scope-label",
+        value_name = "KEY",
+        env = "REGISTRATOR_SCOPE_LABEL"
+    )]
+    scope_label: Option<String>,
     /// Print the version and exit.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
           default_value = "false", value_parser = parse_go_bool, value_name = "BOOL")]
@@ -381,6 +394,14 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         .map(|f| LabelMatch::parse(f))
         .collect::<Result<Vec<_>, _>>()
         .map_err(CliExit::usage)?;
+    let scope_label = match cli.scope_label.filter(|k| !k.is_empty()) {
+        Some(k) if k.contains('=') || k.chars().any(char::is_whitespace) => {
+            return Err(CliExit::usage(format!(
+                "invalid value {k:?} for -scope-label: expected a label key (no '=' or spaces; the value is read from registrator's own container)"
+            )))
+        }
+        k => k,
+    };
     Ok(Config {
         uri,
         metrics_addr,
@@ -402,6 +423,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
         verify_interval: Duration::from_secs_f64(cli.verify_interval),
         hostname,
         label_filter,
+        scope_label,
     })
 }
 

@@ -61,4 +61,7 @@ pub struct Config {
     pub hostname: String,
     /// `-label-filter`: only containers matching all of these are registered.
     pub label_filter: Vec<LabelMatch>,
+    /// `--scope-label`: the label whose value on registrator's own container every
+    /// registered container must share (resolved at start, then one more label filter).
+    pub scope_label: Option<String>,
 }

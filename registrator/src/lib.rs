@@ -11,6 +11,7 @@
 //! - `sync`: desired set -> store writes, with adoption at start, verification, cleanup, TTLs
 //!   and outages.
 //! - `host`: this host's name and address.
+//! - `scope`: `--scope-label`, read from registrator's own container.
 
 mod cli;
 mod config;
@@ -20,6 +21,7 @@ mod drain;
 mod engine;
 mod host;
 mod metrics;
+mod scope;
 mod sync;
 
 pub use cli::{healthcheck_url, normalise, parse, CliExit};
@@ -74,6 +76,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let Some(docker) = connect_docker(&config, &shutdown).await? else {
         return Ok(());
     };
+    let mut label_filter = config.label_filter.clone();
+    if let Some(key) = &config.scope_label {
+        let only = scope::resolve(&docker, key).await?;
+        info!(
+            "--scope-label {key}: registering only containers labelled {key}={:?}",
+            switchboard::excerpt(only.value.as_deref().unwrap_or_default())
+        );
+        label_filter.push(only);
+    }
 
     let (tx, rx) = watch::channel(None);
     let opts = DeriveOptions {
@@ -86,7 +97,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         ttl: config.ttl,
         use_ip_from_label: config.use_ip_from_label.clone(),
         network: config.network.clone(),
-        label_filter: config.label_filter.clone(),
+        label_filter,
     };
     let gate = docker::HealthGate::of(store.kind());
     let watcher = docker::Watcher::new(docker, opts, config.deregister, gate, config.resync, tx);

@@ -59,13 +59,9 @@ impl Stack {
             return None;
         }
         let project = format!("sbtest{}{tag}", std::process::id());
-        // The stack registers only its own containers: others on this engine (another test
-        // binary's, a bench's) would otherwise become backends and reload the proxy mid-test.
-        let mut env = env;
-        env.push((
-            "REGISTRATOR_LABEL_FILTER",
-            format!("com.docker.compose.project={project}"),
-        ));
+        // The stacks' default scope (`--scope-label com.docker.compose.project`) keeps every
+        // other container on this engine (another test binary's, a bench's) out of the stack:
+        // it would otherwise become a backend and reload the proxy mid-test.
         let mut stack = Stack {
             project,
             files: files
@@ -457,6 +453,25 @@ async fn consul_nginx_stack_scales_up_and_down() {
         "-internal registers port 80"
     );
 
+    // A container of no project, started before the scale: the stack's default scope
+    // (`--scope-label com.docker.compose.project`) keeps it out, while the project's own
+    // containers started after it are registered.
+    let foreign = Container::run(
+        "foreign",
+        &[
+            "-e",
+            "SERVICE_NAME=foreign",
+            "-p",
+            "127.0.0.1::80",
+            TEST_IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ],
+    );
     scale(&mut stack, &url, 3).await;
     wait_for("three http instances in Consul", CONVERGE, || async {
         consul_http_instances(&consul)
@@ -464,6 +479,23 @@ async fn consul_nginx_stack_scales_up_and_down() {
             .filter(|v| v.len() == 3)
     })
     .await;
+    let catalog: serde_json::Value = reqwest::get(format!("{consul}/v1/catalog/services"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        catalog.get("foreign").is_none(),
+        "a container outside the project was registered: {catalog}"
+    );
+    assert!(
+        stack.logs("registrator").contains(
+            "--scope-label com.docker.compose.project: registering only containers labelled"
+        ),
+        "registrator did not log its scope"
+    );
+    drop(foreign);
 
     scale(&mut stack, &url, 1).await;
     wait_for("one http instance in Consul", CONVERGE, || async {

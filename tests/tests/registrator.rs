@@ -325,6 +325,27 @@ async fn label_filter_registers_only_matching_containers() {
     }
 }
 
+/// `--scope-label` reads the value from registrator's own container; run on the host, there
+/// is none, and it stops at start saying so rather than registering every container.
+#[tokio::test]
+async fn scope_label_outside_a_container_stops_at_start() {
+    let consul = Consul::start().await;
+    let mut reg = registrator(
+        &consul.uri(),
+        &[],
+        &[("REGISTRATOR_SCOPE_LABEL", "com.docker.compose.project")],
+    );
+    let status = reg.wait_exit(WAIT).await;
+    assert!(!status.success(), "registrator ran on: {}", reg.output());
+    assert!(
+        reg.output().contains(
+            "--scope-label com.docker.compose.project: registrator does not run in a container"
+        ),
+        "{}",
+        reg.output()
+    );
+}
+
 #[tokio::test]
 async fn tcp_check_and_a_malformed_label_warn_once() {
     let consul = Consul::start().await;
