@@ -917,6 +917,28 @@ pub fn ensure_test_image() {
     }
 }
 
+/// Fails the test, naming what is missing, unless every image in `images` exists: a test
+/// whose prerequisite is missing must fail, never pass without having run.
+/// `scripts/images --debug` (run by the test command) builds the project's images.
+pub fn require_images(images: &[&str]) {
+    let missing: Vec<&str> = images
+        .iter()
+        .copied()
+        .filter(|image| {
+            !Command::new("docker")
+                .args(["image", "inspect", image])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "images {missing:?} are not built: run scripts/images (the test command does)"
+    );
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique container name with the test prefix: `sbtest-<tag>-<pid>-<n>`.

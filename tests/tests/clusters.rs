@@ -16,18 +16,6 @@ const APP_IMAGE: &str = "switchboard/demo-web";
 /// Time for a change to reach the proxy, election included.
 const CONVERGE: Duration = Duration::from_secs(30);
 
-fn app_image_missing() -> bool {
-    let missing = std::process::Command::new("docker")
-        .args(["image", "inspect", APP_IMAGE])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true);
-    if missing {
-        eprintln!("SKIPPED: image {APP_IMAGE} not built; run scripts/images (scripts/test does)");
-    }
-    missing
-}
-
 /// One instance of the app, registered as `service` (only containers naming their service
 /// are registered here: `-explicit`, so other tests' containers stay out).
 fn app(service: &str) -> Container {
@@ -129,9 +117,7 @@ where
 
 #[tokio::test]
 async fn consul_cluster_leader_loss_loses_nothing() {
-    if app_image_missing() {
-        return;
-    }
+    require_images(&[APP_IMAGE]);
     let mut cluster = ConsulCluster::start().await;
     let uri = cluster.uri();
     let service = format!("zlc{}", std::process::id());
@@ -147,9 +133,7 @@ async fn consul_cluster_leader_loss_loses_nothing() {
 
 #[tokio::test]
 async fn etcd_cluster_leader_loss_loses_nothing() {
-    if app_image_missing() {
-        return;
-    }
+    require_images(&[APP_IMAGE]);
     let mut cluster = EtcdCluster::start().await;
     let uri = cluster.uri("services");
     let service = format!("zle{}", std::process::id());

@@ -40,24 +40,9 @@ struct Stack {
 }
 
 impl Stack {
-    /// `docker-compose -p <unique> -f compose/<file>... up -d`, if the images exist.
-    fn up(
-        tag: &str,
-        files: &[&str],
-        images: &[&str],
-        env: Vec<(&'static str, String)>,
-    ) -> Option<Stack> {
-        let missing: Vec<&str> = images
-            .iter()
-            .copied()
-            .filter(|i| !image_exists(i))
-            .collect();
-        if !missing.is_empty() {
-            eprintln!(
-                "SKIPPED: images {missing:?} not built; run scripts/images (scripts/test does)"
-            );
-            return None;
-        }
+    /// `docker-compose -p <unique> -f compose/<file>... up -d`; fails unless the images exist.
+    fn up(tag: &str, files: &[&str], images: &[&str], env: Vec<(&'static str, String)>) -> Stack {
+        require_images(images);
         let project = format!("sbtest{}{tag}", std::process::id());
         // The stacks' default scope (`--scope-label com.docker.compose.project`) keeps every
         // other container on this engine (another test binary's, a bench's) out of the stack:
@@ -72,7 +57,7 @@ impl Stack {
             up: true,
         };
         stack.compose(&["up", "-d"]);
-        Some(stack)
+        stack
     }
 
     /// Runs docker-compose on this project; panics with its output on failure.
@@ -146,14 +131,6 @@ impl Drop for Stack {
             .command(&["down", "-v", "--remove-orphans", "-t", "5"])
             .output();
     }
-}
-
-fn image_exists(image: &str) -> bool {
-    Command::new("docker")
-        .args(["image", "inspect", image])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 /// One round of [`SAMPLE`] requests through the proxy: the distinct demo-app answers
@@ -419,7 +396,7 @@ async fn etcd_http_keys(etcd: &str) -> Option<Vec<String>> {
 async fn consul_nginx_stack_scales_up_and_down() {
     let _one = ONE_STACK.lock().await;
     let (lb_port, consul_port) = (free_port(), free_port());
-    let Some(mut stack) = Stack::up(
+    let mut stack = Stack::up(
         "consul",
         &["docker-compose.yml"],
         &[
@@ -433,9 +410,7 @@ async fn consul_nginx_stack_scales_up_and_down() {
             ("LB_PORT", lb_port.to_string()),
             ("CONSUL_PORT", consul_port.to_string()),
         ],
-    ) else {
-        return;
-    };
+    );
     let url = format!("http://127.0.0.1:{lb_port}/");
     let consul = format!("http://127.0.0.1:{consul_port}");
 
@@ -539,7 +514,7 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
     let _one = ONE_STACK.lock().await;
     let (lb_port, stats_port, etcd_port) = (free_port(), free_port(), free_port());
     let password = format!("pw-{}", std::process::id());
-    let Some(mut stack) = Stack::up(
+    let mut stack = Stack::up(
         "etcd",
         &["docker-compose.etcd-haproxy.yml"],
         &[
@@ -556,9 +531,7 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
             ("STATS_USER", "admin".to_string()),
             ("STATS_PASSWORD", password.clone()),
         ],
-    ) else {
-        return;
-    };
+    );
     let url = format!("http://127.0.0.1:{lb_port}/");
     let etcd = format!("http://127.0.0.1:{etcd_port}");
 
@@ -649,7 +622,7 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
 async fn consul_secure_stack_denies_anonymous_writes_and_scales() {
     let _one = ONE_STACK.lock().await;
     let (lb_port, consul_port) = (free_port(), free_port());
-    let Some(mut stack) = Stack::up(
+    let mut stack = Stack::up(
         "secure",
         &["docker-compose.yml", "docker-compose.secure.yml"],
         &[
@@ -663,9 +636,7 @@ async fn consul_secure_stack_denies_anonymous_writes_and_scales() {
             ("LB_PORT", lb_port.to_string()),
             ("CONSUL_PORT", consul_port.to_string()),
         ],
-    ) else {
-        return;
-    };
+    );
     let url = format!("http://127.0.0.1:{lb_port}/");
     let consul = format!("http://127.0.0.1:{consul_port}");
     backends_converge(&url, 1, START).await;
@@ -732,7 +703,7 @@ async fn consul_secure_stack_denies_anonymous_writes_and_scales() {
 async fn etcd_secure_stack_needs_tls_and_a_user_and_scales() {
     let _one = ONE_STACK.lock().await;
     let (lb_port, stats_port, etcd_port) = (free_port(), free_port(), free_port());
-    let Some(mut stack) = Stack::up(
+    let mut stack = Stack::up(
         "etcdsecure",
         &[
             "docker-compose.etcd-haproxy.yml",
@@ -752,9 +723,7 @@ async fn etcd_secure_stack_needs_tls_and_a_user_and_scales() {
             ("ETCD_PORT", etcd_port.to_string()),
             ("STATS_PASSWORD", format!("pw-{}", std::process::id())),
         ],
-    ) else {
-        return;
-    };
+    );
     let url = format!("http://127.0.0.1:{lb_port}/");
     backends_converge(&url, 1, START).await;
     scale(&mut stack, &url, 2).await;
