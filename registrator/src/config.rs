@@ -65,3 +65,41 @@ pub struct Config {
     /// registered container must share (resolved at start, then one more label filter).
     pub scope_label: Option<String>,
 }
+
+impl Config {
+    /// Flags given that do nothing with the chosen store, each with why: `run` warns about
+    /// them at start, since a flag accepted and silently ignored looks like one that works.
+    pub fn ineffective_flags(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if matches!(self.uri, RegistryUri::ConsulKv { .. }) && self.ttl.is_some() {
+            out.push(
+                "-ttl does nothing with consulkv://: Consul KV entries cannot expire (consul:// uses a TTL check, etcd:// a lease)",
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ttl_is_ineffective_only_with_consul_kv() {
+        // (argument line, warnings expected)
+        let table = [
+            ("-ttl 30 consulkv://h:8500/services", 1),
+            ("consulkv://h:8500/services", 0),
+            ("-ttl 30 consul://h:8500", 0),
+            ("-ttl 30 etcd://h:2379/services", 0),
+        ];
+        for (line, want) in table {
+            let argv: Vec<String> = std::iter::once("registrator")
+                .chain(line.split(' '))
+                .map(String::from)
+                .collect();
+            let Ok(c) = crate::cli::parse(argv, "host") else {
+                panic!("{line} refused");
+            };
+            assert_eq!(c.ineffective_flags().len(), want, "{line}");
+        }
+    }
+}

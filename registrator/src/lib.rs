@@ -67,6 +67,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         let t = &*metrics::TELEMETRY;
         tokio::spawn(server.serve(&t.registry, t.health.clone(), shutdown.clone()));
     }
+    for why in config.ineffective_flags() {
+        warn!("{why}");
+    }
     // The environment is read once, here: TLS files and the token are the store's business.
     let settings = StoreSettings::from_env(&config.uri).context("store settings")?;
     let store = Store::with_settings(&config.uri, &settings).context("store settings")?;

@@ -346,6 +346,19 @@ async fn scope_label_outside_a_container_stops_at_start() {
     );
 }
 
+/// A flag that does nothing with the chosen store is named at start.
+#[tokio::test]
+async fn ttl_with_consul_kv_warns_at_start() {
+    let consul = Consul::start().await;
+    let uri = format!(
+        "consulkv://{}/services",
+        consul.http().trim_start_matches("http://")
+    );
+    let reg = registrator(&uri, &["-ttl", "30"], &[]);
+    reg.wait_output("-ttl does nothing with consulkv://", WAIT)
+        .await;
+}
+
 #[tokio::test]
 async fn tcp_check_and_a_malformed_label_warn_once() {
     let consul = Consul::start().await;
