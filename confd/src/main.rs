@@ -23,7 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 /// Renders proxy configs from Consul or etcd through Handlebars templates.
 #[derive(Debug, Parser)]
 #[command(
-    version,
+    version = switchboard::VERSION,
     about,
     after_help = "Flags may be written with one dash, as kelseyhightower/confd users type them \
 (-config, -backend, -onetime, -noop). The backend is one URI (confd's `-backend consul -node \

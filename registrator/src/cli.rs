@@ -308,7 +308,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
     if cli.version {
         return Err(CliExit {
             code: 0,
-            message: format!("registrator {}", env!("CARGO_PKG_VERSION")),
+            message: format!("registrator {}", switchboard::VERSION),
         });
     }
     let uri = match cli.uri.as_slice() {

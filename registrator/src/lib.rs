@@ -55,7 +55,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     info!(
         "registrator {} starting: store {}, hostname {}, host address {host_ip}",
-        env!("CARGO_PKG_VERSION"),
+        switchboard::VERSION,
         config.uri.primary(),
         config.hostname
     );

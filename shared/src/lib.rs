@@ -27,3 +27,12 @@ pub use store::{Scope, Store, StoreError};
 pub use tokio_util::sync::CancellationToken as Shutdown;
 pub use uri::{Endpoint, RegistryUri, UriError};
 pub use validate::ValidationError;
+
+/// What `--version` prints after a binary's name: the release and the commit it was built
+/// from (`SWITCHBOARD_COMMIT` at build time, else the checkout's HEAD, else `unknown`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SWITCHBOARD_COMMIT"),
+    ")"
+);

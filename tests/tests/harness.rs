@@ -49,3 +49,24 @@ async fn consul_etcd_and_docker_start() {
     .await;
     assert_eq!(body.trim(), "ok");
 }
+
+/// Both binaries name their release and the commit they were built from: the tests run the
+/// binaries `cargo build` made from this checkout, so the commit is its HEAD.
+#[test]
+fn version_names_the_commit() {
+    let head = run_cmd("git", &["rev-parse", "--short=12", "HEAD"]).expect("git rev-parse");
+    for (name, flag) in [("confd", "--version"), ("registrator", "-version")] {
+        let out = std::process::Command::new(bin(name))
+            .arg(flag)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name} {flag}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = format!(
+            "{name} {} (commit {})",
+            env!("CARGO_PKG_VERSION"),
+            head.trim()
+        );
+        assert_eq!(text.trim(), want, "{name} {flag}");
+    }
+}
