@@ -917,13 +917,23 @@ pub fn ensure_test_image() {
     }
 }
 
+/// The tag of the images the test command builds (`scripts/images --debug`): a tag of their
+/// own, so a test run never replaces the images a user runs (`latest`). Compose stacks in
+/// tests run with `SWITCHBOARD_TAG` set to it.
+pub const IMAGE_TAG: &str = "test";
+
+/// `switchboard/<name>:`[`IMAGE_TAG`]: one of the project's images, as the tests run it.
+pub fn image(name: &str) -> String {
+    format!("switchboard/{name}:{IMAGE_TAG}")
+}
+
 /// Fails the test, naming what is missing, unless every image in `images` exists: a test
 /// whose prerequisite is missing must fail, never pass without having run.
 /// `scripts/images --debug` (run by the test command) builds the project's images.
-pub fn require_images(images: &[&str]) {
+pub fn require_images<S: AsRef<str>>(images: &[S]) {
     let missing: Vec<&str> = images
         .iter()
-        .copied()
+        .map(AsRef::as_ref)
         .filter(|image| {
             !Command::new("docker")
                 .args(["image", "inspect", image])

@@ -12,7 +12,6 @@ use switchboard_tests::cluster::{ConsulCluster, EtcdCluster};
 use switchboard_tests::load::{Load, LoadSpec};
 use switchboard_tests::*;
 
-const APP_IMAGE: &str = "switchboard/demo-web";
 /// Time for a change to reach the proxy, election included.
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -29,7 +28,7 @@ fn app(service: &str) -> Container {
             &env,
             "--stop-timeout",
             "10",
-            APP_IMAGE,
+            &image("demo-web"),
         ],
     )
 }
@@ -117,7 +116,7 @@ where
 
 #[tokio::test]
 async fn consul_cluster_leader_loss_loses_nothing() {
-    require_images(&[APP_IMAGE]);
+    require_images(&[image("demo-web")]);
     let mut cluster = ConsulCluster::start().await;
     let uri = cluster.uri();
     let service = format!("zlc{}", std::process::id());
@@ -133,7 +132,7 @@ async fn consul_cluster_leader_loss_loses_nothing() {
 
 #[tokio::test]
 async fn etcd_cluster_leader_loss_loses_nothing() {
-    require_images(&[APP_IMAGE]);
+    require_images(&[image("demo-web")]);
     let mut cluster = EtcdCluster::start().await;
     let uri = cluster.uri("services");
     let service = format!("zle{}", std::process::id());

@@ -41,8 +41,11 @@ struct Stack {
 
 impl Stack {
     /// `docker-compose -p <unique> -f compose/<file>... up -d`; fails unless the images exist.
-    fn up(tag: &str, files: &[&str], images: &[&str], env: Vec<(&'static str, String)>) -> Stack {
+    fn up(tag: &str, files: &[&str], images: &[String], env: Vec<(&'static str, String)>) -> Stack {
         require_images(images);
+        // The test command's images (a tag of their own, never the user's `latest`).
+        let mut env = env;
+        env.push(("SWITCHBOARD_TAG", IMAGE_TAG.to_string()));
         let project = format!("sbtest{}{tag}", std::process::id());
         // The stacks' default scope (`--scope-label com.docker.compose.project`) keeps every
         // other container on this engine (another test binary's, a bench's) out of the stack:
@@ -299,7 +302,7 @@ async fn routine_operations_under_load(stack: &mut Stack, url: &str) -> Routine 
         "SERVICE_NAME=extra",
         "-p",
         "80",
-        "switchboard/demo-web",
+        &image("demo-web"),
     ]);
     let reloads_then = reloads_before + membership_reloads;
     wait_for("a reload for the new service", CONVERGE, || async {
@@ -400,10 +403,10 @@ async fn consul_nginx_stack_scales_up_and_down() {
         "consul",
         &["docker-compose.yml"],
         &[
-            "switchboard/consul",
-            "switchboard/registrator",
-            "switchboard/lb-nginx",
-            "switchboard/demo-web",
+            image("consul"),
+            image("registrator"),
+            image("lb-nginx"),
+            image("demo-web"),
         ],
         vec![
             ("BIND_ADDRESS", "127.0.0.1".to_string()),
@@ -518,10 +521,10 @@ async fn etcd_haproxy_stack_scales_up_and_down() {
         "etcd",
         &["docker-compose.etcd-haproxy.yml"],
         &[
-            "switchboard/etcd",
-            "switchboard/registrator",
-            "switchboard/lb-haproxy",
-            "switchboard/demo-web",
+            image("etcd"),
+            image("registrator"),
+            image("lb-haproxy"),
+            image("demo-web"),
         ],
         vec![
             ("BIND_ADDRESS", "127.0.0.1".to_string()),
@@ -626,10 +629,10 @@ async fn consul_secure_stack_denies_anonymous_writes_and_scales() {
         "secure",
         &["docker-compose.yml", "docker-compose.secure.yml"],
         &[
-            "switchboard/consul",
-            "switchboard/registrator",
-            "switchboard/lb-nginx",
-            "switchboard/demo-web",
+            image("consul"),
+            image("registrator"),
+            image("lb-nginx"),
+            image("demo-web"),
         ],
         vec![
             ("BIND_ADDRESS", "127.0.0.1".to_string()),
@@ -710,11 +713,11 @@ async fn etcd_secure_stack_needs_tls_and_a_user_and_scales() {
             "docker-compose.etcd-haproxy.secure.yml",
         ],
         &[
-            "switchboard/consul",
-            "switchboard/etcd",
-            "switchboard/registrator",
-            "switchboard/lb-haproxy",
-            "switchboard/demo-web",
+            image("consul"),
+            image("etcd"),
+            image("registrator"),
+            image("lb-haproxy"),
+            image("demo-web"),
         ],
         vec![
             ("BIND_ADDRESS", "127.0.0.1".to_string()),

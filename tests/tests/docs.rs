@@ -27,7 +27,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use switchboard_tests::{free_port, target_dir, workspace_root};
+use switchboard_tests::{free_port, image, require_images, target_dir, workspace_root, IMAGE_TAG};
 
 /// One runnable block.
 #[derive(Debug, Clone, PartialEq)]
@@ -537,16 +537,10 @@ fn readme_quick_start_and_scaling() {
         ("COMPOSE_PROJECT_NAME".into(), project.clone()),
         ("BIND_ADDRESS".into(), "127.0.0.1".into()),
         ("NO_BUILD".into(), "1".into()),
+        ("SWITCHBOARD_TAG".into(), IMAGE_TAG.into()),
     ];
     run.reverse = vec![(format!("{project}_"), "compose_".into())];
-    let images = Command::new("docker")
-        .args(["images", "-q", "switchboard/lb-nginx"])
-        .output()
-        .unwrap();
-    assert!(
-        !images.stdout.is_empty(),
-        "the reference images are not built: run scripts/images first"
-    );
+    require_images(&[image("lb-nginx")]);
     run_doc(run);
 }
 
@@ -578,6 +572,7 @@ fn zero_failed_requests() {
         ("COMPOSE_PROJECT_NAME".into(), project.clone()),
         ("BIND_ADDRESS".into(), "127.0.0.1".into()),
         ("NO_BUILD".into(), "1".into()),
+        ("SWITCHBOARD_TAG".into(), IMAGE_TAG.into()),
     ];
     run.reverse = vec![(format!("{project}_"), "compose_".into())];
     run_doc(run);
