@@ -651,3 +651,129 @@ fn scenario_5_several_hosts() {
     ];
     run_doc(run);
 }
+
+/// GitHub's anchor for a heading: lower case, punctuation dropped (letters, digits, `-` and
+/// `_` stay), spaces as `-`.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The anchors of a markdown page (a repeated heading gets `-1`, `-2`, as on GitHub) and its
+/// links `(line, target)`, outside fenced code and inline code.
+fn anchors_and_links(text: &str) -> (Vec<String>, Vec<(usize, String)>) {
+    let (mut anchors, mut links) = (Vec::new(), Vec::new());
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut fenced = false;
+    for (n, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        if let Some(h) = line.strip_prefix('#') {
+            let base = slug(h.trim_start_matches('#'));
+            let k = seen.entry(base.clone()).or_insert(0);
+            anchors.push(if *k == 0 { base } else { format!("{base}-{k}") });
+            *k += 1;
+        }
+        // Inline code spans are not links.
+        let prose: String = line
+            .split('`')
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 0)
+            .map(|(_, s)| s)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut rest = prose.as_str();
+        while let Some(at) = rest.find("](") {
+            let after = &rest[at + 2..];
+            let Some(end) = after.find(')') else { break };
+            links.push((n + 1, after[..end].trim().to_string()));
+            rest = &after[end..];
+        }
+    }
+    (anchors, links)
+}
+
+/// Every relative link of the user docs names a file that exists, and every `#anchor` a
+/// heading of the page it points at.
+#[test]
+fn relative_links_and_anchors_resolve() {
+    let root = workspace_root();
+    let mut pages: Vec<std::path::PathBuf> = ["README.md", "CHANGELOG.md", "CONTRIBUTING.md"]
+        .iter()
+        .map(|p| root.join(p))
+        .filter(|p| p.exists())
+        .collect();
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "md") {
+            pages.push(p);
+        }
+    }
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        let (_, links) = anchors_and_links(&text);
+        for (line, target) in links {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            checked += 1;
+            let (file, anchor) = match target.split_once('#') {
+                Some((f, a)) => (f, Some(a)),
+                None => (target.as_str(), None),
+            };
+            let dest = if file.is_empty() {
+                page.clone()
+            } else {
+                page.parent().unwrap().join(file)
+            };
+            let name = format!(
+                "{}:{line}: {target}",
+                page.strip_prefix(&root).unwrap().display()
+            );
+            if !dest.exists() {
+                broken.push(format!("{name} (no such file)"));
+                continue;
+            }
+            if let Some(a) = anchor {
+                let (anchors, _) = anchors_and_links(&std::fs::read_to_string(&dest).unwrap());
+                if !anchors.iter().any(|x| x == a) {
+                    broken.push(format!("{name} (no such heading)"));
+                }
+            }
+        }
+    }
+    assert!(checked > 0, "no relative link found: the parser is broken");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn link_checker_rules() {
+    assert_eq!(
+        slug(" Registrator beside its floor, and its memory (issue 14)"),
+        "registrator-beside-its-floor-and-its-memory-issue-14"
+    );
+    assert_eq!(
+        slug(" Config file (YAML; `file:line`)"),
+        "config-file-yaml-fileline"
+    );
+    let (anchors, links) = anchors_and_links(
+        "# A\n## A\n[x](b.md#c) `[no](link)`\n```\n[no](link)\n# not a heading\n```\n[y](#a-1)\n",
+    );
+    assert_eq!(anchors, vec!["a", "a-1"]);
+    assert_eq!(
+        links,
+        vec![(3, "b.md#c".to_string()), (8, "#a-1".to_string())]
+    );
+}
