@@ -259,7 +259,7 @@ fn q(p: &Path) -> String {
 /// The bash script for a recipe: each step records its number, console commands write their
 /// output to a file each; an EXIT trap runs the cleanup (in the same shell, so its variables
 /// and jobs are there) with errors ignored.
-fn script(r: &Recipe, out: &Path) -> String {
+fn script(r: &Recipe, out: &Path, diagnose: Option<&str>) -> String {
     let mut s = String::new();
     s.push_str("set -euo pipefail\n");
     // On a failure, the logs the recipe keeps in its (scratch) directory are saved first:
@@ -270,6 +270,14 @@ fn script(r: &Recipe, out: &Path) -> String {
          done > {} 2>&1; fi\n",
         q(&out.join("logs"))
     ));
+    // The run's own diagnostics (the daemons' logs), before the cleanup removes them; printed
+    // only when the recipe failed, which a console step's output decides after the run.
+    if let Some(d) = diagnose {
+        s.push_str(&format!(
+            "  {{\n{d}\n  }} > {} 2>&1\n",
+            q(&out.join("diagnostics"))
+        ));
+    }
     s.push_str(&format!(
         "  echo cleanup > {}\n  {{\n",
         q(&out.join("phase"))
@@ -320,6 +328,8 @@ struct Run {
     env: Vec<(String, String)>,
     reverse: Vec<(String, String)>,
     timeout: Duration,
+    /// Commands whose output explains a failure (a stack's logs), run before the cleanup.
+    diagnose: Option<&'static str>,
 }
 
 /// One recipe at a time, as a reader pastes them: recipes register every container on the
@@ -375,7 +385,7 @@ fn run_doc(mut run: Run) {
     }
     let out = tempfile::tempdir().unwrap();
     let script_path = out.path().join("recipe.sh");
-    std::fs::write(&script_path, script(&recipe, out.path())).unwrap();
+    std::fs::write(&script_path, script(&recipe, out.path(), run.diagnose)).unwrap();
     let path = format!(
         "{}:{}",
         target_dir().join("debug").display(),
@@ -445,6 +455,7 @@ fn run_doc(mut run: Run) {
     let log = read("log");
     let cleanup_log = read("cleanup.log");
     let recipe_logs = read("logs");
+    let diagnostics = read("diagnostics");
     let mut failures = Vec::new();
     if timed_out {
         failures.push(format!("timed out after {:?} in step {step}", run.timeout));
@@ -499,11 +510,12 @@ fn run_doc(mut run: Run) {
     );
     if !failures.is_empty() {
         panic!(
-            "{}:\n{}\n--- sh blocks' output:\n{}\n--- the recipe's logs:\n{}\n--- cleanup output:\n{}",
+            "{}:\n{}\n--- sh blocks' output:\n{}\n--- the recipe's logs:\n{}\n--- diagnostics:\n{}\n--- cleanup output:\n{}",
             run.doc,
             failures.join("\n\n"),
             tail(&log, 60),
             recipe_logs,
+            tail(&diagnostics, 400),
             tail(&cleanup_log, 20)
         );
     }
@@ -521,8 +533,15 @@ fn doc(doc: &'static str) -> Run {
         env: Vec::new(),
         reverse: Vec::new(),
         timeout: Duration::from_secs(300),
+        diagnose: None,
     }
 }
+
+/// The reference stack's logs: what confd and registrator did, and nginx's errors (its
+/// access log without the answers that succeeded).
+const STACK_LOGS: &str = "docker-compose -f compose/docker-compose.yml ps; \
+    docker-compose -f compose/docker-compose.yml logs --no-color --timestamps lb registrator \
+    | grep -v '\" 200 '";
 
 #[test]
 fn readme_quick_start_and_scaling() {
@@ -541,6 +560,7 @@ fn readme_quick_start_and_scaling() {
     ];
     run.reverse = vec![(format!("{project}_"), "compose_".into())];
     require_images(&[image("lb-nginx")]);
+    run.diagnose = Some(STACK_LOGS);
     run_doc(run);
 }
 
@@ -575,6 +595,7 @@ fn zero_failed_requests() {
         ("SWITCHBOARD_TAG".into(), IMAGE_TAG.into()),
     ];
     run.reverse = vec![(format!("{project}_"), "compose_".into())];
+    run.diagnose = Some(STACK_LOGS);
     run_doc(run);
 }
 
