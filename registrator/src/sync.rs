@@ -730,7 +730,9 @@ impl Syncer {
                 Err(StoreError::Expired { what }) if expiries == 0 => {
                     info!("{what} expired in the store; registering everything again");
                     expiries += 1;
-                    self.applied.clear();
+                    // Only what is desired is written again; a removal not made yet stays
+                    // due (removing what expired with the lease succeeds).
+                    self.applied.retain(|_, s| !backs(desired, s));
                     due.reconcile = true;
                 }
                 Err(e) => return Err(e),
