@@ -45,6 +45,8 @@ pub struct Metrics {
     pub deregistrations: Counter,
     /// Removals that failed.
     pub deregistration_failures: Counter,
+    /// Removals the store refused that are still owed (tried again until they land).
+    pub owed: Gauge,
     /// Docker events received, by action.
     pub docker_events: Family<Action, Counter>,
     /// Whether the Docker event stream is up (1) or down (0).
@@ -86,6 +88,7 @@ pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(|| {
         registration_failures: Counter::default(),
         deregistrations: Counter::default(),
         deregistration_failures: Counter::default(),
+        owed: Gauge::default(),
         docker_events: Family::default(),
         docker_up: Gauge::default(),
         event_to_store: latency_histogram(),
@@ -121,6 +124,11 @@ pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(|| {
         "deregistration_failures",
         "Removals that failed",
         m.deregistration_failures.clone(),
+    );
+    r.register(
+        "deregistrations_owed",
+        "Removals the store refused, still owed and tried again until they land",
+        m.owed.clone(),
     );
     r.register(
         "docker_events",
@@ -293,6 +301,7 @@ mod tests {
         for name in [
             "registrator_services ",
             "registrator_registrations_total ",
+            "registrator_deregistrations_owed ",
             "registrator_docker_up ",
             "registrator_store_request_errors_total{op=\"register\"} 0",
             "registrator_store_up ",

@@ -20,7 +20,17 @@
 //! Removals are urgent: a container that got its stop signal is finishing its requests and must
 //! get no new ones. So a pass that is registering or refreshing many services stops starting
 //! writes as soon as the Docker side withdraws something we registered, and the next pass
-//! (deregistrations first) starts at once.
+//! (deregistrations first, even before the store's listing) starts at once.
+//!
+//! A removal the store refuses (an ACL policy or etcd role without write, a 5xx about the item)
+//! stays *owed*: it leaves `applied` (that is no longer what the store holds for sure) for a
+//! list of owed removals, each tried again at every pass once its own delay has passed
+//! ([`OWED_RETRY`]), until it lands or its container is back (then the registration is what
+//! is owed, and plan writes it over the old entry). A removal that failed because the store
+//! did not answer at all stays in `applied` and is tried again when the outage ends. Either
+//! way a refusal is never forgotten: nothing else would ever remove that entry (the listing
+//! looks only at what is desired, and `-cleanup` is off by default), and the proxy would go
+//! on sending traffic to a container that is gone.
 //!
 //! Writes of a pass overlap, up to [`WRITES_IN_FLIGHT`] at once ([`Batch`]): a store round
 //! trip is mostly waiting (an etcd put waits for its fsync on a quorum), so when containers
@@ -60,20 +70,62 @@ pub struct Plan {
     pub register: Vec<Service>,
 }
 
-/// Decides what to write. `rejected` holds services the store refused that are still held back
-/// (see `Refused`): they are not written again until their delay passes or their content
-/// changes.
-pub fn plan(desired: &ServiceSet, applied: &ServiceSet, rejected: &ServiceSet) -> Plan {
-    let mut p = Plan::default();
-    for (id, old) in applied {
-        match desired.get(id) {
-            None => p.deregister.push(old.clone()),
-            Some(new) if new.name != old.name => p.deregister.push(old.clone()),
-            Some(_) => {}
-        }
+/// Removals the store refused earlier and that are still owed, as [`plan`] sees them at one
+/// instant (kept by `Refusals`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Owed {
+    /// Those whose delay has passed: tried again now.
+    pub due: ServiceSet,
+    /// Those still waiting for their delay.
+    pub waiting: ServiceSet,
+}
+
+impl Owed {
+    /// Whether an owed removal holds back the registration `svc`: one of the same ID under
+    /// another name (a renamed service whose old entry the store would not remove). The old
+    /// entry must go first, as for a rename in [`plan`]: Consul keys by ID alone, so a later
+    /// removal of the old entry would remove the new one. The same ID and name is the
+    /// container back, which needs no removal ([`backs`]).
+    fn holds_back(&self, svc: &Service) -> bool {
+        [&self.due, &self.waiting]
+            .iter()
+            .any(|set| set.get(&svc.id).is_some_and(|o| o.name != svc.name))
     }
+}
+
+/// Whether `desired` holds the registration `svc` stands for (same ID and name: the same
+/// Consul service, etcd key and Consul KV key), so removing it would be wrong.
+pub fn backs(desired: &ServiceSet, svc: &Service) -> bool {
+    desired.get(&svc.id).is_some_and(|d| d.name == svc.name)
+}
+
+/// The removals to make now: what was applied and is no longer desired (or desired under
+/// another name), then the owed removals whose delay has passed and that nothing desired backs.
+pub fn removals(desired: &ServiceSet, applied: &ServiceSet, owed: &Owed) -> Vec<Service> {
+    applied
+        .values()
+        .chain(owed.due.values())
+        .filter(|old| !backs(desired, old))
+        .cloned()
+        .collect()
+}
+
+/// Decides what to write. `rejected` holds services the store refused that are still held back
+/// (see `Refusals`): they are not written again until their delay passes or their content
+/// changes. `owed`: removals the store refused earlier; those due are made again (with the
+/// others, first), and a registration one of them holds back ([`Owed::holds_back`]) waits.
+pub fn plan(
+    desired: &ServiceSet,
+    applied: &ServiceSet,
+    rejected: &ServiceSet,
+    owed: &Owed,
+) -> Plan {
+    let mut p = Plan {
+        deregister: removals(desired, applied, owed),
+        register: vec![],
+    };
     for (id, svc) in desired {
-        if applied.get(id) != Some(svc) && rejected.get(id) != Some(svc) {
+        if applied.get(id) != Some(svc) && rejected.get(id) != Some(svc) && !owed.holds_back(svc) {
             p.register.push(svc.clone());
         }
     }
@@ -145,8 +197,7 @@ pub fn adopt(
         }
     }
     for l in listed {
-        let backed = desired.get(&l.id).is_some_and(|want| want.name == l.name);
-        if l.id.starts_with(host_prefix) && !backed {
+        if l.id.starts_with(host_prefix) && !backs(desired, l) {
             a.stale.push(l.clone());
         }
     }
@@ -161,14 +212,16 @@ fn withdraws(next: &ServiceSet, applied: &ServiceSet) -> bool {
 /// Registrations a desired set published while a pass runs (`next`) adds, which may start
 /// before that pass ends: new or changed in place, neither written (`applied`) nor already
 /// part of the pass (`scheduled`, whatever its content), nor held back after a refusal
-/// (`held`). A service renamed under the same ID is left to the next pass, which deregisters
-/// the old name first; so is everything when `next` also withdraws something (see
-/// [`withdraws`]: the pass then stops starting writes).
+/// (`held`) or by an owed removal (`owed`, see [`Owed::holds_back`]). A service renamed under
+/// the same ID is left to the next pass, which deregisters the old name first; so is
+/// everything when `next` also withdraws something (see [`withdraws`]: the pass then stops
+/// starting writes).
 pub fn arrivals(
     next: &ServiceSet,
     applied: &ServiceSet,
     scheduled: &ServiceSet,
     held: &ServiceSet,
+    owed: &Owed,
 ) -> Vec<Service> {
     next.values()
         .filter(|s| {
@@ -177,6 +230,7 @@ pub fn arrivals(
                 && !renamed
                 && !scheduled.contains_key(&s.id)
                 && held.get(&s.id) != Some(*s)
+                && !owed.holds_back(s)
         })
         .cloned()
         .collect()
@@ -185,8 +239,8 @@ pub fn arrivals(
 /// What a listing of the store reveals.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Verdict {
-    /// IDs we believe registered that the store lacks (or holds differently): forget them, so
-    /// the next plan writes them again.
+    /// IDs we believe registered, and still want, that the store lacks (or holds
+    /// differently): forget them, so the next plan writes them again.
     pub lost: Vec<String>,
     /// This host's registrations that nothing backs (only filled with `cleanup`).
     pub stale: Vec<Service>,
@@ -196,15 +250,21 @@ pub struct Verdict {
 /// listed entries are compared, as that is all every store returns. `stale` only ever holds
 /// IDs starting with `host_prefix` (`<hostname>:`), so `-cleanup` never touches another host's
 /// registrations.
+///
+/// What is applied but no longer desired is [`plan`]'s to remove, listed or not: a listing
+/// can hide an entry that is there (a Consul ACL policy without read filters it out), and
+/// removing what is gone already succeeds. Owed removals are not stale: they are being
+/// retried already.
 pub fn verify(
     desired: &ServiceSet,
     applied: &ServiceSet,
+    owed: &Owed,
     listed: &[Service],
     host_prefix: &str,
     cleanup: bool,
 ) -> Verdict {
     let mut v = Verdict::default();
-    for (id, svc) in applied {
+    for (id, svc) in applied.iter().filter(|(_, svc)| backs(desired, svc)) {
         let present = listed.iter().any(|l| {
             l.id == *id && l.name == svc.name && l.address == svc.address && l.port == svc.port
         });
@@ -217,6 +277,8 @@ pub fn verify(
             if l.id.starts_with(host_prefix)
                 && !desired.contains_key(&l.id)
                 && !applied.contains_key(&l.id)
+                && !owed.due.contains_key(&l.id)
+                && !owed.waiting.contains_key(&l.id)
             {
                 v.stale.push(l.clone());
             }
@@ -225,15 +287,17 @@ pub fn verify(
     v
 }
 
-/// Registrations the store refused, each tried again after its own growing delay (or at once
-/// when its content changes). A refusal is about one item (see
+/// Writes the store refused, each tried again after its own growing delay: registrations
+/// ([`REFUSED_RETRY`]) and removals ([`OWED_RETRY`]). A refusal is about one item (see
 /// [`StoreError::is_item_failure`]): a `SERVICE_CHECK_SCRIPT` on an agent with script checks
-/// off, a name the store will not take. Treating it as an outage would hold every other
-/// registration and removal of the host behind it; retrying it at once would hammer the store.
-/// Some refusals clear (the agent is restarted with script checks on), so they are retried,
-/// 30 s after the first refusal and then up to every 5 minutes.
-#[derive(Debug, Default)]
-struct Refused {
+/// off, a name the store will not take, an ACL policy or etcd role without write. Treating it
+/// as an outage would hold every other registration and removal of the host behind it;
+/// retrying it at once would hammer the store. Many refusals clear (the agent is restarted with
+/// script checks on, the policy is fixed), so they are retried.
+#[derive(Debug)]
+struct Refusals {
+    /// First and longest delay.
+    retry: (Duration, Duration),
     items: BTreeMap<String, RefusedItem>,
 }
 
@@ -244,19 +308,38 @@ struct RefusedItem {
     backoff: Backoff,
 }
 
-/// First and longest wait before a refused registration is tried again.
+/// First and longest wait before a refused registration is tried again. A registration that
+/// waits costs a new instance its traffic, no more, and most refusals last (script checks off,
+/// a name Consul cannot route): 30 s after the first refusal, then up to every 5 minutes.
 const REFUSED_RETRY: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(300));
 
-impl Refused {
-    /// `svc` was refused at `now`: hold it back for its next delay.
+/// First and longest wait before a refused removal is tried again (jittered ±20 %, doubling:
+/// 1, 2, 4, 8, 16, then every 30 s). A removal that waits sends traffic to a container that
+/// is gone, so the first retries come fast and the longest wait stays short; a store that
+/// refuses for long (a policy lost write for an hour) gets one small request per owed removal
+/// every 30 s, never more (an idle host with a handful of stopped containers: a few requests a
+/// minute). A removal that lands is never tried again.
+pub const OWED_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+impl Refusals {
+    /// No refusals, tried again with delays from `retry.0` doubling up to `retry.1`.
+    fn new(retry: (Duration, Duration)) -> Self {
+        Refusals {
+            retry,
+            items: BTreeMap::new(),
+        }
+    }
+
+    /// `svc` was refused at `now`: hold it back for its next delay, which it returns.
     fn refuse(&mut self, svc: &Service, now: Instant) -> Duration {
+        let retry = self.retry;
         let item = self
             .items
             .entry(svc.id.clone())
             .or_insert_with(|| RefusedItem {
                 svc: svc.clone(),
                 until: now,
-                backoff: Backoff::new(REFUSED_RETRY.0, REFUSED_RETRY.1),
+                backoff: Backoff::new(retry.0, retry.1),
             });
         if item.svc != *svc {
             item.backoff.reset();
@@ -267,28 +350,73 @@ impl Refused {
         delay
     }
 
-    /// `id` was written (or is no longer wanted): forget it.
-    fn clear(&mut self, id: &str) {
-        self.items.remove(id);
+    /// `id` was written (or is no longer wanted): forget it. Returns how often it had been
+    /// refused, if it was held.
+    fn clear(&mut self, id: &str) -> Option<u32> {
+        self.items.remove(id).map(|r| r.backoff.attempts())
     }
 
-    /// Drops what is no longer desired.
-    fn retain_desired(&mut self, desired: &ServiceSet) {
-        self.items.retain(|id, _| desired.contains_key(id));
-    }
-
-    /// The refused services still held back at `now` (what [`plan`] must not write again).
-    fn held(&self, now: Instant) -> ServiceSet {
-        self.items
+    /// Forgets, and returns, the services `drop` picks.
+    fn forget(&mut self, drop: impl Fn(&Service) -> bool) -> Vec<Service> {
+        let gone: Vec<String> = self
+            .items
             .iter()
-            .filter(|(_, r)| r.until > now)
-            .map(|(id, r)| (id.clone(), r.svc.clone()))
+            .filter(|(_, r)| drop(&r.svc))
+            .map(|(id, _)| id.clone())
+            .collect();
+        gone.iter()
+            .filter_map(|id| self.items.remove(id))
+            .map(|r| r.svc)
             .collect()
     }
 
-    /// When the next held-back service is due again.
-    fn next_retry(&self) -> Option<Instant> {
-        self.items.values().map(|r| r.until).min()
+    /// Makes everything held due at `now`, keeping each one's backoff: if it is refused
+    /// again, its next delay is the one it would have had.
+    fn hurry(&mut self, now: Instant) {
+        for r in self.items.values_mut() {
+            r.until = r.until.min(now);
+        }
+    }
+
+    /// Whether `id` is held.
+    fn contains(&self, id: &str) -> bool {
+        self.items.contains_key(id)
+    }
+
+    /// How many are held.
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Everything held, split by whether its delay has passed at `now`.
+    fn at(&self, now: Instant) -> Owed {
+        let mut o = Owed::default();
+        for (id, r) in &self.items {
+            let side = if r.until > now {
+                &mut o.waiting
+            } else {
+                &mut o.due
+            };
+            side.insert(id.clone(), r.svc.clone());
+        }
+        o
+    }
+
+    /// The services still held back at `now` (what [`plan`] must not write again).
+    fn held(&self, now: Instant) -> ServiceSet {
+        self.at(now).waiting
+    }
+
+    /// When the next held-back service is due again, among those not due yet when the last
+    /// pass started (`after`). One that pass saw due and left (a registration an owed removal
+    /// holds back) waits for the next pass something else starts: waking for it again at once
+    /// would loop without end.
+    fn next_retry(&self, after: Instant) -> Option<Instant> {
+        self.items
+            .values()
+            .map(|r| r.until)
+            .filter(|t| *t > after)
+            .min()
     }
 }
 
@@ -313,7 +441,10 @@ pub struct Syncer {
     opts: SyncOptions,
     listing: Listing,
     applied: ServiceSet,
-    refused: Refused,
+    /// Registrations the store refused.
+    refused: Refusals,
+    /// Removals the store refused: still owed.
+    owed: Refusals,
 }
 
 /// What the next pass must do. Each part is cleared once it succeeded, so a pass that fails
@@ -417,7 +548,8 @@ impl Syncer {
             store,
             opts,
             applied: ServiceSet::new(),
-            refused: Refused::default(),
+            refused: Refusals::new(REFUSED_RETRY),
+            owed: Refusals::new(OWED_RETRY),
         }
     }
 
@@ -439,14 +571,17 @@ impl Syncer {
         let mut refresh_tick = tokio::time::interval(refresh_every);
         refresh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut desired: Option<Arc<ServiceSet>> = None;
+        let mut last_pass = Instant::now();
         loop {
             if desired.is_none() {
                 desired = desired_rx.borrow_and_update().clone();
             }
             if let Some(want) = desired.clone() {
                 if retry_at.is_none() {
+                    last_pass = Instant::now();
                     let step = self.step(&want, &mut due, &desired_rx).await;
                     metrics().services.set(self.applied.len() as i64);
+                    metrics().owed.set(self.owed.len() as i64);
                     match step {
                         Ok(()) => {
                             metrics::store_ok();
@@ -455,6 +590,10 @@ impl Syncer {
                                     store = self.store.kind(),
                                     "store reachable again (was: {e})"
                                 );
+                                // What changed may be what refused the removals (an etcd role
+                                // granted back answers the listing again too): try them now
+                                // rather than after their grown delays.
+                                self.owed.hurry(Instant::now());
                             }
                             backoff.reset();
                         }
@@ -482,7 +621,16 @@ impl Syncer {
                     None => std::future::pending().await,
                 }
             };
-            let refused_due = self.refused.next_retry();
+            // During an outage the outage's own backoff paces passes: what is due then waits
+            // for it (else an item already due would wake this loop at once, again and again).
+            let refused_due = [
+                self.refused.next_retry(last_pass),
+                self.owed.next_retry(last_pass),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .filter(|_| retry_at.is_none());
             let retry_refused = async {
                 match refused_due {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -529,12 +677,17 @@ impl Syncer {
                 // The old registrator's last refresh may be most of a TTL ago.
                 due.refresh = self.opts.ttl_refresh.is_some();
             }
+            if due.reconcile {
+                // Removals first: before a listing, which takes longer and may fail.
+                self.remove(desired).await?;
+            }
             if due.verify {
                 // List everything: services with a custom SERVICE_ID lack the host prefix.
                 let listed = store_request("list", self.store.list("")).await?;
                 let v = verify(
                     desired,
                     &self.applied,
+                    &self.owed.at(Instant::now()),
                     &listed,
                     &self.opts.host_prefix,
                     self.opts.cleanup,
@@ -549,7 +702,7 @@ impl Syncer {
                         );
                     }
                 }
-                remove_stale(&self.store, &v.stale, "cleanup").await?;
+                self.remove_stale(&v.stale, "cleanup").await?;
                 due.verify = false;
                 due.reconcile = true;
             }
@@ -577,7 +730,9 @@ impl Syncer {
                 Err(StoreError::Expired { what }) if expiries == 0 => {
                     info!("{what} expired in the store; registering everything again");
                     expiries += 1;
-                    self.applied.clear();
+                    // Only what is desired is written again; a removal not made yet stays
+                    // due (removing what expired with the lease succeeds).
+                    self.applied.retain(|_, s| !backs(desired, s));
                     due.reconcile = true;
                 }
                 Err(e) => return Err(e),
@@ -599,7 +754,8 @@ impl Syncer {
     async fn adopt(&mut self, desired: &ServiceSet) -> Result<(), StoreError> {
         let listed = store_request("list", self.store.list("")).await?;
         let a = adopt(desired, &listed, &self.opts.host_prefix, self.listing);
-        remove_stale(&self.store, &a.stale, "no running container backs it").await?;
+        self.remove_stale(&a.stale, "no running container backs it")
+            .await?;
         // One line at every start, so an operator sees the handover from the last registrator.
         info!(
             "adopted {} registrations already in the store; {} to write",
@@ -630,28 +786,43 @@ impl Syncer {
         Ok(Writes::Done)
     }
 
-    /// Applies [`plan`]: every deregistration, then the registrations, each kind overlapping
-    /// up to [`WRITES_IN_FLIGHT`]. Registrations the Docker side publishes meanwhile join the
-    /// running ones ([`arrivals`]) rather than wait for the pass to end. Returns how it ended
-    /// and whether anything was registered. A store-wide failure starts nothing more, waits
-    /// for the writes already running (their results are recorded) and is returned.
-    async fn reconcile(
-        &mut self,
-        desired: &ServiceSet,
-        changes: &watch::Receiver<Desired>,
-    ) -> Result<(Writes, bool), StoreError> {
-        let p = plan(desired, &self.applied, &self.refused.held(Instant::now()));
-        self.refused.retain_desired(desired);
+    /// Makes every removal [`removals`] asks for (withdrawn services, renamed ones' old
+    /// entries, owed removals whose delay has passed), overlapping up to [`WRITES_IN_FLIGHT`].
+    /// An owed removal whose container is back is dropped first. A removal the store refuses
+    /// stays owed ([`Syncer::owe`]). A store-wide failure starts nothing more and is returned
+    /// once the running writes are done; what it failed stays where it was (`applied`, or owed
+    /// and due), for the next pass.
+    async fn remove(&mut self, desired: &ServiceSet) -> Result<(), StoreError> {
+        for svc in self.owed.forget(|s| backs(desired, s)) {
+            info!(
+                "no longer owes the removal of {} {} {}: it is running again (its registration is written instead)",
+                svc.id,
+                svc.name,
+                svc.addr()
+            );
+        }
+        let list = removals(desired, &self.applied, &self.owed.at(Instant::now()));
+        if list.is_empty() {
+            return Ok(());
+        }
         let store = self.store.clone();
         let mut failed: Option<StoreError> = None;
-        let mut writes = Batch::new(&store, Op::Deregister, p.deregister);
+        let mut writes = Batch::new(&store, Op::Deregister, list);
         while let Some((svc, r)) = writes.next(failed.is_none()).await {
             match r {
                 Ok(()) => {
                     metrics::written();
-                    info!("deregistered {} {} {}", svc.id, svc.name, svc.addr())
+                    match self.owed.clear(&svc.id) {
+                        Some(n) => info!(
+                            "deregistered {} {} {} (owed: the store had refused it {n} time(s))",
+                            svc.id,
+                            svc.name,
+                            svc.addr()
+                        ),
+                        None => info!("deregistered {} {} {}", svc.id, svc.name, svc.addr()),
+                    }
                 }
-                Err(e) if e.is_item_failure() => warn!("cannot deregister {}: {e}", svc.id),
+                Err(e) if e.is_item_failure() => self.owe(&svc, &e),
                 Err(e) => {
                     failed.get_or_insert(e);
                     continue;
@@ -659,9 +830,78 @@ impl Syncer {
             }
             self.applied.remove(&svc.id);
         }
-        if let Some(e) = failed {
-            return Err(e);
+        metrics().owed.set(self.owed.len() as i64);
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// `svc`'s removal was refused: it stays owed, tried again after its next delay
+    /// ([`OWED_RETRY`]). Warned about at the first refusal only: a store that refuses for an
+    /// hour must not fill the log; `registrator_deregistrations_owed` says how many wait.
+    fn owe(&mut self, svc: &Service, e: &StoreError) {
+        let first = !self.owed.contains(&svc.id);
+        let delay = self.owed.refuse(svc, Instant::now());
+        if first {
+            warn!(
+                "store refused to deregister {} {} {}: still owed, trying it again in {delay:.0?}, then with backoff up to {:?}, until it lands or the container is back (other writes go on): {e}",
+                svc.id,
+                svc.name,
+                svc.addr(),
+                OWED_RETRY.1
+            );
+        } else {
+            debug!(
+                "removal of {} refused again; next try in {delay:.0?}: {e}",
+                svc.id
+            );
         }
+    }
+
+    /// Removes registrations nothing backs (`why` says how that was found), overlapping the
+    /// writes. One the store refuses stays owed, as for any removal; a store-wide failure is
+    /// returned once the writes already running are done.
+    async fn remove_stale(&mut self, stale: &[Service], why: &str) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let mut failed: Option<StoreError> = None;
+        let mut writes = Batch::new(&store, Op::Deregister, stale.to_vec());
+        while let Some((svc, r)) = writes.next(failed.is_none()).await {
+            match r {
+                Ok(()) => info!(
+                    "deregistered {} {} {} ({why})",
+                    svc.id,
+                    svc.name,
+                    svc.addr()
+                ),
+                Err(e) if e.is_item_failure() => self.owe(&svc, &e),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Applies [`plan`]: every removal first ([`Syncer::remove`]), then the registrations,
+    /// overlapping up to [`WRITES_IN_FLIGHT`]. Registrations the Docker side publishes
+    /// meanwhile join the running ones ([`arrivals`]) rather than wait for the pass to end.
+    /// Returns how it ended and whether anything was registered. A store-wide failure starts
+    /// nothing more, waits for the writes already running (their results are recorded) and is
+    /// returned.
+    async fn reconcile(
+        &mut self,
+        desired: &ServiceSet,
+        changes: &watch::Receiver<Desired>,
+    ) -> Result<(Writes, bool), StoreError> {
+        self.remove(desired).await?;
+        let now = Instant::now();
+        let p = plan(
+            desired,
+            &self.applied,
+            &self.refused.held(now),
+            &self.owed.at(now),
+        );
+        self.refused.forget(|s| !desired.contains_key(&s.id));
+        let store = self.store.clone();
+        let mut failed: Option<StoreError> = None;
         let mut registered = false;
         let mut preempted = false;
         // Everything this pass writes or has written, by ID: an arrival for one of them waits
@@ -686,8 +926,10 @@ impl Syncer {
                     (n, _) => n.is_some(),
                 };
                 if let (true, Some(next)) = (fresh, &next) {
-                    let held = self.refused.held(Instant::now());
-                    for svc in arrivals(next, &self.applied, &scheduled, &held) {
+                    let now = Instant::now();
+                    let held = self.refused.held(now);
+                    let owed = self.owed.at(now);
+                    for svc in arrivals(next, &self.applied, &scheduled, &held, &owed) {
                         scheduled.insert(svc.id.clone(), svc.clone());
                         writes.push(svc);
                     }
@@ -712,6 +954,9 @@ impl Syncer {
                     registered = true;
                     info!("registered {} {} {}", svc.id, svc.name, svc.addr());
                     self.refused.clear(&svc.id);
+                    // Written over an owed removal's entry (the container came back during
+                    // this pass): nothing is owed for it any more.
+                    self.owed.clear(&svc.id);
                     self.applied.insert(svc.id.clone(), svc);
                 }
                 Err(e) if e.is_item_failure() => {
@@ -737,9 +982,10 @@ impl Syncer {
     }
 
     /// On shutdown: leaves every registration for the next registrator to adopt, or with
-    /// `--deregister-on-exit` deregisters what we registered, plus anything desired (a write
-    /// interrupted by shutdown may have reached the store without being recorded), within
-    /// [`EXIT_TIMEOUT`].
+    /// `--deregister-on-exit` deregisters what we registered and the removals still owed, plus
+    /// anything desired (a write interrupted by shutdown may have reached the store without
+    /// being recorded), within [`EXIT_TIMEOUT`]. Without it, an owed removal is left to the
+    /// next registrator, whose adoption removes this host's entries no container backs.
     async fn exit(mut self, desired: Option<&ServiceSet>) {
         if !self.opts.deregister_on_exit {
             info!(
@@ -756,7 +1002,11 @@ impl Syncer {
                     .collect()
             })
             .unwrap_or_default();
-        let applied: Vec<Service> = std::mem::take(&mut self.applied).into_values().collect();
+        let owed = self.owed.forget(|_| true);
+        let applied: Vec<Service> = std::mem::take(&mut self.applied)
+            .into_values()
+            .chain(owed)
+            .collect();
         let store = self.store.clone();
         let work = async move {
             let mut writes = Batch::new(&store, Op::Deregister, applied);
@@ -773,29 +1023,6 @@ impl Syncer {
             warn!("gave up deregistering after {EXIT_TIMEOUT:?}: the store does not answer");
         }
     }
-}
-
-/// Removes registrations nothing backs (`why` says how that was found), overlapping the
-/// writes. A store-wide failure is returned once the writes already running are done; one
-/// the store refuses for its own sake is a warning.
-async fn remove_stale(store: &Store, stale: &[Service], why: &str) -> Result<(), StoreError> {
-    let mut failed: Option<StoreError> = None;
-    let mut writes = Batch::new(store, Op::Deregister, stale.to_vec());
-    while let Some((svc, r)) = writes.next(failed.is_none()).await {
-        match r {
-            Ok(()) => info!(
-                "deregistered {} {} {} ({why})",
-                svc.id,
-                svc.name,
-                svc.addr()
-            ),
-            Err(e) if e.is_item_failure() => warn!("cannot deregister {} ({why}): {e}", svc.id),
-            Err(e) => {
-                failed.get_or_insert(e);
-            }
-        }
-    }
-    failed.map_or(Ok(()), Err)
 }
 
 /// One registration written, timed and counted.
@@ -850,6 +1077,9 @@ mod tests {
         let b = svc("h:b:80", "b", 2);
         let b_moved = svc("h:b:80", "b", 3);
         let b_renamed = svc("h:b:80", "bee", 2);
+        let c = svc("h:c:80", "c", 3);
+        let c_moved = svc("h:c:80", "c", 4);
+        let c_renamed = svc("h:c:80", "cee", 3);
         let mut a_tagged = a.clone();
         a_tagged.tags = vec!["t".into()];
         /// One plan: the sets given, and the IDs deregistered and registered.
@@ -858,6 +1088,9 @@ mod tests {
             desired: Vec<Service>,
             applied: Vec<Service>,
             rejected: Vec<Service>,
+            /// Owed removals whose delay has passed, and those still waiting.
+            due: Vec<Service>,
+            waiting: Vec<Service>,
             deregister: Vec<&'a str>,
             register: Vec<&'a str>,
         }
@@ -867,6 +1100,8 @@ mod tests {
                 desired: vec![],
                 applied: vec![],
                 rejected: vec![],
+                due: vec![],
+                waiting: vec![],
                 deregister: vec![],
                 register: vec![],
             },
@@ -875,6 +1110,8 @@ mod tests {
                 desired: vec![a.clone()],
                 applied: vec![],
                 rejected: vec![],
+                due: vec![],
+                waiting: vec![],
                 deregister: vec![],
                 register: vec!["h:a:80"],
             },
@@ -883,6 +1120,8 @@ mod tests {
                 desired: vec![a.clone()],
                 applied: vec![a.clone()],
                 rejected: vec![],
+                due: vec![],
+                waiting: vec![],
                 deregister: vec![],
                 register: vec![],
             },
@@ -891,6 +1130,8 @@ mod tests {
                 desired: vec![],
                 applied: vec![a.clone()],
                 rejected: vec![],
+                due: vec![],
+                waiting: vec![],
                 deregister: vec!["h:a:80"],
                 register: vec![],
             },
@@ -899,6 +1140,8 @@ mod tests {
                 desired: vec![b_moved.clone()],
                 applied: vec![b.clone()],
                 rejected: vec![],
+                due: vec![],
+                waiting: vec![],
                 deregister: vec![],
                 register: vec!["h:b:80"],
             },
@@ -907,6 +1150,8 @@ mod tests {
                 desired: vec![a_tagged.clone()],
                 applied: vec![a.clone()],
                 rejected: vec![],
+                due: vec![],
+                waiting: vec![],
                 deregister: vec![],
                 register: vec!["h:a:80"],
             },
@@ -915,6 +1160,8 @@ mod tests {
                 desired: vec![b_renamed.clone()],
                 applied: vec![b.clone()],
                 rejected: vec![],
+                due: vec![],
+                waiting: vec![],
                 deregister: vec!["h:b:80"],
                 register: vec!["h:b:80"],
             },
@@ -923,6 +1170,8 @@ mod tests {
                 desired: vec![a.clone()],
                 applied: vec![],
                 rejected: vec![a.clone()],
+                due: vec![],
+                waiting: vec![],
                 deregister: vec![],
                 register: vec![],
             },
@@ -931,6 +1180,81 @@ mod tests {
                 desired: vec![a_tagged.clone()],
                 applied: vec![],
                 rejected: vec![a.clone()],
+                due: vec![],
+                waiting: vec![],
+                deregister: vec![],
+                register: vec!["h:a:80"],
+            },
+            PlanCase {
+                what: "owed removal due: tried again",
+                desired: vec![],
+                applied: vec![],
+                rejected: vec![],
+                due: vec![c.clone()],
+                waiting: vec![],
+                deregister: vec!["h:c:80"],
+                register: vec![],
+            },
+            PlanCase {
+                what: "owed removal waiting: not yet",
+                desired: vec![],
+                applied: vec![],
+                rejected: vec![],
+                due: vec![],
+                waiting: vec![c.clone()],
+                deregister: vec![],
+                register: vec![],
+            },
+            PlanCase {
+                what: "removals first: withdrawn and owed together",
+                desired: vec![a.clone()],
+                applied: vec![b.clone()],
+                rejected: vec![],
+                due: vec![c.clone()],
+                waiting: vec![],
+                deregister: vec!["h:b:80", "h:c:80"],
+                register: vec!["h:a:80"],
+            },
+            // The container is back (same ID and name): its registration is what is owed,
+            // written over the old entry, which must not be removed.
+            PlanCase {
+                what: "owed due, container back on another port",
+                desired: vec![c_moved.clone()],
+                applied: vec![],
+                rejected: vec![],
+                due: vec![c.clone()],
+                waiting: vec![],
+                deregister: vec![],
+                register: vec!["h:c:80"],
+            },
+            PlanCase {
+                what: "owed waiting, container back",
+                desired: vec![c.clone()],
+                applied: vec![],
+                rejected: vec![],
+                due: vec![],
+                waiting: vec![c.clone()],
+                deregister: vec![],
+                register: vec!["h:c:80"],
+            },
+            // Renamed under the same ID: the old entry goes first (Consul keys by ID alone).
+            PlanCase {
+                what: "owed old name due: removed, new name waits",
+                desired: vec![c_renamed.clone()],
+                applied: vec![],
+                rejected: vec![],
+                due: vec![c.clone()],
+                waiting: vec![],
+                deregister: vec!["h:c:80"],
+                register: vec![],
+            },
+            PlanCase {
+                what: "owed old name waiting: new name waits",
+                desired: vec![c_renamed.clone(), a.clone()],
+                applied: vec![],
+                rejected: vec![],
+                due: vec![],
+                waiting: vec![c.clone()],
                 deregister: vec![],
                 register: vec!["h:a:80"],
             },
@@ -939,6 +1263,8 @@ mod tests {
                 desired: vec![a.clone()],
                 applied: vec![b.clone()],
                 rejected: vec![],
+                due: vec![],
+                waiting: vec![],
                 deregister: vec!["h:b:80"],
                 register: vec!["h:a:80"],
             },
@@ -948,16 +1274,27 @@ mod tests {
             desired,
             applied,
             rejected,
+            due,
+            waiting,
             deregister: dereg,
             register: reg,
         } in cases
         {
-            let p = plan(&set(&desired), &set(&applied), &set(&rejected));
+            let owed = Owed {
+                due: set(&due),
+                waiting: set(&waiting),
+            };
+            let p = plan(&set(&desired), &set(&applied), &set(&rejected), &owed);
             assert_eq!(ids(&p.deregister), dereg, "{what}");
             assert_eq!(ids(&p.register), reg, "{what}");
         }
         // A renamed service's old registration (old name: its etcd key) is the one removed.
-        let p = plan(&set(&[b_renamed]), &set(&[b]), &ServiceSet::new());
+        let p = plan(
+            &set(&[b_renamed]),
+            &set(&[b]),
+            &ServiceSet::new(),
+            &Owed::default(),
+        );
         assert_eq!(p.deregister[0].name, "b");
     }
 
@@ -975,6 +1312,8 @@ mod tests {
             desired: Vec<Service>,
             applied: Vec<Service>,
             listed: Vec<Service>,
+            /// Removals owed (due or not: the same to a listing).
+            owed: Vec<Service>,
             cleanup: bool,
             lost: Vec<&'a str>,
             stale: Vec<&'a str>,
@@ -985,6 +1324,7 @@ mod tests {
                 desired: vec![a.clone()],
                 applied: vec![a.clone()],
                 listed: vec![a.clone(), other_host.clone()],
+                owed: vec![],
                 cleanup: true,
                 lost: vec![],
                 stale: vec![],
@@ -994,6 +1334,7 @@ mod tests {
                 desired: vec![a.clone(), b.clone()],
                 applied: vec![a.clone(), b.clone()],
                 listed: vec![b.clone()],
+                owed: vec![],
                 cleanup: false,
                 lost: vec!["h:a:80"],
                 stale: vec![],
@@ -1003,6 +1344,7 @@ mod tests {
                 desired: vec![custom.clone()],
                 applied: vec![custom.clone()],
                 listed: vec![],
+                owed: vec![],
                 cleanup: false,
                 lost: vec!["custom-id"],
                 stale: vec![],
@@ -1012,6 +1354,7 @@ mod tests {
                 desired: vec![a.clone()],
                 applied: vec![a.clone()],
                 listed: vec![a_elsewhere],
+                owed: vec![],
                 cleanup: false,
                 lost: vec!["h:a:80"],
                 stale: vec![],
@@ -1021,6 +1364,7 @@ mod tests {
                 desired: vec![],
                 applied: vec![],
                 listed: vec![stale.clone()],
+                owed: vec![],
                 cleanup: false,
                 lost: vec![],
                 stale: vec![],
@@ -1030,6 +1374,7 @@ mod tests {
                 desired: vec![a.clone()],
                 applied: vec![a.clone()],
                 listed: vec![a.clone(), stale.clone(), other_host.clone()],
+                owed: vec![],
                 cleanup: true,
                 lost: vec![],
                 stale: vec!["h:old:80"],
@@ -1039,6 +1384,39 @@ mod tests {
                 desired: vec![b.clone()],
                 applied: vec![],
                 listed: vec![b.clone()],
+                owed: vec![],
+                cleanup: true,
+                lost: vec![],
+                stale: vec![],
+            },
+            // A listing can hide what is there (a Consul policy without read): a removal is
+            // never dropped because the entry is not listed.
+            VerifyCase {
+                what: "applied, undesired and not listed: left to plan",
+                desired: vec![],
+                applied: vec![a.clone()],
+                listed: vec![],
+                owed: vec![],
+                cleanup: false,
+                lost: vec![],
+                stale: vec![],
+            },
+            VerifyCase {
+                what: "renamed and the old name not listed: left to plan",
+                desired: vec![svc("h:a:80", "aa", 1)],
+                applied: vec![a.clone()],
+                listed: vec![],
+                owed: vec![],
+                cleanup: true,
+                lost: vec![],
+                stale: vec![],
+            },
+            VerifyCase {
+                what: "an owed removal is being retried, not stale",
+                desired: vec![],
+                applied: vec![],
+                listed: vec![stale.clone()],
+                owed: vec![stale.clone()],
                 cleanup: true,
                 lost: vec![],
                 stale: vec![],
@@ -1048,6 +1426,7 @@ mod tests {
                 desired: vec![],
                 applied: vec![a.clone()],
                 listed: vec![a.clone()],
+                owed: vec![],
                 cleanup: true,
                 lost: vec![],
                 stale: vec![],
@@ -1058,12 +1437,24 @@ mod tests {
             desired,
             applied,
             listed,
+            owed,
             cleanup,
             lost,
             stale: stale_ids,
         } in cases
         {
-            let v = verify(&set(&desired), &set(&applied), &listed, "h:", cleanup);
+            let owed = Owed {
+                due: ServiceSet::new(),
+                waiting: set(&owed),
+            };
+            let v = verify(
+                &set(&desired),
+                &set(&applied),
+                &owed,
+                &listed,
+                "h:",
+                cleanup,
+            );
             assert_eq!(v.lost, lost, "{what}");
             assert_eq!(ids(&v.stale), stale_ids, "{what}");
         }
@@ -1258,7 +1649,12 @@ mod tests {
             assert_eq!(ids(&got.stale), stale, "{what}: stale");
             // What is adopted is the desired service itself, so the next plan writes nothing.
             let applied = set(&got.adopted);
-            let p = plan(&set(&desired), &applied, &ServiceSet::new());
+            let p = plan(
+                &set(&desired),
+                &applied,
+                &ServiceSet::new(),
+                &Owed::default(),
+            );
             assert!(p.deregister.is_empty(), "{what}");
             assert_eq!(
                 p.register.len(),
@@ -1317,6 +1713,7 @@ mod tests {
             applied: Vec<Service>,
             scheduled: Vec<Service>,
             held: Vec<Service>,
+            owed: Vec<Service>,
             want: Vec<&'a str>,
         }
         let cases = [
@@ -1326,22 +1723,25 @@ mod tests {
                 applied: vec![a.clone()],
                 scheduled: vec![],
                 held: vec![],
+                owed: vec![],
                 want: vec!["h:c:80"],
             },
             ArrivalCase {
                 what: "changed in place",
-                next: vec![a_moved],
+                next: vec![a_moved.clone()],
                 applied: vec![a.clone()],
                 scheduled: vec![],
                 held: vec![],
+                owed: vec![],
                 want: vec!["h:a:80"],
             },
             ArrivalCase {
                 what: "renamed: the next pass deregisters the old name first",
-                next: vec![a_renamed],
+                next: vec![a_renamed.clone()],
                 applied: vec![a.clone()],
                 scheduled: vec![],
                 held: vec![],
+                owed: vec![],
                 want: vec![],
             },
             ArrivalCase {
@@ -1350,6 +1750,7 @@ mod tests {
                 applied: vec![],
                 scheduled: vec![b],
                 held: vec![],
+                owed: vec![],
                 want: vec![],
             },
             ArrivalCase {
@@ -1358,6 +1759,7 @@ mod tests {
                 applied: vec![],
                 scheduled: vec![],
                 held: vec![c.clone()],
+                owed: vec![],
                 want: vec![],
             },
             ArrivalCase {
@@ -1366,7 +1768,26 @@ mod tests {
                 applied: vec![],
                 scheduled: vec![],
                 held: vec![c],
+                owed: vec![],
                 want: vec!["h:c:80"],
+            },
+            ArrivalCase {
+                what: "its old name's removal still owed",
+                next: vec![a_renamed.clone()],
+                applied: vec![],
+                scheduled: vec![],
+                held: vec![],
+                owed: vec![a.clone()],
+                want: vec![],
+            },
+            ArrivalCase {
+                what: "owed under the same name: the container is back",
+                next: vec![a_moved.clone()],
+                applied: vec![],
+                scheduled: vec![],
+                held: vec![],
+                owed: vec![a.clone()],
+                want: vec!["h:a:80"],
             },
             ArrivalCase {
                 what: "nothing new",
@@ -1374,6 +1795,7 @@ mod tests {
                 applied: vec![a],
                 scheduled: vec![],
                 held: vec![],
+                owed: vec![],
                 want: vec![],
             },
         ];
@@ -1383,10 +1805,21 @@ mod tests {
             applied,
             scheduled,
             held,
+            owed,
             want,
         } in cases
         {
-            let got = arrivals(&set(&next), &set(&applied), &set(&scheduled), &set(&held));
+            let owed = Owed {
+                due: set(&owed),
+                waiting: ServiceSet::new(),
+            };
+            let got = arrivals(
+                &set(&next),
+                &set(&applied),
+                &set(&scheduled),
+                &set(&held),
+                &owed,
+            );
             assert_eq!(ids(&got), want, "{what}");
         }
     }
@@ -1394,7 +1827,7 @@ mod tests {
     #[test]
     fn refused_items_are_held_back_then_retried() {
         let t0 = Instant::now();
-        let mut r = Refused::default();
+        let mut r = Refusals::new(REFUSED_RETRY);
         let a = svc("h:a:80", "a", 1);
         let d1 = r.refuse(&a, t0);
         assert!(d1 >= Duration::from_secs(24), "{d1:?}");
@@ -1402,7 +1835,9 @@ mod tests {
             ids(&r.held(t0).into_values().collect::<Vec<_>>()),
             vec!["h:a:80"]
         );
-        assert_eq!(r.next_retry(), Some(t0 + d1));
+        assert_eq!(r.next_retry(t0), Some(t0 + d1));
+        // A pass that started once it was due saw it: no wake for it again.
+        assert_eq!(r.next_retry(t0 + d1), None);
         // Due again after its delay; the next refusal waits longer.
         assert!(r.held(t0 + d1).is_empty());
         let d2 = r.refuse(&a, t0 + d1);
@@ -1412,9 +1847,104 @@ mod tests {
         let d3 = r.refuse(&a2, t0);
         assert!(d3 < d2, "{d3:?}");
         r.clear("h:a:80");
-        assert_eq!(r.next_retry(), None);
+        assert_eq!(r.next_retry(t0), None);
         r.refuse(&a, t0);
-        r.retain_desired(&ServiceSet::new());
+        r.forget(|s| !ServiceSet::new().contains_key(&s.id));
         assert!(r.held(t0).is_empty());
+    }
+
+    #[test]
+    fn owed_removals_are_retried_fast_with_a_short_cap() {
+        let t0 = Instant::now();
+        let mut r = Refusals::new(OWED_RETRY);
+        let a = svc("h:a:80", "a", 1);
+        let mut delays = vec![];
+        let mut now = t0;
+        for _ in 0..12 {
+            let d = r.refuse(&a, now);
+            assert!(r.at(now).waiting.contains_key("h:a:80"));
+            now += d;
+            assert!(r.at(now).due.contains_key("h:a:80"), "due after {d:?}");
+            delays.push(d);
+        }
+        // Jittered ±20 %: about 1 s first, doubling, never past 30 s, and at the cap late on.
+        let secs: Vec<f64> = delays.iter().map(Duration::as_secs_f64).collect();
+        assert!((0.8..=1.2).contains(&secs[0]), "{secs:?}");
+        assert!((1.6..=2.4).contains(&secs[1]), "{secs:?}");
+        assert!(secs.iter().all(|d| *d <= 30.0), "{secs:?}");
+        assert!(secs[11] >= 24.0, "{secs:?}");
+        // Twelve refusals take well under ten minutes: about one request per 30 s at most.
+        assert!(now - t0 < Duration::from_secs(300), "{:?}", now - t0);
+        assert_eq!(r.clear("h:a:80"), Some(12));
+        assert_eq!(r.clear("h:a:80"), None);
+    }
+
+    /// The bookkeeping of one owed removal through the passes of the run loop: refused at the
+    /// stop, held for its delay, tried again, and dropped when the container is back (its
+    /// registration is then what the plan writes).
+    #[test]
+    fn owed_removal_bookkeeping() {
+        let t0 = Instant::now();
+        let a = svc("h:a:80", "a", 1);
+        let a_back = svc("h:a:80", "a", 2);
+        let b = svc("h:b:80", "b", 3);
+        let none = ServiceSet::new();
+        let mut applied = set(&[a.clone(), b.clone()]);
+        let mut owed = Refusals::new(OWED_RETRY);
+
+        // Stopped: the removal is planned, and refused.
+        let desired = set(std::slice::from_ref(&b));
+        let p = plan(&desired, &applied, &none, &owed.at(t0));
+        assert_eq!(ids(&p.deregister), vec!["h:a:80"]);
+        let d = owed.refuse(&a, t0);
+        applied.remove("h:a:80");
+        // Nothing to do while it waits; due again after its delay; still owed, not lost.
+        let p = plan(&desired, &applied, &none, &owed.at(t0));
+        assert_eq!(p, Plan::default());
+        let p = plan(&desired, &applied, &none, &owed.at(t0 + d));
+        assert_eq!(ids(&p.deregister), vec!["h:a:80"]);
+        assert!(p.register.is_empty());
+        let d2 = owed.refuse(&a, t0 + d);
+        assert_eq!(owed.next_retry(t0 + d), Some(t0 + d + d2));
+
+        // Another container's withdrawal joins it; the registration of a new one waits for
+        // neither (they are removed first in the same pass).
+        let c = svc("h:c:80", "c", 4);
+        let desired = set(std::slice::from_ref(&c));
+        let p = plan(&desired, &applied, &none, &owed.at(t0 + d + d2));
+        assert_eq!(ids(&p.deregister), vec!["h:b:80", "h:a:80"]);
+        assert_eq!(ids(&p.register), vec!["h:c:80"]);
+
+        // Back (another port after `docker start`), before its next try: no longer owed, and
+        // registered again over the old entry.
+        let desired = set(std::slice::from_ref(&a_back));
+        assert!(owed.forget(|s| backs(&desired, s)).iter().any(|s| s == &a));
+        assert_eq!(owed.len(), 0);
+        let p = plan(&desired, &none, &none, &owed.at(t0));
+        assert!(p.deregister.is_empty());
+        assert_eq!(p.register, vec![a_back]);
+
+        // The store answers again after an outage: every owed removal is due at once, and a
+        // refusal then goes on from the delay it had reached.
+        let mut late = Refusals::new(OWED_RETRY);
+        for _ in 0..6 {
+            late.refuse(&b, t0);
+        }
+        assert!(late
+            .at(t0 + Duration::from_secs(10))
+            .waiting
+            .contains_key("h:b:80"));
+        late.hurry(t0 + Duration::from_secs(10));
+        assert!(late
+            .at(t0 + Duration::from_secs(10))
+            .due
+            .contains_key("h:b:80"));
+        assert!(late.refuse(&b, t0) >= Duration::from_secs(24));
+
+        // A landing removal is forgotten, with how often it had been refused.
+        owed.refuse(&b, t0);
+        owed.refuse(&b, t0);
+        assert_eq!(owed.clear("h:b:80"), Some(2));
+        assert_eq!(owed.next_retry(t0), None);
     }
 }

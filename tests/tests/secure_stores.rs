@@ -20,13 +20,23 @@ fn registrator(uri: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
 }
 
 fn web(tag: &str) -> Container {
+    web_in(None, tag)
+}
+
+/// A web container, labelled `sbtest.group=<group>` when given: a registrator limited to that
+/// label (`--label-filter`) counts only the test's own containers, whatever else runs on the
+/// engine.
+fn web_in(group: Option<&str>, tag: &str) -> Container {
     ensure_test_image();
-    Container::run(
-        tag,
-        &[
-            "-p", "80", TEST_IMAGE, "httpd", "-f", "-p", "80", "-h", "/www",
-        ],
-    )
+    let label = group.map(|g| format!("sbtest.group={g}"));
+    let mut args: Vec<&str> = match &label {
+        Some(l) => vec!["--label", l],
+        None => vec![],
+    };
+    args.extend([
+        "-p", "80", TEST_IMAGE, "httpd", "-f", "-p", "80", "-h", "/www",
+    ]);
+    Container::run(tag, &args)
 }
 
 fn write(path: &Path, text: &str) {
@@ -150,6 +160,20 @@ acl {{
             "Policies": token["Policies"],
         });
         self.api("PUT", "/v1/acl/token", body).await;
+    }
+
+    /// Replaces the rules of the policy named `name` (made by [`SecureConsul::token`]).
+    async fn set_rules(&self, name: &str, rules: &str) {
+        let p = self
+            .api("GET", &format!("/v1/acl/policy/name/{name}"), Value::Null)
+            .await;
+        let id = p["ID"].as_str().unwrap();
+        self.api(
+            "PUT",
+            &format!("/v1/acl/policy/{id}"),
+            json!({ "Name": name, "Rules": rules }),
+        )
+        .await;
     }
 
     fn uri(&self) -> String {
@@ -436,6 +460,17 @@ fn etcdctl(etcd: &Etcd, pki: &Pki, args: &[&str]) -> String {
     text
 }
 
+/// The environment registrator needs for the secured member, as user `app`.
+fn etcd_env(pki: &Pki) -> Vec<(&'static str, String)> {
+    vec![
+        ("ETCDCTL_CACERT", pki.path("ca.pem")),
+        ("ETCDCTL_CERT", pki.path("client.pem")),
+        ("ETCDCTL_KEY", pki.path("client.key")),
+        ("ETCDCTL_USER", "app".to_string()),
+        ("ETCDCTL_PASSWORD", "apppw".to_string()),
+    ]
+}
+
 /// The keys under `prefix`, read as root.
 fn etcd_keys(etcd: &Etcd, pki: &Pki, prefix: &str) -> String {
     etcdctl(
@@ -458,14 +493,8 @@ async fn etcd_client_certificates_and_a_user_limited_to_the_prefix() {
     let etcd = Etcd::start_tls(&pki).await;
     etcd_auth_setup(&etcd, &pki);
     let uri = format!("etcds://127.0.0.1:{}/services", etcd.port);
-    let env = [
-        ("ETCDCTL_CACERT", pki.path("ca.pem")),
-        ("ETCDCTL_CERT", pki.path("client.pem")),
-        ("ETCDCTL_KEY", pki.path("client.key")),
-        ("ETCDCTL_USER", "app".to_string()),
-        ("ETCDCTL_PASSWORD", "apppw".to_string()),
-    ];
-    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env = etcd_env(&pki);
+    let env_ref = env_refs(&env);
 
     let c = web("sec-etcd");
     let id = format!("{}:{}:80", hostname(), c.name);
@@ -629,4 +658,177 @@ async fn etcd_auth_token_is_renewed_when_it_expires() {
     client.put("/services/a/2", b"two", None).await.unwrap();
     let keys = etcd_keys(&etcd, &pki, "/services/");
     assert!(keys.contains("/services/a/2"), "{keys}");
+}
+
+/// What the log says, once per removal, when the store refuses it.
+fn refusal(id: &str) -> String {
+    format!("store refused to deregister {id} ")
+}
+
+/// Waits until registrator's `/metrics` at `addr` shows `owed` removals owed and at least
+/// `failures` refused attempts in all (so each was tried again), then checks `id`'s refusal
+/// was logged once, not once per attempt.
+async fn refused_and_retried(reg: &Process, addr: &str, id: &str, owed: f64, failures: f64) {
+    let got = poll(WAIT, Duration::from_millis(200), || async {
+        let m = scrape(addr).await;
+        (m.sum("registrator_deregistrations_owed") == owed
+            && m.sum("registrator_deregistration_failures_total") >= failures)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        got.is_some(),
+        "{owed} removals owed, tried {failures} times: {}\n{}",
+        scrape(addr).await.text,
+        reg.output()
+    );
+    let out = reg.output();
+    assert_eq!(out.matches(&refusal(id)).count(), 1, "{out}");
+}
+
+/// Waits until `gone` holds, timing it; panics with registrator's output after `bound`.
+async fn removed_within<F, Fut>(reg: &Process, what: &str, bound: Duration, gone: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    let start = std::time::Instant::now();
+    let done = poll(bound, Duration::from_millis(100), gone).await;
+    assert!(
+        done.is_some(),
+        "{what} still there after {bound:?}:\n{}",
+        reg.output()
+    );
+    start.elapsed()
+}
+
+/// Far below the 30 s after which a refused registration is first tried again: a refused
+/// removal is urgent (traffic still goes to a container that is gone), and is retried from 1 s.
+const REMOVAL_BOUND: Duration = Duration::from_secs(20);
+
+/// A deregistration etcd refuses stays owed: with the role's permission on the prefix revoked,
+/// a stopped container's key stays, and the refusal is logged once however often it is tried
+/// again; a container started again meanwhile is no longer owed a removal (its registration
+/// is). Once the permission is granted again, the stopped container's key goes within seconds.
+#[tokio::test]
+async fn etcd_a_refused_deregistration_is_retried_until_it_lands() {
+    let pki = Pki::generate("sbtest-owed-etcd-ca");
+    let etcd = Etcd::start_tls(&pki).await;
+    etcd_auth_setup(&etcd, &pki);
+    let uri = format!("etcds://127.0.0.1:{}/services", etcd.port);
+    let env = etcd_env(&pki);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let group = unique_name("owed-etcd");
+    let gone = web_in(Some(&group), "owed-etcd-gone");
+    let back = web_in(Some(&group), "owed-etcd-back");
+    let gone_id = format!("{}:{}:80", hostname(), gone.name);
+    let back_id = format!("{}:{}:80", hostname(), back.name);
+    let filter = format!("sbtest.group={group}");
+    let args = ["--metrics-addr", &addr, "--label-filter", &filter];
+    let reg = registrator(&uri, &args, &env_refs(&env));
+    let keys = || etcd_keys(&etcd, &pki, "/services/");
+    wait_for("both registered", WAIT, || async {
+        let k = keys();
+        (k.contains(&gone_id) && k.contains(&back_id)).then_some(())
+    })
+    .await;
+
+    let root = ["--user", "root:rootpw", "role"];
+    let perm = ["switchboard", "--prefix=true"];
+    etcdctl(
+        &etcd,
+        &pki,
+        &[&root[..], &["revoke-permission"], &perm, &["/services/"]].concat(),
+    );
+    gone.stop(1);
+    back.stop(1);
+    reg.wait_output(&refusal(&gone_id), WAIT).await;
+    refused_and_retried(&reg, &addr, &gone_id, 2.0, 6.0).await;
+    let k = keys();
+    assert!(k.contains(&gone_id) && k.contains(&back_id), "{k}");
+
+    back.start();
+    reg.wait_output(&format!("no longer owes the removal of {back_id} "), WAIT)
+        .await;
+    wait_for("one removal owed", WAIT, || async {
+        (scrape(&addr).await.sum("registrator_deregistrations_owed") == 1.0).then_some(())
+    })
+    .await;
+
+    etcdctl(
+        &etcd,
+        &pki,
+        &[
+            &root[..],
+            &["grant-permission"],
+            &perm,
+            &["readwrite", "/services/"],
+        ]
+        .concat(),
+    );
+    let took = removed_within(&reg, &gone_id, REMOVAL_BOUND, || async {
+        (!keys().contains(&gone_id)).then_some(())
+    })
+    .await;
+    eprintln!("etcd: removal landed {took:?} after the permission came back");
+    assert!(keys().contains(&back_id), "{}", reg.output());
+    reg.wait_output(&format!("registered {back_id} "), Duration::from_secs(60))
+        .await;
+    let m = scrape(&addr).await;
+    assert_eq!(m.sum("registrator_deregistrations_owed"), 0.0, "{}", m.text);
+    assert_eq!(reg.output().matches(&refusal(&gone_id)).count(), 1);
+    drop(reg);
+}
+
+/// The same on Consul with ACLs: the token's policy narrowed to read refuses the removal,
+/// which stays owed and lands once the policy allows writes again.
+#[tokio::test]
+async fn consul_a_refused_deregistration_is_retried_until_it_lands() {
+    let pki = Pki::generate("sbtest-owed-consul-ca");
+    let sc = SecureConsul::start(&pki).await;
+    let write = r#"service_prefix "" { policy = "write" }
+node_prefix "" { policy = "read" }"#;
+    let token = sc.token("registrator", write).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let group = unique_name("owed-consul");
+    let c = web_in(Some(&group), "owed-consul");
+    let id = format!("{}:{}:80", hostname(), c.name);
+    let env = consul_env(&pki, &token);
+    let filter = format!("sbtest.group={group}");
+    let args = ["--metrics-addr", &addr, "--label-filter", &filter];
+    let reg = registrator(&sc.uri(), &args, &env_refs(&env));
+    wait_for(&format!("{id} registered"), WAIT, || async {
+        sc.service_ids().await.contains(&id).then_some(())
+    })
+    .await;
+
+    sc.set_rules(
+        "registrator",
+        r#"service_prefix "" { policy = "read" }
+node_prefix "" { policy = "read" }"#,
+    )
+    .await;
+    c.stop(1);
+    reg.wait_output(&refusal(&id), WAIT).await;
+    refused_and_retried(&reg, &addr, &id, 1.0, 3.0).await;
+    assert!(sc.service_ids().await.contains(&id));
+
+    sc.set_rules("registrator", write).await;
+    let took = removed_within(&reg, &id, REMOVAL_BOUND, || async {
+        (!sc.service_ids().await.contains(&id)).then_some(())
+    })
+    .await;
+    eprintln!("consul: removal landed {took:?} after the policy came back");
+    reg.wait_output(&format!("deregistered {id} "), WAIT).await;
+    let out = reg.output();
+    let landed = out
+        .lines()
+        .find(|l| l.contains(&format!("deregistered {id} ")));
+    assert!(
+        landed.is_some_and(|l| l.contains("(owed: the store had refused it")),
+        "{out}"
+    );
+    assert_eq!(out.matches(&refusal(&id)).count(), 1, "{out}");
+    assert!(!reg.output().contains(&token), "{}", reg.output());
+    drop(reg);
 }
