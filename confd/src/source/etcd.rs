@@ -1,5 +1,5 @@
-//! etcd source: services under `/<prefix>/<name>/<id>` (JSON [`EtcdValue`]) and key/values
-//! under the configured KV prefixes.
+//! etcd source: services under `/<prefix>/<name>/<id>` (JSON
+//! [`switchboard::store::EtcdValue`]) and key/values under the configured KV prefixes.
 //!
 //! Each prefix is mirrored by one task: range it, then ONE watch from `revision + 1`. When the
 //! stream ends or fails, the watch is reopened from the last revision seen + 1, so every change
