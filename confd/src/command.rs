@@ -178,6 +178,12 @@ pub async fn run(
             if out.status.success() {
                 Ok(output)
             } else {
+                // A failure printing nothing (`haproxy -c -q`) still says so, beside its status.
+                let output = if output.is_empty() {
+                    "(no output)".to_string()
+                } else {
+                    output
+                };
                 Err(CommandError::Failed {
                     cmd,
                     status: out.status.to_string(),
@@ -281,6 +287,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bad") && e.contains("3"), "{e}");
+        let e = run(&CommandSpec::Shell("exit 2".into()), None, t)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("failed (exit status: 2): (no output)"), "{e}");
         let e = run(
             &CommandSpec::Argv(vec!["/nonexistent/prog".into()]),
             None,

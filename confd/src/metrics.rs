@@ -48,6 +48,13 @@ impl Tpl {
 
 type Durations = Family<Tpl, Histogram, fn() -> Histogram>;
 
+/// Labels of `confd_instances_refused`: why the instance was left out.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Why {
+    /// `port`, `address`, `unresolvable`, `name`, `id` or `decode`.
+    pub reason: String,
+}
+
 /// Every metric confd exports.
 pub struct Metrics {
     /// Snapshots published (each a change in what the store holds).
@@ -60,6 +67,8 @@ pub struct Metrics {
     pub store_up: Gauge,
     /// Store requests (queries, watches) that failed.
     pub store_errors: Counter,
+    /// Instances left out of the templates' data, once per version of each, by reason.
+    pub instances_refused: Family<Why, Counter>,
     /// Templates rendered.
     pub renders: Family<Tpl, Counter>,
     /// Renders that failed (a template error, the `min_instances` guard, an unreadable file).
@@ -108,6 +117,7 @@ pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(|| {
         services: Gauge::default(),
         store_up: Gauge::default(),
         store_errors: Counter::default(),
+        instances_refused: Family::default(),
         renders: Family::default(),
         render_failures: Family::default(),
         render_seconds: Family::new_with_constructor(duration_histogram),
@@ -145,6 +155,11 @@ pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(|| {
         "store_errors",
         "Store requests that failed",
         m.store_errors.clone(),
+    );
+    r.register(
+        "instances_refused",
+        "Instances left out of the templates' data (once per version of each), by reason",
+        m.instances_refused.clone(),
     );
     r.register("renders", "Templates rendered", m.renders.clone());
     r.register(
@@ -240,6 +255,16 @@ pub fn snapshot(services: usize, instances: usize) {
 pub fn store_error(e: &dyn std::fmt::Display) {
     metrics().store_errors.inc();
     *lock(&metrics().last_store_error) = Some(e.to_string());
+}
+
+/// An instance was left out of the templates' data, for `reason` (see [`Why`]).
+pub fn instance_refused(reason: &str) {
+    metrics()
+        .instances_refused
+        .get_or_create(&Why {
+            reason: reason.to_string(),
+        })
+        .inc();
 }
 
 /// Follows the source's "in sync" flag into the `store` condition until `shutdown`.

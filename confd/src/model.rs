@@ -2,26 +2,25 @@
 //!
 //! Sources build a [`Snapshot`] (instances and key/values); [`crate::data`] turns it into the
 //! JSON document templates render from. Registry values are untrusted (they come from container
-//! labels), so the structural ones are validated here once: an instance whose address is not
-//! an IP address or DNS name is dropped with a warning, and a virtual host that is not a valid
-//! DNS name is ignored. Free-text values (names, tags, meta) stay as they are; templates must
-//! pass them through the `*_name` / `*_string` helpers.
+//! labels), so the structural ones are validated once: an instance's name, ID, port and
+//! address by the source that reads it ([`crate::source::Publisher::instance`]), and a virtual
+//! host here (one that is not a valid DNS name is ignored). Free-text values (names, tags,
+//! meta) stay as they are; templates must pass them through the `*_name` / `*_string` helpers.
 
-use crate::names::is_address;
 use serde::{Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// One service instance as templates see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Instance {
     /// Unique ID.
     pub id: String,
     /// Service name.
     pub name: String,
-    /// IP address or DNS name (validated).
+    /// IP address or DNS name that resolves (validated by the source).
     pub address: String,
-    /// Port.
+    /// Port, 1 to 65535 (validated by the source).
     pub port: u16,
     /// Tags, as registered.
     pub tags: Vec<String>,
@@ -59,7 +58,7 @@ impl Instance {
 /// An instance's metadata: key/value pairs sorted by key, as a `BTreeMap` holds them, in one
 /// allocation of their exact number. A `BTreeMap` allocates a node for 11 entries (about
 /// 640 bytes) for even one; instances hold a few, and 10,000 instances are held at once.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Meta(Vec<(String, String)>);
 
 impl Meta {
@@ -124,8 +123,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds a snapshot, dropping instances with an unusable address and services in
-    /// `ignore`, sorting and de-duplicating by ID.
+    /// Builds a snapshot, dropping services in `ignore`, sorting and de-duplicating by ID.
+    /// The instances are the source's, already validated.
     pub fn build<I: Into<Arc<Instance>>>(
         instances: impl IntoIterator<Item = I>,
         kv: BTreeMap<String, String>,
@@ -135,16 +134,6 @@ impl Snapshot {
         for i in instances {
             let i = i.into();
             if ignore.contains(&i.name) {
-                continue;
-            }
-            if !is_address(&i.address) {
-                // Excerpts: these values come from labels and may be megabytes long.
-                tracing::warn!(
-                    service = ?switchboard::excerpt(&i.name),
-                    id = ?switchboard::excerpt(&i.id),
-                    address = ?switchboard::excerpt(&i.address),
-                    "ignoring instance: address is not an IP address or DNS name"
-                );
                 continue;
             }
             services
@@ -290,13 +279,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn build_sorts_dedups_and_drops_bad_addresses() {
+    fn build_sorts_dedups_and_ignores() {
         let s = Snapshot::build(
             vec![
                 inst("web", "b", "10.0.0.2", 80),
                 inst("web", "a", "10.0.0.1", 80),
                 inst("web", "a", "10.0.0.1", 80),
-                inst("web", "c", "1.2.3.4; }", 80),
                 inst("consul", "consul", "127.0.0.1", 8300),
                 inst("db", "d", "db.local", 5432),
             ],

@@ -1,10 +1,10 @@
 //! Validation and mapping of the untrusted values that end up in proxy configs: addresses,
 //! DNS names, virtual hosts and config-safe tokens.
 //!
-//! A leaf module: [`crate::model`] (which drops instances with a bad address and computes each
-//! instance's virtual host) and [`crate::helpers`] (the `addr`, `vhost` and `*_name` helpers)
-//! both need these rules, and each used to import the other for them. One copy here keeps
-//! the two in agreement: the data a template sees and what its helpers accept cannot drift.
+//! A leaf module: [`crate::source`] (which refuses instances with a bad address),
+//! [`crate::model`] (which computes each instance's virtual host) and [`crate::helpers`] (the
+//! `addr`, `vhost` and `*_name` helpers) all need these rules. One copy here keeps them in
+//! agreement: the data a template sees and what its helpers accept cannot drift.
 
 use std::net::IpAddr;
 

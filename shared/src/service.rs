@@ -10,8 +10,9 @@ use std::time::Duration;
 
 /// One service instance, as registered in a store.
 ///
-/// `Eq` matters: the registrator only rewrites a registration whose content changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Eq` matters: the registrator only rewrites a registration whose content changed. `Hash`
+/// lets confd tell a changed refused entry from a repeat of the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Service {
     /// Unique ID, `<hostname>:<container-name>:<port>[:udp]` unless `SERVICE_ID` says otherwise.
     pub id: String,
@@ -42,7 +43,7 @@ pub struct Service {
 }
 
 /// A container's Docker HEALTHCHECK status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DockerHealth {
     /// No check has passed yet (within the start period, or before the first run).
@@ -95,7 +96,7 @@ impl Service {
 }
 
 /// What a Consul health check probes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckKind {
     /// HTTP GET of this URL; 2xx passes.
@@ -126,7 +127,7 @@ pub enum CheckKind {
 }
 
 /// A health check attached to a service (`SERVICE_CHECK_*`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Check {
     /// What is probed.
     pub kind: CheckKind,

@@ -1,4 +1,4 @@
-//! The one place that decides which service names and IDs Switchboard handles.
+//! The one place that decides which service names, IDs and ports Switchboard handles.
 //!
 //! Names and IDs come from container labels, so they are untrusted, and they end up as path
 //! segments of Consul's HTTP API (`/v1/health/service/<name>`,
@@ -21,6 +21,9 @@
 //! Everything else (spaces, `;`, `{`, non-ASCII) is accepted here because every store
 //! accepts it; templates must still quote such values (confd's `*_name` / `*_string`
 //! helpers). The registrator adds a stricter rule of its own for labels (no whitespace).
+//!
+//! Ports ([`port`]): 1 to 65535, checked on every entry read back from a store, since any
+//! writer may have put any integer there (Consul accepts 65536, -5 and 0 on registration).
 
 use crate::excerpt;
 use std::fmt;
@@ -143,6 +146,24 @@ fn check(field: Field, value: &str) -> Result<(), ValidationError> {
         value: format!("{:?}", excerpt(value)),
         problem,
     })
+}
+
+/// A port refused by [`port`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid port {value}; expected 1 to 65535")]
+pub struct PortError {
+    /// The port as stored.
+    pub value: i64,
+}
+
+/// Checks a port as a store holds it (Consul any integer, an etcd value any JSON number):
+/// 1 to 65535. 0 is refused too: nothing can connect to it, and the proxies' configs refuse
+/// it (the shipped templates' `addr` helper fails the whole render on it).
+pub fn port(value: i64) -> Result<u16, PortError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(PortError { value })
 }
 
 /// Most metadata pairs per service: Consul's own limit (`structs.ValidateServiceMetadata`),
@@ -270,6 +291,27 @@ mod tests {
         assert!(msg.contains("more than 512"), "{msg}");
         let e = service_name("a\nb").unwrap_err();
         assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn ports() {
+        let table: [(i64, Option<u16>); 8] = [
+            (1, Some(1)),
+            (80, Some(80)),
+            (65535, Some(65535)),
+            (0, None),
+            (65536, None),
+            (-5, None),
+            (i64::MAX, None),
+            (i64::MIN, None),
+        ];
+        for (value, want) in table {
+            assert_eq!(port(value).ok(), want, "{value}");
+        }
+        assert_eq!(
+            port(65536).unwrap_err().to_string(),
+            "invalid port 65536; expected 1 to 65535"
+        );
     }
 
     #[test]

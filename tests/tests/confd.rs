@@ -555,7 +555,10 @@ templates:
         .status()
         .unwrap();
     assert!(st.success());
-    assert!(out.contains("ignoring instance"), "{out}");
+    assert!(
+        out.contains(r#"leaving instance "evil-addr of service http" out of the templates' data: invalid address"#),
+        "{out}"
+    );
 }
 
 /// A failing check keeps the previous file (and the proxy serving it); the error names the

@@ -581,3 +581,364 @@ async fn a_refused_registration_and_a_duplicate_id_stall_nothing() {
     assert_short_lines("registrator", &out);
     drop(scripted);
 }
+
+/// A store written to around every client check, as any writer (an operator, another tool,
+/// an old registrator) could: where the bad-instance cases plant their entries.
+enum Raw<'a> {
+    Consul(&'a Consul),
+    /// Services under `/svc/`.
+    Etcd(&'a Etcd),
+}
+
+impl Raw<'_> {
+    fn uri(&self) -> String {
+        match self {
+            Raw::Consul(c) => c.uri(),
+            Raw::Etcd(e) => e.uri("svc"),
+        }
+    }
+
+    /// Registers instance `id` of service `name` at `address` and `port` (any JSON value).
+    async fn put(&self, name: &str, id: &str, address: &str, port: Value) {
+        match self {
+            Raw::Consul(c) => {
+                let body =
+                    serde_json::json!({"ID": id, "Name": name, "Address": address, "Port": port});
+                consul_register_raw(c, body).await;
+            }
+            Raw::Etcd(e) => {
+                let value =
+                    serde_json::json!({"id": id, "name": name, "address": address, "port": port});
+                put_raw(e, &format!("/svc/{name}/{id}"), &value.to_string()).await;
+            }
+        }
+    }
+
+    /// Removes instance `id` of service `name`.
+    async fn delete(&self, name: &str, id: &str) {
+        let (url, body) = match self {
+            Raw::Consul(c) => (
+                format!("{}/v1/agent/service/deregister/{id}", c.http()),
+                None,
+            ),
+            Raw::Etcd(e) => {
+                use base64::Engine;
+                let key =
+                    base64::engine::general_purpose::STANDARD.encode(format!("/svc/{name}/{id}"));
+                (
+                    format!("{}/v3/kv/deleterange", e.http()),
+                    Some(serde_json::json!({ "key": key })),
+                )
+            }
+        };
+        let req = match body {
+            None => reqwest::Client::new().put(url),
+            Some(b) => reqwest::Client::new().post(url).json(&b),
+        };
+        let r = req.send().await.unwrap();
+        assert!(
+            r.status().is_success(),
+            "deleting {id}: {:?}",
+            r.text().await
+        );
+    }
+}
+
+/// confd rendering the SHIPPED nginx and HAProxy templates, each checked by the real proxy
+/// (`nginx -t`, `haproxy -c`), with no quiescence window and `/metrics` served.
+struct Shipped {
+    dir: tempfile::TempDir,
+    confd: Process,
+    metrics: String,
+}
+
+impl Shipped {
+    fn start(backend: &str) -> Shipped {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let cfg = format!(
+            r#"backend: {backend}
+wait: {{ min: 0s, max: 0s }}
+poll_wait: 60s
+metrics_addr: {metrics}
+vars:
+  listen: {listen}
+  bind_address: 127.0.0.1
+  pid: {d}/nginx.pid
+  error_log: {d}/error.log
+  access_log: {d}/access.log
+  temp_dir: {d}
+templates:
+  - src: {tpl}/nginx.conf.hbs
+    dest: {d}/nginx.conf
+    check: "nginx -t -q -e {d}/check.log -c {{{{staged}}}}"
+  - src: {tpl}/haproxy.cfg.hbs
+    dest: {d}/haproxy.cfg
+    check: "haproxy -c -q -f {{{{staged}}}}"
+"#,
+            listen = free_port(),
+            tpl = workspace_root().join("templates").display(),
+        );
+        let cfg_path = dir.path().join("confd.yaml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let confd = Process::spawn(
+            &bin("confd"),
+            &["--config", cfg_path.to_str().unwrap()],
+            &[("RUST_LOG", "info")],
+        );
+        Shipped {
+            dir,
+            confd,
+            metrics,
+        }
+    }
+
+    /// Both rendered files (empty before the first render).
+    fn files(&self) -> [(&'static str, String); 2] {
+        ["nginx.conf", "haproxy.cfg"].map(|f| {
+            let text = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+            (f, text)
+        })
+    }
+
+    /// Waits up to `within` until both rendered files satisfy `pred`; fails at once if either
+    /// ever contains one of `never`.
+    async fn wait(
+        &self,
+        what: &str,
+        within: Duration,
+        never: &[&str],
+        pred: impl Fn(&str) -> bool,
+    ) {
+        let found = poll(within, Duration::from_millis(50), || async {
+            let files = self.files();
+            for (f, text) in &files {
+                for n in never {
+                    assert!(
+                        !text.contains(n),
+                        "{what}: {f} contains {n:?}:\n{text}\nconfd output:\n{}",
+                        self.confd.output()
+                    );
+                }
+            }
+            files.iter().all(|(_, t)| pred(t)).then_some(())
+        })
+        .await;
+        if found.is_none() {
+            let [(_, nginx), (_, haproxy)] = self.files();
+            panic!(
+                "{what}: not rendered within {within:?}\nnginx.conf:\n{nginx}\nhaproxy.cfg:\n\
+                 {haproxy}\nconfd output:\n{}",
+                self.confd.output()
+            );
+        }
+    }
+
+    /// `confd_instances_refused_total{reason}` (0 before the first such refusal).
+    async fn refused(&self, reason: &str) -> f64 {
+        let series = format!("confd_instances_refused_total{{reason=\"{reason}\"}}");
+        scrape(&self.metrics)
+            .await
+            .samples
+            .get(&series)
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
+/// One bad instance planted in a store.
+struct BadCase {
+    what: &'static str,
+    address: &'static str,
+    port: Value,
+    /// The `reason` label it is counted under.
+    reason: &'static str,
+}
+
+/// `127.0.0.1:<port>`, as both shipped templates write a good instance's server.
+fn server(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// The bad-instance cases against one store, with confd rendering the shipped templates: for
+/// each case, while its bad entry is present, a good instance of ANOTHER service added after
+/// it reaches both files, a good instance of the SAME service added after it appears and a
+/// withdrawn one disappears; the bad one is never in either file (both checked by the real
+/// proxies), and it is counted under its reason and logged once.
+async fn bad_instances_stall_nothing(raw: Raw<'_>, cases: &[BadCase]) {
+    raw.put("iso-base", "base-1", "127.0.0.1", 20000.into())
+        .await;
+    let shipped = Shipped::start(&raw.uri());
+    shipped
+        .wait("the first render", WAIT, &[], |t| {
+            t.contains(&server(20000))
+        })
+        .await;
+    let markers = ["127.0.0.9", "no-such-host", "bad-"];
+    for (n, case) in cases.iter().enumerate() {
+        let what = case.what;
+        let svc = format!("iso-svc{n}");
+        let other = format!("iso-other{n}");
+        let bad_id = format!("bad-{n}");
+        let port = |k: u16| 20100 + 10 * n as u16 + k;
+        raw.put(&svc, "good-1", "127.0.0.1", port(1).into()).await;
+        shipped
+            .wait(&format!("{what}: good-1"), SOON, &markers, |t| {
+                t.contains(&server(port(1)))
+            })
+            .await;
+
+        let before = shipped.refused(case.reason).await;
+        raw.put(&svc, &bad_id, case.address, case.port.clone())
+            .await;
+        let started = Instant::now();
+        wait_for(
+            &format!("{what}: counted as {}", case.reason),
+            SOON,
+            || async { (shipped.refused(case.reason).await > before).then_some(()) },
+        )
+        .await;
+        raw.put(&other, "other-1", "127.0.0.1", port(2).into())
+            .await;
+        shipped
+            .wait(&format!("{what}: another service"), SOON, &markers, |t| {
+                t.contains(&server(port(2)))
+            })
+            .await;
+        raw.put(&svc, "good-2", "127.0.0.1", port(3).into()).await;
+        shipped
+            .wait(
+                &format!("{what}: same service, added"),
+                SOON,
+                &markers,
+                |t| t.contains(&server(port(3))),
+            )
+            .await;
+        raw.delete(&svc, "good-1").await;
+        shipped
+            .wait(
+                &format!("{what}: same service, withdrawn"),
+                SOON,
+                &markers,
+                |t| !t.contains(&server(port(1))) && t.contains(&server(port(3))),
+            )
+            .await;
+        eprintln!(
+            "{what}: added, withdrawn and another service rendered within {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            shipped.refused(case.reason).await,
+            before + 1.0,
+            "{what}: counted once"
+        );
+        let line = format!(r#"leaving instance "{bad_id} of service {svc}""#);
+        let out = shipped.confd.output();
+        assert_eq!(out.matches(&line).count(), 1, "{what}: logged once\n{out}");
+        raw.delete(&svc, &bad_id).await;
+    }
+}
+
+#[tokio::test]
+async fn consul_bad_instances_are_left_out_and_stall_nothing() {
+    let consul = Consul::start().await;
+    let cases = [
+        BadCase {
+            what: "port 0",
+            address: "127.0.0.9",
+            port: 0.into(),
+            reason: "port",
+        },
+        BadCase {
+            what: "port 65536",
+            address: "127.0.0.9",
+            port: 65536.into(),
+            reason: "port",
+        },
+        BadCase {
+            what: "port -5",
+            address: "127.0.0.9",
+            port: (-5).into(),
+            reason: "port",
+        },
+        BadCase {
+            what: "unresolvable address",
+            address: "no-such-host.invalid",
+            port: 8080.into(),
+            reason: "unresolvable",
+        },
+    ];
+    bad_instances_stall_nothing(Raw::Consul(&consul), &cases).await;
+}
+
+#[tokio::test]
+async fn etcd_bad_instances_are_left_out_and_stall_nothing() {
+    let etcd = Etcd::start().await;
+    let cases = [
+        BadCase {
+            what: "port 0",
+            address: "127.0.0.9",
+            port: 0.into(),
+            reason: "port",
+        },
+        BadCase {
+            what: "port 65536",
+            address: "127.0.0.9",
+            port: 65536.into(),
+            reason: "port",
+        },
+        BadCase {
+            what: "unresolvable address",
+            address: "no-such-host.invalid",
+            port: 8080.into(),
+            reason: "unresolvable",
+        },
+        BadCase {
+            what: "port as text",
+            address: "127.0.0.9",
+            port: "80".into(),
+            reason: "decode",
+        },
+    ];
+    bad_instances_stall_nothing(Raw::Etcd(&etcd), &cases).await;
+}
+
+/// An instance whose name does not resolve comes in, under its name, once it is changed to
+/// one that does; a name that stops being used is dropped.
+#[tokio::test]
+async fn an_unresolvable_instance_comes_in_once_its_name_resolves() {
+    let consul = Consul::start().await;
+    let raw = Raw::Consul(&consul);
+    raw.put("iso-dns", "ip-1", "127.0.0.1", 20001.into()).await;
+    raw.put("iso-dns", "named-1", "no-such-host.invalid", 20002.into())
+        .await;
+    let shipped = Shipped::start(&raw.uri());
+    shipped
+        .wait("the first render", WAIT, &["no-such-host"], |t| {
+            t.contains(&server(20001))
+        })
+        .await;
+    wait_for("counted as unresolvable", SOON, || async {
+        (shipped.refused("unresolvable").await >= 1.0).then_some(())
+    })
+    .await;
+    raw.put("iso-dns", "named-1", "localhost", 20002.into())
+        .await;
+    shipped
+        .wait("the name that resolves", SOON, &["no-such-host"], |t| {
+            t.contains("localhost:20002") && t.contains(&server(20001))
+        })
+        .await;
+    let out = shipped.confd.output();
+    let refusals = out
+        .lines()
+        .filter(|l| l.contains(r#"leaving instance "named-1 of service iso-dns""#))
+        .collect::<Vec<_>>();
+    assert_eq!(refusals.len(), 1, "{out}");
+    assert!(
+        refusals[0].contains(r#"address "no-such-host.invalid" does not resolve"#),
+        "{}",
+        refusals[0]
+    );
+}

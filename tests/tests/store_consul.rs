@@ -130,6 +130,7 @@ async fn register_with_checks_list_and_deregister() {
         .health_service("sb-web", false, 0, Duration::ZERO)
         .await
         .unwrap();
+    let web_health: Vec<_> = web_health.into_iter().map(Result::unwrap).collect();
     assert!(index > 0);
     let ids: Vec<&str> = web_health.iter().map(|e| e.service.id.as_str()).collect();
     assert_eq!(ids, ["otherhost:web:80", "sbhost:web:80"]);
@@ -140,6 +141,7 @@ async fn register_with_checks_list_and_deregister() {
         .health_service("sb-web", true, 0, Duration::ZERO)
         .await
         .unwrap();
+    let passing: Vec<_> = passing.into_iter().map(Result::unwrap).collect();
     assert_eq!(passing.len(), 1);
     assert_eq!(passing[0].service.id, "otherhost:web:80");
 

@@ -28,7 +28,7 @@ use crate::model::{Instance, Snapshot};
 use futures_util::stream::{self, StreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-use switchboard::store::{BlockingIndex, ConsulClient, HealthEntry, StoreError};
+use switchboard::store::{BadEntry, BlockingIndex, ConsulClient, HealthEntry, StoreError};
 use switchboard::{validate, Backoff, Shutdown};
 use tokio::sync::{mpsc, watch};
 
@@ -481,14 +481,28 @@ fn answered(
     }
 }
 
-fn health_instance(publisher: &Publisher, h: HealthEntry) -> Option<Instance> {
-    publisher.instance(h.service, h.node, h.status)
+/// One entry of a health answer as an instance; a bad entry or an invalid instance is
+/// refused (logged once per version) and left out, never failing its service's answer.
+fn health_instance(publisher: &Publisher, h: Result<HealthEntry, BadEntry>) -> Option<Instance> {
+    match h {
+        Ok(h) => publisher.instance(h.service, h.node, h.status),
+        Err(bad) => {
+            publisher.bad_entry(&bad, None, None);
+            None
+        }
+    }
 }
 
-/// `<name>/<id>` = `ip:port` (Consul KV layout) as an instance.
+/// `<name>/<id>` = `ip:port` (Consul KV layout) as an instance; other keys are skipped, a
+/// bad value or an invalid instance refused.
 fn kv_instance(publisher: &Publisher, rel_key: &str, value: &[u8]) -> Option<Instance> {
-    let svc = switchboard::store::consulkv_entry(rel_key, value)?;
-    publisher.instance(svc, String::new(), "passing".into())
+    match switchboard::store::consulkv_entry(rel_key, value)? {
+        Ok(svc) => publisher.instance(svc, String::new(), "passing".into()),
+        Err(bad) => {
+            publisher.bad_entry(&bad, None, None);
+            None
+        }
+    }
 }
 
 /// Runs one blocking-query loop until `shutdown`, reporting each answer (and each error) as
@@ -609,7 +623,10 @@ async fn sweeper(
                 }
             })
             .buffer_unordered(8)
-            .collect::<Vec<(String, Result<Vec<HealthEntry>, StoreError>)>>();
+            .collect::<Vec<(
+                String,
+                Result<Vec<Result<HealthEntry, BadEntry>>, StoreError>,
+            )>>();
         let results = tokio::select! {
             r = read => r,
             _ = shutdown.cancelled() => return,
@@ -698,14 +715,20 @@ mod tests {
         );
         let i = kv_instance(&p, "web/x", b"[fd00::1]:80").unwrap();
         assert_eq!(i.address, "fd00::1");
-        assert!(kv_instance(&p, "web", b"1.2.3.4:80").is_none());
-        assert!(kv_instance(&p, "web/x", b"nope").is_none());
+        assert!(
+            kv_instance(&p, "web", b"1.2.3.4:80").is_none(),
+            "not a service key"
+        );
         assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 0);
-        // Keys that escaped the layout (written before names were validated) are refused.
+        // Keys that escaped the layout (written before names were validated) are refused, and
+        // so are values that are not `host:port` with a valid port.
         assert!(kv_instance(&p, "../h:c:80", b"10.0.0.2:80").is_none());
         assert!(kv_instance(&p, "web/..", b"10.0.0.2:80").is_none());
         assert!(kv_instance(&p, "web/a/b", b"10.0.0.2:80").is_none());
-        assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert!(kv_instance(&p, "web/x", b"nope").is_none());
+        assert!(kv_instance(&p, "web/y", b"10.0.0.2:0").is_none());
+        assert!(kv_instance(&p, "web/z", b"10.0.0.2:65536").is_none());
+        assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 6);
     }
 
     fn opts(max: usize) -> Options {
@@ -884,8 +907,8 @@ mod tests {
             node: "n1".into(),
             status: "passing".into(),
         };
-        assert!(health_instance(&p, entry("h:c:80")).is_some());
-        assert!(health_instance(&p, entry("..")).is_none());
-        assert!(health_instance(&p, entry("a\nb")).is_none());
+        assert!(health_instance(&p, Ok(entry("h:c:80"))).is_some());
+        assert!(health_instance(&p, Ok(entry(".."))).is_none());
+        assert!(health_instance(&p, Ok(entry("a\nb"))).is_none());
     }
 }

@@ -1,5 +1,5 @@
-//! etcd source: services under `/<prefix>/<name>/<id>` (JSON [`EtcdValue`]) and key/values
-//! under the configured KV prefixes.
+//! etcd source: services under `/<prefix>/<name>/<id>` (JSON
+//! [`switchboard::store::EtcdValue`]) and key/values under the configured KV prefixes.
 //!
 //! Each prefix is mirrored by one task: range it, then ONE watch from `revision + 1`. When the
 //! stream ends or fails, the watch is reopened from the last revision seen + 1, so every change
@@ -13,16 +13,17 @@
 //! mirrors hold when it runs, so a burst of thousands of puts yields a handful of snapshots
 //! rather than one full rebuild per event (the bench found that quadratic at 10,000 instances).
 //!
-//! A bad key is about that key alone: a value that is not a service is skipped, and a service
-//! whose name or ID [`switchboard::validate`] refuses (`..` keys written before names were
-//! validated) is left out and logged once; the snapshot goes on without it.
+//! A bad key is about that key alone: a value that is not a service (not JSON, a port out of
+//! range: [`switchboard::store::etcd_entry`]) or an instance [`Publisher::instance`] refuses
+//! (`..` keys written before names were validated, port 0, an address that is not one) is
+//! left out and logged once per version; the snapshot goes on without it.
 
 use super::Publisher;
 use crate::model::{Instance, Snapshot};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use switchboard::store::{etcd_dir, EtcdClient, EtcdValue, StoreError, WatchEvent};
+use switchboard::store::{etcd_dir, etcd_entry, EtcdClient, StoreError, WatchEvent};
 use switchboard::{Backoff, Shutdown};
 use tokio::sync::Notify;
 
@@ -110,17 +111,16 @@ pub async fn run(
     }
 }
 
-/// One service key and value as an instance; other keys and bad JSON are skipped, invalid
-/// names and IDs refused (see [`Publisher::instance`]).
+/// One service key (`<name>/<id>` under `dir`) and its value as an instance; other keys are
+/// skipped, a value that is not a service or an invalid instance refused (see
+/// [`Publisher::instance`]), named by its key.
 fn instance(publisher: &Publisher, dir: &str, key: &str, value: &[u8]) -> Option<Instance> {
     let rel = key.strip_prefix(dir)?;
-    if !rel.contains('/') {
-        return None;
-    }
-    match serde_json::from_slice::<EtcdValue>(value) {
-        Ok(v) => publisher.instance(v.into(), String::new(), "passing".into()),
-        Err(e) => {
-            tracing::debug!(key = %switchboard::excerpt(key), error = %e, "skipping etcd key that is not a service");
+    let (name, id) = rel.split_once('/')?;
+    match etcd_entry(value) {
+        Ok(svc) => publisher.instance(svc, String::new(), "passing".into()),
+        Err(bad) => {
+            publisher.bad_entry(&bad, Some(name), Some(id));
             None
         }
     }
@@ -320,8 +320,35 @@ mod tests {
         );
         assert!(instance(&p, "/services/", "/services/web", &bytes).is_none());
         assert!(instance(&p, "/services/", "/other/web/x", &bytes).is_none());
-        assert!(instance(&p, "/services/", "/services/web/x", b"not json").is_none());
         assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // Each bad value is refused on its own, named by its key.
+        let bad: [&[u8]; 5] = [
+            b"not json",
+            br#"{"id": "x", "name": "web", "address": "10.0.0.2", "port": 0}"#,
+            br#"{"id": "x", "name": "web", "address": "10.0.0.2", "port": 65536}"#,
+            br#"{"id": "x", "name": "web", "address": "1.2.3.4; }", "port": 80}"#,
+            br#"{"id": "x", "name": "web", "address": "10.0.0.2"}"#,
+        ];
+        for (n, value) in bad.iter().enumerate() {
+            assert!(
+                instance(&p, "/services/", "/services/web/x", value).is_none(),
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+            assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), n + 1);
+        }
+        assert!(instance(&p, "/services/", "/services/web/x", b"not json").is_none());
+        assert_eq!(
+            h.refused.load(std::sync::atomic::Ordering::Relaxed),
+            6,
+            "a change back to an earlier version is a change too"
+        );
+        assert!(instance(&p, "/services/", "/services/web/x", b"not json").is_none());
+        assert_eq!(
+            h.refused.load(std::sync::atomic::Ordering::Relaxed),
+            6,
+            "a repeat is not"
+        );
         for (name, id) in [("..", "h:c:80"), ("web", ".."), (".", "x"), ("web", "a\nb")] {
             let v = serde_json::json!({"id": id, "name": name, "address": "10.0.0.2", "port": 80});
             let bytes = serde_json::to_vec(&v).unwrap();
@@ -331,6 +358,6 @@ mod tests {
                 "{name:?} {id:?}"
             );
         }
-        assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 4);
+        assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 10);
     }
 }

@@ -5,8 +5,10 @@
 //! payloads and read answers. Payload building and answer decoding are pure functions so they
 //! can be unit-tested without an agent.
 
+use super::layout::digest;
 use super::{
-    docker_health_check_id, transport_error, ttl_check_id, SettingsError, StoreError, StoreSettings,
+    docker_health_check_id, transport_error, ttl_check_id, BadEntry, EntryProblem, SettingsError,
+    StoreError, StoreSettings,
 };
 use crate::{consul_duration, validate, Check, CheckKind, Endpoint, Service};
 use base64::Engine;
@@ -182,14 +184,19 @@ impl ConsulClient {
         self.ok(reply).map(|_| ())
     }
 
-    /// `GET /v1/agent/services`, sorted by ID.
+    /// `GET /v1/agent/services`, sorted by ID. An entry that is not a usable service (a port
+    /// [`validate::port`] refuses, which Consul accepts from any writer) is left out: no
+    /// registrator wrote it, and it must not hide the others.
     pub async fn agent_services(&self) -> Result<Vec<Service>, StoreError> {
         let reply = self
             .send(Method::GET, "/v1/agent/services", None, None)
             .await?;
         let reply = self.ok(reply)?;
-        let map: BTreeMap<String, ApiService> = reply.json()?;
-        Ok(map.into_values().map(|s| s.into_service("")).collect())
+        let map: BTreeMap<String, Value> = reply.json()?;
+        Ok(map
+            .into_values()
+            .filter_map(|v| ApiService::deserialize(&v).ok()?.into_service("").ok())
+            .collect())
     }
 
     /// `PUT /v1/agent/check/pass/<check_id>`; an unknown check is [`StoreError::Expired`].
@@ -275,7 +282,9 @@ impl ConsulClient {
     }
 
     /// `GET /v1/health/service/<name>` as a blocking query, optionally `?passing`.
-    /// Entries are sorted by service ID.
+    /// Entries are sorted by service ID. Each is decoded on its own: one that is not a usable
+    /// service (a port out of range, which Consul accepts from any writer) comes back as a
+    /// [`BadEntry`] among the others, never as a failure of the whole answer.
     ///
     /// Cancel-safe (a read).
     pub async fn health_service(
@@ -284,16 +293,17 @@ impl ConsulClient {
         passing_only: bool,
         index: u64,
         wait: Duration,
-    ) -> Result<(Vec<HealthEntry>, u64), StoreError> {
+    ) -> Result<(Vec<Result<HealthEntry, BadEntry>>, u64), StoreError> {
         let path = format!("/v1/health/service/{}", encode_segment(name));
         let flag = if passing_only { "passing" } else { "" };
         let reply = self
             .send(Method::GET, &path, Some((flag, index, wait)), None)
             .await?;
         let reply = self.ok(reply)?;
-        let entries: Vec<ApiHealthEntry> = reply.json()?;
-        let mut out: Vec<HealthEntry> = entries.into_iter().map(HealthEntry::from).collect();
-        out.sort_by(|a, b| a.service.id.cmp(&b.service.id));
+        let out = decode_health(&reply.body, name).map_err(|reason| StoreError::Decode {
+            what: format!("answer to {}", reply.what),
+            reason,
+        })?;
         Ok((out, reply.consul_index()?))
     }
 
@@ -628,8 +638,9 @@ fn decode_kvs(entries: Vec<ApiKv>) -> Result<BTreeMap<String, Vec<u8>>, String> 
         .collect()
 }
 
-/// A service as the agent and health endpoints describe it.
-#[derive(Deserialize)]
+/// A service as the agent and health endpoints describe it. The port is read as Consul
+/// stores it, any integer, and checked in [`ApiService::into_service`].
+#[derive(Deserialize, Hash)]
 #[serde(rename_all = "PascalCase")]
 struct ApiService {
     #[serde(rename = "ID")]
@@ -638,7 +649,7 @@ struct ApiService {
     #[serde(default)]
     address: String,
     #[serde(default)]
-    port: u16,
+    port: i64,
     #[serde(default)]
     tags: Option<Vec<String>>,
     #[serde(default)]
@@ -647,8 +658,10 @@ struct ApiService {
 
 impl ApiService {
     /// Into the service model; an empty address means "the node's", as Consul clients read it.
-    fn into_service(self, node_address: &str) -> Service {
-        Service {
+    /// Fails on a port [`validate::port`] refuses.
+    fn into_service(self, node_address: &str) -> Result<Service, validate::PortError> {
+        let port = validate::port(self.port)?;
+        Ok(Service {
             id: self.id,
             name: self.service,
             address: if self.address.is_empty() {
@@ -656,13 +669,13 @@ impl ApiService {
             } else {
                 self.address
             },
-            port: self.port,
+            port,
             tags: self.tags.unwrap_or_default(),
             meta: self.meta.unwrap_or_default(),
             check: None,
             ttl: None,
             docker_health: None,
-        }
+        })
     }
 }
 
@@ -676,7 +689,7 @@ struct ApiKv {
 }
 
 /// One entry of `/v1/health/service/<name>`.
-#[derive(Deserialize)]
+#[derive(Deserialize, Hash)]
 #[serde(rename_all = "PascalCase")]
 struct ApiHealthEntry {
     node: ApiNode,
@@ -685,7 +698,7 @@ struct ApiHealthEntry {
     checks: Option<Vec<ApiCheck>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Hash)]
 #[serde(rename_all = "PascalCase")]
 struct ApiNode {
     node: String,
@@ -693,21 +706,73 @@ struct ApiNode {
     address: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Hash)]
 #[serde(rename_all = "PascalCase")]
 struct ApiCheck {
     status: String,
 }
 
-impl From<ApiHealthEntry> for HealthEntry {
-    fn from(e: ApiHealthEntry) -> Self {
-        let checks = e.checks.unwrap_or_default();
+impl ApiHealthEntry {
+    /// Into a [`HealthEntry`], or a [`BadEntry`] naming the service and ID.
+    fn into_entry(self) -> Result<HealthEntry, BadEntry> {
+        let fingerprint = digest(&self);
+        let checks = self.checks.unwrap_or_default();
         let status = aggregate_status(checks.iter().map(|c| c.status.as_str()));
-        HealthEntry {
-            service: e.service.into_service(&e.node.address),
-            node: e.node.node,
-            status: status.to_string(),
+        let (name, id) = (self.service.service.clone(), self.service.id.clone());
+        match self.service.into_service(&self.node.address) {
+            Ok(service) => Ok(HealthEntry {
+                service,
+                node: self.node.node,
+                status: status.to_string(),
+            }),
+            Err(e) => Err(BadEntry {
+                name: Some(name),
+                id: Some(id),
+                problem: EntryProblem::Port(e),
+                digest: fingerprint,
+            }),
         }
+    }
+}
+
+/// The body of `/v1/health/service/<service>`, entry by entry, sorted by service ID. Only a
+/// body that is not a JSON array fails as a whole.
+///
+/// The whole array is decoded in one pass first (every answer, in practice: the port is read
+/// as any integer); only when some entry has another shape is each decoded on its own.
+fn decode_health(body: &[u8], service: &str) -> Result<Vec<Result<HealthEntry, BadEntry>>, String> {
+    let mut out: Vec<Result<HealthEntry, BadEntry>> =
+        match serde_json::from_slice::<Vec<ApiHealthEntry>>(body) {
+            Ok(entries) => entries
+                .into_iter()
+                .map(ApiHealthEntry::into_entry)
+                .collect(),
+            Err(_) => serde_json::from_slice::<Vec<Value>>(body)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|v| match ApiHealthEntry::deserialize(&v) {
+                    Ok(e) => e.into_entry(),
+                    Err(e) => {
+                        let field = |ptr| v.pointer(ptr).and_then(Value::as_str).map(String::from);
+                        Err(BadEntry {
+                            name: field("/Service/Service").or_else(|| Some(service.to_string())),
+                            id: field("/Service/ID"),
+                            problem: EntryProblem::Decode(e.to_string()),
+                            digest: digest(&v.to_string()),
+                        })
+                    }
+                })
+                .collect(),
+        };
+    out.sort_by(|a, b| entry_id(a).cmp(entry_id(b)));
+    Ok(out)
+}
+
+/// The service ID of a decoded entry, or `""` when it could not be read.
+fn entry_id(e: &Result<HealthEntry, BadEntry>) -> &str {
+    match e {
+        Ok(h) => &h.service.id,
+        Err(b) => b.id.as_deref().unwrap_or_default(),
     }
 }
 
@@ -974,13 +1039,117 @@ mod tests {
                         "Tags": null, "Meta": null},
             "Checks": [{"Status": "passing"}, {"Status": "warning"}],
         }]);
-        let entries: Vec<ApiHealthEntry> = serde_json::from_value(body).unwrap();
-        let e = HealthEntry::from(entries.into_iter().next().unwrap());
+        let entries = decode_health(body.to_string().as_bytes(), "web").unwrap();
+        let e = entries.into_iter().next().unwrap().unwrap();
         assert_eq!(e.node, "n1");
         assert_eq!(e.status, "warning");
         assert_eq!(e.service.address, "192.168.1.5");
         assert_eq!(e.service.port, 80);
         assert!(e.service.tags.is_empty());
+    }
+
+    #[test]
+    fn health_entries_are_decoded_one_by_one() {
+        let entry = |id: &str, port: Value| {
+            json!({
+                "Node": {"Node": "n1", "Address": "10.0.0.9"},
+                "Service": {"ID": id, "Service": "web", "Address": "10.0.0.1", "Port": port},
+                "Checks": [],
+            })
+        };
+        // (entries, IDs of the good ones, (ID or None, label) of the bad ones)
+        type Case = (
+            &'static str,
+            Vec<Value>,
+            Vec<&'static str>,
+            Vec<(Option<&'static str>, &'static str)>,
+        );
+        let table: Vec<Case> = vec![
+            (
+                "all good",
+                vec![entry("b", json!(81)), entry("a", json!(80))],
+                vec!["a", "b"],
+                vec![],
+            ),
+            (
+                "port 0",
+                vec![entry("a", json!(80)), entry("z", json!(0))],
+                vec!["a"],
+                vec![(Some("z"), "port")],
+            ),
+            (
+                "port 65536",
+                vec![entry("a", json!(80)), entry("z", json!(65536))],
+                vec!["a"],
+                vec![(Some("z"), "port")],
+            ),
+            (
+                "port -5",
+                vec![entry("z", json!(-5)), entry("a", json!(80))],
+                vec!["a"],
+                vec![(Some("z"), "port")],
+            ),
+            (
+                "port as text",
+                vec![entry("a", json!(80)), entry("z", json!("80"))],
+                vec!["a"],
+                vec![(Some("z"), "decode")],
+            ),
+            (
+                "no service ID",
+                vec![
+                    entry("a", json!(80)),
+                    json!({"Node": {"Node": "n"}, "Service": {"Port": 1}}),
+                ],
+                vec!["a"],
+                vec![(None, "decode")],
+            ),
+            (
+                "not an object",
+                vec![json!(7), entry("a", json!(80))],
+                vec!["a"],
+                vec![(None, "decode")],
+            ),
+        ];
+        for (what, entries, good, bad) in table {
+            let body = Value::Array(entries).to_string();
+            let out = decode_health(body.as_bytes(), "web").unwrap();
+            let got_good: Vec<&str> = out
+                .iter()
+                .flatten()
+                .map(|e| e.service.id.as_str())
+                .collect();
+            assert_eq!(got_good, good, "{what}");
+            let got_bad: Vec<(Option<&str>, &str)> = out
+                .iter()
+                .filter_map(|e| e.as_ref().err())
+                .map(|b| (b.id.as_deref(), b.problem.label()))
+                .collect();
+            assert_eq!(got_bad, bad, "{what}");
+            for b in out.iter().filter_map(|e| e.as_ref().err()) {
+                assert_eq!(b.name.as_deref(), Some("web"), "{what}");
+            }
+        }
+        assert!(
+            decode_health(b"{}", "web").is_err(),
+            "not an array: the answer fails"
+        );
+        // The same entry twice gives the same digest; a changed one another.
+        let digest_of = |e: Value| {
+            let body = Value::Array(vec![e]).to_string();
+            decode_health(body.as_bytes(), "web").unwrap()[0]
+                .clone()
+                .unwrap_err()
+                .digest
+        };
+        assert_eq!(
+            digest_of(entry("z", json!(0))),
+            digest_of(entry("z", json!(0)))
+        );
+        assert_ne!(
+            digest_of(entry("z", json!(0))),
+            digest_of(entry("z", json!(-1)))
+        );
     }
 
     #[test]

