@@ -689,7 +689,14 @@ impl Aggregator {
             };
             let (r, meta) = match r {
                 Ok((v, meta)) => (Ok(v), meta),
-                Err(e) => (Err(e), QueryMeta::default()),
+                Err(e) if e.is_item_failure() => (Err(e), QueryMeta::default()),
+                // The store itself failing is its poller's to report: this read's answer would
+                // hold back snapshots until that poller answered again, which it does only
+                // when something changes.
+                Err(e) => {
+                    tracing::debug!(service = %n, error = %e, "asking about a service failed");
+                    return;
+                }
             };
             let msg = Msg::Health {
                 name: n,

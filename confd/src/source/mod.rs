@@ -11,6 +11,12 @@
 //! key with a name or ID [`switchboard::validate`] refuses) leaves that item out (or keeps its
 //! last good state), is logged once through [`Publisher::refuse`] and counted, and never holds
 //! back the snapshot for everyone else. Only a store-wide failure pauses publishing.
+//!
+//! A running source is a [`Source`], owned by whoever decides its lifetime (confd's `serve`),
+//! not by a run of the render loop: runs read it through [`Source::handle`], so a SIGHUP
+//! that does not change what the source watches ([`SourceKey`]) keeps it, long polls and
+//! all. Stopping one ([`Source::stop`]) joins every task it started, so its requests and
+//! connections are gone before another source starts.
 
 pub mod consul;
 pub mod etcd;
@@ -391,5 +397,59 @@ impl Source {
                 tracing::error!("the store source panicked: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    /// Which configuration changes a running source survives: everything but what it watches
+    /// and how it reaches the store, TLS files' contents included.
+    #[test]
+    fn a_source_serves_configurations_that_watch_the_same_way() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().display();
+        std::fs::write(d.path().join("a.hbs"), "a").unwrap();
+        std::fs::write(d.path().join("b.hbs"), "b").unwrap();
+        let ca = d.path().join("ca.pem");
+        std::fs::write(&ca, "first CA").unwrap();
+        let file = d.path().join("confd.yaml");
+        let base = format!(
+            "backend: consul-tls://127.0.0.1:8501\ntls:\n  ca_file: {dir}/ca.pem\n\
+             poll_wait: 30s\ntemplates:\n  - src: {dir}/a.hbs\n    dest: {dir}/a\n"
+        );
+        let key = |yaml: &str| {
+            std::fs::write(&file, yaml).unwrap();
+            let o = Overrides {
+                config: Some(file.clone()),
+                ..Overrides::default()
+            };
+            SourceKey::of(&Config::load(&o).unwrap())
+        };
+        let running = key(&base);
+        let same = [
+            base.replace("a.hbs", "b.hbs"),
+            format!("{base}wait: {{ min: 1s, max: 5s }}\nvars: {{ x: 1 }}\n"),
+        ];
+        for yaml in same {
+            assert_eq!(key(&yaml), running, "{yaml}");
+        }
+        let other = [
+            base.replace("poll_wait: 30s", "poll_wait: 20s"),
+            base.replace("8501", "8502"),
+            format!("{base}kv_prefixes: [cfg]\n"),
+            format!("{base}include_unhealthy: true\n"),
+            format!("{base}max_long_polls: 8\n"),
+            format!("{base}ignore_services: []\n"),
+            format!("{base}token: t\n"),
+        ];
+        for yaml in other {
+            assert_ne!(key(&yaml), running, "{yaml}");
+        }
+        // The same file name with another certificate in it.
+        std::fs::write(&ca, "second CA").unwrap();
+        assert_ne!(key(&base), running);
     }
 }
