@@ -19,7 +19,7 @@
 //! token could read when the query was asked. So the catalog is listed again on a timer: its
 //! blocking queries wait at most a third of `poll_wait` and every answer is looked at, also
 //! one whose index did not move, so a restored policy shows within `poll_wait`. And answers
-//! that lose entries are judged by their index ([`hidden`], [`unlisted`]): Consul's index
+//! that lose entries are judged by their index (`hidden`, `unlisted`): Consul's index
 //! moves with every write to what a query reads, so fewer entries at the SAME index can only
 //! be fewer entries the token may see. Those are kept at their last answer, with one warning.
 //! Consul 1.8 says nothing else about filtering: it answers 200 with the entries left out
@@ -184,7 +184,18 @@ fn hidden(last: &Slot, new: &[Instance], index: u64) -> bool {
         Slot::Known {
             instances,
             index: was,
-        } => index != 0 && *was == index && instances.iter().any(|i| !new.contains(i)),
+        } => {
+            if index == 0 || *was != index {
+                return false;
+            }
+            let seen: std::collections::HashSet<(&str, &str)> = new
+                .iter()
+                .map(|i| (i.node.as_str(), i.id.as_str()))
+                .collect();
+            instances
+                .iter()
+                .any(|i| !seen.contains(&(i.node.as_str(), i.id.as_str())))
+        }
         Slot::Waiting | Slot::Refused => false,
     }
 }
@@ -440,7 +451,9 @@ impl Aggregator {
     /// The catalog answered. Services it no longer lists leave, or are kept ([`unlisted`]);
     /// services it lists again stop being withheld.
     fn on_catalog(&mut self, publisher: &Publisher, names: BTreeSet<String>, meta: QueryMeta) {
-        self.catalog_err = false;
+        // After a failure (the agent may have restarted, empty, and reached the same index by
+        // chance) an unmoved index proves nothing: the services are asked about.
+        let failed = std::mem::replace(&mut self.catalog_err, false);
         let names = self.valid(names, publisher);
         if meta.filtered_by_acls && !std::mem::replace(&mut self.filtering_noted, true) {
             tracing::warn!(
@@ -448,7 +461,7 @@ impl Aggregator {
                  token may not read are not shown"
             );
         }
-        let moved = meta.index != self.catalog_index;
+        let moved = failed || meta.index != self.catalog_index;
         let before = self.catalog.take().unwrap_or_default();
         for name in before.difference(&names) {
             let Some(slot) = self.health.get(name) else {
@@ -1340,6 +1353,12 @@ mod tests {
         a.on_health(&p, "db".into(), 1, at(5), Ok(vec![]));
         assert_eq!(a.withheld.get("db"), Some(&Withheld::Hidden));
         assert!(a.snapshot().unwrap().services.contains_key("db"));
+
+        // After a catalog failure the same index proves nothing: asked about.
+        let mut a = web_and_db(&p);
+        a.catalog_err = true;
+        a.on_catalog(&p, catalog(&["web"]), at(10));
+        assert_eq!(a.withheld.get("db"), Some(&Withheld::Asking));
 
         // A service without instances simply leaves.
         let mut a = web_and_db(&p);
