@@ -4,6 +4,13 @@
 //! read from disk at every render anyway): a valid new config replaces the running one, an
 //! invalid one is refused with its error and the old one keeps running.
 //!
+//! A burst of SIGHUPs is one reload: the config is re-read once the signals have settled
+//! ([`HUP_SETTLE`]), and one reload at a time runs. The store source ([`Source`]) belongs to
+//! [`serve`], not to a run: a reload whose new config watches the same things the same way
+//! keeps it, long polls and all, so reloading costs the store no connection. Otherwise the
+//! old source is stopped, every one of its tasks joined and its connections closed, before
+//! the new one starts.
+//!
 //! With `--exec` (or `exec:`), confd supervises the proxy ([`confd::exec`]): SIGINT, SIGTERM
 //! and SIGQUIT are forwarded to it and confd exits with its status once it has exited;
 //! SIGUSR1 and SIGUSR2 are forwarded as they are; SIGHUP stays confd's own (the proxy keeps
@@ -11,14 +18,25 @@
 
 use anyhow::Context;
 use clap::Parser;
+use confd::config::Wait;
 use confd::exec::{self, Signal, Supervisor};
+use confd::runner::Quiescence;
+use confd::source::{Prepared, Source};
 use confd::{Config, Overrides, RunOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use switchboard::telemetry::{parse_listen_addr, LogFormat, TelemetryServer};
 use switchboard::Shutdown;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
+
+/// How SIGHUPs are coalesced: the config is re-read once no SIGHUP came for the first value,
+/// and at the latest the second value after the first of a burst (a steady stream still
+/// reloads, at that pace). Long enough for a script's or an orchestrator's volley of signals,
+/// short enough not to be noticed by whoever sent one.
+const HUP_SETTLE: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(2));
 
 /// Renders proxy configs from Consul or etcd through Handlebars templates.
 #[derive(Debug, Parser)]
@@ -228,7 +246,8 @@ fn main() -> ExitCode {
 
 /// Runs until a terminating signal (or the end of a `--once` run), restarting the run with
 /// the new configuration on SIGHUP. With `exec`, the supervised process lives across those
-/// restarts and confd's exit code is its.
+/// restarts and confd's exit code is its. The store source lives across them too, unless the
+/// new configuration needs another one (see the module docs).
 async fn serve(
     mut cfg: Config,
     overrides: Overrides,
@@ -277,36 +296,59 @@ async fn serve(
         let t = &*confd::metrics::TELEMETRY;
         tokio::spawn(server.serve(&t.registry, t.health.clone(), shutdown.clone()));
     }
+    let mut source = match Source::start(&cfg, &shutdown) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(s) = supervisor.take() {
+                s.stop(Signal::TERM).await;
+            }
+            return Err(e);
+        }
+    };
+    let settle = Wait::new(HUP_SETTLE.0, Some(HUP_SETTLE.1)).expect("min below max");
+    // SIGHUPs received and not yet acted on.
+    let mut hups = Quiescence::default();
+    let mut hup_count = 0u64;
     loop {
         let run_token = shutdown.child_token();
-        let mut handle = tokio::spawn(confd::run(cfg.clone(), opts, run_token.clone()));
+        let mut handle = tokio::spawn(confd::run(
+            cfg.clone(),
+            opts,
+            source.handle(),
+            run_token.clone(),
+        ));
         loop {
+            let reload_at = hups.due_at(settle);
             tokio::select! {
-                _ = term.recv() => return stop(&shutdown, handle, supervisor, Signal::TERM).await,
-                _ = int.recv() => return stop(&shutdown, handle, supervisor, Signal::INT).await,
-                Some(_) = recv(&mut quit) => return stop(&shutdown, handle, supervisor, Signal::QUIT).await,
+                _ = term.recv() => return stop(&shutdown, handle, source, supervisor, Signal::TERM).await,
+                _ = int.recv() => return stop(&shutdown, handle, source, supervisor, Signal::INT).await,
+                Some(_) = recv(&mut quit) => return stop(&shutdown, handle, source, supervisor, Signal::QUIT).await,
                 Some(_) = recv(&mut usr1) => if let Some(s) = &supervisor { s.forward(Signal::USR1) },
                 Some(_) = recv(&mut usr2) => if let Some(s) = &supervisor { s.forward(Signal::USR2) },
-                _ = hup.recv() => match Config::load(&overrides) {
-                    Ok(new) => {
-                        tracing::info!("SIGHUP: configuration re-read; restarting with it");
-                        if new.metrics_addr != cfg.metrics_addr {
-                            tracing::warn!("SIGHUP: a new metrics_addr takes effect at the next start");
-                        }
-                        if new.exec != cfg.exec {
-                            tracing::warn!("SIGHUP: the exec settings changed; they apply when confd is started again (the supervised process keeps running as it is)");
-                        }
-                        run_token.cancel();
-                        let _ = handle.await;
-                        cfg = new;
-                        break;
+                _ = hup.recv() => {
+                    hups.change(Instant::now());
+                    hup_count += 1;
+                }
+                _ = tokio::time::sleep_until(reload_at.unwrap_or_else(Instant::now)), if reload_at.is_some() => {
+                    hups.clear();
+                    let signals = std::mem::take(&mut hup_count);
+                    let Some(change) = reconfigure(&overrides, &cfg, &source, signals) else {
+                        continue;
+                    };
+                    // One reload at a time: the old run ends, then (if it must) the old
+                    // source with every connection it held, then the new ones start.
+                    run_token.cancel();
+                    let _ = (&mut handle).await;
+                    if let Some(prepared) = change.source {
+                        source.stop().await;
+                        source = prepared.start(&shutdown);
                     }
-                    Err(e) => tracing::error!(
-                        "SIGHUP: new configuration refused, keeping the running one: {e}"
-                    ),
-                },
+                    cfg = change.cfg;
+                    break;
+                }
                 r = &mut handle => {
                     let r = r.context("confd run panicked")?;
+                    source.stop().await;
                     if let Some(s) = supervisor.take() {
                         // The render loop ended on its own (an error): the proxy goes with it.
                         s.stop(Signal::TERM).await;
@@ -316,6 +358,61 @@ async fn serve(
             }
         }
     }
+}
+
+/// What a reload changes.
+struct Change {
+    /// The new configuration.
+    cfg: Config,
+    /// The new source's clients, when the running source does not serve the new
+    /// configuration.
+    source: Option<Prepared>,
+}
+
+/// Re-reads the configuration after `signals` SIGHUPs. `None` (logged) when it is refused:
+/// the running configuration and source stay. A new source's clients are built here, before
+/// anything is stopped, so unusable TLS material refuses the new configuration too.
+fn reconfigure(
+    overrides: &Overrides,
+    cfg: &Config,
+    source: &Source,
+    signals: u64,
+) -> Option<Change> {
+    let new = match Config::load(overrides) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("SIGHUP: new configuration refused, keeping the running one: {e}");
+            return None;
+        }
+    };
+    if new.metrics_addr != cfg.metrics_addr {
+        tracing::warn!("SIGHUP: a new metrics_addr takes effect at the next start");
+    }
+    if new.exec != cfg.exec {
+        tracing::warn!("SIGHUP: the exec settings changed; they apply when confd is started again (the supervised process keeps running as it is)");
+    }
+    let source_change = if source.serves(&new) {
+        None
+    } else {
+        match Prepared::new(&new) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!(
+                    "SIGHUP: new configuration refused, keeping the running one: {e:#}"
+                );
+                return None;
+            }
+        }
+    };
+    if source_change.is_some() {
+        tracing::info!(signals, "SIGHUP: configuration re-read; the store settings changed: restarting the source and the render loop");
+    } else {
+        tracing::info!(signals, "SIGHUP: configuration re-read; restarting the render loop (the store source and its long polls are kept)");
+    }
+    Some(Change {
+        cfg: new,
+        source: source_change,
+    })
 }
 
 /// The next delivery of an optional signal stream; never, without one.
@@ -329,12 +426,14 @@ async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
 async fn stop(
     shutdown: &Shutdown,
     handle: tokio::task::JoinHandle<anyhow::Result<bool>>,
+    source: Source,
     supervisor: Option<Supervisor>,
     sig: Signal,
 ) -> anyhow::Result<ExitCode> {
     tracing::info!("{sig}: shutting down");
     shutdown.cancel();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), handle).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), source.stop()).await;
     let Some(s) = supervisor else {
         return Ok(ExitCode::SUCCESS);
     };

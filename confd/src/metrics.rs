@@ -89,8 +89,8 @@ pub struct Metrics {
     pub live_update_failures: Family<Tpl, Counter>,
     /// When each template last went through a pass without failing.
     last_success: Arc<Mutex<BTreeMap<String, Instant>>>,
-    /// The last store error, for `/healthz`.
-    last_store_error: Mutex<Option<String>>,
+    /// The latest store error and when it happened, for `/healthz` ([`follow_source`]).
+    last_store_error: watch::Sender<Option<(Instant, String)>>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -128,7 +128,7 @@ pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(|| {
         live_updates: Family::default(),
         live_update_failures: Family::default(),
         last_success: last_success.clone(),
-        last_store_error: Mutex::new(None),
+        last_store_error: watch::Sender::new(None),
     };
     let mut r = Registry::with_prefix("confd");
     r.register(
@@ -251,10 +251,12 @@ pub fn snapshot(services: usize, instances: usize) {
     m.instances.set(instances as i64);
 }
 
-/// A store request failed (each failure the source logs).
+/// A store request failed (each failed request, retries included).
 pub fn store_error(e: &dyn std::fmt::Display) {
     metrics().store_errors.inc();
-    *lock(&metrics().last_store_error) = Some(e.to_string());
+    metrics()
+        .last_store_error
+        .send_replace(Some((Instant::now(), e.to_string())));
 }
 
 /// An instance was left out of the templates' data, for `reason` (see [`Why`]).
@@ -267,28 +269,48 @@ pub fn instance_refused(reason: &str) {
         .inc();
 }
 
-/// Follows the source's "in sync" flag into the `store` condition until `shutdown`.
+/// The `store` condition's reason while the source is not in sync: the latest error, unless
+/// it is older than the last time the source was in sync (then it belongs to an outage that
+/// ended, and naming it would be naming a cause long gone).
+fn store_reason(
+    backend: &str,
+    last: Option<&(Instant, String)>,
+    synced: Option<Instant>,
+) -> String {
+    match last {
+        Some((at, e)) if synced.map_or(true, |s| *at >= s) => {
+            format!("not in sync with {backend}: {e}")
+        }
+        _ => format!("not in sync with {backend}"),
+    }
+}
+
+/// Follows the source's "in sync" flag and the latest store error into the `store` condition
+/// until `shutdown`: while the source is out of sync, each new error replaces the reason, so
+/// `/healthz` names what is wrong now (a certificate from another CA after a refused
+/// connection), not the first error of the outage.
 pub async fn follow_source(
     mut healthy: watch::Receiver<bool>,
     backend: String,
     shutdown: Shutdown,
 ) {
+    let mut errors = metrics().last_store_error.subscribe();
+    let mut synced: Option<Instant> = None;
     loop {
-        if *healthy.borrow_and_update() {
+        let in_sync = *healthy.borrow_and_update();
+        let last = errors.borrow_and_update().clone();
+        if in_sync {
             metrics().store_up.set(1);
             health().ok(STORE);
-            *lock(&metrics().last_store_error) = None;
+            synced = Some(Instant::now());
         } else {
             metrics().store_up.set(0);
-            let last = lock(&metrics().last_store_error).clone();
-            let reason = match last {
-                Some(e) => format!("not in sync with {backend}: {e}"),
-                None => format!("not in sync with {backend}"),
-            };
+            let reason = store_reason(&backend, last.as_ref(), synced);
             health().fail_after(STORE, reason, STORE_GRACE);
         }
         tokio::select! {
             r = healthy.changed() => if r.is_err() { return },
+            _ = errors.changed() => {}
             _ = shutdown.cancelled() => return,
         }
     }
@@ -394,6 +416,37 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_reason_is_the_latest_error_of_this_outage() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let b = "https://127.0.0.1:8501";
+        let tls = (at(20), "TLS failed: unknown issuer".to_string());
+        let table = [
+            // (latest error, last in sync, reason)
+            (None, None, "not in sync with https://127.0.0.1:8501"),
+            (
+                Some(&tls),
+                None,
+                "not in sync with https://127.0.0.1:8501: TLS failed: unknown issuer",
+            ),
+            (
+                Some(&tls),
+                Some(at(10)),
+                "not in sync with https://127.0.0.1:8501: TLS failed: unknown issuer",
+            ),
+            // In sync since the error: it was about an earlier outage.
+            (
+                Some(&tls),
+                Some(at(30)),
+                "not in sync with https://127.0.0.1:8501",
+            ),
+        ];
+        for (last, synced, want) in table {
+            assert_eq!(store_reason(b, last, synced), want, "{last:?} {synced:?}");
+        }
+    }
 
     #[test]
     fn template_outcomes_set_health_and_the_age_of_the_last_success() {

@@ -179,20 +179,21 @@ static LIVE_UPDATES: AtomicU64 = AtomicU64::new(0);
 const RELOAD_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
 /// Runs confd until `shutdown` (or, with `once`/`dry_run`, until every template was rendered
-/// once). Returns whether every template succeeded (always `true` for a daemon that was shut
-/// down).
-pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::Result<bool> {
+/// once), reading snapshots from `source`. Returns whether every template succeeded (always
+/// `true` for a daemon that was shut down).
+///
+/// The source is not the run's: its owner ([`crate::source::Source`], held by confd's
+/// `serve`) may keep it across runs, so a SIGHUP that changes only templates opens no new
+/// connection to the store. A run renders the source's current snapshot at once.
+pub async fn run(
+    cfg: Config,
+    opts: RunOptions,
+    mut source: source::SourceHandle,
+    shutdown: Shutdown,
+) -> anyhow::Result<bool> {
     let once = opts.once || opts.dry_run;
-    let src_shutdown = shutdown.child_token();
-    let _stop_sources = src_shutdown.clone().drop_guard();
-    let mut source = source::spawn(&cfg, src_shutdown.clone())?;
     let mut renderer = Renderer::default();
     metrics::new_run(&cfg.templates);
-    tokio::spawn(metrics::follow_source(
-        source.healthy.clone(),
-        cfg.backend.primary().base_url(),
-        src_shutdown,
-    ));
 
     if once {
         let wait = source.snapshots.wait_for(Option::is_some);

@@ -942,3 +942,151 @@ async fn an_unresolvable_instance_comes_in_once_its_name_resolves() {
         refusals[0]
     );
 }
+
+/// The TCP connections process `pid` holds ESTABLISHED to `127.0.0.1:<port>`: its socket
+/// inodes (`/proc/<pid>/fd`) matched against the table of its network namespace
+/// (`/proc/<pid>/net/tcp`, which lists every process's sockets).
+fn established_to(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let remote = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[2] == remote && f[3] == "01" && inodes.contains(f[9]))
+        .count()
+}
+
+/// One request from a new connection to the agent: whether it answered 200. An agent at its
+/// per-client connection limit refuses it, as it would refuse registrator's writes.
+async fn consul_accepts(consul: &Consul) -> bool {
+    let r = fresh_client()
+        .get(format!("{}/v1/status/leader", consul.http()))
+        .send()
+        .await;
+    matches!(r, Ok(r) if r.status().is_success())
+}
+
+/// The services confd follows in the SIGHUP test, one long poll each, plus the catalog's.
+const SIGHUP_SERVICES: [&str; 3] = ["web", "api", "db"];
+/// Connections confd may hold to the agent: its long polls, and as many again at most that its
+/// pool keeps idle (one is opened when a poll asks again before its last connection is back in
+/// the pool). A leak is one more set of long polls per SIGHUP.
+const MAX_CONFD_CONNECTIONS: usize = 2 * (1 + SIGHUP_SERVICES.len());
+
+/// A burst of 100 SIGHUPs in about a second, against an agent that lets one address hold
+/// only 20 connections (Consul keeps a blocking query, and its place in that count, until its
+/// `wait` ends even when the client has closed it): the burst is one reload, the source and
+/// its long polls are kept, no connection is refused during or after it, and confd still
+/// renders what changes next. A reload that does change the store settings stops the old
+/// source, and closes its connections, before the new one starts. Before the fix each signal
+/// restarted the source, and the agent refused every new connection for about 37 s.
+#[tokio::test]
+async fn a_sighup_burst_opens_no_connection_to_consul() {
+    let consul = Consul::start_with("limits { http_max_conns_per_client = 20 }").await;
+    let store = Store::new(&RegistryUri::parse(&consul.uri()).unwrap());
+    for (i, name) in SIGHUP_SERVICES.iter().enumerate() {
+        let mut s = web(&format!("{name}-1"), 8001 + i as u16, 0);
+        s.name = name.to_string();
+        store.register(&s).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let confd = confd(dir.path(), &consul.uri(), "30s");
+    wait_rendered(&confd, dir.path(), "three services", WAIT, |t| {
+        t.contains("api-1=8002") && t.contains("db-1=8003") && t.contains("web-1=8001")
+    })
+    .await;
+    let pid = confd.pid();
+    let before = established_to(pid, consul.port);
+    assert!(
+        (1 + SIGHUP_SERVICES.len()..=MAX_CONFD_CONNECTIONS).contains(&before),
+        "{before} connections before the burst"
+    );
+
+    // 100 signals paced over about a second; the agent is asked from a new connection after
+    // every tenth, and must answer every time.
+    let started = Instant::now();
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for i in 1..=100 {
+        pace.tick().await;
+        confd.signal(libc::SIGHUP);
+        if i % 10 == 0 {
+            assert!(
+                consul_accepts(&consul).await,
+                "the agent refused a connection after {i} SIGHUPs; confd:\n{}",
+                confd.output()
+            );
+        }
+    }
+    eprintln!("100 SIGHUPs sent in {:?}", started.elapsed());
+    confd
+        .wait_output("the store source and its long polls are kept", WAIT)
+        .await;
+    // After the burst, for 3 s: every probe answers and confd holds no more connections
+    // than before (the agent would have refused for far longer).
+    let mut pace = tokio::time::interval(Duration::from_millis(150));
+    for _ in 0..20 {
+        pace.tick().await;
+        assert!(consul_accepts(&consul).await, "refused after the burst");
+        let now = established_to(pid, consul.port);
+        assert!(
+            now <= MAX_CONFD_CONNECTIONS,
+            "{now} connections after the burst"
+        );
+    }
+    let out = confd.output();
+    let reloads = out.matches("SIGHUP: configuration re-read").count();
+    assert!(
+        (1..=3).contains(&reloads),
+        "100 SIGHUPs in about a second must be one reload (two or three on a slow machine), \
+         not {reloads}:\n{out}"
+    );
+    assert!(!out.contains("Consul query failed"), "{out}");
+    eprintln!("{before} connections before the burst, {reloads} reload(s) for 100 SIGHUPs");
+    store.register(&web("web-2", 8004, 0)).await.unwrap();
+    wait_rendered(&confd, dir.path(), "web-2 after the burst", SOON, |t| {
+        t.contains("web-2=8004")
+    })
+    .await;
+
+    // A reload that changes how the store is watched restarts the source: the old one's
+    // connections are closed on confd's side before the new one's open, so confd's count
+    // stays bounded, and the agent still answers.
+    let cfg_path = dir.path().join("confd.yaml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, cfg.replace("poll_wait: 30s", "poll_wait: 20s")).unwrap();
+    confd.signal(libc::SIGHUP);
+    confd
+        .wait_output("the store settings changed: restarting the source", WAIT)
+        .await;
+    store.register(&web("web-3", 8005, 0)).await.unwrap();
+    wait_rendered(
+        &confd,
+        dir.path(),
+        "web-3 after the source restarted",
+        SOON,
+        |t| t.contains("web-3=8005") && t.contains("db-1=8003"),
+    )
+    .await;
+    let now = established_to(pid, consul.port);
+    assert!(
+        now <= MAX_CONFD_CONNECTIONS,
+        "{now} connections once the source restarted"
+    );
+    assert!(consul_accepts(&consul).await);
+    assert!(
+        !confd.output().contains("Consul query failed"),
+        "{}",
+        confd.output()
+    );
+}

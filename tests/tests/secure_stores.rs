@@ -7,7 +7,7 @@
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use switchboard_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -174,6 +174,45 @@ acl {{
             json!({ "Name": name, "Rules": rules }),
         )
         .await;
+    }
+
+    /// Registers an instance of `name` with the agent (management token).
+    async fn register(&self, id: &str, name: &str, port: u16) {
+        let body = json!({ "ID": id, "Name": name, "Address": "127.0.0.1", "Port": port });
+        self.api("PUT", "/v1/agent/service/register", body).await;
+    }
+
+    /// A confd daemon reading this agent over HTTPS with `token`, rendering every service as
+    /// `[name] id ...` lines into `<dir>/out.txt`, with `extra` YAML lines (`poll_wait`...).
+    fn confd(&self, pki: &Pki, dir: &Path, token: &str, extra: &str) -> Process {
+        let tpl = dir.join("t.hbs");
+        write(
+            &tpl,
+            "{{#each services}}[{{name}}]{{#each instances}} {{id}}{{/each}}\n{{/each}}",
+        );
+        let token_file = dir.join("token");
+        write(&token_file, token);
+        let cfg = dir.join("confd.yaml");
+        write(
+            &cfg,
+            &format!(
+                "backend: {uri}\ntls:\n  ca_file: {ca}\n  cert_file: {cert}\n  key_file: {key}\n\
+                 \x20 server_name: server.dc1.consul\ntoken_file: {tf}\nwait: {{ min: 0s, max: 0s }}\n\
+                 {extra}templates:\n  - src: {src}\n    dest: {dest}\n",
+                uri = self.uri(),
+                ca = pki.path("ca.pem"),
+                cert = pki.path("client.pem"),
+                key = pki.path("client.key"),
+                tf = token_file.display(),
+                src = tpl.display(),
+                dest = dir.join("out.txt").display(),
+            ),
+        );
+        Process::spawn(
+            &bin("confd"),
+            &["--config", cfg.to_str().unwrap()],
+            &[("RUST_LOG", "info")],
+        )
     }
 
     fn uri(&self) -> String {
@@ -831,4 +870,185 @@ node_prefix "" { policy = "read" }"#,
     assert_eq!(out.matches(&refusal(&id)).count(), 1, "{out}");
     assert!(!reg.output().contains(&token), "{}", reg.output());
     drop(reg);
+}
+
+/// Waits up to `within` until `<dir>/out.txt` satisfies `pred`; panics with the file and
+/// confd's output otherwise.
+async fn wait_rendered(
+    confd: &Process,
+    dir: &Path,
+    what: &str,
+    within: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let path = dir.join("out.txt");
+    let found = poll(within, Duration::from_millis(100), || async {
+        let text = std::fs::read_to_string(&path).ok()?;
+        pred(&text).then_some(text)
+    })
+    .await;
+    found.unwrap_or_else(|| {
+        panic!(
+            "{what}: not rendered within {within:?}; out.txt:\n{}\nconfd output:\n{}",
+            std::fs::read_to_string(&path).unwrap_or_default(),
+            confd.output()
+        )
+    })
+}
+
+const READ_ALL: &str = r#"service_prefix "" { policy = "read" }
+node_prefix "" { policy = "read" }"#;
+
+/// confd's `poll_wait` in the ACL test: a restored policy must show within it.
+const ACL_POLL_WAIT: Duration = Duration::from_secs(6);
+/// What a loaded machine adds to a bound (a render, a poll of the file).
+const SLACK: Duration = Duration::from_secs(3);
+
+/// confd's token loses `service:read` on `db`: Consul 1.8 then leaves db out of the catalog
+/// and answers its health with `[]`, at unchanged indexes, with no header. confd warns once,
+/// keeps db's last answer and renders every other change meanwhile; once the policy is
+/// restored, db and a service registered while it was narrowed are rendered within
+/// `poll_wait` (the catalog's blocking index does not move on an ACL change, and before the
+/// fix they stayed out until their own health changed, over 100 s).
+#[tokio::test]
+async fn services_hidden_by_a_narrowed_acl_policy_are_kept_and_come_back() {
+    let pki = Pki::generate("sbtest-ca");
+    let sc = SecureConsul::start(&pki).await;
+    let token = sc.token("confd-reader", READ_ALL).await;
+    sc.register("web-1", "web", 8001).await;
+    sc.register("db-1", "db", 8002).await;
+    let dir = tempfile::tempdir().unwrap();
+    let confd = sc.confd(&pki, dir.path(), &token, "poll_wait: 6s\n");
+    wait_rendered(&confd, dir.path(), "web and db", WAIT, |t| {
+        t.contains("[db] db-1") && t.contains("[web] web-1")
+    })
+    .await;
+
+    sc.set_rules(
+        "confd-reader",
+        r#"service "web" { policy = "read" }
+node_prefix "" { policy = "read" }"#,
+    )
+    .await;
+    confd
+        .wait_output(
+            "service \"db\": the catalog no longer lists it",
+            ACL_POLL_WAIT + SLACK,
+        )
+        .await;
+    assert!(
+        confd
+            .output()
+            .contains("confd's ACL token may not read it now"),
+        "{}",
+        confd.output()
+    );
+    // Other services go on; db keeps its last answer; a new service is not visible.
+    sc.register("web-2", "web", 8003).await;
+    sc.register("cache-1", "cache", 8004).await;
+    let text = wait_rendered(&confd, dir.path(), "web-2", WAIT, |t| {
+        t.contains("[web] web-1 web-2")
+    })
+    .await;
+    assert!(
+        text.contains("[db] db-1"),
+        "db's last answer is kept:\n{text}"
+    );
+    assert!(!text.contains("cache"), "{text}");
+
+    sc.set_rules("confd-reader", READ_ALL).await;
+    let restored = Instant::now();
+    wait_rendered(
+        &confd,
+        dir.path(),
+        "the restored policy",
+        ACL_POLL_WAIT + SLACK,
+        |t| t.contains("[cache] cache-1") && t.contains("[db] db-1"),
+    )
+    .await;
+    eprintln!(
+        "rendered {:?} after the policy was restored (poll_wait {ACL_POLL_WAIT:?})",
+        restored.elapsed()
+    );
+    confd
+        .wait_output("Consul's catalog lists service \"db\" again", WAIT)
+        .await;
+    let warnings = confd.output().matches("may not read it now").count();
+    assert_eq!(warnings, 1, "one warning for db:\n{}", confd.output());
+}
+
+/// `/healthz` and the log name the store's failure as it is now: Consul stopped (connection
+/// refused), then back with a certificate from another CA (a TLS failure, named as one).
+/// Before the fix both kept reporting the first error of the outage.
+#[tokio::test]
+async fn health_and_log_name_the_latest_store_failure() {
+    let pki = Pki::generate("sbtest-ca");
+    let mut sc = SecureConsul::start(&pki).await;
+    let token = sc.token("confd-reader", READ_ALL).await;
+    sc.register("web-1", "web", 8001).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let confd = sc.confd(
+        &pki,
+        dir.path(),
+        &token,
+        &format!("poll_wait: 5s\nmetrics_addr: {addr}\n"),
+    );
+    wait_rendered(&confd, dir.path(), "web", WAIT, |t| t.contains("web-1")).await;
+    wait_health(&confd, &addr, 200, WAIT).await;
+
+    // Stopped: connections are refused.
+    sc.consul.stop();
+    let body = wait_health_body(&confd, &addr, "Connection refused").await;
+    assert!(body.contains("unreachable"), "{body}");
+    let refused_logged = log_lines(&confd, "Connection refused");
+    assert!(refused_logged > 0, "{}", confd.output());
+
+    // Back with a server certificate from another CA: a TLS failure, named.
+    let other = Pki::generate("sbtest-other-ca");
+    for f in ["server.pem", "server.key"] {
+        std::fs::copy(other.path(f), pki.path(f)).unwrap();
+    }
+    sc.consul.restart().await;
+    let body = wait_health_body(&confd, &addr, "TLS failed").await;
+    assert!(
+        body.contains("server certificate verification failed"),
+        "{body}"
+    );
+    assert!(!body.contains("Connection refused"), "{body}");
+    wait_for("the TLS failure in confd's log", WAIT, || async {
+        (log_lines(&confd, "TLS failed") > 0).then_some(())
+    })
+    .await;
+    // Logged when the cause changed, not at every retry.
+    let lines = log_lines(&confd, "TLS failed");
+    assert!(lines <= 3, "{lines} lines:\n{}", confd.output());
+}
+
+/// Waits until `/healthz` answers 503 with `needle` in its body; returns the body.
+async fn wait_health_body(confd: &Process, addr: &str, needle: &str) -> String {
+    let last = std::sync::Mutex::new(None);
+    let found = poll(WAIT, Duration::from_millis(200), || async {
+        let h = healthz(addr).await;
+        *last.lock().unwrap() = h.clone();
+        let (status, body) = h?;
+        (status == 503 && body.contains(needle)).then_some(body)
+    })
+    .await;
+    found.unwrap_or_else(|| {
+        panic!(
+            "/healthz never named {needle:?}; last: {:?}\nconfd output:\n{}",
+            last.lock().unwrap(),
+            confd.output()
+        )
+    })
+}
+
+/// confd's warnings about a failed Consul query that contain `needle`.
+fn log_lines(confd: &Process, needle: &str) -> usize {
+    confd
+        .output()
+        .lines()
+        .filter(|l| l.contains("Consul query failed") && l.contains(needle))
+        .count()
 }

@@ -126,12 +126,13 @@ async fn register_with_checks_list_and_deregister() {
 
     // The health endpoint through the client: aggregate status per instance.
     let c = client(&consul);
-    let (web_health, index) = c
+    let (web_health, meta) = c
         .health_service("sb-web", false, 0, Duration::ZERO)
         .await
         .unwrap();
     let web_health: Vec<_> = web_health.into_iter().map(Result::unwrap).collect();
-    assert!(index > 0);
+    assert!(meta.index > 0);
+    assert!(!meta.filtered_by_acls);
     let ids: Vec<&str> = web_health.iter().map(|e| e.service.id.as_str()).collect();
     assert_eq!(ids, ["otherhost:web:80", "sbhost:web:80"]);
     assert_eq!(web_health[0].status, "passing");
@@ -270,7 +271,8 @@ async fn blocking_queries_wake_on_change() {
     // Just after leader election the agent is still syncing its own `consul` service, so the
     // catalog may change for other reasons: the watcher loops as confd does, each round
     // blocking from the last index, until it sees the new service.
-    let (before, index) = c.catalog_services(0, Duration::ZERO).await.unwrap();
+    let (before, meta) = c.catalog_services(0, Duration::ZERO).await.unwrap();
+    let index = meta.index;
     assert!(index > 0);
     assert!(!before.contains_key("sb-late"));
     let watcher = c.clone();
@@ -281,6 +283,7 @@ async fn blocking_queries_wake_on_change() {
                 .catalog_services(last, Duration::from_secs(60))
                 .await
                 .unwrap();
+            let next = next.index;
             assert!(next >= last, "index went backwards: {next} < {last}");
             last = next;
             if let Some(tags) = services.get("sb-late") {
@@ -318,10 +321,12 @@ async fn blocking_queries_wake_on_change() {
     // A blocking query that times out on Consul's side (the agent's own anti-entropy may still
     // bump the index) is an answer, not a client timeout.
     let (_, idx) = c.catalog_services(0, Duration::ZERO).await.unwrap();
+    let idx = idx.index;
     let (same, idx2) = c
         .catalog_services(idx, Duration::from_secs(1))
         .await
         .unwrap();
+    let idx2 = idx2.index;
     assert!(idx2 >= idx);
     assert!(same.contains_key("sb-late"));
 }

@@ -14,6 +14,19 @@
 //! store-wide failure (the catalog, a KV prefix, or any query failing for want of the agent)
 //! stops snapshots.
 //!
+//! What the ACL token may read can change without any write in Consul (a policy narrowed or
+//! restored), and then no blocking query wakes: Consul answers a blocking query with what the
+//! token could read when the query was asked. So the catalog is listed again on a timer: its
+//! blocking queries wait at most a third of `poll_wait` and every answer is looked at, also
+//! one whose index did not move, so a restored policy shows within `poll_wait`. And answers
+//! that lose entries are judged by their index (`hidden`, `unlisted`): Consul's index
+//! moves with every write to what a query reads, so fewer entries at the SAME index can only
+//! be fewer entries the token may see. Those are kept at their last answer, with one warning.
+//! Consul 1.8 says nothing else about filtering: it answers 200 with the entries left out
+//! (the catalog without the name, a service's health as `[]`), never 403, and sends no
+//! `X-Consul-Results-Filtered-By-ACLs`; later versions send that header, without saying which
+//! entries it hid, so it is only logged.
+//!
 //! How the number of long polls scales: `1 + S + K` for S services and K KV prefixes, as long
 //! as that stays within `max_long_polls` (default 64). Beyond it the source switches to a
 //! constant `2 + K`: one blocking query on the catalog and one on `/v1/health/state/any`
@@ -21,6 +34,10 @@
 //! (non-blocking) queries, at most 8 at a time. So open connections never exceed
 //! `max(1 + S + K, 2 + K)` bounded by `max_long_polls`, trading request volume per change
 //! for a bounded number of held connections. Consul KV (`consulkv://`): `1 + K`.
+//!
+//! Every task of a source (pollers, the sweeper, one-off reads) is spawned into one
+//! [`JoinSet`] owned by [`run`], which joins them all before it returns: once a source has
+//! stopped, none of its requests, and none of its connections, is left.
 
 use super::Publisher;
 use crate::config::Config;
@@ -28,9 +45,12 @@ use crate::model::{Instance, Snapshot};
 use futures_util::stream::{self, StreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-use switchboard::store::{BadEntry, BlockingIndex, ConsulClient, HealthEntry, StoreError};
+use switchboard::store::{
+    BadEntry, BlockingIndex, ConsulClient, FailureLog, HealthEntry, QueryMeta, StoreError,
+};
 use switchboard::{validate, Backoff, Shutdown};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
 /// What to read.
 #[derive(Debug, Clone)]
@@ -69,6 +89,14 @@ impl Options {
     }
 }
 
+/// The wait of the catalog's blocking queries: a third of `poll_wait`. An answer reflects what
+/// the token could read when its query was asked, so a policy restored just after a query
+/// started shows in the answer to the next one: within two waits (plus Consul's jitter of at
+/// most a sixteenth each), which stays within `poll_wait`.
+fn listing_wait(poll_wait: Duration) -> Duration {
+    poll_wait / 3
+}
+
 /// A failed query about one service.
 #[derive(Debug)]
 struct Failure {
@@ -79,14 +107,18 @@ struct Failure {
 }
 
 /// One service's result in a shared-mode sweep: its instances, or why the agent refused it.
-type Swept = Result<Vec<Instance>, String>;
+type Swept = Result<(Vec<Instance>, QueryMeta), String>;
 
 /// What pollers report to the aggregator.
 enum Msg {
-    Catalog(Result<BTreeSet<String>, String>),
+    Catalog {
+        result: Result<BTreeSet<String>, String>,
+        meta: QueryMeta,
+    },
     Health {
         name: String,
         gen: u64,
+        meta: QueryMeta,
         result: Result<Vec<Instance>, Failure>,
     },
     /// Shared mode: every service's result at once, or a store-wide failure.
@@ -102,10 +134,13 @@ enum Msg {
 /// What the aggregator knows of one service's instances.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Slot {
-    /// No answer yet, or the agent failed since the last one: holds back snapshots.
+    /// No answer yet: holds back snapshots.
     Waiting,
-    /// The last answer.
-    Known(Vec<Instance>),
+    /// The last answer, and the index Consul gave it.
+    Known {
+        instances: Vec<Instance>,
+        index: u64,
+    },
     /// The agent refuses to answer for this service and there is no earlier answer: it is
     /// left out, and snapshots go on without it.
     Refused,
@@ -115,13 +150,72 @@ impl Slot {
     /// The slot after the agent refused the service: the last good answer is kept.
     fn refused(self) -> Slot {
         match self {
-            Slot::Known(v) => Slot::Known(v),
+            Slot::Known { instances, index } => Slot::Known { instances, index },
             Slot::Waiting | Slot::Refused => Slot::Refused,
+        }
+    }
+
+    /// The instances of the last answer, if there is one with any.
+    fn instances(&self) -> Option<&[Instance]> {
+        match self {
+            Slot::Known { instances, .. } if !instances.is_empty() => Some(instances),
+            _ => None,
         }
     }
 }
 
-/// Runs until `shutdown`.
+/// Why a service the catalog no longer lists is still followed, at its last answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Withheld {
+    /// The catalog's index moved, so the service may have been removed: its own health is
+    /// being asked (an answer at a new index without instances means it is gone; one at the
+    /// index of its last answer means it is hidden).
+    Asking,
+    /// Hidden from confd's token: nothing about it changed in Consul (warned once).
+    Hidden,
+}
+
+/// Whether an answer about a service lost instances although Consul wrote nothing about it:
+/// it comes at the index of the last answer (`last`), which had instances this one lacks.
+/// Consul's index moves with every write to what a query reads, so that can only be instances
+/// the token may no longer read (an ACL policy narrowed since).
+fn hidden(last: &Slot, new: &[Instance], index: u64) -> bool {
+    match last {
+        Slot::Known {
+            instances,
+            index: was,
+        } => {
+            if index == 0 || *was != index {
+                return false;
+            }
+            let seen: std::collections::HashSet<(&str, &str)> = new
+                .iter()
+                .map(|i| (i.node.as_str(), i.id.as_str()))
+                .collect();
+            instances
+                .iter()
+                .any(|i| !seen.contains(&(i.node.as_str(), i.id.as_str())))
+        }
+        Slot::Waiting | Slot::Refused => false,
+    }
+}
+
+/// What becomes of a service that the catalog's latest answer no longer lists, from its last
+/// answer and whether the catalog's index moved since the answer that listed it. Without
+/// instances to keep it simply leaves. At the same index nothing was written: it is hidden
+/// from the token. Otherwise it may have been removed, or hidden while something else
+/// changed: its own health is asked before anything is decided, and meanwhile its last
+/// answer stays.
+fn unlisted(slot: &Slot, catalog_moved: bool) -> Option<Withheld> {
+    slot.instances()?;
+    Some(if catalog_moved {
+        Withheld::Asking
+    } else {
+        Withheld::Hidden
+    })
+}
+
+/// Runs until `shutdown`; every task it started has ended when it returns.
 pub async fn run(
     mode: Mode,
     client: ConsulClient,
@@ -130,18 +224,20 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let (tx, rx) = mpsc::channel::<Msg>(256);
+    let mut tasks = JoinSet::new();
     for (slot, prefix) in opts.kv_prefixes.iter().enumerate() {
         let (c, p, w) = (client.clone(), prefix.clone(), opts.poll_wait);
         spawn_poller(
+            &mut tasks,
             tx.clone(),
             publisher.clone(),
             shutdown.clone(),
-            false,
+            Poll::Changes,
             move |idx| {
                 let (c, p) = (c.clone(), p.clone());
-                async move { c.kv_list(&p, idx, w).await }
+                async move { c.kv_list(&p, idx, w).await.map(indexed) }
             },
-            move |r| Msg::Kv {
+            move |r, _| Msg::Kv {
                 slot,
                 result: r
                     .map(|m| {
@@ -165,15 +261,16 @@ pub async fn run(
             let d = dir.clone();
             let p = publisher.clone();
             spawn_poller(
+                &mut tasks,
                 tx.clone(),
                 publisher.clone(),
                 shutdown.clone(),
-                false,
+                Poll::Changes,
                 move |idx| {
                     let (c, d) = (c.clone(), d.clone());
-                    async move { c.kv_list(&d, idx, w).await }
+                    async move { c.kv_list(&d, idx, w).await.map(indexed) }
                 },
-                move |r| {
+                move |r, _| {
                     Msg::KvServices(
                         r.map(|m| {
                             m.iter()
@@ -190,42 +287,84 @@ pub async fn run(
             agg.kv_mode = true;
         }
         Mode::Agent => {
-            let (c, w) = (client.clone(), opts.poll_wait);
+            let (c, w) = (client.clone(), listing_wait(opts.poll_wait));
             spawn_poller(
+                &mut tasks,
                 tx.clone(),
                 publisher.clone(),
                 shutdown.clone(),
-                false,
+                Poll::Listing,
                 move |idx| {
                     let c = c.clone();
                     async move { c.catalog_services(idx, w).await }
                 },
-                |r| {
-                    Msg::Catalog(
-                        r.map(|m| m.into_keys().collect())
-                            .map_err(|e| e.to_string()),
-                    )
+                |r, meta| Msg::Catalog {
+                    result: r
+                        .map(|m| m.into_keys().collect())
+                        .map_err(|e| e.to_string()),
+                    meta,
                 },
             );
         }
     }
-    agg.run(rx, tx, client, publisher, shutdown).await;
+    agg.tasks = tasks;
+    let ctx = Effects {
+        tx,
+        client,
+        publisher,
+        shutdown,
+    };
+    agg.run(rx, &ctx).await;
+}
+
+/// A KV listing's index as the [`QueryMeta`] pollers take.
+fn indexed<T>((value, index): (T, u64)) -> (T, QueryMeta) {
+    (
+        value,
+        QueryMeta {
+            index,
+            ..QueryMeta::default()
+        },
+    )
+}
+
+/// What the aggregator needs to start tasks.
+struct Effects {
+    tx: mpsc::Sender<Msg>,
+    client: ConsulClient,
+    publisher: Publisher,
+    shutdown: Shutdown,
 }
 
 /// Owns the current view and the per-service pollers.
 struct Aggregator {
     opts: Options,
     kv_mode: bool,
+    /// The services the catalog's last answer listed (and this source follows), and its index.
     catalog: Option<BTreeSet<String>>,
+    catalog_index: u64,
     catalog_err: bool,
+    /// Services the catalog no longer lists that are still followed at their last answer.
+    withheld: BTreeMap<String, Withheld>,
+    /// Services to ask about once ([`Withheld::Asking`]), taken by the run loop.
+    asking: Vec<String>,
+    /// The set of followed services changed: pollers are to be reconciled.
+    refollow: bool,
+    /// Whether Consul's `X-Consul-Results-Filtered-By-ACLs` was logged (once).
+    filtering_noted: bool,
     /// Per service: poller generation and cancel token.
     pollers: BTreeMap<String, (u64, Shutdown)>,
     health: BTreeMap<String, Slot>,
+    /// Services whose query failed store-wide since their last answer: they hold back
+    /// snapshots, and keep their last answer for when they answer again.
+    stale: BTreeSet<String>,
     kv_services: Option<Vec<Instance>>,
     kv: Vec<Option<BTreeMap<String, String>>>,
     gen: u64,
     /// Shared mode: the sweeper's cancel token and the names it should read.
     shared: Option<(Shutdown, watch::Sender<BTreeSet<String>>)>,
+    /// Every task of this source, joined when it stops.
+    tasks: JoinSet<()>,
 }
 
 impl Aggregator {
@@ -234,92 +373,205 @@ impl Aggregator {
             opts: opts.clone(),
             kv_mode: false,
             catalog: None,
+            catalog_index: 0,
             catalog_err: false,
+            withheld: BTreeMap::new(),
+            asking: Vec::new(),
+            refollow: false,
+            filtering_noted: false,
             pollers: BTreeMap::new(),
             health: BTreeMap::new(),
+            stale: BTreeSet::new(),
             kv_services: None,
             kv: vec![None; opts.kv_prefixes.len()],
             gen: 0,
             shared: None,
+            tasks: JoinSet::new(),
         }
     }
 
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Msg>,
-        tx: mpsc::Sender<Msg>,
-        client: ConsulClient,
-        publisher: Publisher,
-        shutdown: Shutdown,
-    ) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, ctx: &Effects) {
         loop {
             let msg = tokio::select! {
-                m = rx.recv() => match m { Some(m) => m, None => return },
-                _ = shutdown.cancelled() => return,
-            };
-            match msg {
-                Msg::Catalog(Ok(names)) => {
-                    self.catalog_err = false;
-                    let names = self.followed(names, &publisher);
-                    self.reconcile(&names, &tx, &client, &publisher, &shutdown);
-                    self.catalog = Some(names);
+                m = rx.recv() => match m { Some(m) => m, None => break },
+                Some(done) = self.tasks.join_next() => {
+                    if let Err(e) = done {
+                        if e.is_panic() {
+                            tracing::error!("a Consul poller panicked: {e}");
+                        }
+                    }
+                    continue;
                 }
-                Msg::Catalog(Err(_)) => self.catalog_err = true,
-                Msg::Health { name, gen, result } => self.on_health(&publisher, name, gen, result),
+                _ = ctx.shutdown.cancelled() => break,
+            };
+            let publisher = &ctx.publisher;
+            match msg {
+                Msg::Catalog {
+                    result: Ok(names),
+                    meta,
+                } => self.on_catalog(publisher, names, meta),
+                Msg::Catalog { result: Err(_), .. } => self.catalog_err = true,
+                Msg::Health {
+                    name,
+                    gen,
+                    meta,
+                    result,
+                } => self.on_health(publisher, name, gen, meta, result),
                 Msg::Bulk(result) => {
                     if self.shared.is_some() {
-                        self.on_bulk(&publisher, result);
+                        self.on_bulk(publisher, result);
                     }
                 }
                 Msg::Kv { slot, result } => self.kv[slot] = result.ok(),
                 Msg::KvServices(result) => self.kv_services = result.ok(),
+            }
+            if std::mem::take(&mut self.refollow) {
+                self.reconcile(ctx);
+            }
+            for name in std::mem::take(&mut self.asking) {
+                self.ask(&name, ctx);
             }
             match self.snapshot() {
                 Some(s) => publisher.publish(s),
                 None => publisher.unhealthy("a Consul query has not answered since its last error"),
             }
         }
+        // Stop and wait for every poller: their requests, and their client's connections,
+        // must be gone once the source has stopped (a new one may be started next).
+        drop(rx);
+        self.tasks.shutdown().await;
     }
 
-    /// One service's poller answered (or failed). Answers from a stopped poller are dropped.
+    /// Every service followed: the catalog's, and those kept while it does not list them.
+    fn followed(&self) -> BTreeSet<String> {
+        let listed = self.catalog.iter().flatten();
+        listed.chain(self.withheld.keys()).cloned().collect()
+    }
+
+    /// The catalog answered. Services it no longer lists leave, or are kept ([`unlisted`]);
+    /// services it lists again stop being withheld.
+    fn on_catalog(&mut self, publisher: &Publisher, names: BTreeSet<String>, meta: QueryMeta) {
+        // After a failure (the agent may have restarted, empty, and reached the same index by
+        // chance) an unmoved index proves nothing: the services are asked about.
+        let failed = std::mem::replace(&mut self.catalog_err, false);
+        let names = self.valid(names, publisher);
+        if meta.filtered_by_acls && !std::mem::replace(&mut self.filtering_noted, true) {
+            tracing::warn!(
+                "Consul says its ACLs filtered the catalog for confd's token: services the \
+                 token may not read are not shown"
+            );
+        }
+        let moved = failed || meta.index != self.catalog_index;
+        let before = self.catalog.take().unwrap_or_default();
+        for name in before.difference(&names) {
+            let Some(slot) = self.health.get(name) else {
+                continue;
+            };
+            match unlisted(slot, moved) {
+                Some(Withheld::Hidden) => {
+                    warn_hidden(name, slot, meta.index, "the catalog no longer lists it");
+                    self.withheld.insert(name.clone(), Withheld::Hidden);
+                }
+                Some(Withheld::Asking) => {
+                    tracing::debug!(service = %name, "left the catalog; asking its health");
+                    self.withheld.insert(name.clone(), Withheld::Asking);
+                    self.asking.push(name.clone());
+                }
+                None => {}
+            }
+        }
+        let back: Vec<String> = self
+            .withheld
+            .keys()
+            .filter(|n| names.contains(*n))
+            .cloned()
+            .collect();
+        for name in back {
+            if self.withheld.remove(&name) == Some(Withheld::Hidden) {
+                tracing::info!(service = %name, "Consul's catalog lists service {name:?} again");
+            }
+        }
+        self.catalog = Some(names);
+        self.catalog_index = meta.index;
+        self.refollow = true;
+    }
+
+    /// One service's poller (or a one-off read) answered or failed. Answers from a stopped
+    /// poller are dropped.
     fn on_health(
         &mut self,
         publisher: &Publisher,
         name: String,
         gen: u64,
+        meta: QueryMeta,
         result: Result<Vec<Instance>, Failure>,
     ) {
         if self.pollers.get(&name).map(|p| p.0) != Some(gen) {
             return;
         }
-        let slot = self.health.remove(&name).unwrap_or(Slot::Waiting);
-        let slot = match result {
-            Ok(v) => answered(publisher, &name, slot, Ok(v)),
-            Err(f) if f.item => answered(publisher, &name, slot, Err(f.reason)),
-            Err(_) => Slot::Waiting,
-        };
-        self.health.insert(name, slot);
+        match result {
+            Ok(v) => self.on_answer(publisher, name, Ok((v, meta))),
+            Err(f) if f.item => self.on_answer(publisher, name, Err(f.reason)),
+            Err(_) => {
+                self.stale.insert(name);
+            }
+        }
     }
 
     /// The sweeper read every service (or failed store-wide).
     fn on_bulk(&mut self, publisher: &Publisher, result: Result<BTreeMap<String, Swept>, String>) {
         match result {
             Ok(all) => {
-                let mut next = BTreeMap::new();
+                let followed = self.followed();
                 for (name, r) in all {
-                    let slot = self.health.remove(&name).unwrap_or(Slot::Waiting);
-                    next.insert(name.clone(), answered(publisher, &name, slot, r));
+                    if followed.contains(&name) {
+                        self.on_answer(publisher, name, r);
+                    }
                 }
-                self.health = next;
             }
-            Err(_) => self.health.values_mut().for_each(|v| *v = Slot::Waiting),
+            Err(_) => self.stale.extend(self.health.keys().cloned()),
         }
+    }
+
+    /// An answer about one followed service, or the agent refusing it (`Err`).
+    fn on_answer(&mut self, publisher: &Publisher, name: String, r: Swept) {
+        self.stale.remove(&name);
+        let slot = self.health.remove(&name).unwrap_or(Slot::Waiting);
+        let slot = match r {
+            Ok((v, meta)) if hidden(&slot, &v, meta.index) => {
+                let why = "its answer lacks instances it had";
+                match self.withheld.get_mut(&name) {
+                    Some(w @ Withheld::Asking) => {
+                        *w = Withheld::Hidden;
+                        warn_hidden(&name, &slot, meta.index, "the catalog no longer lists it");
+                    }
+                    Some(Withheld::Hidden) => {}
+                    None => warn_hidden(&name, &slot, meta.index, why),
+                }
+                slot
+            }
+            Ok((v, _)) if v.is_empty() && self.withheld.contains_key(&name) => {
+                // Not listed, and at a new index without instances: removed, or changed while
+                // hidden; either way there is nothing confd may see to keep.
+                if self.withheld.remove(&name) == Some(Withheld::Hidden) {
+                    tracing::info!(
+                        service = %name,
+                        "service {name:?} changed in Consul while confd's token may not read it: leaving it out"
+                    );
+                }
+                self.refollow = true;
+                return;
+            }
+            Ok((v, meta)) => answered(publisher, &name, slot, Ok((v, meta.index))),
+            Err(reason) => answered(publisher, &name, slot, Err(reason)),
+        };
+        self.health.insert(name, slot);
     }
 
     /// The catalog's names this source follows: not ignored, and valid. An invalid name is
     /// never queried (Consul cannot route `.` or `..` even percent-encoded, and answers 400),
     /// and is refused once instead.
-    fn followed(&self, names: BTreeSet<String>, publisher: &Publisher) -> BTreeSet<String> {
+    fn valid(&self, names: BTreeSet<String>, publisher: &Publisher) -> BTreeSet<String> {
         names
             .into_iter()
             .filter(|n| !self.opts.ignore.contains(n))
@@ -333,22 +585,17 @@ impl Aggregator {
             .collect()
     }
 
-    /// Starts and stops pollers so exactly the catalog's services are followed, choosing
-    /// per-service or shared mode by the long-poll budget.
-    fn reconcile(
-        &mut self,
-        names: &BTreeSet<String>,
-        tx: &mpsc::Sender<Msg>,
-        client: &ConsulClient,
-        publisher: &Publisher,
-        shutdown: &Shutdown,
-    ) {
+    /// Starts and stops pollers so exactly the followed services are, choosing per-service or
+    /// shared mode by the long-poll budget.
+    fn reconcile(&mut self, ctx: &Effects) {
+        let names = self.followed();
+        self.health.retain(|n, _| names.contains(n));
+        self.stale.retain(|n| names.contains(n));
         let per_service = 1 + names.len() + self.opts.kv_prefixes.len() <= self.opts.max_long_polls;
         if per_service {
             if let Some((tok, _)) = self.shared.take() {
                 tracing::info!(services = names.len(), "per-service health polling");
                 tok.cancel();
-                self.health.clear();
             }
             self.pollers.retain(|n, (_, tok)| {
                 let keep = names.contains(n);
@@ -357,42 +604,36 @@ impl Aggregator {
                 }
                 keep
             });
-            self.health.retain(|n, _| names.contains(n));
-            for name in names {
+            for name in &names {
                 if self.pollers.contains_key(name) {
                     continue;
                 }
                 self.gen += 1;
                 let gen = self.gen;
-                let tok = shutdown.child_token();
+                let tok = ctx.shutdown.child_token();
                 self.pollers.insert(name.clone(), (gen, tok.clone()));
-                self.health.insert(name.clone(), Slot::Waiting);
-                let (c, n, w) = (client.clone(), name.clone(), self.opts.poll_wait);
+                // A service followed in shared mode until now keeps its last answer until its
+                // poller's first one, so it is still judged against it ([`hidden`]).
+                self.health.entry(name.clone()).or_insert(Slot::Waiting);
+                let (c, n, w) = (ctx.client.clone(), name.clone(), self.opts.poll_wait);
                 let passing = !self.opts.include_unhealthy;
                 let n2 = name.clone();
-                let p = publisher.clone();
+                let p = ctx.publisher.clone();
                 spawn_poller(
-                    tx.clone(),
-                    publisher.clone(),
+                    &mut self.tasks,
+                    ctx.tx.clone(),
+                    ctx.publisher.clone(),
                     tok,
-                    true,
+                    Poll::Service,
                     move |idx| {
                         let (c, n) = (c.clone(), n.clone());
                         async move { c.health_service(&n, passing, idx, w).await }
                     },
-                    move |r| Msg::Health {
+                    move |r, meta| Msg::Health {
                         name: n2.clone(),
                         gen,
-                        result: r
-                            .map(|v| {
-                                v.into_iter()
-                                    .filter_map(|h| health_instance(&p, h))
-                                    .collect()
-                            })
-                            .map_err(|e| Failure {
-                                item: e.is_item_failure(),
-                                reason: e.to_string(),
-                            }),
+                        meta,
+                        result: health_instances(&p, r),
                     },
                 );
             }
@@ -406,26 +647,78 @@ impl Aggregator {
                 for (_, (_, tok)) in std::mem::take(&mut self.pollers) {
                     tok.cancel();
                 }
-                self.health.clear();
-                let tok = shutdown.child_token();
+                let tok = ctx.shutdown.child_token();
                 let (names_tx, names_rx) = watch::channel(names.clone());
-                tokio::spawn(sweeper(
-                    client.clone(),
+                self.tasks.spawn(sweeper(
+                    ctx.client.clone(),
                     self.opts.clone(),
                     names_rx,
-                    tx.clone(),
-                    publisher.clone(),
+                    ctx.tx.clone(),
+                    ctx.publisher.clone(),
                     tok.clone(),
                 ));
                 self.shared = Some((tok, names_tx));
             }
             let (_, names_tx) = self.shared.as_ref().expect("set above");
-            names_tx.send_replace(names.clone());
-            self.health.retain(|n, _| names.contains(n));
-            for n in names {
+            // Only a change of names makes the sweeper read everything again: the catalog
+            // answers every third of `poll_wait` even when nothing changed.
+            names_tx.send_if_modified(|cur| {
+                let changed = *cur != names;
+                if changed {
+                    cur.clone_from(&names);
+                }
+                changed
+            });
+            for n in &names {
                 self.health.entry(n.clone()).or_insert(Slot::Waiting);
             }
         }
+    }
+
+    /// Asks once, at once, for the health of a service the catalog stopped listing
+    /// ([`Withheld::Asking`]); its answer comes as its poller's would. Its own long poll goes
+    /// on: cancelling a blocking query frees nothing on Consul 1.8, which holds it until its
+    /// `wait` ends.
+    fn ask(&mut self, name: &str, ctx: &Effects) {
+        if let Some((_, names_tx)) = &self.shared {
+            // Shared mode: the next sweep reads every followed service, this one included.
+            names_tx.send_modify(|_| {});
+            return;
+        }
+        let Some((gen, tok)) = self.pollers.get(name).cloned() else {
+            return;
+        };
+        let (c, n, tx, p) = (
+            ctx.client.clone(),
+            name.to_string(),
+            ctx.tx.clone(),
+            ctx.publisher.clone(),
+        );
+        let passing = !self.opts.include_unhealthy;
+        self.tasks.spawn(async move {
+            let r = tokio::select! {
+                r = c.health_service(&n, passing, 0, Duration::ZERO) => r,
+                _ = tok.cancelled() => return,
+            };
+            let (r, meta) = match r {
+                Ok((v, meta)) => (Ok(v), meta),
+                Err(e) if e.is_item_failure() => (Err(e), QueryMeta::default()),
+                // The store itself failing is its poller's to report: this read's answer would
+                // hold back snapshots until that poller answered again, which it does only
+                // when something changes.
+                Err(e) => {
+                    tracing::debug!(service = %n, error = %e, "asking about a service failed");
+                    return;
+                }
+            };
+            let msg = Msg::Health {
+                name: n,
+                gen,
+                meta,
+                result: health_instances(&p, r),
+            };
+            let _ = tx.send(msg).await;
+        });
     }
 
     /// The snapshot, if every query has answered since its last store-wide error. Services
@@ -443,15 +736,15 @@ impl Aggregator {
             let insts = self.kv_services.clone()?;
             return Some(Snapshot::build(insts, kv, &self.opts.ignore));
         }
-        let catalog = self.catalog.as_ref()?;
-        if self.catalog_err {
+        self.catalog.as_ref()?;
+        if self.catalog_err || !self.stale.is_empty() {
             return None;
         }
         let mut insts = Vec::new();
-        for name in catalog {
-            match self.health.get(name)? {
+        for name in self.followed() {
+            match self.health.get(&name)? {
                 Slot::Waiting => return None,
-                Slot::Known(v) => insts.extend(v.iter().cloned()),
+                Slot::Known { instances, .. } => insts.extend(instances.iter().cloned()),
                 Slot::Refused => {}
             }
         }
@@ -459,26 +752,55 @@ impl Aggregator {
     }
 }
 
-/// The slot of service `name` after an answer (`Ok`) or the agent refusing it (`Err`, logged
-/// once through the publisher); `slot` is what it was.
+/// The one warning about a service whose last answer is kept because Consul's latest answer
+/// hides it (`why`) at the same index as the answer that showed it.
+fn warn_hidden(name: &str, slot: &Slot, index: u64, why: &str) {
+    tracing::warn!(
+        service = %name,
+        index,
+        kept = slot.instances().map_or(0, <[Instance]>::len),
+        "service {name:?}: {why} although nothing about it changed in Consul (same index): \
+         confd's ACL token may not read it now (check the token's policy); keeping its last \
+         answer"
+    );
+}
+
+/// The slot of service `name` after an answer (`Ok`, with its index) or the agent refusing it
+/// (`Err`, logged once through the publisher); `slot` is what it was.
 fn answered(
     publisher: &Publisher,
     name: &str,
     slot: Slot,
-    r: Result<Vec<Instance>, String>,
+    r: Result<(Vec<Instance>, u64), String>,
 ) -> Slot {
     match r {
-        Ok(v) => {
+        Ok((instances, index)) => {
             if slot == Slot::Refused {
                 publisher.accepted("service", name);
             }
-            Slot::Known(v)
+            Slot::Known { instances, index }
         }
         Err(reason) => {
             publisher.refuse("service", name, &reason);
             slot.refused()
         }
     }
+}
+
+/// One service's health answer as its instances, or the failure.
+fn health_instances(
+    publisher: &Publisher,
+    r: Result<Vec<Result<HealthEntry, BadEntry>>, StoreError>,
+) -> Result<Vec<Instance>, Failure> {
+    r.map(|v| {
+        v.into_iter()
+            .filter_map(|h| health_instance(publisher, h))
+            .collect()
+    })
+    .map_err(|e| Failure {
+        item: e.is_item_failure(),
+        reason: e.to_string(),
+    })
 }
 
 /// One entry of a health answer as an instance; a bad entry or an invalid instance is
@@ -505,27 +827,41 @@ fn kv_instance(publisher: &Publisher, rel_key: &str, value: &[u8]) -> Option<Ins
     }
 }
 
-/// Runs one blocking-query loop until `shutdown`, reporting each answer (and each error) as
-/// `wrap(result)`. Errors are retried with backoff and restart from index 0
-/// ([`BlockingIndex`]). The first error of a run of errors is logged, except, with
-/// `item_scoped`, item failures: the aggregator logs those once, naming the service.
+/// Which answers a poller reports, and who logs its failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Poll {
+    /// A KV prefix: answers whose index moved (and the first after a failure).
+    Changes,
+    /// The catalog: every answer, also one whose index did not move, since what the token
+    /// may read can change without any write (see the module docs).
+    Listing,
+    /// One service's health: like [`Poll::Changes`]; failures about that service alone are
+    /// logged by the aggregator, once, naming it.
+    Service,
+}
+
+/// Runs one blocking-query loop in `tasks` until `shutdown`, reporting answers (see [`Poll`])
+/// and each error as `wrap(result, meta)`. Errors are retried with backoff and restart from
+/// index 0 ([`BlockingIndex`]). A failure is logged when its cause differs from the last one
+/// logged ([`FailureLog`]), so the log names what is wrong now without one line per retry.
 fn spawn_poller<T, F, Fut, W>(
+    tasks: &mut JoinSet<()>,
     tx: mpsc::Sender<Msg>,
     publisher: Publisher,
     shutdown: Shutdown,
-    item_scoped: bool,
+    poll: Poll,
     fetch: F,
     wrap: W,
 ) where
     T: Send + 'static,
     F: Fn(u64) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<(T, u64), StoreError>> + Send,
-    W: Fn(Result<T, StoreError>) -> Msg + Send + 'static,
+    Fut: std::future::Future<Output = Result<(T, QueryMeta), StoreError>> + Send,
+    W: Fn(Result<T, StoreError>, QueryMeta) -> Msg + Send + 'static,
 {
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut index = BlockingIndex::new();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut failing = false;
+        let mut failures = FailureLog::new();
         loop {
             let r = {
                 let _guard = publisher.long_poll();
@@ -535,11 +871,12 @@ fn spawn_poller<T, F, Fut, W>(
                 }
             };
             match r {
-                Ok((v, got)) => {
+                Ok((v, meta)) => {
                     backoff.reset();
-                    let news = index.answered(got) || failing;
-                    failing = false;
-                    if news && tx.send(wrap(Ok(v))).await.is_err() {
+                    let moved = index.answered(meta.index);
+                    let recovered = failures.succeeded();
+                    let news = moved || recovered || poll == Poll::Listing;
+                    if news && tx.send(wrap(Ok(v), meta)).await.is_err() {
                         return;
                     }
                 }
@@ -547,15 +884,14 @@ fn spawn_poller<T, F, Fut, W>(
                     // The agent may have restarted with a lower index: keeping ours would make
                     // the next query wait its full `wait` for changes it will never see.
                     index.failed();
-                    let logged_by_aggregator = item_scoped && e.is_item_failure();
-                    if !failing && !logged_by_aggregator {
-                        tracing::warn!(error = %e, "Consul query failed; retrying");
+                    let logged_by_aggregator = poll == Poll::Service && e.is_item_failure();
+                    if failures.failed(&e) && !logged_by_aggregator {
+                        tracing::warn!(kind = e.kind(), error = %e, "Consul query failed; retrying");
                     }
                     if !e.is_item_failure() {
                         crate::metrics::store_error(&e);
                     }
-                    failing = true;
-                    if tx.send(wrap(Err(e))).await.is_err() {
+                    if tx.send(wrap(Err(e), QueryMeta::default())).await.is_err() {
                         return;
                     }
                     if !backoff.wait(&shutdown).await {
@@ -565,6 +901,14 @@ fn spawn_poller<T, F, Fut, W>(
             }
         }
     });
+}
+
+/// Records a store-wide failure of the sweeper: counted, logged when its cause changed.
+fn sweep_failed(failures: &mut FailureLog, what: &str, e: &StoreError) {
+    crate::metrics::store_error(e);
+    if failures.failed(e) {
+        tracing::warn!(kind = e.kind(), error = %e, "Consul {what} query failed; retrying");
+    }
 }
 
 /// Shared mode: waits on `/v1/health/state/any` and on catalog changes, then re-reads every
@@ -580,7 +924,7 @@ async fn sweeper(
 ) {
     let mut index = BlockingIndex::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut failing = false;
+    let mut failures = FailureLog::new();
     'read: loop {
         // 1. With no index to wait from, take one first: any change after it is then either
         // in the read below or wakes the wait after it, so none is missed.
@@ -594,11 +938,7 @@ async fn sweeper(
                     index.answered(got);
                 }
                 Err(e) => {
-                    crate::metrics::store_error(&e);
-                    if !failing {
-                        tracing::warn!(error = %e, "Consul health/state query failed; retrying");
-                    }
-                    failing = true;
+                    sweep_failed(&mut failures, "health/state", &e);
                     if tx.send(Msg::Bulk(Err(e.to_string()))).await.is_err()
                         || !backoff.wait(&shutdown).await
                     {
@@ -615,17 +955,14 @@ async fn sweeper(
             .map(|n| {
                 let c = client.clone();
                 async move {
-                    let r = c
-                        .health_service(&n, passing, 0, Duration::ZERO)
-                        .await
-                        .map(|x| x.0);
+                    let r = c.health_service(&n, passing, 0, Duration::ZERO).await;
                     (n, r)
                 }
             })
             .buffer_unordered(8)
             .collect::<Vec<(
                 String,
-                Result<Vec<Result<HealthEntry, BadEntry>>, StoreError>,
+                Result<(Vec<Result<HealthEntry, BadEntry>>, QueryMeta), StoreError>,
             )>>();
         let results = tokio::select! {
             r = read => r,
@@ -635,12 +972,12 @@ async fn sweeper(
         let mut down = None;
         for (n, r) in results {
             match r {
-                Ok(v) => {
+                Ok((v, meta)) => {
                     let insts = v
                         .into_iter()
                         .filter_map(|h| health_instance(&publisher, h))
                         .collect();
-                    all.insert(n, Ok(insts));
+                    all.insert(n, Ok((insts, meta)));
                 }
                 Err(e) if e.is_item_failure() => {
                     all.insert(n, Err(e.to_string()));
@@ -649,11 +986,7 @@ async fn sweeper(
             }
         }
         if let Some(e) = down {
-            crate::metrics::store_error(&e);
-            if !failing {
-                tracing::warn!(error = %e, "Consul health query failed; retrying");
-            }
-            failing = true;
+            sweep_failed(&mut failures, "health", &e);
             index.failed();
             if tx.send(Msg::Bulk(Err(e.to_string()))).await.is_err()
                 || !backoff.wait(&shutdown).await
@@ -662,7 +995,7 @@ async fn sweeper(
             }
             continue 'read;
         }
-        failing = false;
+        failures.succeeded();
         backoff.reset();
         if tx.send(Msg::Bulk(Ok(all))).await.is_err() {
             return;
@@ -679,9 +1012,7 @@ async fn sweeper(
                         }
                     }
                     Err(e) => {
-                        crate::metrics::store_error(&e);
-                        tracing::warn!(error = %e, "Consul health/state query failed; retrying");
-                        failing = true;
+                        sweep_failed(&mut failures, "health/state", &e);
                         index.failed();
                         if !backoff.wait(&shutdown).await {
                             return;
@@ -752,6 +1083,14 @@ mod tests {
         a
     }
 
+    /// An answer's metadata at `index`.
+    fn at(index: u64) -> QueryMeta {
+        QueryMeta {
+            index,
+            filtered_by_acls: false,
+        }
+    }
+
     fn refused(item: bool) -> Result<Vec<Instance>, Failure> {
         Err(Failure {
             item,
@@ -773,14 +1112,14 @@ mod tests {
         let mut a = Aggregator::new(&opts(64));
         assert!(a.snapshot().is_none(), "no catalog yet");
         let mut a2 = following(&["web", "db"]);
-        a2.on_health(&p, "web".into(), 1, Ok(vec![]));
+        a2.on_health(&p, "web".into(), 1, at(1), Ok(vec![]));
         assert!(a2.snapshot().is_none(), "db not answered");
-        a2.on_health(&p, "db".into(), 1, Ok(vec![]));
+        a2.on_health(&p, "db".into(), 1, at(2), Ok(vec![]));
         assert!(a2.snapshot().is_some());
         a2.catalog_err = true;
         assert!(a2.snapshot().is_none(), "catalog failing");
         a2.catalog_err = false;
-        a2.on_health(&p, "db".into(), 1, refused(false));
+        a2.on_health(&p, "db".into(), 1, at(0), refused(false));
         assert!(a2.snapshot().is_none(), "db failing store-wide");
         a.catalog = Some(BTreeSet::new());
         assert!(a.snapshot().is_some(), "an empty catalog is a snapshot");
@@ -828,8 +1167,8 @@ mod tests {
         ];
         for (what, answers, want) in table {
             let mut a = following(&["web", "db"]);
-            for (name, r) in answers {
-                a.on_health(&p, name.into(), 1, r);
+            for (i, (name, r)) in answers.into_iter().enumerate() {
+                a.on_health(&p, name.into(), 1, at(i as u64 + 1), r);
             }
             let got = a.snapshot().map(|s| ids(&s));
             let want = want.map(|v| v.into_iter().map(String::from).collect::<Vec<_>>());
@@ -850,7 +1189,7 @@ mod tests {
             Ok([
                 (
                     "web".to_string(),
-                    Ok(vec![inst("web", "w1", "10.0.0.1", 80)]),
+                    Ok((vec![inst("web", "w1", "10.0.0.1", 80)], at(2))),
                 ),
                 ("db".to_string(), db),
             ]
@@ -858,7 +1197,7 @@ mod tests {
         };
         a.on_bulk(&p, all(Err("answered 403".into())));
         assert_eq!(a.snapshot().map(|s| ids(&s)), Some(vec!["w1".to_string()]));
-        a.on_bulk(&p, all(Ok(vec![inst("db", "d1", "10.0.0.2", 1)])));
+        a.on_bulk(&p, all(Ok((vec![inst("db", "d1", "10.0.0.2", 1)], at(3)))));
         a.on_bulk(&p, all(Err("answered 403".into())));
         assert_eq!(
             a.snapshot().map(|s| ids(&s)),
@@ -878,10 +1217,10 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let followed = a.followed(names.clone(), &p);
+        let followed = a.valid(names.clone(), &p);
         assert_eq!(followed, ["web".to_string()].into());
         assert_eq!(h.refused.load(std::sync::atomic::Ordering::Relaxed), 4);
-        a.followed(names, &p);
+        a.valid(names, &p);
         assert_eq!(
             h.refused.load(std::sync::atomic::Ordering::Relaxed),
             4,
@@ -910,5 +1249,145 @@ mod tests {
         assert!(health_instance(&p, Ok(entry("h:c:80"))).is_some());
         assert!(health_instance(&p, Ok(entry(".."))).is_none());
         assert!(health_instance(&p, Ok(entry("a\nb"))).is_none());
+    }
+
+    #[test]
+    fn fewer_instances_at_the_same_index_are_hidden_ones() {
+        let (w1, w2) = (
+            inst("web", "w1", "10.0.0.1", 80),
+            inst("web", "w2", "10.0.0.2", 80),
+        );
+        let known = |index| Slot::Known {
+            instances: vec![w1.clone(), w2.clone()],
+            index,
+        };
+        // (what, last answer, new answer, its index, hidden)
+        let table = [
+            ("all gone, same index", known(7), vec![], 7, true),
+            ("one gone, same index", known(7), vec![w1.clone()], 7, true),
+            (
+                "all there, same index",
+                known(7),
+                vec![w2.clone(), w1.clone()],
+                7,
+                false,
+            ),
+            ("all gone, index moved", known(7), vec![], 8, false),
+            ("no index", known(0), vec![], 0, false),
+            ("no earlier answer", Slot::Waiting, vec![], 7, false),
+            ("refused before", Slot::Refused, vec![], 7, false),
+        ];
+        for (what, last, new, index, want) in table {
+            assert_eq!(hidden(&last, &new, index), want, "{what}");
+        }
+        // A service that leaves the catalog: kept only with instances to keep, and hidden for
+        // sure only when the catalog's index did not move.
+        let empty = Slot::Known {
+            instances: vec![],
+            index: 7,
+        };
+        let table = [
+            (known(7), false, Some(Withheld::Hidden)),
+            (known(7), true, Some(Withheld::Asking)),
+            (empty, false, None),
+            (Slot::Waiting, false, None),
+            (Slot::Refused, true, None),
+        ];
+        for (slot, moved, want) in table {
+            assert_eq!(unlisted(&slot, moved), want, "{slot:?} moved={moved}");
+        }
+    }
+
+    /// Web and db known at catalog index 10; db's last answer (d1) at index 5.
+    fn web_and_db(p: &Publisher) -> Aggregator {
+        let mut a = following(&["web", "db"]);
+        a.catalog_index = 10;
+        let web = vec![inst("web", "w1", "10.0.0.1", 80)];
+        a.on_health(p, "web".into(), 1, at(4), Ok(web));
+        let db = vec![inst("db", "d1", "10.0.0.2", 5432)];
+        a.on_health(p, "db".into(), 1, at(5), Ok(db));
+        a
+    }
+
+    fn catalog(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_service_hidden_by_the_acl_keeps_its_last_answer_until_listed_again() {
+        let (p, _h) = publisher();
+        let mut a = web_and_db(&p);
+        let both = Some(vec!["d1".to_string(), "w1".to_string()]);
+        // The catalog at the same index without db: nothing was written, db is hidden.
+        a.on_catalog(&p, catalog(&["web"]), at(10));
+        assert_eq!(a.withheld.get("db"), Some(&Withheld::Hidden));
+        assert!(a.asking.is_empty());
+        assert!(a.followed().contains("db"), "its poller goes on");
+        assert_eq!(a.snapshot().map(|s| ids(&s)), both);
+        // Its poller answers again (after an error) at the same index, empty: still hidden.
+        a.on_health(&p, "db".into(), 1, at(5), Ok(vec![]));
+        assert_eq!(a.snapshot().map(|s| ids(&s)), both);
+        // A store-wide failure meanwhile holds back snapshots but keeps what is known, so the
+        // answer after it is still judged against the last one.
+        a.on_health(&p, "db".into(), 1, at(0), refused(false));
+        assert!(a.snapshot().is_none());
+        a.on_health(&p, "db".into(), 1, at(5), Ok(vec![]));
+        assert_eq!(a.snapshot().map(|s| ids(&s)), both);
+        // Other services go on.
+        let web = vec![
+            inst("web", "w1", "10.0.0.1", 80),
+            inst("web", "w2", "10.0.0.3", 80),
+        ];
+        a.on_health(&p, "web".into(), 1, at(12), Ok(web));
+        a.on_catalog(&p, catalog(&["web"]), at(12));
+        assert_eq!(a.withheld.get("db"), Some(&Withheld::Hidden));
+        assert_eq!(
+            a.snapshot().map(|s| ids(&s)),
+            Some(vec!["d1".into(), "w1".into(), "w2".into()])
+        );
+        // The policy is restored: the catalog lists db again.
+        a.on_catalog(&p, catalog(&["web", "db"]), at(12));
+        assert!(a.withheld.is_empty());
+        assert_eq!(a.snapshot().unwrap().services["db"].len(), 1);
+    }
+
+    #[test]
+    fn a_service_that_left_the_catalog_at_a_new_index_is_asked_about() {
+        let (p, _h) = publisher();
+        // Removed: its own answer comes at a new index, without instances.
+        let mut a = web_and_db(&p);
+        a.on_catalog(&p, catalog(&["web"]), at(11));
+        assert_eq!(a.withheld.get("db"), Some(&Withheld::Asking));
+        assert_eq!(a.asking, ["db"]);
+        assert!(
+            a.snapshot().unwrap().services.contains_key("db"),
+            "kept meanwhile"
+        );
+        a.refollow = false;
+        a.on_health(&p, "db".into(), 1, at(11), Ok(vec![]));
+        assert!(a.withheld.is_empty());
+        assert!(a.refollow, "its poller is to be stopped");
+        assert!(!a.followed().contains("db"));
+        assert_eq!(a.snapshot().map(|s| ids(&s)), Some(vec!["w1".to_string()]));
+
+        // Hidden while something else changed: its own answer comes at its last index.
+        let mut a = web_and_db(&p);
+        a.on_catalog(&p, catalog(&["web"]), at(11));
+        a.on_health(&p, "db".into(), 1, at(5), Ok(vec![]));
+        assert_eq!(a.withheld.get("db"), Some(&Withheld::Hidden));
+        assert!(a.snapshot().unwrap().services.contains_key("db"));
+
+        // After a catalog failure the same index proves nothing: asked about.
+        let mut a = web_and_db(&p);
+        a.catalog_err = true;
+        a.on_catalog(&p, catalog(&["web"]), at(10));
+        assert_eq!(a.withheld.get("db"), Some(&Withheld::Asking));
+
+        // A service without instances simply leaves.
+        let mut a = web_and_db(&p);
+        a.on_health(&p, "db".into(), 1, at(6), Ok(vec![]));
+        a.on_catalog(&p, catalog(&["web"]), at(6));
+        assert!(a.withheld.is_empty() && a.asking.is_empty());
+        assert!(!a.followed().contains("db"));
     }
 }

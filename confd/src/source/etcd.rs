@@ -43,7 +43,8 @@ fn shared<V>() -> Shared<V> {
     }))
 }
 
-/// Runs until `shutdown`: one mirror per prefix, combined into snapshots.
+/// Runs until `shutdown`: one mirror per prefix, combined into snapshots. Every mirror has
+/// ended (its watch dropped) when it returns.
 pub async fn run(
     client: EtcdClient,
     prefix: String,
@@ -58,7 +59,8 @@ pub async fn run(
     let services: Shared<Option<Arc<Instance>>> = shared();
     let parse_dir = dir.clone();
     let p = publisher.clone();
-    tokio::spawn(mirror(
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(mirror(
         client.clone(),
         dir,
         services.clone(),
@@ -70,7 +72,7 @@ pub async fn run(
     let mut kvs: Vec<(String, Shared<String>)> = Vec::new();
     for p in kv_prefixes {
         let m = shared();
-        tokio::spawn(mirror(
+        tasks.spawn(mirror(
             client.clone(),
             p.clone(),
             m.clone(),
@@ -84,7 +86,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = wake.notified() => {}
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
         }
         let instances: Vec<Arc<Instance>> = {
             let m = services.lock().expect("mirror lock");
@@ -109,6 +111,7 @@ pub async fn run(
         }
         publisher.publish(Snapshot::build(instances, kv, &ignore));
     }
+    tasks.shutdown().await;
 }
 
 /// One service key (`<name>/<id>` under `dir`) and its value as an instance; other keys are

@@ -55,6 +55,17 @@ pub struct HealthEntry {
     pub status: String,
 }
 
+/// What Consul says about a read besides the answer itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryMeta {
+    /// `X-Consul-Index`: where a blocking query resumes ([`BlockingIndex`]).
+    pub index: u64,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`: the token's ACL rules left some results out.
+    /// Only later Consul versions send it (1.8 never does), and it never says which results,
+    /// so it cannot tell a hidden entry from a removed one.
+    pub filtered_by_acls: bool,
+}
+
 /// An HTTP answer, whatever its status.
 struct Reply {
     /// Method and path, for error messages.
@@ -62,6 +73,8 @@ struct Reply {
     status: StatusCode,
     /// `X-Consul-Index`, when present and numeric.
     index: Option<u64>,
+    /// `X-Consul-Results-Filtered-By-ACLs` was `true`.
+    filtered_by_acls: bool,
     body: Vec<u8>,
 }
 
@@ -86,6 +99,14 @@ impl Reply {
         self.index.ok_or_else(|| StoreError::Decode {
             what: format!("answer to {}", self.what),
             reason: "missing or invalid X-Consul-Index header".into(),
+        })
+    }
+
+    /// The index and what else Consul said about the read.
+    fn meta(&self) -> Result<QueryMeta, StoreError> {
+        Ok(QueryMeta {
+            index: self.consul_index()?,
+            filtered_by_acls: self.filtered_by_acls,
         })
     }
 }
@@ -263,7 +284,7 @@ impl ConsulClient {
         &self,
         index: u64,
         wait: Duration,
-    ) -> Result<(BTreeMap<String, Vec<String>>, u64), StoreError> {
+    ) -> Result<(BTreeMap<String, Vec<String>>, QueryMeta), StoreError> {
         let reply = self
             .send(
                 Method::GET,
@@ -278,7 +299,7 @@ impl ConsulClient {
             .into_iter()
             .map(|(name, tags)| (name, tags.unwrap_or_default()))
             .collect();
-        Ok((map, reply.consul_index()?))
+        Ok((map, reply.meta()?))
     }
 
     /// `GET /v1/health/service/<name>` as a blocking query, optionally `?passing`.
@@ -293,7 +314,7 @@ impl ConsulClient {
         passing_only: bool,
         index: u64,
         wait: Duration,
-    ) -> Result<(Vec<Result<HealthEntry, BadEntry>>, u64), StoreError> {
+    ) -> Result<(Vec<Result<HealthEntry, BadEntry>>, QueryMeta), StoreError> {
         let path = format!("/v1/health/service/{}", encode_segment(name));
         let flag = if passing_only { "passing" } else { "" };
         let reply = self
@@ -304,7 +325,7 @@ impl ConsulClient {
             what: format!("answer to {}", reply.what),
             reason,
         })?;
-        Ok((out, reply.consul_index()?))
+        Ok((out, reply.meta()?))
     }
 
     /// `GET /v1/health/state/any` as a blocking query, for its index only: it moves whenever
@@ -355,11 +376,16 @@ impl ConsulClient {
             .get("X-Consul-Index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
+        let filtered_by_acls = resp
+            .headers()
+            .get("X-Consul-Results-Filtered-By-ACLs")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         let body = resp.bytes().await.map_err(unreachable)?.to_vec();
         Ok(Reply {
             what,
             status,
             index,
+            filtered_by_acls,
             body,
         })
     }

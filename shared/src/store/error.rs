@@ -156,6 +156,59 @@ impl StoreError {
     pub fn is_item_failure(&self) -> bool {
         self.scope() == Scope::Item
     }
+
+    /// What kind of failure this is, as one stable word for logs and health reasons
+    /// (`tls`, `unreachable`, `denied`...): the message says the rest.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unreachable { .. } => "unreachable",
+            StoreError::Tls { .. } => "tls",
+            StoreError::Denied { .. } => "denied",
+            StoreError::Status { .. } => "status",
+            StoreError::Compacted { .. } => "compacted",
+            StoreError::Expired { .. } => "expired",
+            StoreError::Decode { .. } => "decode",
+            StoreError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// The failure a retry loop reported last, so that it logs a failure when its cause changes
+/// (its kind or its message: the store went from refusing connections to presenting a
+/// certificate from another CA) rather than only the first of a run of failures, which kept
+/// naming a cause long gone, and never at every retry.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FailureLog {
+    last: Option<String>,
+}
+
+impl FailureLog {
+    /// Nothing failing.
+    pub fn new() -> Self {
+        FailureLog::default()
+    }
+
+    /// Records a failure. Returns whether it is news: the first of a run, or a cause other
+    /// than the last one reported (then the caller logs it).
+    pub fn failed(&mut self, e: &StoreError) -> bool {
+        let cause = format!("{}: {e}", e.kind());
+        if self.last.as_deref() == Some(cause.as_str()) {
+            return false;
+        }
+        self.last = Some(cause);
+        true
+    }
+
+    /// Records a success. Returns whether failures were being reported (then the caller may
+    /// say that they ended).
+    pub fn succeeded(&mut self) -> bool {
+        self.last.take().is_some()
+    }
+
+    /// Whether the last outcome was a failure.
+    pub fn is_failing(&self) -> bool {
+        self.last.is_some()
+    }
 }
 
 /// The scope of an HTTP error answer (see [`StoreError::scope`]).
@@ -383,6 +436,40 @@ mod tests {
             assert_eq!(err.scope(), want, "{what}: {err}");
             assert_eq!(err.is_item_failure(), want == Item, "{what}");
         }
+    }
+
+    #[test]
+    fn a_failure_is_news_when_its_cause_changes() {
+        let refused = StoreError::Unreachable {
+            endpoint: "https://127.0.0.1:8501".into(),
+            reason: "GET /v1/catalog/services: connection refused".into(),
+        };
+        let tls = StoreError::Tls {
+            endpoint: "https://127.0.0.1:8501".into(),
+            reason: "server certificate verification failed".into(),
+        };
+        let mut log = FailureLog::new();
+        // (outcome, news): None is a success.
+        let table: Vec<(Option<&StoreError>, bool)> = vec![
+            (Some(&refused), true),
+            (Some(&refused), false),
+            (Some(&tls), true),
+            (Some(&tls), false),
+            (Some(&refused), true),
+            (None, true),
+            (None, false),
+            (Some(&refused), true),
+        ];
+        for (i, (outcome, news)) in table.into_iter().enumerate() {
+            let got = match outcome {
+                Some(e) => log.failed(e),
+                None => log.succeeded(),
+            };
+            assert_eq!(got, news, "step {i}");
+            assert_eq!(log.is_failing(), outcome.is_some(), "step {i}");
+        }
+        assert_eq!(tls.kind(), "tls");
+        assert_eq!(refused.kind(), "unreachable");
     }
 
     #[test]

@@ -11,9 +11,9 @@ mod etcd;
 mod layout;
 mod settings;
 
-pub use consul::{BlockingIndex, ConsulClient, HealthEntry};
+pub use consul::{BlockingIndex, ConsulClient, HealthEntry, QueryMeta};
 use error::{guard, transport_error};
-pub use error::{one_line, tls_failure, Scope, StoreError};
+pub use error::{one_line, tls_failure, FailureLog, Scope, StoreError};
 pub use etcd::{EtcdClient, KeyValue, RangeResult, WatchBatch, WatchEvent, WatchStream};
 pub use layout::{
     consulkv_entry, docker_health_check_id, etcd_dir, etcd_entry, ttl_check_id, BadEntry,
