@@ -116,6 +116,34 @@ acl {{
         serde_json::from_str(&text).unwrap_or(Value::Null)
     }
 
+    /// Waits until Consul's answer about `service` has stopped changing: a blocking query
+    /// from its current index runs its whole 1 s wait unanswered. An agent writes a service
+    /// it has just registered to the catalog in more than one step, each moving the
+    /// service's index; a policy narrowed during one of them is, to Consul 1.8's reader, the
+    /// same as a removal (confd's Consul source documents that limit).
+    async fn wait_settled(&self, service: &str) {
+        let http = reqwest::Client::new();
+        let url = format!("{}/v1/health/service/{service}", self.consul.http());
+        let index = |r: &reqwest::Response| -> u64 {
+            r.headers()["X-Consul-Index"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        wait_for(&format!("{service} settled in Consul"), WAIT, || async {
+            let get = |q: String| {
+                http.get(format!("{url}{q}"))
+                    .header("X-Consul-Token", &self.management)
+                    .send()
+            };
+            let now = index(&get(String::new()).await.ok()?);
+            let later = index(&get(format!("?index={now}&wait=1s")).await.ok()?);
+            (later == now).then_some(())
+        })
+        .await;
+    }
+
     /// A new token with one policy of these rules.
     async fn token(&self, name: &str, rules: &str) -> String {
         self.api(
@@ -924,6 +952,8 @@ async fn services_hidden_by_a_narrowed_acl_policy_are_kept_and_come_back() {
     })
     .await;
 
+    sc.wait_settled("db").await;
+    sc.wait_settled("web").await;
     sc.set_rules(
         "confd-reader",
         r#"service "web" { policy = "read" }
