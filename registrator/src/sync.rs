@@ -8,9 +8,8 @@
 //! nobody wants. Store errors start an "outage": one warning, then retries with backoff until
 //! the store answers again, after which everything desired is (re)registered.
 //!
-//! Registrations mirror running containers, not the registrator's lifetime (issue 9: a
-//! `docker restart registrator` used to take every service of the host out of the load
-//! balancer). A stop, restart, upgrade or crash leaves them in place, and a new registrator
+//! Registrations mirror running containers, not the registrator's lifetime: with gliderlabs',
+//! a `docker restart registrator` takes every service of the host out of the load balancer. A stop, restart, upgrade or crash leaves them in place, and a new registrator
 //! *adopts* them: its first pass, once the Docker side has published its first complete set,
 //! lists the store, takes every registration equal to what it would write as already applied
 //! (no write, so nothing flaps and no watcher wakes), and removes this host's registrations

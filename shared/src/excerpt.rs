@@ -1,7 +1,7 @@
 //! Quoting untrusted values in log lines without letting them take the line over.
 //!
-//! Names, tags and label values come from containers and can be megabytes long (issue 10 saw
-//! a 1.2 MB warning line). Every log line or error message that quotes such a value goes
+//! Names, tags and label values come from containers and can be megabytes long (a hostile
+//! label would otherwise make a 1.2 MB warning line). Every log line or error message that quotes such a value goes
 //! through [`excerpt`], which keeps the start of the value and says how long the whole was.
 
 use std::fmt;

@@ -11,7 +11,7 @@
 //! measurable contention, and returning freed pages after each pass keeps the idle size the
 //! idle size.
 //!
-//! registrator (issue 14: under 8 MiB idle, no growth under churn) allocates little, but from
+//! registrator (meant to stay under 8 MiB idle, with no growth under churn) allocates little, but from
 //! every runtime thread (inspections, store requests): with glibc's defaults each thread that
 //! allocated keeps an arena of its own resident, which is most of the difference between its
 //! heap in use and its resident set. It calls [`release_freed`] once a burst of work is done.

@@ -3,13 +3,12 @@
 //! Names and IDs come from container labels, so they are untrusted, and they end up as path
 //! segments of Consul's HTTP API (`/v1/health/service/<name>`,
 //! `/v1/agent/service/deregister/<id>`) and of key layouts (`<prefix>/<name>/<id>` in Consul
-//! KV and etcd). The rules are what every store accepts AND can address again afterwards
-//! (issue 10):
+//! KV and etcd). The rules are what every store accepts AND can address again afterwards:
 //!
 //! - not empty;
 //! - not only dots: `.` and `..` are path segments that URL handling collapses even when
-//!   percent-encoded, so Consul answers 400 to a health query for `.` (which used to freeze
-//!   confd for every service) and 405 to deregistering `..` (which could never be removed),
+//!   percent-encoded, so Consul answers 400 to a health query for `.` (which would hold back
+//!   confd's snapshot for every service) and 405 to deregistering `..` (which could never be removed),
 //!   and in a key `..` climbs out of the prefix. `...` is refused too: one rule a user can
 //!   remember beats the exact set URL normalisers treat specially;
 //! - no `/`: it would add levels to a key and change which endpoint a request reaches;

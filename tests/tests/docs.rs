@@ -1,4 +1,4 @@
-//! Docs that run (issue 12): every recipe in `docs/` and the README's quick start and scale
+//! Docs that run: every recipe in `docs/` and the README's quick start and scale
 //! walk-through are run as written, and the outputs they show are asserted.
 //!
 //! The convention the docs follow (the README's "Docs that run" says it for writers):
@@ -205,8 +205,7 @@ fn line_matches(expected: &str, actual: &str) -> bool {
     glob(&refs, actual)
 }
 
-/// A bare `wait` also waits for the daemons the recipe started with `&`: it never returns
-/// (issue 12). Recipes wait for a job by its PID (`wait $!`).
+/// A bare `wait` also waits for the daemons the recipe started with `&`: it never returns. Recipes wait for a job by its PID (`wait $!`).
 fn bare_wait(text: &str) -> Option<&str> {
     text.lines().find(|l| {
         let l = l.split('#').next().unwrap_or("");
@@ -782,8 +781,8 @@ fn relative_links_and_anchors_resolve() {
 #[test]
 fn link_checker_rules() {
     assert_eq!(
-        slug(" Registrator beside its floor, and its memory (issue 14)"),
-        "registrator-beside-its-floor-and-its-memory-issue-14"
+        slug(" Registrator beside its floor, and its memory (1.2 MiB)"),
+        "registrator-beside-its-floor-and-its-memory-12-mib"
     );
     assert_eq!(
         slug(" Config file (YAML; `file:line`)"),

@@ -1,11 +1,12 @@
-//! Issue 10: one odd container, one refused item or one store restart must never stall
+//! One odd container, one refused item or one store restart must never stall
 //! everyone else. Real Docker, Consul and etcd, the real `registrator` and `confd` binaries.
 //!
 //! The hostile containers come first; a normal container started after them must be
 //! registered and rendered within seconds ([`SOON`]), while each hostile one is refused with
-//! one short warning and nothing escapes the stores' key layouts. Before the fixes, a `.`
-//! name froze confd for every service, a 2 MB tag label held the registrator for 51 s, and
-//! a Consul agent restart left confd blind for a full `poll_wait` (60 s).
+//! one short warning and nothing escapes the stores' key layouts. The failures these guard
+//! against: a `.` name freezing confd for every service, a 2 MB tag label holding the
+//! registrator for 51 s, a Consul agent restart leaving confd blind for a full `poll_wait`,
+//! one bad instance freezing every template, a SIGHUP burst exhausting Consul's connections.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -164,7 +165,7 @@ async fn idle_via_api(tag: &str, labels: &[(&str, &str)]) -> Container {
     c
 }
 
-/// The hostile containers of issue 10, each waited for until the registrator has warned
+/// The hostile containers, each waited for until the registrator has warned
 /// about it (so the normal container is surely started after they were handled).
 struct Hostile {
     dot_name: Container,
@@ -989,8 +990,9 @@ const MAX_CONFD_CONNECTIONS: usize = 2 * (1 + SIGHUP_SERVICES.len());
 /// `wait` ends even when the client has closed it): the burst is one reload, the source and
 /// its long polls are kept, no connection is refused during or after it, and confd still
 /// renders what changes next. A reload that does change the store settings stops the old
-/// source, and closes its connections, before the new one starts. Before the fix each signal
-/// restarted the source, and the agent refused every new connection for about 37 s.
+/// source, and closes its connections, before the new one starts. A source restarted per signal
+/// would leave its abandoned queries counted until their `wait` ends, and the agent would
+/// refuse every new connection from the host meanwhile.
 #[tokio::test]
 async fn a_sighup_burst_opens_no_connection_to_consul() {
     let consul = Consul::start_with("limits { http_max_conns_per_client = 20 }").await;

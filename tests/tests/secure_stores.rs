@@ -936,8 +936,8 @@ const SLACK: Duration = Duration::from_secs(3);
 /// and answers its health with `[]`, at unchanged indexes, with no header. confd warns once,
 /// keeps db's last answer and renders every other change meanwhile; once the policy is
 /// restored, db and a service registered while it was narrowed are rendered within
-/// `poll_wait` (the catalog's blocking index does not move on an ACL change, and before the
-/// fix they stayed out until their own health changed, over 100 s).
+/// `poll_wait` (the catalog's blocking index does not move on an ACL change: without a re-read
+/// they would stay out until their own health changed).
 #[tokio::test]
 async fn services_hidden_by_a_narrowed_acl_policy_are_kept_and_come_back() {
     let pki = Pki::generate("sbtest-ca");
@@ -1008,8 +1008,8 @@ node_prefix "" { policy = "read" }"#,
 }
 
 /// `/healthz` and the log name the store's failure as it is now: Consul stopped (connection
-/// refused), then back with a certificate from another CA (a TLS failure, named as one).
-/// Before the fix both kept reporting the first error of the outage.
+/// refused), then back with a certificate from another CA (a TLS failure, named as one),
+/// never the first error of the outage.
 #[tokio::test]
 async fn health_and_log_name_the_latest_store_failure() {
     let pki = Pki::generate("sbtest-ca");

@@ -7,7 +7,7 @@
 //! is lower, and keeping the old one made every query wait its full `wait`). A service that
 //! leaves the catalog has its poller stopped.
 //!
-//! One service never holds up the others (issue 10): a catalog name [`switchboard::validate`]
+//! One service never holds up the others: a catalog name [`switchboard::validate`]
 //! refuses (`.`, `..`, a megabyte name) is never queried; a service whose query the agent
 //! refuses ([`StoreError::is_item_failure`]) keeps its last answer or is left out; instances
 //! with an invalid name or ID are dropped. Each is logged once ([`Publisher::refuse`]). Only a

@@ -422,8 +422,8 @@ fn request_what(method: &Method, path: &str) -> String {
 /// Where a blocking query resumes, kept by Consul's rules for `X-Consul-Index`: resume from
 /// the index of the last answer; when an answer's index goes backwards (a restarted agent or
 /// a new leader with a shorter log), or after any error, start again from 0, which answers at
-/// once. Keeping an old, higher index after an agent restart made every query wait the full
-/// `wait` for changes it would never see (confd was blind for a minute; issue 10). An index
+/// once. Keeping an old, higher index after an agent restart would make every query wait the
+/// full `wait` for changes it would never see (a minute blind, by default). An index
 /// of 0 in an answer is treated as 1 so a query never spins.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BlockingIndex(u64);

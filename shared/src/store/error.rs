@@ -93,8 +93,8 @@ pub enum Scope {
 /// Phrases of a 500 answer that mean the cluster cannot serve anything right now, rather than
 /// "this request is wrong". Consul and etcd put their reasons in the body (Consul 1.8 answers
 /// 500 for both kinds); matched case-insensitively. Anything else in a 500 is about the item:
-/// Consul's `Scripts are disabled on this agent` to one registration's script check was taken
-/// for an outage and stalled every other registration (issue 10).
+/// Consul's `Scripts are disabled on this agent` to one registration's script check is about
+/// that registration; taken for an outage, it would stall every other registration.
 const STORE_WIDE_PHRASES: &[&str] = &[
     "no cluster leader",
     "no leader",
