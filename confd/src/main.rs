@@ -17,7 +17,7 @@
 //! running and is reloaded only if the new configuration renders a different file).
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use confd::config::Wait;
 use confd::exec::{self, Signal, Supervisor};
 use confd::runner::Quiescence;
@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::telemetry::{parse_listen_addr, LogFormat, TelemetryServer};
-use switchboard::Shutdown;
+use switchboard::{GoFlags, Shutdown};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
@@ -110,80 +110,27 @@ impl Args {
     }
 }
 
-/// Every long flag, with the aliases confd users know.
-const FLAGS: &[&str] = &[
-    "config",
-    "backend",
-    "template",
-    "once",
-    "onetime",
-    "dry-run",
-    "noop",
-    "wait",
-    "var",
-    "metrics-addr",
-    "log-format",
-    "healthcheck",
-    "exec",
-    "exec-reload-signal",
-    "help",
-    "version",
-];
-
-/// The flags of [`FLAGS`] that take a value.
-const VALUE_FLAGS: &[&str] = &[
-    "config",
-    "backend",
-    "template",
-    "wait",
-    "var",
-    "metrics-addr",
-    "log-format",
-    "healthcheck",
-    "exec",
-    "exec-reload-signal",
-];
-
-/// Rewrites `-flag` and `-flag=value` (Go's `flag` style, which kelseyhightower/confd uses)
-/// into `--flag...` for the known flags only, so a value that starts with a dash is never
-/// taken for a flag. A flag's value (the next argument) is never rewritten.
-fn normalise(argv: impl IntoIterator<Item = String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut value_next = false;
-    let mut rest = false;
-    for (i, a) in argv.into_iter().enumerate() {
-        if i == 0 || rest || value_next {
-            value_next = false;
-            out.push(a);
-            continue;
+/// Parses the command line, Go-style single-dash flags included ([`GoFlags`], built from
+/// [`Args`]' own flags and aliases). A bad one gets clap's message, with an unknown flag named
+/// as it was typed, and exit status 2.
+fn parse_args(argv: Vec<String>) -> Args {
+    match Args::try_parse_from(GoFlags::of(&Args::command()).normalise(argv.clone())) {
+        Ok(args) => args,
+        Err(e) => {
+            let text = e.to_string();
+            let typed = GoFlags::as_typed(&text, &argv);
+            if typed == text {
+                e.exit()
+            }
+            eprint!("{typed}");
+            std::process::exit(e.exit_code())
         }
-        if a == "--" {
-            rest = true;
-            out.push(a);
-            continue;
-        }
-        let single = a.strip_prefix('-').filter(|b| !b.starts_with('-'));
-        let body = single.or_else(|| a.strip_prefix("--")).unwrap_or("");
-        let (name, has_value) = match body.split_once('=') {
-            Some((n, _)) => (n, true),
-            None => (body, false),
-        };
-        if !FLAGS.contains(&name) {
-            out.push(a);
-            continue;
-        }
-        value_next = !has_value && VALUE_FLAGS.contains(&name);
-        out.push(match single {
-            Some(b) => format!("--{b}"),
-            None => a,
-        });
     }
-    out
 }
 
 fn main() -> ExitCode {
     confd::memory::limit_arenas();
-    let args = Args::parse_from(normalise(std::env::args()));
+    let args = parse_args(std::env::args().collect());
     if let Some(url) = &args.healthcheck {
         return if switchboard::telemetry::healthcheck("confd", url) {
             ExitCode::SUCCESS
@@ -454,23 +401,27 @@ mod tests {
             .collect()
     }
 
+    fn normalise(argv: Vec<String>) -> Vec<String> {
+        GoFlags::of(&Args::command()).normalise(argv)
+    }
+
     #[test]
     fn accepts_confd_style_single_dash_flags() {
         let cases = [
             (
                 "-backend consul://h:1 -onetime",
-                "--backend consul://h:1 --onetime",
+                "--backend=consul://h:1 --onetime",
             ),
             ("-config=c.yaml -noop", "--config=c.yaml --noop"),
-            ("--config c.yaml --once", "--config c.yaml --once"),
-            ("-var k=-x -wait 1s", "--var k=-x --wait 1s"),
+            ("--config c.yaml --once", "--config=c.yaml --once"),
+            ("-var k=-x -wait 1s", "--var=k=-x --wait=1s"),
             (
                 "-exec nginx -metrics-addr 127.0.0.1:1 -log-format json",
-                "--exec nginx --metrics-addr 127.0.0.1:1 --log-format json",
+                "--exec=nginx --metrics-addr=127.0.0.1:1 --log-format=json",
             ),
-            // A value is never a flag, and unknown flags are left for clap to name.
-            ("--template -once:b", "--template -once:b"),
-            ("-h -bogus", "-h -bogus"),
+            // A value is never a flag, and an unknown flag is named whole.
+            ("--template -once:b", "--template=-once:b"),
+            ("-h -bogus", "-h --bogus"),
         ];
         for (input, want) in cases {
             assert_eq!(normalise(argv(input))[1..].join(" "), want, "{input}");
@@ -479,5 +430,24 @@ mod tests {
             Args::try_parse_from(normalise(argv("-backend consul://h:1 -onetime -noop"))).unwrap();
         assert!(a.once && a.dry_run);
         assert_eq!(a.backend.as_deref(), Some("consul://h:1"));
+        let a = Args::try_parse_from(normalise(argv("-template -once:b -var k=-x"))).unwrap();
+        assert_eq!(
+            (a.templates, a.vars),
+            (vec!["-once:b".into()], vec!["k=-x".into()])
+        );
+        let typed = argv("-noop -bogus");
+        let e = Args::try_parse_from(normalise(typed.clone())).unwrap_err();
+        let message = GoFlags::as_typed(&e.to_string(), &typed);
+        assert!(message.contains("'-bogus'"), "{message}");
+    }
+
+    #[test]
+    fn every_long_flag_is_normalised_from_its_single_dash_form() {
+        let names = GoFlags::verify(&Args::command()).unwrap_or_else(|p| panic!("{p:#?}"));
+        for flag in [
+            "config", "backend", "onetime", "noop", "template", "version", "help",
+        ] {
+            assert!(names.iter().any(|n| n == flag), "-{flag}: {names:?}");
+        }
     }
 }

@@ -1,48 +1,17 @@
 //! The command line: gliderlabs/registrator's flags, Go style included.
 //!
 //! gliderlabs parses its flags with Go's `flag` package, so deployments write `-ip 1.2.3.4`,
-//! `-ip=1.2.3.4`, `-internal` or `-internal=true`. clap wants `--ip`; [`normalise`] rewrites
-//! the Go forms first, so existing command lines keep working unchanged. A bool flag never
-//! takes the next argument as its value (only `=value`): the registry URI follows the flags.
+//! `-ip=1.2.3.4`, `-internal` or `-internal=true`. clap wants `--ip`; [`GoFlags`], built from
+//! [`Cli`]'s own arguments, rewrites the Go forms first, so existing command lines keep
+//! working unchanged. A bool flag never takes the next argument as its value (only `=value`):
+//! the registry URI follows the flags.
 
 use crate::config::{Config, Deregister};
 use crate::derive::LabelMatch;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use std::time::Duration;
 use switchboard::telemetry::{parse_listen_addr, LogFormat};
-use switchboard::RegistryUri;
-
-/// Flags that are switches: `-x` or `-x=<bool>`, never a separate value.
-const BOOL_FLAGS: &[&str] = &[
-    "internal",
-    "explicit",
-    "cleanup",
-    "version",
-    "keep-on-exit",
-    "deregister-on-exit",
-    "help",
-];
-
-/// Flags that take a value, as `-x value` or `-x=value`.
-const VALUE_FLAGS: &[&str] = &[
-    "ip",
-    "tags",
-    "ttl",
-    "ttl-refresh",
-    "resync",
-    "deregister",
-    "retry-attempts",
-    "retry-interval",
-    "useIpFromLabel",
-    "verify-interval",
-    "hostname",
-    "network",
-    "metrics-addr",
-    "log-format",
-    "healthcheck",
-    "label-filter",
-    "scope-label",
-];
+use switchboard::{GoFlags, RegistryUri};
 
 const URI_EXPECTED: &str = "expected consul://host:port, consulkv://host:port/prefix or \
      etcd://host:port[,host:port...]/prefix (consul-tls://, consulkv-tls://, etcds:// for HTTPS)";
@@ -231,55 +200,16 @@ fn parse_go_bool(s: &str) -> Result<bool, String> {
     }
 }
 
-/// Rewrites Go-style flags into clap's: `-ip x` -> `--ip=x`, `-internal` -> `--internal`,
-/// `-ttl-refresh=10` -> `--ttl-refresh=10`. A value flag always swallows the next argument
-/// (so `-retry-attempts -1` works); anything that is not a known flag is left alone for clap
-/// to judge. `argv[0]` is kept.
-pub fn normalise<I: IntoIterator<Item = String>>(argv: I) -> Vec<String> {
-    let mut it = argv.into_iter();
-    let mut out: Vec<String> = it.next().into_iter().collect();
-    while let Some(arg) = it.next() {
-        if arg == "--" {
-            out.push(arg);
-            out.extend(it.by_ref());
-            break;
-        }
-        let body = match arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) {
-            Some(b) if !b.is_empty() => b,
-            _ => {
-                out.push(arg);
-                continue;
-            }
-        };
-        let (name, value) = match body.split_once('=') {
-            Some((n, v)) => (n, Some(v)),
-            None => (body, None),
-        };
-        if BOOL_FLAGS.contains(&name) {
-            out.push(format!("--{body}"));
-        } else if VALUE_FLAGS.contains(&name) {
-            match value {
-                Some(_) => out.push(format!("--{body}")),
-                None => match it.next() {
-                    Some(v) => out.push(format!("--{name}={v}")),
-                    // Let clap report the missing value.
-                    None => out.push(format!("--{name}")),
-                },
-            }
-        } else if name.len() > 1 && !name.starts_with(|c: char| c.is_ascii_digit()) {
-            // Unknown long flag: spelled `--` so clap names it whole in its error.
-            out.push(format!("--{body}"));
-        } else {
-            out.push(arg);
-        }
-    }
-    out
+/// The Go-style flags of [`Cli`].
+fn go_flags() -> GoFlags {
+    GoFlags::of(&Cli::command())
 }
 
 /// The URL of `--healthcheck URL`, when the command line asks for a health probe instead of
 /// a run.
 pub fn healthcheck_url<I: IntoIterator<Item = String>>(argv: I) -> Option<String> {
-    normalise(argv)
+    go_flags()
+        .normalise(argv)
         .into_iter()
         .rev()
         .find_map(|a| a.strip_prefix("--healthcheck=").map(String::from))
@@ -288,7 +218,7 @@ pub fn healthcheck_url<I: IntoIterator<Item = String>>(argv: I) -> Option<String
 /// Parses `argv` (program name first) into a [`Config`].
 pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<Config, CliExit> {
     let argv: Vec<String> = argv.into_iter().collect();
-    let cli = match Cli::try_parse_from(normalise(argv.clone())) {
+    let cli = match Cli::try_parse_from(go_flags().normalise(argv.clone())) {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -301,7 +231,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
             let text = e.to_string();
             let first = text.lines().next().unwrap_or_default();
             let first = first.strip_prefix("error: ").unwrap_or(first);
-            let first = as_typed(first, &argv);
+            let first = GoFlags::as_typed(first, &argv);
             return Err(CliExit::usage(format!("{first} (see --help)")));
         }
     };
@@ -427,19 +357,6 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I, hostname: &str) -> Result<
     })
 }
 
-/// clap names an unknown flag as [`normalise`] rewrote it (`'--foo'`); name it as the user
-/// typed it (`'-foo'`).
-fn as_typed(message: &str, argv: &[String]) -> String {
-    let mut out = message.to_string();
-    for a in argv.iter().skip(1) {
-        if let Some(body) = a.strip_prefix('-').filter(|b| !b.starts_with('-')) {
-            let name = body.split('=').next().unwrap_or(body);
-            out = out.replace(&format!("'--{name}'"), &format!("'-{name}'"));
-        }
-    }
-    out
-}
-
 /// A host identity must stay the first field of `<hostname>:<container>:<port>` IDs and a
 /// clean key segment in etcd, so `-cleanup`'s prefix match cannot reach another host's IDs.
 fn valid_host_identity(h: &str) -> bool {
@@ -504,7 +421,26 @@ mod tests {
             ("- x", "- x"),
         ];
         for (input, want) in cases {
-            assert_eq!(normalise(argv(input))[1..].join(" "), want, "{input}");
+            assert_eq!(
+                go_flags().normalise(argv(input))[1..].join(" "),
+                want,
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_long_flag_is_normalised_from_its_single_dash_form() {
+        let names = GoFlags::verify(&Cli::command()).unwrap_or_else(|p| panic!("{p:#?}"));
+        for flag in [
+            "ip",
+            "internal",
+            "useIpFromLabel",
+            "retry-attempts",
+            "version",
+            "help",
+        ] {
+            assert!(names.iter().any(|n| n == flag), "-{flag}: {names:?}");
         }
     }
 

@@ -24,7 +24,7 @@ mod metrics;
 mod scope;
 mod sync;
 
-pub use cli::{healthcheck_url, normalise, parse, CliExit};
+pub use cli::{healthcheck_url, parse, CliExit};
 pub use config::{Config, Deregister};
 pub use derive::{derive, ContainerInfo, ContainerPort, DeriveOptions, Derived, Warning};
 pub use engine::Engine;

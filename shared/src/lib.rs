@@ -4,6 +4,7 @@
 //! - [`RegistryUri`]: parsing of `consul://`, `consulkv://` and `etcd://` URIs.
 //! - [`store`]: the Consul and etcd clients behind one [`Store`] enum.
 //! - [`Backoff`]: retry pacing that races against shutdown.
+//! - [`GoFlags`]: Go-style `-flag` command lines rewritten for clap, from clap's own arguments.
 //! - [`validate`]: which service names and IDs every store accepts (checked once, here).
 //! - [`excerpt()`]: untrusted values quoted in logs without megabyte lines.
 //! - [`memory`]: how the heap returns memory (one glibc arena, trimming after bursts).
@@ -12,6 +13,7 @@
 //! Modules are private; everything a caller needs is re-exported here.
 
 mod backoff;
+mod cli;
 mod excerpt;
 pub mod memory;
 mod service;
@@ -21,6 +23,7 @@ mod uri;
 pub mod validate;
 
 pub use backoff::Backoff;
+pub use cli::GoFlags;
 pub use excerpt::{excerpt, Excerpt, EXCERPT_CHARS};
 pub use service::{consul_duration, Check, CheckKind, DockerHealth, Service};
 pub use store::{Scope, Store, StoreError};
