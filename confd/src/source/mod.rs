@@ -182,7 +182,7 @@ pub fn check_instance(svc: &Service) -> Result<(), (Reason, String)> {
 
 impl Publisher {
     /// A publisher and the handle reading from it. Names in addresses are held back until
-    /// [`resolve::run`] (started by [`spawn`]) has looked them up.
+    /// [`resolve::run`] (started beside the watchers by [`Prepared::start`]) has looked them up.
     pub fn new() -> (Publisher, SourceHandle) {
         let (snap, snap_rx) = watch::channel(None);
         let (healthy, healthy_rx) = watch::channel(false);
