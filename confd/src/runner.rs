@@ -182,11 +182,18 @@ const RELOAD_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::fr
 /// once). Returns whether every template succeeded (always `true` for a daemon that was shut
 /// down).
 pub async fn run(cfg: Config, opts: RunOptions, shutdown: Shutdown) -> anyhow::Result<bool> {
+    // What a crash between staging and replacing left behind (a dry run writes nothing).
+    if !opts.dry_run {
+        let dests: Vec<_> = cfg.templates.iter().map(|t| t.dest.clone()).collect();
+        for d in &dests {
+            writer::remove_staged(d, &dests);
+        }
+    }
     let once = opts.once || opts.dry_run;
     let src_shutdown = shutdown.child_token();
     let _stop_sources = src_shutdown.clone().drop_guard();
     let mut source = source::spawn(&cfg, src_shutdown.clone())?;
-    let mut renderer = Renderer::default();
+    let mut renderer = Renderer::stopping_on(shutdown.clone());
     metrics::new_run(&cfg.templates);
     tokio::spawn(metrics::follow_source(
         source.healthy.clone(),
@@ -395,12 +402,14 @@ pub async fn pass(
     // Built once per snapshot (updated where it changed) and shared by every template.
     renderer.update_data(snap.clone(), &cfg.vars);
     let mut rendered: BTreeMap<usize, Result<Rendered, Failure>> = BTreeMap::new();
-    for &i in due {
-        let start = std::time::Instant::now();
-        let r = render_one(&cfg.templates[i], renderer, snap);
-        metrics::rendered(&cfg.templates[i], start.elapsed(), r.is_ok());
-        rendered.insert(i, r);
-    }
+    off_the_runtime(|| {
+        for &i in due {
+            let start = std::time::Instant::now();
+            let r = render_one(&cfg.templates[i], renderer, snap);
+            metrics::rendered(&cfg.templates[i], start.elapsed(), r.is_ok());
+            rendered.insert(i, r);
+        }
+    });
     let mut units: BTreeMap<UnitKey, Vec<usize>> = BTreeMap::new();
     let members = due
         .iter()
@@ -622,6 +631,18 @@ enum Rendered {
     },
 }
 
+/// Runs `f`, which holds its thread for as long as renders take (up to `max_render_time`), so
+/// that on a multi-thread runtime the worker's other tasks (signals, the source's polls,
+/// `/metrics`) move to another thread meanwhile, even on one core. A current-thread runtime
+/// (unit tests) runs it as it is.
+fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Guard → read → render → compare for one template (no I/O but reading files). The error
 /// is the reason, one line.
 fn render_one(
@@ -641,7 +662,7 @@ fn render_one(
         reason: e.to_string(),
     })?;
     let name = t.src.display().to_string();
-    let content = renderer.render_current(&name, &source)?;
+    let content = renderer.render_current(&name, &source, t.limits())?;
     let current = writer::read_current(&t.dest).map_err(|e| Failure::file("read", &t.dest, e))?;
     if !writer::changed(current.as_deref(), content.as_bytes()) {
         return Ok(Rendered::Unchanged);
