@@ -77,7 +77,7 @@ pub enum RenderError {
         bound: String,
     },
     /// The render was stopped half way: confd is stopping or reloading its configuration.
-    #[error("{0}: render stopped: confd is stopping")]
+    #[error("{0}: render stopped: confd is stopping or reloading its configuration")]
     Stopped(String),
 }
 
@@ -129,7 +129,7 @@ pub struct Renderer {
     /// What loops over `services` and `vhosts` wrote per entry, reused for entries that did
     /// not change (see [`crate::each`]).
     memo: Memo,
-    /// Cancelled when renders are to stop half way (confd is stopping).
+    /// Cancelled when renders are to stop half way (confd is stopping or reloading its configuration).
     stop: Option<Shutdown>,
 }
 
@@ -1086,6 +1086,41 @@ mod tests {
         refused(&mut r, chain, &d, limits(1, 1 << 20));
     }
 
+    /// The deepest render the default bound allows, partials nested to the bound and blocks
+    /// nested to the bound in the last one, fits a 2 MiB thread stack (a test thread's, and a
+    /// runtime worker's) in a debug build; one partial more is refused.
+    #[test]
+    fn the_deepest_render_allowed_fits_a_thread_stack() {
+        let max = Limits::DEFAULT_MAX_DEPTH;
+        let deepest = move |partials: usize| {
+            let mut src = format!(
+                "{{{{#*inline \"p{partials}\"}}}}{}x{}{{{{/inline}}}}",
+                "{{#if @root.t}}".repeat(max),
+                "{{/if}}".repeat(max)
+            );
+            for i in 0..partials {
+                src += &format!(
+                    "{{{{#*inline \"p{i}\"}}}}{{{{> p{}}}}}{{{{/inline}}}}",
+                    i + 1
+                );
+            }
+            src + "{{> p0}}"
+        };
+        let d = json!({"t": true});
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let mut r = Renderer::default();
+                let ok = r.render_within("t.hbs", &deepest(max - 1), &d, Limits::default());
+                assert_eq!(ok.unwrap(), "x");
+                let e = refused(&mut r, &deepest(max), &d, Limits::default());
+                assert!(e.contains("max_render_depth (64)"), "{e}");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
     #[test]
     fn nesting_is_measured_when_parsed_and_checked_before_rendering() {
         let cases = [
@@ -1239,7 +1274,10 @@ mod tests {
             .render_within("t.hbs", src, &d, Limits::default())
             .unwrap_err();
         assert_eq!(e, RenderError::Stopped("t.hbs".into()));
-        assert_eq!(e.to_string(), "t.hbs: render stopped: confd is stopping");
+        assert_eq!(
+            e.to_string(),
+            "t.hbs: render stopped: confd is stopping or reloading its configuration"
+        );
     }
 
     /// Putting partials inside the counting blocks changes nothing in what they render:
