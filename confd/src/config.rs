@@ -141,17 +141,19 @@ impl<'de> Deserialize<'de> for Backend {
     }
 }
 
-/// `max_render_depth`: levels of blocks and partials, at least 1.
+/// `max_render_depth`: levels of blocks and partials, from 1 to [`Limits::DEPTH_CEILING`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Depth(pub usize);
 
 impl<'de> Deserialize<'de> for Depth {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Depth, D::Error> {
-        match u64::deserialize(d)? {
-            n @ 1.. => Ok(Depth(usize::try_from(n).unwrap_or(usize::MAX))),
-            0 => Err(serde::de::Error::custom(
-                "invalid max_render_depth \"0\": expected a number of levels, at least 1",
-            )),
+        let n = u64::deserialize(d)?;
+        match usize::try_from(n) {
+            Ok(n @ 1..=Limits::DEPTH_CEILING) => Ok(Depth(n)),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid max_render_depth \"{n}\": expected a number of levels from 1 to {}",
+                Limits::DEPTH_CEILING
+            ))),
         }
     }
 }
@@ -911,7 +913,13 @@ templates:
             assert_eq!(Bytes::parse(s).ok().map(|b| b.0), want, "{s}");
         }
         for (text, line, col, want) in [
-            ("max_render_depth: 0\n", 1, 19, "at least 1"),
+            (
+                "max_render_depth: 0\n",
+                1,
+                19,
+                "expected a number of levels from 1 to 512",
+            ),
+            ("max_render_depth: 513\n", 1, 19, "from 1 to 512"),
             (
                 "max_render_output: \"12 parsecs\"\n",
                 1,

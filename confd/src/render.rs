@@ -13,14 +13,16 @@
 //! fails with one line naming the template and the bound: the caller keeps the previous file
 //! and goes on with the other templates.
 //! - **Depth** (`max_render_depth`): each block, subexpression or partial open at once is a
-//!   frame of the render's stack. A template's own nesting is known once it is parsed
-//!   ([`nesting`]) and checked before it renders. Nesting through partials is known only while
+//!   frame of the render's stack. A template's own nesting is measured as soon as it is parsed
+//!   ([`nesting`], without recursion) and a template deeper than the bound is refused before
+//!   anything walks it by recursion. Nesting through partials is known only while
 //!   rendering: at parse, every partial is put inside a block of the [`NEST`] helper, which adds
 //!   the partial's place (the blocks around it, plus one) to the render's depth while the
 //!   partial renders and refuses to go past the bound. A render thus nests at most the bound at
 //!   its innermost partial, plus that partial's own blocks (themselves within the bound): never
-//!   more than twice the bound. Templates without partials are left as they are (their loops
-//!   stream and reuse: [`crate::stream`], [`crate::each`]).
+//!   more than twice the bound, which fits [`RENDER_STACK`], the stack of the thread the daemon
+//!   renders on, up to [`Limits::DEPTH_CEILING`]. Templates without partials are left as they
+//!   are (their loops stream and reuse: [`crate::stream`], [`crate::each`]).
 //! - **Output** (`max_render_output`): every byte the render holds counts against one budget:
 //!   what is written to the output; loop iterations rendered aside to be kept
 //!   ([`crate::each`]; credited back when copied into the output, so they count once); the
@@ -95,8 +97,12 @@ pub struct Limits {
 
 impl Limits {
     /// Deep enough for any template written by hand (the shipped ones nest 4 deep), shallow
-    /// enough that twice as many frames fit a 2 MiB thread stack in a debug build.
+    /// enough that the deepest render it allows fits a 2 MiB thread stack (a test thread's)
+    /// in a debug build.
     pub const DEFAULT_MAX_DEPTH: usize = 64;
+    /// The largest `max_depth` confd takes: the deepest render it allows fits
+    /// [`RENDER_STACK`] in a debug build, with room to spare (a unit test renders it).
+    pub const DEPTH_CEILING: usize = 512;
     /// The shipped templates write about 110 (nginx) and 160 (HAProxy) bytes per instance
     /// (the bench at 100,000 instances in 10,000 services: 10.2 and 15.2 MiB, and a render
     /// holds 1.003 times its output at most): 256 MiB is 17 times HAProxy's at 100,000.
@@ -105,6 +111,11 @@ impl Limits {
     /// 0.5 s (nginx) and 0.7 s (HAProxy) of CPU in a release build.
     pub const DEFAULT_MAX_TIME: Duration = Duration::from_secs(60);
 }
+
+/// The stack of the thread the daemon renders on (see `runner`): the deepest render
+/// [`Limits::DEPTH_CEILING`] allows takes about half of it in a debug build, a quarter in a
+/// release build. Only the pages a render touches are ever allocated.
+pub const RENDER_STACK: usize = 32 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -188,7 +199,7 @@ impl Renderer {
         data: &Value,
         limits: Limits,
     ) -> Result<String, RenderError> {
-        self.parse(name, source)?;
+        self.parse(name, source, limits.max_depth)?;
         self.renders += 1;
         let ctx = Context::from(data.clone());
         self.run(name, &ctx, limits)
@@ -256,7 +267,7 @@ impl Renderer {
         data: &mut TemplateData,
         limits: Limits,
     ) -> Result<String, RenderError> {
-        self.parse(name, source)?;
+        self.parse(name, source, limits.max_depth)?;
         let parsed = self.parsed.get_mut(name).expect("parsed above");
         data.ensure(parsed.reads);
         if let Some((generation, out)) = &parsed.last {
@@ -315,7 +326,10 @@ impl Renderer {
     }
 
     /// Parses `source` under `name` unless it is the source parsed last under that name.
-    fn parse(&mut self, name: &str, source: &str) -> Result<(), RenderError> {
+    ///
+    /// A template nested deeper than `max_depth` is refused here, before anything that walks
+    /// it by recursion (its analysis, a copy of it) could run out of stack.
+    fn parse(&mut self, name: &str, source: &str, max_depth: usize) -> Result<(), RenderError> {
         if self.parsed.get(name).map(|p| p.source.as_str()) == Some(source) {
             return Ok(());
         }
@@ -328,6 +342,20 @@ impl Renderer {
             .map_err(|e| {
                 RenderError::Syntax(one_line(&format!("{name}: template syntax error: {e}")))
             })?;
+        let nesting = nesting(
+            &self
+                .hb
+                .get_template(name)
+                .expect("registered above")
+                .elements,
+        );
+        if nesting > max_depth {
+            self.hb.unregister_template(name);
+            return Err(RenderError::Limit {
+                template: name.to_string(),
+                bound: Breach::Depth(max_depth).to_string(),
+            });
+        }
         // Lists the template reads one entry at a time stay out of the document.
         let mut t = self
             .hb
@@ -336,7 +364,6 @@ impl Renderer {
             .clone();
         let streams = stream::analyse(&t);
         let reads = reads(&t).without(&streams.lists);
-        let nesting = nesting(&t.elements);
         let mut rewritten = !streams.lists.is_empty();
         if rewritten {
             stream::rewrite(&mut t, &streams);
@@ -734,41 +761,78 @@ fn weight(v: &Value) -> usize {
 
 /// How deep blocks, subexpressions and partials nest in `elements` (a partial counts one: what
 /// it includes is counted as it renders, see [`NEST`]; an inline partial's body counts from
-/// zero, as it renders where it is included).
+/// where it is written). Measured with a stack of its own, not by recursion: it is what keeps
+/// a template nested deeper than a thread's stack away from the code that recurses.
 pub fn nesting(elements: &[TemplateElement]) -> usize {
-    fn params<'a>(ps: impl Iterator<Item = &'a Parameter>) -> usize {
-        ps.map(|p| match p {
-            Parameter::Subexpression(s) => 1 + nesting(std::slice::from_ref(&s.element)),
-            _ => 0,
-        })
-        .max()
-        .unwrap_or(0)
+    /// Elements, or parameters, below `.1` levels.
+    enum Item<'a> {
+        Elements(&'a [TemplateElement], usize),
+        Params(Vec<&'a Parameter>, usize),
     }
-    fn body(t: &Option<Template>) -> usize {
-        t.as_ref().map_or(0, |t| nesting(&t.elements))
+    let mut todo = vec![Item::Elements(elements, 0)];
+    let mut deepest = 0;
+    while let Some(item) = todo.pop() {
+        match item {
+            Item::Params(params, below) => {
+                for p in params {
+                    if let Parameter::Subexpression(sub) = p {
+                        deepest = deepest.max(below + 1);
+                        todo.push(Item::Elements(
+                            std::slice::from_ref(&*sub.element),
+                            below + 1,
+                        ));
+                    }
+                }
+            }
+            Item::Elements(es, below) => {
+                for e in es {
+                    match e {
+                        TemplateElement::Expression(h) | TemplateElement::HtmlExpression(h) => {
+                            todo.push(Item::Params(
+                                h.params.iter().chain(h.hash.values()).collect(),
+                                below,
+                            ));
+                        }
+                        TemplateElement::HelperBlock(h) => {
+                            let level = below + 1;
+                            deepest = deepest.max(level);
+                            todo.push(Item::Params(
+                                h.params.iter().chain(h.hash.values()).collect(),
+                                level,
+                            ));
+                            for t in [&h.template, &h.inverse].into_iter().flatten() {
+                                todo.push(Item::Elements(&t.elements, level));
+                            }
+                        }
+                        TemplateElement::DecoratorExpression(d)
+                        | TemplateElement::DecoratorBlock(d) => {
+                            todo.push(Item::Params(
+                                d.params.iter().chain(d.hash.values()).collect(),
+                                below,
+                            ));
+                            if let Some(t) = &d.template {
+                                todo.push(Item::Elements(&t.elements, below));
+                            }
+                        }
+                        TemplateElement::PartialExpression(d)
+                        | TemplateElement::PartialBlock(d) => {
+                            let level = below + 1;
+                            deepest = deepest.max(level);
+                            todo.push(Item::Params(
+                                d.params.iter().chain(d.hash.values()).collect(),
+                                level,
+                            ));
+                            if let Some(t) = &d.template {
+                                todo.push(Item::Elements(&t.elements, level));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
-    elements
-        .iter()
-        .map(|e| match e {
-            TemplateElement::Expression(h) | TemplateElement::HtmlExpression(h) => {
-                params(h.params.iter().chain(h.hash.values()))
-            }
-            TemplateElement::HelperBlock(h) => {
-                1 + params(h.params.iter().chain(h.hash.values()))
-                    .max(body(&h.template))
-                    .max(body(&h.inverse))
-            }
-            // An inline partial's body renders where the partial is included, not here.
-            TemplateElement::DecoratorExpression(d) | TemplateElement::DecoratorBlock(d) => {
-                params(d.params.iter().chain(d.hash.values())).max(body(&d.template))
-            }
-            TemplateElement::PartialExpression(d) | TemplateElement::PartialBlock(d) => {
-                1 + params(d.params.iter().chain(d.hash.values())).max(body(&d.template))
-            }
-            _ => 0,
-        })
-        .max()
-        .unwrap_or(0)
+    deepest
 }
 
 /// Puts every partial of `t` inside a [`NEST`] block and every partial block's body inside a
@@ -1086,35 +1150,63 @@ mod tests {
         refused(&mut r, chain, &d, limits(1, 1 << 20));
     }
 
-    /// The deepest render the default bound allows, partials nested to the bound and blocks
-    /// nested to the bound in the last one, fits a 2 MiB thread stack (a test thread's, and a
-    /// runtime worker's) in a debug build; one partial more is refused.
+    /// The deepest render a bound allows (partials nested to the bound, each inside a `with`,
+    /// and loops nested to the bound in the last one) fits a 2 MiB thread stack (a test
+    /// thread's) at the default bound, and [`RENDER_STACK`] at the ceiling, in a debug build;
+    /// one partial more is refused. So is, before anything recurses into it, a template whose
+    /// own nesting is deeper than a thread's stack would hold.
     #[test]
-    fn the_deepest_render_allowed_fits_a_thread_stack() {
-        let max = Limits::DEFAULT_MAX_DEPTH;
-        let deepest = move |partials: usize| {
+    fn the_deepest_render_allowed_fits_its_thread_stack() {
+        // `{{> p0}}`, then `partials` of `{{#with this}}{{> next}}{{/with}}`: 1 + 2 x partials.
+        let deepest = |max: usize, partials: usize| {
             let mut src = format!(
                 "{{{{#*inline \"p{partials}\"}}}}{}x{}{{{{/inline}}}}",
-                "{{#if @root.t}}".repeat(max),
-                "{{/if}}".repeat(max)
+                "{{#each @root.t}}".repeat(max),
+                "{{/each}}".repeat(max)
             );
             for i in 0..partials {
                 src += &format!(
-                    "{{{{#*inline \"p{i}\"}}}}{{{{> p{}}}}}{{{{/inline}}}}",
+                    "{{{{#*inline \"p{i}\"}}}}{{{{#with this}}}}{{{{> p{}}}}}{{{{/with}}}}{{{{/inline}}}}",
                     i + 1
                 );
             }
             src + "{{> p0}}"
         };
-        let d = json!({"t": true});
+        for (max, stack) in [
+            (Limits::DEFAULT_MAX_DEPTH, 2 << 20),
+            (Limits::DEPTH_CEILING, RENDER_STACK),
+        ] {
+            // Both bounds are even: 1 + 2 x (max / 2 - 1) is one level short of the bound.
+            let (ok, over) = (deepest(max, max / 2 - 1), deepest(max, max / 2));
+            std::thread::Builder::new()
+                .stack_size(stack)
+                .spawn(move || {
+                    let l = limits(max, 1 << 30);
+                    let d = json!({"t": [1]});
+                    let mut r = Renderer::default();
+                    assert_eq!(r.render_within("t.hbs", &ok, &d, l).unwrap(), "x");
+                    let e = refused(&mut r, &over, &d, l);
+                    assert!(e.contains(&format!("max_render_depth ({max})")), "{e}");
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+        }
+        // Deeper than a 2 MiB stack holds for the analysis of partials: refused unparsed.
         std::thread::Builder::new()
             .stack_size(2 << 20)
-            .spawn(move || {
+            .spawn(|| {
                 let mut r = Renderer::default();
-                let ok = r.render_within("t.hbs", &deepest(max - 1), &d, Limits::default());
-                assert_eq!(ok.unwrap(), "x");
-                let e = refused(&mut r, &deepest(max), &d, Limits::default());
-                assert!(e.contains("max_render_depth (64)"), "{e}");
+                for open in ["{{#> p}}", "{{#each list}}"] {
+                    let close = if open.contains('>') {
+                        "{{/p}}"
+                    } else {
+                        "{{/each}}"
+                    };
+                    let src = open.repeat(1000) + &close.repeat(1000);
+                    let e = refused(&mut r, &src, &json!({}), Limits::default());
+                    assert!(e.contains("max_render_depth (64)"), "{e}");
+                }
             })
             .unwrap()
             .join()

@@ -631,15 +631,38 @@ enum Rendered {
     },
 }
 
-/// Runs `f`, which holds its thread for as long as renders take (up to `max_render_time`), so
-/// that on a multi-thread runtime the worker's other tasks (signals, the source's polls,
-/// `/metrics`) move to another thread meanwhile, even on one core. A current-thread runtime
-/// (unit tests) runs it as it is.
-fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f`, the renders of a pass, on a thread of their own with a stack of
+/// [`RENDER_STACK`](crate::render::RENDER_STACK), which the deepest render the bounds allow
+/// fits (a runtime worker's 2 MiB does not). Meanwhile, on a multi-thread runtime, the
+/// worker's other tasks (signals, the source's polls, `/metrics`) move to another thread, even
+/// on one core, for as long as the renders take (up to `max_render_time` each). Should no
+/// thread be available, `f` runs where it is, within the same bounds.
+fn off_the_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
+    let on_a_thread = || {
+        let mut job = Some(f);
+        let mut out = None;
+        let spawned = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("confd-render".into())
+                .stack_size(crate::render::RENDER_STACK)
+                .spawn_scoped(s, || out = job.take().map(|f| f()))
+                .map(|h| h.join())
+        });
+        match (spawned, out) {
+            (Ok(Ok(())), Some(out)) => out,
+            (Ok(Err(panic)), _) => std::panic::resume_unwind(panic),
+            (spawned, _) => {
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a render thread; rendering on the runtime's");
+                }
+                (job.take().expect("not run"))()
+            }
+        }
+    };
     match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(on_a_thread),
+        _ => on_a_thread(),
     }
 }
 
