@@ -9,6 +9,7 @@ use crate::command::CommandSpec;
 use crate::duration;
 use crate::exec::{ExecCommand, ExecConfig, Signal};
 use crate::live::LiveChannel;
+use crate::render::Limits;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -140,6 +141,89 @@ impl<'de> Deserialize<'de> for Backend {
     }
 }
 
+/// `max_render_depth`: levels of blocks and partials, from 1 to [`Limits::DEPTH_CEILING`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Depth(pub usize);
+
+impl<'de> Deserialize<'de> for Depth {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Depth, D::Error> {
+        let n = u64::deserialize(d)?;
+        match usize::try_from(n) {
+            Ok(n @ 1..=Limits::DEPTH_CEILING) => Ok(Depth(n)),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid max_render_depth \"{n}\": expected a number of levels from 1 to {}",
+                Limits::DEPTH_CEILING
+            ))),
+        }
+    }
+}
+
+/// `max_render_output`: a number of bytes, written as a number or with a unit (`512KiB`,
+/// `256MiB`, `1GiB`, or `KB`, `MB`, `GB` in powers of ten); at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub usize);
+
+impl Bytes {
+    /// Parses `262144`, `256MiB`, `1.5GiB`, `100MB`.
+    pub fn parse(s: &str) -> Result<Bytes, String> {
+        let expected =
+            || format!("invalid size {s:?}: expected bytes, e.g. 262144, 512KiB, 256MiB, 1GiB");
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = (&t[..split], t[split..].trim());
+        let n: f64 = number.parse().map_err(|_| expected())?;
+        let scale: f64 = match unit {
+            "" | "B" => 1.0,
+            "KiB" => 1024.0,
+            "MiB" => 1024.0 * 1024.0,
+            "GiB" => 1024.0 * 1024.0 * 1024.0,
+            "KB" => 1e3,
+            "MB" => 1e6,
+            "GB" => 1e9,
+            _ => return Err(expected()),
+        };
+        let bytes = (n * scale).round();
+        if !(1.0..=usize::MAX as f64).contains(&bytes) {
+            return Err(expected());
+        }
+        Ok(Bytes(bytes as usize))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Num(n) => n.to_string(),
+            Raw::Text(s) => s,
+        };
+        Bytes::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `max_render_time`: a duration above zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderTime(pub Duration);
+
+impl<'de> Deserialize<'de> for RenderTime {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RenderTime, D::Error> {
+        let s = String::deserialize(d)?;
+        match duration::parse(&s).map_err(serde::de::Error::custom)? {
+            Duration::ZERO => Err(serde::de::Error::custom(format!(
+                "invalid max_render_time {s:?}: expected a duration above zero, e.g. 60s"
+            ))),
+            t => Ok(RenderTime(t)),
+        }
+    }
+}
+
 fn default_command_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -176,6 +260,18 @@ pub struct TemplateConfig {
     /// `live: { nginx_lua: { socket: /run/nginx-peers.sock } }`); anything else still reloads.
     #[serde(default)]
     pub live: Option<LiveChannel>,
+    /// How deep blocks and partials may nest in a render (default: the top-level key, else
+    /// [`Limits::DEFAULT_MAX_DEPTH`]; see [`crate::render`]).
+    #[serde(default)]
+    pub max_render_depth: Option<Depth>,
+    /// How many bytes a render may hold (default: the top-level key, else
+    /// [`Limits::DEFAULT_MAX_OUTPUT`]).
+    #[serde(default)]
+    pub max_render_output: Option<Bytes>,
+    /// How long a render may take (default: the top-level key, else
+    /// [`Limits::DEFAULT_MAX_TIME`]).
+    #[serde(default)]
+    pub max_render_time: Option<RenderTime>,
 }
 
 impl TemplateConfig {
@@ -204,7 +300,20 @@ impl TemplateConfig {
             min_instances: 0,
             command_timeout: default_command_timeout(),
             live: None,
+            max_render_depth: None,
+            max_render_output: None,
+            max_render_time: None,
         })
+    }
+
+    /// The limits its renders run within: its keys, and the defaults for the rest.
+    pub fn limits(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            max_depth: self.max_render_depth.map_or(d.max_depth, |v| v.0),
+            max_output: self.max_render_output.map_or(d.max_output, |v| v.0),
+            max_time: self.max_render_time.map_or(d.max_time, |v| v.0),
+        }
     }
 }
 
@@ -266,6 +375,13 @@ struct FileConfig {
     /// The proxy confd supervises (`--exec`).
     #[serde(default)]
     exec: Option<ExecConfig>,
+    /// Render bounds for the templates that set none of their own.
+    #[serde(default)]
+    max_render_depth: Option<Depth>,
+    #[serde(default)]
+    max_render_output: Option<Bytes>,
+    #[serde(default)]
+    max_render_time: Option<RenderTime>,
 }
 
 impl Default for FileConfig {
@@ -496,6 +612,9 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
     }
     for t in &mut templates {
         t.wait.get_or_insert(wait);
+        t.max_render_depth = t.max_render_depth.or(file.max_render_depth);
+        t.max_render_output = t.max_render_output.or(file.max_render_output);
+        t.max_render_time = t.max_render_time.or(file.max_render_time);
     }
     let exec = exec_config(file.exec, o)?;
     if let Some(x) = &exec {
@@ -742,6 +861,84 @@ templates:
             assert!(e.contains(want), "{text:?}: {e}");
             assert!(!e.contains('\n'), "{e}");
             assert!(!e.contains(" at line "), "{e}");
+        }
+    }
+
+    #[test]
+    fn render_bounds_default_from_the_top_level_key_by_key() {
+        let text = "max_render_depth: 8\nmax_render_output: 64MiB\ntemplates:\n  \
+                    - { src: a, dest: b }\n  \
+                    - { src: c, dest: d, max_render_output: 1000, max_render_time: 5s }\n";
+        let c = merge(parse_text(text, "c.yaml").unwrap(), &overrides()).unwrap();
+        let d = Limits::default();
+        assert_eq!(
+            c.templates[0].limits(),
+            Limits {
+                max_depth: 8,
+                max_output: 64 << 20,
+                max_time: d.max_time
+            }
+        );
+        assert_eq!(
+            c.templates[1].limits(),
+            Limits {
+                max_depth: 8,
+                max_output: 1000,
+                max_time: Duration::from_secs(5)
+            }
+        );
+        // Flags' templates take the file's bounds; with none anywhere, the defaults.
+        let o = Overrides {
+            templates: vec!["x:y".into()],
+            ..overrides()
+        };
+        let c = merge(parse_text(text, "c.yaml").unwrap(), &o).unwrap();
+        assert_eq!(c.templates[2].limits().max_depth, 8);
+        let c = merge(FileConfig::default(), &o).unwrap();
+        assert_eq!(c.templates[0].limits(), d);
+
+        for (s, want) in [
+            ("262144", Some(262_144)),
+            ("512KiB", Some(512 << 10)),
+            ("256MiB", Some(256 << 20)),
+            ("1.5GiB", Some(3 << 29)),
+            ("100MB", Some(100_000_000)),
+            ("1 GB", Some(1_000_000_000)),
+            ("0", None),
+            ("-1", None),
+            ("12 parsecs", None),
+            ("MiB", None),
+            ("", None),
+        ] {
+            assert_eq!(Bytes::parse(s).ok().map(|b| b.0), want, "{s}");
+        }
+        for (text, line, col, want) in [
+            (
+                "max_render_depth: 0\n",
+                1,
+                19,
+                "expected a number of levels from 1 to 512",
+            ),
+            ("max_render_depth: 513\n", 1, 19, "from 1 to 512"),
+            (
+                "max_render_output: \"12 parsecs\"\n",
+                1,
+                21,
+                "expected bytes, e.g.",
+            ),
+            (
+                "templates:\n  - { src: a, dest: b, max_render_time: 0s }\n",
+                2,
+                41,
+                "expected a duration above zero",
+            ),
+        ] {
+            let e = parse_text(text, "c.yaml").unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("c.yaml:{line}:{col}: ")),
+                "{text:?}: {e}"
+            );
+            assert!(e.contains(want), "{text:?}: {e}");
         }
     }
 

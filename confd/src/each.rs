@@ -19,6 +19,7 @@
 //! templates both ways).
 
 use crate::data::{List, Lists};
+use crate::render::{self, Bounded};
 use crate::stream;
 use handlebars::template::{Parameter, TemplateElement};
 use handlebars::{
@@ -217,16 +218,6 @@ struct EachHelper {
     memo: Memo,
 }
 
-/// Collects text written into a string.
-struct Text(String);
-
-impl Output for Text {
-    fn write(&mut self, seg: &str) -> std::io::Result<()> {
-        self.0.push_str(seg);
-        Ok(())
-    }
-}
-
 impl HelperDef for EachHelper {
     fn call<'reg: 'rc, 'rc>(
         &self,
@@ -259,9 +250,11 @@ impl HelperDef for EachHelper {
                     _ => None,
                 };
                 // Where an iteration to keep is rendered: one buffer for the loop, so each
-                // kept text is one allocation of its exact size.
-                let mut scratch = Text(String::new());
+                // kept text is one allocation of its exact size. What it holds counts against
+                // the render's output bound until it is copied out (see `crate::render`).
+                let mut scratch = Bounded::default();
                 for (i, v) in list.iter().enumerate() {
+                    render::step()?;
                     let key = plan.as_ref().map(|p| p.key(i, len));
                     if let (Some(p), Some(k)) = (&mut plan, &key) {
                         if p.reuse(k, out)? {
@@ -280,7 +273,7 @@ impl HelperDef for EachHelper {
                         (Some(p), Some(k)) => {
                             scratch.0.clear();
                             t.render(r, ctx, rc, &mut scratch)?;
-                            out.write(&scratch.0)?;
+                            scratch.copy_into(out)?;
                             p.current.insert(k, scratch.0.clone());
                         }
                         _ => t.render(r, ctx, rc, out)?,
@@ -297,6 +290,7 @@ impl HelperDef for EachHelper {
                 let path = value.context_path();
                 let len = obj.len();
                 for (i, (k, v)) in obj.iter().enumerate() {
+                    render::step()?;
                     if let Some(block) = rc.block_mut() {
                         let key = to_json(k);
                         block.set_local_var("first", to_json(i == 0));
@@ -352,10 +346,11 @@ impl EachHelper {
         let mut plan = self.memo.plan(t, list, len);
         let mut root = Map::new();
         root.insert("vars".into(), lists.vars().clone());
-        let mut scratch = Text(String::new());
+        let mut scratch = Bounded::default();
         // The entry being rendered, built into the previous one's allocations.
         let mut value = Value::Null;
         for (i, e) in entries.iter().enumerate() {
+            render::step()?;
             let key = plan.as_ref().map(|p| p.key(i, len));
             if let (Some(p), Some(k)) = (&mut plan, &key) {
                 if p.reuse(k, out)? {
@@ -378,7 +373,7 @@ impl EachHelper {
                 scratch.0.clear();
                 t.render(r, &entry, &mut erc, &mut scratch)?;
             }
-            out.write(&scratch.0)?;
+            scratch.copy_into(out)?;
             if let (Some(p), Some(k)) = (&mut plan, key) {
                 p.current.insert(k, scratch.0.clone());
             }

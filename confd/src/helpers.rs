@@ -104,13 +104,22 @@ impl HelperDef for FnHelper {
         ctx: &'rc Context,
         rc: &mut RenderContext<'reg, 'rc>,
     ) -> Result<ScopedJson<'rc>, RenderError> {
-        let v = self.with_args(h, ctx, rc, |args| match self.body {
-            Body::Value(f) => f(args),
-            Body::Text(f) => {
-                let mut s = String::new();
-                f(args, &mut s)?;
-                Ok(Value::String(s))
+        let v = self.with_args(h, ctx, rc, |args| {
+            let v = match self.body {
+                Body::Value(f) => f(args)?,
+                Body::Text(f) => {
+                    let mut s = String::new();
+                    f(args, &mut s)?;
+                    Value::String(s)
+                }
+            };
+            // Text a helper makes counts against the render's output bound: fed back into
+            // the helper (`concat` of `concat` through `with ... as`), it would double per
+            // level. Other values are parts of the data, copied or rearranged.
+            if let Value::String(s) = &v {
+                crate::render::made_text(s.len())?;
             }
+            Ok(v)
         })?;
         Ok(ScopedJson::Derived(v))
     }

@@ -191,8 +191,15 @@ pub async fn run(
     mut source: source::SourceHandle,
     shutdown: Shutdown,
 ) -> anyhow::Result<bool> {
+    // What a crash between staging and replacing left behind (a dry run writes nothing).
+    if !opts.dry_run {
+        let dests: Vec<_> = cfg.templates.iter().map(|t| t.dest.clone()).collect();
+        for d in &dests {
+            writer::remove_staged(d, &dests);
+        }
+    }
     let once = opts.once || opts.dry_run;
-    let mut renderer = Renderer::default();
+    let mut renderer = Renderer::stopping_on(shutdown.clone());
     metrics::new_run(&cfg.templates);
 
     if once {
@@ -396,12 +403,14 @@ pub async fn pass(
     // Built once per snapshot (updated where it changed) and shared by every template.
     renderer.update_data(snap.clone(), &cfg.vars);
     let mut rendered: BTreeMap<usize, Result<Rendered, Failure>> = BTreeMap::new();
-    for &i in due {
-        let start = std::time::Instant::now();
-        let r = render_one(&cfg.templates[i], renderer, snap);
-        metrics::rendered(&cfg.templates[i], start.elapsed(), r.is_ok());
-        rendered.insert(i, r);
-    }
+    off_the_runtime(|| {
+        for &i in due {
+            let start = std::time::Instant::now();
+            let r = render_one(&cfg.templates[i], renderer, snap);
+            metrics::rendered(&cfg.templates[i], start.elapsed(), r.is_ok());
+            rendered.insert(i, r);
+        }
+    });
     let mut units: BTreeMap<UnitKey, Vec<usize>> = BTreeMap::new();
     let members = due
         .iter()
@@ -623,6 +632,41 @@ enum Rendered {
     },
 }
 
+/// Runs `f`, the renders of a pass, on a thread of their own with a stack of
+/// [`RENDER_STACK`](crate::render::RENDER_STACK), which the deepest render the bounds allow
+/// fits (a runtime worker's 2 MiB does not). Meanwhile, on a multi-thread runtime, the
+/// worker's other tasks (signals, the source's polls, `/metrics`) move to another thread, even
+/// on one core, for as long as the renders take (up to `max_render_time` each). Should no
+/// thread be available, `f` runs where it is, within the same bounds.
+fn off_the_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let on_a_thread = || {
+        let mut job = Some(f);
+        let mut out = None;
+        let spawned = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("confd-render".into())
+                .stack_size(crate::render::RENDER_STACK)
+                .spawn_scoped(s, || out = job.take().map(|f| f()))
+                .map(|h| h.join())
+        });
+        match (spawned, out) {
+            (Ok(Ok(())), Some(out)) => out,
+            (Ok(Err(panic)), _) => std::panic::resume_unwind(panic),
+            (spawned, _) => {
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a render thread; rendering on the runtime's");
+                }
+                (job.take().expect("not run"))()
+            }
+        }
+    };
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(on_a_thread),
+        _ => on_a_thread(),
+    }
+}
+
 /// Guard → read → render → compare for one template (no I/O but reading files). The error
 /// is the reason, one line.
 fn render_one(
@@ -642,7 +686,7 @@ fn render_one(
         reason: e.to_string(),
     })?;
     let name = t.src.display().to_string();
-    let content = renderer.render_current(&name, &source)?;
+    let content = renderer.render_current(&name, &source, t.limits())?;
     let current = writer::read_current(&t.dest).map_err(|e| Failure::file("read", &t.dest, e))?;
     if !writer::changed(current.as_deref(), content.as_bytes()) {
         return Ok(Rendered::Unchanged);

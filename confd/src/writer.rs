@@ -4,14 +4,102 @@
 //! `rename` is atomic: same filesystem), fsynced, given the old file's mode and owner (or the
 //! configured mode), checked by the caller, then renamed over the destination and the directory
 //! fsynced. A reader (nginx, HAProxy) thus sees the old file or the new one, never a half.
+//!
+//! A staged file is removed when it is dropped, which a crash or `kill -9` between stage and
+//! commit skips: [`remove_staged`] removes those leftovers when confd starts. It knows them by
+//! name alone ([`is_staged`]: `.<destination>.confd-` and [`STAGE_RANDOM`] letters or digits,
+//! nothing before or after), so it never touches another program's files or another
+//! destination's.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Mode of a new destination when neither an old file nor the config says otherwise.
 const DEFAULT_MODE: u32 = 0o644;
+
+/// How many random letters or digits end a staged file's name.
+pub const STAGE_RANDOM: usize = 6;
+
+/// What every file staged for the destination named `dest_name` starts with.
+fn stage_prefix(dest_name: &OsStr) -> String {
+    format!(".{}.confd-", dest_name.to_string_lossy())
+}
+
+/// Whether `file`, a name in the destination's directory, is one [`stage`] makes for the
+/// destination named `dest_name`: its prefix and then exactly [`STAGE_RANDOM`] ASCII letters
+/// or digits (what the temp file's random part is made of).
+pub fn is_staged(dest_name: &OsStr, file: &OsStr) -> bool {
+    let prefix = stage_prefix(dest_name);
+    file.as_bytes()
+        .strip_prefix(prefix.as_bytes())
+        .is_some_and(|rest| {
+            rest.len() == STAGE_RANDOM && rest.iter().all(u8::is_ascii_alphanumeric)
+        })
+}
+
+/// Removes the staged files an earlier run left beside `dest` ([`is_staged`]; regular files
+/// only, and never one of `keep`, the destinations themselves), logging each; what it removed.
+/// A directory that does not exist yet has nothing to remove.
+pub fn remove_staged(dest: &Path, keep: &[PathBuf]) -> Vec<PathBuf> {
+    let Some(dest_name) = dest.file_name() else {
+        return Vec::new();
+    };
+    let dir = stage_dir(dest);
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot look for staged files left by an earlier run");
+            }
+            return Vec::new();
+        }
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !is_staged(dest_name, &name) {
+            continue;
+        }
+        let path = dir.join(&name);
+        if keep.contains(&path) {
+            continue;
+        }
+        // Not followed: a link or a directory by that name is not one confd made.
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(
+                    dest = %dest.display(),
+                    file = %path.display(),
+                    bytes = meta.len(),
+                    "removed a staged file an earlier run left (it stopped between staging and replacing)"
+                );
+                removed.push(path);
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove a staged file an earlier run left")
+            }
+        }
+    }
+    removed
+}
+
+/// The directory `dest` is staged in: its own.
+fn stage_dir(dest: &Path) -> &Path {
+    match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
 
 /// New content waiting in the destination's directory. Dropping it removes the temp file.
 pub struct Staged {
@@ -51,16 +139,11 @@ pub fn changed(current: Option<&[u8]>, new: &[u8]) -> bool {
 /// Writes `content` to a temp file beside `dest`, fsynced, with `mode` (or the old file's
 /// mode) and the old file's owner.
 pub fn stage(dest: &Path, content: &[u8], mode: Option<u32>) -> io::Result<Staged> {
-    let dir = match dest.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let dir = stage_dir(dest);
+    let name = dest.file_name().unwrap_or_default();
     let mut file = tempfile::Builder::new()
-        .prefix(&format!(".{name}.confd-"))
+        .prefix(&stage_prefix(name))
+        .rand_bytes(STAGE_RANDOM)
         .tempfile_in(dir)?;
     file.write_all(content)?;
     file.flush()?;
@@ -160,6 +243,80 @@ mod tests {
         drop(s);
         assert_eq!(fs::read(&dest).unwrap(), b"three");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn staged_names_are_told_from_look_alikes() {
+        let cases = [
+            // What `stage` makes for `nginx.conf`.
+            (".nginx.conf.confd-a1B2c3", true),
+            (".nginx.conf.confd-ZZZZZZ", true),
+            (".nginx.conf.confd-000000", true),
+            // Look-alikes: another destination's, another program's, edited or partial names.
+            (".haproxy.cfg.confd-a1B2c3", false),
+            (".nginx.confd-a1B2c3", false),
+            ("nginx.conf.confd-a1B2c3", false),
+            (".nginx.conf.confd-", false),
+            (".nginx.conf.confd-a1B2c", false),
+            (".nginx.conf.confd-a1B2c3d", false),
+            (".nginx.conf.confd-a1B2c3.bak", false),
+            (".nginx.conf.confd-a1B2-3", false),
+            (".nginx.conf.confd-a1B2c\u{e9}", false),
+            (".nginx.conf.swp", false),
+            (".nginx.conf.confd-x.a1B2c3", false),
+            ("..nginx.conf.confd-a1B2c3", false),
+            ("nginx.conf", false),
+        ];
+        for (file, want) in cases {
+            assert_eq!(
+                is_staged(OsStr::new("nginx.conf"), OsStr::new(file)),
+                want,
+                "{file}"
+            );
+        }
+        // Whatever `stage` makes is recognised, for that destination only.
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.conf");
+        let s = stage(&dest, b"one", None).unwrap();
+        let name = s.path().file_name().unwrap();
+        assert!(is_staged(OsStr::new("x.conf"), name), "{name:?}");
+        assert!(!is_staged(OsStr::new("x.con"), name), "{name:?}");
+    }
+
+    #[test]
+    fn leftovers_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let dest = d.join("x.conf");
+        fs::write(&dest, "live").unwrap();
+        let leftovers = [".x.conf.confd-AbC123", ".x.conf.confd-zzzzzz"];
+        let others = [
+            ".x.conf.confd-AbC123.bak",
+            ".y.conf.confd-AbC123",
+            "x.conf.confd-AbC123",
+        ];
+        for f in leftovers.iter().chain(&others) {
+            fs::write(d.join(f), "x").unwrap();
+        }
+        // A directory by that name, and a destination that happens to match, stay too.
+        fs::create_dir(d.join(".x.conf.confd-dir123")).unwrap();
+        let other_dest = d.join(".x.conf.confd-DEST00");
+        fs::write(&other_dest, "another destination").unwrap();
+        let mut removed = remove_staged(&dest, &[dest.clone(), other_dest.clone()]);
+        removed.sort();
+        let want: Vec<PathBuf> = leftovers.iter().map(|f| d.join(f)).collect();
+        assert_eq!(removed, want);
+        for f in leftovers {
+            assert!(!d.join(f).exists(), "{f}");
+        }
+        for f in others {
+            assert!(d.join(f).exists(), "{f}");
+        }
+        assert!(d.join(".x.conf.confd-dir123").is_dir());
+        assert!(other_dest.exists());
+        assert_eq!(fs::read(&dest).unwrap(), b"live");
+        // A directory that does not exist yet: nothing to do.
+        assert!(remove_staged(&d.join("no/such/dir/x.conf"), &[]).is_empty());
     }
 
     #[test]

@@ -1092,3 +1092,216 @@ async fn a_sighup_burst_opens_no_connection_to_consul() {
         confd.output()
     );
 }
+
+/// confd with several templates, `(file name, source)` rendered into `<dir>/<file name>.out`,
+/// with no quiescence window and `extra` YAML at the top level; the command line runs through
+/// `wrap` (e.g. `prlimit`), if given.
+fn confd_templates(
+    dir: &Path,
+    backend: &str,
+    extra: &str,
+    templates: &[(&str, &str)],
+    wrap: &[&str],
+) -> Process {
+    let mut cfg = format!("backend: {backend}\nwait: {{ min: 0s, max: 0s }}\n{extra}templates:\n");
+    for (name, body) in templates {
+        let src = dir.join(name);
+        std::fs::write(&src, body).unwrap();
+        cfg += &format!(
+            "  - {{ src: {}, dest: {} }}\n",
+            src.display(),
+            dir.join(format!("{name}.out")).display()
+        );
+    }
+    let cfg_path = dir.join("confd.yaml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let confd = bin("confd");
+    let mut argv: Vec<&str> = wrap.to_vec();
+    argv.extend([
+        confd.to_str().unwrap(),
+        "--config",
+        cfg_path.to_str().unwrap(),
+    ]);
+    Process::spawn(Path::new(argv[0]), &argv[1..], &[("RUST_LOG", "info")])
+}
+
+/// `/proc/<pid>/stat` of a process: its state letter and the CPU time it used.
+fn proc_stat(pid: u32) -> Option<(char, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Some((
+        fields[0].chars().next()?,
+        Duration::from_millis(ticks * 1000 / hz),
+    ))
+}
+
+/// A field of `/proc/<pid>/status` (e.g. `VmHWM`), as printed.
+fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A self-recursive inline partial costs its own template only. confd runs under a 512 MB
+/// address-space limit (an allocation past it aborts the process): the recursive template
+/// fails at the depth bound with one line naming it and keeps its previous file, while the
+/// normal template goes on following the store; confd stays up, and obeys SIGTERM after.
+#[tokio::test]
+async fn a_self_recursive_template_fails_alone_within_a_memory_limit() {
+    const LIMIT: &str = "--as=536870912";
+    let etcd = Etcd::start().await;
+    let store = Store::new(&RegistryUri::parse(&etcd.uri("svc/reg")).unwrap());
+    store.register(&web("web-a", 8001, 0)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let recursive_out = dir.path().join("recursive.hbs.out");
+    std::fs::write(&recursive_out, "previous\n").unwrap();
+    let mut confd = confd_templates(
+        dir.path(),
+        &etcd.uri("svc/reg"),
+        "",
+        &[
+            (
+                "recursive.hbs",
+                "{{#*inline \"a\"}}x{{> a}}{{/inline}}{{> a}}",
+            ),
+            ("services.hbs", TEMPLATE),
+        ],
+        &["prlimit", LIMIT, "--"],
+    );
+    let normal = dir.path().join("services.hbs.out");
+    let refusal = format!(
+        "{}: blocks and partials nest deeper than max_render_depth (64)",
+        dir.path().join("recursive.hbs").display()
+    );
+    confd.wait_output(&refusal, WAIT).await;
+    wait_for(
+        "web-a rendered beside the refused template",
+        WAIT,
+        || async {
+            let t = std::fs::read_to_string(&normal).ok()?;
+            t.contains("web-a=8001").then_some(())
+        },
+    )
+    .await;
+    // The store changes: the normal template follows, the recursive one is refused again.
+    store.register(&web("web-b", 8002, 0)).await.unwrap();
+    wait_for("web-b rendered", SOON, || async {
+        let t = std::fs::read_to_string(&normal).ok()?;
+        t.contains("web-b=8002").then_some(())
+    })
+    .await;
+    wait_for("the recursive template refused again", SOON, || async {
+        (confd.output().matches(&refusal).count() >= 2).then_some(())
+    })
+    .await;
+    let out = confd.output();
+    let (state, cpu) = proc_stat(confd.pid()).expect("confd is running");
+    eprintln!(
+        "confd under prlimit {LIMIT}: state {state}, CPU {cpu:?}, peak RSS {}, peak VM {}",
+        proc_status(confd.pid(), "VmHWM"),
+        proc_status(confd.pid(), "VmPeak")
+    );
+    assert_ne!(state, 'Z', "confd died: {out}");
+    for crash in ["memory allocation", "overflowed its stack", "panicked"] {
+        assert!(!out.contains(crash), "{crash}: {out}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&recursive_out).unwrap(),
+        "previous\n"
+    );
+    let line = out.lines().find(|l| l.contains(&refusal)).unwrap();
+    assert!(line.contains("previous file kept"), "{line}");
+    assert_short_lines("confd", &out);
+    confd.signal(libc::SIGTERM);
+    let st = confd.wait_exit(WAIT).await;
+    assert!(st.success(), "{st:?}: {}", confd.output());
+}
+
+/// SIGTERM ends a render in progress: one that would run for ever without writing (10^9
+/// loop iterations, under a time bound of an hour) stops, and confd exits within 5 s.
+#[tokio::test]
+async fn sigterm_ends_a_render_in_progress() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let n: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+    let mut confd = confd_templates(
+        dir.path(),
+        &etcd.uri("svc/reg"),
+        &format!("max_render_time: 1h\nvars: {{ n: [{}] }}\n", n.join(",")),
+        &[(
+            "endless.hbs",
+            "{{#each vars.n}}{{#each @root.vars.n}}{{#each @root.vars.n}}{{/each}}{{/each}}{{/each}}",
+        )],
+        &[],
+    );
+    // Rendering is all this confd has to do: once it has used 2 s of CPU, it is in the render.
+    let pid = confd.pid();
+    wait_for("confd busy rendering", WAIT, || async {
+        let (_, cpu) = proc_stat(pid)?;
+        (cpu >= Duration::from_secs(2)).then_some(())
+    })
+    .await;
+    let t = Instant::now();
+    confd.signal(libc::SIGTERM);
+    let st = confd.wait_exit(Duration::from_secs(5)).await;
+    let took = t.elapsed();
+    eprintln!("confd exited {took:?} after SIGTERM, in a render");
+    let out = confd.output();
+    assert!(st.success(), "{st:?}: {out}");
+    assert!(
+        out.contains("endless.hbs: render stopped: confd is stopping"),
+        "{out}"
+    );
+    assert!(!dir.path().join("endless.hbs.out").exists());
+}
+
+/// Staged files a crash left beside the destination (`kill -9` between staging and renaming)
+/// are removed when confd starts: exactly those of its own destinations, and nothing that
+/// only looks like one.
+#[tokio::test]
+async fn staged_files_left_by_a_crash_are_removed_at_start() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(out_path(d), "previous\n").unwrap();
+    let leftovers = [".out.txt.confd-AbC123", ".out.txt.confd-x9Y8z7"];
+    let look_alikes = [
+        ".out.txt.confd-AbC123.keep",
+        ".other.txt.confd-AbC123",
+        "out.txt.confd-AbC123",
+        ".out.txt.confd-AbC12",
+        ".out.txt.swp",
+    ];
+    let big = vec![b'x'; 4 << 20];
+    for f in leftovers.iter().chain(&look_alikes) {
+        std::fs::write(d.join(f), &big).unwrap();
+    }
+    let confd = confd(d, &etcd.uri("svc/reg"), "60s");
+    wait_rendered(&confd, d, "the first render", WAIT, |t| t.is_empty()).await;
+    let out = confd.output();
+    for f in leftovers {
+        assert!(!d.join(f).exists(), "{f} left: {out}");
+        let line = out
+            .lines()
+            .find(|l| l.contains(&d.join(f).display().to_string()))
+            .unwrap_or_else(|| panic!("{f} not logged: {out}"));
+        assert!(
+            line.contains("removed a staged file") && line.contains("bytes=4194304"),
+            "{line}"
+        );
+    }
+    for f in look_alikes {
+        assert_eq!(
+            std::fs::metadata(d.join(f)).map(|m| m.len()).ok(),
+            Some(4 << 20),
+            "{f}"
+        );
+    }
+}
