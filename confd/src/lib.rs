@@ -22,6 +22,7 @@ pub mod live;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod outcome;
 pub mod render;
 pub mod runner;
 pub mod source;

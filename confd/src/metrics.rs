@@ -7,8 +7,8 @@
 
 use crate::config::TemplateConfig;
 #[cfg(test)]
-use crate::runner::Failure;
-use crate::runner::Outcome;
+use crate::outcome::Failure;
+use crate::outcome::Outcome;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
