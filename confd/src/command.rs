@@ -24,7 +24,7 @@ pub enum CommandSpec {
     Argv(Vec<String>),
     /// Not a command: this signal to the process confd supervises (`exec`), for templates
     /// without a reload command of their own. Never read from a config file as such.
-    Signal(crate::exec::Signal),
+    Signal(crate::signal::Signal),
 }
 
 impl fmt::Display for CommandSpec {

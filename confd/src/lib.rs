@@ -25,6 +25,7 @@ pub mod names;
 pub mod outcome;
 pub mod render;
 pub mod runner;
+pub mod signal;
 pub mod source;
 pub mod stream;
 pub mod watch;

@@ -19,8 +19,9 @@
 use anyhow::Context;
 use clap::Parser;
 use confd::config::Wait;
-use confd::exec::{self, Signal, Supervisor};
+use confd::exec::{self, Supervisor};
 use confd::runner::Quiescence;
+use confd::signal::Signal;
 use confd::source::{Prepared, Source};
 use confd::{Config, Overrides, RunOptions};
 use std::net::SocketAddr;
