@@ -16,9 +16,10 @@
 //! One child per confd process, kept across SIGHUP: a SIGHUP re-reads confd's own
 //! configuration and restarts the render loop, but the proxy keeps running (it is reloaded
 //! only if the new configuration renders a different file). The supervisor therefore lives
-//! beside the render loop, not inside it, and the loop reaches it through two functions,
-//! [`rendered`] and [`reload`], that do nothing when no supervisor runs (`--once`, `--dry-run`,
-//! no `exec`).
+//! beside the render loop, not inside it: confd's `serve` owns the [`Supervisor`], and hands
+//! each run a [`SupervisorHandle`] to report its renders and send reload signals through. A
+//! handle, not a process-wide global: a run reaches the supervisor it is given, and the
+//! default handle, for a run without one (`--once`, `--dry-run`, no `exec`), does nothing.
 //!
 //! The child leads a process group of its own. When it dies, whatever is left in that group
 //! (an nginx master killed with `kill -9` leaves its workers, which still hold the listening
@@ -27,13 +28,14 @@
 //! when it runs as PID 1 in a container.
 
 use crate::duration;
+use crate::metrics::Telemetry;
 use crate::signal::Signal;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard::Backoff;
 use tokio::sync::{oneshot, watch};
@@ -257,64 +259,79 @@ impl Shared {
     }
 }
 
-/// The one supervisor of this process, once started (see the module docs for why it is
-/// process-wide).
-static CURRENT: OnceLock<Arc<Shared>> = OnceLock::new();
+/// How a run of the render loop reaches the supervisor: it reports what it rendered
+/// ([`SupervisorHandle::rendered`]) and reloads the child by signal
+/// ([`SupervisorHandle::reload`]). Handed to each run by whoever owns the [`Supervisor`] (see
+/// the module docs); the default reaches none and does nothing, as a run without one
+/// (`--once`, `--dry-run`, no `exec`) needs. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct SupervisorHandle(Option<Arc<Shared>>);
 
-/// The render loop's report after a pass: `rendered` are the templates (of `total`) whose
-/// destination now holds a render of the current snapshot (written, or already equal). Once
-/// every template has been, the child may start. A no-op without a supervisor.
-pub fn rendered(total: usize, rendered: impl IntoIterator<Item = usize>) {
-    let Some(shared) = CURRENT.get() else { return };
-    let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
-    if p.0 != total {
-        // A SIGHUP changed the template list before the first start: count afresh.
-        *p = (total, Default::default());
-    }
-    p.1.extend(rendered);
-    if p.1.len() >= total {
-        shared
-            .ready
-            .send_if_modified(|r| !std::mem::replace(r, true));
-    }
-}
-
-/// Whether a supervised child is running now.
-pub fn running() -> bool {
-    CURRENT
-        .get()
-        .is_some_and(|s| matches!(s.get(), State::Running(_)))
-}
-
-/// Reloads the child with `sig` (a template's reload when it has no command of its own).
-/// Returns what was done, for the `reloaded` log line. A child that is not running has
-/// nothing to reload: it reads the new file when it starts, so that is not a failure.
-pub async fn reload(sig: Signal) -> Result<String, String> {
-    let Some(shared) = CURRENT.get() else {
-        return Ok(format!("{sig} not sent: no supervised process in this run"));
-    };
-    let pid = match shared.get() {
-        State::Running(pid) => pid,
-        other => {
-            return Ok(format!(
-                "{sig} not sent: the supervised process is not running ({other:?}); it reads the file when it starts"
-            ))
+impl fmt::Debug for SupervisorHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(shared) => write!(f, "SupervisorHandle({:?})", shared.get()),
+            None => f.write_str("SupervisorHandle(none)"),
         }
-    };
-    // A proxy started a moment ago may not have installed its handler yet; the default
-    // action of SIGHUP would kill it.
-    let deadline = Instant::now() + HANDLER_WAIT;
-    while !catches(pid, sig) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if shared.get() != State::Running(pid) {
-        return Ok(format!(
-            "{sig} not sent: the supervised process restarted meanwhile and reads the new file"
-        ));
+}
+
+impl SupervisorHandle {
+    /// The render loop's report after a pass: `rendered` are the templates (of `total`) whose
+    /// destination now holds a render of the current snapshot (written, or already equal).
+    /// Once every template has been, the child may start. A no-op without a supervisor.
+    pub fn rendered(&self, total: usize, rendered: impl IntoIterator<Item = usize>) {
+        let Some(shared) = &self.0 else { return };
+        let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if p.0 != total {
+            // A SIGHUP changed the template list before the first start: count afresh.
+            *p = (total, Default::default());
+        }
+        p.1.extend(rendered);
+        if p.1.len() >= total {
+            shared
+                .ready
+                .send_if_modified(|r| !std::mem::replace(r, true));
+        }
     }
-    send(pid, sig)
-        .map_err(|e| format!("cannot send {sig} to the supervised process {pid}: {e}"))?;
-    Ok(format!("{sig} sent to the supervised process {pid}"))
+
+    /// Whether a supervised child is running now.
+    pub fn running(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|s| matches!(s.get(), State::Running(_)))
+    }
+
+    /// Reloads the child with `sig` (a template's reload when it has no command of its own).
+    /// Returns what was done, for the `reloaded` log line. A child that is not running has
+    /// nothing to reload: it reads the new file when it starts, so that is not a failure.
+    pub async fn reload(&self, sig: Signal) -> Result<String, String> {
+        let Some(shared) = &self.0 else {
+            return Ok(format!("{sig} not sent: no supervised process in this run"));
+        };
+        let pid = match shared.get() {
+            State::Running(pid) => pid,
+            other => {
+                return Ok(format!(
+                    "{sig} not sent: the supervised process is not running ({other:?}); it reads the file when it starts"
+                ))
+            }
+        };
+        // A proxy started a moment ago may not have installed its handler yet; the default
+        // action of SIGHUP would kill it.
+        let deadline = Instant::now() + HANDLER_WAIT;
+        while !catches(pid, sig) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if shared.get() != State::Running(pid) {
+            return Ok(format!(
+                "{sig} not sent: the supervised process restarted meanwhile and reads the new file"
+            ));
+        }
+        send(pid, sig)
+            .map_err(|e| format!("cannot send {sig} to the supervised process {pid}: {e}"))?;
+        Ok(format!("{sig} sent to the supervised process {pid}"))
+    }
 }
 
 /// Whether `pid` has a handler installed for `sig` (`SigCgt` in `/proc/<pid>/status`).
@@ -385,18 +402,19 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Starts supervising `cfg.command`: it is started once every template has been rendered
-    /// (see [`rendered`]), or after [`FAIL_STATIC_AFTER`] if every one of `dests` exists.
-    /// Only one supervisor can exist per process; a second is refused.
-    pub fn spawn(cfg: ExecConfig, dests: Vec<PathBuf>) -> anyhow::Result<Supervisor> {
+    /// (see [`SupervisorHandle::rendered`]), or after [`FAIL_STATIC_AFTER`] if every one of
+    /// `dests` exists. Whether it runs is the `proxy` condition of `telemetry`.
+    pub fn spawn(
+        cfg: ExecConfig,
+        dests: Vec<PathBuf>,
+        telemetry: Telemetry,
+    ) -> anyhow::Result<Supervisor> {
         let (ready, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::NotStarted),
             progress: Mutex::new((usize::MAX, Default::default())),
             ready,
         });
-        CURRENT
-            .set(shared.clone())
-            .map_err(|_| anyhow::anyhow!("a process is already supervised"))?;
         // Orphans of the child's group (workers of a killed master) become ours, to reap.
         // SAFETY: prctl(2) with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
@@ -407,13 +425,18 @@ impl Supervisor {
         }
         let (stop, stop_rx) = oneshot::channel();
         let command = cfg.command.to_string();
-        let task = tokio::spawn(supervise(cfg, dests, shared.clone(), stop_rx));
+        let task = tokio::spawn(supervise(cfg, dests, shared.clone(), telemetry, stop_rx));
         Ok(Supervisor {
             stop: Some(stop),
             task,
             shared,
             command,
         })
+    }
+
+    /// What each run of the render loop is handed to reach this supervisor.
+    pub fn handle(&self) -> SupervisorHandle {
+        SupervisorHandle(Some(self.shared.clone()))
     }
 
     /// Passes `sig` on to the running child (SIGUSR1, SIGUSR2: the proxy's own uses).
@@ -441,10 +464,11 @@ async fn supervise(
     cfg: ExecConfig,
     dests: Vec<PathBuf>,
     shared: Arc<Shared>,
+    telemetry: Telemetry,
     mut stop: oneshot::Receiver<Signal>,
 ) -> Option<ExitStatus> {
     let command = cfg.command.to_string();
-    crate::metrics::proxy_down(&"not started yet: waiting for the first complete render");
+    telemetry.proxy_down(&"not started yet: waiting for the first complete render");
     let mut ready = shared.ready.subscribe();
     let grace = tokio::time::sleep(FAIL_STATIC_AFTER);
     tokio::pin!(grace);
@@ -492,7 +516,7 @@ async fn supervise(
             Ok(mut child) => {
                 let pid = child.id().map_or(0, |p| p as i32);
                 shared.set(State::Running(pid));
-                crate::metrics::proxy_up();
+                telemetry.proxy_up();
                 tracing::info!(command = %command, pid, "supervised process started");
                 tokio::select! {
                     st = child.wait() => {
@@ -518,7 +542,7 @@ async fn supervise(
         }
         let delay = backoff.next_delay();
         shared.set(State::Backoff(Instant::now() + delay));
-        crate::metrics::proxy_down(&format_args!("{why}; restarting in {delay:.1?}"));
+        telemetry.proxy_down(&format_args!("{why}; restarting in {delay:.1?}"));
         tracing::error!(
             command = %command,
             attempt = backoff.attempts(),
