@@ -251,6 +251,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Not started, nothing rendered yet.
+    fn new() -> Shared {
+        let (ready, _) = watch::channel(false);
+        Shared {
+            state: Mutex::new(State::NotStarted),
+            progress: Mutex::new((usize::MAX, Default::default())),
+            ready,
+        }
+    }
     fn set(&self, s: State) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
@@ -409,12 +418,7 @@ impl Supervisor {
         dests: Vec<PathBuf>,
         telemetry: Telemetry,
     ) -> anyhow::Result<Supervisor> {
-        let (ready, _) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::NotStarted),
-            progress: Mutex::new((usize::MAX, Default::default())),
-            ready,
-        });
+        let shared = Arc::new(Shared::new());
         // Orphans of the child's group (workers of a killed master) become ours, to reap.
         // SAFETY: prctl(2) with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
@@ -664,6 +668,36 @@ mod tests {
         // Display quotes what needs it, so the log shows what runs.
         let c = ExecCommand::parse("nginx -g 'daemon off;'").unwrap();
         assert_eq!(c.to_string(), "nginx -g 'daemon off;'");
+    }
+
+    /// The handle a run is given: without a supervisor it does nothing; with one, the child
+    /// may start once every template was reported in place, counted afresh when a SIGHUP
+    /// changed how many there are.
+    #[tokio::test]
+    async fn runs_reach_the_supervisor_through_their_handle() {
+        let none = SupervisorHandle::default();
+        none.rendered(1, [0]);
+        assert!(!none.running());
+        assert_eq!(
+            none.reload(Signal::HUP).await.unwrap(),
+            "SIGHUP not sent: no supervised process in this run"
+        );
+
+        let shared = Arc::new(Shared::new());
+        let h = SupervisorHandle(Some(shared.clone()));
+        let ready = || *shared.ready.borrow();
+        h.rendered(3, [0, 2]);
+        assert!(!ready());
+        h.rendered(2, [1]);
+        assert!(!ready(), "a new template count starts afresh");
+        h.rendered(2, [0]);
+        assert!(ready());
+        assert!(!h.running());
+        let not_running = h.reload(Signal::HUP).await.unwrap();
+        assert!(
+            not_running.contains("not running (NotStarted)"),
+            "{not_running}"
+        );
     }
 
     #[test]

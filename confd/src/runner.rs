@@ -938,6 +938,33 @@ mod tests {
         );
     }
 
+    /// A pass records into the telemetry its run is handed, and sends a reload that is a
+    /// signal through the run's supervisor handle: without a supervisor, nothing is sent and
+    /// nothing failed (the proxy reads the file when it starts).
+    #[tokio::test]
+    async fn a_pass_reports_to_the_handles_of_its_run() {
+        let d = tempfile::tempdir().unwrap();
+        let mut t = tpl(
+            d.path(),
+            "a",
+            "{{#each service.web}}{{port}} {{/each}}",
+            None,
+        );
+        t.reload = Some(CommandSpec::Signal(crate::signal::Signal::HUP));
+        let c = cfg(d.path(), vec![t]);
+        let run = opts();
+        let mut r = Renderer::default();
+        let o = pass(&c, &run, &mut r, &snap(1), &[0], &mut BTreeSet::new()).await;
+        assert_eq!(o, vec![Outcome::Updated]);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, run.telemetry.registry()).unwrap();
+        let dest = d.path().join("a").display().to_string();
+        for metric in ["confd_renders_total", "confd_reloads_total"] {
+            let line = format!("{metric}{{template=\"{dest}\"}} 1");
+            assert!(text.contains(&line), "no {line:?} in:\n{text}");
+        }
+    }
+
     #[tokio::test]
     async fn failures_keep_the_previous_file() {
         let d = tempfile::tempdir().unwrap();
