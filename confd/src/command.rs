@@ -24,7 +24,7 @@ pub enum CommandSpec {
     Argv(Vec<String>),
     /// Not a command: this signal to the process confd supervises (`exec`), for templates
     /// without a reload command of their own. Never read from a config file as such.
-    Signal(crate::exec::Signal),
+    Signal(crate::signal::Signal),
 }
 
 impl fmt::Display for CommandSpec {
@@ -102,12 +102,6 @@ pub fn argv(spec: &CommandSpec, staged: Option<&Path>) -> Vec<String> {
     }
 }
 
-/// Whether a reload that just succeeded had nothing to reload: a signal for the supervised
-/// proxy (`exec`) while it is not running.
-pub fn reloaded_nothing(spec: &CommandSpec) -> bool {
-    matches!(spec, CommandSpec::Signal(_)) && !crate::exec::running()
-}
-
 /// Why a command did not succeed; displays as one line with the command's output.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -145,18 +139,20 @@ pub enum CommandError {
 ///
 /// The child gets its own process group so a timeout kills everything a shell started.
 /// Cancel-safe: dropping the future kills the child (`kill_on_drop`).
+///
+/// A [`CommandSpec::Signal`] is no process to run: whoever reloads sends it through the
+/// supervisor's handle (`exec::SupervisorHandle::reload`), so this module needs no
+/// supervisor. Handed one, this refuses it.
 pub async fn run(
     spec: &CommandSpec,
     staged: Option<&Path>,
     timeout: Duration,
 ) -> Result<String, CommandError> {
-    if let CommandSpec::Signal(sig) = spec {
-        return crate::exec::reload(*sig)
-            .await
-            .map_err(|reason| CommandError::Spawn {
-                cmd: spec.to_string(),
-                reason,
-            });
+    if let CommandSpec::Signal(_) = spec {
+        return Err(CommandError::Spawn {
+            cmd: spec.to_string(),
+            reason: "a signal is sent through the supervisor, not run".into(),
+        });
     }
     let args = argv(spec, staged);
     let cmd = spec.to_string();

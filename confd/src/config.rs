@@ -7,9 +7,10 @@
 
 use crate::command::CommandSpec;
 use crate::duration;
-use crate::exec::{ExecCommand, ExecConfig, Signal};
+use crate::exec::{ExecCommand, ExecConfig};
 use crate::live::LiveChannel;
 use crate::render::Limits;
+use crate::signal::Signal;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

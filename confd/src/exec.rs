@@ -16,9 +16,10 @@
 //! One child per confd process, kept across SIGHUP: a SIGHUP re-reads confd's own
 //! configuration and restarts the render loop, but the proxy keeps running (it is reloaded
 //! only if the new configuration renders a different file). The supervisor therefore lives
-//! beside the render loop, not inside it, and the loop reaches it through two functions,
-//! [`rendered`] and [`reload`], that do nothing when no supervisor runs (`--once`, `--dry-run`,
-//! no `exec`).
+//! beside the render loop, not inside it: confd's `serve` owns the [`Supervisor`], and hands
+//! each run a [`SupervisorHandle`] to report its renders and send reload signals through. A
+//! handle, not a process-wide global: a run reaches the supervisor it is given, and the
+//! default handle, for a run without one (`--once`, `--dry-run`, no `exec`), does nothing.
 //!
 //! The child leads a process group of its own. When it dies, whatever is left in that group
 //! (an nginx master killed with `kill -9` leaves its workers, which still hold the listening
@@ -27,12 +28,14 @@
 //! when it runs as PID 1 in a container.
 
 use crate::duration;
+use crate::metrics::Telemetry;
+use crate::signal::Signal;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard::Backoff;
 use tokio::sync::{oneshot, watch};
@@ -53,70 +56,6 @@ const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How long a reload signal waits for a just-started child to install its handler for it: a
 /// proxy that has not yet would die of the signal's default action instead of reloading.
 const HANDLER_WAIT: Duration = Duration::from_secs(2);
-
-/// A signal, by name (`SIGHUP`, `HUP`, `hup`) or number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Signal(pub i32);
-
-const SIGNALS: &[(&str, i32)] = &[
-    ("HUP", libc::SIGHUP),
-    ("INT", libc::SIGINT),
-    ("QUIT", libc::SIGQUIT),
-    ("USR1", libc::SIGUSR1),
-    ("USR2", libc::SIGUSR2),
-    ("TERM", libc::SIGTERM),
-    ("WINCH", libc::SIGWINCH),
-    ("ALRM", libc::SIGALRM),
-    ("CONT", libc::SIGCONT),
-];
-
-impl Signal {
-    /// SIGHUP: the default reload signal (nginx and HAProxy's master reload on it).
-    pub const HUP: Signal = Signal(libc::SIGHUP);
-    /// SIGTERM.
-    pub const TERM: Signal = Signal(libc::SIGTERM);
-    /// SIGINT.
-    pub const INT: Signal = Signal(libc::SIGINT);
-    /// SIGQUIT.
-    pub const QUIT: Signal = Signal(libc::SIGQUIT);
-    /// SIGUSR1.
-    pub const USR1: Signal = Signal(libc::SIGUSR1);
-    /// SIGUSR2.
-    pub const USR2: Signal = Signal(libc::SIGUSR2);
-
-    /// Parses `SIGHUP`, `HUP` (any case) or a number.
-    pub fn parse(s: &str) -> Result<Signal, String> {
-        let t = s.trim().to_ascii_uppercase();
-        let name = t.strip_prefix("SIG").unwrap_or(&t);
-        if let Some((_, n)) = SIGNALS.iter().find(|(k, _)| *k == name) {
-            return Ok(Signal(*n));
-        }
-        match name.parse::<i32>() {
-            Ok(n) if (1..=64).contains(&n) && n != libc::SIGKILL && n != libc::SIGSTOP => {
-                Ok(Signal(n))
-            }
-            _ => Err(format!(
-                "invalid signal {s:?}: expected a name like SIGHUP, SIGUSR2 or SIGTERM"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Signal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match SIGNALS.iter().find(|(_, n)| *n == self.0) {
-            Some((name, _)) => write!(f, "SIG{name}"),
-            None => write!(f, "signal {}", self.0),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Signal {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
-        let s = String::deserialize(d)?;
-        Signal::parse(&s).map_err(de::Error::custom)
-    }
-}
 
 /// The program and its arguments. Written as a string (split by shell quoting rules, no shell
 /// run) or as a list.
@@ -312,6 +251,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Not started, nothing rendered yet.
+    fn new() -> Shared {
+        let (ready, _) = watch::channel(false);
+        Shared {
+            state: Mutex::new(State::NotStarted),
+            progress: Mutex::new((usize::MAX, Default::default())),
+            ready,
+        }
+    }
     fn set(&self, s: State) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
@@ -320,64 +268,79 @@ impl Shared {
     }
 }
 
-/// The one supervisor of this process, once started (see the module docs for why it is
-/// process-wide).
-static CURRENT: OnceLock<Arc<Shared>> = OnceLock::new();
+/// How a run of the render loop reaches the supervisor: it reports what it rendered
+/// ([`SupervisorHandle::rendered`]) and reloads the child by signal
+/// ([`SupervisorHandle::reload`]). Handed to each run by whoever owns the [`Supervisor`] (see
+/// the module docs); the default reaches none and does nothing, as a run without one
+/// (`--once`, `--dry-run`, no `exec`) needs. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct SupervisorHandle(Option<Arc<Shared>>);
 
-/// The render loop's report after a pass: `rendered` are the templates (of `total`) whose
-/// destination now holds a render of the current snapshot (written, or already equal). Once
-/// every template has been, the child may start. A no-op without a supervisor.
-pub fn rendered(total: usize, rendered: impl IntoIterator<Item = usize>) {
-    let Some(shared) = CURRENT.get() else { return };
-    let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
-    if p.0 != total {
-        // A SIGHUP changed the template list before the first start: count afresh.
-        *p = (total, Default::default());
-    }
-    p.1.extend(rendered);
-    if p.1.len() >= total {
-        shared
-            .ready
-            .send_if_modified(|r| !std::mem::replace(r, true));
-    }
-}
-
-/// Whether a supervised child is running now.
-pub fn running() -> bool {
-    CURRENT
-        .get()
-        .is_some_and(|s| matches!(s.get(), State::Running(_)))
-}
-
-/// Reloads the child with `sig` (a template's reload when it has no command of its own).
-/// Returns what was done, for the `reloaded` log line. A child that is not running has
-/// nothing to reload: it reads the new file when it starts, so that is not a failure.
-pub async fn reload(sig: Signal) -> Result<String, String> {
-    let Some(shared) = CURRENT.get() else {
-        return Ok(format!("{sig} not sent: no supervised process in this run"));
-    };
-    let pid = match shared.get() {
-        State::Running(pid) => pid,
-        other => {
-            return Ok(format!(
-                "{sig} not sent: the supervised process is not running ({other:?}); it reads the file when it starts"
-            ))
+impl fmt::Debug for SupervisorHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(shared) => write!(f, "SupervisorHandle({:?})", shared.get()),
+            None => f.write_str("SupervisorHandle(none)"),
         }
-    };
-    // A proxy started a moment ago may not have installed its handler yet; the default
-    // action of SIGHUP would kill it.
-    let deadline = Instant::now() + HANDLER_WAIT;
-    while !catches(pid, sig) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if shared.get() != State::Running(pid) {
-        return Ok(format!(
-            "{sig} not sent: the supervised process restarted meanwhile and reads the new file"
-        ));
+}
+
+impl SupervisorHandle {
+    /// The render loop's report after a pass: `rendered` are the templates (of `total`) whose
+    /// destination now holds a render of the current snapshot (written, or already equal).
+    /// Once every template has been, the child may start. A no-op without a supervisor.
+    pub fn rendered(&self, total: usize, rendered: impl IntoIterator<Item = usize>) {
+        let Some(shared) = &self.0 else { return };
+        let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if p.0 != total {
+            // A SIGHUP changed the template list before the first start: count afresh.
+            *p = (total, Default::default());
+        }
+        p.1.extend(rendered);
+        if p.1.len() >= total {
+            shared
+                .ready
+                .send_if_modified(|r| !std::mem::replace(r, true));
+        }
     }
-    send(pid, sig)
-        .map_err(|e| format!("cannot send {sig} to the supervised process {pid}: {e}"))?;
-    Ok(format!("{sig} sent to the supervised process {pid}"))
+
+    /// Whether a supervised child is running now.
+    pub fn running(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|s| matches!(s.get(), State::Running(_)))
+    }
+
+    /// Reloads the child with `sig` (a template's reload when it has no command of its own).
+    /// Returns what was done, for the `reloaded` log line. A child that is not running has
+    /// nothing to reload: it reads the new file when it starts, so that is not a failure.
+    pub async fn reload(&self, sig: Signal) -> Result<String, String> {
+        let Some(shared) = &self.0 else {
+            return Ok(format!("{sig} not sent: no supervised process in this run"));
+        };
+        let pid = match shared.get() {
+            State::Running(pid) => pid,
+            other => {
+                return Ok(format!(
+                    "{sig} not sent: the supervised process is not running ({other:?}); it reads the file when it starts"
+                ))
+            }
+        };
+        // A proxy started a moment ago may not have installed its handler yet; the default
+        // action of SIGHUP would kill it.
+        let deadline = Instant::now() + HANDLER_WAIT;
+        while !catches(pid, sig) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if shared.get() != State::Running(pid) {
+            return Ok(format!(
+                "{sig} not sent: the supervised process restarted meanwhile and reads the new file"
+            ));
+        }
+        send(pid, sig)
+            .map_err(|e| format!("cannot send {sig} to the supervised process {pid}: {e}"))?;
+        Ok(format!("{sig} sent to the supervised process {pid}"))
+    }
 }
 
 /// Whether `pid` has a handler installed for `sig` (`SigCgt` in `/proc/<pid>/status`).
@@ -448,18 +411,14 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Starts supervising `cfg.command`: it is started once every template has been rendered
-    /// (see [`rendered`]), or after [`FAIL_STATIC_AFTER`] if every one of `dests` exists.
-    /// Only one supervisor can exist per process; a second is refused.
-    pub fn spawn(cfg: ExecConfig, dests: Vec<PathBuf>) -> anyhow::Result<Supervisor> {
-        let (ready, _) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::NotStarted),
-            progress: Mutex::new((usize::MAX, Default::default())),
-            ready,
-        });
-        CURRENT
-            .set(shared.clone())
-            .map_err(|_| anyhow::anyhow!("a process is already supervised"))?;
+    /// (see [`SupervisorHandle::rendered`]), or after [`FAIL_STATIC_AFTER`] if every one of
+    /// `dests` exists. Whether it runs is the `proxy` condition of `telemetry`.
+    pub fn spawn(
+        cfg: ExecConfig,
+        dests: Vec<PathBuf>,
+        telemetry: Telemetry,
+    ) -> anyhow::Result<Supervisor> {
+        let shared = Arc::new(Shared::new());
         // Orphans of the child's group (workers of a killed master) become ours, to reap.
         // SAFETY: prctl(2) with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
@@ -470,13 +429,18 @@ impl Supervisor {
         }
         let (stop, stop_rx) = oneshot::channel();
         let command = cfg.command.to_string();
-        let task = tokio::spawn(supervise(cfg, dests, shared.clone(), stop_rx));
+        let task = tokio::spawn(supervise(cfg, dests, shared.clone(), telemetry, stop_rx));
         Ok(Supervisor {
             stop: Some(stop),
             task,
             shared,
             command,
         })
+    }
+
+    /// What each run of the render loop is handed to reach this supervisor.
+    pub fn handle(&self) -> SupervisorHandle {
+        SupervisorHandle(Some(self.shared.clone()))
     }
 
     /// Passes `sig` on to the running child (SIGUSR1, SIGUSR2: the proxy's own uses).
@@ -504,10 +468,11 @@ async fn supervise(
     cfg: ExecConfig,
     dests: Vec<PathBuf>,
     shared: Arc<Shared>,
+    telemetry: Telemetry,
     mut stop: oneshot::Receiver<Signal>,
 ) -> Option<ExitStatus> {
     let command = cfg.command.to_string();
-    crate::metrics::proxy_down(&"not started yet: waiting for the first complete render");
+    telemetry.proxy_down(&"not started yet: waiting for the first complete render");
     let mut ready = shared.ready.subscribe();
     let grace = tokio::time::sleep(FAIL_STATIC_AFTER);
     tokio::pin!(grace);
@@ -555,7 +520,7 @@ async fn supervise(
             Ok(mut child) => {
                 let pid = child.id().map_or(0, |p| p as i32);
                 shared.set(State::Running(pid));
-                crate::metrics::proxy_up();
+                telemetry.proxy_up();
                 tracing::info!(command = %command, pid, "supervised process started");
                 tokio::select! {
                     st = child.wait() => {
@@ -581,7 +546,7 @@ async fn supervise(
         }
         let delay = backoff.next_delay();
         shared.set(State::Backoff(Instant::now() + delay));
-        crate::metrics::proxy_down(&format_args!("{why}; restarting in {delay:.1?}"));
+        telemetry.proxy_down(&format_args!("{why}; restarting in {delay:.1?}"));
         tracing::error!(
             command = %command,
             attempt = backoff.attempts(),
@@ -705,16 +670,34 @@ mod tests {
         assert_eq!(c.to_string(), "nginx -g 'daemon off;'");
     }
 
-    #[test]
-    fn signals_parse_by_name_or_number() {
-        assert_eq!(Signal::parse("SIGHUP").unwrap(), Signal::HUP);
-        assert_eq!(Signal::parse("usr2").unwrap(), Signal::USR2);
-        assert_eq!(Signal::parse("15").unwrap(), Signal::TERM);
-        assert_eq!(Signal::USR2.to_string(), "SIGUSR2");
-        for bad in ["SIGFOO", "9", "0", ""] {
-            let e = Signal::parse(bad).unwrap_err();
-            assert!(e.contains("expected a name like SIGHUP"), "{bad}: {e}");
-        }
+    /// The handle a run is given: without a supervisor it does nothing; with one, the child
+    /// may start once every template was reported in place, counted afresh when a SIGHUP
+    /// changed how many there are.
+    #[tokio::test]
+    async fn runs_reach_the_supervisor_through_their_handle() {
+        let none = SupervisorHandle::default();
+        none.rendered(1, [0]);
+        assert!(!none.running());
+        assert_eq!(
+            none.reload(Signal::HUP).await.unwrap(),
+            "SIGHUP not sent: no supervised process in this run"
+        );
+
+        let shared = Arc::new(Shared::new());
+        let h = SupervisorHandle(Some(shared.clone()));
+        let ready = || *shared.ready.borrow();
+        h.rendered(3, [0, 2]);
+        assert!(!ready());
+        h.rendered(2, [1]);
+        assert!(!ready(), "a new template count starts afresh");
+        h.rendered(2, [0]);
+        assert!(ready());
+        assert!(!h.running());
+        let not_running = h.reload(Signal::HUP).await.unwrap();
+        assert!(
+            not_running.contains("not running (NotStarted)"),
+            "{not_running}"
+        );
     }
 
     #[test]

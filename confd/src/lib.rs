@@ -10,6 +10,24 @@
 //! without a reload. [`exec`] supervises the proxy itself (`--exec`). [`names`] holds the
 //! validation rules the model and the helpers share; [`memory`] how the heap returns memory;
 //! [`metrics`] what `/metrics` reports.
+//!
+//! Between the render loop, the store sources, the metrics and the supervisor, imports run one
+//! way, from the [`runner`] down: none imports a module that imports it back. Three cuts keep
+//! it so:
+//!
+//! - What a pass did to a template is [`outcome`], a module of its own: the runner produces
+//!   outcomes, [`metrics`] records them, and neither imports the other for it.
+//! - [`metrics`] is given plain values (a template's paths, durations, counts) and outcomes,
+//!   never the configuration's types, so anything may record into it. Its registry is a
+//!   [`metrics::Telemetry`] handle, made once per process by confd's `main` and passed to the
+//!   source, each run ([`RunOptions`]) and the supervisor; a process-wide global would be an
+//!   import in disguise, from every module that records.
+//! - The supervisor ([`exec`]) is reached through the [`exec::SupervisorHandle`] each run is
+//!   handed in [`RunOptions`], not through a global. The runner reports its renders to it and
+//!   sends a reload that is a signal through it, so [`command`] (check and reload commands)
+//!   knows nothing of the supervisor, and the supervisor imports only the quoting from
+//!   [`command`]. Signals themselves are a leaf, [`signal`], which the configuration, the
+//!   commands and the supervisor all name.
 
 pub mod command;
 pub mod config;
@@ -22,8 +40,10 @@ pub mod live;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod outcome;
 pub mod render;
 pub mod runner;
+pub mod signal;
 pub mod source;
 pub mod stream;
 pub mod watch;

@@ -19,8 +19,10 @@
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use confd::config::Wait;
-use confd::exec::{self, Signal, Supervisor};
+use confd::exec::{self, Supervisor, SupervisorHandle};
+use confd::metrics::Telemetry;
 use confd::runner::Quiescence;
+use confd::signal::Signal;
 use confd::source::{Prepared, Source};
 use confd::{Config, Overrides, RunOptions};
 use std::net::SocketAddr;
@@ -174,6 +176,10 @@ fn main() -> ExitCode {
     let opts = RunOptions {
         once: args.once,
         dry_run: args.dry_run,
+        // One for the process: its counters run on across SIGHUP restarts of the run.
+        telemetry: Telemetry::new(),
+        // Reaches the supervisor once `serve` has started one.
+        supervisor: SupervisorHandle::default(),
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -198,7 +204,7 @@ fn main() -> ExitCode {
 async fn serve(
     mut cfg: Config,
     overrides: Overrides,
-    opts: RunOptions,
+    mut opts: RunOptions,
     metrics_addr: Option<SocketAddr>,
 ) -> anyhow::Result<ExitCode> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -207,7 +213,7 @@ async fn serve(
     // Bound once, before the first run (and before a supervised proxy starts, so a taken
     // address fails alone), and kept across SIGHUP: scrapers and healthchecks must not see the
     // endpoint vanish while the configuration is replaced.
-    let telemetry = match metrics_addr {
+    let server = match metrics_addr {
         Some(addr) => {
             let server = TelemetryServer::bind("--metrics-addr", addr)
                 .await
@@ -222,10 +228,13 @@ async fn serve(
     let mut supervisor = match &exec_cfg {
         Some(x) => {
             let dests = cfg.templates.iter().map(|t| t.dest.clone()).collect();
-            Some(Supervisor::spawn(x.clone(), dests)?)
+            Some(Supervisor::spawn(x.clone(), dests, opts.telemetry.clone())?)
         }
         None => None,
     };
+    if let Some(s) = &supervisor {
+        opts.supervisor = s.handle();
+    }
     // Only a supervisor gives these a use; without one they keep their default actions.
     let extra = |kind: SignalKind, name: &str| -> anyhow::Result<Option<_>> {
         match &exec_cfg {
@@ -239,11 +248,12 @@ async fn serve(
     let mut usr1 = extra(SignalKind::user_defined1(), "SIGUSR1")?;
     let mut usr2 = extra(SignalKind::user_defined2(), "SIGUSR2")?;
     let shutdown = Shutdown::new();
-    if let Some(server) = telemetry {
-        let t = &*confd::metrics::TELEMETRY;
-        tokio::spawn(server.serve(&t.registry, t.health.clone(), shutdown.clone()));
+    if let Some(server) = server {
+        // The server wants a registry that lives as long as the process, as this one does.
+        let t: &'static Telemetry = Box::leak(Box::new(opts.telemetry.clone()));
+        tokio::spawn(server.serve(t.registry(), t.health().clone(), shutdown.clone()));
     }
-    let mut source = match Source::start(&cfg, &shutdown) {
+    let mut source = match Source::start(&cfg, &opts.telemetry, &shutdown) {
         Ok(s) => s,
         Err(e) => {
             if let Some(s) = supervisor.take() {
@@ -260,7 +270,7 @@ async fn serve(
         let run_token = shutdown.child_token();
         let mut handle = tokio::spawn(confd::run(
             cfg.clone(),
-            opts,
+            opts.clone(),
             source.handle(),
             run_token.clone(),
         ));
@@ -288,7 +298,7 @@ async fn serve(
                     let _ = (&mut handle).await;
                     if let Some(prepared) = change.source {
                         source.stop().await;
-                        source = prepared.start(&shutdown);
+                        source = prepared.start(&opts.telemetry, &shutdown);
                     }
                     cfg = change.cfg;
                     break;

@@ -2,13 +2,18 @@
 //! for snapshots and store errors, the runner for renders, checks, reloads and live updates)
 //! and served by `--metrics-addr` / `metrics_addr:`.
 //!
-//! Process-wide, like the log: each recording point is one call, so no handle is threaded
-//! through the pipeline, and the counters run on across SIGHUP restarts of the run.
+//! One [`Telemetry`] per process, made by confd's `main` and handed to what records: the
+//! source, each run of the render loop, the supervisor. It outlives the runs, so the counters
+//! run on across SIGHUP restarts. A handle, not a global: what records is told where to, and
+//! a test gets a registry of its own.
+//!
+//! The recording points take plain values (a template's source and destination paths,
+//! durations, counts), never the configuration's types, and an [`Outcome`] from its own
+//! module: the only part of confd this module imports, so anything may record here.
 
-use crate::config::TemplateConfig;
 #[cfg(test)]
-use crate::runner::Failure;
-use crate::runner::Outcome;
+use crate::outcome::Failure;
+use crate::outcome::Outcome;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
@@ -16,7 +21,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use std::collections::BTreeMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use switchboard::telemetry::{Health, Registry};
 use switchboard::Shutdown;
@@ -24,6 +30,8 @@ use tokio::sync::watch;
 
 /// Health condition: the source is in sync with the store.
 pub const STORE: &str = "store";
+/// Health condition: the process confd supervises (`--exec`) runs.
+pub const PROXY: &str = "proxy";
 /// Prefix of the per-template health conditions (`template SRC -> DEST`).
 pub const TEMPLATE: &str = "template ";
 /// A source out of sync for less than this is normal (a watch reconnecting, a new service's
@@ -38,10 +46,10 @@ pub struct Tpl {
 }
 
 impl Tpl {
-    /// The labels of `t`.
-    pub fn of(t: &TemplateConfig) -> Tpl {
+    /// The labels of the template writing `dest`.
+    pub fn of(dest: &Path) -> Tpl {
         Tpl {
-            template: t.dest.display().to_string(),
+            template: dest.display().to_string(),
         }
     }
 }
@@ -89,7 +97,7 @@ pub struct Metrics {
     pub live_update_failures: Family<Tpl, Counter>,
     /// When each template last went through a pass without failing.
     last_success: Arc<Mutex<BTreeMap<String, Instant>>>,
-    /// The latest store error and when it happened, for `/healthz` ([`follow_source`]).
+    /// The latest store error and when it happened, for `/healthz` ([`Telemetry::follow_source`]).
     last_store_error: watch::Sender<Option<(Instant, String)>>,
 }
 
@@ -98,18 +106,35 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
-/// The process's metrics, the registry serving them, and the health conditions.
-pub struct Telemetry {
+/// The process's metrics, the registry serving them, and the health conditions. Cheap to
+/// clone: every clone records into the same ones.
+#[derive(Clone)]
+pub struct Telemetry(Arc<Inner>);
+
+struct Inner {
     /// Recording points write here.
-    pub metrics: Metrics,
+    metrics: Metrics,
     /// What `/metrics` encodes.
-    pub registry: Registry,
+    registry: Registry,
     /// What `/healthz` reports.
-    pub health: Health,
+    health: Health,
 }
 
-/// The process's telemetry.
-pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(|| {
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Telemetry {
+        Telemetry::new()
+    }
+}
+
+/// Every family registered under `confd_`, and the `store` condition failing until the first
+/// snapshot.
+fn build() -> Inner {
     let last_success = Arc::new(Mutex::new(BTreeMap::new()));
     let m = Metrics {
         snapshots: Counter::default(),
@@ -201,12 +226,12 @@ pub static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(|| {
     r.register_collector(Box::new(SinceLastSuccess(last_success)));
     let health = Health::new();
     health.fail(STORE, "no snapshot from the store yet");
-    Telemetry {
+    Inner {
         metrics: m,
         registry: r,
         health,
     }
-});
+}
 
 /// `confd_seconds_since_last_successful_render{template}`, computed at each scrape.
 #[derive(Debug)]
@@ -233,40 +258,186 @@ impl Collector for SinceLastSuccess {
     }
 }
 
-/// The metrics.
-pub fn metrics() -> &'static Metrics {
-    &TELEMETRY.metrics
-}
+impl Telemetry {
+    /// A new registry with every metric at zero and the `store` condition failing until the
+    /// first snapshot.
+    pub fn new() -> Telemetry {
+        Telemetry(Arc::new(build()))
+    }
 
-/// The health conditions.
-pub fn health() -> &'static Health {
-    &TELEMETRY.health
-}
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
 
-/// A new snapshot was published.
-pub fn snapshot(services: usize, instances: usize) {
-    let m = metrics();
-    m.snapshots.inc();
-    m.services.set(services as i64);
-    m.instances.set(instances as i64);
-}
+    /// What `/metrics` encodes.
+    pub fn registry(&self) -> &Registry {
+        &self.0.registry
+    }
 
-/// A store request failed (each failed request, retries included).
-pub fn store_error(e: &dyn std::fmt::Display) {
-    metrics().store_errors.inc();
-    metrics()
-        .last_store_error
-        .send_replace(Some((Instant::now(), e.to_string())));
-}
+    /// The health conditions (what `/healthz` reports).
+    pub fn health(&self) -> &Health {
+        &self.0.health
+    }
 
-/// An instance was left out of the templates' data, for `reason` (see [`Why`]).
-pub fn instance_refused(reason: &str) {
-    metrics()
-        .instances_refused
-        .get_or_create(&Why {
-            reason: reason.to_string(),
-        })
-        .inc();
+    /// A new snapshot was published.
+    pub fn snapshot(&self, services: usize, instances: usize) {
+        let m = self.metrics();
+        m.snapshots.inc();
+        m.services.set(services as i64);
+        m.instances.set(instances as i64);
+    }
+
+    /// A store request failed (each failed request, retries included).
+    pub fn store_error(&self, e: &dyn std::fmt::Display) {
+        let m = self.metrics();
+        m.store_errors.inc();
+        m.last_store_error
+            .send_replace(Some((Instant::now(), e.to_string())));
+    }
+
+    /// An instance was left out of the templates' data, for `reason` (see [`Why`]).
+    pub fn instance_refused(&self, reason: &str) {
+        self.metrics()
+            .instances_refused
+            .get_or_create(&Why {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Follows the source's "in sync" flag and the latest store error into the `store`
+    /// condition until `shutdown`: while the source is out of sync, each new error replaces
+    /// the reason, so `/healthz` names what is wrong now (a certificate from another CA after
+    /// a refused connection), not the first error of the outage.
+    pub async fn follow_source(
+        &self,
+        mut healthy: watch::Receiver<bool>,
+        backend: String,
+        shutdown: Shutdown,
+    ) {
+        let (m, health) = (self.metrics(), self.health());
+        let mut errors = m.last_store_error.subscribe();
+        let mut synced: Option<Instant> = None;
+        loop {
+            let in_sync = *healthy.borrow_and_update();
+            let last = errors.borrow_and_update().clone();
+            if in_sync {
+                m.store_up.set(1);
+                health.ok(STORE);
+                synced = Some(Instant::now());
+            } else {
+                m.store_up.set(0);
+                let reason = store_reason(&backend, last.as_ref(), synced);
+                health.fail_after(STORE, reason, STORE_GRACE);
+            }
+            tokio::select! {
+                r = healthy.changed() => if r.is_err() { return },
+                _ = errors.changed() => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// The supervised process (`--exec`) runs.
+    pub fn proxy_up(&self) {
+        self.health().ok(PROXY);
+    }
+
+    /// The supervised process does not run (not started yet, or restarting after it exited).
+    pub fn proxy_down(&self, why: &dyn std::fmt::Display) {
+        self.health().fail(PROXY, why);
+    }
+
+    /// A new run (start or SIGHUP) of the templates writing `dests` forgets the health of the
+    /// last one's templates, and shows every counter of the new ones from 0, so a rate or an
+    /// alert on failures has a series before the first failure.
+    pub fn new_run<'a>(&self, dests: impl IntoIterator<Item = &'a Path>) {
+        self.health().clear_prefix(TEMPLATE);
+        let m = self.metrics();
+        for dest in dests {
+            let l = Tpl::of(dest);
+            for family in [
+                &m.renders,
+                &m.render_failures,
+                &m.check_failures,
+                &m.reloads,
+                &m.reload_failures,
+                &m.live_updates,
+                &m.live_update_failures,
+            ] {
+                drop(family.get_or_create(&l));
+            }
+        }
+    }
+
+    /// What a pass did to the template rendering `src` into `dest` (only templates the pass
+    /// took: due or owed a reload).
+    pub fn outcome(&self, src: &Path, dest: &Path, o: &Outcome) {
+        let name = format!("{TEMPLATE}{} -> {}", src.display(), dest.display());
+        match o {
+            Outcome::Failed(why) | Outcome::ReloadFailed(why) => self.health().fail(&name, why),
+            Outcome::Unchanged | Outcome::Updated | Outcome::Live => {
+                self.health().ok(&name);
+                lock(&self.metrics().last_success).insert(Tpl::of(dest).template, Instant::now());
+            }
+            Outcome::WouldChange => {}
+        }
+    }
+
+    /// A render of the template writing `dest` took `took` and succeeded or not.
+    pub fn rendered(&self, dest: &Path, took: Duration, ok: bool) {
+        let l = Tpl::of(dest);
+        let m = self.metrics();
+        m.render_seconds
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+        if ok {
+            m.renders.get_or_create(&l).inc();
+        } else {
+            m.render_failures.get_or_create(&l).inc();
+        }
+    }
+
+    /// The check command refused the staged file of the template writing `dest`.
+    pub fn check_failed(&self, dest: &Path) {
+        self.metrics()
+            .check_failures
+            .get_or_create(&Tpl::of(dest))
+            .inc();
+    }
+
+    /// A reload covering the templates writing `dests` took `took` and succeeded or not.
+    pub fn reloaded<'a>(
+        &self,
+        dests: impl IntoIterator<Item = &'a Path>,
+        took: Duration,
+        ok: bool,
+    ) {
+        let m = self.metrics();
+        for dest in dests {
+            let l = Tpl::of(dest);
+            m.reload_seconds
+                .get_or_create(&l)
+                .observe(took.as_secs_f64());
+            if ok {
+                m.reloads.get_or_create(&l).inc();
+            } else {
+                m.reload_failures.get_or_create(&l).inc();
+            }
+        }
+    }
+
+    /// A live update of the template writing `dest` succeeded or not.
+    pub fn live(&self, dest: &Path, ok: bool) {
+        let l = Tpl::of(dest);
+        let m = self.metrics();
+        if ok {
+            m.live_updates.get_or_create(&l).inc();
+        } else {
+            m.live_update_failures.get_or_create(&l).inc();
+        }
+    }
 }
 
 /// The `store` condition's reason while the source is not in sync: the latest error, unless
@@ -282,130 +453,6 @@ fn store_reason(
             format!("not in sync with {backend}: {e}")
         }
         _ => format!("not in sync with {backend}"),
-    }
-}
-
-/// Follows the source's "in sync" flag and the latest store error into the `store` condition
-/// until `shutdown`: while the source is out of sync, each new error replaces the reason, so
-/// `/healthz` names what is wrong now (a certificate from another CA after a refused
-/// connection), not the first error of the outage.
-pub async fn follow_source(
-    mut healthy: watch::Receiver<bool>,
-    backend: String,
-    shutdown: Shutdown,
-) {
-    let mut errors = metrics().last_store_error.subscribe();
-    let mut synced: Option<Instant> = None;
-    loop {
-        let in_sync = *healthy.borrow_and_update();
-        let last = errors.borrow_and_update().clone();
-        if in_sync {
-            metrics().store_up.set(1);
-            health().ok(STORE);
-            synced = Some(Instant::now());
-        } else {
-            metrics().store_up.set(0);
-            let reason = store_reason(&backend, last.as_ref(), synced);
-            health().fail_after(STORE, reason, STORE_GRACE);
-        }
-        tokio::select! {
-            r = healthy.changed() => if r.is_err() { return },
-            _ = errors.changed() => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
-
-/// Health condition: the process confd supervises (`--exec`) runs.
-pub const PROXY: &str = "proxy";
-
-/// The supervised process (`--exec`) runs.
-pub fn proxy_up() {
-    health().ok(PROXY);
-}
-
-/// The supervised process does not run (not started yet, or restarting after it exited).
-pub fn proxy_down(why: &dyn std::fmt::Display) {
-    health().fail(PROXY, why);
-}
-
-/// A new run (start or SIGHUP) forgets the health of the last one's templates, and shows
-/// every counter of the new ones from 0, so a rate or an alert on failures has a series
-/// before the first failure.
-pub fn new_run(templates: &[TemplateConfig]) {
-    health().clear_prefix(TEMPLATE);
-    let m = metrics();
-    for t in templates {
-        let l = Tpl::of(t);
-        for family in [
-            &m.renders,
-            &m.render_failures,
-            &m.check_failures,
-            &m.reloads,
-            &m.reload_failures,
-            &m.live_updates,
-            &m.live_update_failures,
-        ] {
-            drop(family.get_or_create(&l));
-        }
-    }
-}
-
-/// What a pass did to template `t` (only templates the pass took: due or owed a reload).
-pub fn outcome(t: &TemplateConfig, o: &Outcome) {
-    let name = format!("{TEMPLATE}{} -> {}", t.src.display(), t.dest.display());
-    match o {
-        Outcome::Failed(why) | Outcome::ReloadFailed(why) => health().fail(&name, why),
-        Outcome::Unchanged | Outcome::Updated | Outcome::Live => {
-            health().ok(&name);
-            lock(&metrics().last_success).insert(Tpl::of(t).template, Instant::now());
-        }
-        Outcome::WouldChange => {}
-    }
-}
-
-/// A render of `t` took `took` and succeeded or not.
-pub fn rendered(t: &TemplateConfig, took: Duration, ok: bool) {
-    let l = Tpl::of(t);
-    let m = metrics();
-    m.render_seconds
-        .get_or_create(&l)
-        .observe(took.as_secs_f64());
-    if ok {
-        m.renders.get_or_create(&l).inc();
-    } else {
-        m.render_failures.get_or_create(&l).inc();
-    }
-}
-
-/// The check command refused `t`'s staged file.
-pub fn check_failed(t: &TemplateConfig) {
-    metrics().check_failures.get_or_create(&Tpl::of(t)).inc();
-}
-
-/// A reload covering `templates` took `took` and succeeded or not.
-pub fn reloaded<'a>(templates: impl Iterator<Item = &'a TemplateConfig>, took: Duration, ok: bool) {
-    let m = metrics();
-    for t in templates {
-        let l = Tpl::of(t);
-        m.reload_seconds
-            .get_or_create(&l)
-            .observe(took.as_secs_f64());
-        if ok {
-            m.reloads.get_or_create(&l).inc();
-        } else {
-            m.reload_failures.get_or_create(&l).inc();
-        }
-    }
-}
-
-/// A live update of `t` succeeded or not.
-pub fn live(t: &TemplateConfig, ok: bool) {
-    let l = Tpl::of(t);
-    if ok {
-        metrics().live_updates.get_or_create(&l).inc();
-    } else {
-        metrics().live_update_failures.get_or_create(&l).inc();
     }
 }
 
@@ -450,23 +497,31 @@ mod tests {
 
     #[test]
     fn template_outcomes_set_health_and_the_age_of_the_last_success() {
-        let t = TemplateConfig::parse_flag("/unit/metrics-a.hbs:/unit/metrics-a").unwrap();
+        let t = Telemetry::new();
+        let (src, dest) = (
+            Path::new("/unit/metrics-a.hbs"),
+            Path::new("/unit/metrics-a"),
+        );
         let name = "template /unit/metrics-a.hbs -> /unit/metrics-a";
-        outcome(&t, &Outcome::Failed(Failure::Check("nope".into())));
-        let why = health().status().unwrap_err();
+        t.outcome(src, dest, &Outcome::Failed(Failure::Check("nope".into())));
+        let why = t.health().status().unwrap_err();
         assert!(
             why.contains(&format!("{name}: check failed: nope")),
             "{why}"
         );
-        outcome(&t, &Outcome::Updated);
-        assert!(!health().status().err().unwrap_or_default().contains(name));
-        outcome(&t, &Outcome::ReloadFailed(Failure::Reload("x".into())));
-        assert!(health().status().unwrap_err().contains(name));
-        new_run(&[]);
-        assert!(!health().status().err().unwrap_or_default().contains(name));
+        t.outcome(src, dest, &Outcome::Updated);
+        assert!(!t.health().status().err().unwrap_or_default().contains(name));
+        t.outcome(
+            src,
+            dest,
+            &Outcome::ReloadFailed(Failure::Reload("x".into())),
+        );
+        assert!(t.health().status().unwrap_err().contains(name));
+        t.new_run([]);
+        assert!(!t.health().status().err().unwrap_or_default().contains(name));
 
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &TELEMETRY.registry).unwrap();
+        prometheus_client::encoding::text::encode(&mut text, t.registry()).unwrap();
         assert!(
             text.contains(
                 "confd_seconds_since_last_successful_render{template=\"/unit/metrics-a\"} "

@@ -11,11 +11,13 @@
 //! template is tried again on the next change (snapshot or template edit). Nothing here ever
 //! ends the daemon.
 
-use crate::command::{self, CommandSpec};
+use crate::command::{self, CommandError, CommandSpec};
 use crate::config::{Config, TemplateConfig, Wait};
-use crate::metrics;
+use crate::exec::SupervisorHandle;
+use crate::metrics::Telemetry;
 use crate::model::Snapshot;
-use crate::render::{RenderError, Renderer};
+use crate::outcome::{Failure, Outcome};
+use crate::render::Renderer;
 use crate::source;
 use crate::watch::watch_templates;
 use crate::writer;
@@ -27,14 +29,20 @@ use std::time::Duration;
 use switchboard::{Backoff, Shutdown};
 use tokio::time::Instant;
 
-/// How a run behaves.
-#[derive(Debug, Clone, Copy, Default)]
+/// How a run behaves, and what it reports to beside the log: both handed in by whoever owns
+/// the process's lifetime (confd's `serve`), so they outlive the run, across SIGHUP restarts.
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Render every template once (after the first healthy snapshot) and return.
     pub once: bool,
     /// Print a unified diff per changed template to stdout; write and run nothing. Implies
     /// `once`.
     pub dry_run: bool,
+    /// Where renders, checks, reloads, live updates and each template's health are recorded.
+    pub telemetry: Telemetry,
+    /// The proxy confd supervises (`--exec`): told when every file is in place, and reloaded
+    /// by signal for templates without a reload command. The default reaches none.
+    pub supervisor: SupervisorHandle,
 }
 
 /// Pending-change bookkeeping for one template (pure, so it is unit-tested).
@@ -99,75 +107,6 @@ impl Quiescence {
     }
 }
 
-/// Outcome of one template in a pass.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Destination already had this content.
-    Unchanged,
-    /// Written (and reloaded, if configured).
-    Updated,
-    /// Written and applied to the running proxy through its live channel, without a reload.
-    Live,
-    /// Dry run: a diff was printed.
-    WouldChange,
-    /// Not applied; the reason was logged. Tried again on the next change.
-    Failed(Failure),
-    /// Its reload failed; the reason was logged. Tried again after a backoff, since the cause
-    /// (the proxy not running yet, restarting, or its PID file not written yet) often passes.
-    ReloadFailed(Failure),
-}
-
-/// Why a template was not applied, at the step that stopped it. Displayed as the one-line
-/// reason confd logs and `/healthz` reports.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Failure {
-    /// The outage guard: the snapshot holds fewer instances than `min_instances`.
-    #[error("snapshot has {have} instances, fewer than min_instances {min}: not rendering (outage guard)")]
-    TooFewInstances {
-        /// Instances in the snapshot.
-        have: usize,
-        /// The template's `min_instances`.
-        min: usize,
-    },
-    /// The template file cannot be read.
-    #[error("cannot read template {path}: {reason}")]
-    ReadTemplate {
-        /// The template's `src`.
-        path: String,
-        /// The I/O error.
-        reason: String,
-    },
-    /// Handlebars refused it.
-    #[error(transparent)]
-    Render(#[from] RenderError),
-    /// A file step failed: reading the destination, staging beside it, or the swap.
-    #[error("cannot {step} {path}: {reason}")]
-    File {
-        /// `read`, `stage beside` or `replace`.
-        step: &'static str,
-        /// The destination.
-        path: String,
-        /// The I/O error.
-        reason: String,
-    },
-    /// The check command refused the staged file.
-    #[error("check failed: {0}")]
-    Check(String),
-    /// The reload command failed.
-    #[error("reload failed: {0}")]
-    Reload(String),
-}
-
-impl Failure {
-    fn file(step: &'static str, path: &std::path::Path, e: impl std::fmt::Display) -> Failure {
-        Failure::File {
-            step,
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }
-    }
-}
-
 /// Reloads run and live updates applied since confd started (all templates), carried by the
 /// `reloaded` and `applied live` log lines so that the log alone tells how often the proxy
 /// was reloaded and how often it was changed in place.
@@ -200,7 +139,8 @@ pub async fn run(
     }
     let once = opts.once || opts.dry_run;
     let mut renderer = Renderer::stopping_on(shutdown.clone());
-    metrics::new_run(&cfg.templates);
+    let telemetry = &opts.telemetry;
+    telemetry.new_run(cfg.templates.iter().map(|t| t.dest.as_path()));
 
     if once {
         let wait = source.snapshots.wait_for(Option::is_some);
@@ -218,9 +158,9 @@ pub async fn run(
         };
         let all: Vec<usize> = (0..cfg.templates.len()).collect();
         let mut owed = BTreeSet::new();
-        let outcomes = pass(&cfg, &mut renderer, &snap, &all, &mut owed, opts.dry_run).await;
+        let outcomes = pass(&cfg, &opts, &mut renderer, &snap, &all, &mut owed).await;
         for (t, o) in cfg.templates.iter().zip(&outcomes) {
-            metrics::outcome(t, o);
+            telemetry.outcome(&t.src, &t.dest, o);
         }
         return Ok(outcomes
             .iter()
@@ -300,16 +240,18 @@ pub async fn run(
         for &i in &due {
             pending[i].clear();
         }
-        let outcomes = pass(&cfg, &mut renderer, s, &due, &mut owed, false).await;
+        let outcomes = pass(&cfg, &opts, &mut renderer, s, &due, &mut owed).await;
         // `--exec` starts its proxy once every file is in place.
         let in_place = due
             .iter()
             .filter(|&&i| !matches!(outcomes[i], Outcome::Failed(_)));
-        crate::exec::rendered(cfg.templates.len(), in_place.copied());
-        crate::memory::after_pass();
+        opts.supervisor
+            .rendered(cfg.templates.len(), in_place.copied());
+        switchboard::memory::after_pass();
         for (i, o) in outcomes.iter().enumerate() {
             if due.contains(&i) || *o != Outcome::Unchanged {
-                metrics::outcome(&cfg.templates[i], o);
+                let t = &cfg.templates[i];
+                telemetry.outcome(&t.src, &t.dest, o);
             }
             match o {
                 Outcome::ReloadFailed(_) => {
@@ -382,7 +324,8 @@ struct UnitResult {
     settled: Vec<usize>,
 }
 
-/// Renders, checks, swaps and reloads the templates `due` against `snap`.
+/// Renders, checks, swaps and reloads the templates `due` against `snap`, or prints their
+/// diffs (`opts.dry_run`).
 ///
 /// `owed` holds the templates whose file is in place but not yet loaded by their proxy (a
 /// reload failed with nothing to restore): their reload runs in this pass whether or not
@@ -394,12 +337,13 @@ struct UnitResult {
 /// own unit until its `command_timeout`, never an independent template.
 pub async fn pass(
     cfg: &Config,
+    opts: &RunOptions,
     renderer: &mut Renderer,
     snap: &Arc<Snapshot>,
     due: &[usize],
     owed: &mut BTreeSet<usize>,
-    dry_run: bool,
 ) -> Vec<Outcome> {
+    let dry_run = opts.dry_run;
     // Built once per snapshot (updated where it changed) and shared by every template.
     renderer.update_data(snap.clone(), &cfg.vars);
     let mut rendered: BTreeMap<usize, Result<Rendered, Failure>> = BTreeMap::new();
@@ -407,7 +351,8 @@ pub async fn pass(
         for &i in due {
             let start = std::time::Instant::now();
             let r = render_one(&cfg.templates[i], renderer, snap);
-            metrics::rendered(&cfg.templates[i], start.elapsed(), r.is_ok());
+            opts.telemetry
+                .rendered(&cfg.templates[i].dest, start.elapsed(), r.is_ok());
             rendered.insert(i, r);
         }
     });
@@ -433,7 +378,7 @@ pub async fn pass(
                 owed: owed.contains(&i),
             })
             .collect();
-        run_unit(cfg, key, items, dry_run)
+        run_unit(cfg, opts, key, items)
     });
     let results = futures_util::future::join_all(runs).await;
     let mut outcomes = vec![Outcome::Unchanged; cfg.templates.len()];
@@ -453,7 +398,13 @@ pub async fn pass(
 
 /// One unit's pass: apply each rendered template, then run the unit's reload once if any of
 /// its files changed (or is owed a reload), with rollback when it fails.
-async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: bool) -> UnitResult {
+async fn run_unit(
+    cfg: &Config,
+    opts: &RunOptions,
+    key: UnitKey,
+    items: Vec<UnitItem>,
+) -> UnitResult {
+    let dry_run = opts.dry_run;
     let mut res = UnitResult::default();
     let mut reloading: Vec<Reloading> = Vec::new();
     let mut timeout = Duration::ZERO;
@@ -470,7 +421,7 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
             Some(Err(reason)) => Err(reason),
             Some(Ok(Rendered::Unchanged)) => Ok(Applied::Unchanged),
             Some(Ok(Rendered::Changed { content, current })) => {
-                apply_rendered(t, content, current, dry_run).await
+                apply_rendered(t, opts, content, current).await
             }
         };
         match applied {
@@ -520,9 +471,11 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
         .map(|r| label(&cfg.templates[r.idx]))
         .collect();
     let start = std::time::Instant::now();
-    let result = command::run(&cmd, None, timeout).await;
-    metrics::reloaded(
-        reloading.iter().map(|r| &cfg.templates[r.idx]),
+    let result = reload(&cmd, &opts.supervisor, timeout).await;
+    opts.telemetry.reloaded(
+        reloading
+            .iter()
+            .map(|r| cfg.templates[r.idx].dest.as_path()),
         start.elapsed(),
         result.is_ok(),
     );
@@ -544,7 +497,9 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
             }
             // A signal for an `--exec` proxy that has not started reloaded nothing: there is
             // no running proxy for the live channels to follow; it reads the files at start.
-            if !command::reloaded_nothing(&cmd) {
+            let reloaded_nothing =
+                matches!(cmd, CommandSpec::Signal(_)) && !opts.supervisor.running();
+            if !reloaded_nothing {
                 after_reload(cfg, &reloading).await;
             }
         }
@@ -580,7 +535,7 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
                 }
             }
             if restored {
-                match command::run(&cmd, None, timeout).await {
+                match reload(&cmd, &opts.supervisor, timeout).await {
                     Ok(_) => {
                         tracing::info!(reload = %cmd, "reloaded with the previous files");
                         after_reload(cfg, &reloading).await;
@@ -593,6 +548,26 @@ async fn run_unit(cfg: &Config, key: UnitKey, items: Vec<UnitItem>, dry_run: boo
         }
     }
     res
+}
+
+/// Runs a unit's reload: its command, or its signal to the supervised proxy.
+async fn reload(
+    cmd: &CommandSpec,
+    supervisor: &SupervisorHandle,
+    timeout: Duration,
+) -> Result<String, CommandError> {
+    match cmd {
+        CommandSpec::Signal(sig) => {
+            supervisor
+                .reload(*sig)
+                .await
+                .map_err(|reason| CommandError::Spawn {
+                    cmd: cmd.to_string(),
+                    reason,
+                })
+        }
+        _ => command::run(cmd, None, timeout).await,
+    }
 }
 
 /// After a successful reload, each live channel learns the file its proxy just loaded: the one
@@ -698,11 +673,11 @@ fn render_one(
 /// run. The error is the reason, one line, including the check command's output.
 async fn apply_rendered(
     t: &TemplateConfig,
+    opts: &RunOptions,
     content: String,
     current: Option<Vec<u8>>,
-    dry_run: bool,
 ) -> Result<Applied, Failure> {
-    if dry_run {
+    if opts.dry_run {
         let d = writer::diff(&t.dest, current.as_deref(), content.as_bytes());
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(d.as_bytes());
@@ -715,7 +690,7 @@ async fn apply_rendered(
         command::run(check, Some(staged.path()), t.command_timeout)
             .await
             .map_err(|e| {
-                metrics::check_failed(t);
+                opts.telemetry.check_failed(&t.dest);
                 Failure::Check(e.to_string())
             })?;
     }
@@ -731,7 +706,7 @@ async fn apply_rendered(
     if let Some((live, plan)) = live {
         match live.apply(plan).await {
             Ok(s) => {
-                metrics::live(t, true);
+                opts.telemetry.live(&t.dest, true);
                 tracing::info!(
                     template = %label(t),
                     bytes = content.len(),
@@ -745,7 +720,7 @@ async fn apply_rendered(
                 return Ok(Applied::Live);
             }
             Err(e) => {
-                metrics::live(t, false);
+                opts.telemetry.live(&t.dest, false);
                 tracing::warn!(template = %label(t), error = %e, "live update failed; reloading instead");
             }
         }
@@ -828,6 +803,18 @@ mod tests {
         t
     }
 
+    /// A daemon's run with a registry of its own and no supervisor.
+    fn opts() -> RunOptions {
+        RunOptions::default()
+    }
+
+    fn dry_run() -> RunOptions {
+        RunOptions {
+            dry_run: true,
+            ..RunOptions::default()
+        }
+    }
+
     fn snap(n: usize) -> Arc<Snapshot> {
         Arc::new(Snapshot::build(
             (0..n).map(|i| inst("web", &format!("i{i}"), "10.0.0.1", 80 + i as u16)),
@@ -850,14 +837,14 @@ mod tests {
             ],
         );
         let mut r = Renderer::default();
-        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0, 1], &mut BTreeSet::new()).await;
         assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
         assert_eq!(
             std::fs::read_to_string(d.path().join("a")).unwrap(),
             "80 81 "
         );
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
-        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0, 1], &mut BTreeSet::new()).await;
         assert_eq!(o, vec![Outcome::Unchanged, Outcome::Unchanged]);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
@@ -877,16 +864,16 @@ mod tests {
             ],
         );
         let mut r = Renderer::default();
-        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0, 1], &mut BTreeSet::new()).await;
         assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
         assert_eq!(r.renders(), 2);
         // An equal snapshot (another allocation): nothing rendered, nothing changed.
-        let o = pass(&c, &mut r, &snap(2), &[0, 1], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0, 1], &mut BTreeSet::new()).await;
         assert_eq!(o, vec![Outcome::Unchanged, Outcome::Unchanged]);
         assert_eq!(r.renders(), 2);
         // The file was edited by hand: put back from the kept output, still no render.
         std::fs::write(d.path().join("a"), "edited").unwrap();
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0], &mut BTreeSet::new()).await;
         assert_eq!(o[0], Outcome::Updated);
         assert_eq!(
             std::fs::read_to_string(d.path().join("a")).unwrap(),
@@ -894,7 +881,7 @@ mod tests {
         );
         assert_eq!(r.renders(), 2);
         // A new snapshot: each due template rendered once.
-        let o = pass(&c, &mut r, &snap(3), &[0, 1], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(3), &[0, 1], &mut BTreeSet::new()).await;
         assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
         assert_eq!(r.renders(), 4);
         assert_eq!(
@@ -927,7 +914,7 @@ mod tests {
         );
         let mut r = Renderer::default();
         let mut owed = BTreeSet::new();
-        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(1), &[0], &mut owed).await;
         assert!(
             matches!(&o[0], Outcome::ReloadFailed(m) if m.to_string().contains("not running")),
             "{o:?}"
@@ -935,12 +922,12 @@ mod tests {
         assert_eq!(std::fs::read_to_string(d.path().join("a")).unwrap(), "80 ");
         assert_eq!(owed, BTreeSet::from([0]));
         // Still down: nothing changes, the reload is tried again and still owed.
-        let o = pass(&c, &mut r, &snap(1), &[0], &mut owed, false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(1), &[0], &mut owed).await;
         assert!(matches!(&o[0], Outcome::ReloadFailed(_)), "{o:?}");
         assert!(!log.exists());
         // Still down, and the registry changes: the file owed a reload was never loaded, so
         // it is not put back; the newest file stays (what the proxy reads when it starts).
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut owed, false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0], &mut owed).await;
         assert!(matches!(&o[0], Outcome::ReloadFailed(_)), "{o:?}");
         assert_eq!(
             std::fs::read_to_string(d.path().join("a")).unwrap(),
@@ -950,11 +937,11 @@ mod tests {
         assert!(!log.exists());
         // The proxy is up: an unchanged file is reloaded, once, even when not due.
         std::fs::write(&up, "").unwrap();
-        let o = pass(&c, &mut r, &snap(2), &[], &mut owed, false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[], &mut owed).await;
         assert_eq!(o[0], Outcome::Updated);
         assert!(owed.is_empty());
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut owed, false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0], &mut owed).await;
         assert_eq!(o[0], Outcome::Unchanged);
         assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
@@ -987,12 +974,39 @@ mod tests {
         );
         let c = cfg(d.path(), vec![slow, fast]);
         let mut r = Renderer::default();
-        let o = pass(&c, &mut r, &snap(1), &[0, 1], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(1), &[0, 1], &mut BTreeSet::new()).await;
         assert_eq!(o, vec![Outcome::Updated, Outcome::Updated]);
         assert_eq!(
             std::fs::read_to_string(&log).unwrap(),
             "fast-reloaded\nslow-checked\nslow-reloaded\n"
         );
+    }
+
+    /// A pass records into the telemetry its run is handed, and sends a reload that is a
+    /// signal through the run's supervisor handle: without a supervisor, nothing is sent and
+    /// nothing failed (the proxy reads the file when it starts).
+    #[tokio::test]
+    async fn a_pass_reports_to_the_handles_of_its_run() {
+        let d = tempfile::tempdir().unwrap();
+        let mut t = tpl(
+            d.path(),
+            "a",
+            "{{#each service.web}}{{port}} {{/each}}",
+            None,
+        );
+        t.reload = Some(CommandSpec::Signal(crate::signal::Signal::HUP));
+        let c = cfg(d.path(), vec![t]);
+        let run = opts();
+        let mut r = Renderer::default();
+        let o = pass(&c, &run, &mut r, &snap(1), &[0], &mut BTreeSet::new()).await;
+        assert_eq!(o, vec![Outcome::Updated]);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, run.telemetry.registry()).unwrap();
+        let dest = d.path().join("a").display().to_string();
+        for metric in ["confd_renders_total", "confd_reloads_total"] {
+            let line = format!("{metric}{{template=\"{dest}\"}} 1");
+            assert!(text.contains(&line), "no {line:?} in:\n{text}");
+        }
     }
 
     #[tokio::test]
@@ -1006,14 +1020,14 @@ mod tests {
         );
         let c = cfg(d.path(), vec![ok.clone()]);
         let mut r = Renderer::default();
-        pass(&c, &mut r, &snap(1), &[0], &mut BTreeSet::new(), false).await;
+        pass(&c, &opts(), &mut r, &snap(1), &[0], &mut BTreeSet::new()).await;
         let dest = d.path().join("a");
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
 
         // Failing check.
         ok.check = Some(CommandSpec::Shell("echo nope >&2; false".into()));
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0], &mut BTreeSet::new()).await;
         assert!(
             matches!(&o[0], Outcome::Failed(Failure::Check(m)) if m.contains("nope")),
             "{o:?}"
@@ -1024,7 +1038,7 @@ mod tests {
         ok.check = None;
         ok.reload = Some(CommandSpec::Shell("false".into()));
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0], &mut BTreeSet::new()).await;
         assert!(
             matches!(&o[0], Outcome::ReloadFailed(m) if m.to_string().contains("reload failed")),
             "{o:?}"
@@ -1035,7 +1049,7 @@ mod tests {
         std::fs::write(&ok.src, "{{servce.web}}").unwrap();
         ok.reload = None;
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0], &mut BTreeSet::new()).await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.to_string().contains("servce")),
             "{o:?}"
@@ -1045,7 +1059,7 @@ mod tests {
         std::fs::write(&ok.src, "{{#each service.web}}{{port}} {{/each}}").unwrap();
         ok.min_instances = 3;
         let c = cfg(d.path(), vec![ok.clone()]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), false).await;
+        let o = pass(&c, &opts(), &mut r, &snap(2), &[0], &mut BTreeSet::new()).await;
         assert!(
             matches!(&o[0], Outcome::Failed(m) if m.to_string().contains("min_instances")),
             "{o:?}"
@@ -1055,7 +1069,7 @@ mod tests {
         // Dry run writes nothing.
         ok.min_instances = 0;
         let c = cfg(d.path(), vec![ok]);
-        let o = pass(&c, &mut r, &snap(2), &[0], &mut BTreeSet::new(), true).await;
+        let o = pass(&c, &dry_run(), &mut r, &snap(2), &[0], &mut BTreeSet::new()).await;
         assert_eq!(o[0], Outcome::WouldChange);
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "80 ");
     }

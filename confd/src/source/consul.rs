@@ -889,7 +889,7 @@ fn spawn_poller<T, F, Fut, W>(
                         tracing::warn!(kind = e.kind(), error = %e, "Consul query failed; retrying");
                     }
                     if !e.is_item_failure() {
-                        crate::metrics::store_error(&e);
+                        publisher.store_error(&e);
                     }
                     if tx.send(wrap(Err(e), QueryMeta::default())).await.is_err() {
                         return;
@@ -904,8 +904,8 @@ fn spawn_poller<T, F, Fut, W>(
 }
 
 /// Records a store-wide failure of the sweeper: counted, logged when its cause changed.
-fn sweep_failed(failures: &mut FailureLog, what: &str, e: &StoreError) {
-    crate::metrics::store_error(e);
+fn sweep_failed(publisher: &Publisher, failures: &mut FailureLog, what: &str, e: &StoreError) {
+    publisher.store_error(e);
     if failures.failed(e) {
         tracing::warn!(kind = e.kind(), error = %e, "Consul {what} query failed; retrying");
     }
@@ -938,7 +938,7 @@ async fn sweeper(
                     index.answered(got);
                 }
                 Err(e) => {
-                    sweep_failed(&mut failures, "health/state", &e);
+                    sweep_failed(&publisher, &mut failures, "health/state", &e);
                     if tx.send(Msg::Bulk(Err(e.to_string()))).await.is_err()
                         || !backoff.wait(&shutdown).await
                     {
@@ -986,7 +986,7 @@ async fn sweeper(
             }
         }
         if let Some(e) = down {
-            sweep_failed(&mut failures, "health", &e);
+            sweep_failed(&publisher, &mut failures, "health", &e);
             index.failed();
             if tx.send(Msg::Bulk(Err(e.to_string()))).await.is_err()
                 || !backoff.wait(&shutdown).await
@@ -1012,7 +1012,7 @@ async fn sweeper(
                         }
                     }
                     Err(e) => {
-                        sweep_failed(&mut failures, "health/state", &e);
+                        sweep_failed(&publisher, &mut failures, "health/state", &e);
                         index.failed();
                         if !backoff.wait(&shutdown).await {
                             return;
@@ -1033,7 +1033,7 @@ mod tests {
     use crate::model::tests::inst;
 
     fn publisher() -> (Publisher, super::super::SourceHandle) {
-        Publisher::new()
+        Publisher::new(crate::metrics::Telemetry::new())
     }
 
     #[test]

@@ -181,7 +181,7 @@ async fn mirror<V, F>(
         let range = match range {
             Ok(r) => r,
             Err(e) => {
-                crate::metrics::store_error(&e);
+                publisher.store_error(&e);
                 tracing::warn!(prefix, error = %e, "etcd range failed");
                 set_in_sync(&m, &wake, false);
                 if !backoff.wait(&shutdown).await {
@@ -213,7 +213,7 @@ async fn mirror<V, F>(
             let mut stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
-                    crate::metrics::store_error(&e);
+                    publisher.store_error(&e);
                     tracing::warn!(prefix, error = %e, "etcd watch failed");
                     set_in_sync(&m, &wake, false);
                     if matches!(e, StoreError::Compacted { .. }) {
@@ -262,7 +262,7 @@ async fn mirror<V, F>(
                         continue 'relist;
                     }
                     Err(e) => {
-                        crate::metrics::store_error(&e);
+                        publisher.store_error(&e);
                         tracing::warn!(prefix, error = %e, resume = last + 1, "etcd watch broke; resuming");
                         set_in_sync(&m, &wake, false);
                         if !backoff.wait(&shutdown).await {
@@ -315,7 +315,7 @@ mod tests {
         let v = serde_json::json!({"id": "h:c:80", "name": "web", "address": "10.0.0.2",
             "port": 80, "tags": ["t"], "meta": {"vhost": "w.local"}});
         let bytes = serde_json::to_vec(&v).unwrap();
-        let (p, h) = Publisher::new();
+        let (p, h) = Publisher::new(crate::metrics::Telemetry::new());
         let i = instance(&p, "/services/", "/services/web/h:c:80", &bytes).unwrap();
         assert_eq!(
             (i.name.as_str(), i.port, i.health.as_str()),

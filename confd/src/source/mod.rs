@@ -30,6 +30,7 @@ pub mod etcd;
 pub mod resolve;
 
 use crate::config::Config;
+use crate::metrics::Telemetry;
 use crate::model::{Instance, Snapshot};
 use crate::names::is_address;
 use std::collections::HashMap;
@@ -63,6 +64,8 @@ pub struct Publisher {
     long_polls: Arc<AtomicUsize>,
     refusals: Arc<Refusals>,
     resolver: Arc<resolve::Resolver>,
+    /// Where the source's snapshots, store errors and refusals are counted.
+    telemetry: Telemetry,
 }
 
 /// Why an instance was left out of the templates' data: the `reason` label of
@@ -181,9 +184,10 @@ pub fn check_instance(svc: &Service) -> Result<(), (Reason, String)> {
 }
 
 impl Publisher {
-    /// A publisher and the handle reading from it. Names in addresses are held back until
-    /// [`resolve::run`] (started beside the watchers by [`Prepared::start`]) has looked them up.
-    pub fn new() -> (Publisher, SourceHandle) {
+    /// A publisher and the handle reading from it, counting into `telemetry`. Names in
+    /// addresses are held back until [`resolve::run`] (started by [`Prepared::start`]) has
+    /// looked them up.
+    pub fn new(telemetry: Telemetry) -> (Publisher, SourceHandle) {
         let (snap, snap_rx) = watch::channel(None);
         let (healthy, healthy_rx) = watch::channel(false);
         let long_polls = Arc::new(AtomicUsize::new(0));
@@ -198,6 +202,7 @@ impl Publisher {
                     count: refused.clone(),
                 }),
                 resolver: Arc::new(resolve::Resolver::default()),
+                telemetry,
             },
             SourceHandle {
                 snapshots: snap_rx,
@@ -243,7 +248,7 @@ impl Publisher {
             return;
         }
         let total = self.refusals.count.fetch_add(1, Ordering::Relaxed) + 1;
-        crate::metrics::instance_refused(reason.label());
+        self.telemetry.instance_refused(reason.label());
         let what = format!("{id} of service {name}");
         tracing::warn!(
             refused_total = total,
@@ -339,7 +344,7 @@ impl Publisher {
             }
         });
         if changed {
-            crate::metrics::snapshot(services, instances);
+            self.telemetry.snapshot(services, instances);
             tracing::info!(
                 services,
                 instances,
@@ -348,6 +353,13 @@ impl Publisher {
                 "snapshot updated"
             );
         }
+    }
+
+    /// A store request failed (each failed request, retries included): counted, and named by
+    /// `/healthz` while the source is out of sync. Failures about one item are not store
+    /// errors: they go through [`Publisher::refuse`].
+    pub fn store_error(&self, e: &dyn Display) {
+        self.telemetry.store_error(e);
     }
 
     /// Marks the source unhealthy: nothing is published until it recovers.
@@ -505,15 +517,16 @@ impl Prepared {
         })
     }
 
-    /// Starts watching, until [`Source::stop`] or `shutdown`.
-    pub fn start(self, shutdown: &Shutdown) -> Source {
+    /// Starts watching, until [`Source::stop`] or `shutdown`, counting into `telemetry`.
+    pub fn start(self, telemetry: &Telemetry, shutdown: &Shutdown) -> Source {
         let stop = shutdown.child_token();
-        let (publisher, handle) = Publisher::new();
+        let (publisher, handle) = Publisher::new(telemetry.clone());
         let publisher_for_resolver = publisher.clone();
         let healthy = handle.healthy.clone();
         let (backend, token) = (self.backend, stop.clone());
+        let telemetry = telemetry.clone();
         let task = tokio::spawn(async move {
-            let follow = crate::metrics::follow_source(healthy, backend, token.clone());
+            let follow = telemetry.follow_source(healthy, backend, token.clone());
             // Names in the snapshot are looked up beside the watchers, and stop with them.
             let resolver = resolve::run(publisher_for_resolver, token.clone());
             let watch = async move {
@@ -554,9 +567,14 @@ pub struct Source {
 }
 
 impl Source {
-    /// Builds the clients for `cfg` and starts watching (see [`Prepared`]).
-    pub fn start(cfg: &Config, shutdown: &Shutdown) -> anyhow::Result<Source> {
-        Ok(Prepared::new(cfg)?.start(shutdown))
+    /// Builds the clients for `cfg` and starts watching (see [`Prepared`]), counting into
+    /// `telemetry`.
+    pub fn start(
+        cfg: &Config,
+        telemetry: &Telemetry,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Source> {
+        Ok(Prepared::new(cfg)?.start(telemetry, shutdown))
     }
 
     /// What a run reads. A new handle is marked changed, so a run started on a source that
@@ -688,7 +706,7 @@ mod tests {
 
     #[test]
     fn a_refused_instance_is_logged_once_per_version() {
-        let (p, h) = Publisher::new();
+        let (p, h) = Publisher::new(Telemetry::new());
         let count = || h.refused.load(Ordering::Relaxed);
         let steps: [(Service, bool, usize); 7] = [
             (svc("web", "a", "10.0.0.1", 0), false, 1),
