@@ -508,7 +508,7 @@ impl Config {
 }
 
 /// A relative `src:` in a config file names a template next to the config, not one in
-/// whatever directory confd happened to be started from (issue 12): that is what a reader of
+/// whatever directory confd happened to be started from: that is what a reader of
 /// the file expects, and it makes a config and its templates a directory that can be moved.
 fn resolve_sources(file: &mut FileConfig, config_path: &Path) {
     let dir = config_path.parent().unwrap_or(Path::new(""));

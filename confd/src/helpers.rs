@@ -47,7 +47,7 @@ struct FnHelper {
     /// Called with no argument, the helper gets the current context (`this`): `vhost` and
     /// `addr` are also instance field names, and a helper shadows a field of the same name,
     /// so inside `{{#each instances}}` a bare `{{vhost}}` or `{{addr}}` must mean the
-    /// instance's, not an error (issue 12).
+    /// instance's, not an error.
     implicit_this: bool,
 }
 
@@ -684,7 +684,7 @@ mod tests {
     #[test]
     fn instance_helpers_without_arguments_use_this() {
         // `vhost` and `addr` are instance fields too: bare, inside an instance, they are
-        // the instance's (issue 12: `{{vhost}}` used to be an error).
+        // the instance's, not an error.
         let data = json!({"instances": [
             {"address": "10.0.0.1", "port": 80, "vhost": "2048.local.com",
              "meta": {"hostname": "2048", "domain": "local.com"}},

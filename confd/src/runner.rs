@@ -444,7 +444,7 @@ async fn run_unit(
             Ok(Applied::WouldChange) => res.outcomes.push((i, Outcome::WouldChange)),
             Ok(Applied::Live) => res.outcomes.push((i, Outcome::Live)),
             Err(reason) => {
-                // Say what is really on disk: there may be no previous file (issue 12).
+                // Say what is really on disk: there may be no previous file.
                 if t.dest.exists() {
                     tracing::error!(template = %label(t), reason = %reason, "template not applied; previous file kept");
                 } else {
