@@ -15,8 +15,9 @@
 //! would copy it. The fixtures are re-exported flat, so a test file says
 //! `use switchboard_tests::*;` whatever module a helper lives in.
 //!
-//! Two modules keep their path, because only a few test binaries need them: [`cluster`]
-//! (store clusters) and [`load`] (a load generator that counts every failed request).
+//! Three modules keep their path, because only a few test binaries need them: [`cluster`]
+//! (store clusters), [`load`] (a load generator that counts every failed request) and
+//! [`registrator`] (the registrator binary under test and what it writes to the stores).
 
 pub mod cluster;
 mod consul;
@@ -28,6 +29,7 @@ mod pki;
 mod poll;
 mod process;
 mod proxies;
+pub mod registrator;
 mod store_front;
 
 pub use consul::Consul;
