@@ -4,7 +4,8 @@
 //!
 //! Store clusters (three servers and a client agent) are in [`crate::cluster`].
 
-use crate::{find_program, free_port, wait_for, Process};
+use crate::poll::{free_port, wait_for};
+use crate::process::{find_program, Process};
 use std::time::Duration;
 
 /// When a Consul agent the tests start counts as ready.

@@ -6,7 +6,7 @@
 //! Containers carry the label [`TEST_LABEL`] and a `sbtest-` name prefix, so a run only ever
 //! touches its own and [`remove_stale_containers`] finds those a crashed run left.
 
-use crate::{run_cmd, workspace_root, Process};
+use crate::process::{run_cmd, workspace_root, Process};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -4,7 +4,9 @@
 //!
 //! A three-member cluster is in [`crate::cluster`].
 
-use crate::{find_program, free_port, wait_for, Pki, Process};
+use crate::pki::Pki;
+use crate::poll::{free_port, wait_for};
+use crate::process::{find_program, Process};
 use std::time::Duration;
 
 /// One etcd member on free loopback ports, with its own data directory (kept across

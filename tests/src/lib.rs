@@ -41,7 +41,6 @@ pub use etcd::Etcd;
 pub use metrics::{healthz, scrape, wait_health, Scrape};
 pub use pki::Pki;
 pub use poll::{free_port, poll, wait_for};
-pub(crate) use process::find_program;
 pub use process::{bin, hostname, run_cmd, target_dir, workspace_root, Process};
 pub use proxies::{
     answer, answers, fresh_client, routes_converge, signal_reload, spawn_confd, wait_pid_file,

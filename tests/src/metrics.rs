@@ -1,7 +1,8 @@
 //! The project's telemetry endpoints as a scraper and a health probe see them: `/metrics`
 //! parsed strictly ([`Scrape`]), `/healthz` read and waited for.
 
-use crate::{poll, Process};
+use crate::poll::poll;
+use crate::process::Process;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

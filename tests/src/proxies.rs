@@ -3,7 +3,8 @@
 //! it), the reload command confd is given ([`signal_reload`], [`wait_pid_file`]), upstream
 //! [`Backend`]s, and what clients see through a proxy ([`answers`], [`wait_routes`]).
 
-use crate::{bin, free_port, poll, wait_for, workspace_root, Process};
+use crate::poll::{free_port, poll, wait_for};
+use crate::process::{bin, workspace_root, Process};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -8,7 +8,11 @@
 //! against each, and [`Presence`] watches a registration without pause through what should
 //! not disturb it (a registrator restart).
 
-use crate::{bin, hostname, wait_for, Consul, Container, Etcd, Process, TEST_IMAGE};
+use crate::consul::Consul;
+use crate::docker::{Container, TEST_IMAGE};
+use crate::etcd::Etcd;
+use crate::poll::wait_for;
+use crate::process::{bin, hostname, Process};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
