@@ -2,7 +2,8 @@
 //! etcd members. Production stores are clusters; these let tests kill the leader (or any
 //! member) under load and watch what registrator, confd and the proxy do about it.
 
-use crate::{find_program, free_port, poll, wait_for, Process};
+use crate::poll::{free_port, poll, wait_for};
+use crate::process::{find_program, Process};
 use std::time::Duration;
 
 /// How long a cluster gets to form (or re-elect).

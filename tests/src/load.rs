@@ -183,7 +183,7 @@ impl Load {
     pub async fn wait_flowing(&self, n: u64, timeout: Duration) {
         let ok = |s: &Shared| s.by_body.lock().unwrap().values().sum::<u64>();
         let start = ok(&self.shared);
-        crate::wait_for("load flowing", timeout, || async {
+        crate::poll::wait_for("load flowing", timeout, || async {
             (ok(&self.shared) >= start + n).then_some(())
         })
         .await;

@@ -49,14 +49,6 @@ fn json_lines(output: &str) -> Vec<Value> {
         .collect()
 }
 
-async fn consul_has(consul: &Consul, id: &str) -> bool {
-    consul
-        .get_json("/v1/agent/services")
-        .await
-        .get(id)
-        .is_some()
-}
-
 #[tokio::test]
 async fn registrator_metrics_health_and_json_logs() {
     let mut consul = Consul::start().await;
@@ -86,8 +78,8 @@ async fn registrator_metrics_health_and_json_logs() {
         ],
     );
     let id = format!("{}:{}:80", hostname(), web.name);
-    wait_for(&format!("{id} in Consul"), WAIT, || async {
-        consul_has(&consul, &id).await.then_some(())
+    wait_for(&format!("{id} in Consul"), WAIT, || {
+        consul.agent_service(&id)
     })
     .await;
     // The event-to-store sample is taken when the write returns, just after Consul has it.
@@ -141,8 +133,8 @@ async fn registrator_metrics_health_and_json_logs() {
     // And back: healthy again, and the container registered again in the empty agent.
     consul.restart().await;
     wait_health(&reg, &addr, 200, WAIT).await;
-    wait_for(&format!("{id} in Consul again"), WAIT, || async {
-        consul_has(&consul, &id).await.then_some(())
+    wait_for(&format!("{id} in Consul again"), WAIT, || {
+        consul.agent_service(&id)
     })
     .await;
 

@@ -15,7 +15,7 @@
 //!   scale event, with and without the live channel; membership changes per second through
 //!   HAProxy's runtime API with zero reloads.
 //!
-//! Run: `cargo build --release -p confd -p switchboard-tests && cargo build --profile lean -p
+//! Run: `cargo build --release -p confd -p switchboard-bench && cargo build --profile lean -p
 //! registrator && target/release/bench`. The release builds of `confd` and `registrator` (its
 //! `lean` build, as shipped, else `release`) are measured when present.
 //! Options: `--suite S`, `--stores consul,etcd`, `--counts 1,50,200` (registrator containers),
@@ -26,6 +26,13 @@
 //! `--reg-churn-secs 120` (registrator's RSS churn run).
 //! A quick drain run: `bench --suite drain --stores etcd --stops 3 --cycles 1 --churn-secs 2
 //! --burst 20`.
+//!
+//! The bench is a crate of its own (`switchboard-bench`), beside the tests rather than inside
+//! them: the tests assert and the bench measures, it is run by hand in a release build, and
+//! what only it needs (a Docker client of its own for the floor, a counting allocator) stays
+//! out of the tests' crate. It starts its services with the tests' fixtures
+//! (`switchboard-tests`: Consul, etcd, containers, processes, proxy reloads), so a fixture is
+//! written once, and it measures confd's render engine in process through the `confd` library.
 
 mod common;
 mod confd_live;
