@@ -12,6 +12,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use switchboard::{RegistryUri, Service, Store};
+use switchboard_tests::registrator::registrator;
 use switchboard_tests::*;
 
 /// Bound for setup waits (a store starting, a first render).
@@ -26,15 +27,6 @@ const MAX_LINE: usize = 2048;
 /// The template every test renders: one line per service, `[name] id=port ...`.
 const TEMPLATE: &str =
     "{{#each services}}[{{name}}]{{#each instances}} {{id}}={{port}}{{/each}}\n{{/each}}";
-
-/// A registrator with predictable addresses and fast verification.
-fn registrator(uri: &str) -> Process {
-    Process::spawn(
-        &bin("registrator"),
-        &["-ip", "127.0.0.1", "--verify-interval", "1", uri],
-        &[("RUST_LOG", "info")],
-    )
-}
 
 /// confd rendering [`TEMPLATE`] from `backend` into `<dir>/out.txt`, with no quiescence
 /// window and the given `poll_wait`.
@@ -257,8 +249,12 @@ async fn consul_hostile_names_stall_neither_registrator_nor_confd() {
     }
     let dir = tempfile::tempdir().unwrap();
     let confd = confd(dir.path(), &consul.uri(), "60s");
-    let reg = registrator(&consul.uri());
-    let reg_kv = registrator(&format!("consulkv://127.0.0.1:{}/svc/reg", consul.port));
+    let reg = registrator(&consul.uri(), &[], &[("RUST_LOG", "info")]);
+    let reg_kv = registrator(
+        &format!("consulkv://127.0.0.1:{}/svc/reg", consul.port),
+        &[],
+        &[("RUST_LOG", "info")],
+    );
     let hostile = Hostile::start(&reg).await;
     for c in [&hostile.dot_name, &hostile.dotdot_name, &hostile.dotdot_id] {
         reg_kv
@@ -373,7 +369,7 @@ async fn etcd_hostile_names_stay_inside_the_prefix_and_stall_nothing() {
 
     let dir = tempfile::tempdir().unwrap();
     let confd = confd(dir.path(), &etcd.uri("svc/reg"), "60s");
-    let reg = registrator(&etcd.uri("svc/reg"));
+    let reg = registrator(&etcd.uri("svc/reg"), &[], &[("RUST_LOG", "info")]);
     let hostile = Hostile::start(&reg).await;
 
     let (normal, started) = start_normal("iso-normal-etcd");
@@ -515,10 +511,6 @@ async fn confd_sees_changes_soon_after_a_consul_agent_restart() {
 }
 
 /// Services registered with the agent, by ID.
-async fn agent_ids(consul: &Consul) -> Vec<String> {
-    consul.agent_service_ids().await
-}
-
 /// Item 2: one registration the agent refuses with a 5xx (a script check on an agent with
 /// script checks off: `500 Scripts are disabled on this agent`) is that item's failure, not an
 /// outage: a normal container started after it is registered, and removed, within seconds;
@@ -527,7 +519,7 @@ async fn agent_ids(consul: &Consul) -> Vec<String> {
 #[tokio::test]
 async fn a_refused_registration_and_a_duplicate_id_stall_nothing() {
     let consul = Consul::start_with("enable_script_checks = false").await;
-    let reg = registrator(&consul.uri());
+    let reg = registrator(&consul.uri(), &[], &[("RUST_LOG", "info")]);
     let scripted = idle(
         "iso-script",
         &[
@@ -545,21 +537,25 @@ async fn a_refused_registration_and_a_duplicate_id_stall_nothing() {
     let (normal, started) = start_normal("iso-normal-after-refusal");
     let normal_id = id_of(&normal);
     wait_for("the normal container registered", SOON, || async {
-        agent_ids(&consul).await.contains(&normal_id).then_some(())
+        consul
+            .agent_service_ids()
+            .await
+            .contains(&normal_id)
+            .then_some(())
     })
     .await;
     eprintln!(
         "registered {:?} after docker run, with a refused registration pending",
         started.elapsed()
     );
-    let ids = agent_ids(&consul).await;
+    let ids = consul.agent_service_ids().await;
     assert!(!ids.iter().any(|i| i.contains("iso-script")), "{ids:?}");
     assert_eq!(ids.iter().filter(|i| **i == dup_id).count(), 1, "{ids:?}");
 
     let t = Instant::now();
     normal.stop(1);
     wait_for("the normal container removed", SOON, || async {
-        (!agent_ids(&consul).await.contains(&normal_id)).then_some(())
+        (!consul.agent_service_ids().await.contains(&normal_id)).then_some(())
     })
     .await;
     eprintln!("removed {:?} after docker stop", t.elapsed());

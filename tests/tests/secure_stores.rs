@@ -8,35 +8,16 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use switchboard_tests::registrator::{registrator, web};
 use switchboard_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn registrator(uri: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
-    let mut full = vec!["-ip", "127.0.0.1", "--verify-interval", "1"];
-    full.extend_from_slice(args);
-    full.push(uri);
-    Process::spawn(&bin("registrator"), &full, env)
-}
-
-fn web(tag: &str) -> Container {
-    web_in(None, tag)
-}
-
-/// A web container, labelled `sbtest.group=<group>` when given: a registrator limited to that
-/// label (`--label-filter`) counts only the test's own containers, whatever else runs on the
+/// A web container labelled `sbtest.group=<group>`: a registrator limited to that label
+/// (`--label-filter`) counts only the test's own containers, whatever else runs on the
 /// engine.
-fn web_in(group: Option<&str>, tag: &str) -> Container {
-    ensure_test_image();
-    let label = group.map(|g| format!("sbtest.group={g}"));
-    let mut args: Vec<&str> = match &label {
-        Some(l) => vec!["--label", l],
-        None => vec![],
-    };
-    args.extend([
-        "-p", "80", TEST_IMAGE, "httpd", "-f", "-p", "80", "-h", "/www",
-    ]);
-    Container::run(tag, &args)
+fn web_in(group: &str, tag: &str) -> Container {
+    web(tag, &["--label", &format!("sbtest.group={group}")])
 }
 
 fn write(path: &Path, text: &str) {
@@ -289,7 +270,7 @@ node_prefix "" { policy = "read" }"#,
         .await;
 
     // registrator registers through HTTPS with the write token.
-    let c = web("sec-consul");
+    let c = web("sec-consul", &[]);
     let id = format!("{}:{}:80", hostname(), c.name);
     let env = consul_env(&pki, &write_token);
     let reg = registrator(&sc.uri(), &[], &env_refs(&env));
@@ -464,7 +445,7 @@ node_prefix "" { policy = "read" }"#,
     reg.wait_output("ACL not found", WAIT).await;
     assert!(sc.service_ids().await.contains(&id));
     sc.restore(&revoked).await;
-    let c2 = web("sec-consul2");
+    let c2 = web("sec-consul2", &[]);
     let id2 = format!("{}:{}:80", hostname(), c2.name);
     wait_for(
         &format!("{id2} registered after the token came back"),
@@ -563,7 +544,7 @@ async fn etcd_client_certificates_and_a_user_limited_to_the_prefix() {
     let env = etcd_env(&pki);
     let env_ref = env_refs(&env);
 
-    let c = web("sec-etcd");
+    let c = web("sec-etcd", &[]);
     let id = format!("{}:{}:80", hostname(), c.name);
     let reg = registrator(&uri, &[], &env_ref);
     let found = poll(WAIT, Duration::from_millis(200), || async {
@@ -786,8 +767,8 @@ async fn etcd_a_refused_deregistration_is_retried_until_it_lands() {
     let env = etcd_env(&pki);
     let addr = format!("127.0.0.1:{}", free_port());
     let group = unique_name("owed-etcd");
-    let gone = web_in(Some(&group), "owed-etcd-gone");
-    let back = web_in(Some(&group), "owed-etcd-back");
+    let gone = web_in(&group, "owed-etcd-gone");
+    let back = web_in(&group, "owed-etcd-back");
     let gone_id = format!("{}:{}:80", hostname(), gone.name);
     let back_id = format!("{}:{}:80", hostname(), back.name);
     let filter = format!("sbtest.group={group}");
@@ -858,7 +839,7 @@ node_prefix "" { policy = "read" }"#;
     let token = sc.token("registrator", write).await;
     let addr = format!("127.0.0.1:{}", free_port());
     let group = unique_name("owed-consul");
-    let c = web_in(Some(&group), "owed-consul");
+    let c = web_in(&group, "owed-consul");
     let id = format!("{}:{}:80", hostname(), c.name);
     let env = consul_env(&pki, &token);
     let filter = format!("sbtest.group={group}");
