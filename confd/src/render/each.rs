@@ -5,7 +5,7 @@
 //! 1.6 µs of CPU on each (every `id` or `this` inside the loop is looked up again from the
 //! document's root through string keys, with a string allocated per path segment). No helper
 //! can make a lookup cheaper, but a change usually touches one service, and the document
-//! knows which entries it rebuilt ([`Births`](crate::data::Births)): an entry with the same
+//! knows which entries it rebuilt ([`Births`](super::data::Births)): an entry with the same
 //! birth is the same value, so the text its iteration wrote last time is the text it would
 //! write again.
 //!
@@ -18,9 +18,9 @@
 //! reused by. Everything else behaves as Handlebars' builtin `each` (a unit test renders a set of
 //! templates both ways).
 
-use crate::data::{List, Lists};
+use crate::render::data::{List, Lists};
+use crate::render::stream;
 use crate::render::{self, Bounded};
-use crate::stream;
 use handlebars::template::{Parameter, TemplateElement};
 use handlebars::{
     to_json, BlockContext, BlockParams, Context, Handlebars, Helper, HelperDef, HelperResult,
@@ -44,7 +44,7 @@ pub(crate) struct Site {
     /// Whether the body reads a loop variable (`@index`, `@first`, `@last`, `@key`).
     locals: bool,
     /// The list it loops over when that list may be missing from the document (see
-    /// [`crate::stream`]).
+    /// [`super::stream`]).
     stream: Option<List>,
     last: HashMap<Key, String>,
     current: HashMap<Key, String>,
@@ -54,7 +54,7 @@ pub(crate) struct Site {
 struct State {
     /// Per template name, its reusable loops.
     templates: HashMap<String, HashMap<SiteId, Site>>,
-    /// The template being rendered from a [`TemplateData`](crate::data::TemplateData), if
+    /// The template being rendered from a [`TemplateData`](super::data::TemplateData), if
     /// any, and that document's lists.
     active: Option<(String, Arc<Lists>)>,
 }
@@ -319,7 +319,7 @@ impl HelperDef for EachHelper {
 }
 
 impl EachHelper {
-    /// A loop over `list` that streams (see [`crate::stream`]): each entry is built from
+    /// A loop over `list` that streams (see [`super::stream`]): each entry is built from
     /// `lists` only when its text cannot be reused, and its body rendered in a context of its
     /// own holding the entry, at the path it has in the document (`<list>.<index>`), and
     /// `vars`: all a sealed body can read. The rest is the builtin's loop over an array.
@@ -554,9 +554,9 @@ fn param_sealed(p: &Parameter, locals: &mut bool) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::data::tests::{change_instances, Lcg};
-    use crate::data::{Parts, TemplateData, Vars};
     use crate::model::{Instance, Snapshot};
+    use crate::render::data::tests::{change_instances, Lcg};
+    use crate::render::data::{Parts, TemplateData, Vars};
     use crate::render::Renderer;
     use serde_json::json;
     use std::collections::BTreeMap;
@@ -620,7 +620,7 @@ pub(crate) mod tests {
     fn builtin(src: &str, data: &Value) -> Result<String, String> {
         let mut hb = Handlebars::new();
         hb.set_strict_mode(true);
-        crate::helpers::register(&mut hb);
+        crate::render::helpers::register(&mut hb);
         hb.render_template(src, data).map_err(|e| e.to_string())
     }
 
@@ -644,7 +644,7 @@ pub(crate) mod tests {
         .into();
         let mut r = Lcg(11);
         // One renderer with every list in its document, one with only those its templates
-        // need there (the others stream, see `crate::stream`).
+        // need there (the others stream, see `super::stream`).
         let mut renderer = Renderer::default();
         let mut data = TemplateData::build(Arc::new(Snapshot::default()), &vars_a);
         // A document per template: a list one template needs in its document would

@@ -6,7 +6,7 @@
 //! templates, and most others, read them in only two ways, each of which sees one entry at a
 //! time:
 //! - a top-level `{{#each services}}` (or `vhosts`) whose body sees nothing but its entry and
-//!   `vars` (the loops [`crate::each`] reuses): the loop builds each entry from the snapshot
+//!   `vars` (the loops [`super::each`] reuses): the loop builds each entry from the snapshot
 //!   as it comes to it (or not at all, when it reuses the entry's text) and renders the body
 //!   in a context of that entry and `vars`;
 //! - `find_service services ...` at the top level: answered from the snapshot, building only
@@ -18,9 +18,9 @@
 //! keeps the list there. The output is the same either way (a unit test renders a set of
 //! templates both ways); a list another template needs in the document is used from there.
 
-use crate::data::List;
-use crate::each::{everywhere, sites, Memo, SiteId};
-use crate::helpers;
+use crate::render::data::List;
+use crate::render::each::{everywhere, sites, Memo, SiteId};
+use crate::render::helpers;
 use handlebars::template::{HelperTemplate, Parameter, TemplateElement};
 use handlebars::{
     Context, Handlebars, Helper, HelperDef, Path, PathSeg, RenderContext, RenderError,
@@ -136,7 +136,7 @@ impl Uses {
 fn scan(
     elements: &[TemplateElement],
     depth: usize,
-    sealed: &HashMap<SiteId, crate::each::Site>,
+    sealed: &HashMap<SiteId, crate::render::each::Site>,
     uses: &mut Uses,
 ) {
     for e in elements {
@@ -295,7 +295,7 @@ impl HelperDef for FindService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::each::tests::shipped;
+    use crate::render::each::tests::shipped;
 
     fn lists(src: &str) -> Vec<List> {
         let mut hb = Handlebars::new();

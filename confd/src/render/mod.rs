@@ -22,10 +22,10 @@
 //!   its innermost partial, plus that partial's own blocks (themselves within the bound): never
 //!   more than twice the bound, which fits [`RENDER_STACK`], the stack of the thread the daemon
 //!   renders on, up to [`Limits::DEPTH_CEILING`]. Templates without partials are left as they
-//!   are (their loops stream and reuse: [`crate::stream`], [`crate::each`]).
+//!   are (their loops stream and reuse: `stream`, `each`).
 //! - **Output** (`max_render_output`): every byte the render holds counts against one budget:
 //!   what is written to the output; loop iterations rendered aside to be kept
-//!   ([`crate::each`]; credited back when copied into the output, so they count once); the
+//!   (`each`; credited back when copied into the output, so they count once); the
 //!   bodies of partial blocks, which Handlebars renders into a buffer of its own (they count
 //!   there and again where `{{> @partial-block}}` writes them); the text helpers return
 //!   (`concat` of `concat` doubles at each level); and, while a partial renders, the copy of
@@ -40,11 +40,14 @@
 //! start to end and every helper is called on it, so a write costs a thread-local access, not
 //! a lock.
 
-use crate::data::{Parts, TemplateData, Vars};
-use crate::each::Memo;
-use crate::helpers;
+pub mod data;
+mod each;
+mod helpers;
+mod stream;
+
 use crate::model::Snapshot;
-use crate::stream;
+use data::{Parts, TemplateData, Vars};
+use each::Memo;
 use handlebars::template::{HelperTemplateBuilder, Parameter, Template, TemplateElement};
 use handlebars::{
     Context, Handlebars, Helper, HelperDef, HelperResult, Output, Path, PathSeg, RenderContext,
@@ -138,7 +141,7 @@ pub struct Renderer {
     /// template rendered from it.
     data: Option<TemplateData>,
     /// What loops over `services` and `vhosts` wrote per entry, reused for entries that did
-    /// not change (see [`crate::each`]).
+    /// not change (see `each`).
     memo: Memo,
     /// Cancelled when renders are to stop half way (confd is stopping or reloading its configuration).
     stop: Option<Shutdown>,
@@ -968,8 +971,8 @@ mod tests {
 
     #[test]
     fn renders_only_when_the_source_or_the_data_changed() {
-        use crate::data::TemplateData;
         use crate::model::{tests::inst, Snapshot};
+        use crate::render::data::TemplateData;
         use std::sync::Arc;
         let snap = |addr: &str| {
             Arc::new(Snapshot::build(
@@ -1234,7 +1237,7 @@ mod tests {
         }
         // The shipped templates are far within the default.
         for name in ["nginx.conf.hbs", "haproxy.cfg.hbs"] {
-            let t = Template::compile(&crate::each::tests::shipped(name)).unwrap();
+            let t = Template::compile(&crate::render::each::tests::shipped(name)).unwrap();
             assert_eq!(nesting(&t.elements), 4, "{name}");
         }
         let mut r = Renderer::default();
@@ -1302,8 +1305,8 @@ mod tests {
     /// bounded like any other: a reused text counts as it is written.
     #[test]
     fn output_bound_covers_reused_and_streamed_loops() {
-        use crate::data::TemplateData;
         use crate::model::{tests::inst, Snapshot};
+        use crate::render::data::TemplateData;
         let snap = |port: u16| {
             Arc::new(Snapshot::build(
                 (0..50).map(|i| {
