@@ -10,7 +10,7 @@
 //! write again.
 //!
 //! That holds only when the loop body can see nothing but the entry and `vars`, which
-//! `sites` decides from the parsed template, erring towards "render it": a body that uses
+//! the template's analysis (`super::analysis`) decides, erring towards "render it": a body that uses
 //! `..`, `@root` other than `@root.vars`, an outer block's variables (`@../index`), partials,
 //! decorators, block parameters or `log` is rendered every time, as is every loop of a
 //! template with partials, decorators or block parameters anywhere (they can change what a
