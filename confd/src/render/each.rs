@@ -9,9 +9,9 @@
 //! birth is the same value, so the text its iteration wrote last time is the text it would
 //! write again.
 //!
-//! That holds only when the loop body can see nothing but the entry and `vars`, which
-//! the template's analysis (`super::analysis`) decides, erring towards "render it": a body that uses
-//! `..`, `@root` other than `@root.vars`, an outer block's variables (`@../index`), partials,
+//! That holds only when the loop body can see nothing but the entry and `vars`, which the
+//! template's analysis (`super::analysis`) decides, erring towards "render it": a body that
+//! uses `..`, `@root` other than `@root.vars`, an outer block's variables (`@../index`), partials,
 //! decorators, block parameters or `log` is rendered every time, as is every loop of a
 //! template with partials, decorators or block parameters anywhere (they can change what a
 //! name means inside the body). `@index`, `@first`, `@last` and `@key` are part of what is
