@@ -17,8 +17,8 @@
 
 use crate::common::{ms3, thread_cpu, Summary};
 use crate::workload;
-use confd::data::{List, Parts, TemplateData, Vars};
 use confd::model::Snapshot;
+use confd::render::data::{List, Parts, TemplateData, Vars};
 use confd::render::Renderer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,14 +2,15 @@
 //! them, swaps them in atomically and reloads the proxy.
 //!
 //! The pipeline, one module per stage: [`config`] (YAML + flags) → [`source`] (store watchers
-//! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`data`] (the
-//! document templates see, once per snapshot) → [`render`] with [`helpers`] and [`each`]
-//! (loops that reuse what they wrote for unchanged entries) → [`writer`]
-//! (stage, swap, restore) → [`command`] (check and reload with timeouts). [`watch`] re-renders
-//! when a template file changes. [`live`] applies membership-only changes to a running proxy
-//! without a reload. [`exec`] supervises the proxy itself (`--exec`). [`names`] holds the
-//! validation rules the model and the helpers share; [`memory`] how the heap returns memory;
-//! [`metrics`] what `/metrics` reports.
+//! publishing [`model::Snapshot`]s) → [`runner`] (quiescence, passes) → [`render`] (the render
+//! engine, a folder of its own: the document templates see, built once per snapshot
+//! ([`render::data`]), each template analysed once when parsed, Handlebars with confd's
+//! helpers, loops that reuse what they wrote for unchanged entries, and the bounds every render
+//! runs within) → [`writer`] (stage, swap, restore) → [`command`] (check and reload with
+//! timeouts). [`watch`] re-renders when a template file changes. [`live`] applies
+//! membership-only changes to a running proxy without a reload. [`exec`] supervises the proxy
+//! itself (`--exec`). [`names`] holds the validation rules the model and the helpers share;
+//! [`memory`] how the heap returns memory; [`metrics`] what `/metrics` reports.
 //!
 //! Between the render loop, the store sources, the metrics and the supervisor, imports run one
 //! way, from the [`runner`] down: none imports a module that imports it back. Three cuts keep
@@ -31,11 +32,8 @@
 
 pub mod command;
 pub mod config;
-pub mod data;
 pub mod duration;
-pub mod each;
 pub mod exec;
-pub mod helpers;
 pub mod live;
 pub mod metrics;
 pub mod model;
@@ -45,7 +43,6 @@ pub mod render;
 pub mod runner;
 pub mod signal;
 pub mod source;
-pub mod stream;
 pub mod watch;
 pub mod writer;
 

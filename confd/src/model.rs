@@ -1,6 +1,6 @@
 //! What templates see: a snapshot of the store turned into plain data.
 //!
-//! Sources build a [`Snapshot`] (instances and key/values); [`crate::data`] turns it into the
+//! Sources build a [`Snapshot`] (instances and key/values); [`crate::render::data`] turns it into the
 //! JSON document templates render from. Registry values are untrusted (they come from container
 //! labels), so the structural ones are validated once: an instance's name, ID, port and
 //! address by the source that reads it ([`crate::source::Publisher::instance`]), and a virtual

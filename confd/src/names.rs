@@ -2,7 +2,7 @@
 //! DNS names, virtual hosts and config-safe tokens.
 //!
 //! A leaf module: [`crate::source`] (which refuses instances with a bad address),
-//! [`crate::model`] (which computes each instance's virtual host) and [`crate::helpers`] (the
+//! [`crate::model`] (which computes each instance's virtual host) and [`crate::render`]'s helpers (the
 //! `addr`, `vhost` and `*_name` helpers) all need these rules. One copy here keeps them in
 //! agreement: the data a template sees and what its helpers accept cannot drift.
 

@@ -519,8 +519,8 @@ mod tests {
 
     #[test]
     fn the_shipped_template_renders_plannable_files() {
-        use crate::data::template_data;
         use crate::model::{tests::inst, Snapshot};
+        use crate::render::data::template_data;
         let src = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../templates/nginx.conf.hbs"

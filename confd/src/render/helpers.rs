@@ -117,7 +117,7 @@ impl HelperDef for FnHelper {
             // the helper (`concat` of `concat` through `with ... as`), it would double per
             // level. Other values are parts of the data, copied or rearranged.
             if let Value::String(s) = &v {
-                crate::render::made_text(s.len())?;
+                super::bounds::made_text(s.len())?;
             }
             Ok(v)
         })?;

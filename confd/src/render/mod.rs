@@ -1,60 +1,56 @@
-//! Rendering one template source against template data.
+//! The render engine: one template source rendered against the document of a snapshot.
 //!
 //! Handlebars runs in strict mode so a missing key or a misspelt field is an error naming it
 //! (instead of an empty string that produces a config with a hole), and with HTML escaping off:
 //! `&amp;` in a proxy config is a bug, and the config-safe helpers do the real escaping.
 //!
-//! ## Bounds
+//! ## Rooms
 //!
-//! A template is a program run against data from anyone who can write to the store, and
-//! Handlebars bounds nothing: a partial that includes itself
-//! (`{{#*inline "a"}}x{{> a}}{{/inline}}{{> a}}`) recurses until the stack or memory runs out,
-//! copying its context at every level. So every render runs within [`Limits`], and past one it
-//! fails with one line naming the template and the bound: the caller keeps the previous file
-//! and goes on with the other templates.
-//! - **Depth** (`max_render_depth`): each block, subexpression or partial open at once is a
-//!   frame of the render's stack. A template's own nesting is measured as soon as it is parsed
-//!   ([`nesting`], without recursion) and a template deeper than the bound is refused before
-//!   anything walks it by recursion. Nesting through partials is known only while
-//!   rendering: at parse, every partial is put inside a block of the [`NEST`] helper, which adds
-//!   the partial's place (the blocks around it, plus one) to the render's depth while the
-//!   partial renders and refuses to go past the bound. A render thus nests at most the bound at
-//!   its innermost partial, plus that partial's own blocks (themselves within the bound): never
-//!   more than twice the bound, which fits [`RENDER_STACK`], the stack of the thread the daemon
-//!   renders on, up to [`Limits::DEPTH_CEILING`]. Templates without partials are left as they
-//!   are (their loops stream and reuse: [`crate::stream`], [`crate::each`]).
-//! - **Output** (`max_render_output`): every byte the render holds counts against one budget:
-//!   what is written to the output; loop iterations rendered aside to be kept
-//!   ([`crate::each`]; credited back when copied into the output, so they count once); the
-//!   bodies of partial blocks, which Handlebars renders into a buffer of its own (they count
-//!   there and again where `{{> @partial-block}}` writes them); the text helpers return
-//!   (`concat` of `concat` doubles at each level); and, while a partial renders, the copy of
-//!   its context Handlebars makes for it (a recursion at the top level copies the whole
-//!   document at each level).
-//! - **Time** (`max_render_time`) and the stop signal: looked at every [`POLL`] writes, at
-//!   every loop iteration and at every partial, so a loop that writes nothing (an `each` over
-//!   every service inside another) ends too, and a stop signal ends a render within
-//!   milliseconds.
+//! The engine is this folder, and only [`Renderer`], its [`Limits`] and [`RenderError`], and
+//! the document ([`data`], which the bench builds by hand) are seen outside it. Imports run one
+//! way, from the [`Renderer`] down, with no circle:
 //!
-//! The accounting of the render under way is a thread-local: a render runs on one thread from
-//! start to end and every helper is called on it, so a write costs a thread-local access, not
-//! a lock.
+//! - `mod.rs` (this file): the [`Renderer`]. It parses a template once per source, analyses it,
+//!   applies the rewrites the analysis calls for, and renders it within its bounds, reusing
+//!   the last output when neither the source nor the document changed.
+//! - `analysis`: every walk that reads a parsed template, behind one entry point,
+//!   `Analysis::of`: how deep it nests, which loops may reuse their texts, which lists it
+//!   reads one entry at a time, which parts of the document it reads. The other rooms take its
+//!   answers and analyse nothing themselves, so what the engine assumes about a template is
+//!   written in one place. It is a leaf beside [`data`] (whose list and part names it uses).
+//! - `each`: the `each` helper and the texts it keeps between renders (`Memo`), per loop
+//!   site the analysis found.
+//! - `stream`: the lists the document leaves out, rendered from the snapshot: it points the
+//!   template's `find_service services` calls at its own helper, which reads the render's
+//!   lists through `each`'s `Memo`; the loops themselves are `each`'s.
+//! - `bounds`: [`Limits`], the accounting that holds a render to them (a thread-local budget
+//!   every output, loop and partial counts against), and the rewrite that puts partials
+//!   inside the helper that counts their depth. A leaf: `each` and `helpers` count through it.
+//! - `helpers`: the template helpers; [`data`]: the document, built once per snapshot and
+//!   updated where it changed.
+//!
+//! Analysis and rewrites are kept apart: an analysis reads a template and answers, a rewrite
+//! (`stream::rewrite`, `bounds::nest_partials`) changes it and lives beside the helper that
+//! renders what it writes.
 
-use crate::data::{Parts, TemplateData, Vars};
-use crate::each::Memo;
-use crate::helpers;
+mod analysis;
+mod bounds;
+pub mod data;
+mod each;
+mod helpers;
+mod stream;
+
+pub use bounds::{Limits, RENDER_STACK};
+
 use crate::model::Snapshot;
-use crate::stream;
-use handlebars::template::{HelperTemplateBuilder, Parameter, Template, TemplateElement};
-use handlebars::{
-    Context, Handlebars, Helper, HelperDef, HelperResult, Output, Path, PathSeg, RenderContext,
-    RenderErrorReason, Renderable,
-};
+use analysis::Analysis;
+use bounds::{Active, Bounded, Breach, Counted, Nest, COUNTED, NEST};
+use data::{Parts, TemplateData, Vars};
+use each::Memo;
+use handlebars::{Context, Handlebars, RenderContext, RenderErrorReason, Renderable};
 use serde_json::Value;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use switchboard::Shutdown;
 
 /// Why a template produced no output. Displayed as one line that names the template and,
@@ -83,50 +79,6 @@ pub enum RenderError {
     Stopped(String),
 }
 
-/// How far one render may go (see the module doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Blocks, subexpressions and partials open at once, within a template and across the
-    /// partials it includes.
-    pub max_depth: usize,
-    /// Bytes a render may hold: its output and what it builds on the way.
-    pub max_output: usize,
-    /// How long a render may take.
-    pub max_time: Duration,
-}
-
-impl Limits {
-    /// Deep enough for any template written by hand (the shipped ones nest 4 deep), shallow
-    /// enough that the deepest render it allows fits a 2 MiB thread stack (a test thread's)
-    /// in a debug build.
-    pub const DEFAULT_MAX_DEPTH: usize = 64;
-    /// The largest `max_depth` confd takes: the deepest render it allows fits
-    /// [`RENDER_STACK`] in a debug build, with room to spare (a unit test renders it).
-    pub const DEPTH_CEILING: usize = 512;
-    /// The shipped templates write about 110 (nginx) and 160 (HAProxy) bytes per instance
-    /// (the bench at 100,000 instances in 10,000 services: 10.2 and 15.2 MiB, and a render
-    /// holds 1.003 times its output at most): 256 MiB is 17 times HAProxy's at 100,000.
-    pub const DEFAULT_MAX_OUTPUT: usize = 256 << 20;
-    /// A render of the shipped templates at 100,000 instances that reuses nothing takes
-    /// 0.5 s (nginx) and 0.7 s (HAProxy) of CPU in a release build.
-    pub const DEFAULT_MAX_TIME: Duration = Duration::from_secs(60);
-}
-
-/// The stack of the thread the daemon renders on (see `runner`): the deepest render
-/// [`Limits::DEPTH_CEILING`] allows takes about half of it in a debug build, a quarter in a
-/// release build. Only the pages a render touches are ever allocated.
-pub const RENDER_STACK: usize = 32 << 20;
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_depth: Limits::DEFAULT_MAX_DEPTH,
-            max_output: Limits::DEFAULT_MAX_OUTPUT,
-            max_time: Limits::DEFAULT_MAX_TIME,
-        }
-    }
-}
-
 /// A registry with confd's settings and helpers. Callers pass the template source read fresh
 /// from disk on every render (so an edit is always seen); it is parsed again only when it
 /// differs from the source last parsed under that name, since parsing dominated small renders.
@@ -138,7 +90,7 @@ pub struct Renderer {
     /// template rendered from it.
     data: Option<TemplateData>,
     /// What loops over `services` and `vhosts` wrote per entry, reused for entries that did
-    /// not change (see [`crate::each`]).
+    /// not change (see `each`).
     memo: Memo,
     /// Cancelled when renders are to stop half way (confd is stopping or reloading its configuration).
     stop: Option<Shutdown>,
@@ -163,6 +115,7 @@ impl Default for Renderer {
         helpers::register(&mut hb);
         let memo = Memo::default();
         memo.register(&mut hb);
+        stream::register(&memo, &mut hb);
         hb.register_helper(NEST, Box::new(Nest));
         hb.register_helper(COUNTED, Box::new(Counted));
         Renderer {
@@ -342,588 +295,34 @@ impl Renderer {
             .map_err(|e| {
                 RenderError::Syntax(one_line(&format!("{name}: template syntax error: {e}")))
             })?;
-        let nesting = nesting(
-            &self
-                .hb
-                .get_template(name)
-                .expect("registered above")
-                .elements,
-        );
-        if nesting > max_depth {
+        // Measured without recursion, before anything recurses into the template.
+        let registered = self.hb.get_template(name).expect("registered above");
+        if analysis::nesting(&registered.elements) > max_depth {
             self.hb.unregister_template(name);
             return Err(RenderError::Limit {
                 template: name.to_string(),
                 bound: Breach::Depth(max_depth).to_string(),
             });
         }
-        // Lists the template reads one entry at a time stay out of the document.
-        let mut t = self
-            .hb
-            .get_template(name)
-            .expect("registered above")
-            .clone();
-        let streams = stream::analyse(&t);
-        let reads = reads(&t).without(&streams.lists);
-        let mut rewritten = !streams.lists.is_empty();
-        if rewritten {
-            stream::rewrite(&mut t, &streams);
-        }
-        rewritten |= nest_partials(&mut t);
-        if rewritten {
-            self.hb.register_template(name, t);
-        }
-        let t = self.hb.get_template(name).expect("registered above");
-        self.memo.parsed(name, t);
+        // The copy is analysed, rewritten in place and registered: the loops the analysis
+        // names by address are those of the template that renders (see `analysis`).
+        let mut t = registered.clone();
+        let analysis = Analysis::of(&t);
+        stream::rewrite(&mut t, &analysis);
+        bounds::nest_partials(&mut t);
+        self.hb.register_template(name, t);
+        self.memo.parsed(name, &analysis.loops);
         self.parsed.insert(
             name.to_string(),
             Parsed {
                 source: source.to_string(),
-                reads,
-                nesting,
+                reads: analysis.reads,
+                nesting: analysis.nesting,
                 last: None,
             },
         );
         Ok(())
     }
-}
-
-/// The large parts of the document ([`Parts`]) a template may read, found from its parsed
-/// form, erring towards "reads it": a part left out is an error at render (strict mode names
-/// the missing key), never a silent hole, but the analysis aims never to get there.
-///
-/// A path names a top-level key by its first name segment after any `@root`, `..` or `this`
-/// (so `services`, `@root.vhosts.0`, `../service.web`). A path that names nothing (`this`,
-/// `.`, `@root`, `..`) where it can mean the whole document, and any partial, read
-/// everything. Only `each` and `with` move into a narrower context (their `else` does not);
-/// every other block is taken to keep its parent's. Names inside narrower contexts (a field
-/// such as `instances`) are taken as top-level keys too: harmless, as no part is called so.
-pub fn reads(t: &Template) -> Parts {
-    let mut names = Vec::new();
-    if walk(&t.elements, false, &mut names) {
-        return Parts::ALL;
-    }
-    let has = |k: &str| names.iter().any(|n| n == k);
-    Parts {
-        services: has("services"),
-        service: has("service"),
-        vhosts: has("vhosts"),
-    }
-}
-
-/// Collects the top-level names `elements` may read; `true` when they may read everything.
-/// `nested`: inside an `each` or `with` block, where `this` is not the document.
-fn walk(elements: &[TemplateElement], nested: bool, names: &mut Vec<String>) -> bool {
-    elements.iter().any(|e| match e {
-        TemplateElement::RawString(_) | TemplateElement::Comment(_) => false,
-        TemplateElement::Expression(h)
-        | TemplateElement::HtmlExpression(h)
-        | TemplateElement::HelperBlock(h) => {
-            let narrows =
-                h.block && matches!(&h.name, Parameter::Name(n) if n == "each" || n == "with");
-            param(&h.name, nested, names)
-                || h.params.iter().any(|p| param(p, nested, names))
-                || h.hash.values().any(|p| param(p, nested, names))
-                || h.template
-                    .as_ref()
-                    .is_some_and(|t| walk(&t.elements, nested || narrows, names))
-                || h.inverse
-                    .as_ref()
-                    .is_some_and(|t| walk(&t.elements, nested, names))
-        }
-        TemplateElement::DecoratorExpression(d) | TemplateElement::DecoratorBlock(d) => {
-            d.params.iter().any(|p| param(p, nested, names))
-                || d.hash.values().any(|p| param(p, nested, names))
-                || d.template
-                    .as_ref()
-                    .is_some_and(|t| walk(&t.elements, nested, names))
-        }
-        TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_) => true,
-        // A future element kind: assume the worst.
-        #[allow(unreachable_patterns)]
-        _ => true,
-    })
-}
-
-fn param(p: &Parameter, nested: bool, names: &mut Vec<String>) -> bool {
-    match p {
-        Parameter::Name(n) => {
-            names.push(n.clone());
-            false
-        }
-        Parameter::Path(Path::Relative((segs, _))) => {
-            let prefixed = segs.first().is_some_and(|s| matches!(s, PathSeg::Ruled(_)));
-            match segs.iter().find_map(|s| match s {
-                PathSeg::Named(n) => Some(n),
-                _ => None,
-            }) {
-                Some(n) => {
-                    names.push(n.clone());
-                    false
-                }
-                // `@root`, `..`: the document (or an outer context, possibly the document).
-                None if prefixed => true,
-                // `this` or `.`: the document unless inside `each` or `with`.
-                None => !nested,
-            }
-        }
-        // `@root` alone parses as the local variable `root`: the whole document. Other
-        // local variables (`@index`, `@key`) are not document data.
-        Parameter::Path(Path::Local((_, name, _))) => name == "root",
-        Parameter::Literal(_) => false,
-        Parameter::Subexpression(sub) => walk(std::slice::from_ref(&sub.element), nested, names),
-        #[allow(unreachable_patterns)]
-        _ => true,
-    }
-}
-
-/// Which bound a render went past; displayed as the reason its error gives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Breach {
-    /// Nesting past `max_depth`.
-    Depth(usize),
-    /// Bytes held past `max_output`, by what took the last of them.
-    Output(usize, Held),
-    /// Time past `max_time`.
-    Time(Duration),
-    /// Stopped from outside.
-    Stopped,
-}
-
-/// What holds the bytes of a render (see the module doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Held {
-    Output,
-    HelperText,
-    PartialContext,
-}
-
-impl std::fmt::Display for Breach {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Breach::Depth(max) => write!(
-                f,
-                "blocks and partials nest deeper than max_render_depth ({max}): a partial that includes itself?"
-            ),
-            Breach::Output(max, by) => {
-                let by = match by {
-                    Held::Output => "output",
-                    Held::HelperText => "output with the text its helpers made",
-                    Held::PartialContext => "output with the contexts its partials copy",
-                };
-                write!(f, "{by} passed max_render_output ({max} bytes)")
-            }
-            Breach::Time(max) => write!(f, "render took longer than max_render_time ({max:?})"),
-            Breach::Stopped => f.write_str("render stopped"),
-        }
-    }
-}
-
-/// Writes, loop iterations and partials between two looks at the clock and the stop signal:
-/// a few microseconds of rendering.
-pub const POLL: u32 = 256;
-
-/// The accounting of the render under way (see the module doc).
-struct Budget {
-    limits: Limits,
-    deadline: Instant,
-    stop: Option<Shutdown>,
-    /// Bytes held ([`Held`]).
-    held: usize,
-    /// Levels open through [`NEST`].
-    depth: usize,
-    /// Steps since the render started, for [`POLL`].
-    steps: u32,
-    /// The first bound passed: every later step fails with it too.
-    breach: Option<Breach>,
-}
-
-thread_local! {
-    static ACTIVE: RefCell<Option<Budget>> = const { RefCell::new(None) };
-}
-
-impl Budget {
-    /// One step of the render: fails once a bound was passed, and every [`POLL`] steps looks
-    /// at the stop signal and the clock.
-    fn step(&mut self) -> Result<(), Breach> {
-        if let Some(b) = self.breach {
-            return Err(b);
-        }
-        self.steps = self.steps.wrapping_add(1);
-        if self.steps % POLL == 0 {
-            if self.stop.as_ref().is_some_and(Shutdown::is_cancelled) {
-                return self.fail(Breach::Stopped);
-            }
-            if Instant::now() >= self.deadline {
-                return self.fail(Breach::Time(self.limits.max_time));
-            }
-        }
-        Ok(())
-    }
-
-    fn fail(&mut self, b: Breach) -> Result<(), Breach> {
-        self.breach = Some(b);
-        Err(b)
-    }
-
-    /// `n` more bytes held by `by`.
-    fn hold(&mut self, n: usize, by: Held) -> Result<(), Breach> {
-        self.step()?;
-        match self.held.checked_add(n) {
-            Some(h) if h <= self.limits.max_output => {
-                self.held = h;
-                Ok(())
-            }
-            _ => self.fail(Breach::Output(self.limits.max_output, by)),
-        }
-    }
-}
-
-/// Runs `f` on the budget of the render under way; without one (a template rendered by plain
-/// Handlebars, as some tests do), nothing is counted.
-fn with_budget(f: impl FnOnce(&mut Budget) -> Result<(), Breach>) -> Result<(), Breach> {
-    ACTIVE.with_borrow_mut(|b| b.as_mut().map_or(Ok(()), f))
-}
-
-/// The render under way on this thread: its budget is dropped with it, even on a panic.
-struct Active;
-
-impl Active {
-    fn start(limits: Limits, stop: Option<Shutdown>) -> Active {
-        let budget = Budget {
-            limits,
-            deadline: Instant::now() + limits.max_time,
-            stop,
-            held: 0,
-            depth: 0,
-            steps: 0,
-            breach: None,
-        };
-        ACTIVE.with_borrow_mut(|b| *b = Some(budget));
-        Active
-    }
-
-    /// The bound the render passed, if any.
-    fn finish(self) -> Option<Breach> {
-        ACTIVE.with_borrow_mut(|b| b.take()).and_then(|b| b.breach)
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        ACTIVE.with_borrow_mut(|b| *b = None);
-    }
-}
-
-fn io_error(b: Breach) -> std::io::Error {
-    std::io::Error::other(b.to_string())
-}
-
-fn hb_error(b: Breach) -> handlebars::RenderError {
-    RenderErrorReason::Other(b.to_string()).into()
-}
-
-/// One step of a loop (an iteration): fails once the render is past a bound or stopped.
-pub(crate) fn step() -> Result<(), handlebars::RenderError> {
-    with_budget(Budget::step).map_err(hb_error)
-}
-
-/// A helper made `n` bytes of text: they count as long as the render lasts.
-pub(crate) fn made_text(n: usize) -> Result<(), String> {
-    with_budget(|b| b.hold(n, Held::HelperText)).map_err(|b| b.to_string())
-}
-
-/// Where a render writes: a string, every byte of which counts against the render's budget.
-/// The render's output, and the buffers loops render iterations into.
-#[derive(Default)]
-pub(crate) struct Bounded(pub String);
-
-impl Output for Bounded {
-    fn write(&mut self, seg: &str) -> std::io::Result<()> {
-        with_budget(|b| b.hold(seg.len(), Held::Output)).map_err(io_error)?;
-        self.0.push_str(seg);
-        Ok(())
-    }
-}
-
-impl Bounded {
-    /// Writes the text held here into `out`, where it counts again: so it stops counting here.
-    pub(crate) fn copy_into(&self, out: &mut dyn Output) -> std::io::Result<()> {
-        ACTIVE.with_borrow_mut(|b| {
-            if let Some(b) = b {
-                b.held = b.held.saturating_sub(self.0.len());
-            }
-        });
-        out.write(&self.0)
-    }
-}
-
-/// Another output whose writes count (a partial block's body, see [`Counted`]).
-struct Counting<'a>(&'a mut dyn Output);
-
-impl Output for Counting<'_> {
-    fn write(&mut self, seg: &str) -> std::io::Result<()> {
-        with_budget(|b| b.hold(seg.len(), Held::Output)).map_err(io_error)?;
-        self.0.write(seg)
-    }
-}
-
-/// The helper every partial is put inside at parse ([`nest_partials`]): `{{#NEST levels
-/// [context] [hash]}}{{> partial ...}}{{/NEST}}`, where `levels` is the partial's place in its
-/// template (the blocks around it, plus one) and the partial's own context and hash follow.
-/// Not a name a template can write (it has spaces), so only those blocks reach it.
-pub const NEST: &str = "partial (nested)";
-
-/// The helper a partial block's body is put inside ([`nest_partials`]), so that what the body
-/// writes into Handlebars' own buffer counts.
-pub const COUNTED: &str = "partial block (counted)";
-
-/// See [`NEST`].
-struct Nest;
-
-impl HelperDef for Nest {
-    fn call<'reg: 'rc, 'rc>(
-        &self,
-        h: &Helper<'rc>,
-        r: &'reg Handlebars<'reg>,
-        ctx: &'rc Context,
-        rc: &mut RenderContext<'reg, 'rc>,
-        out: &mut dyn Output,
-    ) -> HelperResult {
-        let levels = h
-            .param(0)
-            .and_then(|p| p.value().as_u64())
-            .ok_or_else(|| RenderErrorReason::Other(format!("{NEST}: no levels")))?
-            as usize;
-        // What Handlebars copies for the partial: its context (given, or `this`), merged with
-        // its hash. Measured only with a render under way.
-        let copied = if ACTIVE.with_borrow(Option::is_some) {
-            let context = match h.param(1) {
-                Some(p) => weight(p.value()),
-                None => rc.evaluate(ctx, "this").map_or(0, |v| weight(v.as_json())),
-            };
-            context + h.hash().values().map(|v| weight(v.value())).sum::<usize>()
-        } else {
-            0
-        };
-        with_budget(|b| {
-            b.step()?;
-            if b.depth + levels > b.limits.max_depth {
-                return b.fail(Breach::Depth(b.limits.max_depth));
-            }
-            b.hold(copied, Held::PartialContext)?;
-            b.depth += levels;
-            Ok(())
-        })
-        .map_err(hb_error)?;
-        let result = match h.template() {
-            Some(t) => t.render(r, ctx, rc, out),
-            None => Ok(()),
-        };
-        ACTIVE.with_borrow_mut(|b| {
-            if let Some(b) = b {
-                b.depth -= levels;
-                b.held = b.held.saturating_sub(copied);
-            }
-        });
-        result
-    }
-}
-
-/// See [`COUNTED`].
-struct Counted;
-
-impl HelperDef for Counted {
-    fn call<'reg: 'rc, 'rc>(
-        &self,
-        h: &Helper<'rc>,
-        r: &'reg Handlebars<'reg>,
-        ctx: &'rc Context,
-        rc: &mut RenderContext<'reg, 'rc>,
-        out: &mut dyn Output,
-    ) -> HelperResult {
-        match h.template() {
-            Some(t) => t.render(r, ctx, rc, &mut Counting(out)),
-            None => Ok(()),
-        }
-    }
-}
-
-/// About the bytes a copy of `v` takes: its text, and a slot per value and key.
-fn weight(v: &Value) -> usize {
-    const SLOT: usize = std::mem::size_of::<Value>();
-    match v {
-        Value::String(s) => s.len(),
-        Value::Array(a) => a.iter().map(|v| SLOT + weight(v)).sum(),
-        Value::Object(m) => m.iter().map(|(k, v)| k.len() + 2 * SLOT + weight(v)).sum(),
-        _ => 0,
-    }
-}
-
-/// How deep blocks, subexpressions and partials nest in `elements` (a partial counts one: what
-/// it includes is counted as it renders, see [`NEST`]; an inline partial's body counts from
-/// where it is written). Measured with a stack of its own, not by recursion: it is what keeps
-/// a template nested deeper than a thread's stack away from the code that recurses.
-pub fn nesting(elements: &[TemplateElement]) -> usize {
-    /// Elements, or parameters, below `.1` levels.
-    enum Item<'a> {
-        Elements(&'a [TemplateElement], usize),
-        Params(Vec<&'a Parameter>, usize),
-    }
-    let mut todo = vec![Item::Elements(elements, 0)];
-    let mut deepest = 0;
-    while let Some(item) = todo.pop() {
-        match item {
-            Item::Params(params, below) => {
-                for p in params {
-                    if let Parameter::Subexpression(sub) = p {
-                        deepest = deepest.max(below + 1);
-                        todo.push(Item::Elements(
-                            std::slice::from_ref(&*sub.element),
-                            below + 1,
-                        ));
-                    }
-                }
-            }
-            Item::Elements(es, below) => {
-                for e in es {
-                    match e {
-                        TemplateElement::Expression(h) | TemplateElement::HtmlExpression(h) => {
-                            todo.push(Item::Params(
-                                h.params.iter().chain(h.hash.values()).collect(),
-                                below,
-                            ));
-                        }
-                        TemplateElement::HelperBlock(h) => {
-                            let level = below + 1;
-                            deepest = deepest.max(level);
-                            todo.push(Item::Params(
-                                h.params.iter().chain(h.hash.values()).collect(),
-                                level,
-                            ));
-                            for t in [&h.template, &h.inverse].into_iter().flatten() {
-                                todo.push(Item::Elements(&t.elements, level));
-                            }
-                        }
-                        TemplateElement::DecoratorExpression(d)
-                        | TemplateElement::DecoratorBlock(d) => {
-                            todo.push(Item::Params(
-                                d.params.iter().chain(d.hash.values()).collect(),
-                                below,
-                            ));
-                            if let Some(t) = &d.template {
-                                todo.push(Item::Elements(&t.elements, below));
-                            }
-                        }
-                        TemplateElement::PartialExpression(d)
-                        | TemplateElement::PartialBlock(d) => {
-                            let level = below + 1;
-                            deepest = deepest.max(level);
-                            todo.push(Item::Params(
-                                d.params.iter().chain(d.hash.values()).collect(),
-                                level,
-                            ));
-                            if let Some(t) = &d.template {
-                                todo.push(Item::Elements(&t.elements, level));
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-    }
-    deepest
-}
-
-/// Puts every partial of `t` inside a [`NEST`] block and every partial block's body inside a
-/// [`COUNTED`] block; whether there was any. Either block only renders what it holds, in the
-/// same context, so the output is Handlebars' own (a unit test renders a set of templates both
-/// ways).
-pub fn nest_partials(t: &mut Template) -> bool {
-    nest_in(t, 0)
-}
-
-fn nest_in(t: &mut Template, depth: usize) -> bool {
-    let mut found = false;
-    for i in 0..t.elements.len() {
-        match &mut t.elements[i] {
-            TemplateElement::Expression(h)
-            | TemplateElement::HtmlExpression(h)
-            | TemplateElement::HelperBlock(h) => {
-                for b in [&mut h.template, &mut h.inverse].into_iter().flatten() {
-                    found |= nest_in(b, depth + 1);
-                }
-            }
-            // An inline partial's body renders where it is included, inside that [`NEST`].
-            TemplateElement::DecoratorExpression(d) | TemplateElement::DecoratorBlock(d) => {
-                if let Some(b) = &mut d.template {
-                    found |= nest_in(b, 0);
-                }
-            }
-            TemplateElement::PartialExpression(d) | TemplateElement::PartialBlock(d) => {
-                found = true;
-                if let Some(b) = &mut d.template {
-                    nest_in(b, depth + 1);
-                    let inner = std::mem::take(&mut b.elements);
-                    let mapping = b.mapping.clone();
-                    let place = mapping.first().cloned();
-                    let name = b.name.clone();
-                    let body = template(name, inner, mapping);
-                    b.elements = vec![block(COUNTED, Vec::new(), HashMap::new(), body)];
-                    b.mapping = place.into_iter().collect();
-                }
-                let mut params = vec![Parameter::Literal(Value::from(depth + 1))];
-                params.extend(d.params.first().cloned());
-                let hash = d.hash.clone();
-                let partial =
-                    std::mem::replace(&mut t.elements[i], TemplateElement::Comment(String::new()));
-                t.elements[i] = block(
-                    NEST,
-                    params,
-                    hash,
-                    template(
-                        t.name.clone(),
-                        vec![partial],
-                        t.mapping.get(i).cloned().into_iter().collect(),
-                    ),
-                );
-            }
-            _ => {}
-        }
-    }
-    found
-}
-
-fn template(
-    name: Option<String>,
-    elements: Vec<TemplateElement>,
-    mapping: Vec<handlebars::template::TemplateMapping>,
-) -> Template {
-    let mut t = Template::default();
-    t.name = name;
-    t.elements = elements;
-    t.mapping = mapping;
-    t
-}
-
-/// `{{#helper params hash}}body{{/helper}}`.
-fn block(
-    helper: &str,
-    params: Vec<Parameter>,
-    hash: HashMap<String, Parameter>,
-    body: Template,
-) -> TemplateElement {
-    let h = HelperTemplateBuilder::default()
-        .name(Parameter::Name(helper.to_string()))
-        .params(params)
-        .hash(hash)
-        .template(body)
-        .block(true)
-        .chain(false)
-        .indent_before_write(false)
-        .build()
-        .expect("every field set");
-    TemplateElement::HelperBlock(Box::new(h))
 }
 
 /// A render error as one line: where (template, line, column) and why.
@@ -968,8 +367,8 @@ mod tests {
 
     #[test]
     fn renders_only_when_the_source_or_the_data_changed() {
-        use crate::data::TemplateData;
         use crate::model::{tests::inst, Snapshot};
+        use crate::render::data::TemplateData;
         use std::sync::Arc;
         let snap = |addr: &str| {
             Arc::new(Snapshot::build(
@@ -1009,51 +408,6 @@ mod tests {
         assert!(r.render_data("t", "{{nope}}", d).is_err());
         assert!(r.render_data("t", "{{nope}}", d).is_err());
         assert_eq!(r.renders(), 6);
-    }
-
-    #[test]
-    fn finds_the_parts_a_template_reads() {
-        let none = Parts::default();
-        let only = |services, service, vhosts| Parts {
-            services,
-            service,
-            vhosts,
-        };
-        let cases = [
-            ("plain {{vars.listen}} {{kv.x}}", none),
-            ("{{#each services}}{{name}}{{#each instances}}{{addr this}}{{/each}}{{/each}}", only(true, false, false)),
-            ("{{#each service.web}}{{port}}{{/each}}", only(false, true, false)),
-            ("{{#each vhosts}}{{host}}{{/each}}{{#with (find_service services \"a\" \"b\")}}{{name}}{{/with}}", only(true, false, true)),
-            ("{{#each kv}}{{@root.service.web.0.port}}{{/each}}", only(false, true, false)),
-            ("{{#each kv}}{{../vhosts}}{{/each}}", only(false, false, true)),
-            ("{{#if vars.x}}{{json (lookup service \"web\")}}{{/if}}", only(false, true, false)),
-            ("{{#each kv}}{{this}}{{/each}}", none),
-            ("{{#each kv}}{{else}}{{json this}}{{/each}}", Parts::ALL),
-            ("{{#if vars.x}}{{json this}}{{/if}}", Parts::ALL),
-            ("{{json this}}", Parts::ALL),
-            ("{{lookup @root vars.key}}", Parts::ALL),
-            ("{{#each kv}}{{lookup ../this \"x\"}}{{/each}}", Parts::ALL),
-            ("{{> other}}", Parts::ALL),
-            ("{{#*inline \"p\"}}{{services}}{{/inline}}", only(true, false, false)),
-        ];
-        for (src, want) in cases {
-            let mut hb = Handlebars::new();
-            hb.register_template_string("t", src).unwrap();
-            assert_eq!(reads(hb.get_template("t").unwrap()), want, "{src}");
-        }
-        // The shipped templates read `services`, `vhosts` and `vars`: `service` is not built.
-        for t in ["nginx.conf.hbs", "haproxy.cfg.hbs"] {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../templates")
-                .join(t);
-            let mut hb = Handlebars::new();
-            hb.register_template_file("t", &path).unwrap();
-            assert_eq!(
-                reads(hb.get_template("t").unwrap()),
-                only(true, false, true),
-                "{t}"
-            );
-        }
     }
 
     /// A template whose parts were left out of the shared document gets them before it
@@ -1229,13 +583,14 @@ mod tests {
             ("{{#> p}}{{#if a}}x{{/if}}{{/p}}", 2),
         ];
         for (src, want) in cases {
-            let t = Template::compile(src).unwrap();
-            assert_eq!(nesting(&t.elements), want, "{src}");
+            let t = handlebars::Template::compile(src).unwrap();
+            assert_eq!(analysis::nesting(&t.elements), want, "{src}");
         }
         // The shipped templates are far within the default.
         for name in ["nginx.conf.hbs", "haproxy.cfg.hbs"] {
-            let t = Template::compile(&crate::each::tests::shipped(name)).unwrap();
-            assert_eq!(nesting(&t.elements), 4, "{name}");
+            let t =
+                handlebars::Template::compile(&crate::render::each::tests::shipped(name)).unwrap();
+            assert_eq!(analysis::nesting(&t.elements), 4, "{name}");
         }
         let mut r = Renderer::default();
         let deep = |n: usize| "{{#if a}}".repeat(n) + "x" + &"{{/if}}".repeat(n);
@@ -1302,8 +657,8 @@ mod tests {
     /// bounded like any other: a reused text counts as it is written.
     #[test]
     fn output_bound_covers_reused_and_streamed_loops() {
-        use crate::data::TemplateData;
         use crate::model::{tests::inst, Snapshot};
+        use crate::render::data::TemplateData;
         let snap = |port: u16| {
             Arc::new(Snapshot::build(
                 (0..50).map(|i| {
@@ -1354,7 +709,7 @@ mod tests {
         // 10^9 iterations that write nothing: far longer than any bound here.
         let src = "{{#each list}}{{#each ../list}}{{#each ../../list}}{{/each}}{{/each}}{{/each}}";
         let l = Limits {
-            max_time: Duration::from_millis(100),
+            max_time: std::time::Duration::from_millis(100),
             ..Limits::default()
         };
         let e = refused(&mut Renderer::default(), src, &d, l);

@@ -5,33 +5,29 @@
 //! 1.6 µs of CPU on each (every `id` or `this` inside the loop is looked up again from the
 //! document's root through string keys, with a string allocated per path segment). No helper
 //! can make a lookup cheaper, but a change usually touches one service, and the document
-//! knows which entries it rebuilt ([`Births`](crate::data::Births)): an entry with the same
+//! knows which entries it rebuilt ([`Births`](super::data::Births)): an entry with the same
 //! birth is the same value, so the text its iteration wrote last time is the text it would
 //! write again.
 //!
-//! That holds only when the loop body can see nothing but the entry and `vars`, which
-//! `sites` decides from the parsed template, erring towards "render it": a body that uses
-//! `..`, `@root` other than `@root.vars`, an outer block's variables (`@../index`), partials,
+//! That holds only when the loop body can see nothing but the entry and `vars`, which the
+//! template's analysis (`super::analysis`) decides, erring towards "render it": a body that
+//! uses `..`, `@root` other than `@root.vars`, an outer block's variables (`@../index`), partials,
 //! decorators, block parameters or `log` is rendered every time, as is every loop of a
 //! template with partials, decorators or block parameters anywhere (they can change what a
 //! name means inside the body). `@index`, `@first`, `@last` and `@key` are part of what is
 //! reused by. Everything else behaves as Handlebars' builtin `each` (a unit test renders a set of
 //! templates both ways).
 
-use crate::data::{List, Lists};
-use crate::render::{self, Bounded};
-use crate::stream;
-use handlebars::template::{Parameter, TemplateElement};
+use super::analysis::{Loop, SiteId};
+use super::bounds::{self, Bounded};
+use super::data::{List, Lists};
 use handlebars::{
     to_json, BlockContext, BlockParams, Context, Handlebars, Helper, HelperDef, HelperResult,
-    Output, Path, RenderContext, RenderError, RenderErrorReason, Renderable, Template,
+    Output, RenderContext, RenderError, RenderErrorReason, Renderable, Template,
 };
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-/// A loop whose iterations may be reused: the address of its body in a parsed template.
-pub(crate) type SiteId = usize;
 
 /// What an iteration's text is reused by: the entry's birth, `vars`' birth, and when the body
 /// reads a loop variable (`@index`, `@first`, `@last`, `@key`), the index and whether it is
@@ -40,12 +36,9 @@ type Key = (u64, u64, Option<(usize, bool)>);
 
 /// One reusable loop: the texts of the last render and those of the current one.
 #[derive(Default)]
-pub(crate) struct Site {
-    /// Whether the body reads a loop variable (`@index`, `@first`, `@last`, `@key`).
-    locals: bool,
-    /// The list it loops over when that list may be missing from the document (see
-    /// [`crate::stream`]).
-    stream: Option<List>,
+struct Site {
+    /// What the template's analysis found of it.
+    shape: Loop,
     last: HashMap<Key, String>,
     current: HashMap<Key, String>,
 }
@@ -54,7 +47,7 @@ pub(crate) struct Site {
 struct State {
     /// Per template name, its reusable loops.
     templates: HashMap<String, HashMap<SiteId, Site>>,
-    /// The template being rendered from a [`TemplateData`](crate::data::TemplateData), if
+    /// The template being rendered from a [`TemplateData`](super::data::TemplateData), if
     /// any, and that document's lists.
     active: Option<(String, Arc<Lists>)>,
 }
@@ -70,14 +63,19 @@ impl Memo {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `name` was parsed again: forget its loops and take those of `t`.
-    pub fn parsed(&self, name: &str, t: &Template) {
-        let mut found = sites(t);
-        for (site, list) in stream::analyse(t).loops {
-            if let Some(s) = found.get_mut(&site) {
-                s.stream = Some(list);
-            }
-        }
+    /// `name` was parsed again: forget its loops and take `loops`, those its analysis found
+    /// ([`Analysis::loops`](super::analysis::Analysis::loops)).
+    pub(super) fn parsed(&self, name: &str, loops: &HashMap<SiteId, Loop>) {
+        let found: HashMap<SiteId, Site> = loops
+            .iter()
+            .map(|(id, shape)| {
+                let site = Site {
+                    shape: *shape,
+                    ..Site::default()
+                };
+                (*id, site)
+            })
+            .collect();
         let mut s = self.lock();
         if found.is_empty() {
             s.templates.remove(name);
@@ -91,14 +89,9 @@ impl Memo {
         self.lock().templates.remove(name);
     }
 
-    /// Registers the `each` helper that reuses through this memo, over the builtin, and the
-    /// `find_service` of templates that stream `services` ([`stream::FIND_SERVICE`]).
+    /// Registers the `each` helper that reuses through this memo, over the builtin.
     pub fn register(&self, hb: &mut Handlebars) {
         hb.register_helper("each", Box::new(EachHelper { memo: self.clone() }));
-        hb.register_helper(
-            stream::FIND_SERVICE,
-            Box::new(stream::FindService { memo: self.clone() }),
-        );
     }
 
     /// `name` is about to be rendered from a document whose lists are `lists`.
@@ -120,7 +113,7 @@ impl Memo {
             .templates
             .get(name)?
             .get(&(body as *const Template as SiteId))?;
-        Some((site.stream?, lists.clone()))
+        Some((site.shape.stream?, lists.clone()))
     }
 
     /// The render begun last is over: keep the texts it wrote, drop those it did not use (or,
@@ -161,7 +154,7 @@ impl Memo {
         let site = templates.get_mut(name)?.get_mut(&site_id)?;
         Some(Plan {
             site: site_id,
-            locals: site.locals,
+            locals: site.shape.locals,
             births: list.clone(),
             vars: births.vars,
             last: std::mem::take(&mut site.last),
@@ -254,7 +247,7 @@ impl HelperDef for EachHelper {
                 // the render's output bound until it is copied out (see `crate::render`).
                 let mut scratch = Bounded::default();
                 for (i, v) in list.iter().enumerate() {
-                    render::step()?;
+                    bounds::step()?;
                     let key = plan.as_ref().map(|p| p.key(i, len));
                     if let (Some(p), Some(k)) = (&mut plan, &key) {
                         if p.reuse(k, out)? {
@@ -290,7 +283,7 @@ impl HelperDef for EachHelper {
                 let path = value.context_path();
                 let len = obj.len();
                 for (i, (k, v)) in obj.iter().enumerate() {
-                    render::step()?;
+                    bounds::step()?;
                     if let Some(block) = rc.block_mut() {
                         let key = to_json(k);
                         block.set_local_var("first", to_json(i == 0));
@@ -319,7 +312,7 @@ impl HelperDef for EachHelper {
 }
 
 impl EachHelper {
-    /// A loop over `list` that streams (see [`crate::stream`]): each entry is built from
+    /// A loop over `list` that streams (see [`super::stream`]): each entry is built from
     /// `lists` only when its text cannot be reused, and its body rendered in a context of its
     /// own holding the entry, at the path it has in the document (`<list>.<index>`), and
     /// `vars`: all a sealed body can read. The rest is the builtin's loop over an array.
@@ -350,7 +343,7 @@ impl EachHelper {
         // The entry being rendered, built into the previous one's allocations.
         let mut value = Value::Null;
         for (i, e) in entries.iter().enumerate() {
-            render::step()?;
+            bounds::step()?;
             let key = plan.as_ref().map(|p| p.key(i, len));
             if let (Some(p), Some(k)) = (&mut plan, &key) {
                 if p.reuse(k, out)? {
@@ -441,122 +434,13 @@ fn set_block_params<'rc>(
     Ok(())
 }
 
-/// The loops of `t` whose iterations may be reused (see the module doc), by the address of
-/// their body.
-pub(crate) fn sites(t: &Template) -> HashMap<SiteId, Site> {
-    let mut found = HashMap::new();
-    if !everywhere(&t.elements) {
-        return found;
-    }
-    collect(&t.elements, &mut found);
-    found
-}
-
-/// Whether nothing in `elements` can change what a name means inside a loop body: no
-/// partials, decorators or block parameters.
-pub(crate) fn everywhere(elements: &[TemplateElement]) -> bool {
-    elements.iter().all(|e| match e {
-        TemplateElement::RawString(_) | TemplateElement::Comment(_) => true,
-        TemplateElement::Expression(h)
-        | TemplateElement::HtmlExpression(h)
-        | TemplateElement::HelperBlock(h) => {
-            h.block_param.is_none()
-                && h.params.iter().chain(h.hash.values()).all(sub_everywhere)
-                && [&h.template, &h.inverse]
-                    .iter()
-                    .all(|t| t.as_ref().map_or(true, |t| everywhere(&t.elements)))
-        }
-        _ => false,
-    })
-}
-
-fn sub_everywhere(p: &Parameter) -> bool {
-    match p {
-        Parameter::Subexpression(s) => everywhere(std::slice::from_ref(&s.element)),
-        _ => true,
-    }
-}
-
-fn collect(elements: &[TemplateElement], found: &mut HashMap<SiteId, Site>) {
-    for e in elements {
-        let (TemplateElement::Expression(h)
-        | TemplateElement::HtmlExpression(h)
-        | TemplateElement::HelperBlock(h)) = e
-        else {
-            continue;
-        };
-        let each = h.block && matches!(&h.name, Parameter::Name(n) if n == "each");
-        if let (true, Some(body)) = (each, &h.template) {
-            let mut locals = false;
-            if sealed(&body.elements, &mut locals) {
-                let site = Site {
-                    locals,
-                    ..Site::default()
-                };
-                found.insert(body as *const Template as SiteId, site);
-            }
-        }
-        for t in [&h.template, &h.inverse].into_iter().flatten() {
-            collect(&t.elements, found);
-        }
-    }
-}
-
-/// Whether `elements`, inside a loop body, read nothing outside the body's entry but
-/// `@root.vars`; sets `locals` when they read a loop variable (`@index`, `@first`, ...).
-fn sealed(elements: &[TemplateElement], locals: &mut bool) -> bool {
-    elements.iter().all(|e| match e {
-        TemplateElement::RawString(_) | TemplateElement::Comment(_) => true,
-        TemplateElement::Expression(h)
-        | TemplateElement::HtmlExpression(h)
-        | TemplateElement::HelperBlock(h) => {
-            !matches!(&h.name, Parameter::Name(n) if n == "log")
-                && std::iter::once(&h.name)
-                    .chain(&h.params)
-                    .chain(h.hash.values())
-                    .all(|p| param_sealed(p, locals))
-                && [&h.template, &h.inverse]
-                    .iter()
-                    .all(|t| t.as_ref().map_or(true, |t| sealed(&t.elements, locals)))
-        }
-        _ => false,
-    })
-}
-
-fn param_sealed(p: &Parameter, locals: &mut bool) -> bool {
-    match p {
-        Parameter::Name(_) | Parameter::Literal(_) => true,
-        // `@root.vars...` is the only way out of the entry allowed; `..` leaves it (even
-        // from a loop inside the body, not told apart here).
-        Parameter::Path(Path::Relative((_, raw))) => {
-            if let Some(rest) = raw.strip_prefix("@root") {
-                rest == ".vars" || rest.starts_with(".vars.") || rest.starts_with(".vars/")
-            } else {
-                !raw.contains("..")
-            }
-        }
-        Parameter::Path(Path::Local((level, name, _))) => {
-            if *level > 0 || name == "root" {
-                return false;
-            }
-            // Anywhere in the body: inside a `with` they may still be the loop's.
-            if matches!(name.as_str(), "index" | "first" | "last" | "key") {
-                *locals = true;
-            }
-            true
-        }
-        Parameter::Subexpression(s) => sealed(std::slice::from_ref(&s.element), locals),
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::data::tests::{change_instances, Lcg};
-    use crate::data::{Parts, TemplateData, Vars};
     use crate::model::{Instance, Snapshot};
+    use crate::render::analysis::Analysis;
+    use crate::render::data::tests::{change_instances, Lcg};
+    use crate::render::data::{Parts, TemplateData, Vars};
     use crate::render::Renderer;
     use serde_json::json;
     use std::collections::BTreeMap;
@@ -620,7 +504,7 @@ pub(crate) mod tests {
     fn builtin(src: &str, data: &Value) -> Result<String, String> {
         let mut hb = Handlebars::new();
         hb.set_strict_mode(true);
-        crate::helpers::register(&mut hb);
+        crate::render::helpers::register(&mut hb);
         hb.render_template(src, data).map_err(|e| e.to_string())
     }
 
@@ -644,7 +528,7 @@ pub(crate) mod tests {
         .into();
         let mut r = Lcg(11);
         // One renderer with every list in its document, one with only those its templates
-        // need there (the others stream, see `crate::stream`).
+        // need there (the others stream, see `super::stream`).
         let mut renderer = Renderer::default();
         let mut data = TemplateData::build(Arc::new(Snapshot::default()), &vars_a);
         // A document per template: a list one template needs in its document would
@@ -709,7 +593,7 @@ pub(crate) mod tests {
         let count = |src: &str| {
             let mut hb = Handlebars::new();
             hb.register_template_string("t", src).unwrap();
-            sites(hb.get_template("t").unwrap()).len()
+            Analysis::of(hb.get_template("t").unwrap()).loops.len()
         };
         // The shipped templates: every loop (those inside a loop over `services` or `vhosts`
         // are never over the document's own, so only the outer ones are reused).

@@ -102,7 +102,7 @@ struct VhostEntry {
 /// unique across the process (from the generation counter), kept while an entry is moved
 /// unchanged into the next document and new whenever it is built. Two entries with the same
 /// birth are the same value, which lets a render reuse what it wrote for an entry last time
-/// (see `crate::each`) without comparing the entries. Kept for both lists whether or not they
+/// (see `super::each`) without comparing the entries. Kept for both lists whether or not they
 /// are in the document: a birth names the value the entry has, built or not.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Births {
@@ -405,7 +405,7 @@ impl List {
 }
 
 /// `services` and `vhosts` of one document, entry by entry, for a render that reads them
-/// without the document holding them (see `crate::stream`): at 10,000 instances the lists
+/// without the document holding them (see `super::stream`): at 10,000 instances the lists
 /// are most of the document's memory, and a template that only loops over them needs one
 /// entry at a time. Holds what the entries are built from (shared, not copied) and their
 /// births, so an entry is built only when a render cannot reuse its text.
@@ -521,7 +521,7 @@ fn string(s: &str) -> Value {
 
 // Entries are written by `fill_*` functions that make a value the entry while reusing the
 // allocations it already holds where the shape is the same: a streamed loop (see
-// `crate::stream`) builds every entry it cannot reuse into the previous one, so a render
+// `super::stream`) builds every entry it cannot reuse into the previous one, so a render
 // with nothing to reuse does not allocate and free a whole document's worth of small
 // strings and B-tree nodes. A fresh entry is a fill of `null`.
 
@@ -884,7 +884,7 @@ pub(crate) mod tests {
                     let services = full.value()["services"].as_array().unwrap();
                     assert_eq!(
                         lists.find_service(name, tag),
-                        crate::helpers::pick_service(services, name, tag),
+                        crate::render::helpers::pick_service(services, name, tag),
                         "step {step}: {name} {tag}"
                     );
                 }
