@@ -569,7 +569,7 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
             )
         });
         println!(
-            "\nGoal (issue 14), confd peak RSS with 10,000 {} instances under 48 MiB: {} MiB, \
+            "\nGoal, confd peak RSS with 10,000 {} instances under 48 MiB: {} MiB, \
              {}{per}.",
             r.store,
             mib(r.rss_kib),
@@ -611,7 +611,7 @@ pub async fn run(stores: &[Which], samples: usize, burst_n: usize, rss_counts: &
     }
     for r in &rows {
         println!(
-            "\nGoal (issue 14), {}: confd idle RSS under 10 MiB: {} MiB, {}; no growth over \
+            "\nGoal, {}: confd idle RSS under 10 MiB: {} MiB, {}; no growth over \
              churn: round 1 {} MiB, round {CHURN_ROUNDS} {} MiB.",
             r.store,
             mib(r.idle_kib),

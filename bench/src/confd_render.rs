@@ -12,7 +12,7 @@
 //!   render whose inputs did not change is not done at all; see `Renderer::render_data`).
 //!
 //! Each is repeated for at least [`MIN_RUNS`] runs and until [`BUDGET`] has passed or
-//! [`MAX_RUNS`] runs were made. The goals of issue 14 are printed beside the figures.
+//! [`MAX_RUNS`] runs were made. The goals are printed beside the figures.
 //! `BENCH_RENDER_DUMP=DIR` also writes the outputs (see [`dump`]).
 
 use crate::common::{ms3, thread_cpu, Summary};
@@ -27,7 +27,7 @@ const MIN_RUNS: usize = 20;
 const MAX_RUNS: usize = 500;
 const BUDGET: Duration = Duration::from_secs(3);
 const TEMPLATES: [&str; 2] = ["nginx.conf.hbs", "haproxy.cfg.hbs"];
-/// Issue 14's goals at 10,000 instances: render median per template, and the template data.
+/// The goals at 10,000 instances: render median per template, and the template data.
 const GOAL_RENDER: Duration = Duration::from_millis(20);
 const GOAL_DATA: Duration = Duration::from_millis(5);
 
@@ -230,7 +230,7 @@ pub fn run(counts: &[usize]) {
     );
     for r in rows.iter().filter(|r| r.instances == 10_000) {
         println!(
-            "\nGoal (issue 14), {} at 10,000 instances: render median under {} ms: {} ms, {} \
+            "\nGoal, {} at 10,000 instances: render median under {} ms: {} ms, {} \
              (CPU {} ms).",
             r.template,
             GOAL_RENDER.as_millis(),
@@ -267,7 +267,7 @@ pub fn run(counts: &[usize]) {
     }
     if let Some(r) = rows.iter().find(|r| r.instances == 10_000) {
         println!(
-            "\nGoal (issue 14), template data at 10,000 instances under {} ms: update {} ms, {}; \
+            "\nGoal, template data at 10,000 instances under {} ms: update {} ms, {}; \
              full build (first snapshot only) {} ms, {}.",
             GOAL_DATA.as_millis(),
             ms3(r.update.median),

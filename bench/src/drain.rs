@@ -1,5 +1,5 @@
 //! Drain suite: what a stop, a scale event and a stream of membership changes cost on a real
-//! load balancer (issue 9's bench items, issue 14 item 5).
+//! load balancer.
 //!
 //! Every run starts a fresh store, and (except the churn runs) the release `registrator` on the
 //! local Docker engine and containers of the test image that serve HTTP and, like real servers,

@@ -1,4 +1,4 @@
-//! The floor under registrator's latency (issue 14 item 3): the least a registrator must do
+//! The floor under registrator's latency: the least a registrator must do
 //! for a container's `start` event, run beside the real one on the same engine and store.
 //!
 //! For each `start` event of the run's containers (one bollard event stream, filtered by the

@@ -7,7 +7,7 @@
 //! The same events are registered at the same time by [`crate::floor`] (one inspection and one
 //! write per `start`, nothing else) into the same store under another service name and ID
 //! space, timed from the same engine timestamps to the same kind of store watch: the table
-//! gives registrator's figures as a ratio to that floor (issue 14 item 3), and a second table
+//! gives registrator's figures as a ratio to that floor, and a second table
 //! splits the floor into the engine's share (event delivery, inspection) and the store's.
 
 use crate::common::{
@@ -274,7 +274,7 @@ pub async fn run(counts: &[usize], stores: &[Which]) {
     }
 }
 
-/// Idle RSS and RSS under sustained churn (issue 14 item 4).
+/// Idle RSS and RSS under sustained churn.
 struct ChurnRow {
     store: &'static str,
     idle_containers: usize,
