@@ -44,6 +44,6 @@ pub use poll::{free_port, poll, wait_for};
 pub use process::{bin, hostname, run_cmd, target_dir, workspace_root, Process};
 pub use proxies::{
     answer, answers, fresh_client, routes_converge, signal_reload, spawn_confd, wait_pid_file,
-    wait_routes, Backend, HaproxyConfd,
+    wait_routes, Backend, HaproxyConfd, NginxConfd,
 };
 pub use store_front::StoreFront;

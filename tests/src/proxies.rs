@@ -39,6 +39,20 @@ impl HaproxyConfd {
         vars: &[(&str, String)],
         ready: impl Fn(&str) -> bool,
     ) -> HaproxyConfd {
+        HaproxyConfd::start_live(backend_uri, bind, settings, vars, false, ready).await
+    }
+
+    /// [`HaproxyConfd::start`], and with `live` an admin socket (`dir/admin.sock`, the
+    /// template's `stats_socket`) that confd's `haproxy` live channel drives, so membership
+    /// changes reach HAProxy through its runtime API with no reload.
+    pub async fn start_live(
+        backend_uri: &str,
+        bind: &str,
+        settings: &str,
+        vars: &[(&str, String)],
+        live: bool,
+        ready: impl Fn(&str) -> bool,
+    ) -> HaproxyConfd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
         let port = free_port();
@@ -47,6 +61,12 @@ impl HaproxyConfd {
         for (k, v) in vars {
             var_lines.push_str(&format!("  {k}: {v}\n"));
         }
+        let live_line = if live {
+            var_lines.push_str(&format!("  stats_socket: {d}/admin.sock\n"));
+            format!("    live: {{ haproxy: {{ socket: {d}/admin.sock, drain_timeout: 5s }} }}\n")
+        } else {
+            String::new()
+        };
         let cfg = format!(
             r#"backend: {backend_uri}
 {settings}
@@ -56,7 +76,7 @@ vars:
     dest: {d}/haproxy.cfg
     check: ["haproxy", "-c", "-q", "-f"]
     reload: {reload:?}
-"#,
+{live_line}"#,
             tpl = workspace_root().join("templates/haproxy.cfg.hbs").display(),
             reload = signal_reload(&dir.path().join("haproxy.pid"), "USR2"),
         );
@@ -110,6 +130,121 @@ vars:
     /// The rendered `haproxy.cfg` (empty before the first render).
     pub fn cfg(&self) -> String {
         std::fs::read_to_string(self.cfg_path()).unwrap_or_default()
+    }
+}
+
+/// confd rendering the shipped nginx template (`templates/nginx.conf.hbs`) with `lua_peers:
+/// true` into a temp dir, and a real nginx (Debian's Lua module) serving it on a free
+/// 127.0.0.1 port: membership changes go through confd's `nginx_lua` live channel, structural
+/// ones reload nginx (SIGHUP). Started as the reference image's entrypoint does: one
+/// `confd --once` render, nginx on it, then the confd daemon. Both stop on drop (fields drop
+/// in order: nginx and confd before their directory).
+pub struct NginxConfd {
+    _nginx: Process,
+    /// The confd daemon (its output explains a failed wait, and counts reloads).
+    pub confd: Process,
+    /// nginx's listen port on 127.0.0.1.
+    pub port: u16,
+    /// Holds `confd.yaml`, `nginx.conf`, nginx's pid file, logs and the peers socket.
+    pub dir: tempfile::TempDir,
+}
+
+impl NginxConfd {
+    /// Starts it on `backend_uri` with extra template `vars`; nginx starts once the rendered
+    /// file contains `ready`, and this returns when confd's live channel is up.
+    pub async fn start(backend_uri: &str, vars: &[(&str, String)], ready: &str) -> NginxConfd {
+        const WAIT: Duration = Duration::from_secs(30);
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        let port = free_port();
+        let mut var_lines = String::new();
+        for (k, v) in vars {
+            var_lines.push_str(&format!("  {k}: {v}\n"));
+        }
+        let base = format!(
+            r#"backend: {backend_uri}
+wait: {{ min: 100ms, max: 1s }}
+vars:
+  listen: 127.0.0.1:{port}
+  pid: {d}/nginx.pid
+  error_log: {d}/nginx-error.log
+  access_log: {d}/nginx-access.log
+  temp_dir: {d}
+  lua_peers: true
+  lua_peers_socket: {d}/peers.sock
+{var_lines}templates:
+  - src: {tpl}
+    dest: {d}/nginx.conf
+"#,
+            tpl = workspace_root().join("templates/nginx.conf.hbs").display(),
+        );
+        let once_cfg = dir.path().join("confd-once.yaml");
+        std::fs::write(&once_cfg, &base).unwrap();
+        let conf = dir.path().join("nginx.conf");
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        wait_for(&format!("nginx.conf holding {ready:?}"), WAIT, || async {
+            let mut once = Process::spawn(
+                &bin("confd"),
+                &["--config", once_cfg.to_str().unwrap(), "--once"],
+                &[],
+            );
+            once.wait_exit(WAIT).await;
+            read(&conf).contains(ready).then_some(())
+        })
+        .await;
+        let nginx = Process::spawn(
+            Path::new("nginx"),
+            &[
+                "-e",
+                &format!("{d}/nginx-start.log"),
+                "-c",
+                conf.to_str().unwrap(),
+                "-g",
+                "daemon off;",
+            ],
+            &[],
+        );
+        wait_pid_file(&dir.path().join("nginx.pid"), WAIT).await;
+        let addr = format!("127.0.0.1:{port}");
+        let up = poll(WAIT, Duration::from_millis(100), || async {
+            std::net::TcpStream::connect(&addr).ok().map(|_| ())
+        })
+        .await;
+        assert!(
+            up.is_some(),
+            "nginx not listening on {addr}; its log:\n{}",
+            read(&dir.path().join("nginx-start.log"))
+        );
+        let reload =
+            serde_json::to_string(&signal_reload(&dir.path().join("nginx.pid"), "HUP")).unwrap();
+        let cfg = dir.path().join("confd.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{base}    check: "nginx -t -q -e {d}/nginx-check.log -c {{{{staged}}}}"
+    reload: {reload}
+    live: {{ nginx_lua: {{ socket: {d}/peers.sock }} }}
+"#
+            ),
+        )
+        .unwrap();
+        let confd = Process::spawn(
+            &bin("confd"),
+            &["--config", cfg.to_str().unwrap()],
+            &[("RUST_LOG", "info")],
+        );
+        confd.wait_output("snapshot updated", WAIT).await;
+        let sock = dir.path().join("peers.sock");
+        wait_for("the peers socket", WAIT, || async {
+            sock.exists().then_some(())
+        })
+        .await;
+        NginxConfd {
+            _nginx: nginx,
+            confd,
+            port,
+            dir,
+        }
     }
 }
 
