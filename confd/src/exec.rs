@@ -511,11 +511,18 @@ async fn supervise(
             }
         }
     }
+    let spawner = match Spawner::start() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(command = %command, "cannot start the thread that starts the supervised process: {e}");
+            return None;
+        }
+    };
     let mut backoff = Backoff::new(RESTART_BACKOFF.0, RESTART_BACKOFF.1);
     let mut last: Option<ExitStatus> = None;
     loop {
         let started = Instant::now();
-        let why = match spawn(&cfg.command) {
+        let why = match spawner.spawn(&cfg.command).await {
             Err(e) => format!("cannot start it: {e}"),
             Ok(mut child) => {
                 let pid = child.id().map_or(0, |p| p as i32);
@@ -559,13 +566,74 @@ async fn supervise(
     }
 }
 
+/// The thread the supervised process is started from, for as long as the supervisor runs.
+///
+/// `PR_SET_PDEATHSIG` (see [`spawn`]) fires when the thread that forked the child exits, even
+/// while confd runs on. A runtime thread is no such anchor: tokio retires idle blocking-pool
+/// threads after 10 s, and a worker that ran `block_in_place` (the render loop does, to
+/// render off the runtime) becomes one. A proxy forked from such a thread was sent SIGTERM
+/// about 10 s later, exited 0 and was restarted, failing every request meanwhile. This
+/// thread only forks, and ends when the supervisor drops it, after its child has stopped.
+struct Spawner {
+    jobs: Option<std::sync::mpsc::Sender<SpawnJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A command to start, and where to send the child (or why it did not start).
+type SpawnJob = (
+    ExecCommand,
+    oneshot::Sender<std::io::Result<tokio::process::Child>>,
+);
+
+impl Spawner {
+    /// Starts the thread, inside the current runtime (children are reaped through it).
+    fn start() -> std::io::Result<Spawner> {
+        let runtime = tokio::runtime::Handle::current();
+        let (jobs, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        let thread = std::thread::Builder::new()
+            .name("confd-exec".into())
+            .spawn(move || {
+                let _in_runtime = runtime.enter();
+                for (cmd, reply) in rx {
+                    let _ = reply.send(spawn(&cmd));
+                }
+            })?;
+        Ok(Spawner {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts `cmd` on the spawner's thread.
+    async fn spawn(&self, cmd: &ExecCommand) -> std::io::Result<tokio::process::Child> {
+        let gone = || std::io::Error::other("the thread that starts it has ended");
+        let (reply, child) = oneshot::channel();
+        self.jobs
+            .as_ref()
+            .ok_or_else(gone)?
+            .send((cmd.clone(), reply))
+            .map_err(|_| gone())?;
+        child.await.map_err(|_| gone())?
+    }
+}
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread's loop at once.
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Starts the command in a process group of its own (signals to confd's group, e.g. a
 /// terminal's ^C, do not reach it; confd forwards what it should).
 ///
 /// The proxy never outlives confd: it gets SIGTERM when confd dies, even by SIGKILL
 /// (`PR_SET_PDEATHSIG`). Otherwise an orphaned proxy would keep its ports, and the next confd's
-/// proxy could not bind them. The signal follows the thread that spawned the child; confd runs
-/// a current-thread runtime, so that is the main thread, which lives as long as the process.
+/// proxy could not bind them. The signal follows the *thread* that forked the child, not the
+/// process: call this only on the [`Spawner`]'s thread, which lives as long as the supervisor.
 fn spawn(cmd: &ExecCommand) -> std::io::Result<tokio::process::Child> {
     let parent = std::process::id() as libc::pid_t;
     let mut command = tokio::process::Command::new(&cmd.0[0]);
@@ -624,6 +692,36 @@ async fn stop_child(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child started through the [`Spawner`] outlives the thread that asked for it; one
+    /// forked on that thread itself gets its parent-death SIGTERM when the thread ends. The
+    /// second is the control: once it is dead, the ended thread's signals have all been sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_outlives_the_thread_that_asked_for_it() {
+        let spawner = Arc::new(Spawner::start().unwrap());
+        let sleep = ExecCommand(vec!["sleep".into(), "30".into()]);
+        let runtime = tokio::runtime::Handle::current();
+        let (s, cmd) = (spawner.clone(), sleep.clone());
+        let (mut kept, mut forked) = std::thread::spawn(move || {
+            let _in_runtime = runtime.enter();
+            let forked = spawn(&cmd).unwrap();
+            let kept = runtime.block_on(s.spawn(&cmd)).unwrap();
+            (kept, forked)
+        })
+        .join()
+        .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), forked.wait())
+            .await
+            .expect("the child forked on the ended thread got no SIGTERM")
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+        assert!(
+            kept.try_wait().unwrap().is_none(),
+            "the spawner's child died with the thread that asked for it"
+        );
+        let _ = kept.kill().await;
+    }
 
     #[test]
     fn commands_split_like_a_shell_without_running_one() {
