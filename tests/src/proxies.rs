@@ -133,6 +133,50 @@ vars:
     }
 }
 
+/// The reference image's start, up to nginx: renders with `confd --config once_cfg --once`
+/// until `<dir>/nginx.conf` holds `ready`, then starts nginx on it in the foreground (its
+/// start log in `<dir>/nginx-start.log`, its pid file `<dir>/nginx.pid`) and waits until it
+/// answers on 127.0.0.1:`port`. The confd daemon started next then owes no reload.
+pub async fn nginx_on_first_render(once_cfg: &Path, dir: &Path, port: u16, ready: &str) -> Process {
+    const WAIT: Duration = Duration::from_secs(30);
+    let conf = dir.join("nginx.conf");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait_for(&format!("nginx.conf holding {ready:?}"), WAIT, || async {
+        let mut once = Process::spawn(
+            &bin("confd"),
+            &["--config", once_cfg.to_str().unwrap(), "--once"],
+            &[],
+        );
+        once.wait_exit(WAIT).await;
+        read(&conf).contains(ready).then_some(())
+    })
+    .await;
+    let nginx = Process::spawn(
+        Path::new("nginx"),
+        &[
+            "-e",
+            &format!("{}/nginx-start.log", dir.display()),
+            "-c",
+            conf.to_str().unwrap(),
+            "-g",
+            "daemon off;",
+        ],
+        &[],
+    );
+    wait_pid_file(&dir.join("nginx.pid"), WAIT).await;
+    let addr = format!("127.0.0.1:{port}");
+    let up = poll(WAIT, Duration::from_millis(100), || async {
+        std::net::TcpStream::connect(&addr).ok().map(|_| ())
+    })
+    .await;
+    assert!(
+        up.is_some(),
+        "nginx not listening on {addr}; its log:\n{}",
+        read(&dir.join("nginx-start.log"))
+    );
+    nginx
+}
+
 /// confd rendering the shipped nginx template (`templates/nginx.conf.hbs`) with `lua_peers:
 /// true` into a temp dir, and a real nginx (Debian's Lua module) serving it on a free
 /// 127.0.0.1 port: membership changes go through confd's `nginx_lua` live channel, structural
@@ -180,41 +224,7 @@ vars:
         );
         let once_cfg = dir.path().join("confd-once.yaml");
         std::fs::write(&once_cfg, &base).unwrap();
-        let conf = dir.path().join("nginx.conf");
-        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-        wait_for(&format!("nginx.conf holding {ready:?}"), WAIT, || async {
-            let mut once = Process::spawn(
-                &bin("confd"),
-                &["--config", once_cfg.to_str().unwrap(), "--once"],
-                &[],
-            );
-            once.wait_exit(WAIT).await;
-            read(&conf).contains(ready).then_some(())
-        })
-        .await;
-        let nginx = Process::spawn(
-            Path::new("nginx"),
-            &[
-                "-e",
-                &format!("{d}/nginx-start.log"),
-                "-c",
-                conf.to_str().unwrap(),
-                "-g",
-                "daemon off;",
-            ],
-            &[],
-        );
-        wait_pid_file(&dir.path().join("nginx.pid"), WAIT).await;
-        let addr = format!("127.0.0.1:{port}");
-        let up = poll(WAIT, Duration::from_millis(100), || async {
-            std::net::TcpStream::connect(&addr).ok().map(|_| ())
-        })
-        .await;
-        assert!(
-            up.is_some(),
-            "nginx not listening on {addr}; its log:\n{}",
-            read(&dir.path().join("nginx-start.log"))
-        );
+        let nginx = nginx_on_first_render(&once_cfg, dir.path(), port, ready).await;
         let reload =
             serde_json::to_string(&signal_reload(&dir.path().join("nginx.pid"), "HUP")).unwrap();
         let cfg = dir.path().join("confd.yaml");

@@ -53,24 +53,12 @@ fn children(pid: u32) -> BTreeSet<u32> {
 }
 
 /// A real nginx: the master in the foreground (a [`Process`]: its process group, workers
-/// included, is killed on drop).
+/// included, is killed on drop), started by [`nginx_on_first_render`].
 struct Nginx {
     proc: Process,
 }
 
 impl Nginx {
-    fn start(conf: &Path, dir: &Path) -> Nginx {
-        let start_log = dir.join("nginx-start.log").display().to_string();
-        let conf = conf.display().to_string();
-        Nginx {
-            proc: Process::spawn(
-                Path::new("nginx"),
-                &["-e", &start_log, "-c", &conf, "-g", "daemon off;"],
-                &[],
-            ),
-        }
-    }
-
     fn master(&self) -> u32 {
         self.proc.pid()
     }
@@ -115,29 +103,9 @@ impl Lb {
         let port = free_port();
         let once_cfg = dir.path().join("confd-once.yaml");
         std::fs::write(&once_cfg, config(dir.path(), port, backend_uri, lua, false)).unwrap();
-        let conf = dir.path().join("nginx.conf");
-        wait_for(&format!("nginx.conf holding {ready:?}"), WAIT, || async {
-            let mut once = Process::spawn(
-                &bin("confd"),
-                &["--config", once_cfg.to_str().unwrap(), "--once"],
-                &[],
-            );
-            once.wait_exit(WAIT).await;
-            read(&conf).contains(ready).then_some(())
-        })
-        .await;
-        let nginx = Nginx::start(&conf, dir.path());
-        wait_pid_file(&dir.path().join("nginx.pid"), WAIT).await;
-        let addr = format!("127.0.0.1:{port}");
-        let up = poll(WAIT, Duration::from_millis(100), || async {
-            std::net::TcpStream::connect(&addr).ok().map(|_| ())
-        })
-        .await;
-        assert!(
-            up.is_some(),
-            "nginx not listening on {addr}; its log:\n{}",
-            read(&dir.path().join("nginx-start.log"))
-        );
+        let nginx = Nginx {
+            proc: nginx_on_first_render(&once_cfg, dir.path(), port, ready).await,
+        };
         let cfg = dir.path().join("confd.yaml");
         std::fs::write(&cfg, config(dir.path(), port, backend_uri, lua, true)).unwrap();
         let confd = Process::spawn(
