@@ -10,7 +10,8 @@
 //! timeouts). [`watch`] re-renders when a template file changes. [`live`] applies
 //! membership-only changes to a running proxy without a reload. [`exec`] supervises the proxy
 //! itself (`--exec`). [`names`] holds the validation rules the model and the helpers share;
-//! [`memory`] how the heap returns memory; [`metrics`] what `/metrics` reports.
+//! [`routes`] how an instance asks to be routed (protocol, path, port, weight) and the pools
+//! those asks form; [`memory`] how the heap returns memory; [`metrics`] what `/metrics` reports.
 //!
 //! Between the render loop, the store sources, the metrics and the supervisor, imports run one
 //! way, from the [`runner`] down: none imports a module that imports it back. Three cuts keep
@@ -40,6 +41,7 @@ pub mod model;
 pub mod names;
 pub mod outcome;
 pub mod render;
+pub mod routes;
 pub mod runner;
 pub mod signal;
 pub mod source;

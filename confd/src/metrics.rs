@@ -63,6 +63,15 @@ pub struct Why {
     pub reason: String,
 }
 
+/// Labels of `confd_route_warnings`: a service whose routing labels are not served as asked.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteWhy {
+    /// The service.
+    pub service: String,
+    /// A fixed token (see [`crate::routes::Warning::reason`]).
+    pub reason: String,
+}
+
 /// Every metric confd exports.
 pub struct Metrics {
     /// Snapshots published (each a change in what the store holds).
@@ -77,6 +86,11 @@ pub struct Metrics {
     pub store_errors: Counter,
     /// Instances left out of the templates' data, once per version of each, by reason.
     pub instances_refused: Family<Why, Counter>,
+    /// Routing warnings of the current snapshot, per service and reason (each 1 while it
+    /// holds; gone when it no longer does).
+    pub route_warnings: Family<RouteWhy, Gauge>,
+    /// Their log lines, to log each once while it holds.
+    route_warning_lines: Mutex<std::collections::BTreeSet<String>>,
     /// Templates rendered.
     pub renders: Family<Tpl, Counter>,
     /// Renders that failed (a template error, the `min_instances` guard, an unreadable file).
@@ -143,6 +157,8 @@ fn build() -> Inner {
         store_up: Gauge::default(),
         store_errors: Counter::default(),
         instances_refused: Family::default(),
+        route_warnings: Family::default(),
+        route_warning_lines: Mutex::default(),
         renders: Family::default(),
         render_failures: Family::default(),
         render_seconds: Family::new_with_constructor(duration_histogram),
@@ -185,6 +201,11 @@ fn build() -> Inner {
         "instances_refused",
         "Instances left out of the templates' data (once per version of each), by reason",
         m.instances_refused.clone(),
+    );
+    r.register(
+        "route_warnings",
+        "Services whose routing labels are not served as asked (1 while it holds), by reason; the log says why",
+        m.route_warnings.clone(),
     );
     r.register("renders", "Templates rendered", m.renders.clone());
     r.register(
@@ -304,6 +325,31 @@ impl Telemetry {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// The routing warnings of the current snapshot: each is logged when it first holds, and
+    /// `confd_route_warnings` shows exactly these.
+    pub fn route_warnings(&self, warnings: &[crate::routes::Warning]) {
+        let m = self.metrics();
+        let lines: std::collections::BTreeSet<String> =
+            warnings.iter().map(|w| w.to_string()).collect();
+        let mut last = lock(&m.route_warning_lines);
+        if *last == lines {
+            return;
+        }
+        for l in lines.difference(&last) {
+            tracing::warn!("route: {l}");
+        }
+        m.route_warnings.clear();
+        for w in warnings {
+            m.route_warnings
+                .get_or_create(&RouteWhy {
+                    service: w.service.clone(),
+                    reason: w.reason.to_string(),
+                })
+                .set(1);
+        }
+        *last = lines;
     }
 
     /// Follows the source's "in sync" flag and the latest store error into the `store`

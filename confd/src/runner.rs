@@ -346,6 +346,7 @@ pub async fn pass(
     let dry_run = opts.dry_run;
     // Built once per snapshot (updated where it changed) and shared by every template.
     renderer.update_data(snap.clone(), &cfg.vars);
+    opts.telemetry.route_warnings(&renderer.route_warnings());
     let mut rendered: BTreeMap<usize, Result<Rendered, Failure>> = BTreeMap::new();
     off_the_runtime(|| {
         for &i in due {

@@ -1,8 +1,12 @@
 //! The document templates render from, built once per snapshot and shared by every template.
 //!
-//! Layout: `services` (sorted by name, each `{name, tags, instances}`), `service.<name>` (that
-//! service's instances), `vhosts` (`[{host, name, instances}]`, sorted by host), `kv`, `vars`;
-//! an instance is `{id, name, address, port, tags, meta, node, health, vhost}`.
+//! Layout: `services` (sorted by name, each `{name, tags, proto, instances}`), `service.<name>`
+//! (that service's instances), `vhosts` (`[{host, name, instances, routes}]`, sorted by host),
+//! `paths` and `listeners` (the routes of the default host and the ports opened for services,
+//! see [`crate::routes`]), `kv`, `vars`; an instance is
+//! `{id, name, address, port, tags, meta, node, health, vhost, weight}`; a route is
+//! `{path, strip, proto, name, length, instances}`, a listener `{listen, proto, name, service,
+//! instances}`.
 //!
 //! Why it is kept rather than rebuilt: Handlebars renders from a `serde_json::Value` tree, and
 //! at 10,000 instances building that tree from scratch is tens of milliseconds of allocation
@@ -15,6 +19,7 @@
 
 use crate::model::{Instance, Snapshot};
 use crate::names::push_safe_token;
+use crate::routes::{self, Claims, ListenPolicy, Listener, PathRoute, Proto, Route, Warning};
 use handlebars::Context;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -81,8 +86,50 @@ pub struct TemplateData {
     /// entry at a time ([`Lists`]) walks it. Shared with those renders, never copied while
     /// none runs.
     vhosts: Arc<VhostIndex>,
+    /// Per service, what its instances ask of the default host and of listeners, and the
+    /// warnings their routing values earn (only services with any of these).
+    routing: BTreeMap<String, ServiceRouting>,
+    /// Who holds each listener port (see [`Claims`]).
+    claims: Claims,
+    /// Warnings of `paths` and `listeners`, which span services.
+    shared_warnings: Vec<Warning>,
     generation: u64,
     births: Births,
+}
+
+/// What one service's instances ask beyond their virtual hosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ServiceRouting {
+    /// Instances with a path on the default host (no virtual host), and their routes.
+    paths: Vec<(Arc<Instance>, Route)>,
+    /// Instances asking for a port of their own.
+    listens: Vec<(Proto, u16, Arc<Instance>)>,
+    /// What their values earned (bad values, ignored keys).
+    warnings: Vec<Warning>,
+}
+
+impl ServiceRouting {
+    fn of(insts: &[Arc<Instance>]) -> ServiceRouting {
+        let mut s = ServiceRouting::default();
+        for i in insts {
+            let (r, w) = routes::route(i);
+            s.warnings.extend(w);
+            match r {
+                Err(w) => s.warnings.push(w),
+                Ok(r) if !r.proto.is_http() => {
+                    let port = r.listen.expect("tcp and udp routes have a port");
+                    s.listens.push((r.proto, port, i.clone()));
+                }
+                Ok(r) if r.path.is_some() && i.vhost().is_none() => s.paths.push((i.clone(), r)),
+                Ok(_) => {}
+            }
+        }
+        s
+    }
+
+    fn is_empty(&self) -> bool {
+        self.paths.is_empty() && self.listens.is_empty() && self.warnings.is_empty()
+    }
 }
 
 /// Virtual host -> its `vhosts` entry's members and birth.
@@ -94,6 +141,10 @@ struct VhostEntry {
     services: BTreeSet<String>,
     /// Those instances, in service then ID order (the entry's `instances`).
     instances: Vec<Arc<Instance>>,
+    /// Their path routes (the entry's `routes`).
+    routes: Vec<PathRoute>,
+    /// Conflicts between them (see [`routes::group_paths`]).
+    warnings: Vec<Warning>,
     /// When the entry was last built (see [`Births`]).
     birth: u64,
 }
@@ -136,6 +187,9 @@ impl TemplateData {
             parts: Parts::default(),
             ctx: Context::from(Value::Object(root)),
             vhosts: Arc::default(),
+            routing: BTreeMap::new(),
+            claims: Claims::default(),
+            shared_warnings: Vec::new(),
             generation: 0,
             births: Births::default(),
         };
@@ -195,8 +249,9 @@ impl TemplateData {
             unreachable!("the document is an object")
         };
         let mut changed = false;
+        let mut routing_changed = self.generation == 0;
         if !Arc::ptr_eq(&old, &new) && old.services != new.services {
-            self.update_services(root, &old, &new);
+            routing_changed |= self.update_services(root, &old, &new);
             changed = true;
         }
         if old.kv != new.kv {
@@ -208,6 +263,10 @@ impl TemplateData {
             self.vars = vars.clone();
             self.births.vars = birth();
             changed = true;
+            routing_changed = true;
+        }
+        if routing_changed {
+            self.update_shared_routes(root);
         }
         *self.ctx.data_mut() = doc;
         if changed || self.generation == 0 {
@@ -216,7 +275,58 @@ impl TemplateData {
         changed
     }
 
-    fn update_services(&mut self, root: &mut Map<String, Value>, old: &Snapshot, new: &Snapshot) {
+    /// Rebuilds `paths` and `listeners` from [`Self::routing`].
+    fn update_shared_routes(&mut self, root: &mut Map<String, Value>) {
+        let mut warnings = Vec::new();
+        let paths = routes::group_paths(
+            self.routing
+                .values()
+                .flat_map(|s| s.paths.iter().map(|(i, r)| (i, r))),
+            "the default host's",
+            &mut warnings,
+        );
+        let asks = self
+            .routing
+            .iter()
+            .filter(|(_, s)| !s.listens.is_empty())
+            .map(|(name, s)| (name.clone(), s.listens.clone()))
+            .collect();
+        let policy = ListenPolicy::from_vars(&self.vars);
+        let listeners = self.claims.assign(&asks, &policy, &mut warnings);
+        self.shared_warnings = warnings;
+        let paths = paths
+            .iter()
+            .map(|r| route_value(r, |t| t.push_str(&r.name()), None))
+            .collect();
+        root.insert("paths".into(), Value::Array(paths));
+        let listeners = listeners.iter().map(listener_value).collect();
+        root.insert("listeners".into(), Value::Array(listeners));
+    }
+
+    /// Every routing warning of the document: bad routing values, conflicts over a path and
+    /// taken or refused ports. Sorted, without repeats.
+    pub fn warnings(&self) -> Vec<Warning> {
+        let mut all: Vec<Warning> = self
+            .routing
+            .values()
+            .flat_map(|s| s.warnings.iter())
+            .chain(self.vhosts.values().flat_map(|e| e.warnings.iter()))
+            .chain(&self.shared_warnings)
+            .cloned()
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Returns whether the routing index changed.
+    fn update_services(
+        &mut self,
+        root: &mut Map<String, Value>,
+        old: &Snapshot,
+        new: &Snapshot,
+    ) -> bool {
+        let mut routing_changed = false;
         let parts = self.parts;
         let index = Arc::make_mut(&mut self.vhosts);
         let mut old_list = take_array(root, "services");
@@ -250,6 +360,13 @@ impl TemplateData {
                 None => None,
             };
             if same.is_none() {
+                let r = ServiceRouting::of(insts);
+                let was = if r.is_empty() {
+                    self.routing.remove(name)
+                } else {
+                    self.routing.insert(name.clone(), r.clone())
+                };
+                routing_changed |= was.unwrap_or_default() != r;
                 for i in insts {
                     if let Some(v) = i.vhost() {
                         index
@@ -285,6 +402,7 @@ impl TemplateData {
         for (name, was) in &old.services {
             if !new.services.contains_key(name) {
                 forget_vhosts(index, name, was, &mut dirty);
+                routing_changed |= self.routing.remove(name).is_some();
             }
         }
         for host in &dirty {
@@ -298,11 +416,23 @@ impl TemplateData {
                     .filter(|i| i.vhost().as_deref() == Some(host.as_str()))
                     .cloned()
                     .collect();
+                // Bad values were warned about with the service (`ServiceRouting`).
+                let routed: Vec<(Arc<Instance>, Route)> = e
+                    .instances
+                    .iter()
+                    .filter_map(|i| Some((i.clone(), routes::route(i).0.ok()?)))
+                    .collect();
+                e.warnings.clear();
+                e.routes = routes::group_paths(
+                    routed.iter().map(|(i, r)| (i, r)),
+                    &format!("virtual host {host}'s"),
+                    &mut e.warnings,
+                );
             }
         }
         self.births.vhosts = index.values().map(|e| e.birth).collect();
         if !parts.vhosts {
-            return;
+            return routing_changed;
         }
         let mut old_vhosts = take_array(root, "vhosts").into_iter().peekable();
         let mut vhosts = Vec::with_capacity(index.len());
@@ -315,10 +445,11 @@ impl TemplateData {
             let kept = old_vhosts.next_if(|v| v["host"].as_str() == Some(host.as_str()));
             match kept {
                 Some(v) if !dirty.contains(host) => vhosts.push(v),
-                _ => vhosts.push(vhost_value(host, &e.instances)),
+                _ => vhosts.push(vhost_value(host, e)),
             }
         }
         root.insert("vhosts".into(), Value::Array(vhosts));
+        routing_changed
     }
 
     /// The document, as Handlebars renders it.
@@ -426,7 +557,7 @@ pub struct Entry<'a> {
 
 enum Source<'a> {
     Service(&'a str, &'a [Arc<Instance>]),
-    Vhost(&'a str, &'a [Arc<Instance>]),
+    Vhost(&'a str, &'a VhostEntry),
 }
 
 impl Entry<'_> {
@@ -442,7 +573,7 @@ impl Entry<'_> {
     pub fn fill(&self, v: &mut Value) {
         match self.source {
             Source::Service(name, insts) => fill_service(v, name, insts),
-            Source::Vhost(host, insts) => fill_vhost(v, host, insts),
+            Source::Vhost(host, e) => fill_vhost(v, host, e),
         }
     }
 }
@@ -476,7 +607,7 @@ impl Lists {
                 .iter()
                 .map(|(host, e)| Entry {
                     birth: e.birth,
-                    source: Source::Vhost(host, &e.instances),
+                    source: Source::Vhost(host, e),
                 })
                 .collect(),
         }
@@ -526,8 +657,8 @@ fn string(s: &str) -> Value {
 // strings and B-tree nodes. A fresh entry is a fill of `null`.
 
 /// The keys of an instance object, in the order a `Map` keeps them.
-const INSTANCE_KEYS: [&str; 9] = [
-    "address", "health", "id", "meta", "name", "node", "port", "tags", "vhost",
+const INSTANCE_KEYS: [&str; 10] = [
+    "address", "health", "id", "meta", "name", "node", "port", "tags", "vhost", "weight",
 ];
 
 /// `v` made an object with exactly the keys `keys`, which must be sorted and distinct (the
@@ -619,7 +750,7 @@ fn fill_string(v: &mut Value, s: &str) {
 /// An instance object. `vhost` is the instance's virtual host when the caller knows it (a
 /// `vhosts` entry's instances all serve its host); otherwise it is worked out from the meta.
 fn fill_instance(v: &mut Value, i: &Instance, vhost: Option<&str>) {
-    let [address, health, id, meta, name, node, port, tags, vh] = fields(v, &INSTANCE_KEYS);
+    let [address, health, id, meta, name, node, port, tags, vh, weight] = fields(v, &INSTANCE_KEYS);
     fill_string(address, &i.address);
     fill_string(health, &i.health);
     fill_string(id, &i.id);
@@ -635,6 +766,7 @@ fn fill_instance(v: &mut Value, i: &Instance, vhost: Option<&str>) {
         Some(h) => fill_string(vh, h),
         None => fill_string(vh, i.vhost().as_deref().unwrap_or_default()),
     }
+    *weight = Value::from(routes::weight(&i.meta));
 }
 
 fn instance_value(i: &Instance) -> Value {
@@ -647,14 +779,20 @@ fn instances_value(insts: &[Arc<Instance>]) -> Value {
     Value::Array(insts.iter().map(|i| instance_value(i)).collect())
 }
 
-/// A `services` entry: `{name, tags, instances}`, `tags` the union of the instances' tags.
+/// A `services` entry: `{name, tags, proto, instances}`, `tags` the union of the instances'
+/// tags, `proto` that of its first instance with valid routing values (`http` if none).
 fn fill_service(v: &mut Value, name: &str, insts: &[Arc<Instance>]) {
     let tags: BTreeSet<&str> = insts
         .iter()
         .flat_map(|i| i.tags.iter().map(String::as_str))
         .collect();
-    let [instances, name_v, tags_v] = fields(v, &["instances", "name", "tags"]);
+    let proto = insts
+        .iter()
+        .find_map(|i| routes::route(i).0.ok())
+        .map_or(Proto::Http, |r| r.proto);
+    let [instances, name_v, proto_v, tags_v] = fields(v, &["instances", "name", "proto", "tags"]);
     fill_string(name_v, name);
+    fill_string(proto_v, proto.as_str());
     fill_array(tags_v, tags.into_iter(), fill_string);
     fill_array(instances, insts.iter(), |v, i| fill_instance(v, i, None));
 }
@@ -665,20 +803,73 @@ fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
     v
 }
 
-/// A `vhosts` entry: `{host, name, instances}`, the instances serving `host`.
-fn fill_vhost(v: &mut Value, host: &str, insts: &[Arc<Instance>]) {
-    let [host_v, instances, name] = fields(v, &["host", "instances", "name"]);
+/// A `vhosts` entry: `{host, name, instances, routes}`, the instances serving `host` and the
+/// path routes they form. A route's name is the host's name for `/`, else the host's name,
+/// `__` and the path's (a host name never holds `__`, so names stay distinct).
+fn fill_vhost(v: &mut Value, host: &str, e: &VhostEntry) {
+    let [host_v, instances, name, routes_v] = fields(v, &["host", "instances", "name", "routes"]);
     fill_string(host_v, host);
     fill_with(name, |t| push_safe_token(host, t));
-    fill_array(instances, insts.iter(), |v, i| {
+    fill_array(instances, e.instances.iter(), |v, i| {
         fill_instance(v, i, Some(host))
+    });
+    fill_array(routes_v, e.routes.iter(), |v, r| {
+        fill_route(
+            v,
+            r,
+            |t| {
+                push_safe_token(host, t);
+                if r.path != "/" {
+                    t.push_str("__");
+                    t.push_str(&r.name());
+                }
+            },
+            Some(host),
+        )
     });
 }
 
-fn vhost_value(host: &str, insts: &[Arc<Instance>]) -> Value {
+fn vhost_value(host: &str, e: &VhostEntry) -> Value {
     let mut v = Value::Null;
-    fill_vhost(&mut v, host, insts);
+    fill_vhost(&mut v, host, e);
     v
+}
+
+/// A route: `{path, strip, proto, name, length, instances}`; `length` is the path's length in
+/// bytes (a proxy strips the prefix by offset), `name` what `name` writes.
+fn fill_route(v: &mut Value, r: &PathRoute, name: impl FnOnce(&mut String), host: Option<&str>) {
+    let [instances, length, name_v, path, proto, strip] = fields(
+        v,
+        &["instances", "length", "name", "path", "proto", "strip"],
+    );
+    fill_array(instances, r.instances.iter(), |v, i| {
+        fill_instance(v, i, host)
+    });
+    *length = Value::from(r.path.len());
+    fill_with(name_v, name);
+    fill_string(path, &r.path);
+    fill_string(proto, r.proto.as_str());
+    *strip = Value::Bool(r.strip);
+}
+
+fn route_value(r: &PathRoute, name: impl FnOnce(&mut String), host: Option<&str>) -> Value {
+    let mut v = Value::Null;
+    fill_route(&mut v, r, name, host);
+    v
+}
+
+/// A listener: `{listen, proto, name, service, instances}`, `name` `<proto>_<port>`.
+fn listener_value(l: &Listener) -> Value {
+    let mut m = Map::new();
+    m.insert("instances".into(), instances_value(&l.instances));
+    m.insert("listen".into(), Value::from(l.port));
+    m.insert(
+        "name".into(),
+        Value::String(format!("{}_{}", l.proto, l.port)),
+    );
+    m.insert("proto".into(), string(l.proto.as_str()));
+    m.insert("service".into(), string(&l.service));
+    Value::Object(m)
 }
 
 fn kv_value(kv: &BTreeMap<String, String>) -> Value {
@@ -714,10 +905,96 @@ pub(crate) mod tests {
         assert_eq!(d["vhosts"][0]["instances"][0]["id"], "a");
         assert_eq!(d["kv"]["k"], "v");
         assert_eq!(d["vars"]["listen"], 80);
-        // An instance is its model's fields plus `vhost`, nothing else.
+        assert_eq!(d["services"][0]["proto"], "http");
+        assert_eq!(d["vhosts"][0]["routes"][0]["path"], "/");
+        assert_eq!(d["vhosts"][0]["routes"][0]["name"], "w.local");
+        assert_eq!(d["paths"], json!([]));
+        assert_eq!(d["listeners"], json!([]));
+        // An instance is its model's fields plus `vhost` and `weight`, nothing else.
         let mut want = serde_json::to_value(&a).unwrap();
         want["vhost"] = json!("w.local");
+        want["weight"] = json!(1);
         assert_eq!(d["service"]["web"][0], want);
+    }
+
+    #[test]
+    fn routes_paths_and_listeners() {
+        let with = |name: &str, id: &str, meta: &[(&str, &str)]| {
+            let mut i = inst(name, id, "10.0.0.1", 80);
+            for (k, v) in meta {
+                i.meta.insert(k.to_string(), v.to_string());
+            }
+            i
+        };
+        let s = Snapshot::build(
+            vec![
+                with("site", "s1", &[("vhost", "a.test")]),
+                with(
+                    "api",
+                    "a1",
+                    &[
+                        ("vhost", "a.test"),
+                        ("path", "/api/"),
+                        ("path_strip", "true"),
+                    ],
+                ),
+                with(
+                    "api",
+                    "a2",
+                    &[("vhost", "a.test"), ("path", "/api"), ("weight", "0")],
+                ),
+                with("rpc", "r1", &[("proto", "grpc"), ("path", "/pkg.Echo")]),
+                with("pg", "p1", &[("proto", "tcp"), ("listen", "5432")]),
+                with("pg2", "q1", &[("proto", "tcp"), ("listen", "5432")]),
+                with("bad", "b1", &[("path", "/a;b")]),
+            ],
+            BTreeMap::new(),
+            &[],
+        );
+        let mut data = TemplateData::build(Arc::new(s), &Vars::new());
+        let d = data.value().clone();
+        let routes = &d["vhosts"][0]["routes"];
+        assert_eq!(routes[0]["path"], "/api");
+        assert_eq!(routes[0]["strip"], true);
+        assert_eq!(routes[0]["length"], 4);
+        assert_eq!(
+            routes[0]["instances"].as_array().unwrap().len(),
+            1,
+            "a2 conflicts"
+        );
+        assert_eq!(routes[1]["path"], "/");
+        assert_eq!(routes[1]["instances"][0]["id"], "s1");
+        assert!(routes[0]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("a.test__api"));
+        assert_eq!(d["paths"][0]["path"], "/pkg.Echo");
+        assert_eq!(d["paths"][0]["proto"], "grpc");
+        assert_eq!(d["services"][4]["proto"], "grpc");
+        assert_eq!(d["services"][2]["proto"], "tcp");
+        assert_eq!(d["listeners"][0]["name"], "tcp_5432");
+        assert_eq!(d["listeners"][0]["service"], "pg");
+        assert_eq!(d["service"]["api"][1]["weight"], 0);
+        let reasons: Vec<(String, &str)> = data
+            .warnings()
+            .iter()
+            .map(|w| (w.service.clone(), w.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("api".to_string(), "conflict"),
+                ("bad".to_string(), "bad_path"),
+                ("pg2".to_string(), "listen_taken"),
+            ]
+        );
+        // The floor comes from vars: 5432 below it is refused.
+        data.update(
+            data.snapshot().clone(),
+            &[("listen_floor".into(), json!(6000))].into(),
+        );
+        assert_eq!(data.value()["listeners"], json!([]));
+        assert!(data.warnings().iter().any(|w| w.reason == "listen_refused"));
     }
 
     /// A small deterministic generator (no dependency for the tests).
@@ -776,6 +1053,29 @@ pub(crate) mod tests {
         // filled into another keeps it while keys are added on both sides of it.
         if r.below(2) == 0 {
             i.meta.insert("env".into(), format!("e{}", r.below(2)));
+        }
+        // Routing values, some bad. Each service asks for a port of its own: which service
+        // holds a shared port depends on history, which a full build does not have.
+        match r.below(8) {
+            0 => {
+                let p = ["/api", "/api/v1", "/x;y"][r.below(3) as usize];
+                i.meta.insert("path".into(), p.into());
+            }
+            1 => {
+                i.meta.insert("proto".into(), "tcp".into());
+                i.meta.insert(
+                    "listen".into(),
+                    format!("{}", 5000 + i.name[1..].parse::<u16>().unwrap()),
+                );
+            }
+            2 => {
+                i.meta.insert("weight".into(), format!("{}", r.below(300)));
+            }
+            3 => {
+                i.meta.insert("proto".into(), "h2c".into());
+                i.meta.insert("path".into(), "/api".into());
+            }
+            _ => {}
         }
         i
     }

@@ -251,6 +251,11 @@ impl Renderer {
         }
     }
 
+    /// The routing warnings of the document [`Renderer::update_data`] set.
+    pub fn route_warnings(&self) -> Vec<crate::routes::Warning> {
+        self.data.as_ref().map(|d| d.warnings()).unwrap_or_default()
+    }
+
     /// [`Renderer::render_data_within`] from the document [`Renderer::update_data`] set.
     pub fn render_current(
         &mut self,
