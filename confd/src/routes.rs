@@ -445,6 +445,9 @@ pub struct Listener {
     pub instances: Vec<Arc<Instance>>,
 }
 
+/// Per service (in name order), its instances asking for a port: (proto, port, instance).
+pub type ListenAsks = BTreeMap<String, Vec<(Proto, u16, Arc<Instance>)>>;
+
 /// Which service holds each port: the first to ask keeps it for as long as it asks, so a second
 /// service asking for a taken port never takes it over (it gets a `listen_taken` warning).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -456,7 +459,7 @@ impl Claims {
     /// taken ports earn warnings.
     pub fn assign(
         &mut self,
-        asks: &BTreeMap<String, Vec<(Proto, u16, Arc<Instance>)>>,
+        asks: &ListenAsks,
         policy: &ListenPolicy,
         warnings: &mut Vec<Warning>,
     ) -> Vec<Listener> {
@@ -645,7 +648,7 @@ mod tests {
     #[test]
     fn the_first_service_on_a_port_keeps_it() {
         let i = |svc: &str| Arc::new(inst(svc, "1", "10.0.0.1", 5432));
-        let ask = |svcs: &[&str], port| -> BTreeMap<String, Vec<(Proto, u16, Arc<Instance>)>> {
+        let ask = |svcs: &[&str], port| -> ListenAsks {
             svcs.iter()
                 .map(|s| (s.to_string(), vec![(Proto::Tcp, port, i(s))]))
                 .collect()
