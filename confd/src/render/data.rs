@@ -5,7 +5,7 @@
 //! `paths` and `listeners` (the routes of the default host and the ports opened for services,
 //! see [`crate::routes`]), `kv`, `vars`; an instance is
 //! `{id, name, address, port, tags, meta, node, health, vhost, weight}`; a route is
-//! `{path, strip, proto, name, length, instances}`, a listener `{listen, proto, name, service,
+//! `{host, path, strip, proto, name, length, instances}`, a listener `{listen, proto, name, service,
 //! instances}`.
 //!
 //! Why it is kept rather than rebuilt: Handlebars renders from a `serde_json::Value` tree, and
@@ -835,13 +835,23 @@ fn vhost_value(host: &str, e: &VhostEntry) -> Value {
     v
 }
 
-/// A route: `{path, strip, proto, name, length, instances}`; `length` is the path's length in
-/// bytes (a proxy strips the prefix by offset), `name` what `name` writes.
+/// A route: `{host, path, strip, proto, name, length, instances}`; `host` is the virtual host
+/// (empty on the default host), `length` the path's length in bytes (a proxy strips the
+/// prefix by offset), `name` what `name` writes.
 fn fill_route(v: &mut Value, r: &PathRoute, name: impl FnOnce(&mut String), host: Option<&str>) {
-    let [instances, length, name_v, path, proto, strip] = fields(
+    let [host_v, instances, length, name_v, path, proto, strip] = fields(
         v,
-        &["instances", "length", "name", "path", "proto", "strip"],
+        &[
+            "host",
+            "instances",
+            "length",
+            "name",
+            "path",
+            "proto",
+            "strip",
+        ],
     );
+    fill_string(host_v, host.unwrap_or_default());
     fill_array(instances, r.instances.iter(), |v, i| {
         fill_instance(v, i, host)
     });
