@@ -19,6 +19,7 @@
 //! (store clusters), [`load`] (a load generator that counts every failed request) and
 //! [`registrator`] (the registrator binary under test and what it writes to the stores).
 
+mod apps;
 pub mod cluster;
 mod consul;
 mod docker;
@@ -32,6 +33,11 @@ mod proxies;
 pub mod registrator;
 mod store_front;
 
+pub use apps::{
+    h2c_get, http1_get, tcp_echo, udp_echo, CountReply, CountRequest, EchoReply, EchoRequest,
+    GrpcApp, GrpcClient, H2App, HttpReply, TcpEcho, TcpEchoClient, UdpEcho, CALL_TIMEOUT,
+    COUNT_PATH, ECHO_PATH, SEEN_HOST, SEEN_PATH, SEEN_VERSION,
+};
 pub use consul::Consul;
 pub use docker::{
     docker, ensure_test_image, image, remove_stale_containers, require_images, unique_name,
