@@ -243,9 +243,9 @@ fn get_request(host: &str, path: &str, h2: bool) -> anyhow::Result<Request<Empty
     } else {
         Request::get(path).header(hyper::header::HOST, host)
     };
-    builder
-        .body(Empty::new())
-        .with_context(|| format!("request GET {path} for host {host:?}: expected a path and a host name"))
+    builder.body(Empty::new()).with_context(|| {
+        format!("request GET {path} for host {host:?}: expected a path and a host name")
+    })
 }
 
 async fn connect(port: u16) -> anyhow::Result<TcpStream> {
@@ -279,7 +279,9 @@ pub async fn h2c_get(port: u16, host: &str, path: &str) -> anyhow::Result<HttpRe
     };
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
-        .map_err(|_| anyhow!("HTTP/2 GET {path} on 127.0.0.1:{port}: no answer within {CALL_TIMEOUT:?}"))?
+        .map_err(|_| {
+            anyhow!("HTTP/2 GET {path} on 127.0.0.1:{port}: no answer within {CALL_TIMEOUT:?}")
+        })?
 }
 
 /// One `GET path` with `Host: host` over a new HTTP/1.1 connection to 127.0.0.1:`port`,
@@ -306,7 +308,9 @@ pub async fn http1_get(port: u16, host: &str, path: &str) -> anyhow::Result<Http
     };
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
-        .map_err(|_| anyhow!("HTTP/1.1 GET {path} on 127.0.0.1:{port}: no answer within {CALL_TIMEOUT:?}"))?
+        .map_err(|_| {
+            anyhow!("HTTP/1.1 GET {path} on 127.0.0.1:{port}: no answer within {CALL_TIMEOUT:?}")
+        })?
 }
 
 // ---------------------------------------------------------------------------------------
@@ -420,7 +424,8 @@ async fn grpc_route(
                         .map(str::to_string)
                 })
                 .unwrap_or_default();
-            let mut grpc = tonic::server::Grpc::new(ProstCodec::<EchoReply, EchoRequest>::default());
+            let mut grpc =
+                tonic::server::Grpc::new(ProstCodec::<EchoReply, EchoRequest>::default());
             grpc.unary(EchoService(name, authority), req).await
         }
         COUNT_PATH => {
@@ -532,7 +537,9 @@ impl GrpcClient {
     }
 
     /// Calls [`COUNT_PATH`]: `n` messages, `interval` apart. Read them with
-    /// `stream.message().await` (`Ok(None)` at the end of the stream).
+    /// `stream.message().await` (`Ok(None)` at the end of the stream). A stream a proxy cuts
+    /// may end with `Ok(None)` and no error (tonic takes a response without trailers as a
+    /// clean end): count the messages, as [`GrpcClient::count_all`] does.
     pub async fn count(
         &mut self,
         n: u32,
@@ -552,23 +559,30 @@ impl GrpcClient {
     }
 
     /// Every message of a [`GrpcClient::count`] stream of `n` messages `interval` apart, each
-    /// read within [`CALL_TIMEOUT`] plus `interval`.
+    /// read within [`CALL_TIMEOUT`] plus `interval`. `Err` unless exactly `n` arrived: a
+    /// stream that ends early, even cleanly, is a cut stream.
     pub async fn count_all(
         &mut self,
         n: u32,
         interval: Duration,
     ) -> Result<Vec<CountReply>, tonic::Status> {
         let mut stream = self.count(n, interval).await?;
+        let wait = CALL_TIMEOUT + interval;
         let mut out = Vec::new();
         loop {
-            match tokio::time::timeout(CALL_TIMEOUT + interval, stream.message()).await {
+            match tokio::time::timeout(wait, stream.message()).await {
                 Ok(Ok(Some(m))) => out.push(m),
-                Ok(Ok(None)) => return Ok(out),
+                Ok(Ok(None)) if out.len() == n as usize => return Ok(out),
+                Ok(Ok(None)) => {
+                    return Err(tonic::Status::aborted(format!(
+                        "the stream ended after {} of {n} messages",
+                        out.len()
+                    )))
+                }
                 Ok(Err(status)) => return Err(status),
                 Err(_) => {
                     return Err(tonic::Status::deadline_exceeded(format!(
-                        "no stream message within {:?} after {} of {n}",
-                        CALL_TIMEOUT + interval,
+                        "no stream message within {wait:?} after {} of {n}",
                         out.len()
                     )))
                 }
@@ -646,7 +660,9 @@ impl TcpEchoClient {
     pub async fn connect(port: u16) -> anyhow::Result<TcpEchoClient> {
         let sock = tokio::time::timeout(CALL_TIMEOUT, connect(port))
             .await
-            .map_err(|_| anyhow!("connecting to 127.0.0.1:{port}: no answer within {CALL_TIMEOUT:?}"))??;
+            .map_err(|_| {
+                anyhow!("connecting to 127.0.0.1:{port}: no answer within {CALL_TIMEOUT:?}")
+            })??;
         let (read, write) = sock.into_split();
         Ok(TcpEchoClient {
             lines: BufReader::new(read).lines(),
@@ -670,7 +686,9 @@ impl TcpEchoClient {
                 .with_context(|| format!("sending to 127.0.0.1:{port}"))?;
             match self.lines.next_line().await {
                 Ok(Some(line)) => Ok(line),
-                Ok(None) => Err(anyhow!("127.0.0.1:{port} closed the connection with no echo")),
+                Ok(None) => Err(anyhow!(
+                    "127.0.0.1:{port} closed the connection with no echo"
+                )),
                 Err(e) => Err(anyhow!("reading the echo from 127.0.0.1:{port}: {e}")),
             }
         };
