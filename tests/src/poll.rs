@@ -5,7 +5,7 @@
 //! never on fixed ones, so test binaries and tests within one can run side by side.
 
 use std::future::Future;
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
 /// A TCP port that was free on 127.0.0.1 a moment ago, and that this process has not handed
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 /// running side by side in one test binary would then start two servers on one port (a store
 /// cluster takes twenty at once).
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap();
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
@@ -27,6 +26,27 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// A port free for both TCP and UDP on 127.0.0.1 a moment ago, not handed out before (by this
+/// or [`free_port`]): for a proxy's UDP listener (`listen P udp`), whose TCP twin a test may
+/// also use, or a service that listens on both.
+pub fn free_udp_port() -> u16 {
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// Every port [`free_port`] and [`free_udp_port`] handed out in this process.
+static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
 
 /// Polls `f` every `every` until it returns `Some`, or returns `None` once `timeout` has
 /// passed. The benchmarks use it with a fine `every` so pacing does not dominate what they
