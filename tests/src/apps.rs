@@ -102,12 +102,16 @@ fn instance(name: &str, port: u16, service: &str, meta: &[(&str, &str)]) -> swit
     }
 }
 
-async fn bind_tcp() -> (TcpListener, u16) {
-    let listener = TcpListener::bind("127.0.0.1:0")
+/// Where the apps listen unless told otherwise: a free loopback port.
+const LOOPBACK_ANY: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+async fn bind_tcp(addr: SocketAddr) -> anyhow::Result<(TcpListener, u16)> {
+    let listener = TcpListener::bind(addr)
         .await
-        .expect("bind a loopback TCP port");
-    let port = listener.local_addr().unwrap().port();
-    (listener, port)
+        .with_context(|| format!("binding TCP {addr}: expected a free local address"))?;
+    let port = listener.local_addr()?.port();
+    Ok((listener, port))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -133,7 +137,15 @@ pub struct H2App {
 impl H2App {
     /// Starts it on a free loopback port.
     pub async fn start(name: &str) -> H2App {
-        let (listener, port) = bind_tcp().await;
+        H2App::start_on(name, LOOPBACK_ANY)
+            .await
+            .expect("bind a loopback TCP port")
+    }
+
+    /// Starts it on `addr` (port 0: a free one); `protocol-demo` serves it on 0.0.0.0 in a
+    /// container.
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<H2App> {
+        let (listener, port) = bind_tcp(addr).await?;
         let shared: Arc<str> = name.into();
         let serving = Serving::tcp(listener, move |sock| {
             let name = shared.clone();
@@ -147,11 +159,11 @@ impl H2App {
                     .await;
             }
         });
-        H2App {
+        Ok(H2App {
             name: name.to_string(),
             port,
             _serving: serving,
-        }
+        })
     }
 
     /// This app as an instance of `service` (ID = its name, tag `backend`, the given meta).
@@ -379,7 +391,14 @@ pub struct GrpcApp {
 impl GrpcApp {
     /// Starts it on a free loopback port.
     pub async fn start(name: &str) -> GrpcApp {
-        let (listener, port) = bind_tcp().await;
+        GrpcApp::start_on(name, LOOPBACK_ANY)
+            .await
+            .expect("bind a loopback TCP port")
+    }
+
+    /// Starts it on `addr` (port 0: a free one).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<GrpcApp> {
+        let (listener, port) = bind_tcp(addr).await?;
         let shared: Arc<str> = name.into();
         let serving = Serving::tcp(listener, move |sock| {
             let name = shared.clone();
@@ -393,11 +412,11 @@ impl GrpcApp {
                     .await;
             }
         });
-        GrpcApp {
+        Ok(GrpcApp {
             name: name.to_string(),
             port,
             _serving: serving,
-        }
+        })
     }
 
     /// This app as an instance of `service` (ID = its name, tag `backend`, the given meta).
@@ -506,17 +525,22 @@ impl GrpcClient {
     /// Connects to 127.0.0.1:`port`, sending `:authority` `authority` (a virtual host's name,
     /// for a proxy that routes by host).
     pub async fn connect_as(port: u16, authority: &str) -> anyhow::Result<GrpcClient> {
+        GrpcClient::connect_addr(([127, 0, 0, 1], port).into(), authority).await
+    }
+
+    /// Connects to `addr`, sending `:authority` `authority`.
+    pub async fn connect_addr(addr: SocketAddr, authority: &str) -> anyhow::Result<GrpcClient> {
         let origin: tonic::codegen::http::Uri = format!("http://{authority}")
             .parse()
             .with_context(|| format!("gRPC authority {authority:?}: expected host[:port]"))?;
-        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
             .context("gRPC endpoint")?
             .origin(origin)
             .connect_timeout(CALL_TIMEOUT)
             .timeout(CALL_TIMEOUT)
             .connect()
             .await
-            .with_context(|| format!("gRPC connection to 127.0.0.1:{port}"))?;
+            .with_context(|| format!("gRPC connection to {addr}"))?;
         Ok(GrpcClient {
             grpc: tonic::client::Grpc::new(channel),
         })
@@ -617,7 +641,14 @@ pub struct TcpEcho {
 impl TcpEcho {
     /// Starts it on a free loopback port.
     pub async fn start(name: &str) -> TcpEcho {
-        let (listener, port) = bind_tcp().await;
+        TcpEcho::start_on(name, LOOPBACK_ANY)
+            .await
+            .expect("bind a loopback TCP port")
+    }
+
+    /// Starts it on `addr` (port 0: a free one).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<TcpEcho> {
+        let (listener, port) = bind_tcp(addr).await?;
         let shared: Arc<str> = name.into();
         let serving = Serving::tcp(listener, move |sock| {
             let name = shared.clone();
@@ -635,11 +666,11 @@ impl TcpEcho {
                 }
             }
         });
-        TcpEcho {
+        Ok(TcpEcho {
             name: name.to_string(),
             port,
             _serving: serving,
-        }
+        })
     }
 
     /// This app as an instance of `service` (ID = its name, tag `backend`, the given meta).
@@ -652,22 +683,26 @@ impl TcpEcho {
 pub struct TcpEchoClient {
     lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
     write: tokio::net::tcp::OwnedWriteHalf,
-    port: u16,
+    addr: SocketAddr,
 }
 
 impl TcpEchoClient {
     /// Connects to 127.0.0.1:`port` within [`CALL_TIMEOUT`].
     pub async fn connect(port: u16) -> anyhow::Result<TcpEchoClient> {
-        let sock = tokio::time::timeout(CALL_TIMEOUT, connect(port))
+        TcpEchoClient::connect_addr(([127, 0, 0, 1], port).into()).await
+    }
+
+    /// Connects to `addr` within [`CALL_TIMEOUT`].
+    pub async fn connect_addr(addr: SocketAddr) -> anyhow::Result<TcpEchoClient> {
+        let sock = tokio::time::timeout(CALL_TIMEOUT, TcpStream::connect(addr))
             .await
-            .map_err(|_| {
-                anyhow!("connecting to 127.0.0.1:{port}: no answer within {CALL_TIMEOUT:?}")
-            })??;
+            .map_err(|_| anyhow!("connecting to {addr}: no answer within {CALL_TIMEOUT:?}"))?
+            .with_context(|| format!("connecting to {addr}"))?;
         let (read, write) = sock.into_split();
         Ok(TcpEchoClient {
             lines: BufReader::new(read).lines(),
             write,
-            port,
+            addr,
         })
     }
 
@@ -678,23 +713,21 @@ impl TcpEchoClient {
         if text.contains('\n') {
             bail!("TCP echo text {text:?}: expected one line");
         }
-        let port = self.port;
+        let addr = self.addr;
         let call = async {
             self.write
                 .write_all(format!("{text}\n").as_bytes())
                 .await
-                .with_context(|| format!("sending to 127.0.0.1:{port}"))?;
+                .with_context(|| format!("sending to {addr}"))?;
             match self.lines.next_line().await {
                 Ok(Some(line)) => Ok(line),
-                Ok(None) => Err(anyhow!(
-                    "127.0.0.1:{port} closed the connection with no echo"
-                )),
-                Err(e) => Err(anyhow!("reading the echo from 127.0.0.1:{port}: {e}")),
+                Ok(None) => Err(anyhow!("{addr} closed the connection with no echo")),
+                Err(e) => Err(anyhow!("reading the echo from {addr}: {e}")),
             }
         };
         tokio::time::timeout(CALL_TIMEOUT, call)
             .await
-            .map_err(|_| anyhow!("no echo from 127.0.0.1:{port} within {CALL_TIMEOUT:?}"))?
+            .map_err(|_| anyhow!("no echo from {addr} within {CALL_TIMEOUT:?}"))?
     }
 }
 
@@ -717,10 +750,17 @@ pub struct UdpEcho {
 impl UdpEcho {
     /// Starts it on a free loopback UDP port.
     pub async fn start(name: &str) -> UdpEcho {
-        let sock = UdpSocket::bind("127.0.0.1:0")
+        UdpEcho::start_on(name, LOOPBACK_ANY)
             .await
-            .expect("bind a loopback UDP port");
-        let port = sock.local_addr().unwrap().port();
+            .expect("bind a loopback UDP port")
+    }
+
+    /// Starts it on `addr` (port 0: a free one).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<UdpEcho> {
+        let sock = UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding UDP {addr}: expected a free local address"))?;
+        let port = sock.local_addr()?.port();
         let prefix = format!("{name} ").into_bytes();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
@@ -730,11 +770,11 @@ impl UdpEcho {
                 let _ = sock.send_to(&reply, from).await;
             }
         });
-        UdpEcho {
+        Ok(UdpEcho {
             name: name.to_string(),
             port,
             task,
-        }
+        })
     }
 
     /// This app as an instance of `service` (ID = its name, tag `backend`, the given meta).
@@ -753,10 +793,23 @@ impl Drop for UdpEcho {
 /// `timeout` (`<name> <text>` from a [`UdpEcho`]). UDP may drop a datagram, a proxy's first
 /// one too: callers poll ([`crate::wait_for`]) rather than expect every call to answer.
 pub async fn udp_echo(port: u16, text: &str, timeout: Duration) -> anyhow::Result<String> {
-    let sock = UdpSocket::bind("127.0.0.1:0")
+    udp_echo_addr(([127, 0, 0, 1], port).into(), text, timeout).await
+}
+
+/// [`udp_echo`] to `to`, from a new socket on any local address of its family.
+pub async fn udp_echo_addr(
+    to: SocketAddr,
+    text: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let local: SocketAddr = if to.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(local)
         .await
-        .context("bind a loopback UDP port")?;
-    let to: SocketAddr = ([127, 0, 0, 1], port).into();
+        .context("bind a local UDP port")?;
     sock.connect(to)
         .await
         .with_context(|| format!("UDP connect to {to}"))?;

@@ -35,9 +35,9 @@ pub mod registrator;
 mod store_front;
 
 pub use apps::{
-    h2c_get, http1_get, tcp_echo, udp_echo, CountReply, CountRequest, EchoReply, EchoRequest,
-    GrpcApp, GrpcClient, H2App, HttpReply, TcpEcho, TcpEchoClient, UdpEcho, CALL_TIMEOUT,
-    COUNT_PATH, ECHO_PATH, SEEN_HOST, SEEN_PATH, SEEN_VERSION,
+    h2c_get, http1_get, tcp_echo, udp_echo, udp_echo_addr, CountReply, CountRequest, EchoReply,
+    EchoRequest, GrpcApp, GrpcClient, H2App, HttpReply, TcpEcho, TcpEchoClient, UdpEcho,
+    CALL_TIMEOUT, COUNT_PATH, ECHO_PATH, SEEN_HOST, SEEN_PATH, SEEN_VERSION,
 };
 pub use consul::Consul;
 pub use docker::{
