@@ -14,7 +14,7 @@
 //! - Other blocks (`yaml`, `text`, untagged) are not run.
 //! - `NAME=${NAME:-DEFAULT}` in a block is a setting the doc invites the reader to change; a
 //!   numeric DEFAULT is a port, and the runner gives it a free one (and maps it back to DEFAULT
-//!   in the output before comparing).
+//!   in the output before comparing, wherever it stands alone as a number).
 //!
 //! One bash (`-euo pipefail`) runs a doc's blocks in order, from the checkout (the recipes
 //! move into a scratch directory of their own), with `target/debug` first on `PATH`, stdin
@@ -205,6 +205,27 @@ fn line_matches(expected: &str, actual: &str) -> bool {
     glob(&refs, actual)
 }
 
+/// `text` with every `from` that stands alone as a number (no digit either side: `:41234`,
+/// `listen=41234`, `tcp_41234`, not `141234`) replaced by `to`.
+fn map_number(text: &str, from: u16, to: u16) -> String {
+    let (from, to) = (from.to_string(), to.to_string());
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(&from) {
+        let before = rest[..at].chars().last().or_else(|| out.chars().last());
+        let after = rest[at + from.len()..].chars().next();
+        out.push_str(&rest[..at]);
+        if before.is_some_and(|c| c.is_ascii_digit()) || after.is_some_and(|c| c.is_ascii_digit()) {
+            out.push_str(&from);
+        } else {
+            out.push_str(&to);
+        }
+        rest = &rest[at + from.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A bare `wait` also waits for the daemons the recipe started with `&`: it never returns. Recipes wait for a job by its PID (`wait $!`).
 fn bare_wait(text: &str) -> Option<&str> {
     text.lines().find(|l| {
@@ -368,7 +389,9 @@ fn run_doc(mut run: Run) {
             );
         }
     }
-    // Settings the doc invites the reader to change: ports get free ones.
+    // Settings the doc invites the reader to change: ports get free ones, mapped back to the
+    // doc's defaults in the outputs (free port, default).
+    let mut ports: Vec<(u16, u16)> = Vec::new();
     for (name, default) in &recipe.settings {
         if run.env.iter().any(|(k, _)| k == name) {
             continue;
@@ -379,7 +402,7 @@ fn run_doc(mut run: Run) {
             if p == 80 {
                 run.reverse.push((format!(":{port}/"), "/".into()));
             }
-            run.reverse.push((format!(":{port}"), format!(":{p}")));
+            ports.push((port, p));
         }
     }
     let out = tempfile::tempdir().unwrap();
@@ -477,6 +500,9 @@ fn run_doc(mut run: Run) {
             };
             for (from, to) in &run.reverse {
                 actual = actual.replace(from, to);
+            }
+            for &(port, default) in &ports {
+                actual = map_number(&actual, port, default);
             }
             // Trailing blank lines are invisible in a doc: ignored on both sides.
             let mut lines: Vec<&str> = actual.lines().collect();
@@ -578,6 +604,15 @@ fn scenario_4_failover() {
     run_doc(doc("docs/scenario-4-failover.md"));
 }
 
+/// docs/protocols.md's "Try it": every routing label through both shipped templates, with
+/// `protocol-demo` containers as the backends.
+#[test]
+fn protocols() {
+    let mut run = doc("docs/protocols.md");
+    run.timeout = Duration::from_secs(120);
+    run_doc(run);
+}
+
 #[test]
 fn custom_template() {
     run_doc(doc("docs/custom-template.md"));
@@ -641,6 +676,14 @@ fn runner_reads_blocks_placeholders_and_cleanup() {
         Some("sleep 1; docker stop x; wait")
     );
     assert_eq!(bare_wait("client & C=$!; wait $C"), None);
+    assert_eq!(
+        map_number(
+            "a:41234/ listen=41234 tcp_41234 141234 412345 4123441234",
+            41234,
+            7000
+        ),
+        "a:7000/ listen=7000 tcp_7000 141234 412345 4123441234"
+    );
 
     // Only the named sections of the README count.
     let r = parse(
