@@ -678,7 +678,11 @@ mod tests {
             assert_eq!(w[0].reason, "listen_refused", "{port}");
         }
         let own = ListenPolicy::from_vars(
-            &[("h2c_listen".to_string(), serde_json::json!("127.0.0.1:8081"))].into(),
+            &[(
+                "h2c_listen".to_string(),
+                serde_json::json!("127.0.0.1:8081"),
+            )]
+            .into(),
         );
         assert_eq!(own.reserved, [8081, 80]);
         let allowing = ListenPolicy::from_vars(
