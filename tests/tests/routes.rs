@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 use switchboard::{RegistryUri, Service, Store};
+use switchboard_tests::load::{Load, LoadSpec};
 use switchboard_tests::*;
 use tokio::process::Command;
 
@@ -543,4 +544,99 @@ async fn haproxy_grpc_streams_through_scale() {
         .wait_output("confd::runner: reloaded reload=", WAIT)
         .await;
     streams_through_scale("HAProxy", lb.port, &lb.confd, &st, &extra).await;
+}
+
+/// New routes and listeners under POST load on the route already served: the path route and
+/// the TCP port are structural (a reload), and not one request of the load fails; then a
+/// second instance joins each new pool, through the live path where the proxy has one (every
+/// HAProxy pool; nginx's HTTP pools, while its TCP pools reload).
+async fn new_routes_under_load(what: &str, port: u16, confd: &Process, st: &Store, tcp_live: bool) {
+    let load = Load::start(LoadSpec::post(&format!("http://127.0.0.1:{port}/"), 4));
+    load.wait_flowing(200, WAIT).await;
+    let reloads0 = reloads(confd);
+    let (d1, d2) = (H2App::start("d1").await, H2App::start("d2").await);
+    let (t1, t2) = (TcpEcho::start("t1").await, TcpEcho::start("t2").await);
+    let tcp = free_port();
+    let tcp_s = tcp.to_string();
+    let path = [("path", "/docs"), ("path_strip", "true")];
+    let listen = [("proto", "tcp"), ("listen", tcp_s.as_str())];
+    st.register(&d1.service("docs", &path)).await.unwrap();
+    st.register(&t1.service("echo", &listen)).await.unwrap();
+    wait_for(&format!("{what}: the new routes serve"), WAIT, || async {
+        let r = http1_get(port, "any.test", "/docs/x").await.ok()?;
+        let t = tcp_echo(tcp, "hi").await.ok()?;
+        (r.body == "d1" && t == "t1 hi").then_some(())
+    })
+    .await;
+    // The new worker serves before confd logs the reload it waited for.
+    wait_for(&format!("{what}: the reload logged"), WAIT, || async {
+        (reloads(confd) > reloads0).then_some(())
+    })
+    .await;
+    // A second instance of each new pool.
+    let reloads1 = reloads(confd);
+    st.register(&d2.service("docs", &path)).await.unwrap();
+    wait_for(&format!("{what}: d2 joins /docs"), WAIT, || async {
+        let r = http1_get(port, "any.test", "/docs/x").await.ok()?;
+        (r.body == "d2").then_some(())
+    })
+    .await;
+    assert_eq!(
+        reloads(confd),
+        reloads1,
+        "{what}: a path pool's member reloaded"
+    );
+    st.register(&t2.service("echo", &listen)).await.unwrap();
+    wait_for(&format!("{what}: t2 joins the TCP port"), WAIT, || async {
+        let t = tcp_echo(tcp, "hi").await.ok()?;
+        (t == "t2 hi").then_some(())
+    })
+    .await;
+    if tcp_live {
+        assert_eq!(
+            reloads(confd),
+            reloads1,
+            "{what}: a TCP pool's member reloaded"
+        );
+    }
+    let report = load.stop().await;
+    assert!(report.requests > 200, "{what}: {}", report.summary());
+    assert_eq!(report.failed, 0, "{what}: {}", report.summary());
+}
+
+#[tokio::test]
+async fn nginx_new_routes_reload_without_failing_requests() {
+    let consul = Consul::start().await;
+    let st = Store::new(&RegistryUri::parse(&consul.uri()).unwrap());
+    let web = H2App::start("web").await;
+    st.register(&web.service("http", &[])).await.unwrap();
+    let lb = NginxConfd::start(
+        &consul.uri(),
+        &[("default_service", "http".into())],
+        &format!("127.0.0.1:{}", web.port),
+    )
+    .await;
+    new_routes_under_load("nginx", lb.port, &lb.confd, &st, false).await;
+}
+
+#[tokio::test]
+async fn haproxy_new_routes_reload_without_failing_requests() {
+    let consul = Consul::start().await;
+    let st = Store::new(&RegistryUri::parse(&consul.uri()).unwrap());
+    let web = H2App::start("web").await;
+    st.register(&web.service("http", &[])).await.unwrap();
+    let needle = format!("127.0.0.1:{}", web.port);
+    let lb = HaproxyConfd::start_live(
+        &consul.uri(),
+        "127.0.0.1",
+        "wait: { min: 100ms, max: 1s }",
+        &[("default_service", "http".into())],
+        true,
+        |t| t.contains(&needle),
+    )
+    .await;
+    lb.confd
+        .wait_output("confd::runner: reloaded reload=", WAIT)
+        .await;
+    new_routes_under_load("HAProxy", lb.port, &lb.confd, &st, true).await;
 }
