@@ -385,7 +385,8 @@ impl ListenPolicy {
     pub fn from_vars(vars: &BTreeMap<String, serde_json::Value>) -> ListenPolicy {
         let num = |v: &serde_json::Value| match v {
             serde_json::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
-            serde_json::Value::String(s) => port(s),
+            // `127.0.0.1:8080` or `[::1]:8080` as the templates take them: the port is last.
+            serde_json::Value::String(s) => port(s.rsplit(':').next().unwrap_or(s)),
             _ => None,
         };
         let floor = vars
@@ -676,6 +677,14 @@ mod tests {
                 .is_empty());
             assert_eq!(w[0].reason, "listen_refused", "{port}");
         }
+        let own = ListenPolicy::from_vars(
+            &[(
+                "h2c_listen".to_string(),
+                serde_json::json!("127.0.0.1:8081"),
+            )]
+            .into(),
+        );
+        assert_eq!(own.reserved, [8081, 80]);
         let allowing = ListenPolicy::from_vars(
             &[("listen_allowed".to_string(), serde_json::json!([25]))].into(),
         );

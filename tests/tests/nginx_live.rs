@@ -5,7 +5,8 @@
 //! A reload is detected the way it happens: nginx starts new worker processes, so the set of
 //! the master's children changes. nginx runs as a [`Process`], so its workers die with it.
 
-use std::collections::BTreeSet;
+use confd::live::NginxLua;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -339,6 +340,76 @@ async fn post_unix(sock: &Path, path: &str, body: &[u8]) -> (u16, String) {
     (status, body.lines().next().unwrap_or("").to_string())
 }
 
+/// `conf` with each `server 127.0.0.1:PORT ...;` line of `weights` rewritten as the template
+/// renders an instance's weight: `weight=N max_fails=1 fail_timeout=5s`, or `down` for 0
+/// (nginx refuses `weight=0`).
+fn with_weights(conf: &str, weights: &[(u16, u16)]) -> String {
+    let mut out = String::new();
+    let mut done = 0;
+    for line in conf.lines() {
+        let t = line.trim_start();
+        let hit = weights
+            .iter()
+            .find(|(port, _)| t.starts_with(&format!("server 127.0.0.1:{port} ")));
+        match hit {
+            Some((port, w)) => {
+                let indent = &line[..line.len() - t.len()];
+                let params = match w {
+                    0 => "max_fails=1 fail_timeout=5s down".to_string(),
+                    w => format!("weight={w} max_fails=1 fail_timeout=5s"),
+                };
+                out.push_str(&format!("{indent}server 127.0.0.1:{port} {params};\n"));
+                done += 1;
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    assert_eq!(
+        done,
+        weights.len(),
+        "one server line per weight in:\n{conf}"
+    );
+    out
+}
+
+/// How many of `n` GETs through nginx (one keep-alive connection, reopened when closed) each
+/// body answered; a failure counts under its own name.
+async fn shares(port: u16, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    let mut conn = None;
+    for _ in 0..n {
+        if conn.is_none() {
+            conn = connect(port).await.ok();
+        }
+        let answer = match conn.as_mut() {
+            None => "connect failed".to_string(),
+            Some(c) => {
+                match tokio::time::timeout(Duration::from_secs(5), exchange(c, "127.0.0.1")).await {
+                    Ok(Ok((200, body, close))) => {
+                        if close {
+                            conn = None;
+                        }
+                        body
+                    }
+                    Ok(Ok((status, _, _))) => {
+                        conn = None;
+                        format!("status {status}")
+                    }
+                    _ => {
+                        conn = None;
+                        "transport error".to_string()
+                    }
+                }
+            }
+        };
+        *seen.entry(answer).or_insert(0) += 1;
+    }
+    seen
+}
+
 /// TCP ports the processes `pids` listen on (from `ss`, which scripts/setup installs).
 fn tcp_listen_addrs(pids: &BTreeSet<u32>) -> BTreeSet<String> {
     let out = Command::new("ss").args(["-Hltnp"]).output().expect("ss");
@@ -523,7 +594,7 @@ async fn the_peers_endpoint_is_unix_only_and_refuses_malformed_updates() {
     let via_tcp = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{}/switchboard/peers", lb.port))
         .body(format!(
-            "switchboard-peers 1\nsvc_http 127.0.0.1:{}\n",
+            "switchboard-peers 2\nsvc_http 127.0.0.1:{}\n",
             b1.port
         ))
         .send()
@@ -538,33 +609,40 @@ async fn the_peers_endpoint_is_unix_only_and_refuses_malformed_updates() {
     let sock = lb.socket();
     let path = "/switchboard/peers";
     let good = format!("127.0.0.1:{}", b1.port);
-    let malformed: [(&str, String); 7] = [
+    let mut malformed: Vec<(&str, String)> = vec![
         ("no header", format!("svc_http {good}\n")),
         (
             "another version",
-            format!("switchboard-peers 2\nsvc_http {good}\n"),
+            format!("switchboard-peers 1\nsvc_http {good}\n"),
         ),
         (
             "a DNS name",
-            "switchboard-peers 1\nsvc_http web.internal:80\n".into(),
+            "switchboard-peers 2\nsvc_http web.internal:80\n".into(),
         ),
         (
             "a port out of range",
-            "switchboard-peers 1\nsvc_http 127.0.0.1:70000\n".into(),
+            "switchboard-peers 2\nsvc_http 127.0.0.1:70000\n".into(),
         ),
         (
             "an octet out of range",
-            "switchboard-peers 1\nsvc_http 127.0.0.300:80\n".into(),
+            "switchboard-peers 2\nsvc_http 127.0.0.300:80\n".into(),
         ),
         (
             "an injected name",
-            format!("switchboard-peers 1\na;}} server {{ listen 81; }} {good}\n"),
+            format!("switchboard-peers 2\na;}} server {{ listen 81; }} {good}\n"),
         ),
         (
             "an upstream twice",
-            format!("switchboard-peers 1\nsvc_http {good}\nsvc_http {good}\n"),
+            format!("switchboard-peers 2\nsvc_http {good}\nsvc_http {good}\n"),
         ),
     ];
+    // A weight is 1 to 256, in digits, after one `*`; a weight-0 peer is left out, never sent.
+    for w in ["0", "257", "1000", "02", "", "x", "-1", "1.5", "2*2", " "] {
+        malformed.push((
+            "a malformed weight",
+            format!("switchboard-peers 2\nsvc_http {good}*{w}\n"),
+        ));
+    }
     for (what, body) in &malformed {
         let (status, reason) = post_unix(&sock, path, body.as_bytes()).await;
         assert_eq!(status, 400, "{what}: {reason}");
@@ -585,7 +663,7 @@ async fn the_peers_endpoint_is_unix_only_and_refuses_malformed_updates() {
     let (status, reason) = post_unix(
         &sock,
         path,
-        format!("switchboard-peers 1\nsvc_http {good}\n").as_bytes(),
+        format!("switchboard-peers 2\nsvc_http {good}\n").as_bytes(),
     )
     .await;
     assert_eq!(status, 200, "{reason}");
@@ -632,6 +710,64 @@ async fn a_dead_peer_is_retried_on_another_under_load() {
     assert!(load.requests > 0, "{}", load.summary());
     assert_eq!(children(lb.nginx.master()), workers, "nginx reloaded");
     assert!(lb.conf().contains(&refused), "{}", lb.conf());
+}
+
+/// Weights are live: the file's `server` lines change only in `weight=` (and `down` for a
+/// weight of 0), confd's `nginx_lua` channel plans that as membership-only and pushes the
+/// weighted table, and the Lua balancer's smooth weighted round robin shares requests
+/// accordingly. 10/90, 50/50, then 100/0 between two backends, 2,000 requests each, within
+/// 5 points; weight 0 gets none; nginx never reloads.
+#[tokio::test]
+async fn weights_shift_live_and_weight_zero_takes_no_new_requests() {
+    const REQUESTS: usize = 2_000;
+    let consul = Consul::start().await;
+    let st = store(&consul.uri());
+    let b1 = Backend::start("b1").await;
+    let b2 = Backend::start("b2").await;
+    st.register(&b1.service("http")).await.unwrap();
+    st.register(&b2.service("http")).await.unwrap();
+    let lb = Lb::start(&consul.uri(), true, "svc_http").await;
+    wait_routes("two instances", &lb, "127.0.0.1", &["b1", "b2"]).await;
+    let workers = lb.nginx.settled_workers().await;
+    let reloads = lb.reloads();
+    let channel = NginxLua {
+        socket: lb.socket(),
+        ..NginxLua::default()
+    };
+
+    let mut old = lb.conf();
+    for (w1, w2) in [(10u16, 90u16), (50, 50), (100, 0)] {
+        let new = with_weights(&old, &[(b1.port, w1), (b2.port, w2)]);
+        let plan = channel
+            .plan(&old, &new)
+            .unwrap_or_else(|| panic!("{w1}/{w2}: not planned as live:\n{new}"));
+        assert_eq!(plan.changed, vec!["svc_http".to_string()]);
+        let summary = channel.apply(plan).await.unwrap();
+        assert_eq!(summary.peers, if w2 == 0 { 1 } else { 2 }, "{w1}/{w2}");
+
+        let got = shares(lb.port, REQUESTS).await;
+        let count = |k: &str| got.get(k).copied().unwrap_or(0);
+        assert_eq!(count("b1") + count("b2"), REQUESTS, "{w1}/{w2}: {got:?}");
+        let pct = |k: &str| 100.0 * count(k) as f64 / REQUESTS as f64;
+        for (k, w) in [("b1", w1), ("b2", w2)] {
+            let want = 100.0 * f64::from(w) / f64::from(w1 + w2);
+            assert!(
+                (pct(k) - want).abs() <= 5.0,
+                "{w1}/{w2}: {k} took {:.1}%, wanted {want}% ± 5: {got:?}",
+                pct(k)
+            );
+        }
+        if w2 == 0 {
+            assert_eq!(count("b2"), 0, "weight 0 took new requests: {got:?}");
+        }
+        eprintln!("nginx_live: weights {w1}/{w2}: {got:?}");
+        old = new;
+    }
+
+    assert_eq!(children(lb.nginx.master()), workers, "nginx reloaded");
+    assert_eq!(lb.reloads(), reloads, "{}", lb.confd.output());
+    let errors = read(&lb.dir.path().join("nginx-error.log"));
+    assert!(!errors.contains("switchboard peers"), "{errors}");
 }
 
 /// When the peers endpoint cannot be reached, confd reloads instead: the change still lands.

@@ -14,14 +14,26 @@
 //! robin picks). So a fresh start or a reload serves the right peers before any push.
 //!
 //! The wire format is deliberately not JSON (Debian's Lua module has no JSON library): a first
-//! line `switchboard-peers 1`, then one line per upstream, `<name> <ip:port> <ip:port>...`. The
-//! whole table is sent every time; the Lua side validates all of it before storing any, and
-//! drops upstreams the table no longer names.
+//! line `switchboard-peers 2`, then one line per upstream, `<name> <peer> <peer>...`, where a
+//! peer is `ip:port` (weight 1) or `ip:port*W` (weight W, 1 to 256, the file's `weight=W`). The
+//! Lua picks among them by smooth weighted round robin, as nginx's own balancer does, so a
+//! weight change is a live change too. A `down` server (how a weight of 0 is rendered: nginx
+//! refuses `weight=0`) is left out of the table, so it gets no new requests. The whole table is
+//! sent every time; the Lua side validates all of it before storing any, and drops upstreams
+//! the table no longer names.
+//!
+//! Only `http` upstreams can be live: Debian has no stream Lua module, so an upstream inside a
+//! `stream { }` block has no Lua balancer, and a change to its servers is always a reload. The
+//! parser reads the file's block nesting as nginx does (quotes, comments, Lua blocks) to know
+//! which block an upstream is in, so a Lua balancer line alone never makes a stream upstream
+//! live. Whether an upstream is used by `proxy_pass`, `grpc_pass` or both does not matter: the
+//! balancer belongs to the upstream.
 
 use super::{LiveError, Summary};
 use crate::duration;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,7 +44,9 @@ pub const DEFAULT_SOCKET: &str = "/run/nginx-peers.sock";
 /// The path of the peers endpoint on that socket.
 pub const ENDPOINT_PATH: &str = "/switchboard/peers";
 /// First line of every update: the format's name and version.
-const HEADER: &str = "switchboard-peers 1";
+const HEADER: &str = "switchboard-peers 2";
+/// Highest weight the wire format (and the Lua side) takes; the lowest is 1.
+pub const MAX_WEIGHT: u16 = 256;
 /// Longest answer read from the endpoint (it says one short line).
 const MAX_ANSWER: u64 = 64 * 1024;
 
@@ -65,7 +79,26 @@ impl Default for NginxLua {
 }
 
 /// Upstream name → its live peers, in file order: the whole table nginx should hold.
-pub type PeerTable = BTreeMap<String, Vec<SocketAddr>>;
+pub type PeerTable = BTreeMap<String, Vec<Peer>>;
+
+/// One live peer and its share of new requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Where nginx connects.
+    pub addr: SocketAddr,
+    /// The `weight=` of its `server` line (1 without one), 1 to [`MAX_WEIGHT`].
+    pub weight: u16,
+}
+
+impl fmt::Display for Peer {
+    /// The wire form: `ip:port`, or `ip:port*W` for a weight other than 1.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.weight {
+            1 => write!(f, "{}", self.addr),
+            w => write!(f, "{}*{w}", self.addr),
+        }
+    }
+}
 
 /// A membership-only change: the new file's complete peer table and what changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,12 +111,15 @@ pub struct Plan {
     pub added: usize,
     /// Peers gone from the changed upstreams (for the log line).
     pub removed: usize,
+    /// Peers of the changed upstreams that stayed with another weight (for the log line).
+    pub updated: usize,
 }
 
 impl NginxLua {
     /// See [`super::LiveChannel::plan`]. `Some` only when both files parse, everything outside
     /// the `server` lines of upstreams is identical, and every upstream whose servers changed
-    /// is Lua-balanced and pushable (IP peers, only `max_fails`/`fail_timeout`/`down`).
+    /// is an `http` upstream, Lua-balanced and pushable (IP peers, only `weight` (1 to 256),
+    /// `max_fails`, `fail_timeout` and `down`).
     pub fn plan(&self, old: &str, new: &str) -> Option<Plan> {
         let old = Parsed::parse(old)?;
         let new = Parsed::parse(new)?;
@@ -91,14 +127,23 @@ impl NginxLua {
             return None;
         }
         let mut changed = Vec::new();
-        let (mut added, mut removed) = (0, 0);
+        let (mut added, mut removed, mut updated) = (0, 0, 0);
         for (name, u) in &new.upstreams {
             let before = old.upstreams.get(name)?;
             if before.server_lines != u.server_lines {
                 let now = u.peers.as_ref()?;
                 let was = before.peers.as_deref().unwrap_or_default();
-                added += now.iter().filter(|p| !was.contains(p)).count();
-                removed += was.iter().filter(|p| !now.contains(p)).count();
+                let weight_in = |list: &[Peer], p: &Peer| {
+                    list.iter().find(|q| q.addr == p.addr).map(|q| q.weight)
+                };
+                for p in now {
+                    match weight_in(was, p) {
+                        None => added += 1,
+                        Some(w) if w != p.weight => updated += 1,
+                        Some(_) => {}
+                    }
+                }
+                removed += was.iter().filter(|p| weight_in(now, p).is_none()).count();
                 changed.push(name.to_string());
             }
         }
@@ -107,6 +152,7 @@ impl NginxLua {
             changed,
             added,
             removed,
+            updated,
         })
     }
 
@@ -119,7 +165,7 @@ impl NginxLua {
             peers: plan.peers.values().map(Vec::len).sum(),
             added: plan.added,
             removed: plan.removed,
-            updated: 0,
+            updated: plan.updated,
         })
     }
 
@@ -194,7 +240,8 @@ impl NginxLua {
 
 /// The update body for `table`, refusing what the Lua side would: a name outside
 /// `[A-Za-z0-9_.-]` (what `nginx_name` gives and the parser accepts; also what keeps the
-/// line format unambiguous), an IPv6 scope, port 0. Peers are IP socket addresses by type.
+/// line format unambiguous), an IPv6 scope, port 0, a weight outside 1 to 256. Peers are IP
+/// socket addresses by type.
 pub fn encode(table: &PeerTable) -> Result<String, String> {
     let mut out = format!("{HEADER}\n");
     for (name, peers) in table {
@@ -220,9 +267,11 @@ pub fn encode(table: &PeerTable) -> Result<String, String> {
 }
 
 /// Whether the Lua side takes `p` (`set_current_peer` gets the address text as nginx parses
-/// it: no IPv6 zone, a real port).
-fn pushable(p: &SocketAddr) -> bool {
-    p.port() != 0 && !matches!(p, SocketAddr::V6(v6) if v6.scope_id() != 0)
+/// it: no IPv6 zone, a real port; a weight in range).
+fn pushable(p: &Peer) -> bool {
+    p.addr.port() != 0
+        && !matches!(p.addr, SocketAddr::V6(v6) if v6.scope_id() != 0)
+        && (1..=MAX_WEIGHT).contains(&p.weight)
 }
 
 /// `Ok` for a `200` answer, else the status line and the first line of the body.
@@ -256,27 +305,40 @@ struct Upstream<'a> {
     /// The `server` lines as written, in order (what a change is detected on).
     server_lines: Vec<&'a str>,
     /// The peers to push (non-`down` servers), or `None` when this upstream cannot be updated
-    /// live: no `.balance("<name>")` Lua balancer, a peer that is not an IP address (Lua's
-    /// `set_current_peer` takes no DNS name), or a server parameter the Lua does not honour.
-    peers: Option<Vec<SocketAddr>>,
+    /// live: in `stream` (or a block other than `http`), no `.balance("<name>")` Lua balancer, a peer
+    /// that is not an IP address (Lua's `set_current_peer` takes no DNS name), or a server
+    /// parameter the Lua does not honour.
+    peers: Option<Vec<Peer>>,
 }
 
 impl<'a> Parsed<'a> {
     /// `None` when the file's upstream blocks are not laid out one directive per line (an
-    /// unterminated block, a nested block, several directives on a line): such a file is never
-    /// taken as membership-only, so the worst a surprise layout costs is a reload.
+    /// unterminated block, a nested block, several directives on a line), or its braces do not
+    /// nest as nginx reads them: such a file is never taken as membership-only, so the worst a
+    /// surprise layout costs is a reload.
     fn parse(text: &'a str) -> Option<Parsed<'a>> {
+        let nesting = nesting(text)?;
         let mut skeleton = Vec::new();
         let mut upstreams = BTreeMap::new();
-        let mut current: Option<(&'a str, Vec<&'a str>, bool)> = None;
-        for line in text.lines() {
+        // (name, server lines, balanced, in http, depth at its header)
+        let mut current: Option<(&'a str, Vec<&'a str>, bool, bool, usize)> = None;
+        for (i, line) in text.lines().enumerate() {
             let t = line.trim();
-            let Some((name, servers, balanced)) = current.as_mut() else {
+            let Some((name, servers, balanced, _, _)) = current.as_mut() else {
                 if let Some(name) = upstream_header(t) {
+                    // A header the line view sees must be one nginx sees: at a statement's
+                    // start, not inside a string or Lua code.
+                    let at = nesting[i]?;
                     if upstreams.contains_key(name) {
                         return None;
                     }
-                    current = Some((name, Vec::new(), false));
+                    current = Some((
+                        name,
+                        Vec::new(),
+                        false,
+                        matches!(at.block, Block::Http | Block::Top),
+                        at.depth,
+                    ));
                 }
                 skeleton.push(line);
                 continue;
@@ -303,8 +365,13 @@ impl<'a> Parsed<'a> {
                 }
                 continue;
             }
-            let (name, server_lines, balanced) = current.take().expect("inside an upstream");
-            let peers = if balanced {
+            let (name, server_lines, balanced, in_http, depth) =
+                current.take().expect("inside an upstream");
+            // The line view's end of the block must be nginx's too.
+            if nesting[i + 1].map(|n| n.depth) != Some(depth) {
+                return None;
+            }
+            let peers = if balanced && in_http {
                 server_peers(&server_lines)
             } else {
                 None
@@ -348,8 +415,9 @@ fn upstream_header(t: &str) -> Option<&str> {
 }
 
 /// The peers of one upstream's `server` lines (each `server ADDR [PARAMS];`, optionally with a
-/// trailing comment), or `None` if one is not pushable.
-fn server_peers(lines: &[&str]) -> Option<Vec<SocketAddr>> {
+/// trailing comment), or `None` if one is not pushable: a parameter other than `weight=N`
+/// (N 1 to 256), `max_fails=`, `fail_timeout=` and `down`, or one given twice.
+fn server_peers(lines: &[&str]) -> Option<Vec<Peer>> {
     let mut peers = Vec::new();
     for line in lines {
         let directive = line.split('#').next().unwrap_or_default().trim();
@@ -357,24 +425,252 @@ fn server_peers(lines: &[&str]) -> Option<Vec<SocketAddr>> {
         let [_server, addr, params @ ..] = words.as_slice() else {
             return None;
         };
-        let mut down = false;
+        let (mut down, mut weight, mut max_fails, mut fail_timeout) = (false, None, false, false);
         for p in params {
-            match *p {
-                "down" => down = true,
-                p if p.starts_with("max_fails=") || p.starts_with("fail_timeout=") => {}
+            let seen = match p.split_once('=') {
+                None if *p == "down" => std::mem::replace(&mut down, true),
+                Some(("weight", w)) => weight.replace(parse_weight(w)?).is_some(),
+                Some(("max_fails", _)) => std::mem::replace(&mut max_fails, true),
+                Some(("fail_timeout", _)) => std::mem::replace(&mut fail_timeout, true),
                 _ => return None,
+            };
+            if seen {
+                return None;
             }
         }
         if down {
             continue;
         }
-        let peer: SocketAddr = addr.parse().ok()?;
+        let peer = Peer {
+            addr: addr.parse().ok()?,
+            weight: weight.unwrap_or(1),
+        };
         if !pushable(&peer) {
             return None;
         }
         peers.push(peer);
     }
     Some(peers)
+}
+
+/// A `weight=` value the Lua side takes: decimal digits, 1 to [`MAX_WEIGHT`].
+fn parse_weight(w: &str) -> Option<u16> {
+    if w.is_empty() || w.len() > 5 || !w.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    w.parse().ok().filter(|w| (1..=MAX_WEIGHT).contains(w))
+}
+
+/// The innermost block a line starts in, as far as upstreams care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    /// Outside every block: a file a hand-written config includes into `http` (the Lua
+    /// balancer and the peers endpoint exist in `http` only), so its upstreams can be live.
+    Top,
+    /// Directly or deeper in `http { }`.
+    Http,
+    /// Directly or deeper in `stream { }` (or in both, which nginx refuses).
+    Stream,
+    /// Deeper in anything else (`events`, `mail`, a block nginx would refuse).
+    Other,
+}
+
+/// Where a line starts in the file's nesting: at a statement's start, `depth` blocks deep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct At {
+    depth: usize,
+    block: Block,
+}
+
+/// For each line of `text` (as `str::lines` splits it) and for the end of the file, where it
+/// starts: `Some` at a statement's start, `None` inside a statement, a quoted string or a Lua
+/// block. `None` overall when the braces do not nest (an extra `}`, an unclosed block).
+///
+/// Reads as nginx's own tokenizer does (`#` comments at a token's start, `'`/`"` strings and
+/// `\` escapes, `${var}`), and `*_by_lua_block { }` as lua-nginx-module does: Lua code whose
+/// strings, long brackets and `--` comments may hold any brace. So a brace inside a regex, a
+/// string or Lua code never moves an upstream into another block.
+fn nesting(text: &str) -> Option<Vec<Option<At>>> {
+    #[derive(PartialEq)]
+    enum Quote {
+        None,
+        Double,
+        Single,
+    }
+    #[derive(PartialEq)]
+    enum Lua {
+        Off,
+        /// Code, with the open braces (the block's own counts).
+        Code(usize),
+        /// A string closed by its quote, in code with that many braces.
+        Short(u8, usize),
+        /// A long string or comment closed by `]`, that many `=`, `]`.
+        Long(usize, usize),
+    }
+    let mut blocks: Vec<&str> = Vec::new();
+    let mut out = Vec::new();
+    // nginx's tokenizer: the current statement's first word (its directive) and how many
+    // words it has, and whether a word is being read (only the first one's text is kept).
+    let mut directive = String::new();
+    let mut words = 0usize;
+    let mut in_word = false;
+    let (mut quote, mut escaped, mut variable) = (Quote::None, false, false);
+    let mut lua = Lua::Off;
+    let at = |blocks: &[&str]| {
+        let block = if blocks.contains(&"stream") {
+            Block::Stream
+        } else if blocks.first() == Some(&"http") {
+            Block::Http
+        } else if blocks.is_empty() {
+            Block::Top
+        } else {
+            Block::Other
+        };
+        At {
+            depth: blocks.len(),
+            block,
+        }
+    };
+    for line in text.lines() {
+        let boundary = words == 0 && !in_word && quote == Quote::None && !escaped;
+        out.push((boundary && lua == Lua::Off).then(|| at(&blocks)));
+        let b = line.as_bytes();
+        let mut i = 0;
+        // One byte past the line: the newline `lines` took away.
+        while i <= b.len() {
+            let c = b.get(i).copied().unwrap_or(b'\n');
+            i += 1;
+            match lua {
+                Lua::Off => {}
+                Lua::Code(depth) => {
+                    match c {
+                        b'-' if b.get(i) == Some(&b'-') => {
+                            i += 1;
+                            match long_bracket(&b[i..]) {
+                                Some((level, len)) => {
+                                    i += len;
+                                    lua = Lua::Long(level, depth);
+                                }
+                                None => i = b.len() + 1,
+                            }
+                        }
+                        b'[' => {
+                            if let Some((level, len)) = long_bracket(&b[i - 1..]) {
+                                i += len - 1;
+                                lua = Lua::Long(level, depth);
+                            }
+                        }
+                        b'"' | b'\'' => lua = Lua::Short(c, depth),
+                        b'{' => lua = Lua::Code(depth + 1),
+                        b'}' if depth == 1 => lua = Lua::Off,
+                        b'}' => lua = Lua::Code(depth - 1),
+                        _ => {}
+                    }
+                    continue;
+                }
+                Lua::Short(q, depth) => {
+                    if c == b'\\' {
+                        i += 1;
+                    } else if c == q {
+                        lua = Lua::Code(depth);
+                    }
+                    continue;
+                }
+                Lua::Long(level, depth) => {
+                    if c == b']'
+                        && b.len() > i + level
+                        && b[i..i + level].iter().all(|&x| x == b'=')
+                        && b[i + level] == b']'
+                    {
+                        i += level + 1;
+                        lua = Lua::Code(depth);
+                    }
+                    continue;
+                }
+            }
+            if escaped {
+                escaped = false;
+                continue;
+            }
+            if quote != Quote::None {
+                match (c, &quote) {
+                    (b'\\', _) => escaped = true,
+                    (b'"', Quote::Double) | (b'\'', Quote::Single) => {
+                        quote = Quote::None;
+                        in_word = false;
+                        words += 1;
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            if in_word {
+                // `${name}`: the brace belongs to the word.
+                let in_variable = std::mem::replace(&mut variable, c == b'$');
+                match c {
+                    b'{' if in_variable => {}
+                    b'\\' => escaped = true,
+                    // Ends the word; `;` and `{` also act below.
+                    b' ' | b'\t' | b'\r' | b'\n' | b';' | b'{' => {
+                        in_word = false;
+                        words += 1;
+                    }
+                    _ if words == 0 => directive.push(c as char),
+                    _ => {}
+                }
+                if !matches!(c, b';' | b'{') || in_variable {
+                    continue;
+                }
+            }
+            match c {
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                b'#' => i = b.len() + 1,
+                b';' | b'{' if words == 0 => return None,
+                b';' => {}
+                b'{' if directive.ends_with("_by_lua_block") => lua = Lua::Code(1),
+                // Only the names `at` tells apart matter; any other is "other".
+                b'{' => blocks.push(match directive.as_str() {
+                    "http" => "http",
+                    "stream" => "stream",
+                    _ => "other",
+                }),
+                b'}' if words > 0 => return None,
+                b'}' => {
+                    blocks.pop()?;
+                }
+                // A word starts: quoted, escaped, a variable or plain.
+                _ => {
+                    quote = match c {
+                        b'"' => Quote::Double,
+                        b'\'' => Quote::Single,
+                        _ => Quote::None,
+                    };
+                    escaped = c == b'\\';
+                    variable = c == b'$';
+                    in_word = true;
+                    if words == 0 && quote == Quote::None && !escaped {
+                        directive.push(c as char);
+                    }
+                }
+            }
+            if matches!(c, b';' | b'{') {
+                directive.clear();
+                words = 0;
+            }
+        }
+    }
+    let closed = blocks.is_empty() && words == 0 && !in_word && lua == Lua::Off;
+    out.push(closed.then(|| at(&blocks)));
+    closed.then_some(out)
+}
+
+/// A Lua long bracket at the start of `b` (`[[`, `[=[`, `[==[`...): its level and length.
+fn long_bracket(b: &[u8]) -> Option<(usize, usize)> {
+    if b.first() != Some(&b'[') {
+        return None;
+    }
+    let level = b[1..].iter().take_while(|&&x| x == b'=').count();
+    (b.get(1 + level) == Some(&b'[')).then_some((level, level + 2))
 }
 
 #[cfg(test)]
@@ -409,8 +705,23 @@ mod tests {
         s
     }
 
-    fn addrs(a: &[&str]) -> Vec<SocketAddr> {
-        a.iter().map(|s| s.parse().unwrap()).collect()
+    /// Weight-1 peers.
+    fn addrs(a: &[&str]) -> Vec<Peer> {
+        a.iter()
+            .map(|s| Peer {
+                addr: s.parse().unwrap(),
+                weight: 1,
+            })
+            .collect()
+    }
+
+    fn weighted(a: &[(&str, u16)]) -> Vec<Peer> {
+        a.iter()
+            .map(|(s, weight)| Peer {
+                addr: s.parse().unwrap(),
+                weight: *weight,
+            })
+            .collect()
     }
 
     fn ch() -> NginxLua {
@@ -444,7 +755,7 @@ mod tests {
             ("a DNS name", conf(&["10.0.0.1:80", "web.internal:80"], true, 80)),
             (
                 "a parameter the Lua does not honour",
-                base.replace("max_fails=1 fail_timeout=5s;", "weight=2;"),
+                base.replace("max_fails=1 fail_timeout=5s;", "backup;"),
             ),
             (
                 "a new upstream",
@@ -496,24 +807,29 @@ mod tests {
         let t = p.table();
         assert_eq!(t.len(), 1, "{t:?}");
         assert_eq!(t["a"], addrs(&["10.0.0.1:80"]));
-        assert_eq!(encode(&t).unwrap(), "switchboard-peers 1\na 10.0.0.1:80\n");
+        assert_eq!(encode(&t).unwrap(), "switchboard-peers 2\na 10.0.0.1:80\n");
         let mut t2 = t.clone();
-        t2.insert("v6".into(), addrs(&["[::1]:81"]));
+        t2.insert(
+            "v6".into(),
+            weighted(&[("[::1]:81", 256), ("10.0.0.2:80", 1)]),
+        );
         t2.insert("empty".into(), vec![]);
         assert_eq!(
             encode(&t2).unwrap(),
-            "switchboard-peers 1\na 10.0.0.1:80\nempty\nv6 [::1]:81\n"
+            "switchboard-peers 2\na 10.0.0.1:80\nempty\nv6 [::1]:81*256 10.0.0.2:80\n"
         );
         // What the Lua side would refuse is never sent.
-        for (name, peer) in [
-            ("a b", "10.0.0.1:80"),
-            ("a\nb", "10.0.0.1:80"),
-            ("", "10.0.0.1:80"),
-            ("ok", "10.0.0.1:0"),
-            ("ok", "[fe80::1%2]:80"),
+        for (name, peer, weight) in [
+            ("a b", "10.0.0.1:80", 1),
+            ("a\nb", "10.0.0.1:80", 1),
+            ("", "10.0.0.1:80", 1),
+            ("ok", "10.0.0.1:0", 1),
+            ("ok", "[fe80::1%2]:80", 1),
+            ("ok", "10.0.0.1:80", 0),
+            ("ok", "10.0.0.1:80", 257),
         ] {
-            let t = PeerTable::from([(name.to_string(), addrs(&[peer]))]);
-            assert!(encode(&t).is_err(), "{name:?} {peer}");
+            let t = PeerTable::from([(name.to_string(), weighted(&[(peer, weight)]))]);
+            assert!(encode(&t).is_err(), "{name:?} {peer} {weight}");
         }
     }
 
@@ -565,6 +881,216 @@ mod tests {
         assert!(!plain.contains("lua"), "{plain}");
     }
 
+    /// `conf` with each server line's parameters given: `(addr, params)`.
+    fn conf_with(servers: &[(&str, &str)]) -> String {
+        let lines: String = servers
+            .iter()
+            .map(|(a, p)| format!("        server {a} {p};\n"))
+            .collect();
+        format!(
+            "http {{\n    upstream svc_web {{\n{lines}        {}\n    }}\n    server {{\n        listen 80;\n        location / {{ proxy_pass http://svc_web; }}\n    }}\n}}\n",
+            BALANCER.replace("NAME", "svc_web")
+        )
+    }
+
+    #[test]
+    fn weights_are_live_and_a_down_server_takes_no_new_requests() {
+        let (a, b) = ("10.0.0.1:80", "10.0.0.2:80");
+        let w = |n: u16| format!("weight={n} max_fails=1 fail_timeout=5s");
+        let down = "max_fails=1 fail_timeout=5s down";
+        let base = conf_with(&[(a, &w(10)), (b, &w(90))]);
+        let cases: Vec<(String, Vec<Peer>, usize)> = vec![
+            (
+                conf_with(&[(a, &w(50)), (b, &w(50))]),
+                weighted(&[(a, 50), (b, 50)]),
+                2,
+            ),
+            (
+                conf_with(&[(a, &w(100)), (b, down)]),
+                weighted(&[(a, 100)]),
+                1,
+            ),
+            // No `weight=` is weight 1, as in nginx.
+            (
+                conf_with(&[(a, "max_fails=1 fail_timeout=5s"), (b, &w(90))]),
+                weighted(&[(a, 1), (b, 90)]),
+                1,
+            ),
+            (
+                conf_with(&[(a, &w(1)), (b, &w(256))]),
+                weighted(&[(a, 1), (b, 256)]),
+                2,
+            ),
+        ];
+        for (new, want, updated) in cases {
+            let p = ch()
+                .plan(&base, &new)
+                .unwrap_or_else(|| panic!("should be live:\n{new}"));
+            assert_eq!(p.peers["svc_web"], want, "{new}");
+            assert_eq!(p.changed, vec!["svc_web".to_string()]);
+            assert_eq!(
+                (p.added, p.removed, p.updated),
+                (0, usize::from(want.len() == 1), updated),
+                "{new}"
+            );
+        }
+        // The Lua side's range and spelling, else a reload (nginx itself takes weights above
+        // 256, and its own round robin serves them after the reload).
+        for bad in [
+            "weight=0",
+            "weight=257",
+            "weight=99999",
+            "weight=-1",
+            "weight=+2",
+            "weight=2x",
+            "weight=",
+            "weight=2 weight=3",
+            "down down",
+            "max_fails=1 max_fails=2",
+            "backup",
+            "weight = 2",
+        ] {
+            let new = conf_with(&[(a, &w(10)), (b, bad)]);
+            assert_eq!(ch().plan(&base, &new), None, "{bad}");
+        }
+    }
+
+    /// The shape of a TCP service: a `stream` block with its own upstream and a proxying
+    /// server, before or after `http`.
+    fn with_stream(
+        http_peer: &str,
+        tcp_peer: &str,
+        stream_first: bool,
+        lua_in_stream: bool,
+    ) -> String {
+        let balancer = if lua_in_stream {
+            format!("        {}\n", BALANCER.replace("NAME", "tcp_5432"))
+        } else {
+            String::new()
+        };
+        let stream = format!(
+            "stream {{\n    upstream tcp_5432 {{\n        server {tcp_peer} max_fails=1 fail_timeout=5s;\n{balancer}    }}\n    server {{\n        listen 5432;\n        proxy_pass tcp_5432;\n    }}\n}}\n"
+        );
+        let http = format!(
+            "http {{\n    upstream svc_web {{\n        server {http_peer} weight=2 max_fails=1 fail_timeout=5s;\n        {}\n    }}\n    server {{\n        listen 80;\n        location / {{ proxy_pass http://svc_web; }}\n    }}\n}}\n",
+            BALANCER.replace("NAME", "svc_web")
+        );
+        if stream_first {
+            format!("worker_processes 1;\n{stream}{http}")
+        } else {
+            format!("worker_processes 1;\n{http}{stream}")
+        }
+    }
+
+    #[test]
+    fn stream_upstreams_always_reload_and_http_ones_beside_them_stay_live() {
+        for first in [true, false] {
+            for lua in [true, false] {
+                let old = with_stream("10.0.0.1:80", "10.0.1.1:5432", first, lua);
+                // A stream peer changing is a reload, even with a Lua balancer line in it.
+                let new = with_stream("10.0.0.1:80", "10.0.1.2:5432", first, lua);
+                assert_eq!(ch().plan(&old, &new), None, "{new}");
+                // The http upstream beside it is live, and the stream one is never pushed.
+                let new = with_stream("10.0.0.2:80", "10.0.1.1:5432", first, lua);
+                let p = ch()
+                    .plan(&old, &new)
+                    .unwrap_or_else(|| panic!("should be live:\n{new}"));
+                assert_eq!(p.changed, vec!["svc_web".to_string()]);
+                assert_eq!(
+                    p.peers,
+                    PeerTable::from([("svc_web".into(), weighted(&[("10.0.0.2:80", 2)]))]),
+                    "{new}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_upstream_behind_grpc_pass_is_live_like_any_other() {
+        let conf = |servers: &str| {
+            format!(
+                "http {{\n    upstream svc_grpc {{\n{servers}        {}\n    }}\n    server {{\n        listen 8443 http2;\n        location / {{\n            grpc_pass grpc://svc_grpc;\n        }}\n    }}\n}}\n",
+                BALANCER.replace("NAME", "svc_grpc")
+            )
+        };
+        let one = conf("        server 10.0.0.1:50051 weight=1 max_fails=1 fail_timeout=5s;\n");
+        let two = conf(
+            "        server 10.0.0.1:50051 weight=3 max_fails=1 fail_timeout=5s;\n        server 10.0.0.2:50051 weight=1 max_fails=1 fail_timeout=5s;\n",
+        );
+        let p = ch().plan(&one, &two).unwrap();
+        assert_eq!(p.changed, vec!["svc_grpc".to_string()]);
+        assert_eq!(
+            p.peers["svc_grpc"],
+            weighted(&[("10.0.0.1:50051", 3), ("10.0.0.2:50051", 1)])
+        );
+        assert_eq!((p.added, p.removed, p.updated), (1, 0, 1));
+        assert!(ch().plan(&two, &one).is_some());
+    }
+
+    #[test]
+    fn nesting_reads_braces_as_nginx_and_lua_do() {
+        let http = Some(At {
+            depth: 1,
+            block: Block::Http,
+        });
+        let stream = Some(At {
+            depth: 1,
+            block: Block::Stream,
+        });
+        let top = Some(At {
+            depth: 0,
+            block: Block::Top,
+        });
+        // (text, where its line `X ...` starts)
+        let cases: Vec<(&str, Option<At>)> = vec![
+            ("http {\nX;\n}", http),
+            ("stream {\nX;\n}", stream),
+            ("events { }\nX;", top),
+            ("http { server {\nX;\n} }", Some(At { depth: 2, block: Block::Http })),
+            ("stream { server {\nX;\n} }", Some(At { depth: 2, block: Block::Stream })),
+            // Braces in strings, a regex, a variable, a comment, a word.
+            ("http {\n map $a $b { \"~^x{1,2}$\" 1; '}' 2; }\nX;\n}", http),
+            ("http {\n set $a \"${b}}{\"; add_header X ${host};\nX;\n}", http),
+            ("http {\n # } {\nX;\n}", http),
+            ("http {\n return 200 a}b;\nX;\n}", http),
+            ("http {\n return 200 a\\{b\\};\nX;\n}", http),
+            ("http {\n return 200 \"a\\\"}\";\nX;\n}", http),
+            // Lua: braces in strings, comments, long brackets; tables nest.
+            ("http {\n init_by_lua_block {\n local t = { a = { } }\n -- }\n s = \"}\" .. '}' .. \"\\\"}\"\n }\nX;\n}", http),
+            ("http {\n init_by_lua_block { x = [[\n }}} ]] y = [==[ ]] } ]==] --[[ }\n ]] }\nX;\n}", http),
+            ("http {\n init_by_lua_block { a = #t -- } {\n }\nX;\n}", http),
+            ("http {\n content_by_lua_block { ngx.say(\"}\") }\nX;\n}", http),
+            ("http {\n set_by_lua_block $v { return \"{\" }\nX;\n}", http),
+            // A statement, string or Lua block across lines: not a statement's start.
+            ("http {\n log_format a\nX;\n}", None),
+            ("http {\n return 200 \"a\nX\";\n}", None),
+            ("http {\n init_by_lua_block {\nX\n }\n}", None),
+        ];
+        for (text, want) in cases {
+            let line = text.lines().position(|l| l.starts_with('X')).unwrap();
+            let n = nesting(text).unwrap_or_else(|| panic!("should nest: {text}"));
+            assert_eq!(n[line], want, "{text}");
+            assert_eq!(n.last(), Some(&top), "{text}");
+        }
+        for bad in [
+            "http {\n",
+            "}\n",
+            "http { } }\n",
+            "http { ; }\n",
+            "{ }\n",
+            "http { a }\n",
+        ] {
+            assert_eq!(nesting(bad), None, "{bad}");
+        }
+        // An upstream the line view would see inside Lua code or a string is not one.
+        for hidden in [
+            "http {\n    init_by_lua_block {\n        s = [[\n    upstream svc_web {\n        server 10.0.0.1:80;\n    }\n]]\n    }\n}\n",
+            "http {\n    return 200 \"\n    upstream svc_web {\n        server 10.0.0.1:80;\n    }\n\";\n}\n",
+        ] {
+            assert_eq!(Parsed::parse(hidden), None, "{hidden}");
+        }
+    }
+
     #[test]
     fn answers() {
         assert_eq!(
@@ -591,6 +1117,7 @@ mod tests {
             changed: vec![],
             added: 0,
             removed: 0,
+            updated: 0,
         };
         let e = c.apply(plan).await.unwrap_err().to_string();
         assert!(e.contains("nope.sock"), "{e}");
