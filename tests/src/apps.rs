@@ -796,16 +796,18 @@ pub async fn udp_echo(port: u16, text: &str, timeout: Duration) -> anyhow::Resul
     udp_echo_addr(([127, 0, 0, 1], port).into(), text, timeout).await
 }
 
-/// [`udp_echo`] to `to`, from a new socket on any local address of its family.
+/// [`udp_echo`] to `to`, from a new socket: on loopback for a loopback `to` (the tests' own
+/// traffic stays there), else on any local address of its family.
 pub async fn udp_echo_addr(
     to: SocketAddr,
     text: &str,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let local: SocketAddr = if to.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    let local: SocketAddr = match to {
+        SocketAddr::V4(a) if a.ip().is_loopback() => ([127, 0, 0, 1], 0).into(),
+        SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+        SocketAddr::V6(a) if a.ip().is_loopback() => (std::net::Ipv6Addr::LOCALHOST, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let sock = UdpSocket::bind(local)
         .await
