@@ -45,6 +45,17 @@ pub struct Sealer(Option<ChaCha20Poly1305>);
 
 const SEALED: &str = "sealed:";
 
+impl std::fmt::Debug for Sealer {
+    /// Never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Sealer(key)"
+        } else {
+            "Sealer(none)"
+        })
+    }
+}
+
 impl Sealer {
     /// No sealing.
     pub fn none() -> Sealer {
