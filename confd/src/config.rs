@@ -373,6 +373,9 @@ struct FileConfig {
     /// etcd password (over `ETCDCTL_PASSWORD`).
     #[serde(default)]
     password: Option<String>,
+    /// Automatic HTTPS (`acme:`).
+    #[serde(default)]
+    acme: Option<crate::acme::AcmeFile>,
     /// The proxy confd supervises (`--exec`).
     #[serde(default)]
     exec: Option<ExecConfig>,
@@ -472,6 +475,8 @@ pub struct Config {
     /// The proxy confd supervises, if any. Templates without a reload command then reload
     /// it with its `reload_signal` (set as their `reload` by [`Config::load`]).
     pub exec: Option<ExecConfig>,
+    /// `acme:`: certificates for every virtual host, kept in the store.
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 impl Config {
@@ -618,6 +623,10 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         t.max_render_time = t.max_render_time.or(file.max_render_time);
     }
     let exec = exec_config(file.exec, o)?;
+    let acme = match file.acme {
+        Some(a) => Some(a.validate().map_err(incomplete)?),
+        None => None,
+    };
     if let Some(x) = &exec {
         for t in &mut templates {
             t.reload.get_or_insert(CommandSpec::Signal(x.reload_signal));
@@ -645,6 +654,7 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         once_timeout: file.once_timeout,
         metrics_addr: file.metrics_addr,
         exec,
+        acme,
     })
 }
 

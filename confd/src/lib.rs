@@ -13,6 +13,8 @@
 //! [`routes`] how an instance asks to be routed (protocol, path, port, weight) and the pools
 //! those asks form; [`memory`] how the heap returns memory; [`metrics`] what `/metrics` reports.
 //!
+//! [`acme`] keeps a certificate for every virtual host in the store (automatic HTTPS).
+//!
 //! Between the render loop, the store sources, the metrics and the supervisor, imports run one
 //! way, from the [`runner`] down: none imports a module that imports it back. Three cuts keep
 //! it so:
@@ -31,6 +33,7 @@
 //!   [`command`]. Signals themselves are a leaf, [`signal`], which the configuration, the
 //!   commands and the supervisor all name.
 
+pub mod acme;
 pub mod command;
 pub mod config;
 pub mod duration;

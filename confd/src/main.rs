@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use switchboard::store::KvStore;
 use switchboard::telemetry::{parse_listen_addr, LogFormat, TelemetryServer};
 use switchboard::{GoFlags, Shutdown};
 use tokio::signal::unix::{signal, SignalKind};
@@ -262,6 +263,30 @@ async fn serve(
             return Err(e);
         }
     };
+    // Automatic HTTPS, started once with the first configuration: its challenge listener and
+    // its lock live as long as the process.
+    if let Some(acme) = cfg.acme.clone().filter(|_| !(opts.once || opts.dry_run)) {
+        let store = KvStore::with_settings(&cfg.backend, &acme.prefix, &cfg.store)
+            .map_err(anyhow::Error::msg)?;
+        let listener = confd::acme::challenge::bind(acme.challenge_addr)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!("answering ACME challenges on {}", listener.local_addr()?);
+        tokio::spawn(confd::acme::challenge::serve(
+            listener,
+            store.clone(),
+            shutdown.clone(),
+        ));
+        let (certs, _) = tokio::sync::watch::channel(Default::default());
+        tokio::spawn(confd::acme::run(
+            acme,
+            store,
+            source.handle().snapshots,
+            opts.telemetry.clone(),
+            certs,
+            shutdown.clone(),
+        ));
+    }
     let settle = Wait::new(HUP_SETTLE.0, Some(HUP_SETTLE.1)).expect("min below max");
     // SIGHUPs received and not yet acted on.
     let mut hups = Quiescence::default();

@@ -72,8 +72,19 @@ pub struct RouteWhy {
     pub reason: String,
 }
 
+/// Labels of `confd_acme_certificate_expiry_timestamp_seconds`: the virtual host.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Host {
+    /// The host name, validated as a DNS name.
+    pub host: String,
+}
+
 /// Every metric confd exports.
 pub struct Metrics {
+    /// When each host's stored ACME certificate expires (Unix seconds).
+    pub acme_expiry: Family<Host, Gauge>,
+    /// ACME orders that failed, per host.
+    pub acme_failures: Family<Host, Counter>,
     /// Snapshots published (each a change in what the store holds).
     pub snapshots: Counter,
     /// Instances in the current snapshot.
@@ -151,6 +162,8 @@ impl Default for Telemetry {
 fn build() -> Inner {
     let last_success = Arc::new(Mutex::new(BTreeMap::new()));
     let m = Metrics {
+        acme_expiry: Family::default(),
+        acme_failures: Family::default(),
         snapshots: Counter::default(),
         instances: Gauge::default(),
         services: Gauge::default(),
@@ -206,6 +219,16 @@ fn build() -> Inner {
         "route_warnings",
         "Services whose routing labels are not served as asked (1 while it holds), by reason; the log says why",
         m.route_warnings.clone(),
+    );
+    r.register(
+        "acme_certificate_expiry_timestamp_seconds",
+        "When each host's certificate in the store expires (Unix seconds)",
+        m.acme_expiry.clone(),
+    );
+    r.register(
+        "acme_order_failures",
+        "ACME orders that failed, per host; the log says why",
+        m.acme_failures.clone(),
     );
     r.register("renders", "Templates rendered", m.renders.clone());
     r.register(

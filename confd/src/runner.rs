@@ -791,6 +791,7 @@ mod tests {
             metrics_addr: None,
             store: Default::default(),
             exec: None,
+            acme: None,
         }
     }
 

@@ -33,6 +33,17 @@ const DOCKER_HEALTH_TTL: &str = "8760h";
 /// Consul reaps critical services at most about once a minute; asking for less is pointless.
 const MIN_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 
+/// One Consul KV entry as compare-and-set and locks see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEntry {
+    /// The value's bytes.
+    pub value: Vec<u8>,
+    /// The index of its last write: what `?cas=` compares.
+    pub modify_index: u64,
+    /// The session holding its lock, if any.
+    pub session: Option<String>,
+}
+
 /// A client of one Consul agent.
 #[derive(Debug, Clone)]
 pub struct ConsulClient {
@@ -246,6 +257,133 @@ impl ConsulClient {
     pub async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
         let path = format!("/v1/kv/{}", encode_key(key));
         let reply = self.send(Method::DELETE, &path, None, None).await?;
+        self.ok(reply).map(|_| ())
+    }
+
+    /// `GET /v1/kv/<key>` (one key) as a blocking query: the entry, if any, and the index to
+    /// pass next time. `index` 0 returns at once.
+    ///
+    /// Cancel-safe (a read).
+    pub async fn kv_get(
+        &self,
+        key: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(Option<KvEntry>, u64), StoreError> {
+        let path = format!("/v1/kv/{}", encode_key(key));
+        let reply = self
+            .send(Method::GET, &path, Some(("", index, wait)), None)
+            .await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok((None, reply.consul_index()?));
+        }
+        let reply = self.ok(reply)?;
+        let entries: Vec<ApiKvEntry> = reply.json()?;
+        let decode = |reason: String| StoreError::Decode {
+            what: format!("answer to {}", reply.what),
+            reason,
+        };
+        let entry = match entries.into_iter().next() {
+            None => None,
+            Some(e) => Some(KvEntry {
+                value: match e.value {
+                    None => Vec::new(),
+                    Some(v) => base64::engine::general_purpose::STANDARD
+                        .decode(v)
+                        .map_err(|e| decode(e.to_string()))?,
+                },
+                modify_index: e.modify_index,
+                session: e.session.filter(|s| !s.is_empty()),
+            }),
+        };
+        Ok((entry, reply.consul_index()?))
+    }
+
+    /// `PUT /v1/kv/<key>?cas=<index>`: writes only if the key's modify index is still `index`
+    /// (0: only if the key does not exist). Returns whether it was written.
+    pub async fn kv_cas(&self, key: &str, value: &[u8], index: u64) -> Result<bool, StoreError> {
+        let path = format!("/v1/kv/{}?cas={index}", encode_key(key));
+        self.kv_bool(&path, value).await
+    }
+
+    /// `DELETE /v1/kv/<key>?cas=<index>`: deletes only if the key's modify index is still
+    /// `index`. Returns whether it was deleted.
+    pub async fn kv_delete_cas(&self, key: &str, index: u64) -> Result<bool, StoreError> {
+        let path = format!("/v1/kv/{}?cas={index}", encode_key(key));
+        let reply = self.send(Method::DELETE, &path, None, None).await?;
+        let reply = self.ok(reply)?;
+        reply.json()
+    }
+
+    /// `PUT /v1/kv/<key>?acquire=<session>`: takes the key's lock for `session` if no other
+    /// session holds it. Returns whether it is held now.
+    pub async fn kv_acquire(
+        &self,
+        key: &str,
+        value: &[u8],
+        session: &str,
+    ) -> Result<bool, StoreError> {
+        let path = format!(
+            "/v1/kv/{}?acquire={}",
+            encode_key(key),
+            encode_segment(session)
+        );
+        self.kv_bool(&path, value).await
+    }
+
+    /// A KV write whose answer is `true` or `false`.
+    async fn kv_bool(&self, path: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let reply = self
+            .send(Method::PUT, path, None, Some(value.to_vec()))
+            .await?;
+        let reply = self.ok(reply)?;
+        reply.json()
+    }
+
+    /// `PUT /v1/session/create`: a session with this TTL (Consul's floor is 10 s) whose
+    /// invalidation deletes the keys it holds, and with no lock delay, so that a dead holder's
+    /// lock is free as soon as its session expires. Returns the session ID.
+    pub async fn session_create(&self, name: &str, ttl: Duration) -> Result<String, StoreError> {
+        let body = serde_json::json!({
+            "Name": name,
+            "TTL": format!("{}s", ttl.as_secs().max(10)),
+            "Behavior": "delete",
+            "LockDelay": "0s",
+        });
+        let reply = self
+            .send(
+                Method::PUT,
+                "/v1/session/create",
+                None,
+                Some(body.to_string().into_bytes()),
+            )
+            .await?;
+        let reply = self.ok(reply)?;
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        let created: Created = reply.json()?;
+        Ok(created.id)
+    }
+
+    /// `PUT /v1/session/renew/<id>`: [`StoreError::Expired`] when Consul no longer knows it.
+    pub async fn session_renew(&self, id: &str) -> Result<(), StoreError> {
+        let path = format!("/v1/session/renew/{}", encode_segment(id));
+        let reply = self.send(Method::PUT, &path, None, None).await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Err(StoreError::Expired {
+                what: format!("Consul session {id}"),
+            });
+        }
+        self.ok(reply).map(|_| ())
+    }
+
+    /// `PUT /v1/session/destroy/<id>`: ends the session, deleting the keys it holds.
+    pub async fn session_destroy(&self, id: &str) -> Result<(), StoreError> {
+        let path = format!("/v1/session/destroy/{}", encode_segment(id));
+        let reply = self.send(Method::PUT, &path, None, None).await?;
         self.ok(reply).map(|_| ())
     }
 
@@ -712,6 +850,18 @@ struct ApiKv {
     key: String,
     #[serde(default)]
     value: Option<String>,
+}
+
+/// One key of `/v1/kv/<key>`, with what compare-and-set and locks need.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ApiKvEntry {
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    modify_index: u64,
+    #[serde(default)]
+    session: Option<String>,
 }
 
 /// One entry of `/v1/health/service/<name>`.

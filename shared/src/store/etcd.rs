@@ -298,6 +298,59 @@ impl EtcdClient {
         resp.into_result()
     }
 
+    /// `POST /v3/kv/range` of one key: the key, if it exists.
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let body = json!({"key": B64.encode(key)});
+        let resp: WireRange = self.post("/v3/kv/range", &body).await?;
+        Ok(resp.into_result()?.kvs.into_iter().next())
+    }
+
+    /// `POST /v3/kv/txn`: puts `value` at `key` (attached to `lease`, if any) only if the key's
+    /// mod revision is still `mod_revision` (0: only if the key does not exist). Returns
+    /// whether it was written.
+    pub async fn put_if(
+        &self,
+        key: &str,
+        value: &[u8],
+        mod_revision: i64,
+        lease: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let mut put = json!({"key": B64.encode(key), "value": B64.encode(value)});
+        if let Some(id) = lease {
+            put["lease"] = json!(id);
+        }
+        self.txn(key, mod_revision, json!({"request_put": put}))
+            .await
+    }
+
+    /// `POST /v3/kv/txn`: deletes `key` only if its mod revision is still `mod_revision`.
+    /// Returns whether it was deleted.
+    pub async fn delete_if(&self, key: &str, mod_revision: i64) -> Result<bool, StoreError> {
+        let op = json!({"request_delete_range": {"key": B64.encode(key)}});
+        self.txn(key, mod_revision, op).await
+    }
+
+    /// One transaction: `op` if `key`'s mod revision equals `mod_revision` (a missing key's is
+    /// 0), nothing otherwise. Returns whether `op` ran.
+    async fn txn(
+        &self,
+        key: &str,
+        mod_revision: i64,
+        op: serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        let body = json!({
+            "compare": [{
+                "key": B64.encode(key),
+                "result": "EQUAL",
+                "target": "MOD",
+                "mod_revision": mod_revision.to_string(),
+            }],
+            "success": [op],
+        });
+        let resp: WireTxn = self.post("/v3/kv/txn", &body).await?;
+        Ok(resp.succeeded)
+    }
+
     /// `POST /v3/lease/grant`: a new lease with this TTL (rounded up to whole seconds, at
     /// least one). Returns its ID.
     pub async fn lease_grant(&self, ttl: Duration) -> Result<i64, StoreError> {
@@ -642,6 +695,13 @@ struct WireHeader {
 struct HeaderOnly {
     #[serde(default)]
     header: WireHeader,
+}
+
+/// The answer to `/v3/kv/txn`: proto3 JSON leaves `succeeded` out when it is false.
+#[derive(Debug, Deserialize)]
+struct WireTxn {
+    #[serde(default)]
+    succeeded: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

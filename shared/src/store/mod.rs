@@ -3,18 +3,21 @@
 //! [`ConsulClient`] and [`EtcdClient`] are thin HTTP clients of each store's API (Consul's HTTP
 //! API, etcd v3's JSON gateway). [`Store`] puts the registrator's operations (register,
 //! deregister, list, refresh) over them, chosen at start from a [`RegistryUri`]; confd uses the
-//! clients' read and watch calls directly.
+//! clients' read and watch calls directly. [`KvStore`] keeps shared state (ACME) under a prefix
+//! of either store, with a [`Lock`] every process using that prefix agrees on.
 
 mod consul;
 mod error;
 mod etcd;
+mod kv;
 mod layout;
 mod settings;
 
-pub use consul::{BlockingIndex, ConsulClient, HealthEntry, QueryMeta};
+pub use consul::{BlockingIndex, ConsulClient, HealthEntry, KvEntry, QueryMeta};
 use error::{guard, transport_error};
 pub use error::{one_line, tls_failure, FailureLog, Scope, StoreError};
 pub use etcd::{EtcdClient, KeyValue, RangeResult, WatchBatch, WatchEvent, WatchStream};
+pub use kv::{KvStore, Lock, Versioned};
 pub use layout::{
     consulkv_entry, docker_health_check_id, etcd_dir, etcd_entry, ttl_check_id, BadEntry,
     EntryProblem, EtcdValue,

@@ -1,0 +1,218 @@
+//! Automatic HTTPS against a real ACME server (pebble) and a real Consul: confd obtains a
+//! certificate for a registered virtual host, keeps it in the store, and two confds share one.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+use switchboard::store::{KvStore, StoreSettings};
+use switchboard::{RegistryUri, Service, Store};
+use switchboard_tests::*;
+
+const HOST: &str = "app.example.test";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn web(vhost: &str) -> Service {
+    Service {
+        id: format!("h:{vhost}:80"),
+        name: "web".into(),
+        address: "127.0.0.1".into(),
+        port: 8080,
+        tags: vec![],
+        meta: BTreeMap::from([("vhost".to_string(), vhost.to_string())]),
+        check: None,
+        ttl: None,
+        docker_health: None,
+    }
+}
+
+/// A confd config with an `acme:` section, in `dir`.
+fn config(
+    dir: &Path,
+    backend: &str,
+    directory: &str,
+    ca_file: &Path,
+    challenge: u16,
+    metrics: u16,
+) -> String {
+    let tpl = dir.join("t.hbs");
+    std::fs::write(&tpl, "rendered\n").unwrap();
+    let path = dir.join(format!("confd-{challenge}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "backend: {backend}\nmetrics_addr: 127.0.0.1:{metrics}\ntemplates:\n  - src: {}\n    dest: {}\n\
+             acme:\n  directory: {directory}\n  email: ops@example.test\n  ca_file: {}\n  challenge_addr: 127.0.0.1:{challenge}\n",
+            tpl.display(),
+            dir.join(format!("out-{challenge}")).display(),
+            ca_file.display(),
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn kv(uri: &str) -> KvStore {
+    KvStore::with_settings(
+        &RegistryUri::parse(uri).unwrap(),
+        "switchboard/acme/",
+        &StoreSettings::default(),
+    )
+    .unwrap()
+}
+
+async fn stored_chain(store: &KvStore, host: &str) -> Option<String> {
+    let v = store.get(&format!("certs/{host}")).await.ok()??;
+    let rec: serde_json::Value = serde_json::from_slice(&v.value).ok()?;
+    Some(rec["chain"].as_str()?.to_string())
+}
+
+#[tokio::test]
+async fn confd_obtains_a_certificate_from_pebble() {
+    let consul = Consul::start().await;
+    let challenge = free_port();
+    let pebble = Pebble::start(challenge).await;
+    Store::new(&RegistryUri::parse(&consul.uri()).unwrap())
+        .register(&web(HOST))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = free_port();
+    let cfg = config(
+        dir.path(),
+        &consul.uri(),
+        &pebble.directory(),
+        &pebble.ca_file(),
+        challenge,
+        metrics,
+    );
+    let confd = spawn_confd(&["--config", &cfg]);
+    let store = kv(&consul.uri());
+    let chain = wait_for("a certificate in the store", WAIT, || {
+        stored_chain(&store, HOST)
+    })
+    .await;
+    pebble
+        .verify(&chain, HOST)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", confd.output()));
+    // The challenge tokens are gone once the order is done; the account stays.
+    assert!(store.get("account").await.unwrap().is_some());
+    let body = wait_for("the expiry gauge", WAIT, || async {
+        let t = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        t.contains(&format!(
+            "confd_acme_certificate_expiry_timestamp_seconds{{host=\"{HOST}\"}}"
+        ))
+        .then_some(t)
+    })
+    .await;
+    assert!(!body.contains("acme_order_failures_total{"), "{body}");
+}
+
+#[tokio::test]
+async fn two_confds_share_one_certificate() {
+    let consul = Consul::start().await;
+    // Pebble validates on one port: both confds' challenge listeners answer from the store,
+    // so it does not matter which one pebble reaches.
+    let (c1, c2) = (free_port(), free_port());
+    let pebble = Pebble::start(c2).await;
+    Store::new(&RegistryUri::parse(&consul.uri()).unwrap())
+        .register(&web(HOST))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = spawn_confd(&[
+        "--config",
+        &config(
+            dir.path(),
+            &consul.uri(),
+            &pebble.directory(),
+            &pebble.ca_file(),
+            c1,
+            free_port(),
+        ),
+    ]);
+    let b = spawn_confd(&[
+        "--config",
+        &config(
+            dir.path(),
+            &consul.uri(),
+            &pebble.directory(),
+            &pebble.ca_file(),
+            c2,
+            free_port(),
+        ),
+    ]);
+    let store = kv(&consul.uri());
+    let chain = wait_for("a certificate in the store", WAIT, || {
+        stored_chain(&store, HOST)
+    })
+    .await;
+    pebble.verify(&chain, HOST).await.unwrap();
+    // Exactly one of them stored it; the other found it and stored nothing.
+    let stored = |p: &Process| p.output().matches("acme: certificate stored").count();
+    wait_for("both confds past their first pass", WAIT, || async {
+        (stored(&a) + stored(&b) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stored(&a) + stored(&b),
+        1,
+        "A:\n{}\nB:\n{}",
+        a.output(),
+        b.output()
+    );
+    assert_eq!(stored_chain(&store, HOST).await.unwrap(), chain);
+}
+
+#[tokio::test]
+async fn unreachable_directory_backs_off_with_one_line_per_try() {
+    let consul = Consul::start().await;
+    Store::new(&RegistryUri::parse(&consul.uri()).unwrap())
+        .register(&web(HOST))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate("unused");
+    let directory = format!("https://127.0.0.1:{}/dir", free_port());
+    let cfg = config(
+        dir.path(),
+        &consul.uri(),
+        &directory,
+        Path::new(&pki.path("ca.pem")),
+        free_port(),
+        free_port(),
+    );
+    let confd = spawn_confd(&["--config", &cfg]);
+    // The render goes on.
+    let out = dir.path().join(format!(
+        "out-{}",
+        cfg.trim_end_matches(".yaml").rsplit('-').next().unwrap()
+    ));
+    let rendered = poll(WAIT, Duration::from_millis(100), || async {
+        std::fs::metadata(&out).ok()
+    })
+    .await;
+    assert!(
+        rendered.is_some(),
+        "no render at {}:\n{}",
+        out.display(),
+        confd.output()
+    );
+    let line = format!("acme: {HOST}: ");
+    wait_for("two failed tries", WAIT, || async {
+        (confd.output().matches(&line).count() >= 2).then_some(())
+    })
+    .await;
+    let log = confd.output();
+    let first = log.lines().find(|l| l.contains(&line)).unwrap();
+    assert!(first.contains("retrying in"), "{first}");
+    assert!(first.contains(&directory[..20]), "{first}");
+    // Backoff: over the first few seconds, far fewer tries than seconds x passes.
+    let n = log.matches(&line).count();
+    assert!(n <= 4, "{n} tries:\n{log}");
+}
