@@ -31,6 +31,7 @@
 //!   [`command`]. Signals themselves are a leaf, [`signal`], which the configuration, the
 //!   commands and the supervisor all name.
 
+pub mod certs;
 pub mod command;
 pub mod config;
 pub mod duration;
