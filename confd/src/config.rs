@@ -361,6 +361,9 @@ struct FileConfig {
     /// TLS material for the store; each key set here wins over its environment variable.
     #[serde(default)]
     tls: Option<TlsSettings>,
+    /// Certificates the proxies serve HTTPS with.
+    #[serde(default)]
+    https: Option<HttpsConfig>,
     /// Consul ACL token (over `CONSUL_HTTP_TOKEN`).
     #[serde(default)]
     token: Option<String>,
@@ -477,6 +480,24 @@ pub struct Config {
     pub exec: Option<ExecConfig>,
     /// `acme:`: certificates for every virtual host, kept in the store.
     pub acme: Option<crate::acme::AcmeConfig>,
+    /// `https:`: certificates from a directory (`None`: every host is served over HTTP only).
+    pub https: Option<HttpsConfig>,
+}
+
+/// `https: { certs_dir: PATH, serve_dir: PATH }` (see [`crate::certs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsConfig {
+    /// One `<host>.crt` + `<host>.key` pair per host (`_wildcard.<domain>` for `*.<domain>`),
+    /// watched.
+    pub certs_dir: PathBuf,
+    /// Where confd writes the checked pairs the proxies read (`<name>.pem`, `crt-list`).
+    #[serde(default = "default_serve_dir")]
+    pub serve_dir: PathBuf,
+}
+
+fn default_serve_dir() -> PathBuf {
+    PathBuf::from("/run/switchboard-certs")
 }
 
 impl Config {
@@ -491,6 +512,20 @@ impl Config {
             None => FileConfig::default(),
         };
         let cfg = merge(file, o)?;
+        if let Some(h) = &cfg.https {
+            if !h.certs_dir.is_dir() {
+                return Err(ConfigError::Incomplete(format!(
+                    "https certs_dir {}: expected a readable directory",
+                    h.certs_dir.display()
+                )));
+            }
+            if h.serve_dir == h.certs_dir {
+                return Err(ConfigError::Incomplete(format!(
+                    "https serve_dir {}: expected a directory other than certs_dir",
+                    h.serve_dir.display()
+                )));
+            }
+        }
         // A template that cannot be read would only fail at the first render, so a SIGHUP
         // with a mistyped `src` would replace a working configuration with one that renders
         // nothing: refuse it here, at start and on SIGHUP alike.
@@ -517,6 +552,13 @@ impl Config {
 /// the file expects, and it makes a config and its templates a directory that can be moved.
 fn resolve_sources(file: &mut FileConfig, config_path: &Path) {
     let dir = config_path.parent().unwrap_or(Path::new(""));
+    if let Some(h) = &mut file.https {
+        for p in [&mut h.certs_dir, &mut h.serve_dir] {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
     for t in &mut file.templates {
         if t.src.is_relative() {
             t.src = dir.join(&t.src);
@@ -655,6 +697,7 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         metrics_addr: file.metrics_addr,
         exec,
         acme,
+        https: file.https,
     })
 }
 

@@ -34,6 +34,7 @@
 //!   commands and the supervisor all name.
 
 pub mod acme;
+pub mod certs;
 pub mod command;
 pub mod config;
 pub mod duration;

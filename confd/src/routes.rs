@@ -10,6 +10,7 @@
 //! | `path_strip` | `true` or `false` | `false` |
 //! | `listen` | a port the proxy opens, `tcp` and `udp` only | none |
 //! | `weight` | `0` to `256`; `0` takes no new requests | `1` |
+//! | `https_redirect` | `true` or `false`: plain HTTP to a host with a certificate redirects to HTTPS | `true` |
 //!
 //! Labels are untrusted, so every value is checked here, once, against a grammar that cannot
 //! carry config syntax (a path is `/`-separated segments of `A-Z a-z 0-9 . _ ~ -`). An instance
@@ -107,6 +108,7 @@ pub struct Warning {
     /// The instance, when one instance is meant.
     pub instance: Option<String>,
     /// A fixed token: `bad_proto`, `bad_path`, `bad_path_strip`, `bad_listen`, `bad_weight`,
+    /// `bad_https_redirect`,
     /// `ignored`, `conflict`, `listen_taken`, `listen_refused`.
     pub reason: &'static str,
     /// What was wrong and what was expected (values quoted with `{:?}`, shortened).
@@ -183,6 +185,16 @@ pub fn path(v: &str) -> Result<Option<String>, String> {
     Ok(Some(format!("/{body}")))
 }
 
+/// Whether plain HTTP to the instance's virtual host, when it has a certificate, redirects to
+/// HTTPS (meta `https_redirect`, default `true`; a bad value keeps the default, warned by
+/// [`route`]).
+pub fn https_redirect(i: &Instance) -> bool {
+    i.meta
+        .get("https_redirect")
+        .and_then(|v| flag(v))
+        .unwrap_or(true)
+}
+
 fn flag(v: &str) -> Option<bool> {
     match v.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Some(true),
@@ -213,6 +225,13 @@ pub fn route(i: &Instance) -> (Result<Route, Warning>, Vec<Warning>) {
         warnings.push(warn("bad_weight", e));
     }
     let meta = |k| i.meta.get(k).map(String::as_str);
+    if let Some(v) = meta("https_redirect").filter(|v| flag(v).is_none()) {
+        let e = format!(
+            "https_redirect {}: expected true or false; redirecting",
+            quoted(v)
+        );
+        warnings.push(warn("bad_https_redirect", e));
+    }
     let proto = match meta("proto") {
         None => Proto::Http,
         Some(p) => match Proto::parse(p.trim()) {

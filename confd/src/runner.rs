@@ -139,6 +139,10 @@ pub async fn run(
     }
     let once = opts.once || opts.dry_run;
     let mut renderer = Renderer::stopping_on(shutdown.clone());
+    let mut certs = load_certs(&cfg, None);
+    if let Some(c) = &certs {
+        renderer.set_certs(c.clone());
+    }
     let telemetry = &opts.telemetry;
     telemetry.new_run(cfg.templates.iter().map(|t| t.dest.as_path()));
 
@@ -181,6 +185,19 @@ pub async fn run(
             None
         }
     };
+    // Certificate files change in bursts (a crt then its key): they are read again once the
+    // directory has been quiet this long.
+    const CERTS_QUIET: Duration = Duration::from_millis(200);
+    let (certs_tx, mut certs_rx) = tokio::sync::mpsc::unbounded_channel();
+    let _certs_watcher = cfg.https.as_ref().and_then(|h| {
+        crate::watch::watch_dir(&h.certs_dir, certs_tx)
+            .map_err(|e| {
+                tracing::warn!(error = %e, dir = %h.certs_dir.display(),
+                    "cannot watch the certificates directory; certificates are read at start only")
+            })
+            .ok()
+    });
+    let mut certs_due: Option<Instant> = None;
     let waits: Vec<Wait> = cfg
         .templates
         .iter()
@@ -221,6 +238,22 @@ pub async fn run(
                 let now = Instant::now();
                 for p in &mut pending {
                     if urgent { p.force() } else { p.change(now) }
+                }
+            }
+            Some(()) = certs_rx.recv() => {
+                certs_due = Some(Instant::now() + CERTS_QUIET);
+            }
+            _ = sleep_until(certs_due), if certs_due.is_some() => {
+                certs_due = None;
+                let new = load_certs(&cfg, certs.as_deref());
+                if new != certs {
+                    if let Some(c) = &new {
+                        renderer.set_certs(c.clone());
+                    }
+                    certs = new;
+                    for p in &mut pending {
+                        p.force();
+                    }
                 }
             }
             Some(i) = tpl_rx.recv() => {
@@ -269,6 +302,28 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The certificates of `https: { certs_dir }` checked again (`None` without `https:`), with a
+/// warning per bad pair; `was` is the set served until now, whose pairs are logged again
+/// only when they change.
+fn load_certs(
+    cfg: &Config,
+    was: Option<&crate::certs::CertSet>,
+) -> Option<Arc<crate::certs::CertSet>> {
+    let h = cfg.https.as_ref()?;
+    let (set, warnings) = crate::certs::load(&h.certs_dir, &h.serve_dir);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    if was != Some(&set) {
+        tracing::info!(
+            pairs = set.pairs.len(),
+            names = %set.pairs.keys().cloned().collect::<Vec<_>>().join(" "),
+            "certificates loaded"
+        );
+    }
+    Some(Arc::new(set))
 }
 
 async fn sleep_until(t: Option<Instant>) {
@@ -792,6 +847,7 @@ mod tests {
             store: Default::default(),
             exec: None,
             acme: None,
+            https: None,
         }
     }
 

@@ -46,6 +46,22 @@ pub fn watch_templates(
     Ok(TemplateWatcher { _inner: w })
 }
 
+/// Sends `()` each time a file in `dir` is written, created, removed or renamed (the
+/// certificates directory: a pair is replaced by writing or renaming its files).
+pub fn watch_dir(dir: &Path, tx: UnboundedSender<()>) -> notify::Result<TemplateWatcher> {
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        if matches!(
+            ev.kind,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+        ) {
+            let _ = tx.send(());
+        }
+    })?;
+    w.watch(&absolute(dir), RecursiveMode::NonRecursive)?;
+    Ok(TemplateWatcher { _inner: w })
+}
+
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }

@@ -197,19 +197,38 @@ impl NginxConfd {
     /// Starts it on `backend_uri` with extra template `vars`; nginx starts once the rendered
     /// file contains `ready`, and this returns when confd's live channel is up.
     pub async fn start(backend_uri: &str, vars: &[(&str, String)], ready: &str) -> NginxConfd {
-        const WAIT: Duration = Duration::from_secs(30);
         let dir = tempfile::tempdir().unwrap();
+        NginxConfd::start_in(dir, backend_uri, "", vars, ready).await
+    }
+
+    /// [`NginxConfd::start`] in `dir` (which may already hold what `settings` names), with
+    /// `settings` as extra top-level YAML lines (e.g. `https: { ... }`).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        backend_uri: &str,
+        settings: &str,
+        vars: &[(&str, String)],
+        ready: &str,
+    ) -> NginxConfd {
+        const WAIT: Duration = Duration::from_secs(30);
         let d = dir.path().display().to_string();
         let port = free_port();
         let mut var_lines = String::new();
         for (k, v) in vars {
             var_lines.push_str(&format!("  {k}: {v}\n"));
         }
+        // With a `bind_address` among `vars`, the template puts it before the port.
+        let listen = if vars.iter().any(|(k, _)| *k == "bind_address") {
+            port.to_string()
+        } else {
+            format!("127.0.0.1:{port}")
+        };
         let base = format!(
             r#"backend: {backend_uri}
 wait: {{ min: 100ms, max: 1s }}
+{settings}
 vars:
-  listen: 127.0.0.1:{port}
+  listen: {listen}
   pid: {d}/nginx.pid
   error_log: {d}/nginx-error.log
   access_log: {d}/nginx-access.log

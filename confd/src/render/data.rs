@@ -17,6 +17,7 @@
 //! of snapshots). The document lives in a Handlebars [`Context`], so rendering does not
 //! serialise it again per template.
 
+use crate::certs::{CertSet, Pair};
 use crate::model::{Instance, Snapshot};
 use crate::names::push_safe_token;
 use crate::routes::{self, Claims, ListenPolicy, Listener, PathRoute, Proto, Route, Warning};
@@ -95,6 +96,8 @@ pub struct TemplateData {
     shared_warnings: Vec<Warning>,
     generation: u64,
     births: Births,
+    /// The certificates being served (see [`TemplateData::set_certs`]).
+    certs: Arc<CertSet>,
 }
 
 /// What one service's instances ask beyond their virtual hosts.
@@ -147,6 +150,11 @@ struct VhostEntry {
     warnings: Vec<Warning>,
     /// When the entry was last built (see [`Births`]).
     birth: u64,
+    /// The certificate pair that serves the host over HTTPS, if any.
+    cert: Option<Arc<Pair>>,
+    /// Whether plain HTTP redirects to HTTPS when it has one: no instance says
+    /// `https_redirect=false`.
+    redirect: bool,
 }
 
 /// When each entry of `services` and `vhosts` was built, and when `vars` last changed: numbers
@@ -181,6 +189,7 @@ impl TemplateData {
     pub fn with_parts(snap: Arc<Snapshot>, vars: &Vars, parts: Parts) -> TemplateData {
         let mut root = Map::new();
         root.insert("kv".into(), Value::Object(Map::new()));
+        root.insert("tls".into(), tls_value(&CertSet::default()));
         let mut d = TemplateData {
             snap: Arc::new(Snapshot::default()),
             vars: Vars::new(),
@@ -192,6 +201,7 @@ impl TemplateData {
             shared_warnings: Vec::new(),
             generation: 0,
             births: Births::default(),
+            certs: Arc::default(),
         };
         d.update(snap, vars);
         d.ensure(parts);
@@ -273,6 +283,38 @@ impl TemplateData {
             self.generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
         }
         changed
+    }
+
+    /// Serves `certs` from now on: the `vhosts` entries whose certificate changes are built
+    /// again (new births, so no render reuses their old text) and top-level `tls` is
+    /// replaced. Returns whether anything changed; when it did, the generation is new.
+    pub fn set_certs(&mut self, certs: Arc<CertSet>) -> bool {
+        if *self.certs == *certs {
+            return false;
+        }
+        self.certs = certs;
+        let index = Arc::make_mut(&mut self.vhosts);
+        let Value::Object(root) = self.ctx.data_mut() else {
+            unreachable!("the document is an object")
+        };
+        root.insert("tls".into(), tls_value(&self.certs));
+        let mut list = match root.get_mut("vhosts") {
+            Some(Value::Array(a)) if self.parts.vhosts => Some(a),
+            _ => None,
+        };
+        for (k, (host, e)) in index.iter_mut().enumerate() {
+            let cert = self.certs.cover(host).cloned();
+            if cert != e.cert {
+                e.cert = cert;
+                e.birth = birth();
+                if let Some(slot) = list.as_mut().and_then(|a| a.get_mut(k)) {
+                    fill_vhost(slot, host, e);
+                }
+            }
+        }
+        self.births.vhosts = index.values().map(|e| e.birth).collect();
+        self.generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Rebuilds `paths` and `listeners` from [`Self::routing`].
@@ -422,6 +464,8 @@ impl TemplateData {
                     .iter()
                     .filter_map(|i| Some((i.clone(), routes::route(i).0.ok()?)))
                     .collect();
+                e.cert = self.certs.cover(host).cloned();
+                e.redirect = e.instances.iter().all(|i| routes::https_redirect(i));
                 e.warnings.clear();
                 e.routes = routes::group_paths(
                     routed.iter().map(|(i, r)| (i, r)),
@@ -807,8 +851,32 @@ fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
 /// path routes they form. A route's name is the host's name for `/`, else the host's name,
 /// `__` and the path's (a host name never holds `__`, so names stay distinct).
 fn fill_vhost(v: &mut Value, host: &str, e: &VhostEntry) {
-    let [host_v, instances, name, routes_v] = fields(v, &["host", "instances", "name", "routes"]);
+    let [host_v, redirect, instances, name, routes_v, tls, tls_pem, tls_serial] = fields(
+        v,
+        &[
+            "host",
+            "https_redirect",
+            "instances",
+            "name",
+            "routes",
+            "tls",
+            "tls_pem",
+            "tls_serial",
+        ],
+    );
     fill_string(host_v, host);
+    *tls = Value::Bool(e.cert.is_some());
+    *redirect = Value::Bool(e.cert.is_some() && e.redirect);
+    match &e.cert {
+        Some(p) => {
+            fill_string(tls_pem, &p.pem.to_string_lossy());
+            fill_string(tls_serial, &p.serial);
+        }
+        None => {
+            *tls_pem = Value::Null;
+            *tls_serial = Value::Null;
+        }
+    }
     fill_with(name, |t| push_safe_token(host, t));
     fill_array(instances, e.instances.iter(), |v, i| {
         fill_instance(v, i, Some(host))
@@ -879,6 +947,32 @@ fn listener_value(l: &Listener) -> Value {
     );
     m.insert("proto".into(), string(l.proto.as_str()));
     m.insert("service".into(), string(&l.service));
+    Value::Object(m)
+}
+
+/// Top-level `tls`: `{crt_list, certs: [{name, pem, serial}]}` (`crt_list` null and `certs` empty
+/// when no host has a certificate).
+fn tls_value(certs: &CertSet) -> Value {
+    let list = certs
+        .pairs
+        .values()
+        .map(|p| {
+            let mut m = Map::new();
+            m.insert("name".into(), string(&p.name));
+            m.insert("pem".into(), string(&p.pem.to_string_lossy()));
+            m.insert("serial".into(), string(&p.serial));
+            Value::Object(m)
+        })
+        .collect();
+    let mut m = Map::new();
+    m.insert("certs".into(), Value::Array(list));
+    m.insert(
+        "crt_list".into(),
+        certs
+            .crt_list
+            .as_ref()
+            .map_or(Value::Null, |p| string(&p.to_string_lossy())),
+    );
     Value::Object(m)
 }
 

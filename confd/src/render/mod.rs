@@ -89,6 +89,8 @@ pub struct Renderer {
     /// The document of the latest snapshot ([`Renderer::update_data`]), shared by every
     /// template rendered from it.
     data: Option<TemplateData>,
+    /// The certificates the document marks its virtual hosts with ([`Renderer::set_certs`]).
+    certs: std::sync::Arc<crate::certs::CertSet>,
     /// What loops over `services` and `vhosts` wrote per entry, reused for entries that did
     /// not change (see `each`).
     memo: Memo,
@@ -123,6 +125,7 @@ impl Default for Renderer {
             parsed: HashMap::new(),
             renders: 0,
             data: None,
+            certs: Default::default(),
             memo,
             stop: None,
         }
@@ -242,13 +245,22 @@ impl Renderer {
     /// Makes `snap` and `vars` the document [`Renderer::render_current`] renders from: built
     /// the first time, then updated where the snapshot changed (see [`TemplateData::update`]).
     pub fn update_data(&mut self, snap: Arc<Snapshot>, vars: &Vars) {
-        match &mut self.data {
+        let d = match &mut self.data {
             Some(d) => {
                 d.update(snap, vars);
+                d
             }
             // Parts are added as templates that read them are rendered.
-            None => self.data = Some(TemplateData::with_parts(snap, vars, Parts::default())),
-        }
+            None => self
+                .data
+                .insert(TemplateData::with_parts(snap, vars, Parts::default())),
+        };
+        d.set_certs(self.certs.clone());
+    }
+
+    /// The certificates the next [`Renderer::update_data`] marks virtual hosts with.
+    pub fn set_certs(&mut self, certs: std::sync::Arc<crate::certs::CertSet>) {
+        self.certs = certs;
     }
 
     /// The routing warnings of the document [`Renderer::update_data`] set.

@@ -1,0 +1,321 @@
+//! Certificates from a directory (`https: { certs_dir, serve_dir }`): which virtual hosts are
+//! served over HTTPS, and with what.
+//!
+//! One pair per name in `certs_dir`: `<name>.crt` (PEM, the leaf first, then its chain) and
+//! `<name>.key` (PEM). `<name>` is a host name, or `_wildcard.<domain>` for a certificate of
+//! `*.<domain>` (file names never hold a `*`). A pair is used only if it parses, its key
+//! matches its certificate, it is not expired and its certificate names `<name>`. A bad pair
+//! is skipped with a one-line warning naming its file; the others are served.
+//!
+//! Why confd copies each good pair into `serve_dir` as one `<name>.pem` (chain then key):
+//! HAProxy reads a certificate and its key from one file (or `<file>.key`, not `<name>.key`),
+//! and the proxy then reads exactly the bytes confd checked, never a pair half rewritten
+//! since. `serve_dir` also holds `crt-list`, the list of those files HAProxy's bind reads.
+
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a file name says a wildcard pair is for: `_wildcard.example.com` = `*.example.com`.
+pub const WILDCARD_PREFIX: &str = "_wildcard.";
+
+/// One good pair, as served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
+    /// The pair's name (its file stem): a host, or `_wildcard.<domain>`.
+    pub name: String,
+    /// The DNS names of its certificate (lower case), `*.domain` for wildcards.
+    pub names: Vec<String>,
+    /// The file the proxies read: `<serve_dir>/<name>.pem`.
+    pub pem: PathBuf,
+    /// The leaf's serial number, hex.
+    pub serial: String,
+    /// The leaf's notAfter, seconds since the epoch.
+    pub not_after: i64,
+}
+
+/// The good pairs, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertSet {
+    /// By pair name.
+    pub pairs: BTreeMap<String, Arc<Pair>>,
+    /// `<serve_dir>/crt-list` (written when there is at least one pair).
+    pub crt_list: Option<PathBuf>,
+}
+
+impl CertSet {
+    /// The pair that serves `host`: the one named after it, else one whose certificate names
+    /// it, else `_wildcard.<parent>`, else one whose certificate names `*.<parent>`.
+    pub fn cover(&self, host: &str) -> Option<&Arc<Pair>> {
+        let host = host.to_ascii_lowercase();
+        let exact = |n: &str| {
+            self.pairs
+                .get(n)
+                .or_else(|| self.pairs.values().find(|p| p.names.iter().any(|x| x == n)))
+        };
+        if let Some(p) = self.pairs.get(&host) {
+            return Some(p);
+        }
+        if let Some(p) = self.pairs.values().find(|p| p.names.contains(&host)) {
+            return Some(p);
+        }
+        let (_, parent) = host.split_once('.')?;
+        if !parent.contains('.') {
+            // `*.com` covers nothing.
+            return None;
+        }
+        self.pairs
+            .get(&format!("{WILDCARD_PREFIX}{parent}"))
+            .or_else(|| exact(&format!("*.{parent}")))
+    }
+}
+
+/// The pair in `crt` and `key` checked for `name` at `now` (seconds since the epoch): the
+/// certificate chain, or why it cannot be served (one line, without the file name).
+pub fn check_pair(
+    name: &str,
+    crt: &[u8],
+    key: &[u8],
+    now: i64,
+) -> Result<(Vec<String>, String, i64), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(crt)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("expected PEM certificates: {e}"))?;
+    let leaf = chain
+        .first()
+        .ok_or("expected a PEM certificate, found none")?;
+    let key = PrivateKeyDer::from_pem_slice(key)
+        .map_err(|e| format!("expected a PEM private key: {e}"))?;
+    let signing = any_supported_type(&key).map_err(|e| format!("unusable private key: {e}"))?;
+    CertifiedKey::new(chain.clone(), signing)
+        .keys_match()
+        .map_err(|_| "the private key does not match the certificate".to_string())?;
+    let (_, x) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| format!("expected an X.509 certificate: {e}"))?;
+    let not_after = x.validity().not_after.timestamp();
+    if not_after <= now {
+        return Err(format!("expired at {}", x.validity().not_after));
+    }
+    if x.validity().not_before.timestamp() > now {
+        return Err(format!("not valid before {}", x.validity().not_before));
+    }
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = x.subject_alternative_name() {
+        for g in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = g {
+                names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    let want = match name.strip_prefix(WILDCARD_PREFIX) {
+        Some(domain) => format!("*.{domain}"),
+        None => name.to_string(),
+    };
+    if !names.contains(&want) {
+        return Err(format!(
+            "the certificate does not name {want} (its names: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ));
+    }
+    Ok((names, x.raw_serial_as_string(), not_after))
+}
+
+/// Whether `name` (a file stem) can name a pair: a DNS name in lower case, or
+/// `_wildcard.` and one. Nothing else reaches a rendered config.
+fn valid_name(name: &str) -> bool {
+    let host = name.strip_prefix(WILDCARD_PREFIX).unwrap_or(name);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+/// Reads every pair of `certs_dir`, writes the good ones to `serve_dir` (only files whose
+/// bytes change), and returns them with a warning per bad pair.
+pub fn load(certs_dir: &Path, serve_dir: &Path) -> (CertSet, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut set = CertSet::default();
+    let entries = match std::fs::read_dir(certs_dir) {
+        Ok(e) => e,
+        Err(e) => {
+            warnings.push(format!(
+                "https certs_dir {}: cannot read it ({e}); no HTTPS",
+                certs_dir.display()
+            ));
+            return (set, warnings);
+        }
+    };
+    let mut stems: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|f| f.strip_suffix(".crt").map(str::to_string))
+        .collect();
+    stems.sort();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if let Err(e) = std::fs::create_dir_all(serve_dir) {
+        warnings.push(format!(
+            "https serve_dir {}: cannot create it ({e}); no HTTPS",
+            serve_dir.display()
+        ));
+        return (set, warnings);
+    }
+    for stem in stems {
+        let crt_path = certs_dir.join(format!("{stem}.crt"));
+        if !valid_name(&stem) {
+            warnings.push(format!(
+                "{}: skipped: expected <host>.crt or _wildcard.<domain>.crt with a lower-case DNS name",
+                crt_path.display()
+            ));
+            continue;
+        }
+        let key_path = certs_dir.join(format!("{stem}.key"));
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let checked = read(&crt_path)
+            .and_then(|c| read(&key_path).map(|k| (c, k)))
+            .and_then(|(c, k)| check_pair(&stem, &c, &k, now).map(|r| (c, k, r)));
+        let (crt, key, (names, serial, not_after)) = match checked {
+            Ok(x) => x,
+            Err(e) => {
+                warnings.push(format!("{}: skipped: {e}", crt_path.display()));
+                continue;
+            }
+        };
+        let pem = serve_dir.join(format!("{stem}.pem"));
+        let mut bytes = crt;
+        if !bytes.ends_with(b"\n") {
+            bytes.push(b'\n');
+        }
+        bytes.extend_from_slice(&key);
+        if let Err(e) = write_if_changed(&pem, &bytes) {
+            warnings.push(format!(
+                "{}: skipped: cannot write {}: {e}",
+                crt_path.display(),
+                pem.display()
+            ));
+            continue;
+        }
+        set.pairs.insert(
+            stem.clone(),
+            Arc::new(Pair {
+                name: stem,
+                names,
+                pem,
+                serial,
+                not_after,
+            }),
+        );
+    }
+    if !set.pairs.is_empty() {
+        let list = serve_dir.join("crt-list");
+        let text: String = set
+            .pairs
+            .values()
+            .map(|p| format!("{}\n", p.pem.display()))
+            .collect();
+        match write_if_changed(&list, text.as_bytes()) {
+            Ok(()) => set.crt_list = Some(list),
+            Err(e) => {
+                warnings.push(format!(
+                    "{}: cannot write it ({e}); no HTTPS",
+                    list.display()
+                ));
+                set.pairs.clear();
+            }
+        }
+    }
+    (set, warnings)
+}
+
+/// Replaces `path` atomically (temp file in the same directory, fsync, rename), mode 0600:
+/// it holds a private key.
+fn write_if_changed(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_names_or_wildcard_prefixed() {
+        for ok in ["a.test", "_wildcard.w.test", "x-1.example.com", "localhost"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "*.w.test",
+            "A.test",
+            "a..test",
+            "a test",
+            "-a.test",
+            "a/b",
+            "_wildcard.",
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    fn pair(name: &str, names: &[&str]) -> (String, Arc<Pair>) {
+        (
+            name.to_string(),
+            Arc::new(Pair {
+                name: name.into(),
+                names: names.iter().map(|s| s.to_string()).collect(),
+                pem: PathBuf::from(format!("/s/{name}.pem")),
+                serial: "01".into(),
+                not_after: 0,
+            }),
+        )
+    }
+
+    #[test]
+    fn cover_prefers_the_named_pair_then_names_then_wildcards() {
+        let set = CertSet {
+            pairs: [
+                pair("a.test", &["a.test"]),
+                pair("multi.test", &["multi.test", "b.test", "*.m.test"]),
+                pair("_wildcard.w.test", &["*.w.test"]),
+            ]
+            .into(),
+            crt_list: None,
+        };
+        let by = |h: &str| set.cover(h).map(|p| p.name.clone());
+        assert_eq!(by("a.test").as_deref(), Some("a.test"));
+        assert_eq!(by("B.test").as_deref(), Some("multi.test"));
+        assert_eq!(by("x.w.test").as_deref(), Some("_wildcard.w.test"));
+        assert_eq!(by("x.m.test").as_deref(), Some("multi.test"));
+        // One level only, and no certificate: HTTP only.
+        assert_eq!(by("y.x.w.test"), None);
+        assert_eq!(by("w.test"), None);
+        assert_eq!(by("c.test"), None);
+    }
+}
