@@ -526,6 +526,7 @@ async fn run_unit(
         .iter()
         .map(|r| label(&cfg.templates[r.idx]))
         .collect();
+    before_reload(cfg, opts, &cmd, &reloading, timeout).await;
     let start = std::time::Instant::now();
     let result = reload(&cmd, &opts.supervisor, timeout).await;
     opts.telemetry.reloaded(
@@ -591,6 +592,7 @@ async fn run_unit(
                 }
             }
             if restored {
+                before_reload(cfg, opts, &cmd, &reloading, timeout).await;
                 match reload(&cmd, &opts.supervisor, timeout).await {
                     Ok(_) => {
                         tracing::info!(reload = %cmd, "reloaded with the previous files");
@@ -624,6 +626,27 @@ async fn reload(
         }
         _ => command::run(cmd, None, timeout).await,
     }
+}
+
+/// Right before a unit's reload, the live channels of the templates it reloads ready their
+/// proxy (see [`crate::live::LiveChannel::before_reload`]: so that the reload closes no idle
+/// client connection a request is racing on), together, so the reload waits for the longest
+/// of them only. Not for a signal to an `--exec` proxy that has not started: no proxy runs.
+async fn before_reload(
+    cfg: &Config,
+    opts: &RunOptions,
+    cmd: &CommandSpec,
+    reloading: &[Reloading],
+    timeout: Duration,
+) {
+    if matches!(cmd, CommandSpec::Signal(_)) && !opts.supervisor.running() {
+        return;
+    }
+    let channels = reloading
+        .iter()
+        .filter_map(|r| cfg.templates[r.idx].live.as_ref())
+        .map(|live| live.before_reload(timeout));
+    futures_util::future::join_all(channels).await;
 }
 
 /// After a successful reload, each live channel learns the file its proxy just loaded: the one

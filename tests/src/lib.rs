@@ -52,7 +52,7 @@ pub use pki::Pki;
 pub use poll::{free_port, free_udp_port, poll, wait_for};
 pub use process::{bin, hostname, run_cmd, target_dir, workspace_root, Process};
 pub use proxies::{
-    answer, answers, fresh_client, nginx_on_first_render, routes_converge, signal_reload,
-    spawn_confd, wait_pid_file, wait_routes, Backend, HaproxyConfd, NginxConfd,
+    answer, answers, fresh_client, nginx_on_first_render, post_unix, routes_converge,
+    signal_reload, spawn_confd, wait_pid_file, wait_routes, Backend, HaproxyConfd, NginxConfd,
 };
 pub use store_front::StoreFront;

@@ -1,6 +1,7 @@
 //! confd and the proxies it drives, with both sides of a proxy: [`spawn_confd`],
 //! [`HaproxyConfd`] (confd rendering the shipped HAProxy template and a real HAProxy serving
-//! it), the reload command confd is given ([`signal_reload`], [`wait_pid_file`]), upstream
+//! it), the reload command confd is given ([`signal_reload`], [`wait_pid_file`]), nginx's
+//! peers socket ([`post_unix`]), upstream
 //! [`Backend`]s, and what clients see through a proxy ([`answers`], [`wait_routes`]).
 
 use crate::poll::{free_port, poll, wait_for};
@@ -275,6 +276,37 @@ vars:
             dir,
         }
     }
+
+    /// nginx's peers socket (`vars.lua_peers_socket`), for [`post_unix`].
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("peers.sock")
+    }
+}
+
+/// An HTTP/1.0 POST over a unix socket (nginx's peers socket: `/switchboard/peers`,
+/// `/switchboard/closing`): (status, first body line).
+pub async fn post_unix(sock: &Path, path: &str, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(sock)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", sock.display()));
+    let mut req = format!(
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.lines().next().unwrap_or("").to_string())
 }
 
 /// A proxy reload command for confd: sends `signal` to the master whose PID is in `pid_file`.

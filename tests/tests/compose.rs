@@ -497,11 +497,13 @@ async fn consul_nginx_stack_scales_up_and_down() {
         r.report.summary()
     );
     // A structural change still reloads nginx, and a graceful reload closes the old worker's
-    // idle keep-alive connections at once: a client that sends its next request on one at
-    // that instant gets the connection closed under it. That is at most one request per
-    // client connection per reload (usually none: these clients are idle for a moment between
-    // 0.3 s requests). Clients avoid it by retrying a request that failed on a reused
-    // connection before any answer; HAProxy avoids it with `idle-close-on-response`.
+    // idle keep-alive connections at once. confd first has the workers answer with
+    // `Connection: close` for `close_before_reload` (500 ms), so these clients (a 0.3 s
+    // request after another) are on fresh connections at the reload; a client silent for the
+    // whole wait that sends its next request at that instant could still lose it: at most one
+    // request per client connection per reload. Clients avoid it by retrying a request that
+    // failed on a reused connection before any answer; HAProxy avoids it with
+    // `idle-close-on-response`.
     assert!(
         r.structural_failed <= LOAD_CLIENTS as u64 * 2,
         "nginx stack: {} failed across two structural reloads, more than one per connection per reload",

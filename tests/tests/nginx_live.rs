@@ -1,6 +1,7 @@
 //! nginx membership without reloads, end to end: the shipped template with `lua_peers: true`,
 //! a real nginx with Debian's Lua module, real Consul and etcd, the real `confd` binary with its
-//! `nginx_lua` live channel, and in-test HTTP backends that answer with their own name.
+//! `nginx_lua` live channel, and in-test HTTP backends that answer with their own name. Also
+//! the reloads that remain: confd has nginx close client connections before each.
 //!
 //! A reload is detected the way it happens: nginx starts new worker processes, so the set of
 //! the master's children changes. nginx runs as a [`Process`], so its workers die with it.
@@ -14,7 +15,7 @@ use switchboard::{RegistryUri, Store};
 use switchboard_tests::load::{Load, LoadReport, LoadSpec};
 use switchboard_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 
 /// Upper bound for any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(30);
@@ -316,28 +317,6 @@ async fn wait_routes(what: &str, lb: &Lb, host: &str, want: &[&str]) {
         "{what}: wanted {want:?}, last saw {last:?}; confd output:\n{}",
         lb.confd.output()
     );
-}
-
-/// An HTTP/1.0 POST over a unix socket: (status, first body line).
-async fn post_unix(sock: &Path, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).await.unwrap();
-    let mut req = format!(
-        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    s.write_all(&req).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, body.lines().next().unwrap_or("").to_string())
 }
 
 /// `conf` with each `server 127.0.0.1:PORT ...;` line of `weights` rewritten as the template
@@ -803,6 +782,90 @@ async fn a_failed_push_falls_back_to_a_reload() {
     );
     assert!(out.contains("peers.sock"), "{out}");
     assert_eq!(lb.lives(), lives, "{out}");
+}
+
+/// Before a reload confd has nginx close its client connections (`POST /switchboard/closing`
+/// on the peers socket): a malformed request is refused with the reason and changes nothing;
+/// a good one makes the next response on a kept-alive connection say `Connection: close`, and
+/// every response after it, on new connections too. confd asks before its own reload, and
+/// the workers of that reload ignore every earlier request: keep-alive is back at once.
+#[tokio::test]
+async fn a_close_request_closes_client_connections_until_the_next_config_load() {
+    let consul = Consul::start().await;
+    let st = store(&consul.uri());
+    let b1 = Backend::start("b1").await;
+    let v1 = Backend::start("v1").await;
+    st.register(&b1.service("http")).await.unwrap();
+    let lb = Lb::start(&consul.uri(), true, "svc_http").await;
+    wait_routes("one instance", &lb, "127.0.0.1", &["b1"]).await;
+    let before = lb.nginx.settled_workers().await;
+    let kept = (200, "b1".to_string(), false);
+    let closed = (200, "b1".to_string(), true);
+
+    let mut conn = connect(lb.port).await.unwrap();
+    assert_eq!(exchange(&mut conn, "127.0.0.1").await.unwrap(), kept);
+    let (sock, path) = (lb.socket(), "/switchboard/closing");
+    for (what, body) in [
+        ("empty", ""),
+        ("no first line", "60000\n"),
+        ("another version", "switchboard-closing 2\n60000\n"),
+        ("zero", "switchboard-closing 1\n0\n"),
+        ("a leading zero", "switchboard-closing 1\n0100\n"),
+        ("above an hour", "switchboard-closing 1\n3600001\n"),
+        ("far above", "switchboard-closing 1\n99999999999999999999\n"),
+        ("a sign", "switchboard-closing 1\n-5\n"),
+        ("a fraction", "switchboard-closing 1\n1.5\n"),
+        ("a unit", "switchboard-closing 1\n5s\n"),
+        ("no last newline", "switchboard-closing 1\n500"),
+        ("a line more", "switchboard-closing 1\n500\nx\n"),
+    ] {
+        let (status, reason) = post_unix(&sock, path, body.as_bytes()).await;
+        assert_eq!(status, 400, "{what}: {reason}");
+        assert!(reason.contains("milliseconds"), "{what}: {reason}");
+    }
+    assert_eq!(
+        exchange(&mut conn, "127.0.0.1").await.unwrap(),
+        kept,
+        "after refused close requests"
+    );
+
+    let (status, reason) = post_unix(&sock, path, b"switchboard-closing 1\n60000\n").await;
+    assert_eq!((status, reason.as_str()), (200, "ok closing for 60000 ms"));
+    assert_eq!(exchange(&mut conn, "127.0.0.1").await.unwrap(), closed);
+    let mut fresh = connect(lb.port).await.unwrap();
+    assert_eq!(exchange(&mut fresh, "127.0.0.1").await.unwrap(), closed);
+    drop((conn, fresh));
+
+    // A structural change: confd asks again, then reloads; the new worker keeps connections.
+    let reloads = lb.reloads();
+    let mut vs = v1.service("game");
+    vs.meta.insert("vhost".into(), "game.test".into());
+    st.register(&vs).await.unwrap();
+    wait_for("confd's reload", WAIT, || async {
+        (lb.reloads() > reloads).then_some(())
+    })
+    .await;
+    wait_for("the old nginx worker gone", WAIT, || async {
+        let w = children(lb.nginx.master());
+        (w.len() == 1 && w != before).then_some(())
+    })
+    .await;
+    let out = lb.confd.output();
+    let asked = out
+        .find("nginx_lua: client connections closing before the reload")
+        .unwrap_or_else(|| panic!("confd did not ask before its reload:\n{out}"));
+    assert!(
+        out[asked..].contains("confd::runner: reloaded reload="),
+        "asked after the reload:\n{out}"
+    );
+    let mut conn = connect(lb.port).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(exchange(&mut conn, "127.0.0.1").await.unwrap(), kept);
+    }
+    assert_eq!(
+        exchange(&mut conn, "game.test").await.unwrap(),
+        (200, "v1".to_string(), false)
+    );
 }
 
 /// Measurement, not a check: the same 1 -> 3 -> 1 scaling under the same load without the Lua

@@ -194,6 +194,17 @@ async fn open_ws(port: u16, host: &str, rid: &str) -> (Ws, BTreeMap<String, Stri
         .expect("websocket handshake timed out")
         .expect("websocket handshake through the proxy");
     assert_eq!(resp.status().as_u16(), 101);
+    // An upgrade never says `close` (nginx's workers add it to every other response before a
+    // reload).
+    let connection: Vec<_> = resp.headers().get_all("connection").iter().collect();
+    assert!(
+        connection.iter().all(|v| !v
+            .to_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .contains("close")),
+        "{connection:?}"
+    );
     let report = next_text(&mut ws).await;
     (ws, parse_report(&report))
 }
@@ -342,6 +353,17 @@ async fn nginx_websocket_and_forwarded_headers() {
     .await;
     websocket_through_membership_change("nginx", lb.port, &lb.confd, &st, &b).await;
     assert_forwarded_headers(lb.port).await;
+    // While the workers close client connections (as before a reload), a websocket opens.
+    let (status, reason) = post_unix(
+        &lb.socket(),
+        "/switchboard/closing",
+        b"switchboard-closing 1\n60000\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{reason}");
+    let (mut ws, seen) = open_ws(lb.port, "chat.example", "ws-client-8").await;
+    assert_eq!(seen[""], "a");
+    echo(&mut ws, "a", "hello while closing").await;
 }
 
 #[tokio::test]

@@ -8,7 +8,9 @@
 //! gRPC unary and server streaming, a TCP echo (and a UDP one on nginx), a bad label that is
 //! warned about and routes nothing while the rest is served; weights shifted 10/90 → 50/50 →
 //! 100/0 with no reload, measured as request shares over 2,000 requests; and gRPC streams held
-//! open while the pool scales 1 → 3 → 1 with no reload, every stream finishing whole.
+//! open while the pool scales 1 → 3 → 1 with no reload, every stream finishing whole; new
+//! routes and listeners under POST load, reloaded with not one request failing (nginx: while
+//! its workers close client connections before the reload, every protocol still answers).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -370,6 +372,16 @@ async fn nginx_routes_every_protocol() {
     })
     .await;
     routes_every_protocol("nginx", lb.port, h2, &apps, true).await;
+    // While the workers close client connections (as before a reload), HTTP/2 and gRPC are
+    // untouched: HTTP/2 has no `Connection` header, and a client refuses a response with one.
+    let (status, reason) = post_unix(
+        &lb.socket(),
+        "/switchboard/closing",
+        b"switchboard-closing 1\n60000\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{reason}");
+    routes_every_protocol("nginx while closing", lb.port, h2, &apps, true).await;
     let out = lb.confd.output();
     assert!(
         out.contains(

@@ -5,8 +5,10 @@
 //! new render differs from the file on disk only in which peers a pool holds, confd writes the
 //! file and tells the running proxy the new peers instead of reloading it. Each proxy's
 //! protocol lives in its own module ([`nginx_lua`], [`haproxy`]); the runner only calls
-//! [`LiveChannel::plan`], [`LiveChannel::apply`] and [`LiveChannel::after_reload`], so it never
-//! learns a proxy's protocol and another proxy is one more variant.
+//! [`LiveChannel::plan`], [`LiveChannel::apply`], [`LiveChannel::before_reload`] and
+//! [`LiveChannel::after_reload`], so it never learns a proxy's protocol and another proxy is
+//! one more variant. The reloads that remain (structural changes) go through the channel too,
+//! so that they fail no request either: see [`LiveChannel::before_reload`].
 //!
 //! The rendered file stays the single source of truth: a channel only ever applies what the
 //! files it was given say, so a fresh start or a reload of the proxy serves the same peers.
@@ -164,6 +166,21 @@ impl LiveChannel {
             (LiveChannel::NginxLua(c), LivePlan::NginxLua(p)) => c.apply(p).await,
             (LiveChannel::Haproxy(c), LivePlan::Haproxy(p)) => c.apply(p).await,
             (c, p) => unreachable!("plan {p:?} from another channel than {c:?}"),
+        }
+    }
+
+    /// Runs right before the proxy is reloaded (`reload_timeout`: the reload's time limit),
+    /// and returns once the reload may go: a graceful reload closes the old workers' idle
+    /// keep-alive client connections, racing a request a client is just sending on one, so
+    /// the proxy first stops keeping client connections idle. nginx: every response says
+    /// `Connection: close` for a moment, which this waits out (see
+    /// [`NginxLua::before_reload`]). HAProxy: nothing to do, since its old process answers
+    /// an idle connection's next request before closing it (`option idle-close-on-response`
+    /// in the shipped template). Failures are logged, never returned: the reload goes on.
+    pub async fn before_reload(&self, reload_timeout: Duration) {
+        match self {
+            LiveChannel::NginxLua(c) => c.before_reload(reload_timeout).await,
+            LiveChannel::Haproxy(_) => {}
         }
     }
 

@@ -22,6 +22,15 @@
 //! sent every time; the Lua side validates all of it before storing any, and drops upstreams
 //! the table no longer names.
 //!
+//! Before a reload (a change that is not membership-only), [`NginxLua::before_reload`] posts
+//! `switchboard-closing 1` and a time to `POST /switchboard/closing` on the same socket and
+//! waits `close_before_reload`: a graceful reload closes the old workers' idle keep-alive client
+//! connections at once, racing requests clients are just sending on them (nginx 1.22 has no
+//! equivalent of HAProxy's `option idle-close-on-response`), so for that moment every response
+//! of the running workers says `Connection: close`, and the clients that are active reconnect
+//! instead of sitting idle on a worker about to quit. The workers of the reload itself ignore
+//! the request (it predates their config load), and it lapses by itself after the time given.
+//!
 //! Only `http` upstreams can be live: Debian has no stream Lua module, so an upstream inside a
 //! `stream { }` block has no Lua balancer, and a change to its servers is always a reload. The
 //! parser reads the file's block nesting as nginx does (quotes, comments, Lua blocks) to know
@@ -43,6 +52,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const DEFAULT_SOCKET: &str = "/run/nginx-peers.sock";
 /// The path of the peers endpoint on that socket.
 pub const ENDPOINT_PATH: &str = "/switchboard/peers";
+/// The path of the closing endpoint on that socket (see [`NginxLua::before_reload`]).
+pub const CLOSING_PATH: &str = "/switchboard/closing";
+/// First line of a close request: the format's name and version.
+const CLOSING_HEADER: &str = "switchboard-closing 1";
+/// Longest close request the Lua side takes (1 h, in ms); the shortest is 1 ms.
+const MAX_CLOSING_MS: u128 = 3_600_000;
 /// First line of every update: the format's name and version.
 const HEADER: &str = "switchboard-peers 2";
 /// Highest weight the wire format (and the Lua side) takes; the lowest is 1.
@@ -56,6 +71,9 @@ fn default_socket() -> PathBuf {
 fn default_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_close_before_reload() -> Duration {
+    Duration::from_millis(500)
+}
 
 /// The `nginx_lua` live channel: where nginx's peers endpoint listens.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -67,6 +85,11 @@ pub struct NginxLua {
     /// Time limit for one update (connect, send, answer).
     #[serde(default = "default_timeout", with = "duration::serde_text")]
     pub timeout: Duration,
+    /// How long the running workers answer with `Connection: close` before a reload, so that
+    /// every client active in that time has reconnected rather than sit on an idle keep-alive
+    /// connection the reload closes under it; `0` reloads at once, without asking.
+    #[serde(default = "default_close_before_reload", with = "duration::serde_text")]
+    pub close_before_reload: Duration,
 }
 
 impl Default for NginxLua {
@@ -74,6 +97,7 @@ impl Default for NginxLua {
         NginxLua {
             socket: default_socket(),
             timeout: default_timeout(),
+            close_before_reload: default_close_before_reload(),
         }
     }
 }
@@ -193,14 +217,51 @@ impl NginxLua {
         }
     }
 
-    /// One update: HTTP/1.0 (so the answer is neither chunked nor kept alive) over the unix
-    /// socket, bounded by `timeout`.
+    /// See [`super::LiveChannel::before_reload`]: asks the running workers to close every
+    /// client connection after its next response, for `close_before_reload` plus
+    /// `reload_timeout` (the reload has happened by then, or failed), then waits
+    /// `close_before_reload` so the clients active meanwhile get that response. Its workers
+    /// then quit with no idle keep-alive connection but those of clients silent all along.
+    /// Never fails: unreachable (no nginx running yet, so no connection either) or refused (a
+    /// running config without the endpoint), it is logged and the reload goes on at once.
+    pub async fn before_reload(&self, reload_timeout: Duration) {
+        if self.close_before_reload.is_zero() {
+            return;
+        }
+        let body = closing_body(self.close_before_reload + reload_timeout);
+        match self.exchange(CLOSING_PATH, &body).await {
+            Ok(()) => {
+                tracing::info!(
+                    socket = %self.socket.display(),
+                    wait = ?self.close_before_reload,
+                    "nginx_lua: client connections closing before the reload"
+                );
+                tokio::time::sleep(self.close_before_reload).await;
+            }
+            Err(e @ LiveError::Unreachable { .. }) => tracing::info!(
+                error = %e,
+                "nginx_lua: client connections not closed before the reload"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "nginx_lua: client connections not closed before the reload"
+            ),
+        }
+    }
+
+    /// One peer table update.
     async fn post(&self, table: &PeerTable) -> Result<(), LiveError> {
-        let endpoint = self.socket.display().to_string();
         let body = encode(table).map_err(|reason| LiveError::Invalid {
-            endpoint: endpoint.clone(),
+            endpoint: self.socket.display().to_string(),
             reason,
         })?;
+        self.exchange(ENDPOINT_PATH, &body).await
+    }
+
+    /// One POST of `body` to `path`: HTTP/1.0 (so the answer is neither chunked nor kept
+    /// alive) over the unix socket, bounded by `timeout`.
+    async fn exchange(&self, path: &str, body: &str) -> Result<(), LiveError> {
+        let endpoint = self.socket.display().to_string();
         let exchange = async {
             let unreachable = |e: std::io::Error| LiveError::Unreachable {
                 endpoint: endpoint.clone(),
@@ -210,7 +271,7 @@ impl NginxLua {
                 .await
                 .map_err(unreachable)?;
             let request = format!(
-                "POST {ENDPOINT_PATH} HTTP/1.0\r\nHost: localhost\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             );
             stream
@@ -272,6 +333,13 @@ fn pushable(p: &Peer) -> bool {
     p.addr.port() != 0
         && !matches!(p.addr, SocketAddr::V6(v6) if v6.scope_id() != 0)
         && (1..=MAX_WEIGHT).contains(&p.weight)
+}
+
+/// The close request for `span`, in whole milliseconds within what the Lua side takes (1 ms
+/// to 1 h).
+fn closing_body(span: Duration) -> String {
+    let ms = span.as_millis().clamp(1, MAX_CLOSING_MS);
+    format!("{CLOSING_HEADER}\n{ms}\n")
 }
 
 /// `Ok` for a `200` answer, else the status line and the first line of the body.
@@ -1122,5 +1190,87 @@ mod tests {
         let e = c.apply(plan).await.unwrap_err().to_string();
         assert!(e.contains("nope.sock"), "{e}");
         assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_close_request_spans_the_wait_and_the_reload_within_what_the_lua_takes() {
+        for (span, want) in [
+            (Duration::from_millis(30_500), "30500"),
+            (Duration::from_micros(1_500), "1"),
+            (Duration::ZERO, "1"),
+            (Duration::from_secs(3_600), "3600000"),
+            (Duration::from_secs(86_400), "3600000"),
+        ] {
+            assert_eq!(
+                closing_body(span),
+                format!("switchboard-closing 1\n{want}\n"),
+                "{span:?}"
+            );
+        }
+        let c: NginxLua = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(c.close_before_reload, Duration::from_millis(500));
+        let c: NginxLua = serde_yaml::from_str("{ close_before_reload: 0 }").unwrap();
+        assert!(c.close_before_reload.is_zero());
+        let e = serde_yaml::from_str::<NginxLua>("{ close_before_reload: soon }").unwrap_err();
+        assert!(e.to_string().contains("expected e.g. 500ms"), "{e}");
+    }
+
+    /// What `before_reload` sends, and that it waits only once the proxy took the request.
+    #[tokio::test]
+    async fn before_reload_asks_then_waits_and_never_waits_for_an_absent_proxy() {
+        let d = tempfile::tempdir().unwrap();
+        let socket = d.path().join("peers.sock");
+        let c = NginxLua {
+            socket: socket.clone(),
+            close_before_reload: Duration::from_millis(50),
+            ..NginxLua::default()
+        };
+        // No socket: back at once (the bound is far below the 10 s it would otherwise wait).
+        let slow = NginxLua {
+            close_before_reload: Duration::from_secs(10),
+            ..c.clone()
+        };
+        tokio::time::timeout(Duration::from_secs(5), slow.before_reload(Duration::ZERO))
+            .await
+            .expect("an absent proxy is not waited for");
+
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            // The request is whole once its body has the length its header says.
+            loop {
+                let text = String::from_utf8_lossy(&got).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|n| n.parse::<usize>().ok());
+                    if len == Some(body.len()) {
+                        break;
+                    }
+                }
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request cut short: {text}");
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\n\r\nok closing for 30050 ms\n")
+                .await
+                .unwrap();
+            String::from_utf8(got).unwrap()
+        });
+        let start = std::time::Instant::now();
+        c.before_reload(Duration::from_secs(30)).await;
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with("POST /switchboard/closing HTTP/1.0\r\n"),
+            "{request}"
+        );
+        assert!(
+            request.ends_with("\r\n\r\nswitchboard-closing 1\n30050\n"),
+            "{request}"
+        );
     }
 }
