@@ -1,16 +1,27 @@
-//! Certificates from a directory (`https: { certs_dir, serve_dir }`): which virtual hosts are
-//! served over HTTPS, and with what.
+//! Which virtual hosts are served over HTTPS, and with what: certificates from a directory
+//! (`https: { certs_dir }`), from the store (put there by an operator, [`store`]) and from
+//! ACME ([`crate::acme`]), checked alike and served alike.
 //!
 //! One pair per name in `certs_dir`: `<name>.crt` (PEM, the leaf first, then its chain) and
 //! `<name>.key` (PEM). `<name>` is a host name, or `_wildcard.<domain>` for a certificate of
-//! `*.<domain>` (file names never hold a `*`). A pair is used only if it parses, its key
-//! matches its certificate, it is not expired and its certificate names `<name>`. A bad pair
-//! is skipped with a one-line warning naming its file; the others are served.
+//! `*.<domain>` (file names never hold a `*`). The store's pairs are named the same way (the
+//! key after `store_prefix`), and ACME's after their host. A pair is used only if it parses,
+//! its key matches its certificate, it is not expired and its certificate names `<name>`. A
+//! bad pair is skipped with a one-line warning naming where it came from; the others are
+//! served.
+//!
+//! Precedence, per name: files, then the store, then ACME ([`Origin`]). A pair whose name a
+//! higher source already covers (the same name, a certificate naming it, or a wildcard over
+//! it) is not served: what an operator put in place by hand is a decision, which an automatic
+//! source must not override, and HAProxy, picking among the crt-list by SNI, would otherwise
+//! prefer an exact name over the operator's wildcard.
 //!
 //! Why confd copies each good pair into `serve_dir` as one `<name>.pem` (chain then key):
 //! HAProxy reads a certificate and its key from one file (or `<file>.key`, not `<name>.key`),
 //! and the proxy then reads exactly the bytes confd checked, never a pair half rewritten
 //! since. `serve_dir` also holds `crt-list`, the list of those files HAProxy's bind reads.
+
+pub mod store;
 
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::sign::CertifiedKey;
@@ -22,6 +33,35 @@ use std::sync::Arc;
 
 /// What a file name says a wildcard pair is for: `_wildcard.example.com` = `*.example.com`.
 pub const WILDCARD_PREFIX: &str = "_wildcard.";
+
+/// Where operators put certificates in the store, by default.
+pub const STORE_PREFIX: &str = "switchboard/certs/";
+
+/// Where a pair comes from, highest precedence first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Origin {
+    /// `https.certs_dir`.
+    File,
+    /// `https.store_prefix`, put by an operator.
+    Store,
+    /// The ACME loop.
+    Acme,
+}
+
+/// A pair from the store or ACME, not checked yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Supplied {
+    /// Its source.
+    pub origin: Origin,
+    /// Its name: a host, or `_wildcard.<domain>`.
+    pub name: String,
+    /// PEM chain, leaf first.
+    pub crt: Vec<u8>,
+    /// PEM private key.
+    pub key: Vec<u8>,
+    /// Where it came from, for warnings (`store key switchboard/certs/a.test`).
+    pub what: String,
+}
 
 /// One good pair, as served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +76,8 @@ pub struct Pair {
     pub serial: String,
     /// The leaf's notAfter, seconds since the epoch.
     pub not_after: i64,
+    /// Where it came from.
+    pub origin: Origin,
 }
 
 /// The good pairs, by name.
@@ -71,6 +113,20 @@ impl CertSet {
         self.pairs
             .get(&format!("{WILDCARD_PREFIX}{parent}"))
             .or_else(|| exact(&format!("*.{parent}")))
+    }
+
+    /// Whether a pair already covers everything a pair named `name` would serve.
+    fn covers_name(&self, name: &str) -> bool {
+        match name.strip_prefix(WILDCARD_PREFIX) {
+            Some(domain) => {
+                self.pairs.contains_key(name)
+                    || self
+                        .pairs
+                        .values()
+                        .any(|p| p.names.iter().any(|n| *n == format!("*.{domain}")))
+            }
+            None => self.cover(name).is_some(),
+        }
     }
 }
 
@@ -144,27 +200,56 @@ fn valid_name(name: &str) -> bool {
         })
 }
 
-/// Reads every pair of `certs_dir`, writes the good ones to `serve_dir` (only files whose
-/// bytes change), and returns them with a warning per bad pair.
-pub fn load(certs_dir: &Path, serve_dir: &Path) -> (CertSet, Vec<String>) {
+/// Reads every pair of `certs_dir` (if any), then `supplied` (the store's, then ACME's),
+/// writes the good ones to `serve_dir` (only files whose bytes change) in order of
+/// precedence, and returns them with a warning per bad pair.
+pub fn load(
+    certs_dir: Option<&Path>,
+    supplied: &[Supplied],
+    serve_dir: &Path,
+) -> (CertSet, Vec<String>) {
     let mut warnings = Vec::new();
     let mut set = CertSet::default();
-    let entries = match std::fs::read_dir(certs_dir) {
-        Ok(e) => e,
-        Err(e) => {
-            warnings.push(format!(
-                "https certs_dir {}: cannot read it ({e}); no HTTPS",
-                certs_dir.display()
-            ));
-            return (set, warnings);
+    let mut candidates: Vec<(Origin, String, String, Result<(Vec<u8>, Vec<u8>), String>)> =
+        Vec::new();
+    if let Some(dir) = certs_dir {
+        match std::fs::read_dir(dir) {
+            Ok(entries) => {
+                let mut stems: Vec<String> = entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter_map(|f| f.strip_suffix(".crt").map(str::to_string))
+                    .collect();
+                stems.sort();
+                for stem in stems {
+                    let crt_path = dir.join(format!("{stem}.crt"));
+                    let key_path = dir.join(format!("{stem}.key"));
+                    let read = |p: &Path| {
+                        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+                    };
+                    let bytes = read(&crt_path).and_then(|c| read(&key_path).map(|k| (c, k)));
+                    candidates.push((Origin::File, stem, crt_path.display().to_string(), bytes));
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "https certs_dir {}: cannot read it ({e}); no certificates from files",
+                dir.display()
+            )),
         }
-    };
-    let mut stems: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter_map(|f| f.strip_suffix(".crt").map(str::to_string))
-        .collect();
-    stems.sort();
+    }
+    let mut supplied: Vec<&Supplied> = supplied.iter().collect();
+    supplied.sort_by(|a, b| (a.origin, &a.name).cmp(&(b.origin, &b.name)));
+    for s in supplied {
+        candidates.push((
+            s.origin,
+            s.name.clone(),
+            s.what.clone(),
+            Ok((s.crt.clone(), s.key.clone())),
+        ));
+    }
+    if candidates.is_empty() {
+        return (set, warnings);
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -175,29 +260,31 @@ pub fn load(certs_dir: &Path, serve_dir: &Path) -> (CertSet, Vec<String>) {
         ));
         return (set, warnings);
     }
-    for stem in stems {
-        let crt_path = certs_dir.join(format!("{stem}.crt"));
-        if !valid_name(&stem) {
-            warnings.push(format!(
-                "{}: skipped: expected <host>.crt or _wildcard.<domain>.crt with a lower-case DNS name",
-                crt_path.display()
-            ));
+    for (origin, name, what, bytes) in candidates {
+        if !valid_name(&name) {
+            warnings.push(match origin {
+                Origin::File => format!(
+                    "{what}: skipped: expected <host>.crt or _wildcard.<domain>.crt with a lower-case DNS name"
+                ),
+                _ => format!(
+                    "{what}: skipped: expected a lower-case DNS name or _wildcard.<domain> as its name"
+                ),
+            });
             continue;
         }
-        let key_path = certs_dir.join(format!("{stem}.key"));
-        let read =
-            |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-        let checked = read(&crt_path)
-            .and_then(|c| read(&key_path).map(|k| (c, k)))
-            .and_then(|(c, k)| check_pair(&stem, &c, &k, now).map(|r| (c, k, r)));
+        // A higher source serves it already (see the module docs).
+        if set.covers_name(&name) {
+            continue;
+        }
+        let checked = bytes.and_then(|(c, k)| check_pair(&name, &c, &k, now).map(|r| (c, k, r)));
         let (crt, key, (names, serial, not_after)) = match checked {
             Ok(x) => x,
             Err(e) => {
-                warnings.push(format!("{}: skipped: {e}", crt_path.display()));
+                warnings.push(format!("{what}: skipped: {e}"));
                 continue;
             }
         };
-        let pem = serve_dir.join(format!("{stem}.pem"));
+        let pem = serve_dir.join(format!("{name}.pem"));
         let mut bytes = crt;
         if !bytes.ends_with(b"\n") {
             bytes.push(b'\n');
@@ -205,20 +292,20 @@ pub fn load(certs_dir: &Path, serve_dir: &Path) -> (CertSet, Vec<String>) {
         bytes.extend_from_slice(&key);
         if let Err(e) = write_if_changed(&pem, &bytes) {
             warnings.push(format!(
-                "{}: skipped: cannot write {}: {e}",
-                crt_path.display(),
+                "{what}: skipped: cannot write {}: {e}",
                 pem.display()
             ));
             continue;
         }
         set.pairs.insert(
-            stem.clone(),
+            name.clone(),
             Arc::new(Pair {
-                name: stem,
+                name,
                 names,
                 pem,
                 serial,
                 not_after,
+                origin,
             }),
         );
     }
@@ -293,6 +380,7 @@ mod tests {
                 pem: PathBuf::from(format!("/s/{name}.pem")),
                 serial: "01".into(),
                 not_after: 0,
+                origin: Origin::File,
             }),
         )
     }
@@ -317,5 +405,91 @@ mod tests {
         assert_eq!(by("y.x.w.test"), None);
         assert_eq!(by("w.test"), None);
         assert_eq!(by("c.test"), None);
+    }
+
+    /// A self-signed `(cert PEM, key PEM)` for `names`.
+    fn self_signed(names: &[&str]) -> (Vec<u8>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    }
+
+    fn supplied(origin: Origin, name: &str, (crt, key): (Vec<u8>, Vec<u8>)) -> Supplied {
+        Supplied {
+            origin,
+            name: name.into(),
+            crt,
+            key,
+            what: format!("{origin:?} {name}"),
+        }
+    }
+
+    #[test]
+    fn files_then_store_then_acme_per_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (certs, serve) = (dir.path().join("certs"), dir.path().join("serve"));
+        std::fs::create_dir_all(&certs).unwrap();
+        for (stem, names) in [
+            ("a.test", &["a.test"][..]),
+            ("_wildcard.w.test", &["*.w.test"]),
+        ] {
+            let (crt, key) = self_signed(names);
+            std::fs::write(certs.join(format!("{stem}.crt")), crt).unwrap();
+            std::fs::write(certs.join(format!("{stem}.key")), key).unwrap();
+        }
+        let (bad_crt, _) = self_signed(&["d.test"]);
+        let (_, other_key) = self_signed(&["d.test"]);
+        let given = vec![
+            // Listed out of order: precedence does not depend on it.
+            supplied(Origin::Acme, "a.test", self_signed(&["a.test"])),
+            supplied(Origin::Store, "a.test", self_signed(&["a.test"])),
+            supplied(Origin::Store, "b.test", self_signed(&["b.test"])),
+            supplied(Origin::Acme, "b.test", self_signed(&["b.test"])),
+            supplied(Origin::Acme, "x.w.test", self_signed(&["x.w.test"])),
+            supplied(Origin::Acme, "c.test", self_signed(&["c.test"])),
+            supplied(Origin::Store, "d.test", (bad_crt, other_key)),
+            supplied(Origin::Acme, "d.test", self_signed(&["d.test"])),
+            supplied(Origin::Store, "e.test", self_signed(&["other.test"])),
+            supplied(Origin::Store, "F.test", self_signed(&["f.test"])),
+        ];
+        let (set, warnings) = load(Some(&certs), &given, &serve);
+        let origins: Vec<(&str, Origin)> = set
+            .pairs
+            .values()
+            .map(|p| (p.name.as_str(), p.origin))
+            .collect();
+        assert_eq!(
+            origins,
+            [
+                ("_wildcard.w.test", Origin::File),
+                ("a.test", Origin::File),
+                ("b.test", Origin::Store),
+                ("c.test", Origin::Acme),
+                // The store's pair is bad: the next source serves the name.
+                ("d.test", Origin::Acme),
+            ]
+        );
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings
+            .iter()
+            .any(|w| w == "Store d.test: skipped: the private key does not match the certificate"));
+        assert!(warnings
+            .iter()
+            .any(|w| w.starts_with("Store e.test: skipped: the certificate does not name e.test")));
+        assert!(warnings
+            .iter()
+            .any(|w| w.starts_with("Store F.test: skipped: expected a lower-case DNS name")));
+        // Served as file pairs are: one PEM per pair, and the crt-list.
+        let pem = std::fs::read_to_string(serve.join("c.test.pem")).unwrap();
+        assert!(pem.contains("BEGIN CERTIFICATE") && pem.contains("PRIVATE KEY"));
+        let list = std::fs::read_to_string(serve.join("crt-list")).unwrap();
+        assert_eq!(list.lines().count(), 5, "{list}");
+        // Without a certificates directory, the others are still served.
+        let (set, _) = load(None, &given, &serve);
+        assert_eq!(set.cover("a.test").unwrap().origin, Origin::Store);
+        assert_eq!(set.cover("x.w.test").unwrap().origin, Origin::Acme);
     }
 }

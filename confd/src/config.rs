@@ -484,20 +484,41 @@ pub struct Config {
     pub https: Option<HttpsConfig>,
 }
 
-/// `https: { certs_dir: PATH, serve_dir: PATH }` (see [`crate::certs`]).
+/// `https: { certs_dir: PATH, serve_dir: PATH, store_prefix: PREFIX }` (see [`crate::certs`]).
+/// An `acme:` section without `https:` means `https: {}`: ACME certificates need somewhere to
+/// be served from, and the defaults are that place.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpsConfig {
     /// One `<host>.crt` + `<host>.key` pair per host (`_wildcard.<domain>` for `*.<domain>`),
-    /// watched.
-    pub certs_dir: PathBuf,
+    /// watched. Optional: certificates may come from the store and ACME alone.
+    #[serde(default)]
+    pub certs_dir: Option<PathBuf>,
     /// Where confd writes the checked pairs the proxies read (`<name>.pem`, `crt-list`).
     #[serde(default = "default_serve_dir")]
     pub serve_dir: PathBuf,
+    /// Where operators put certificates in the store (`<prefix><name>`, JSON `{cert, key}`);
+    /// empty: the store is not read for certificates.
+    #[serde(default = "default_store_prefix")]
+    pub store_prefix: String,
+}
+
+impl Default for HttpsConfig {
+    fn default() -> HttpsConfig {
+        HttpsConfig {
+            certs_dir: None,
+            serve_dir: default_serve_dir(),
+            store_prefix: default_store_prefix(),
+        }
+    }
 }
 
 fn default_serve_dir() -> PathBuf {
     PathBuf::from("/run/switchboard-certs")
+}
+
+fn default_store_prefix() -> String {
+    crate::certs::STORE_PREFIX.to_string()
 }
 
 impl Config {
@@ -513,13 +534,13 @@ impl Config {
         };
         let cfg = merge(file, o)?;
         if let Some(h) = &cfg.https {
-            if !h.certs_dir.is_dir() {
+            if let Some(d) = h.certs_dir.as_ref().filter(|d| !d.is_dir()) {
                 return Err(ConfigError::Incomplete(format!(
                     "https certs_dir {}: expected a readable directory",
-                    h.certs_dir.display()
+                    d.display()
                 )));
             }
-            if h.serve_dir == h.certs_dir {
+            if h.certs_dir.as_ref() == Some(&h.serve_dir) {
                 return Err(ConfigError::Incomplete(format!(
                     "https serve_dir {}: expected a directory other than certs_dir",
                     h.serve_dir.display()
@@ -553,7 +574,7 @@ impl Config {
 fn resolve_sources(file: &mut FileConfig, config_path: &Path) {
     let dir = config_path.parent().unwrap_or(Path::new(""));
     if let Some(h) = &mut file.https {
-        for p in [&mut h.certs_dir, &mut h.serve_dir] {
+        for p in h.certs_dir.iter_mut().chain([&mut h.serve_dir]) {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
@@ -682,6 +703,14 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
             .ok_or_else(|| incomplete(format!("invalid --var {v:?}: expected KEY=VALUE")))?;
         vars.insert(k.to_string(), serde_json::Value::String(val.to_string()));
     }
+    let mut https = file.https;
+    if let Some(a) = &acme {
+        // The proxy's HTTP listener must send challenges to confd: that is what the
+        // templates' `acme_challenge` does, so it needs no second setting.
+        vars.entry("acme_challenge".to_string())
+            .or_insert_with(|| challenge_target(a.challenge_addr).into());
+        https.get_or_insert_with(HttpsConfig::default);
+    }
     Ok(Config {
         store,
         backend,
@@ -697,8 +726,19 @@ fn merge(file: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
         metrics_addr: file.metrics_addr,
         exec,
         acme,
-        https: file.https,
+        https,
     })
+}
+
+/// Where a proxy on this machine reaches a challenge listener bound to `addr`: an unspecified
+/// address (`0.0.0.0`, `::`) is reached on loopback.
+fn challenge_target(addr: std::net::SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v) if v.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v) if v.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, addr.port()).to_string()
 }
 
 /// `--exec` and `--exec-reload-signal` over the file's `exec:` block.
@@ -819,6 +859,35 @@ templates:
     dest: b
     live: { haproxy: { socket: /run/haproxy/admin.sock, drain_timeout: 10s } }
 "#;
+
+    #[test]
+    fn acme_implies_https_and_the_challenge_var() {
+        let acme = "templates: [{ src: a, dest: b }]\n\
+                    acme: { directory: https://acme.test/dir, challenge_addr: 0.0.0.0:8402 }\n";
+        let c = merge(parse_text(acme, "c.yaml").unwrap(), &overrides()).unwrap();
+        assert_eq!(
+            c.vars["acme_challenge"],
+            serde_json::json!("127.0.0.1:8402")
+        );
+        let h = c.https.unwrap();
+        assert_eq!(
+            (h.certs_dir, h.store_prefix.as_str()),
+            (None, "switchboard/certs/")
+        );
+        // An operator's own var and https section win.
+        let text = format!(
+            "{acme}vars: {{ acme_challenge: \"10.0.0.9:80\" }}\nhttps: {{ store_prefix: \"\" }}\n"
+        );
+        let c = merge(parse_text(&text, "c.yaml").unwrap(), &overrides()).unwrap();
+        assert_eq!(c.vars["acme_challenge"], serde_json::json!("10.0.0.9:80"));
+        assert_eq!(c.https.unwrap().store_prefix, "");
+        let c = merge(
+            parse_text("templates: [{ src: a, dest: b }]\nhttps: {}\n", "c.yaml").unwrap(),
+            &overrides(),
+        )
+        .unwrap();
+        assert!(!c.vars.contains_key("acme_challenge"));
+    }
 
     #[test]
     fn parses_the_documented_example() {

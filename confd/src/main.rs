@@ -181,6 +181,8 @@ fn main() -> ExitCode {
         telemetry: Telemetry::new(),
         // Reaches the supervisor once `serve` has started one.
         supervisor: SupervisorHandle::default(),
+        // Set once `serve` has started the ACME loop.
+        acme_certs: None,
     };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -277,7 +279,9 @@ async fn serve(
             store.clone(),
             shutdown.clone(),
         ));
-        let (certs, _) = tokio::sync::watch::channel(Default::default());
+        let (certs, served) = tokio::sync::watch::channel(Default::default());
+        // Every run serves them, beside the certificates from files and the store.
+        opts.acme_certs = Some(served);
         tokio::spawn(confd::acme::run(
             acme,
             store,

@@ -26,7 +26,9 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use switchboard::store::KvStore;
 use switchboard::{Backoff, Shutdown};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How a run behaves, and what it reports to beside the log: both handed in by whoever owns
@@ -43,6 +45,9 @@ pub struct RunOptions {
     /// The proxy confd supervises (`--exec`): told when every file is in place, and reloaded
     /// by signal for templates without a reload command. The default reaches none.
     pub supervisor: SupervisorHandle,
+    /// The certificates the ACME loop holds ([`crate::acme::run`], which outlives runs), served
+    /// beside those from files and the store.
+    pub acme_certs: Option<watch::Receiver<crate::acme::Certificates>>,
 }
 
 /// Pending-change bookkeeping for one template (pure, so it is unit-tested).
@@ -139,7 +144,25 @@ pub async fn run(
     }
     let once = opts.once || opts.dry_run;
     let mut renderer = Renderer::stopping_on(shutdown.clone());
-    let mut certs = load_certs(&cfg, None);
+    let mut acme_certs = opts.acme_certs.clone();
+    let cert_store = cert_store(&cfg);
+    // A one-shot render reads the store once; a daemon keeps reading it.
+    let mut store_pairs = match &cert_store {
+        Some(kv) if once => {
+            let pairs = match tokio::time::timeout(cfg.once_timeout, kv.list()).await {
+                Ok(Ok(values)) => crate::certs::store::decode(kv.prefix(), &values).0,
+                _ => Vec::new(),
+            };
+            Some(watch::channel(Arc::new(pairs)).1)
+        }
+        Some(kv) => {
+            let (tx, rx) = watch::channel(Default::default());
+            tokio::spawn(crate::certs::store::run(kv.clone(), tx, shutdown.clone()));
+            Some(rx)
+        }
+        None => None,
+    };
+    let mut certs = load_certs(&cfg, None, &supplied(&store_pairs, &acme_certs));
     if let Some(c) = &certs {
         renderer.set_certs(c.clone());
     }
@@ -190,9 +213,10 @@ pub async fn run(
     const CERTS_QUIET: Duration = Duration::from_millis(200);
     let (certs_tx, mut certs_rx) = tokio::sync::mpsc::unbounded_channel();
     let _certs_watcher = cfg.https.as_ref().and_then(|h| {
-        crate::watch::watch_dir(&h.certs_dir, certs_tx)
+        let dir = h.certs_dir.as_ref()?;
+        crate::watch::watch_dir(dir, certs_tx)
             .map_err(|e| {
-                tracing::warn!(error = %e, dir = %h.certs_dir.display(),
+                tracing::warn!(error = %e, dir = %dir.display(),
                     "cannot watch the certificates directory; certificates are read at start only")
             })
             .ok()
@@ -243,9 +267,12 @@ pub async fn run(
             Some(()) = certs_rx.recv() => {
                 certs_due = Some(Instant::now() + CERTS_QUIET);
             }
+            // The store's and ACME's certificates arrive whole: served at once.
+            () = changed(&mut store_pairs) => certs_due = Some(Instant::now()),
+            () = changed(&mut acme_certs) => certs_due = Some(Instant::now()),
             _ = sleep_until(certs_due), if certs_due.is_some() => {
                 certs_due = None;
-                let new = load_certs(&cfg, certs.as_deref());
+                let new = load_certs(&cfg, certs.as_deref(), &supplied(&store_pairs, &acme_certs));
                 if new != certs {
                     if let Some(c) = &new {
                         renderer.set_certs(c.clone());
@@ -304,15 +331,62 @@ pub async fn run(
     }
 }
 
-/// The certificates of `https: { certs_dir }` checked again (`None` without `https:`), with a
-/// warning per bad pair; `was` is the set served until now, whose pairs are logged again
-/// only when they change.
+/// The store holding operators' certificates (`https.store_prefix`), if it is to be read.
+fn cert_store(cfg: &Config) -> Option<KvStore> {
+    let h = cfg.https.as_ref().filter(|h| !h.store_prefix.is_empty())?;
+    KvStore::with_settings(&cfg.backend, &h.store_prefix, &cfg.store)
+        .map_err(|e| {
+            tracing::warn!(
+                "https store_prefix {}: cannot read the store: {e}",
+                h.store_prefix
+            )
+        })
+        .ok()
+}
+
+/// The next change on `rx`; never once it is closed, or without one.
+async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) {
+    let closed = match rx {
+        Some(r) => r.changed().await.is_err(),
+        None => true,
+    };
+    if closed {
+        *rx = None;
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The store's pairs and ACME's certificates, as [`crate::certs::load`] takes them.
+fn supplied(
+    store: &Option<watch::Receiver<crate::certs::store::StorePairs>>,
+    acme: &Option<watch::Receiver<crate::acme::Certificates>>,
+) -> Vec<crate::certs::Supplied> {
+    let mut out: Vec<crate::certs::Supplied> = store
+        .as_ref()
+        .map(|r| r.borrow().as_ref().clone())
+        .unwrap_or_default();
+    if let Some(r) = acme {
+        out.extend(r.borrow().values().map(|c| crate::certs::Supplied {
+            origin: crate::certs::Origin::Acme,
+            name: c.host.clone(),
+            crt: c.chain_pem.clone().into_bytes(),
+            key: c.key_pem.clone().into_bytes(),
+            what: format!("acme certificate of {}", c.host),
+        }));
+    }
+    out
+}
+
+/// The certificates of `https:` (files, then `supplied`) checked again (`None` without
+/// `https:`), with a warning per bad pair; `was` is the set served until now, whose pairs
+/// are logged again only when they change.
 fn load_certs(
     cfg: &Config,
     was: Option<&crate::certs::CertSet>,
+    supplied: &[crate::certs::Supplied],
 ) -> Option<Arc<crate::certs::CertSet>> {
     let h = cfg.https.as_ref()?;
-    let (set, warnings) = crate::certs::load(&h.certs_dir, &h.serve_dir);
+    let (set, warnings) = crate::certs::load(h.certs_dir.as_deref(), supplied, &h.serve_dir);
     for w in warnings {
         tracing::warn!("{w}");
     }

@@ -103,6 +103,27 @@ impl KvStore {
         }
     }
 
+    /// Every value under the prefix, by name (the key after the prefix). Cancel-safe (a read).
+    pub async fn list(&self) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError> {
+        let strip = |k: &str| k.strip_prefix(self.prefix.as_str()).map(str::to_string);
+        match &self.backend {
+            Backend::Consul(c) => Ok(c
+                .kv_list(&self.prefix, 0, Duration::ZERO)
+                .await?
+                .0
+                .into_iter()
+                .filter_map(|(k, v)| Some((strip(&k)?, v)))
+                .collect()),
+            Backend::Etcd(c) => Ok(c
+                .range_prefix(&self.prefix)
+                .await?
+                .kvs
+                .into_iter()
+                .filter_map(|kv| Some((strip(&kv.key)?, kv.value)))
+                .collect()),
+        }
+    }
+
     /// Writes `name`, whatever was there.
     pub async fn put(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
         let key = self.key(name);
