@@ -23,6 +23,7 @@
 mod apps;
 pub mod cluster;
 mod consul;
+pub mod curl;
 mod docker;
 mod etcd;
 pub mod load;

@@ -54,9 +54,22 @@ impl HaproxyConfd {
         live: bool,
         ready: impl Fn(&str) -> bool,
     ) -> HaproxyConfd {
+        HaproxyConfd::start_on(free_port(), backend_uri, bind, settings, vars, live, ready).await
+    }
+
+    /// [`HaproxyConfd::start_live`] with HAProxy's HTTP listener on `port` (chosen before,
+    /// e.g. for an ACME server to validate on).
+    pub async fn start_on(
+        port: u16,
+        backend_uri: &str,
+        bind: &str,
+        settings: &str,
+        vars: &[(&str, String)],
+        live: bool,
+        ready: impl Fn(&str) -> bool,
+    ) -> HaproxyConfd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display().to_string();
-        let port = free_port();
         let mut var_lines =
             format!("  listen: {port}\n  bind_address: {bind}\n  pid: {d}/haproxy.pid\n");
         for (k, v) in vars {
@@ -211,9 +224,21 @@ impl NginxConfd {
         vars: &[(&str, String)],
         ready: &str,
     ) -> NginxConfd {
+        NginxConfd::start_on(free_port(), dir, backend_uri, settings, vars, ready).await
+    }
+
+    /// [`NginxConfd::start_in`] with nginx's HTTP listener on `port` (chosen before, e.g. for
+    /// an ACME server to validate on).
+    pub async fn start_on(
+        port: u16,
+        dir: tempfile::TempDir,
+        backend_uri: &str,
+        settings: &str,
+        vars: &[(&str, String)],
+        ready: &str,
+    ) -> NginxConfd {
         const WAIT: Duration = Duration::from_secs(30);
         let d = dir.path().display().to_string();
-        let port = free_port();
         let mut var_lines = String::new();
         for (k, v) in vars {
             var_lines.push_str(&format!("  {k}: {v}\n"));
