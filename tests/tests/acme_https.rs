@@ -8,6 +8,8 @@
 //! and plain HTTP redirects with 308. The time from the registration to the first HTTPS
 //! answer is printed (`first HTTPS answer`). Two confd + proxy pairs on one store serve the
 //! host with one certificate, ordered once, and either proxy answers any pending challenge.
+//! A certificate an operator puts in the store (`switchboard/certs/<host>`) is served, and
+//! preferred over ACME's for the same host.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -229,5 +231,93 @@ async fn two_proxies_share_one_certificate() {
         "nginx's confd:\n{}\nHAProxy's confd:\n{}",
         a.confd().output(),
         b.confd().output()
+    );
+}
+
+/// An operator's certificate in the store is served, before and after ACME has one for the
+/// same host; a bad record is skipped with a warning naming its key.
+#[tokio::test]
+async fn operator_certificate_from_the_store_wins_over_acme() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let consul = Consul::start().await;
+    let (port, https_port) = (free_port(), free_port());
+    let pebble = Pebble::start(port).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The operator's private CA and a certificate for HOST.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "operator test CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![HOST.to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca_file = dir.path().join("operator-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let ops = KvStore::with_settings(
+        &RegistryUri::parse(&consul.uri()).unwrap(),
+        "switchboard/certs/",
+        &StoreSettings::default(),
+    )
+    .unwrap();
+    let record = serde_json::json!({"cert": cert.pem(), "key": key.serialize_pem()});
+    ops.put(HOST, record.to_string().as_bytes()).await.unwrap();
+    ops.put("bad.example.test", b"{}").await.unwrap();
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start("haproxy", &consul, &pebble, port, https_port, free_port()).await;
+    register(&consul, &app).await;
+    let served = |ca: PathBuf| async move {
+        let r = https_get(&ca, HOST, https_port, &[]).await;
+        (r.code == 0 && r.status == "200" && r.body == "app").then_some(())
+    };
+    let first = poll(WAIT, Duration::from_millis(100), || served(ca_file.clone())).await;
+    assert!(
+        first.is_some(),
+        "the operator's certificate is not served; confd:\n{}",
+        proxy.confd().output()
+    );
+    // ACME keeps a certificate for the host too; the operator's stays the one served.
+    proxy
+        .confd()
+        .wait_output("acme: certificate stored", WAIT)
+        .await;
+    let root = root_file(&pebble, dir.path()).await;
+    let acme_stored = KvStore::with_settings(
+        &RegistryUri::parse(&consul.uri()).unwrap(),
+        "switchboard/acme/",
+        &StoreSettings::default(),
+    )
+    .unwrap();
+    assert!(acme_stored
+        .get(&format!("certs/{HOST}"))
+        .await
+        .unwrap()
+        .is_some());
+    // Were ACME's certificate to win, the proxy would serve it within a reload (well under a
+    // second here): watch for that for a bounded while.
+    let acme_served = poll(Duration::from_secs(3), Duration::from_millis(100), || {
+        served(root.clone())
+    })
+    .await;
+    assert!(
+        acme_served.is_none(),
+        "ACME's certificate must not be served"
+    );
+    assert!(
+        served(ca_file.clone()).await.is_some(),
+        "{}",
+        proxy.confd().output()
+    );
+    assert!(
+        proxy
+            .confd()
+            .output()
+            .contains("store key switchboard/certs/bad.example.test: skipped: expected JSON"),
+        "{}",
+        proxy.confd().output()
     );
 }
