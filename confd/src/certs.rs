@@ -210,8 +210,9 @@ pub fn load(
 ) -> (CertSet, Vec<String>) {
     let mut warnings = Vec::new();
     let mut set = CertSet::default();
-    let mut candidates: Vec<(Origin, String, String, Result<(Vec<u8>, Vec<u8>), String>)> =
-        Vec::new();
+    // (source, name, where from, the crt and key bytes or why they could not be read)
+    type Candidate = (Origin, String, String, Result<(Vec<u8>, Vec<u8>), String>);
+    let mut candidates: Vec<Candidate> = Vec::new();
     if let Some(dir) = certs_dir {
         match std::fs::read_dir(dir) {
             Ok(entries) => {
