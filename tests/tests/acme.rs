@@ -25,14 +25,15 @@ fn web(vhost: &str) -> Service {
     }
 }
 
-/// A confd config with an `acme:` section, in `dir`.
-fn config(
+/// A confd config with an `acme:` section (plus `extra`, lines of that section), in `dir`.
+fn config_with(
     dir: &Path,
     backend: &str,
     directory: &str,
     ca_file: &Path,
     challenge: u16,
     metrics: u16,
+    extra: &str,
 ) -> String {
     let tpl = dir.join("t.hbs");
     std::fs::write(&tpl, "rendered\n").unwrap();
@@ -41,7 +42,7 @@ fn config(
         &path,
         format!(
             "backend: {backend}\nmetrics_addr: 127.0.0.1:{metrics}\ntemplates:\n  - src: {}\n    dest: {}\n\
-             acme:\n  directory: {directory}\n  email: ops@example.test\n  ca_file: {}\n  challenge_addr: 127.0.0.1:{challenge}\n",
+             acme:\n  directory: {directory}\n  email: ops@example.test\n  ca_file: {}\n  challenge_addr: 127.0.0.1:{challenge}\n{extra}",
             tpl.display(),
             dir.join(format!("out-{challenge}")).display(),
             ca_file.display(),
@@ -49,6 +50,57 @@ fn config(
     )
     .unwrap();
     path.display().to_string()
+}
+
+fn config(
+    dir: &Path,
+    backend: &str,
+    directory: &str,
+    ca_file: &Path,
+    challenge: u16,
+    metrics: u16,
+) -> String {
+    config_with(dir, backend, directory, ca_file, challenge, metrics, "")
+}
+
+/// The store a test runs against: its confd backend URI, kept alive with the test.
+enum Backend {
+    Consul(Consul),
+    Etcd(Etcd),
+}
+
+impl Backend {
+    async fn consul() -> Backend {
+        Backend::Consul(Consul::start().await)
+    }
+
+    async fn etcd() -> Backend {
+        Backend::Etcd(Etcd::start().await)
+    }
+
+    fn uri(&self) -> String {
+        match self {
+            Backend::Consul(c) => c.uri(),
+            Backend::Etcd(e) => e.uri("svc"),
+        }
+    }
+
+    async fn register(&self, vhost: &str) {
+        Store::new(&RegistryUri::parse(&self.uri()).unwrap())
+            .register(&web(vhost))
+            .await
+            .unwrap();
+    }
+
+    /// How long a dead holder keeps the lock at most, with `lock_ttl`: Consul frees a
+    /// session between one and two TTLs (of at least 10 s) after its last renewal, etcd a
+    /// lease one TTL after.
+    fn dead_holder_bound(&self, lock_ttl: Duration) -> Duration {
+        match self {
+            Backend::Consul(_) => lock_ttl.max(Duration::from_secs(10)) * 2,
+            Backend::Etcd(_) => lock_ttl,
+        }
+    }
 }
 
 fn kv(uri: &str) -> KvStore {
@@ -66,27 +118,23 @@ async fn stored_chain(store: &KvStore, host: &str) -> Option<String> {
     Some(rec["chain"].as_str()?.to_string())
 }
 
-#[tokio::test]
-async fn confd_obtains_a_certificate_from_pebble() {
-    let consul = Consul::start().await;
+/// confd on `backend` obtains a certificate from pebble, stores it and shows its expiry.
+async fn obtains_a_certificate(backend: Backend) {
     let challenge = free_port();
     let pebble = Pebble::start(challenge).await;
-    Store::new(&RegistryUri::parse(&consul.uri()).unwrap())
-        .register(&web(HOST))
-        .await
-        .unwrap();
+    backend.register(HOST).await;
     let dir = tempfile::tempdir().unwrap();
     let metrics = free_port();
     let cfg = config(
         dir.path(),
-        &consul.uri(),
+        &backend.uri(),
         &pebble.directory(),
         &pebble.ca_file(),
         challenge,
         metrics,
     );
     let confd = spawn_confd(&["--config", &cfg]);
-    let store = kv(&consul.uri());
+    let store = kv(&backend.uri());
     let chain = wait_for("a certificate in the store", WAIT, || {
         stored_chain(&store, HOST)
     })
@@ -111,6 +159,16 @@ async fn confd_obtains_a_certificate_from_pebble() {
     })
     .await;
     assert!(!body.contains("acme_order_failures_total{"), "{body}");
+}
+
+#[tokio::test]
+async fn confd_obtains_a_certificate_from_pebble() {
+    obtains_a_certificate(Backend::consul().await).await;
+}
+
+#[tokio::test]
+async fn confd_obtains_a_certificate_on_etcd() {
+    obtains_a_certificate(Backend::etcd().await).await;
 }
 
 #[tokio::test]
@@ -215,4 +273,83 @@ async fn unreachable_directory_backs_off_with_one_line_per_try() {
     // Backoff: over the first few seconds, far fewer tries than seconds x passes.
     let n = log.matches(&line).count();
     assert!(n <= 4, "{n} tries:\n{log}");
+}
+
+/// The lock holder is killed (`kill -9`) mid-order, while pebble's validation request is held
+/// at a [`Gate`]: the other confd takes the lock once the store frees it and stores the
+/// certificate, within the bound the lock's TTL gives.
+async fn dead_holder_mid_order(backend: Backend, lock_ttl: Duration) {
+    let (ca, cb) = (free_port(), free_port());
+    // Pebble's validation goes through the gate to B's challenge listener (which answers
+    // from the store whoever ordered).
+    let gate = Gate::start(cb).await;
+    let pebble = Pebble::start(gate.port()).await;
+    backend.register(HOST).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("  lock_ttl: {}s\n", lock_ttl.as_secs());
+    let cfg = |port| {
+        config_with(
+            dir.path(),
+            &backend.uri(),
+            &pebble.directory(),
+            &pebble.ca_file(),
+            port,
+            free_port(),
+            &extra,
+        )
+    };
+    let mut a = spawn_confd(&["--config", &cfg(ca)]);
+    // A holds the lock, its token is in the store, and pebble is validating it.
+    wait_for("pebble's validation request at the gate", WAIT, || async {
+        (gate.arrived() >= 1).then_some(())
+    })
+    .await;
+    let store = kv(&backend.uri());
+    let lock = String::from_utf8(store.get("lock").await.unwrap().unwrap().value).unwrap();
+    assert!(
+        lock.starts_with(&format!("confd pid {} on ", a.pid())),
+        "{lock}"
+    );
+    assert!(a.output().contains("acme: took the lock"), "{}", a.output());
+    let b = spawn_confd(&["--config", &cfg(cb)]);
+    b.wait_output("answering ACME challenges on", WAIT).await;
+    a.kill9();
+    let killed = std::time::Instant::now();
+    gate.open();
+    // The lock's bound, plus one order (pebble answers in well under a second without its
+    // sleeps) and a few store round trips.
+    let bound = backend.dead_holder_bound(lock_ttl) + Duration::from_secs(10);
+    let chain = poll(bound, Duration::from_millis(100), || {
+        stored_chain(&store, HOST)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "no certificate within {bound:?} of the holder's death; B:\n{}",
+            b.output()
+        )
+    });
+    println!(
+        "B stored the certificate {:?} after A died",
+        killed.elapsed()
+    );
+    pebble.verify(&chain, HOST).await.unwrap();
+    let log = b.output();
+    assert!(log.contains("acme: took the lock"), "{log}");
+    assert!(log.contains("acme: certificate stored"), "{log}");
+    // B released the lock once done.
+    wait_for("the lock released", WAIT, || async {
+        store.get("lock").await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn consul_dead_holder_mid_order_lets_the_other_finish() {
+    dead_holder_mid_order(Backend::consul().await, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn etcd_dead_holder_mid_order_lets_the_other_finish() {
+    dead_holder_mid_order(Backend::etcd().await, Duration::from_secs(2)).await;
 }

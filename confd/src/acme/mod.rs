@@ -33,8 +33,6 @@ use tokio::sync::watch;
 /// The current certificate of each host that has one, by host name.
 pub type Certificates = Arc<BTreeMap<String, Arc<Certificate>>>;
 
-/// How long a dead orderer keeps the lock.
-const LOCK_TTL: Duration = Duration::from_secs(10);
 /// How often stored certificates are read again, to pick up what other confds stored.
 const REREAD: Duration = Duration::from_secs(10);
 
@@ -184,7 +182,7 @@ async fn order_all(
             .inc();
         tracing::warn!("acme: {host}: {cause} (retrying in {delay:?})");
     };
-    let mut lock = match store.lock(LOCK, holder, LOCK_TTL).await {
+    let mut lock = match store.lock(LOCK, holder, cfg.lock_ttl).await {
         Ok(l) => l,
         Err(e) => {
             for h in hosts {
@@ -197,6 +195,7 @@ async fn order_all(
             return Vec::new();
         }
     };
+    tracing::info!(lock = %lock.key(), hosts = hosts.len(), "acme: took the lock");
     let mut got = Vec::new();
     let mut account = None;
     for host in hosts {
