@@ -353,3 +353,99 @@ async fn consul_dead_holder_mid_order_lets_the_other_finish() {
 async fn etcd_dead_holder_mid_order_lets_the_other_finish() {
     dead_holder_mid_order(Backend::etcd().await, Duration::from_secs(2)).await;
 }
+
+/// `/metrics` of the confd serving it on `port`.
+async fn metrics(port: u16) -> Option<String> {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// A host the ACME server refuses and a host whose stored certificate is garbage: the first
+/// fails alone (one line naming it, its own failure counter), the second is ordered again,
+/// and the healthy host gets its certificate either way.
+#[tokio::test]
+async fn faults_affect_only_their_host() {
+    const REFUSED: &str = "app.refused.test";
+    const CORRUPT: &str = "corrupt.example.test";
+    let backend = Backend::consul().await;
+    let challenge = free_port();
+    let pebble = Pebble::start_with(challenge, &["refused.test"]).await;
+    for h in [HOST, REFUSED, CORRUPT] {
+        backend.register(h).await;
+    }
+    let store = kv(&backend.uri());
+    store
+        .put(&format!("certs/{CORRUPT}"), b"\x00garbage{")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = config(
+        dir.path(),
+        &backend.uri(),
+        &pebble.directory(),
+        &pebble.ca_file(),
+        challenge,
+        port,
+    );
+    let confd = spawn_confd(&["--config", &cfg]);
+    for h in [HOST, CORRUPT] {
+        let chain = wait_for("a certificate in the store", WAIT, || {
+            stored_chain(&store, h)
+        })
+        .await;
+        pebble
+            .verify(&chain, h)
+            .await
+            .unwrap_or_else(|e| panic!("{h}: {e}\n{}", confd.output()));
+    }
+    let refused = format!("acme: {REFUSED}: ");
+    wait_for("two refused tries", WAIT, || async {
+        (confd.output().matches(&refused).count() >= 2).then_some(())
+    })
+    .await;
+    let log = confd.output();
+    for line in log.lines().filter(|l| l.contains(&refused)) {
+        assert!(line.contains("new order: "), "{line}");
+        assert!(line.contains("retrying in"), "{line}");
+    }
+    let corrupt = log
+        .lines()
+        .find(|l| l.contains(&format!("acme: {CORRUPT}: ")))
+        .unwrap_or_else(|| panic!("no line naming {CORRUPT}:\n{log}"));
+    assert!(
+        corrupt.contains("stored certificate unusable, ordering again"),
+        "{corrupt}"
+    );
+    assert_eq!(store.get(&format!("certs/{REFUSED}")).await.unwrap(), None);
+    let m = wait_for("the refused host's failures", WAIT, || async {
+        metrics(port).await.filter(|m| {
+            m.contains(&format!(
+                "confd_acme_order_failures_total{{host=\"{REFUSED}\"}}"
+            ))
+        })
+    })
+    .await;
+    for h in [HOST, CORRUPT] {
+        assert!(
+            !m.contains(&format!("confd_acme_order_failures_total{{host=\"{h}\"}}")),
+            "{m}"
+        );
+        assert!(
+            m.contains(&format!(
+                "confd_acme_certificate_expiry_timestamp_seconds{{host=\"{h}\"}}"
+            )),
+            "{m}"
+        );
+    }
+    assert!(
+        !m.contains(&format!(
+            "confd_acme_certificate_expiry_timestamp_seconds{{host=\"{REFUSED}\"}}"
+        )),
+        "{m}"
+    );
+}
