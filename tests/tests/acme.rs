@@ -449,3 +449,116 @@ async fn faults_affect_only_their_host() {
         "{m}"
     );
 }
+
+/// A self-signed certificate for `host`, valid between the two dates (year, month, day), as
+/// confd stores it (unsealed).
+fn stored_record(host: &str, from: (i32, u8, u8), to: (i32, u8, u8)) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+    params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+    let cert = params.self_signed(&key).unwrap();
+    confd::acme::Certificate::from_pem(host, cert.pem(), key.serialize_pem())
+        .unwrap()
+        .to_record(&confd::acme::storage::Sealer::none())
+}
+
+/// Certificates within `renew_before` of their expiry, or past it, are noted on `/healthz`
+/// (which stays healthy: the other hosts serve) while their renewal fails; the expiry gauge
+/// shows each host. A certificate that is due as soon as it is issued (`renew_before` longer
+/// than the ACME server's lifetimes) is not ordered again in a loop: it backs off.
+#[tokio::test]
+async fn healthz_notes_certificates_due_or_expired() {
+    const DUE: &str = "due.refused.test";
+    const EXPIRED: &str = "expired.refused.test";
+    let backend = Backend::consul().await;
+    let challenge = free_port();
+    let pebble = Pebble::start_with(challenge, &["refused.test"]).await;
+    let store = kv(&backend.uri());
+    store
+        .put(
+            &format!("certs/{DUE}"),
+            &stored_record(DUE, (2020, 1, 1), (2030, 1, 1)),
+        )
+        .await
+        .unwrap();
+    store
+        .put(
+            &format!("certs/{EXPIRED}"),
+            &stored_record(EXPIRED, (2020, 1, 1), (2021, 1, 1)),
+        )
+        .await
+        .unwrap();
+    for h in [HOST, DUE, EXPIRED] {
+        backend.register(h).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = config_with(
+        dir.path(),
+        &backend.uri(),
+        &pebble.directory(),
+        &pebble.ca_file(),
+        challenge,
+        port,
+        "  renew_before: 87600h\n",
+    );
+    let confd = spawn_confd(&["--config", &cfg]);
+    let healthz = format!("http://127.0.0.1:{port}/healthz");
+    let body = wait_for("/healthz noting all three hosts", WAIT, || async {
+        let r = reqwest::get(&healthz).await.ok()?;
+        let status = r.status();
+        let t = r.text().await.ok()?;
+        (t.contains(&format!("acme {HOST}: ")) && t.contains(&format!("acme {DUE}: ")))
+            .then_some((status, t))
+    })
+    .await;
+    assert_eq!(body.0, 200, "{}", body.1);
+    let lines: Vec<&str> = body.1.lines().collect();
+    assert_eq!(lines[0], "ok", "{}", body.1);
+    let due = format!("acme {DUE}: certificate expires 2030-01-01T00:00:00Z (in ");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&due) && l.ends_with("), renewal due")),
+        "{}",
+        body.1
+    );
+    assert!(
+        lines.contains(
+            &format!("acme {EXPIRED}: certificate expired 2021-01-01T00:00:00Z, not served until renewed")
+                .as_str()
+        ),
+        "{}",
+        body.1
+    );
+    let m = metrics(port).await.unwrap();
+    assert!(
+        m.contains(&format!(
+            "confd_acme_certificate_expiry_timestamp_seconds{{host=\"{EXPIRED}\"}} 1609459200\n"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "confd_acme_certificate_expiry_timestamp_seconds{{host=\"{DUE}\"}} 1893456000\n"
+        )),
+        "{m}"
+    );
+    // The host pebble serves got one certificate, due at once: it backs off, not loops.
+    let log = confd.output();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("acme: {HOST}: ")))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("already within acme.renew_before") && line.contains("retrying in"),
+        "{line}"
+    );
+    assert_eq!(
+        log.matches(&format!("acme: certificate stored host={HOST}"))
+            .count(),
+        1,
+        "{log}"
+    );
+}
