@@ -562,3 +562,66 @@ async fn healthz_notes_certificates_due_or_expired() {
         "{log}"
     );
 }
+
+/// SIGHUP with a new backend and a new `acme.prefix`: the ACME loop follows the new source
+/// and settings (the new store gets the new host's certificate under the new prefix), and
+/// leaves the old store alone.
+#[tokio::test]
+async fn sighup_moves_acme_to_the_new_source_and_settings() {
+    const SECOND: &str = "second.example.test";
+    const LATE: &str = "late.example.test";
+    let (old, new) = (Backend::consul().await, Backend::etcd().await);
+    let challenge = free_port();
+    let pebble = Pebble::start(challenge).await;
+    old.register(HOST).await;
+    new.register(SECOND).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |backend: &Backend, extra: &str| {
+        config_with(
+            dir.path(),
+            &backend.uri(),
+            &pebble.directory(),
+            &pebble.ca_file(),
+            challenge,
+            0,
+            extra,
+        )
+    };
+    let cfg = write(&old, "");
+    let confd = spawn_confd(&["--config", &cfg]);
+    let old_store = kv(&old.uri());
+    wait_for("the first certificate", WAIT, || {
+        stored_chain(&old_store, HOST)
+    })
+    .await;
+    write(&new, "  prefix: other/acme/\n");
+    confd.signal(libc::SIGHUP);
+    let new_store = KvStore::with_settings(
+        &RegistryUri::parse(&new.uri()).unwrap(),
+        "other/acme/",
+        &StoreSettings::default(),
+    )
+    .unwrap();
+    let chain = wait_for("the new store's certificate", WAIT, || {
+        stored_chain(&new_store, SECOND)
+    })
+    .await;
+    pebble
+        .verify(&chain, SECOND)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", confd.output()));
+    assert!(
+        confd.output().contains("(re)starting ACME"),
+        "{}",
+        confd.output()
+    );
+    // A host registered in the old store now gets nothing there; one in the new store does.
+    old.register(LATE).await;
+    new.register(LATE).await;
+    wait_for("the late host's certificate", WAIT, || {
+        stored_chain(&new_store, LATE)
+    })
+    .await;
+    assert_eq!(stored_chain(&old_store, LATE).await, None);
+    assert_eq!(kv(&new.uri()).get("account").await.unwrap(), None);
+}

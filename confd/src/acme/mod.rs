@@ -60,6 +60,65 @@ pub fn hosts(snapshot: &Snapshot) -> (BTreeSet<String>, Vec<String>) {
     (hosts, warnings)
 }
 
+/// The ACME part of a running confd for one configuration and one store source: the
+/// challenge listener and the loop. A reload that changes the `acme:` section or replaces the
+/// source stops it as a whole and starts another, so it always follows the current
+/// snapshots, store and settings; the certificates channel outlives it.
+#[derive(Debug)]
+pub struct Running {
+    cfg: AcmeConfig,
+    stop: Shutdown,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Binds the challenge listener (the error names `acme.challenge_addr`) and starts the
+    /// loop on `snapshots`, with the store at `backend` reached with `settings`.
+    pub async fn start(
+        cfg: AcmeConfig,
+        backend: &switchboard::RegistryUri,
+        settings: &switchboard::store::StoreSettings,
+        snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+        telemetry: &Telemetry,
+        out: watch::Sender<Certificates>,
+        shutdown: &Shutdown,
+    ) -> Result<Running, String> {
+        let store = KvStore::with_settings(backend, &cfg.prefix, settings)
+            .map_err(|e| format!("acme: {e}"))?;
+        let listener = challenge::bind(cfg.challenge_addr).await?;
+        if let Ok(a) = listener.local_addr() {
+            tracing::info!("answering ACME challenges on {a}");
+        }
+        let stop = shutdown.child_token();
+        let tasks = vec![
+            tokio::spawn(challenge::serve(listener, store.clone(), stop.clone())),
+            tokio::spawn(run(
+                cfg.clone(),
+                store,
+                snapshots,
+                telemetry.clone(),
+                out,
+                stop.clone(),
+            )),
+        ];
+        Ok(Running { cfg, stop, tasks })
+    }
+
+    /// Whether it runs with these settings.
+    pub fn runs(&self, cfg: &AcmeConfig) -> bool {
+        self.cfg == *cfg
+    }
+
+    /// Stops both tasks and waits for them: the listener is closed and the lock, if held,
+    /// released (dropped) before this returns.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
 /// Per-host retry state.
 struct Retry {
     backoff: Backoff,
