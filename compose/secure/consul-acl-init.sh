@@ -5,7 +5,8 @@
 #
 #   management-token   from `consul acl bootstrap` (default-deny: nothing works without one)
 #   registrator-token  service:write (every service name) + node:read
-#   confd-token        service:read + node:read + key:read
+#   confd-token        service:read + node:read + key:read, and for automatic HTTPS
+#                      key:write on switchboard/acme/ and session:write (the ordering lock)
 #   the agent's token  node:write, so the server may keep its own node in the catalog
 #
 # All of them live in the `acl` volume, which only this service mounts; each consumer's own
@@ -39,10 +40,15 @@ if [ ! -s "$dir/management-token" ]; then
 fi
 export CONSUL_HTTP_TOKEN_FILE="$dir/management-token"
 
-# policy NAME RULES: creates the policy unless it exists.
+# policy NAME RULES: creates the policy, or sets these rules on the existing one (so a
+# stack made with older rules gets the current ones at its next `up`).
 policy() {
-  consul acl policy read -name "$1" >/dev/null 2>&1 ||
+  id=$(consul acl policy read -name "$1" -format=json 2>/dev/null | sed -n 's/^ *"ID": *"\([^"]*\)".*/\1/p' | head -n 1)
+  if [ -n "$id" ]; then
+    consul acl policy update -id "$id" -rules "$2" >/dev/null
+  else
     consul acl policy create -name "$1" -rules "$2" >/dev/null
+  fi
 }
 
 # token NAME POLICY: a token with that policy, its secret in $dir/NAME-token.
@@ -58,7 +64,7 @@ token() {
 }
 
 policy registrator 'service_prefix "" { policy = "write" } node_prefix "" { policy = "read" }'
-policy confd 'service_prefix "" { policy = "read" } node_prefix "" { policy = "read" } key_prefix "" { policy = "read" }'
+policy confd 'service_prefix "" { policy = "read" } node_prefix "" { policy = "read" } key_prefix "" { policy = "read" } key_prefix "switchboard/acme/" { policy = "write" } session_prefix "" { policy = "write" }'
 policy agent 'node_prefix "" { policy = "write" } service_prefix "" { policy = "read" }'
 token registrator registrator
 token confd confd

@@ -130,6 +130,22 @@ impl CertSet {
     }
 }
 
+/// The pairs of `new` that `old` served under the same name and file with another
+/// certificate: renewals. The rendered configs do not change for them (nothing in a template
+/// depends on a certificate's bytes), so the live channels put them into the running proxies
+/// ([`crate::live::LiveChannel::certs_renewed`]). Pure.
+pub fn renewed(old: &CertSet, new: &CertSet) -> Vec<Arc<Pair>> {
+    new.pairs
+        .values()
+        .filter(|n| {
+            old.pairs.get(&n.name).is_some_and(|o| {
+                o.pem == n.pem && (o.serial != n.serial || o.not_after != n.not_after)
+            })
+        })
+        .cloned()
+        .collect()
+}
+
 /// The pair in `crt` and `key` checked for `name` at `now` (seconds since the epoch): the
 /// certificate chain, or why it cannot be served (one line, without the file name).
 pub fn check_pair(
@@ -384,6 +400,29 @@ mod tests {
                 origin: Origin::File,
             }),
         )
+    }
+
+    #[test]
+    fn renewed_pairs_are_those_served_before_with_another_certificate() {
+        let set = |pairs: &[(&str, &str)]| CertSet {
+            pairs: pairs
+                .iter()
+                .map(|(n, serial)| {
+                    let (k, p) = pair(n, &[n]);
+                    let mut p = (*p).clone();
+                    p.serial = serial.to_string();
+                    (k, Arc::new(p))
+                })
+                .collect(),
+            crt_list: None,
+        };
+        let old = set(&[("a.test", "01"), ("b.test", "02")]);
+        let new = set(&[("a.test", "11"), ("b.test", "02"), ("c.test", "03")]);
+        let names = |v: Vec<Arc<Pair>>| v.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        // A new pair (c) is no renewal, nor an unchanged one (b).
+        assert_eq!(names(renewed(&old, &new)), ["a.test"]);
+        assert!(renewed(&new, &new).is_empty());
+        assert!(renewed(&CertSet::default(), &new).is_empty());
     }
 
     #[test]

@@ -29,7 +29,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use switchboard::store::KvStore;
 use switchboard::telemetry::{parse_listen_addr, LogFormat, TelemetryServer};
 use switchboard::{GoFlags, Shutdown};
 use tokio::signal::unix::{signal, SignalKind};
@@ -265,32 +264,28 @@ async fn serve(
             return Err(e);
         }
     };
-    // Automatic HTTPS, started once with the first configuration: its challenge listener and
-    // its lock live as long as the process.
-    if let Some(acme) = cfg.acme.clone().filter(|_| !(opts.once || opts.dry_run)) {
-        let store = KvStore::with_settings(&cfg.backend, &acme.prefix, &cfg.store)
-            .map_err(anyhow::Error::msg)?;
-        let listener = confd::acme::challenge::bind(acme.challenge_addr)
+    // Automatic HTTPS: restarted by a reload that changes its settings or the source (see
+    // `reacme`); the certificates channel lives as long as the process.
+    let (certs, served) = tokio::sync::watch::channel(Default::default());
+    // Every run serves them, beside the certificates from files and the store.
+    opts.acme_certs = Some(served);
+    let once = opts.once || opts.dry_run;
+    let mut acme = match cfg.acme.clone().filter(|_| !once) {
+        Some(a) => Some(
+            confd::acme::Running::start(
+                a,
+                &cfg.backend,
+                &cfg.store,
+                source.handle().snapshots,
+                &opts.telemetry,
+                certs.clone(),
+                &shutdown,
+            )
             .await
-            .map_err(anyhow::Error::msg)?;
-        tracing::info!("answering ACME challenges on {}", listener.local_addr()?);
-        tokio::spawn(confd::acme::challenge::serve(
-            listener,
-            store.clone(),
-            shutdown.clone(),
-        ));
-        let (certs, served) = tokio::sync::watch::channel(Default::default());
-        // Every run serves them, beside the certificates from files and the store.
-        opts.acme_certs = Some(served);
-        tokio::spawn(confd::acme::run(
-            acme,
-            store,
-            source.handle().snapshots,
-            opts.telemetry.clone(),
-            certs,
-            shutdown.clone(),
-        ));
-    }
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let settle = Wait::new(HUP_SETTLE.0, Some(HUP_SETTLE.1)).expect("min below max");
     // SIGHUPs received and not yet acted on.
     let mut hups = Quiescence::default();
@@ -325,11 +320,13 @@ async fn serve(
                     // source with every connection it held, then the new ones start.
                     run_token.cancel();
                     let _ = (&mut handle).await;
+                    let new_source = change.source.is_some();
                     if let Some(prepared) = change.source {
                         source.stop().await;
                         source = prepared.start(&opts.telemetry, &shutdown);
                     }
                     cfg = change.cfg;
+                    acme = reacme(acme, &cfg, &source, new_source, &opts.telemetry, &certs, &shutdown).await;
                     break;
                 }
                 r = &mut handle => {
@@ -399,6 +396,44 @@ fn reconfigure(
         cfg: new,
         source: source_change,
     })
+}
+
+/// The ACME part after a reload to `cfg`: kept when its settings are the same and the source
+/// was kept (`new_source` false), else stopped and started again on the current source. A
+/// new one that cannot start (its challenge address taken) is logged, and confd runs without.
+async fn reacme(
+    running: Option<confd::acme::Running>,
+    cfg: &Config,
+    source: &Source,
+    new_source: bool,
+    telemetry: &Telemetry,
+    certs: &tokio::sync::watch::Sender<confd::acme::Certificates>,
+    shutdown: &Shutdown,
+) -> Option<confd::acme::Running> {
+    match (running, &cfg.acme) {
+        (Some(r), Some(a)) if !new_source && r.runs(a) => return Some(r),
+        (Some(r), _) => r.stop().await,
+        (None, _) => {}
+    }
+    let a = cfg.acme.clone()?;
+    tracing::info!("SIGHUP: (re)starting ACME with the new configuration");
+    match confd::acme::Running::start(
+        a,
+        &cfg.backend,
+        &cfg.store,
+        source.handle().snapshots,
+        telemetry,
+        certs.clone(),
+        shutdown,
+    )
+    .await
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!("SIGHUP: ACME not started: {e}");
+            None
+        }
+    }
 }
 
 /// The next delivery of an optional signal stream; never, without one.

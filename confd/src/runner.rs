@@ -274,6 +274,12 @@ pub async fn run(
                 certs_due = None;
                 let new = load_certs(&cfg, certs.as_deref(), &supplied(&store_pairs, &acme_certs));
                 if new != certs {
+                    if let (Some(old), Some(c)) = (&certs, &new) {
+                        let renewed = crate::certs::renewed(old, c);
+                        if !renewed.is_empty() {
+                            certs_renewed(&cfg, &opts, &renewed, c, &mut owed).await;
+                        }
+                    }
                     if let Some(c) = &new {
                         renderer.set_certs(c.clone());
                     }
@@ -398,6 +404,46 @@ fn load_certs(
         );
     }
     Some(Arc::new(set))
+}
+
+/// Renewed certificates (same name and file, another certificate) reach each template's proxy
+/// through its live channel: the rendered files do not change for them, so no pass would
+/// reload. A template whose channel fails, or that has none, is owed a reload instead (the
+/// pass that follows runs it), which makes its proxy read the PEM files again.
+async fn certs_renewed(
+    cfg: &Config,
+    opts: &RunOptions,
+    renewed: &[Arc<crate::certs::Pair>],
+    all: &crate::certs::CertSet,
+    owed: &mut BTreeSet<usize>,
+) {
+    let names: Vec<&str> = renewed.iter().map(|p| p.name.as_str()).collect();
+    for (i, t) in cfg.templates.iter().enumerate() {
+        let Some(live) = &t.live else {
+            if t.reload.is_some() {
+                tracing::info!(template = %label(t), certificates = ?names, "certificates renewed; reloading (no live channel)");
+                owed.insert(i);
+            }
+            continue;
+        };
+        match live.certs_renewed(renewed, all).await {
+            Ok(()) => {
+                opts.telemetry.live(&t.dest, true);
+                tracing::info!(
+                    template = %label(t),
+                    certificates = ?names,
+                    reloads = RELOADS.load(Ordering::Relaxed),
+                    live_updates = LIVE_UPDATES.fetch_add(1, Ordering::Relaxed) + 1,
+                    "certificates renewed; applied live, no reload"
+                );
+            }
+            Err(e) => {
+                opts.telemetry.live(&t.dest, false);
+                tracing::warn!(template = %label(t), certificates = ?names, error = %e, "live certificate update failed; reloading instead");
+                owed.insert(i);
+            }
+        }
+    }
 }
 
 async fn sleep_until(t: Option<Instant>) {

@@ -48,7 +48,7 @@ pub use docker::{
 };
 pub use etcd::Etcd;
 pub use metrics::{healthz, scrape, wait_health, Scrape};
-pub use pebble::Pebble;
+pub use pebble::{Gate, Pebble};
 pub use pki::Pki;
 pub use poll::{free_port, free_udp_port, poll, wait_for};
 pub use process::{bin, hostname, run_cmd, target_dir, workspace_root, Process};

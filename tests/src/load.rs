@@ -35,6 +35,11 @@ pub struct LoadSpec {
     pub max_duration: Duration,
     /// A request with no answer within this is a failure.
     pub timeout: Duration,
+    /// HTTPS: a PEM CA certificate the clients trust (beside the system's).
+    pub ca_pem: Option<String>,
+    /// The URL's host name goes to this address (so an `https://name:port/` URL sends SNI
+    /// `name` to a loopback proxy).
+    pub resolve: Option<(String, std::net::SocketAddr)>,
 }
 
 impl LoadSpec {
@@ -47,7 +52,16 @@ impl LoadSpec {
             max_requests: 200_000,
             max_duration: Duration::from_secs(120),
             timeout: Duration::from_secs(10),
+            ca_pem: None,
+            resolve: None,
         }
+    }
+
+    /// Over HTTPS: trust `ca_pem`, and send the URL's host `name` to `addr`.
+    pub fn https(mut self, ca_pem: &str, name: &str, addr: std::net::SocketAddr) -> LoadSpec {
+        self.ca_pem = Some(ca_pem.to_string());
+        self.resolve = Some((name.to_string(), addr));
+        self
     }
 
     /// Like [`LoadSpec::post`] with GET requests.
@@ -121,11 +135,18 @@ impl Load {
                 let spec = spec.clone();
                 tokio::spawn(async move {
                     // One connection per client, reused while the server keeps it open.
-                    let http = reqwest::Client::builder()
+                    let mut http = reqwest::Client::builder()
                         .pool_max_idle_per_host(1)
-                        .timeout(spec.timeout)
-                        .build()
-                        .expect("HTTP client");
+                        .timeout(spec.timeout);
+                    if let Some(pem) = &spec.ca_pem {
+                        http = http.add_root_certificate(
+                            reqwest::Certificate::from_pem(pem.as_bytes()).expect("a PEM CA"),
+                        );
+                    }
+                    if let Some((name, addr)) = &spec.resolve {
+                        http = http.resolve(name, *addr);
+                    }
+                    let http = http.build().expect("HTTP client");
                     while !shared.stop.load(Ordering::Relaxed)
                         && Instant::now() < deadline
                         && shared.requests.fetch_add(1, Ordering::Relaxed) < spec.max_requests

@@ -1,10 +1,18 @@
 //! A real ACME server: Debian's `pebble`, with `pebble-challtestsrv` as its DNS server
 //! answering every name with 127.0.0.1, on free loopback ports. Pebble's own HTTPS certificate
 //! comes from a [`Pki`] made for the test; its issuing roots from its management port.
+//!
+//! [`Gate`] sits between pebble's validation requests and the confds' challenge listeners and
+//! holds them until the test opens it: an order stalls mid-validation for as long as the test
+//! needs.
 
 use crate::{free_port, wait_for, Pki, Process};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 /// A running pebble and its DNS server, stopped on drop.
 pub struct Pebble {
@@ -20,6 +28,12 @@ impl Pebble {
     /// Starts pebble validating HTTP-01 challenges on `http_port` (of 127.0.0.1, as every
     /// name resolves there), without the random sleeps and nonce rejections it adds by default.
     pub async fn start(http_port: u16) -> Pebble {
+        Pebble::start_with(http_port, &[]).await
+    }
+
+    /// [`Pebble::start`], refusing orders for names under `blocked` (pebble's
+    /// `domainBlocklist`: a `rejectedIdentifier` error at the new order).
+    pub async fn start_with(http_port: u16, blocked: &[&str]) -> Pebble {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::generate("pebble test CA");
         let (port, mgmt, dns, dns_mgmt) = (free_port(), free_port(), free_port(), free_port());
@@ -53,6 +67,7 @@ impl Pebble {
             "tlsPort": free_port(),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
+            "domainBlocklist": blocked,
         }});
         let config_path = dir.path().join("pebble.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
@@ -142,5 +157,69 @@ impl Pebble {
                 String::from_utf8_lossy(&out.stderr)
             ))
         }
+    }
+}
+
+/// A TCP relay on a free loopback port that accepts connections and holds them, unanswered,
+/// until [`Gate::open`]; then relays each (held or new) to the target port. Stopped on drop.
+pub struct Gate {
+    port: u16,
+    arrived: Arc<AtomicUsize>,
+    open: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    /// A closed gate in front of `127.0.0.1:target`.
+    pub async fn start(target: u16) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (open, rx) = watch::channel(false);
+        let count = arrived.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    if rx.wait_for(|o| *o).await.is_err() {
+                        return;
+                    }
+                    if let Ok(mut up) = TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                    }
+                });
+            }
+        });
+        Gate {
+            port,
+            arrived,
+            open,
+            task,
+        }
+    }
+
+    /// The port to give pebble as its HTTP-01 port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How many connections have arrived so far.
+    pub fn arrived(&self) -> usize {
+        self.arrived.load(Ordering::SeqCst)
+    }
+
+    /// Lets every held and later connection through.
+    pub fn open(&self) {
+        let _ = self.open.send(true);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -7,12 +7,15 @@
 //! `vars.acme_challenge`) and an opted-out host; a host without a certificate is HTTP only
 //! (its TLS handshake is refused); a bad pair (key of another certificate) is skipped with a
 //! warning naming its file while the others are served; a replaced certificate and a new
-//! host's first certificate are served once confd has seen them.
+//! host's first certificate are served once confd has seen them. A renewed certificate goes
+//! in live (HAProxy's runtime API, nginx's `ssl_certificate_by_lua_block`) under HTTPS
+//! keep-alive load and h2load: no failed request, no reload.
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use switchboard::{RegistryUri, Store};
+use switchboard_tests::load::{Load, LoadSpec};
 use switchboard_tests::*;
 use tokio::process::Command;
 
@@ -328,6 +331,107 @@ impl Scene {
     }
 }
 
+/// Reloads confd has run so far, by its log.
+fn reloads(confd: &Process) -> usize {
+    confd
+        .output()
+        .lines()
+        .filter(|l| l.contains("reloaded"))
+        .count()
+}
+
+/// Certificates applied live so far, by confd's log.
+fn live_renewals(confd: &Process) -> usize {
+    confd
+        .output()
+        .matches("certificates renewed; applied live, no reload")
+        .count()
+}
+
+impl Scene {
+    /// a.test's certificate renewed (a new serial) `RENEWALS` times under HTTPS keep-alive
+    /// load, and once more under h2load (HTTP/2 over TLS): no request fails, confd reloads
+    /// nothing, and each new serial is what a new handshake gets.
+    async fn renew_under_load(&self, what: &str, confd: &Process) {
+        const RENEWALS: usize = 3;
+        let hp = self.https_port;
+        // A proxy started after confd's first render owes it a reload, retried after a second:
+        // wait for it, so that the count below sees only what the renewals do.
+        wait_for(&format!("{what}: the first reload"), WAIT, || async {
+            let out = confd.output();
+            (out.matches("trying again").count() <= reloads(confd)).then_some(())
+        })
+        .await;
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{hp}").parse().unwrap();
+        let load = Load::start(LoadSpec::get(&format!("https://a.test:{hp}/"), 4).https(
+            &self.ca.pem,
+            "a.test",
+            addr,
+        ));
+        load.wait_flowing(50, WAIT).await;
+        let reloads_before = reloads(confd);
+        let live_before = live_renewals(confd);
+        let renew = |n: usize| async move {
+            let serial = self.ca.write(&self.certs, "a.test", &["a.test"]);
+            wait_for(&format!("{what}: renewal {n} served"), WAIT, || async {
+                (served_serial("a.test", hp).await.as_deref() == Some(serial.as_str()))
+                    .then_some(())
+            })
+            .await;
+            wait_for(
+                &format!("{what}: renewal {n} applied live"),
+                WAIT,
+                || async { (live_renewals(confd) >= live_before + n).then_some(()) },
+            )
+            .await;
+        };
+        for n in 1..=RENEWALS {
+            renew(n).await;
+            load.wait_flowing(20, WAIT).await;
+        }
+        // HTTP/2 over TLS (h2load checks no certificate; SNI a.test, to the loopback proxy).
+        let h2 = Command::new("h2load")
+            .args(["-n", "1200", "-c", "3", "-m", "4", "--rps", "200"])
+            .arg(format!("--connect-to=127.0.0.1:{hp}"))
+            .arg(format!("https://a.test:{hp}/"))
+            .output();
+        let (h2, ()) = tokio::join!(h2, async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            renew(RENEWALS + 1).await;
+        });
+        let h2 = h2.expect("h2load runs");
+        let h2_out = String::from_utf8_lossy(&h2.stdout);
+        let report = load.stop().await;
+        eprintln!(
+            "{what}: {} renewals; keep-alive HTTPS load: {}; h2load: {}",
+            RENEWALS + 1,
+            report.summary(),
+            h2_out
+                .lines()
+                .find(|l| l.starts_with("requests:"))
+                .unwrap_or("?")
+        );
+        assert_eq!(report.failed, 0, "{what}: {}", report.summary());
+        assert!(
+            h2_out.contains("requests: 1200 total, 1200 started, 1200 done, 1200 succeeded, 0 failed, 0 errored, 0 timeout")
+                && h2_out.contains("1200 2xx"),
+            "{what}: h2load:\n{h2_out}"
+        );
+        assert_eq!(
+            reloads(confd),
+            reloads_before,
+            "{what}: a renewal reloaded the proxy:\n{}",
+            confd.output()
+        );
+        let (rc, v, s, _, body) = https(&self.ca_file, "a.test", hp, &["--http2"]).await;
+        assert_eq!(
+            (rc, v.as_str(), s.as_str(), body.as_str()),
+            (0, "2", "200", "a"),
+            "{what}: h2 a.test after the renewals"
+        );
+    }
+}
+
 #[tokio::test]
 async fn https_from_files_through_nginx() {
     let dir = tempfile::tempdir().unwrap();
@@ -343,6 +447,7 @@ async fn https_from_files_through_nginx() {
     )
     .await;
     sc.check("nginx", nginx.port, &nginx.confd).await;
+    sc.renew_under_load("nginx", &nginx.confd).await;
     sc.check_changes("nginx").await;
 }
 
@@ -351,10 +456,16 @@ async fn https_from_files_through_haproxy() {
     let dir = tempfile::tempdir().unwrap();
     let sc = scene(dir.path()).await;
     let settings = format!("wait: {{ min: 100ms, max: 1s }}\n{}", sc.settings());
-    let hap = HaproxyConfd::start(&sc._consul.uri(), "127.0.0.1", &settings, &sc.vars(), |t| {
-        t.contains("crt-list") && t.contains("bad.test")
-    })
+    let hap = HaproxyConfd::start_live(
+        &sc._consul.uri(),
+        "127.0.0.1",
+        &settings,
+        &sc.vars(),
+        true,
+        |t| t.contains("crt-list") && t.contains("bad.test"),
+    )
     .await;
     sc.check("haproxy", hap.port, &hap.confd).await;
+    sc.renew_under_load("haproxy", &hap.confd).await;
     sc.check_changes("haproxy").await;
 }

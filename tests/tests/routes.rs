@@ -64,6 +64,25 @@ fn lives(confd: &Process) -> usize {
     confd.output().matches("applied live, no reload").count()
 }
 
+/// confd and a live HAProxy on the shipped template, started once the rendered file holds
+/// `needle`, after confd's first reload (refused while HAProxy was not up yet, then retried)
+/// has landed: later reloads and live updates answer the test's own changes.
+async fn haproxy(consul: &Consul, vars: &[(&str, String)], needle: &str) -> HaproxyConfd {
+    let lb = HaproxyConfd::start_live(
+        &consul.uri(),
+        "127.0.0.1",
+        "wait: { min: 100ms, max: 1s }",
+        vars,
+        true,
+        |t| t.contains(needle),
+    )
+    .await;
+    lb.confd
+        .wait_output("confd::runner: reloaded reload=", WAIT)
+        .await;
+    lb
+}
+
 /// Two instances of the default service with `weights`, registered (again) in the store.
 async fn weigh(st: &Store, a: &H2App, b: &H2App, weights: (u16, u16)) {
     for (app, w) in [(a, weights.0), (b, weights.1)] {
@@ -147,18 +166,7 @@ async fn haproxy_weights_shift_live() {
     let consul = Consul::start().await;
     let (st, a, b) = weighted_pair(&consul).await;
     let needle = format!("127.0.0.1:{}", b.port);
-    let lb = HaproxyConfd::start_live(
-        &consul.uri(),
-        "127.0.0.1",
-        "wait: { min: 100ms, max: 1s }",
-        &[("default_service", "http".into())],
-        true,
-        |t| t.contains(&needle),
-    )
-    .await;
-    lb.confd
-        .wait_output("confd::runner: reloaded reload=", WAIT)
-        .await;
+    let lb = haproxy(&consul, &[("default_service", "http".into())], &needle).await;
     weights_shift_live("HAProxy", lb.port, &lb.confd, &st, &a, &b).await;
 }
 
@@ -543,18 +551,7 @@ async fn haproxy_grpc_streams_through_scale() {
     let consul = Consul::start().await;
     let (st, g1, extra) = grpc_pool(&consul).await;
     let needle = format!("127.0.0.1:{}", g1.port);
-    let lb = HaproxyConfd::start_live(
-        &consul.uri(),
-        "127.0.0.1",
-        "wait: { min: 100ms, max: 1s }",
-        &[],
-        true,
-        |t| t.contains(&needle),
-    )
-    .await;
-    lb.confd
-        .wait_output("confd::runner: reloaded reload=", WAIT)
-        .await;
+    let lb = haproxy(&consul, &[], &needle).await;
     streams_through_scale("HAProxy", lb.port, &lb.confd, &st, &extra).await;
 }
 
@@ -638,17 +635,6 @@ async fn haproxy_new_routes_reload_without_failing_requests() {
     let web = H2App::start("web").await;
     st.register(&web.service("http", &[])).await.unwrap();
     let needle = format!("127.0.0.1:{}", web.port);
-    let lb = HaproxyConfd::start_live(
-        &consul.uri(),
-        "127.0.0.1",
-        "wait: { min: 100ms, max: 1s }",
-        &[("default_service", "http".into())],
-        true,
-        |t| t.contains(&needle),
-    )
-    .await;
-    lb.confd
-        .wait_output("confd::runner: reloaded reload=", WAIT)
-        .await;
+    let lb = haproxy(&consul, &[("default_service", "http".into())], &needle).await;
     new_routes_under_load("HAProxy", lb.port, &lb.confd, &st, true).await;
 }

@@ -1063,3 +1063,181 @@ fn log_lines(confd: &Process, needle: &str) -> usize {
         .filter(|l| l.contains("Consul query failed") && l.contains(needle))
         .count()
 }
+
+/// The virtual host of the ACME tests.
+const ACME_HOST: &str = "app.example.test";
+
+/// The `acme:` section (YAML lines) of a confd answering challenges for `pebble` on `port`.
+fn acme_section(pebble: &Pebble, port: u16) -> String {
+    format!(
+        "acme:\n  directory: {}\n  ca_file: {}\n  challenge_addr: 127.0.0.1:{port}\n",
+        pebble.directory(),
+        pebble.ca_file().display()
+    )
+}
+
+/// A shipped stack script, from the checkout.
+fn stack_script(name: &str) -> String {
+    std::fs::read_to_string(workspace_root().join("compose/secure").join(name)).unwrap()
+}
+
+/// confd with the token the secured Consul stack gives it (the rules of
+/// `compose/secure/consul-acl-init.sh`, as shipped) takes the ACME lock and stores a
+/// certificate.
+#[tokio::test]
+async fn consul_stack_token_lets_confd_keep_acme_state() {
+    let script = stack_script("consul-acl-init.sh");
+    let rules = script
+        .lines()
+        .find_map(|l| l.strip_prefix("policy confd '"))
+        .and_then(|l| l.strip_suffix('\''))
+        .expect("a `policy confd '...'` line in consul-acl-init.sh");
+    let pki = Pki::generate("sbtest-acme-ca");
+    let sc = SecureConsul::start(&pki).await;
+    let token = sc.token("confd", rules).await;
+    sc.api(
+        "PUT",
+        "/v1/agent/service/register",
+        json!({ "ID": "web-acme", "Name": "web", "Address": "127.0.0.1", "Port": 8080,
+                "Meta": { "vhost": ACME_HOST } }),
+    )
+    .await;
+    let challenge = free_port();
+    let pebble = Pebble::start(challenge).await;
+    let dir = tempfile::tempdir().unwrap();
+    let confd = sc.confd(&pki, dir.path(), &token, &acme_section(&pebble, challenge));
+    let http = reqwest::Client::new();
+    let url = format!(
+        "{}/v1/kv/switchboard/acme/certs/{ACME_HOST}?raw",
+        sc.consul.http()
+    );
+    let found = poll(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let r = http
+                .get(&url)
+                .header("X-Consul-Token", &sc.management)
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await;
+    let log = confd.output();
+    assert!(found.is_some(), "no certificate stored:\n{log}");
+    assert!(log.contains("acme: took the lock"), "{log}");
+    assert!(!log.contains("denied"), "{log}");
+    assert!(!log.contains(&token), "{log}");
+}
+
+/// confd as the user the secured etcd stack gives it (the grants of
+/// `compose/secure/etcd-auth-init.sh`, as shipped) takes the ACME lock and stores a
+/// certificate.
+#[tokio::test]
+async fn etcd_stack_user_lets_confd_keep_acme_state() {
+    let script = stack_script("etcd-auth-init.sh");
+    let mut grants: Vec<Vec<String>> = script
+        .lines()
+        .filter_map(|l| l.split_once("role grant-permission confd "))
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .take_while(|w| !w.starts_with('>'))
+                .map(String::from)
+                .collect()
+        })
+        .collect();
+    grants.sort();
+    grants.dedup();
+    assert!(!grants.is_empty(), "no confd grants in etcd-auth-init.sh");
+    let pki = Pki::generate("sbtest-acme-etcd-ca");
+    let etcd = Etcd::start_tls(&pki).await;
+    etcdctl(
+        &etcd,
+        &pki,
+        &["user", "add", "root:rootpw", "--interactive=false"],
+    );
+    etcdctl(&etcd, &pki, &["role", "add", "confd"]);
+    for g in &grants {
+        let mut args = vec!["role", "grant-permission", "confd"];
+        args.extend(g.iter().map(String::as_str));
+        etcdctl(&etcd, &pki, &args);
+    }
+    etcdctl(
+        &etcd,
+        &pki,
+        &["user", "add", "confd:confdpw", "--interactive=false"],
+    );
+    etcdctl(&etcd, &pki, &["user", "grant-role", "confd", "confd"]);
+    etcdctl(&etcd, &pki, &["auth", "enable"]);
+    let uri = format!("etcds://127.0.0.1:{}/services", etcd.port);
+    let root = switchboard::store::StoreSettings {
+        tls: switchboard::store::TlsSettings {
+            ca_file: Some(pki.path("ca.pem").into()),
+            cert_file: Some(pki.path("client.pem").into()),
+            key_file: Some(pki.path("client.key").into()),
+            ..Default::default()
+        },
+        token: None,
+        etcd_user: Some(switchboard::store::EtcdUser {
+            name: "root".into(),
+            password: switchboard::store::Secret::new("rootpw"),
+        }),
+    };
+    switchboard::Store::with_settings(&switchboard::RegistryUri::parse(&uri).unwrap(), &root)
+        .unwrap()
+        .register(&switchboard::Service {
+            id: "h:web-acme:80".into(),
+            name: "web".into(),
+            address: "127.0.0.1".into(),
+            port: 8080,
+            tags: vec![],
+            meta: [("vhost".to_string(), ACME_HOST.to_string())].into(),
+            check: None,
+            ttl: None,
+            docker_health: None,
+        })
+        .await
+        .unwrap();
+    let challenge = free_port();
+    let pebble = Pebble::start(challenge).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = dir.path().join("t.hbs");
+    write(&tpl, "{{#each services}}{{name}}\n{{/each}}");
+    let cfg = dir.path().join("confd.yaml");
+    write(
+        &cfg,
+        &format!(
+            "backend: {uri}\ntls:\n  ca_file: {ca}\n  cert_file: {cert}\n  key_file: {key}\n\
+             password: confdpw\ntemplates:\n  - src: {src}\n    dest: {dest}\n{acme}",
+            ca = pki.path("ca.pem"),
+            cert = pki.path("client.pem"),
+            key = pki.path("client.key"),
+            src = tpl.display(),
+            dest = dir.path().join("out.txt").display(),
+            acme = acme_section(&pebble, challenge),
+        ),
+    );
+    let confd = Process::spawn(
+        &bin("confd"),
+        &["--config", cfg.to_str().unwrap()],
+        &[("ETCDCTL_USER", "confd"), ("RUST_LOG", "info")],
+    );
+    let key = format!("switchboard/acme/certs/{ACME_HOST}");
+    let found = poll(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || async {
+            etcd_keys(&etcd, &pki, "switchboard/acme/")
+                .contains(&key)
+                .then_some(())
+        },
+    )
+    .await;
+    let log = confd.output();
+    assert!(found.is_some(), "no certificate stored:\n{log}");
+    assert!(log.contains("acme: took the lock"), "{log}");
+    assert!(!log.contains("denied"), "{log}");
+    assert!(!log.contains("confdpw"), "{log}");
+}

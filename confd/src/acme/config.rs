@@ -22,6 +22,8 @@ pub struct AcmeFile {
     key_file: Option<PathBuf>,
     #[serde(default)]
     challenge_addr: Option<String>,
+    #[serde(default)]
+    lock_ttl: Option<String>,
 }
 
 /// Where confd obtains certificates and where it keeps them.
@@ -41,10 +43,17 @@ pub struct AcmeConfig {
     pub key_file: Option<PathBuf>,
     /// Where `/.well-known/acme-challenge/` is answered.
     pub challenge_addr: SocketAddr,
+    /// How long a dead orderer keeps the lock (Consul: at least 10 s, and up to twice this).
+    pub lock_ttl: Duration,
 }
 
 /// The default store prefix.
 pub const DEFAULT_PREFIX: &str = "switchboard/acme/";
+/// The default lock TTL.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(10);
+/// The shortest lock TTL: the holder renews every third of it, so below this one slow store
+/// answer would take the lock from a live holder.
+pub const MIN_LOCK_TTL: Duration = Duration::from_secs(2);
 
 impl AcmeFile {
     /// Validates the section: one line naming the key and what was expected.
@@ -117,6 +126,18 @@ impl AcmeFile {
         if let Some(p) = &self.key_file {
             super::storage::Sealer::from_file(p)?;
         }
+        let lock_ttl = match &self.lock_ttl {
+            None => DEFAULT_LOCK_TTL,
+            Some(s) => {
+                let d = crate::duration::parse(s).map_err(|e| format!("acme.lock_ttl: {e}"))?;
+                if d < MIN_LOCK_TTL || d.subsec_nanos() != 0 {
+                    return Err(format!(
+                        "acme.lock_ttl: {s}: expected whole seconds, at least 2s (e.g. 10s)"
+                    ));
+                }
+                d
+            }
+        };
         Ok(AcmeConfig {
             directory,
             email: self.email,
@@ -125,6 +146,7 @@ impl AcmeFile {
             prefix,
             key_file: self.key_file,
             challenge_addr,
+            lock_ttl,
         })
     }
 }
@@ -143,6 +165,10 @@ mod tests {
             parse("directory: https://acme.test/dir\nchallenge_addr: 127.0.0.1:8402\n").unwrap();
         assert_eq!(ok.prefix, DEFAULT_PREFIX);
         assert_eq!(ok.renew_before, None);
+        assert_eq!(ok.lock_ttl, DEFAULT_LOCK_TTL);
+        let short =
+            parse("directory: https://a.test/d\nchallenge_addr: 127.0.0.1:1\nlock_ttl: 2s\n");
+        assert_eq!(short.unwrap().lock_ttl, Duration::from_secs(2));
         let table = [
             ("challenge_addr: 127.0.0.1:1\n", "acme.directory: missing"),
             (
@@ -169,6 +195,14 @@ mod tests {
             (
                 "directory: https://x\nchallenge_addr: 127.0.0.1:1\nprefix: a/../\n",
                 "acme.prefix: invalid value",
+            ),
+            (
+                "directory: https://x\nchallenge_addr: 127.0.0.1:1\nlock_ttl: 1s\n",
+                "acme.lock_ttl: 1s: expected whole seconds, at least 2s",
+            ),
+            (
+                "directory: https://x\nchallenge_addr: 127.0.0.1:1\nlock_ttl: 2500ms\n",
+                "acme.lock_ttl: 2500ms: expected whole seconds",
             ),
             (
                 "directory: https://x\nchallenge_addr: 127.0.0.1:1\nkey_file: /nonexistent/k\n",

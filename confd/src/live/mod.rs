@@ -184,6 +184,25 @@ impl LiveChannel {
         }
     }
 
+    /// Puts renewed certificates (`renewed`, pairs of `all` served before under the same name
+    /// and file, see [`crate::certs::renewed`]) into the running proxy, which then needs no
+    /// reload for them: the rendered file does not change for a renewal, and the PEM files in
+    /// `serve_dir` already hold the new pairs (what a start or reload reads). HAProxy: `set ssl
+    /// cert` and `commit ssl cert` per renewed pair. nginx: the whole table of `all` to its
+    /// certificates endpoint. On an error the caller reloads the proxy instead. Not
+    /// cancel-safe (dropped midway, the proxy may hold part of the renewals; a reload puts
+    /// it right).
+    pub async fn certs_renewed(
+        &self,
+        renewed: &[std::sync::Arc<crate::certs::Pair>],
+        all: &crate::certs::CertSet,
+    ) -> Result<(), LiveError> {
+        match self {
+            LiveChannel::NginxLua(c) => c.certs_renewed(all).await,
+            LiveChannel::Haproxy(c) => c.certs_renewed(renewed).await,
+        }
+    }
+
     /// Runs after a successful normal reload onto `new`, so the live state the proxy keeps
     /// across reloads matches the file it just loaded. Failures are logged, never returned:
     /// the reload already did the work.

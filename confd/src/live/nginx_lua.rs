@@ -54,6 +54,12 @@ pub const DEFAULT_SOCKET: &str = "/run/nginx-peers.sock";
 pub const ENDPOINT_PATH: &str = "/switchboard/peers";
 /// The path of the closing endpoint on that socket (see [`NginxLua::before_reload`]).
 pub const CLOSING_PATH: &str = "/switchboard/closing";
+/// The path of the certificates endpoint on that socket (see [`NginxLua::certs_renewed`]).
+pub const CERTS_PATH: &str = "/switchboard/certs";
+/// First line of a certificates table: the format's name and version.
+const CERTS_HEADER: &str = "switchboard-certs 1";
+/// Largest PEM file (chain and key) the Lua side takes for one pair.
+const MAX_PEM: usize = 100_000;
 /// First line of a close request: the format's name and version.
 const CLOSING_HEADER: &str = "switchboard-closing 1";
 /// Longest close request the Lua side takes (1 h, in ms); the shortest is 1 ms.
@@ -249,6 +255,27 @@ impl NginxLua {
         }
     }
 
+    /// See [`super::LiveChannel::certs_renewed`]: posts every pair of `all` (name and PEM, the
+    /// file confd wrote to `serve_dir`) to `POST /switchboard/certs`. Each TLS server of the
+    /// shipped template has an `ssl_certificate_by_lua_block` that serves its pair from that
+    /// table when it was pushed since the running config was loaded (the peers' generation
+    /// rule), else the file's `ssl_certificate` as loaded. The Lua parses every pair before
+    /// storing any, so a refused table changes nothing.
+    pub async fn certs_renewed(&self, all: &crate::certs::CertSet) -> Result<(), LiveError> {
+        let invalid = |reason: String| LiveError::Invalid {
+            endpoint: self.socket.display().to_string(),
+            reason,
+        };
+        let mut pairs = Vec::new();
+        for p in all.pairs.values() {
+            let pem = std::fs::read_to_string(&p.pem)
+                .map_err(|e| invalid(format!("cannot read {}: {e}", p.pem.display())))?;
+            pairs.push((p.name.as_str(), pem));
+        }
+        let body = encode_certs(&pairs).map_err(invalid)?;
+        self.exchange(CERTS_PATH, &body).await
+    }
+
     /// One peer table update.
     async fn post(&self, table: &PeerTable) -> Result<(), LiveError> {
         let body = encode(table).map_err(|reason| LiveError::Invalid {
@@ -323,6 +350,32 @@ pub fn encode(table: &PeerTable) -> Result<String, String> {
             out.push_str(&p.to_string());
         }
         out.push('\n');
+    }
+    Ok(out)
+}
+
+/// The certificates body: `switchboard-certs 1`, then per pair a line `<name> <bytes>` and
+/// that many bytes of PEM, then a newline. Refuses what the Lua side would: a name outside
+/// `[a-z0-9_.-]` (pair names are lower-case DNS names or `_wildcard.` ones), an empty PEM or
+/// one larger than [`MAX_PEM`].
+pub fn encode_certs(pairs: &[(&str, String)]) -> Result<String, String> {
+    let mut out = format!("{CERTS_HEADER}\n");
+    for (name, pem) in pairs {
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+            });
+        if !name_ok {
+            return Err(format!("invalid certificate name {name:?}"));
+        }
+        if pem.is_empty() || pem.len() > MAX_PEM {
+            return Err(format!(
+                "certificate {name}: expected 1 to {MAX_PEM} bytes of PEM, found {}",
+                pem.len()
+            ));
+        }
+        out.push_str(&format!("{name} {}\n{pem}\n", pem.len()));
     }
     Ok(out)
 }
@@ -1156,6 +1209,29 @@ mod tests {
             "http {\n    return 200 \"\n    upstream svc_web {\n        server 10.0.0.1:80;\n    }\n\";\n}\n",
         ] {
             assert_eq!(Parsed::parse(hidden), None, "{hidden}");
+        }
+    }
+
+    #[test]
+    fn the_certificates_body_is_length_prefixed_and_refuses_bad_names() {
+        let pem = "-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n".to_string();
+        assert_eq!(
+            encode_certs(&[("a.test", pem.clone()), ("_wildcard.w.test", "x".into())]).unwrap(),
+            format!(
+                "switchboard-certs 1\na.test {}\n{pem}\n_wildcard.w.test 1\nx\n",
+                pem.len()
+            )
+        );
+        assert_eq!(encode_certs(&[]).unwrap(), "switchboard-certs 1\n");
+        for (name, pem, want) in [
+            ("a test", "x".to_string(), "invalid certificate name"),
+            ("A.test", "x".to_string(), "invalid certificate name"),
+            ("a\"b", "x".to_string(), "invalid certificate name"),
+            ("a.test", String::new(), "expected 1 to"),
+            ("a.test", "x".repeat(MAX_PEM + 1), "expected 1 to"),
+        ] {
+            let e = encode_certs(&[(name, pem)]).unwrap_err();
+            assert!(e.contains(want), "{name}: {e}");
         }
     }
 

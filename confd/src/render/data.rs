@@ -851,7 +851,7 @@ fn service_value(name: &str, insts: &[Arc<Instance>]) -> Value {
 /// path routes they form. A route's name is the host's name for `/`, else the host's name,
 /// `__` and the path's (a host name never holds `__`, so names stay distinct).
 fn fill_vhost(v: &mut Value, host: &str, e: &VhostEntry) {
-    let [host_v, redirect, instances, name, routes_v, tls, tls_pem, tls_serial] = fields(
+    let [host_v, redirect, instances, name, routes_v, tls, tls_name, tls_pem, tls_serial] = fields(
         v,
         &[
             "host",
@@ -860,6 +860,7 @@ fn fill_vhost(v: &mut Value, host: &str, e: &VhostEntry) {
             "name",
             "routes",
             "tls",
+            "tls_name",
             "tls_pem",
             "tls_serial",
         ],
@@ -869,10 +870,12 @@ fn fill_vhost(v: &mut Value, host: &str, e: &VhostEntry) {
     *redirect = Value::Bool(e.cert.is_some() && e.redirect);
     match &e.cert {
         Some(p) => {
+            fill_string(tls_name, &p.name);
             fill_string(tls_pem, &p.pem.to_string_lossy());
             fill_string(tls_serial, &p.serial);
         }
         None => {
+            *tls_name = Value::Null;
             *tls_pem = Value::Null;
             *tls_serial = Value::Null;
         }

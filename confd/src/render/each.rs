@@ -597,7 +597,7 @@ pub(crate) mod tests {
         };
         // The shipped templates: every loop (those inside a loop over `services` or `vhosts`
         // are never over the document's own, so only the outer ones are reused).
-        assert_eq!(count(&shipped("haproxy.cfg.hbs")), 19);
+        assert_eq!(count(&shipped("haproxy.cfg.hbs")), 18);
         assert_eq!(count(&shipped("nginx.conf.hbs")), 12);
         assert_eq!(
             count("{{#each services}}{{name}}{{@index}}{{@root.vars.x}}{{/each}}"),

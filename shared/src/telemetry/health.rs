@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 /// becomes a megabyte `/healthz` answer.
 const MAX_REASON: usize = 400;
 
-/// A set of named conditions, each healthy or failing with a one-line reason. Cheap to clone:
-/// clones share the conditions.
+/// A set of named conditions, each healthy or failing with a one-line reason, and notes:
+/// what an operator should see (a certificate due for renewal) that does not make the process
+/// unhealthy. Cheap to clone: clones share the conditions.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
     conditions: Arc<Mutex<BTreeMap<String, Failing>>>,
+    notes: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +75,22 @@ impl Health {
     /// configuration that was replaced).
     pub fn clear_prefix(&self, prefix: &str) {
         self.lock().retain(|name, _| !name.starts_with(prefix));
+    }
+
+    /// Replaces every note whose name starts with `prefix` by `notes` (names with their
+    /// one-line text), at once.
+    pub fn set_notes(&self, prefix: &str, notes: impl IntoIterator<Item = (String, String)>) {
+        let mut n = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        n.retain(|name, _| !name.starts_with(prefix));
+        for (name, text) in notes {
+            n.insert(name, one_line(&text));
+        }
+    }
+
+    /// The notes, each as `name: text`, in name order.
+    pub fn notes(&self) -> Vec<String> {
+        let n = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        n.iter().map(|(name, t)| format!("{name}: {t}")).collect()
     }
 
     /// `Ok` when nothing fails, else one line: each failing condition as `name: reason`,
@@ -155,6 +173,20 @@ mod tests {
         h.fail_at("source", "again", grace, secs(3));
         assert_eq!(h.status_at(secs(4)), Ok(()));
         assert_eq!(h.status_at(secs(5)), Err("source: again".into()));
+    }
+
+    #[test]
+    fn notes_never_fail() {
+        let h = Health::new();
+        h.set_notes(
+            "acme ",
+            [("acme a.test".to_string(), "due\nsoon".to_string())],
+        );
+        h.set_notes("other ", [("other x".to_string(), "y".to_string())]);
+        assert_eq!(h.status(), Ok(()));
+        assert_eq!(h.notes(), ["acme a.test: due soon", "other x: y"]);
+        h.set_notes("acme ", []);
+        assert_eq!(h.notes(), ["other x: y"]);
     }
 
     #[test]

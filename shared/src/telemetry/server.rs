@@ -139,10 +139,19 @@ fn answer<B>(req: &Request<B>, registry: &Registry, health: &Health) -> Response
                 ),
             }
         }
-        "/healthz" => match health.status() {
-            Ok(()) => reply(StatusCode::OK, TEXT, "ok\n".into()),
-            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{why}\n")),
-        },
+        // The first line is the verdict (`ok`, or every failing condition); each note
+        // follows on a line of its own.
+        "/healthz" => {
+            let notes: String = health.notes().iter().map(|n| format!("{n}\n")).collect();
+            match health.status() {
+                Ok(()) => reply(StatusCode::OK, TEXT, format!("ok\n{notes}")),
+                Err(why) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    format!("{why}\n{notes}"),
+                ),
+            }
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
@@ -302,6 +311,13 @@ mod tests {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store: connection refused\n"
             )
+        );
+        health.ok("store");
+        health.set_notes("acme ", [("acme a.test".into(), "renewal due".into())]);
+        let (s, _, b) = body(answer(&get("/healthz", Method::GET), &registry, &health));
+        assert_eq!(
+            (s, b.as_str()),
+            (StatusCode::OK, "ok\nacme a.test: renewal due\n")
         );
         let (s, _, _) = body(answer(&get("/other", Method::GET), &registry, &health));
         assert_eq!(s, StatusCode::NOT_FOUND);

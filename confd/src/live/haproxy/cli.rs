@@ -149,6 +149,11 @@ pub fn accepted(command: &str, answer: &str) -> bool {
         a.contains("New server registered")
     } else if command.starts_with("del server ") {
         a.contains("Server deleted")
+    } else if command.starts_with("set ssl cert ") {
+        a.starts_with("Transaction created for certificate ")
+            || a.starts_with("Transaction updated for certificate ")
+    } else if command.starts_with("commit ssl cert ") {
+        a.ends_with("Success!")
     } else if command.starts_with("set server ") && command.contains(" addr ") {
         a.contains("changed from") || a.starts_with("no need to change")
     } else {
@@ -244,6 +249,12 @@ mod tests {
             ("set server web/a state drain", "No such server.\n", false),
             ("enable health web/a", "Health check was not configured on this server, cannot enable.\n", false),
             ("enable server web/a", "Permission denied\n", false),
+            ("set ssl cert /s/a.pem <<\nPEM\n", "Transaction created for certificate /s/a.pem!\n\n", true),
+            ("set ssl cert /s/a.pem <<\nPEM\n", "Transaction updated for certificate /s/a.pem!\n\n", true),
+            ("set ssl cert /s/a.pem <<\nx\n", "unable to load certificate from file '/s/a.pem'.\nCan't load the payload\nCan't update /s/a.pem!\n\n", false),
+            ("set ssl cert /s/n.pem <<\nPEM\n", "Can't replace a certificate which is not referenced by the configuration!\nCan't update /s/n.pem!\n", false),
+            ("commit ssl cert /s/a.pem", "Committing /s/a.pem.\nSuccess!\n\n", true),
+            ("commit ssl cert /s/a.pem", "No ongoing transaction! !\nCan't commit /s/a.pem!\n\n", false),
         ];
         for (cmd, answer, ok) in cases {
             assert_eq!(accepted(cmd, answer), ok, "{cmd}: {answer}");

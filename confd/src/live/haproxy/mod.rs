@@ -234,6 +234,34 @@ impl Haproxy {
         Ok(summary)
     }
 
+    /// Puts each renewed pair into the running process (see
+    /// [`crate::live::LiveChannel::certs_renewed`]): `set ssl cert <file> <<` with the file's
+    /// PEM (the bytes confd wrote to `serve_dir`, so a restart serves the same), then `commit
+    /// ssl cert <file>`. HAProxy swaps the certificate for new handshakes; connections open on
+    /// the old one go on. A file the running config does not reference is refused by HAProxy:
+    /// the caller then reloads.
+    pub async fn certs_renewed(&self, pairs: &[Arc<crate::certs::Pair>]) -> Result<(), LiveError> {
+        let _st = self.shared.state.lock().await;
+        for p in pairs {
+            let path = p.pem.to_string_lossy();
+            let pem = std::fs::read_to_string(&p.pem).map_err(|e| LiveError::Invalid {
+                endpoint: format!("HAProxy socket {}", self.socket.display()),
+                reason: format!("cannot read {path}: {e}"),
+            })?;
+            let command = set_cert_command(&path, &pem).map_err(|reason| LiveError::Invalid {
+                endpoint: format!("HAProxy socket {}", self.socket.display()),
+                reason,
+            })?;
+            self.cli.run(&command).await?;
+            if let Err(e) = self.cli.run(&format!("commit ssl cert {path}")).await {
+                // Leave no transaction open: the next `set ssl cert` would extend it.
+                let _ = self.cli.send(&format!("abort ssl cert {path}")).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Waits (bounded) until the socket answers from a worker started by the reload that just
     /// happened, and forgets the drains in progress: the new worker loaded the file, in which
     /// those servers no longer are (the old worker finishes their connections).
@@ -401,6 +429,26 @@ impl Haproxy {
     }
 }
 
+/// `set ssl cert <path> <<` and its payload, the PEM of `pem` without blank lines (a blank
+/// line ends the payload). The path is a word of the command line: one with blanks or control
+/// characters is refused rather than sent.
+fn set_cert_command(path: &str, pem: &str) -> Result<String, String> {
+    if path.is_empty() || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "certificate file {path:?}: expected a path without blanks"
+        ));
+    }
+    if !pem.contains("-----BEGIN ") {
+        return Err(format!("{path}: expected PEM"));
+    }
+    let mut out = format!("set ssl cert {path} <<\n");
+    for line in pem.lines().map(str::trim_end).filter(|l| !l.is_empty()) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 /// One removed server on its way out: sessions end (or the timeout passes), maintenance,
 /// delete.
 struct Drain {
@@ -495,6 +543,29 @@ impl Drain {
         let mut st = self.state.lock().await;
         if self.current(&st) {
             st.draining.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_goes_as_a_payload_without_blank_lines() {
+        let pem = "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n\n-----BEGIN PRIVATE KEY-----\r\nBBB\n-----END PRIVATE KEY-----\n";
+        assert_eq!(
+            set_cert_command("/s/a.test.pem", pem).unwrap(),
+            "set ssl cert /s/a.test.pem <<\n-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nBBB\n-----END PRIVATE KEY-----\n"
+        );
+        for (path, pem, want) in [
+            ("/s/a b.pem", pem, "without blanks"),
+            ("/s/a\nshow info", pem, "without blanks"),
+            ("", pem, "without blanks"),
+            ("/s/a.pem", "garbage", "expected PEM"),
+        ] {
+            let e = set_cert_command(path, pem).unwrap_err();
+            assert!(e.contains(want), "{path:?}: {e}");
         }
     }
 }
