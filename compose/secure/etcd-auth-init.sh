@@ -4,8 +4,9 @@
 #
 #   root          etcd's administrator; its password stays in the `etcd-auth` volume
 #   registrator   role registrator: readwrite on the prefix /services/
-#   confd         role confd: read on the prefix /services/ (cannot register anything), and
+#   confd         role confd: read on the prefix /services/ (cannot register anything),
 #                 readwrite on switchboard/acme/ (automatic HTTPS: certificates and the lock)
+#                 and read on switchboard/certs/ (certificates an operator puts in the store)
 #
 # Each consumer's password is copied to /out/<name>/password, a volume only that consumer
 # mounts. Passwords are random, written with umask 077, never printed. Idempotent: once auth
@@ -33,6 +34,7 @@ if ! ctl user list >/dev/null 2>&1; then
   log "auth already on"
   # The grants are set again, so that a stack whose confd role lacks one gets it.
   ctl --user "root:$(cat "$dir/root-password")" role grant-permission confd --prefix=true readwrite switchboard/acme/ >/dev/null
+  ctl --user "root:$(cat "$dir/root-password")" role grant-permission confd --prefix=true read switchboard/certs/ >/dev/null
 else
   for name in root registrator confd; do
     [ -s "$dir/$name-password" ] || { password > "$dir/$name-password.new" && mv "$dir/$name-password.new" "$dir/$name-password"; }
@@ -47,6 +49,7 @@ else
   ctl role get confd >/dev/null 2>&1 || ctl role add confd >/dev/null
   ctl role grant-permission confd --prefix=true read /services/ >/dev/null
   ctl role grant-permission confd --prefix=true readwrite switchboard/acme/ >/dev/null
+  ctl role grant-permission confd --prefix=true read switchboard/certs/ >/dev/null
   for name in registrator confd; do
     ctl user get "$name" >/dev/null 2>&1 || ctl user add "$name" --new-user-password="$(cat "$dir/$name-password")" --interactive=false >/dev/null
     ctl user grant-role "$name" "$name" >/dev/null
