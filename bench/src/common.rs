@@ -96,6 +96,23 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_secs_f64(f.iter().sum::<u64>() as f64 / ticks)
 }
 
+/// CPU time (user + system) of every live process in process group `pgid` (a proxy's master
+/// and workers), from `/proc/<pid>/stat`. A worker that exited since takes its time with it.
+pub fn group_cpu_time(pgid: u32) -> Duration {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After the command name: state (field 3), ppid (4), pgrp (5).
+            let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+            rest.split_whitespace().nth(2).and_then(|v| v.parse().ok()) == Some(pgid)
+        })
+        .map(cpu_time)
+        .sum()
+}
+
 /// Nearest-rank percentile of an ascending slice (`p` in 0..=1).
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

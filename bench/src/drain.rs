@@ -241,6 +241,7 @@ async fn stop_to_out(which: Which, proxy: Proxy, n: usize) -> StopRow {
         wait: STACK_WAIT,
         check: true,
         service: &host.service,
+        h2c_listen: false,
     };
     let lb = Lb::start(&b.uri, settings, |t| {
         webs.iter().chain([&keeper]).all(|w| lists(t, &w.addr()))
@@ -349,6 +350,7 @@ async fn scale(which: Which, proxy: Proxy, live: bool, cycles: usize) -> ScaleRo
         wait: STACK_WAIT,
         check: true,
         service: &host.service,
+        h2c_listen: false,
     };
     let lb = Lb::start(&b.uri, settings, |t| lists(t, &base.addr())).await;
     let (mut up, mut down) = (Counters::default(), Counters::default());
@@ -460,6 +462,7 @@ async fn churn(which: Which, check: bool, secs: Duration, burst: usize) -> Vec<C
         wait: NO_WAIT,
         check,
         service,
+        h2c_listen: false,
     };
     let lb = Lb::start(&b.uri, settings, |t| {
         base.iter()

@@ -53,6 +53,10 @@ pub struct Settings<'a> {
     pub check: bool,
     /// The service that is the default backend (`vars.default_service`).
     pub service: &'a str,
+    /// nginx: also listen for HTTP/2 with prior knowledge on a port of its own
+    /// (`vars.h2c_listen`), which h2c and gRPC clients need there. HAProxy takes them on its
+    /// one port either way.
+    pub h2c_listen: bool,
 }
 
 impl Settings<'_> {
@@ -106,6 +110,11 @@ impl std::ops::Sub for Counters {
 
 /// confd and a proxy; both stop (process group killed) on drop, before their directory goes.
 pub struct Lb {
+    /// The proxy's port on 127.0.0.1 (`vars.listen`).
+    pub port: u16,
+    /// The port HTTP/2 clients with prior knowledge use: nginx's `vars.h2c_listen` when
+    /// [`Settings::h2c_listen`] is set, else [`Lb::port`].
+    pub h2c_port: u16,
     confd: Process,
     _proxy: Process,
     admin: Option<Cli>,
@@ -119,13 +128,21 @@ impl Lb {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let port = free_port();
+        let h2c_port = match s.proxy {
+            Proxy::Nginx if s.h2c_listen => free_port(),
+            _ => port,
+        };
         let dest = d.join(match s.proxy {
             Proxy::Haproxy => "haproxy.cfg",
             Proxy::Nginx => "nginx.conf",
         });
 
         let once_cfg = d.join("confd-once.yaml");
-        std::fs::write(&once_cfg, config(d, port, backend_uri, s, false)).unwrap();
+        std::fs::write(
+            &once_cfg,
+            config(d, (port, h2c_port), backend_uri, s, false),
+        )
+        .unwrap();
         let rendered = poll(START, Duration::from_millis(100), || async {
             let mut once = Process::spawn(
                 &release_bin("confd"),
@@ -182,7 +199,7 @@ impl Lb {
         );
 
         let cfg = d.join("confd.yaml");
-        std::fs::write(&cfg, config(d, port, backend_uri, s, true)).unwrap();
+        std::fs::write(&cfg, config(d, (port, h2c_port), backend_uri, s, true)).unwrap();
         let confd = Process::spawn(
             &release_bin("confd"),
             &["--config", cfg.to_str().unwrap()],
@@ -191,12 +208,19 @@ impl Lb {
         confd.wait_output("snapshot updated", START).await;
         let admin = (s.proxy == Proxy::Haproxy).then(|| Cli::new(&d.join("admin.sock")));
         Lb {
+            port,
+            h2c_port,
             confd,
             _proxy: proxy,
             admin,
             dest,
             _dir: dir,
         }
+    }
+
+    /// The proxy's PID, which leads its process group (master and workers).
+    pub fn proxy_pid(&self) -> u32 {
+        self._proxy.pid()
     }
 
     /// The rendered file as it is now.
@@ -322,8 +346,15 @@ fn applied(line: &str) -> Option<Applied> {
 
 /// confd's config file for the stack in `dir`. Without `commands`, only the render (for
 /// `--once` before the proxy runs). Mirrors `compose/images/lb-*/confd.yaml`, with paths in
-/// `dir` and the proxy on 127.0.0.1:`port`.
-fn config(dir: &Path, port: u16, backend_uri: &str, s: Settings<'_>, commands: bool) -> String {
+/// `dir` and the proxy on 127.0.0.1:`port` (and nginx's HTTP/2 port, when
+/// [`Settings::h2c_listen`] is set, on 127.0.0.1:`h2c_port`).
+fn config(
+    dir: &Path,
+    (port, h2c_port): (u16, u16),
+    backend_uri: &str,
+    s: Settings<'_>,
+    commands: bool,
+) -> String {
     let d = dir.display();
     let (min, max) = s.wait;
     let q = |v: String| serde_json::to_string(&v).unwrap();
@@ -351,9 +382,14 @@ fn config(dir: &Path, port: u16, backend_uri: &str, s: Settings<'_>, commands: b
             format!("{{ nginx_lua: {{ socket: {d}/peers.sock }} }}"),
         ),
     };
+    let h2c = if s.proxy == Proxy::Nginx && s.h2c_listen {
+        format!("  h2c_listen: 127.0.0.1:{h2c_port}\n")
+    } else {
+        String::new()
+    };
     let mut cfg = format!(
         "backend: {backend_uri}\nwait: {{ min: {min}, max: {max} }}\nvars:\n  default_service: {}\n\
-         {vars}templates:\n  - src: {}\n    dest: {d}/{}\n    min_instances: 0\n",
+         {vars}{h2c}templates:\n  - src: {}\n    dest: {d}/{}\n    min_instances: 0\n",
         s.service,
         workspace_root().join("templates").join(template).display(),
         template.trim_end_matches(".hbs"),
@@ -491,7 +527,11 @@ mod tests {
                 true,
                 true,
                 false,
-                &["  lua_peers: true", "  listen: 127.0.0.1:8080"],
+                &[
+                    "  lua_peers: true",
+                    "  listen: 127.0.0.1:8080",
+                    "  h2c_listen: 127.0.0.1:8081",
+                ],
                 &["check:", "reload:", "live:"],
             ),
             (
@@ -514,8 +554,15 @@ mod tests {
                 wait: ("200ms", "2s"),
                 check,
                 service: "web",
+                h2c_listen: proxy == Proxy::Nginx,
             };
-            let cfg = config(dir, 8080, "etcd://127.0.0.1:2379/bench", s, commands);
+            let cfg = config(
+                dir,
+                (8080, 8081),
+                "etcd://127.0.0.1:2379/bench",
+                s,
+                commands,
+            );
             assert!(cfg.contains("  default_service: web\n"), "{cfg}");
             for line in has {
                 assert!(

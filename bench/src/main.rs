@@ -1,7 +1,7 @@
 //! Switchboard benchmark: real Docker engine, real Consul and etcd, the real binaries.
 //!
-//! Suites (`--suite registrator|confd|drain|all`, default all; `confd` is `confd-render`
-//! plus `confd-daemon`), each printing markdown
+//! Suites (`--suite registrator|confd|drain|protocols|all`, default all; `confd` is
+//! `confd-render` plus `confd-daemon`), each printing markdown
 //! tables; nothing is asserted (speed targets are read from these tables, never from timed
 //! tests):
 //! - `registrator` ([`registrator`]): Docker `start` event -> registration visible in the
@@ -14,6 +14,9 @@
 //!   channels ([`lb`]): Docker stop signal -> out of the proxy; reloads and live updates per
 //!   scale event, with and without the live channel; membership changes per second through
 //!   HAProxy's runtime API with zero reloads.
+//! - `protocols` ([`protocols`]): requests per second through nginx and HAProxy for HTTP/1.1,
+//!   h2 and gRPC clients, the rendered shipped template beside a hand-written config for the
+//!   same backends (`bench/static/`), and their ratio.
 //!
 //! Run: `cargo build --release -p confd -p switchboard-bench && cargo build --profile lean -p
 //! registrator && target/release/bench`. The release builds of `confd` and `registrator` (its
@@ -23,9 +26,10 @@
 //! `--burst 200` (confd burst and drain churn burst), `--rss-counts 10,1000,10000`,
 //! `--proxies haproxy,nginx`, `--stops 20` (containers stopped per store and proxy),
 //! `--cycles 5` (scale 1 -> 3 -> 1 cycles), `--churn-secs 10` (one-at-a-time churn),
-//! `--reg-churn-secs 120` (registrator's RSS churn run).
+//! `--reg-churn-secs 120` (registrator's RSS churn run), `--rounds 3` and `--load-secs 5`
+//! (protocols: rounds per config, seconds of load per round).
 //! A quick drain run: `bench --suite drain --stores etcd --stops 3 --cycles 1 --churn-secs 2
-//! --burst 20`.
+//! --burst 20`; a quick protocols run: `bench --suite protocols --rounds 1 --load-secs 1`.
 //!
 //! The bench is a crate of its own (`switchboard-bench`), beside the tests rather than inside
 //! them: the tests assert and the bench measures, it is run by hand in a release build, and
@@ -40,6 +44,7 @@ mod confd_render;
 mod drain;
 mod floor;
 mod lb;
+mod protocols;
 mod registrator;
 mod workload;
 
@@ -109,6 +114,7 @@ struct Args {
     confd_render: bool,
     confd: bool,
     drain: bool,
+    protocols: bool,
     stores: Vec<Which>,
     counts: Vec<usize>,
     render_counts: Vec<usize>,
@@ -120,6 +126,8 @@ struct Args {
     cycles: usize,
     churn_secs: usize,
     reg_churn_secs: usize,
+    rounds: usize,
+    load_secs: usize,
 }
 
 fn numbers(flag: &str, v: Option<String>) -> Vec<usize> {
@@ -132,9 +140,10 @@ fn numbers(flag: &str, v: Option<String>) -> Vec<usize> {
         .collect()
 }
 
-const USAGE: &str = "usage: bench [--suite registrator|confd|confd-render|confd-daemon|drain|all] [--stores consul,etcd] \
-[--counts N,..] [--render-counts N,..] [--rss-counts N,..] [--samples N] [--burst N] \
-[--proxies haproxy,nginx] [--stops N] [--cycles N] [--churn-secs N] [--reg-churn-secs N]";
+const USAGE: &str = "usage: bench [--suite registrator|confd|confd-render|confd-daemon|drain|protocols|all] \
+[--stores consul,etcd] [--counts N,..] [--render-counts N,..] [--rss-counts N,..] [--samples N] [--burst N] \
+[--proxies haproxy,nginx] [--stops N] [--cycles N] [--churn-secs N] [--reg-churn-secs N] \
+[--rounds N] [--load-secs N]";
 
 /// Bad arguments: one line naming the input and what was expected, exit status 2.
 fn usage(msg: &str) -> ! {
@@ -148,6 +157,7 @@ fn parse_args() -> Args {
         confd_render: true,
         confd: true,
         drain: true,
+        protocols: true,
         stores: vec![Which::Consul, Which::Etcd],
         counts: vec![1, 50, 200],
         render_counts: vec![10, 1_000, 10_000],
@@ -159,23 +169,27 @@ fn parse_args() -> Args {
         cycles: 5,
         churn_secs: 10,
         reg_churn_secs: 120,
+        rounds: 3,
+        load_secs: 5,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--suite" => {
-                (a.registrator, a.confd_render, a.confd, a.drain) = match args.next().as_deref() {
-                    Some("registrator") => (true, false, false, false),
-                    Some("confd") => (false, true, true, false),
-                    Some("confd-render") => (false, true, false, false),
-                    Some("confd-daemon") => (false, false, true, false),
-                    Some("drain") => (false, false, false, true),
-                    Some("all") => (true, true, true, true),
-                    other => usage(&format!(
-                        "--suite {other:?}: expected registrator, confd, confd-render, \
-                             confd-daemon, drain or all"
-                    )),
-                }
+                (a.registrator, a.confd_render, a.confd, a.drain, a.protocols) =
+                    match args.next().as_deref() {
+                        Some("registrator") => (true, false, false, false, false),
+                        Some("confd") => (false, true, true, false, false),
+                        Some("confd-render") => (false, true, false, false, false),
+                        Some("confd-daemon") => (false, false, true, false, false),
+                        Some("drain") => (false, false, false, true, false),
+                        Some("protocols") => (false, false, false, false, true),
+                        Some("all") => (true, true, true, true, true),
+                        other => usage(&format!(
+                            "--suite {other:?}: expected registrator, confd, confd-render, \
+                             confd-daemon, drain, protocols or all"
+                        )),
+                    }
             }
             "--stores" => {
                 a.stores = args
@@ -209,6 +223,8 @@ fn parse_args() -> Args {
             "--cycles" => a.cycles = numbers("--cycles", args.next())[0],
             "--churn-secs" => a.churn_secs = numbers("--churn-secs", args.next())[0],
             "--reg-churn-secs" => a.reg_churn_secs = numbers("--reg-churn-secs", args.next())[0],
+            "--rounds" => a.rounds = numbers("--rounds", args.next())[0].max(1),
+            "--load-secs" => a.load_secs = numbers("--load-secs", args.next())[0].max(1),
             "--counts" => a.counts = numbers("--counts", args.next()),
             "--render-counts" => a.render_counts = numbers("--render-counts", args.next()),
             "--rss-counts" => a.rss_counts = numbers("--rss-counts", args.next()),
@@ -248,5 +264,13 @@ async fn main() {
             proxies: a.proxies.clone(),
         };
         drain::run(&a.stores, &o).await;
+    }
+    if a.protocols {
+        let o = protocols::Opts {
+            rounds: a.rounds,
+            secs: a.load_secs as u64,
+            proxies: a.proxies.clone(),
+        };
+        protocols::run(&o).await;
     }
 }
