@@ -357,7 +357,7 @@ pub fn encode(table: &PeerTable) -> Result<String, String> {
 /// The certificates body: `switchboard-certs 1`, then per pair a line `<name> <bytes>` and
 /// that many bytes of PEM, then a newline. Refuses what the Lua side would: a name outside
 /// `[a-z0-9_.-]` (pair names are lower-case DNS names or `_wildcard.` ones), an empty PEM or
-/// one larger than [`MAX_PEM`].
+/// one larger than `MAX_PEM`.
 pub fn encode_certs(pairs: &[(&str, String)]) -> Result<String, String> {
     let mut out = format!("{CERTS_HEADER}\n");
     for (name, pem) in pairs {
